@@ -1,0 +1,9 @@
+"""localmoe: Localized LoRA-MoE (block-wise and cell-wise low-rank experts with routing) in JAX/Flax."""
+
+from localmoe.adapters import (ADAPTERS, BlockWiseLoRAMoE, CellWiseLoRAMoE, LocalizedLoRA, LoRA, MELoRA,
+                               delta_weight, make, merge, register)
+from localmoe.params import count_params, trainable_params
+from localmoe.routing import (Router, collect_router_outputs, expert_usage, load_balancing_loss,
+                              router_aux_losses, router_z_loss, routing_entropy, usage_entropy)
+
+__version__ = "0.1.0"

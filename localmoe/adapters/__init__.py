@@ -1,0 +1,9 @@
+"""Adapters: LoRA, MELoRA, Localized LoRA, and the routed grids of Localized LoRA-MoE."""
+
+from localmoe.adapters.common import INITIALIZERS, lora_a_init, zeros_init
+from localmoe.adapters.dense import delta_weight, merge
+from localmoe.adapters.factory import ADAPTERS, make, register
+from localmoe.adapters.localized import LocalizedLoRA
+from localmoe.adapters.lora import LoRA
+from localmoe.adapters.melora import MELoRA
+from localmoe.adapters.moe import BlockWiseLoRAMoE, CellWiseLoRAMoE

@@ -1,0 +1,53 @@
+"""Static Localized LoRA (paper Eq. 2-4): a K_y x K_x grid of independent rank-r_b cells.
+
+  h_i = (alpha / r) sum_j B_ij A_ij^T x_j        (Eq. 4)
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from localmoe import grid
+from localmoe.adapters import common
+
+
+class LocalizedLoRA(nn.Module):
+  """Grid adapter. Parameters: A [K_y, K_x, d_in/K_x, r], B [K_y, K_x, d_out/K_y, r]."""
+  d_in: int                                     # input width of the adapted layer
+  d_out: int                                    # output width of the adapted layer
+  k_y: int                                      # K_y output segments (grid rows)
+  k_x: int                                      # K_x input fields (grid columns)
+  rank: int                                     # r_b, rank of every cell
+  alpha: float | None = None                    # scale alpha / r; None -> 1
+  a_init: common.Initializer | str = "lora"
+  b_init: common.Initializer | str = "zeros"
+  allow_overcomplete_rank: bool = False         # permit rank > cell size
+
+  def __post_init__(self):
+    dx = grid.check_divisible(self.d_in, self.k_x, "d_in", "k_x")
+    dy = grid.check_divisible(self.d_out, self.k_y, "d_out", "k_y")
+    common.check_rank(self.rank, dy, dx, "grid cell", self.allow_overcomplete_rank)
+    super().__post_init__()
+
+  def setup(self):
+    cells, r = (self.k_y, self.k_x), self.rank
+    self.A = self.param("A", common.resolve_init(self.a_init, "a_init"), (*cells, self.d_in // self.k_x, r))
+    self.B = self.param("B", common.resolve_init(self.b_init, "b_init"), (*cells, self.d_out // self.k_y, r))
+
+  def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None, gates=None) -> jnp.ndarray:
+    """Eq. 4. x: [..., d_in] -> [..., d_out]. Static: `context`/`gates` are ignored."""
+    del context, gates
+    xs = grid.split_fields(x, self.k_x)                                  # [..., K_x, d_in/K_x]
+    z = jnp.einsum("...jd,ijdr->...ijr", xs, self.A)                     # [..., K_y, K_x, r]
+    h = jnp.einsum("...ijr,ijor->...io", z, self.B)                      # [..., K_y, d_out/K_y]
+    return common.scaling(self.alpha, self.rank) * grid.merge_segments(h)
+
+  def delta_weight(self, context=None, gates=None) -> jnp.ndarray:
+    """Dense Delta W = B[B_ij A_ij^T]: [d_out, d_in]."""
+    del context, gates
+    blocks = jnp.einsum("ijor,ijdr->ijod", self.B, self.A)               # [K_y, K_x, d_out/K_y, d_in/K_x]
+    return common.scaling(self.alpha, self.rank) * grid.assemble(blocks)
+
+  def num_params(self) -> int:
+    return self.k_y * self.k_x * self.rank * (self.d_in // self.k_x + self.d_out // self.k_y)

@@ -1,0 +1,55 @@
+"""MELoRA: N independent LoRAs on the diagonal blocks of the update; off-diagonal blocks are zero.
+
+Block n maps input field n (width d_in / N) to output segment n (width d_out / N):
+  Delta(x)_n = (alpha / r) B_n A_n^T x_n.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from localmoe import grid
+from localmoe.adapters import common
+
+
+class MELoRA(nn.Module):
+  """Diagonal-block LoRA. Parameters: A [N, d_in/N, r], B [N, d_out/N, r]."""
+  d_in: int                                     # input width of the adapted layer
+  d_out: int                                    # output width of the adapted layer
+  num_blocks: int                               # N diagonal blocks
+  rank: int                                     # r_diag, rank of every diagonal block
+  alpha: float | None = None                    # scale alpha / r; None -> 1
+  a_init: common.Initializer | str = "lora"
+  b_init: common.Initializer | str = "zeros"
+  allow_overcomplete_rank: bool = False         # permit rank > block size
+
+  def __post_init__(self):
+    dx = grid.check_divisible(self.d_in, self.num_blocks, "d_in", "num_blocks")
+    dy = grid.check_divisible(self.d_out, self.num_blocks, "d_out", "num_blocks")
+    common.check_rank(self.rank, dy, dx, "diagonal block", self.allow_overcomplete_rank)
+    super().__post_init__()
+
+  def setup(self):
+    n, r = self.num_blocks, self.rank
+    self.A = self.param("A", common.resolve_init(self.a_init, "a_init"), (n, self.d_in // n, r))
+    self.B = self.param("B", common.resolve_init(self.b_init, "b_init"), (n, self.d_out // n, r))
+
+  def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None, gates=None) -> jnp.ndarray:
+    """x: [..., d_in] -> [..., d_out]. Static: `context`/`gates` are ignored."""
+    del context, gates
+    xs = grid.split_fields(x, self.num_blocks)                           # [..., N, d_in/N]
+    z = jnp.einsum("...nd,ndr->...nr", xs, self.A)                       # [..., N, r]
+    h = jnp.einsum("...nr,nor->...no", z, self.B)                        # [..., N, d_out/N]
+    return common.scaling(self.alpha, self.rank) * grid.merge_segments(h)
+
+  def delta_weight(self, context=None, gates=None) -> jnp.ndarray:
+    """Dense block-diagonal Delta W: [d_out, d_in]."""
+    del context, gates
+    diagonal = jnp.einsum("nor,ndr->nod", self.B, self.A)                # [N, d_out/N, d_in/N]
+    eye = jnp.eye(self.num_blocks, dtype=diagonal.dtype)[:, :, None, None]
+    blocks = eye * diagonal[:, None]                                     # [N, N, d_out/N, d_in/N]
+    return common.scaling(self.alpha, self.rank) * grid.assemble(blocks)
+
+  def num_params(self) -> int:
+    return self.rank * (self.d_in + self.d_out)

@@ -1,0 +1,160 @@
+"""Localized LoRA-MoE: a K_y x K_x grid of cells, E low-rank experts per cell, softmax routing.
+
+Block-wise (macro-routing, Eq. 5-6): one global router, one gate vector g in R^E for the whole grid,
+  h_i = (alpha / r) sum_e g_e sum_j B_ij^(e) A_ij^(e)T x_j.
+Cell-wise (micro-routing, Eq. 7-8): an independent router per cell, gates g^(i,j) in R^E,
+  h_i = (alpha / r) sum_j sum_e g_e^(i,j) B_ij^(e) A_ij^(e)T x_j.
+
+Experts are stacked arrays, A: [E, K_y, K_x, d_in/K_x, r], B: [E, K_y, K_x, d_out/K_y, r], applied with
+einsum (axis letters in `localmoe.grid`). Gates are mixed in rank space, z = g * (A^T x_j), then B z, so no
+per-example d_out x d_in update is ever built: the extra activation memory is O(batch * E * K_y * K_x * r).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from localmoe import grid
+from localmoe import routing
+from localmoe.adapters import common
+
+
+class _RoutedGrid(nn.Module):
+  """Shared fields and forward pass of the two routed grids; subclasses choose the router layout."""
+  d_in: int                                     # input width of the adapted layer
+  d_out: int                                    # output width of the adapted layer
+  k_y: int                                      # K_y output segments (grid rows)
+  k_x: int                                      # K_x input fields (grid columns)
+  rank: int                                     # r_b, rank of every expert in every cell
+  num_experts: int                              # E
+  router_input: str = "context"                 # "context": an external vector; "activation": x itself
+  context_dim: int | None = None                # D, width of the context (needed for "context")
+  router_bias: bool = False                     # the paper's routers have no bias
+  temperature: float = 1.0                      # softmax temperature of the router
+  top_k: int | None = None                      # None: soft routing (Eq. 5/7); k: k nonzero gates
+  alpha: float | None = None                    # scale alpha / r; None -> 1
+  a_init: common.Initializer | str = "lora"
+  b_init: common.Initializer | str = "zeros"
+  router_init: common.Initializer = routing.router_kernel_init
+  allow_overcomplete_rank: bool = False         # permit rank > cell size
+
+  def __post_init__(self):
+    dx = grid.check_divisible(self.d_in, self.k_x, "d_in", "k_x")
+    dy = grid.check_divisible(self.d_out, self.k_y, "d_out", "k_y")
+    common.check_rank(self.rank, dy, dx, "grid cell", self.allow_overcomplete_rank)
+    common.check_positive(self.num_experts, "num_experts")
+    if self.router_input not in routing.ROUTER_INPUTS:
+      raise ValueError(f"router_input={self.router_input!r} is not one of {routing.ROUTER_INPUTS}.")
+    if self.router_input == "context":
+      if self.context_dim is None or self.context_dim < 1:
+        raise ValueError(f"context_dim={self.context_dim!r}: router_input='context' needs the context width "
+                         "(e.g. context_dim=3 for a one-hot over 3 contexts), or use "
+                         "router_input='activation'.")
+    if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
+      raise ValueError(f"top_k={self.top_k} must lie in 1..num_experts={self.num_experts} "
+                       "(or be None for soft routing).")
+    if not self.temperature > 0:
+      raise ValueError(f"temperature={self.temperature} must be > 0.")
+    super().__post_init__()
+
+  # Subclasses define: router_grid (), router_per_field, _router_features(), _cell_gates(gates).
+  router_grid = property(lambda self: ())
+  router_per_field = property(lambda self: False)
+
+  def setup(self):
+    e, cells, r = self.num_experts, (self.k_y, self.k_x), self.rank
+    self.A = self.param("A", common.resolve_init(self.a_init, "a_init"),
+                        (e, *cells, self.d_in // self.k_x, r))
+    self.B = self.param("B", common.resolve_init(self.b_init, "b_init"),
+                        (e, *cells, self.d_out // self.k_y, r))
+    self.router = routing.Router(
+        num_experts=e, grid=self.router_grid, per_field=self.router_per_field, use_bias=self.router_bias,
+        temperature=self.temperature, top_k=self.top_k, kernel_init=self.router_init)
+
+  def _context(self, context) -> jnp.ndarray:
+    """Validates the context and returns it as float [..., D] (integer labels are one-hot encoded)."""
+    if context is None:
+      raise ValueError(f"{type(self).__name__} has router_input='context' but was called without a "
+                       "context: pass context=<one-hot or embedding [..., context_dim]> (or integer labels), "
+                       "or build it with router_input='activation'.")
+    context = jnp.asarray(context)
+    if jnp.issubdtype(context.dtype, jnp.integer):
+      context = jax.nn.one_hot(context, self.context_dim)
+    if context.shape[-1] != self.context_dim:
+      raise ValueError(f"context has {context.shape[-1]} features but context_dim={self.context_dim}.")
+    return context
+
+  def route(self, x: jnp.ndarray | None, context=None) -> jnp.ndarray:
+    """Gates from the router: [..., E] (block-wise) or [..., K_y, K_x, E] (cell-wise)."""
+    if self.router_input == "context":
+      return self.router(self._context(context))
+    if x is None:
+      raise ValueError("activation routing needs x: pass gates= to materialise a fixed routing.")
+    return self.router(grid.split_fields(x, self.k_x) if self.router_per_field else x)
+
+  def __call__(self, x: jnp.ndarray, context=None, gates: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Eq. 6 / Eq. 8. x: [..., d_in] -> Delta(x): [..., d_out].
+
+    context: [..., D] (or integer labels [...]) for router_input="context"; ignored otherwise.
+    gates: optional fixed gates that bypass the router, [..., E] (block-wise) or [..., K_y, K_x, E].
+    """
+    if gates is None:
+      gates = self.route(x, context)
+    xs = grid.split_fields(x, self.k_x)                                  # [..., K_x, d_in/K_x]
+    z = jnp.einsum("...jd,eijdr->...eijr", xs, self.A)                   # [..., E, K_y, K_x, r]
+    z = z * self._rank_space_gates(gates)                                # gate mixing in rank space
+    h = jnp.einsum("...eijr,eijor->...io", z, self.B)                    # [..., K_y, d_out/K_y]
+    return common.scaling(self.alpha, self.rank) * grid.merge_segments(h)
+
+  def delta_weight(self, context=None, gates: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Dense Delta W [d_out, d_in] for ONE fixed routing: a single context vector/label, or fixed gates."""
+    if gates is None:
+      if self.router_input == "activation":
+        raise ValueError("activation-routed gates depend on x: pass gates= (a fixed gate) to materialise "
+                         "Delta W, or evaluate the adapter on x directly.")
+      gates = self.route(None, context)
+    cell_gates = self._rank_space_gates(gates)[..., 0]                   # [E, K_y, K_x] (broadcast)
+    cell_gates = jnp.broadcast_to(cell_gates, (self.num_experts, self.k_y, self.k_x))
+    blocks = jnp.einsum("eij,eijor,eijdr->ijod", cell_gates, self.B, self.A)
+    return common.scaling(self.alpha, self.rank) * grid.assemble(blocks)
+
+  def num_params(self) -> int:
+    cells = self.k_y * self.k_x
+    experts = self.num_experts * cells * self.rank * (self.d_in // self.k_x + self.d_out // self.k_y)
+    return experts + routing.num_router_params(
+        self.num_experts, self.router_grid, self._router_features(), self.router_bias)
+
+
+class BlockWiseLoRAMoE(_RoutedGrid):
+  """Block-wise LoRA-MoE (macro-routing, Eq. 5-6): E full-grid experts, one global router.
+
+  Router kernel W_g: [D, E] on a context (the paper's 2 x 3 in Section 3.1), or [d_in, E] on x (Eq. 5).
+  """
+  router_grid = property(lambda self: ())
+  router_per_field = property(lambda self: False)
+
+  def _router_features(self) -> int:
+    return self.context_dim if self.router_input == "context" else self.d_in
+
+  def _rank_space_gates(self, gates: jnp.ndarray) -> jnp.ndarray:
+    """[..., E] -> [..., E, 1, 1, 1]: the same gate for every cell."""
+    return gates[..., :, None, None, None]
+
+
+class CellWiseLoRAMoE(_RoutedGrid):
+  """Cell-wise LoRA-MoE (micro-routing, Eq. 7-8): E experts and an independent router in every cell.
+
+  Router kernels W_g^(i,j): [K_y, K_x, D, E] on a context, or [K_y, K_x, d_in/K_x, E] on the local field
+  x_j (Eq. 7), so cell (i, j)'s gate never sees another field (Lemma 1, Corollary 1).
+  """
+  router_grid = property(lambda self: (self.k_y, self.k_x))
+  router_per_field = property(lambda self: self.router_input == "activation")
+
+  def _router_features(self) -> int:
+    return self.context_dim if self.router_input == "context" else self.d_in // self.k_x
+
+  def _rank_space_gates(self, gates: jnp.ndarray) -> jnp.ndarray:
+    """[..., K_y, K_x, E] -> [..., E, K_y, K_x, 1]."""
+    return jnp.moveaxis(gates, -1, -3)[..., None]

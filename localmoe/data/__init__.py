@@ -1,0 +1,1 @@
+"""Data sources: real data sets (cached, checksummed) and synthetic benchmarks."""

@@ -1,0 +1,403 @@
+"""Adapters against the paper's formulas (Eq. 1, 4, 6, 8), built by hand with explicit loops."""
+
+import itertools
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import localmoe as lm
+from localmoe import grid
+
+jax.config.update("jax_enable_x64", False)
+
+D_IN, D_OUT, K_Y, K_X, RANK, E, D_CTX = 12, 8, 2, 3, 2, 3, 4
+LEAD = (2, 3)   # leading batch axes
+
+
+def randomize(variables, seed=0, scale=0.5):
+  """Replaces every parameter by N(0, scale^2), so B != 0 and routers are non-trivial."""
+  params = variables["params"]
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  leaves = [scale * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)]
+  return {"params": jax.tree_util.tree_unflatten(treedef, leaves)}
+
+
+def inputs(seed=1):
+  kx, kc = jax.random.split(jax.random.PRNGKey(seed))
+  x = jax.random.normal(kx, (*LEAD, D_IN))
+  labels = jax.random.randint(kc, LEAD, 0, D_CTX)
+  return x, jax.nn.one_hot(labels, D_CTX)
+
+
+def ref_gates(logits, top_k):
+  """Numpy softmax / top-k over the last axis, written independently of the library."""
+  logits = np.asarray(logits, np.float64)
+  out = np.zeros_like(logits)
+  for idx in np.ndindex(logits.shape[:-1]):
+    row = logits[idx]
+    keep = np.argsort(-row, kind="stable")[: (top_k or len(row))]
+    w = np.exp(row[keep] - row[keep].max())
+    out[idx][keep] = w / w.sum()
+  return out
+
+
+def build(method, **kw):
+  base = dict(d_in=D_IN, d_out=D_OUT)
+  if method in ("localized_lora", "blockwise_moe", "cellwise_moe"):
+    base.update(k_y=K_Y, k_x=K_X, rank=RANK)
+  if method in ("blockwise_moe", "cellwise_moe"):
+    base.update(num_experts=E, context_dim=D_CTX)
+  base.update(kw)
+  return lm.make(dict(method=method, **base))
+
+
+# ------------------------------------------------------------------------- dense formulas, explicit loops
+
+
+def test_lora_matches_eq1():
+  m = build("lora", rank=3, alpha=6.0)
+  x, _ = inputs()
+  v = randomize(m.init(jax.random.PRNGKey(0), x))
+  A, B = (np.asarray(v["params"][k], np.float64) for k in "AB")
+  xn = np.asarray(x, np.float64)
+  want = np.zeros((*LEAD, D_OUT))
+  for idx in np.ndindex(LEAD):
+    want[idx] = (6.0 / 3) * B @ A.T @ xn[idx]
+  np.testing.assert_allclose(m.apply(v, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_melora_is_block_diagonal():
+  m = build("melora", num_blocks=2, rank=2)
+  x, _ = inputs()
+  v = randomize(m.init(jax.random.PRNGKey(0), x))
+  A, B = (np.asarray(v["params"][k], np.float64) for k in "AB")
+  xn = np.asarray(x, np.float64)
+  want = np.zeros((*LEAD, D_OUT))
+  for idx in np.ndindex(LEAD):
+    for n in range(2):
+      xs = xn[idx][n * 6:(n + 1) * 6]
+      want[idx][n * 4:(n + 1) * 4] = B[n] @ A[n].T @ xs
+  np.testing.assert_allclose(m.apply(v, x), want, rtol=1e-5, atol=1e-5)
+  dense = np.asarray(lm.delta_weight(m, v))
+  assert np.all(dense[:4, 6:] == 0) and np.all(dense[4:, :6] == 0)
+
+
+def test_localized_matches_eq4():
+  m = build("localized_lora")
+  x, _ = inputs()
+  v = randomize(m.init(jax.random.PRNGKey(0), x))
+  A, B = (np.asarray(v["params"][k], np.float64) for k in "AB")
+  xn = np.asarray(x, np.float64)
+  dy, dx = D_OUT // K_Y, D_IN // K_X
+  want = np.zeros((*LEAD, D_OUT))
+  for idx in np.ndindex(LEAD):
+    for i in range(K_Y):
+      for j in range(K_X):
+        want[idx][i * dy:(i + 1) * dy] += B[i, j] @ A[i, j].T @ xn[idx][j * dx:(j + 1) * dx]
+  np.testing.assert_allclose(m.apply(v, x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("router_input,top_k,bias,temperature", list(itertools.product(
+    ["context", "activation"], [None, 1, 2, E], [False, True], [1.0, 0.5])))
+def test_blockwise_matches_eq6(router_input, top_k, bias, temperature):
+  m = build("blockwise_moe", router_input=router_input, top_k=top_k, router_bias=bias, temperature=temperature)
+  x, ctx = inputs()
+  v = randomize(m.init(jax.random.PRNGKey(0), x, ctx))
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v["params"])
+  A, B, Wg = p["A"], p["B"], p["router"]["kernel"]
+  xn, cn = np.asarray(x, np.float64), np.asarray(ctx, np.float64)
+  dy, dx = D_OUT // K_Y, D_IN // K_X
+  want = np.zeros((*LEAD, D_OUT))
+  for idx in np.ndindex(LEAD):
+    u = cn[idx] if router_input == "context" else xn[idx]                # Eq. 5 input
+    logits = u @ Wg + (p["router"]["bias"] if bias else 0.0)
+    g = ref_gates(logits / temperature, top_k)
+    for i, j, e in itertools.product(range(K_Y), range(K_X), range(E)):
+      want[idx][i * dy:(i + 1) * dy] += g[e] * B[e, i, j] @ A[e, i, j].T @ xn[idx][j * dx:(j + 1) * dx]
+  np.testing.assert_allclose(m.apply(v, x, ctx), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("router_input,top_k,bias,temperature", list(itertools.product(
+    ["context", "activation"], [None, 1, 2, E], [False, True], [1.0, 0.5])))
+def test_cellwise_matches_eq8(router_input, top_k, bias, temperature):
+  m = build("cellwise_moe", router_input=router_input, top_k=top_k, router_bias=bias, temperature=temperature)
+  x, ctx = inputs()
+  v = randomize(m.init(jax.random.PRNGKey(0), x, ctx))
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v["params"])
+  A, B, Wg = p["A"], p["B"], p["router"]["kernel"]
+  xn, cn = np.asarray(x, np.float64), np.asarray(ctx, np.float64)
+  dy, dx = D_OUT // K_Y, D_IN // K_X
+  want = np.zeros((*LEAD, D_OUT))
+  for idx in np.ndindex(LEAD):
+    for i, j in itertools.product(range(K_Y), range(K_X)):
+      xj = xn[idx][j * dx:(j + 1) * dx]
+      u = cn[idx] if router_input == "context" else xj                   # Eq. 7 input: local slice x_j
+      logits = u @ Wg[i, j] + (p["router"]["bias"][i, j] if bias else 0.0)
+      g = ref_gates(logits / temperature, top_k)
+      for e in range(E):
+        want[idx][i * dy:(i + 1) * dy] += g[e] * B[e, i, j] @ A[e, i, j].T @ xj
+  np.testing.assert_allclose(m.apply(v, x, ctx), want, rtol=1e-4, atol=1e-5)
+
+
+def test_integer_context_equals_one_hot():
+  m = build("cellwise_moe")
+  x, ctx = inputs()
+  v = randomize(m.init(jax.random.PRNGKey(0), x, ctx))
+  labels = jnp.argmax(ctx, -1)
+  np.testing.assert_allclose(m.apply(v, x, labels), m.apply(v, x, ctx), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------- reductions and containment
+
+
+def test_lora_equals_localized_with_one_cell():
+  x, _ = inputs()
+  lora = build("lora", rank=RANK)
+  loc = build("localized_lora", k_y=1, k_x=1)
+  v = randomize(lora.init(jax.random.PRNGKey(0), x))
+  v_loc = {"params": {"A": v["params"]["A"][None, None], "B": v["params"]["B"][None, None]}}
+  np.testing.assert_allclose(loc.apply(v_loc, x), lora.apply(v, x), rtol=1e-6)
+  np.testing.assert_allclose(lm.delta_weight(loc, v_loc), lm.delta_weight(lora, v), rtol=1e-6)
+
+
+@pytest.mark.parametrize("router_input", ["context", "activation"])
+def test_localized_equals_cellwise_with_one_expert(router_input):
+  x, ctx = inputs()
+  loc = build("localized_lora")
+  cell = build("cellwise_moe", num_experts=1, router_input=router_input)
+  v_cell = randomize(cell.init(jax.random.PRNGKey(0), x, ctx))
+  v_loc = {"params": {"A": v_cell["params"]["A"][0], "B": v_cell["params"]["B"][0]}}
+  np.testing.assert_allclose(cell.apply(v_cell, x, ctx), loc.apply(v_loc, x), rtol=1e-5, atol=1e-6)
+
+
+def test_containment_blockwise_gate_copied_into_every_cell():
+  """Proposition 1: a block-wise gate copied into every cell gives the block-wise output."""
+  x, ctx = inputs()
+  block = build("blockwise_moe")
+  cell = build("cellwise_moe")
+  v_block = randomize(block.init(jax.random.PRNGKey(0), x, ctx))
+  # Same experts; gates taken from the block-wise router and broadcast over the grid.
+  gates, state = block.apply(v_block, x, ctx, method=block.route, mutable=["intermediates"])
+  cell_gates = jnp.broadcast_to(gates[..., None, None, :], (*LEAD, K_Y, K_X, E))
+  v_cell = {"params": {"A": v_block["params"]["A"], "B": v_block["params"]["B"],
+                       "router": {"kernel": jnp.zeros((K_Y, K_X, D_CTX, E))}}}
+  np.testing.assert_allclose(cell.apply(v_cell, x, ctx, gates=cell_gates), block.apply(v_block, x, ctx),
+                             rtol=1e-5, atol=1e-6)
+  # And with real routers: every cell router a copy of the global one reproduces it (context routing).
+  v_cell["params"]["router"]["kernel"] = jnp.broadcast_to(v_block["params"]["router"]["kernel"],
+                                                          (K_Y, K_X, D_CTX, E))
+  np.testing.assert_allclose(cell.apply(v_cell, x, ctx), block.apply(v_block, x, ctx), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- Lemma 1 and Corollary 1
+
+
+def _cellwise_activation():
+  m = build("cellwise_moe", router_input="activation")
+  x, _ = inputs()
+  x = x[0, 0]   # one example: [d_in]
+  v = randomize(m.init(jax.random.PRNGKey(0), x))
+  return m, v, x
+
+
+def test_lemma1_routing_jacobian_is_block_diagonal():
+  m, v, x = _cellwise_activation()
+
+  def out_blocks(kernel, x):
+    params = dict(v["params"], router={"kernel": kernel})
+    return m.apply({"params": params}, x).reshape(K_Y, D_OUT // K_Y)
+
+  kernel = v["params"]["router"]["kernel"]                               # [K_y, K_x, d_in/K_x, E]
+  jac = jax.jacrev(out_blocks)(kernel, x)                                # [K_y', o, K_y, K_x, d, E]
+  for i_out, i, j in itertools.product(range(K_Y), range(K_Y), range(K_X)):
+    block = np.asarray(jac[i_out, :, i, j])
+    if i_out != i:
+      assert np.all(block == 0.0), (i_out, i, j)
+    else:
+      assert np.abs(block).max() > 1e-4, (i_out, i, j)
+  # ... and d h_i / d W_g^(i,j) depends on x_j alone: perturbing any other field leaves it unchanged.
+  dx = D_IN // K_X
+  for j in range(K_X):
+    other = jnp.ones(D_IN).at[j * dx:(j + 1) * dx].set(0.0)
+    jac2 = jax.jacrev(out_blocks)(kernel, x + 0.7 * other)
+    for i in range(K_Y):
+      np.testing.assert_allclose(jac2[i, :, i, j], jac[i, :, i, j], rtol=1e-5, atol=1e-6)
+
+
+def test_lemma1_blockwise_router_couples_every_output_block():
+  m = build("blockwise_moe", router_input="activation")
+  x, _ = inputs()
+  x = x[0, 0]
+  v = randomize(m.init(jax.random.PRNGKey(0), x))
+
+  def out_blocks(kernel):
+    params = dict(v["params"], router={"kernel": kernel})
+    return m.apply({"params": params}, x).reshape(K_Y, D_OUT // K_Y)
+
+  jac = jax.jacrev(out_blocks)(v["params"]["router"]["kernel"])
+  for i_out in range(K_Y):
+    assert np.abs(np.asarray(jac[i_out])).max() > 1e-4
+
+
+def test_corollary1_fault_stays_in_its_column():
+  m, v, x = _cellwise_activation()
+  dx = D_IN // K_X
+  for j0 in range(K_X):
+    corrupted = x.at[j0 * dx:(j0 + 1) * dx].set(5.0)
+    g = m.apply(v, x, method=m.route)                                    # [K_y, K_x, E]
+    g_bad = m.apply(v, corrupted, method=m.route)
+    for j in range(K_X):
+      changed = not np.allclose(g[:, j], g_bad[:, j])
+      assert changed == (j == j0), (j0, j)
+  block = build("blockwise_moe", router_input="activation")
+  vb = randomize(block.init(jax.random.PRNGKey(0), x))
+  g = block.apply(vb, x, method=block.route)
+  g_bad = block.apply(vb, x.at[:dx].set(5.0), method=block.route)
+  assert not np.allclose(g, g_bad)
+
+
+# ------------------------------------------------------------------------- parameter counts (paper, Section 3)
+
+PAPER_COUNTS = [
+    # SVD simulation: d=64, K=4, D=3 contexts.
+    (dict(method="lora", d_in=64, d_out=64, rank=16), 2048),
+    (dict(method="melora", d_in=64, d_out=64, num_blocks=4, rank=16), 2048),
+    (dict(method="localized_lora", d_in=64, d_out=64, k_y=4, k_x=4, rank=4), 2048),
+    (dict(method="blockwise_moe", d_in=64, d_out=64, k_y=4, k_x=4, rank=2, num_experts=2, context_dim=3), 2054),
+    (dict(method="cellwise_moe", d_in=64, d_out=64, k_y=4, k_x=4, rank=2, num_experts=2, context_dim=3), 2144),
+    # California Housing: d=8, K=2, D=2 (the paper's ranks exceed the block size: over-complete).
+    (dict(method="lora", d_in=8, d_out=8, rank=16, allow_overcomplete_rank=True), 256),
+    (dict(method="melora", d_in=8, d_out=8, num_blocks=2, rank=16, allow_overcomplete_rank=True), 256),
+    (dict(method="localized_lora", d_in=8, d_out=8, k_y=2, k_x=2, rank=8, allow_overcomplete_rank=True), 256),
+    (dict(method="blockwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=4, num_experts=2, context_dim=2), 260),
+    (dict(method="cellwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=4, num_experts=2, context_dim=2), 272),
+    # MNIST sensor degradation: d=784, K=4, D=2.
+    (dict(method="lora", d_in=784, d_out=784, rank=16), 25088),
+    (dict(method="melora", d_in=784, d_out=784, num_blocks=4, rank=32), 50176),
+    (dict(method="localized_lora", d_in=784, d_out=784, k_y=4, k_x=4, rank=4), 25088),
+    (dict(method="blockwise_moe", d_in=784, d_out=784, k_y=4, k_x=4, rank=2, num_experts=2, context_dim=2),
+     25092),
+    (dict(method="cellwise_moe", d_in=784, d_out=784, k_y=4, k_x=4, rank=2, num_experts=2, context_dim=2),
+     25152),
+]
+
+
+@pytest.mark.parametrize("spec,count", PAPER_COUNTS)
+def test_parameter_counts_equal_the_paper(spec, count):
+  m = lm.make(spec)
+  x = jnp.zeros((1, spec["d_in"]))
+  ctx = jnp.zeros((1, spec.get("context_dim", 1)))
+  shapes = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x, ctx))
+  assert lm.trainable_params(shapes) == count
+  assert m.num_params() == count
+
+
+# ------------------------------------------------------------------------- dense Delta W and merge
+
+
+@pytest.mark.parametrize("method", ["lora", "melora", "localized_lora", "blockwise_moe", "cellwise_moe"])
+def test_delta_weight_and_merge_agree_with_forward(method):
+  kw = {"num_blocks": 2, "rank": 2} if method == "melora" else {"rank": 2} if method == "lora" else {}
+  m = build(method, **kw)
+  x, ctx = inputs()
+  v = randomize(m.init(jax.random.PRNGKey(0), x, ctx))
+  c0 = ctx[0, 0]
+  dense = lm.delta_weight(m, v, context=c0)                              # [d_out, d_in]
+  assert dense.shape == (D_OUT, D_IN)
+  same_ctx = jnp.broadcast_to(c0, ctx.shape)
+  np.testing.assert_allclose(x @ dense.T, m.apply(v, x, same_ctx), rtol=1e-4, atol=1e-5)
+  w0 = jax.random.normal(jax.random.PRNGKey(5), (D_OUT, D_IN))
+  np.testing.assert_allclose(lm.merge(w0, m, v, context=c0), w0 + dense, rtol=1e-6)
+
+
+def test_delta_weight_with_fixed_gates_for_activation_routing():
+  m = build("cellwise_moe", router_input="activation")
+  x, _ = inputs()
+  v = randomize(m.init(jax.random.PRNGKey(0), x))
+  gates = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(3), (K_Y, K_X, E)))
+  dense = lm.delta_weight(m, v, gates=gates)
+  np.testing.assert_allclose(x @ dense.T, m.apply(v, x, gates=gates), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="pass gates="):
+    lm.delta_weight(m, v)
+
+
+def test_zero_init_is_identity_update():
+  for method in ["lora", "localized_lora", "blockwise_moe", "cellwise_moe"]:
+    m = build(method, rank=2)
+    x, ctx = inputs()
+    v = m.init(jax.random.PRNGKey(0), x, ctx)
+    assert np.all(np.asarray(m.apply(v, x, ctx)) == 0.0)
+
+
+# ------------------------------------------------------------------------- memory: rank-space mixing
+
+
+def _max_intermediate_size(jaxpr) -> int:
+  biggest = 0
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      biggest = max(biggest, int(np.prod(var.aval.shape)) if hasattr(var.aval, "shape") else 0)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      biggest = max(biggest, _max_intermediate_size(sub))
+  return biggest
+
+
+@pytest.mark.parametrize("method", ["blockwise_moe", "cellwise_moe"])
+def test_no_per_example_dense_update_in_forward_or_backward(method):
+  d, batch, k, e, r = 64, 32, 4, 4, 2
+  m = lm.make(dict(method=method, d_in=d, d_out=d, k_y=k, k_x=k, rank=r, num_experts=e,
+                   router_input="activation"))
+  x = jnp.ones((batch, d))
+  v = m.init(jax.random.PRNGKey(0), x)
+
+  def loss(params):
+    return jnp.sum(m.apply({"params": params}, x) ** 2)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(v["params"]).jaxpr
+  largest = _max_intermediate_size(jaxpr)
+  # The rank-space activations are batch*E*K_y*K_x*r = 4,096 here; a per-example dense update would be
+  # batch*d*d = 131,072. Parameters themselves are E*K*K*(d/K)*r = 2,048 per factor.
+  assert largest <= batch * e * k * k * r
+  assert largest < batch * d * d // 8
+
+
+# ------------------------------------------------------------------------- clear errors
+
+
+@pytest.mark.parametrize("spec,field", [
+    (dict(method="localized_lora", d_in=30, d_out=8, k_y=2, k_x=4, rank=1), "d_in=30 is not divisible by k_x=4"),
+    (dict(method="localized_lora", d_in=8, d_out=9, k_y=2, k_x=2, rank=1), "d_out=9 is not divisible by k_y=2"),
+    (dict(method="melora", d_in=10, d_out=10, num_blocks=3, rank=1), "num_blocks=3"),
+    (dict(method="localized_lora", d_in=8, d_out=8, k_y=2, k_x=2, rank=5), "rank=5 is larger"),
+    (dict(method="lora", d_in=8, d_out=8, rank=9), "allow_overcomplete_rank"),
+    (dict(method="lora", d_in=8, d_out=8, rank=0), "rank=0"),
+    (dict(method="cellwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=1, num_experts=2, context_dim=2, top_k=3),
+     "top_k=3 must lie in 1..num_experts=2"),
+    (dict(method="blockwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=1, num_experts=2), "context_dim=None"),
+    (dict(method="blockwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=1, num_experts=2, context_dim=2,
+          router_input="tokens"), "router_input='tokens'"),
+    (dict(method="blockwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=1, num_experts=2, context_dim=2,
+          temperature=0.0), "temperature=0.0"),
+    (dict(method="cellwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=1, num_experts=0, context_dim=2),
+     "num_experts=0"),
+    (dict(method="loRA", d_in=8, d_out=8, rank=1), "method='loRA' is not a known adapter"),
+    (dict(method="lora", d_in=8, d_out=8, rank=1, k_x=2), "unknown field"),
+    (dict(method="lora", d_in=8, d_out=8, rank=1, a_init="kaiming"), "a_init='kaiming'"),
+])
+def test_bad_construction_names_the_field(spec, field):
+  with pytest.raises(ValueError, match=field.replace("(", r"\(").replace(".", r"\.")):
+    m = lm.make(spec)
+    m.init(jax.random.PRNGKey(0), jnp.zeros((1, spec["d_in"])), jnp.zeros((1, 2)))
+
+
+def test_context_router_without_context_is_a_clear_error():
+  m = build("cellwise_moe")
+  with pytest.raises(ValueError, match="called without a context"):
+    m.init(jax.random.PRNGKey(0), jnp.zeros((2, D_IN)))
+  m2 = build("blockwise_moe")
+  with pytest.raises(ValueError, match="context has 3 features but context_dim=4"):
+    m2.init(jax.random.PRNGKey(0), jnp.zeros((2, D_IN)), jnp.zeros((2, 3)))
