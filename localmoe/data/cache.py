@@ -30,6 +30,7 @@ DEFAULT_DATA_DIR = "~/.cache/localmoe"
 DEFAULT_ROUTES: tuple[str, ...] = ("cache", "registry", "official")
 
 _HASH_CHUNK_BYTES = 1 << 20  # read files 1 MiB at a time when hashing them
+_FILE_MODE = 0o644  # rw-r--r--, like a file created with the usual umask
 
 T = TypeVar("T")
 
@@ -135,6 +136,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp_name, _FILE_MODE)  # mkstemp creates 0o600; cached data is meant to be readable by all
     os.replace(tmp_name, path)
   except BaseException:
     Path(tmp_name).unlink(missing_ok=True)

