@@ -1,0 +1,21 @@
+"""Experiment drivers. Each module defines `run(config, workdir) -> dict` and holds only what is specific
+to one paper experiment; everything shared lives in `localmoe`.
+
+`REGISTRY` maps `config.experiment` to the driver's module; modules are imported only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+REGISTRY: dict[str, str] = {
+    "svd_simulation": "experiments.svd_simulation",
+}
+
+
+def get(name: str) -> Callable[[Any, str], dict]:
+  """The `run` function of experiment `name`, or a ValueError listing the valid names."""
+  if name not in REGISTRY:
+    raise ValueError(f"config.experiment={name!r} is not a known experiment; valid: {sorted(REGISTRY)}.")
+  return importlib.import_module(REGISTRY[name]).run

@@ -1,0 +1,205 @@
+"""Writing results: results.json, results.md, history.csv, TensorBoard events, and the paper-vs-ours table.
+
+Every file is written atomically (temp file in the same directory, then os.replace), so a crash never
+leaves a half-written result that a later run or script would trust.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from localmoe import train
+
+# ------------------------------------------------------------------------------------------- atomic files
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` via a temp file and os.replace (readers see the old or the new file)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _clean(value: Any) -> Any:
+  """JSON-safe: numpy scalars to Python, NaN/inf to None."""
+  if isinstance(value, dict):
+    return {str(k): _clean(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_clean(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return _clean(value.tolist())
+  if isinstance(value, (np.floating, float)):
+    value = float(value)
+    return value if math.isfinite(value) else None
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
+
+
+def write_json(path: str, payload: Mapping[str, Any]) -> None:
+  atomic_write_text(path, json.dumps(_clean(payload), indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- summaries
+
+
+def method_summary(params: int, seeds: Sequence[int], fit: train.FitResult,
+                   paper: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """One method's entry of results.json (R^2 as a fraction). Diverged seeds are left out of mean/std."""
+  r2 = fit.final("test", "r2")
+  mse = fit.final("test", "mse")
+  ok = np.array([s == "ok" for s in fit.status])
+  r2_ok, mse_ok = r2[ok], mse[ok]
+  failed = [f"seed {seed}: {status}" for seed, status in zip(seeds, fit.status) if status != "ok"]
+  return {
+      "params": int(params),
+      "seeds": [int(s) for s in seeds],
+      "test_r2": [float(v) if good else None for v, good in zip(r2, ok)],
+      "test_mse": [float(v) if good else None for v, good in zip(mse, ok)],
+      "test_r2_mean": float(np.mean(r2_ok)) if ok.any() else None,
+      "test_r2_std": float(np.std(r2_ok)) if ok.any() else None,
+      "test_mse_mean": float(np.mean(mse_ok)) if ok.any() else None,
+      "test_mse_std": float(np.std(mse_ok)) if ok.any() else None,
+      "paper": dict(paper or {}),
+      "status": "ok" if not failed else "; ".join(failed),
+      "wall_time_s": fit.wall_time_s,
+  }
+
+
+def failed_summary(params: int, seeds: Sequence[int], reason: str,
+                   paper: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Entry for a method that could not run at all (the table shows the reason)."""
+  return {"params": int(params), "seeds": [int(s) for s in seeds], "test_r2": [], "test_mse": [],
+          "test_r2_mean": None, "test_r2_std": None, "test_mse_mean": None, "test_mse_std": None,
+          "paper": dict(paper or {}), "status": reason}
+
+
+# ------------------------------------------------------------------------------------------- tables
+
+
+def _pm(mean, std, scale=1.0, digits=4) -> str:
+  if mean is None:
+    return "n/a"
+  return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def _fmt(value, fmt: str, scale: float = 1.0) -> str:
+  return "n/a" if value is None else format(value * scale, fmt)
+
+
+def markdown_table(methods: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str] | None = None) -> str:
+  """Paper-vs-ours table: params, test MSE and R^2 (mean ± std over seeds, R^2 in %)."""
+  labels = labels or {}
+  lines = ["| Method | Params (ours / paper) | Test MSE (ours) | MSE (paper) | R² % (ours) | R² % (paper) | Status |",
+           "|---|---|---|---|---|---|---|"]
+  for name, m in methods.items():
+    paper = m.get("paper") or {}
+    lines.append(
+        f"| {labels.get(name, name)} | {m['params']:,} / {_fmt(paper.get('params'), ',')} "
+        f"| {_pm(m['test_mse_mean'], m['test_mse_std'])} | {_fmt(paper.get('mse'), '.4f')} "
+        f"| {_pm(m['test_r2_mean'], m['test_r2_std'], 100.0, 2)} | {_fmt(paper.get('r2'), '.2f', 100.0)} "
+        f"| {m['status']} |")
+  return "\n".join(lines)
+
+
+def ordering_check(methods: Mapping[str, Mapping[str, Any]], groups: Sequence[Sequence[str]],
+                   labels: Mapping[str, str] | None = None) -> tuple[bool, str]:
+  """Does mean test R^2 fall group by group (every member of a group above every member of the next)?
+
+  groups: e.g. [["cellwise_moe"], ["blockwise_moe"], ["lora", "localized_lora"], ["melora"]].
+  Returns (holds, a sentence with the margins).
+  """
+  labels = labels or {}
+  r2 = {name: methods[name]["test_r2_mean"] for group in groups for name in group if name in methods}
+  parts, holds = [], True
+  for upper, lower in zip(groups, groups[1:]):
+    upper = [n for n in upper if r2.get(n) is not None]
+    lower = [n for n in lower if r2.get(n) is not None]
+    if not upper or not lower:
+      continue
+    margin = min(r2[n] for n in upper) - max(r2[n] for n in lower)
+    holds &= margin > 0
+    parts.append(f"{'/'.join(labels.get(n, n) for n in upper)} {'>' if margin > 0 else 'NOT >'} "
+                 f"{'/'.join(labels.get(n, n) for n in lower)} by {margin * 100:+.2f} R² points")
+  return holds, "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------- history
+
+
+def history_rows(method: str, seeds: Sequence[int], fit: train.FitResult):
+  """Rows (method, seed, epoch, split, mse, r2), epochs counted from 1."""
+  for s, seed in enumerate(seeds):
+    for epoch in range(fit.history.shape[1]):
+      for k, split in enumerate(train.SPLITS):
+        mse, r2 = fit.history[s, epoch, k]
+        if np.isnan(mse) and np.isnan(r2):
+          continue
+        yield method, seed, epoch + 1, split, float(mse), float(r2)
+
+
+def write_history_csv(path: str, rows) -> None:
+  buffer = io.StringIO()
+  writer = csv.writer(buffer)
+  writer.writerow(["method", "seed", "epoch", "split", "mse", "r2"])
+  for row in rows:
+    writer.writerow(row)
+  atomic_write_text(path, buffer.getvalue())
+
+
+def write_tensorboard(logdir: str, method: str, seeds: Sequence[int], fit: train.FitResult) -> None:
+  """TensorBoard scalars per epoch: the mean over seeds and every seed (tensorboardX, no TensorFlow)."""
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:  # optional: results files are written regardless
+    return
+  with SummaryWriter(os.path.join(logdir, method)) as writer:
+    for epoch in range(fit.history.shape[1]):
+      for k, split in enumerate(train.SPLITS):
+        for m, metric in enumerate(train.METRICS):
+          values = fit.history[:, epoch, k, m]
+          if np.all(np.isnan(values)):
+            continue
+          writer.add_scalar(f"{split}/{metric}", float(np.nanmean(values)), epoch + 1)
+          for seed, value in zip(seeds, values):
+            writer.add_scalar(f"{split}_per_seed/{metric}/seed{seed}", float(value), epoch + 1)
+
+
+# ------------------------------------------------------------------------------------------- one run
+
+
+def write_run(workdir: str, experiment: str, config: Any, methods: Mapping[str, Any],
+              histories: Mapping[str, tuple[Sequence[int], train.FitResult]], wall_time_s: float,
+              markdown: str, extra: Mapping[str, Any] | None = None) -> None:
+  """Writes results.json, results.md, history.csv and TensorBoard events (tb/) of one run.
+
+  histories: {name: (seeds, FitResult)}; a name may carry a variant prefix ("decaying/lora").
+  """
+  config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  payload = {"experiment": experiment, "config": config_dict, "wall_time_s": float(wall_time_s),
+             "methods": methods}
+  payload.update(extra or {})
+  rows = [row for name, (seeds, fit) in histories.items() for row in history_rows(name, seeds, fit)]
+  write_history_csv(os.path.join(workdir, "history.csv"), rows)
+  for name, (seeds, fit) in histories.items():
+    write_tensorboard(os.path.join(workdir, "tb"), name, seeds, fit)
+  atomic_write_text(os.path.join(workdir, "results.md"), markdown)
+  write_json(os.path.join(workdir, "results.json"), payload)   # last: its presence marks a finished run

@@ -1,0 +1,102 @@
+"""The setting of the paper's three experiments: adapters on one frozen linear layer, routed by a context.
+
+  y_hat = W0 x + Delta(x; context)        (Eq. 9), trained with MSE against y = W_target^(context) x.
+
+`run_methods` trains every requested method on the same data (all seeds vmapped per method) and returns
+results.json entries; a method that fails to build or train is reported with its reason and the others
+carry on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import traceback
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from localmoe import adapters
+from localmoe import results
+from localmoe import train
+
+
+def layer_task(module, d_in: int, context_dim: int) -> train.Task:
+  """Task for `module` on a frozen layer: frozen = {"w0": [d_out, d_in]}, inputs = {"x", "context"}."""
+  x0 = jnp.zeros((1, d_in), jnp.float32)
+  c0 = jnp.zeros((1, context_dim), jnp.float32)
+
+  def init(key, frozen):
+    del frozen
+    return module.init(key, x0, c0)["params"]
+
+  def predict(params, frozen, inputs):
+    x = inputs["x"]
+    base = jnp.einsum("...d,od->...o", x, frozen["w0"])                  # W0 x
+    return base + module.apply({"params": params}, x, inputs["context"])
+
+  return train.Task(init=init, predict=predict)
+
+
+def build_methods(specs: Mapping[str, Mapping[str, Any]], names: Sequence[str], d_in: int, d_out: int,
+                  context_dim: int, shared: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Adapters for `names`, filling in the layer's widths and (for routed ones) the context width."""
+  modules = {}
+  for name in names:
+    spec = dict(shared or {})
+    spec.update(dict(specs[name]))
+    fill = {"d_in": d_in, "d_out": d_out}
+    if spec.get("method") in ("blockwise_moe", "cellwise_moe") and spec.get("router_input", "context") == "context":
+      fill["context_dim"] = context_dim
+    modules[name] = adapters.make(spec, **fill)
+  return modules
+
+
+def device_data(data: train.Data) -> train.Data:
+  """Moves every array to the default device once, so epochs don't re-transfer them."""
+  return dataclasses.replace(data, train=jax.device_put(dict(data.train)), test=jax.device_put(dict(data.test)),
+                             frozen=jax.device_put(data.frozen))
+
+
+def run_methods(modules: Mapping[str, Any], data: train.Data, seeds: Sequence[int], settings: train.Settings,
+                d_in: int, context_dim: int, paper: Mapping[str, Mapping[str, Any]],
+                log: Callable[[str], None] = print, parallel: int = 2):
+  """Trains each module on `data` for all seeds. Returns ({name: results.json entry}, {name: FitResult}).
+
+  `parallel` methods train at once in threads: XLA compiles and runs outside the GIL, and a small layer
+  leaves CPU cores idle otherwise. Results do not depend on it (each method is its own program).
+  """
+  data = device_data(data)
+
+  def one(name):
+    module = modules[name]
+    log(f"[{name}] {module.num_params():,} parameters, {len(seeds)} seeds, {settings.epochs} epochs")
+    try:
+      fit = train.fit(layer_task(module, d_in, context_dim), data, seeds, settings, name=name, log=log)
+    except Exception as error:  # one broken method must not lose the others' results
+      log(f"[{name}] FAILED: {type(error).__name__}: {error}\n{traceback.format_exc()}")
+      return name, None, results.failed_summary(module.num_params(), seeds, f"failed: {error}", paper.get(name))
+    return name, fit, results.method_summary(module.num_params(), seeds, fit, paper.get(name))
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+    outcomes = list(pool.map(one, modules))
+  summaries = {name: summary for name, _, summary in outcomes}
+  fits = {name: fit for name, fit, _ in outcomes if fit is not None}
+  return summaries, fits
+
+
+def split_train_test(rng: np.random.Generator, n: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """A random permutation cut into (train indices, test indices)."""
+  order = rng.permutation(n)
+  n_test = int(round(n * test_fraction))
+  return order[n_test:], order[:n_test]
+
+
+def least_squares_r2(x_train, y_train, x_test, y_test) -> float:
+  """Test R^2 of the best static linear map (unlimited rank, fitted on train): the static ceiling."""
+  w, *_ = np.linalg.lstsq(x_train, y_train, rcond=None)
+  pred = x_test @ w
+  sst = np.sum((y_test - y_test.mean(0)) ** 2)
+  return float(1.0 - np.sum((pred - y_test) ** 2) / sst)

@@ -1,0 +1,291 @@
+"""The trainer shared by every experiment: AdamW, a compiled epoch (lax.scan over steps), vmap over seeds.
+
+All seeds (or sweep entries) of one method train together in one compiled program: the train state carries
+a leading entry axis and `jax.vmap` maps the epoch over it. Each entry has its own seed and, optionally, its
+own learning rate and weight decay (they live in the optimiser state via `optax.inject_hyperparams`), so
+a learning-rate sweep compiles once.
+
+One epoch = one call of a jit-compiled function that shuffles (key = fold_in(seed key, epoch), so a resumed
+run reproduces the same order), runs every step in `lax.scan`, and evaluates MSE and R^2 on train and test.
+The Python loop over epochs only prints progress and calls hooks (checkpoints, TensorBoard).
+
+A non-finite loss freezes that entry (its parameters stop changing) and records the global step; the other
+entries carry on. `FitResult.status` then reads "diverged at epoch E" for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from localmoe import metrics
+
+Params = Any
+Batch = Mapping[str, jax.Array]
+
+SPLITS = ("train", "test")
+METRICS = ("mse", "r2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What to train.
+
+  init(key, frozen) -> trainable params of one entry.
+  predict(params, frozen, inputs) -> predictions [batch, ...] for a batch dict `inputs` (every data key but
+    "y"; e.g. {"x": [batch, d_in], "context": [batch, D]}). `frozen` holds constants that are not trained
+    (a frozen base weight W0, a pretrained backbone).
+  """
+  init: Callable[[jax.Array, Any], Params]
+  predict: Callable[[Params, Any, Batch], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """Train/test arrays (dicts with a target "y") and frozen constants.
+
+  per_seed=True: every array of train, test and frozen has a leading entry axis (one replicate per seed,
+  e.g. a new target matrix per seed); otherwise all entries share them.
+  """
+  train: Mapping[str, Any]
+  test: Mapping[str, Any]
+  frozen: Any = None
+  per_seed: bool = False
+
+  @property
+  def num_train(self) -> int:
+    y = self.train["y"]
+    return int(y.shape[1] if self.per_seed else y.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Optimisation settings (the `config.optim` block of an experiment)."""
+  epochs: int
+  batch_size: int
+  learning_rate: float
+  weight_decay: float = 0.01          # PyTorch's AdamW default
+  b1: float = 0.9
+  b2: float = 0.999
+  eval_batch_size: int = 8192         # evaluation is chunked to bound memory
+  log_every: int = 0                  # print progress every n epochs (0: about 5 lines per run)
+
+  def check_batch(self, num_train: int) -> None:
+    if self.batch_size > num_train:
+      raise ValueError(f"config.optim.batch_size={self.batch_size} is larger than the training set "
+                       f"({num_train} samples): use batch_size <= {num_train}.")
+
+  def __post_init__(self):
+    for field in ("epochs", "batch_size", "eval_batch_size"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.optim.{_CONFIG_NAMES.get(field, field)}={value!r} must be a positive integer.")
+    if not self.learning_rate > 0:
+      raise ValueError(f"config.optim.lr={self.learning_rate!r} must be > 0 (e.g. 1e-3).")
+    if not self.weight_decay >= 0:
+      raise ValueError(f"config.optim.weight_decay={self.weight_decay!r} must be >= 0.")
+    if self.log_every < 0:
+      raise ValueError(f"config.optim.log_every={self.log_every!r} must be >= 0.")
+
+  @classmethod
+  def from_config(cls, optim) -> "Settings":
+    """From a `config.optim` block; its `lr` key is the learning rate."""
+    values = dict(optim.to_dict() if hasattr(optim, "to_dict") else optim)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    renamed = {_SETTINGS_NAMES.get(k, k): v for k, v in values.items()}
+    return cls(**{k: v for k, v in renamed.items() if k in fields})
+
+
+_CONFIG_NAMES = {"learning_rate": "lr"}                       # Settings field -> config.optim key
+_SETTINGS_NAMES = {v: k for k, v in _CONFIG_NAMES.items()}
+
+
+@dataclasses.dataclass
+class FitState:
+  """Everything needed to continue training: the vmapped train state and the history so far."""
+  state: Any                      # pytree with leading entry axis: params, opt_state, alive, diverged_step
+  epoch: int                      # epochs completed
+  history: np.ndarray             # [entries, epochs, len(SPLITS), len(METRICS)], NaN where not yet run
+
+
+@dataclasses.dataclass
+class FitResult:
+  """Outcome of `fit` for one method: final params and per-epoch history of every entry."""
+  params: Params                  # leading entry axis
+  history: np.ndarray             # [entries, epochs, len(SPLITS), len(METRICS)]
+  status: list[str]               # "ok" or "diverged at epoch E" per entry
+  diverged_step: np.ndarray       # [entries] global step of the first non-finite loss, -1 if none
+  wall_time_s: float
+
+  def final(self, split: str, metric: str) -> np.ndarray:
+    """Last-epoch value per entry: [entries]."""
+    return self.history[:, -1, SPLITS.index(split), METRICS.index(metric)]
+
+  def curve(self, split: str, metric: str) -> np.ndarray:
+    """Per-epoch values: [entries, epochs]."""
+    return self.history[:, :, SPLITS.index(split), METRICS.index(metric)]
+
+
+def make_optimizer() -> optax.GradientTransformation:
+  """AdamW with its hyperparameters stored in the optimiser state (so they can differ per entry)."""
+  return optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=0.0, b1=0.9, b2=0.999)
+
+
+def _split_inputs(batch: Batch) -> tuple[Batch, jax.Array]:
+  inputs = {k: v for k, v in batch.items() if k != "y"}
+  return inputs, batch["y"]
+
+
+def _chunked_metrics(predict, params, frozen, split: Batch, chunk: int) -> jax.Array:
+  """[mse, r2] on a whole split, predicting in chunks of `chunk` rows."""
+  inputs, y = _split_inputs(jax.tree_util.tree_map(jnp.asarray, dict(split)))
+  n = y.shape[0]
+  if n <= chunk:
+    pred = predict(params, frozen, inputs)
+    return jnp.stack([metrics.mse(pred, y), metrics.r2(pred, y)])
+  steps = math.ceil(n / chunk)
+  idx = jnp.minimum(jnp.arange(steps * chunk), n - 1).reshape(steps, chunk)
+  valid = (jnp.arange(steps * chunk) < n).reshape(steps, chunk)
+
+  def sse_of_chunk(args):
+    rows, keep = args
+    pred = predict(params, frozen, jax.tree_util.tree_map(lambda a: a[rows], inputs))
+    err = ((pred - y[rows]) ** 2).reshape(chunk, -1).sum(-1)
+    return jnp.sum(jnp.where(keep, err, 0.0))
+
+  sse = jax.lax.map(sse_of_chunk, (idx, valid)).sum()
+  return jnp.stack([sse / y.size, 1.0 - sse / metrics.sum_squares_total(y)])
+
+
+def _build_epoch_fn(task: Task, settings: Settings, num_train: int, per_seed: bool):
+  """Returns jit(vmap(epoch)) : (state, seed_keys, epoch, frozen, train, test) -> (state, metrics)."""
+  tx = make_optimizer()
+  batch_size = settings.batch_size
+  steps = math.ceil(num_train / batch_size)
+
+  def one_entry(state, seed_key, epoch, frozen, train, test):
+    order = jax.random.permutation(jax.random.fold_in(seed_key, epoch), num_train)
+    pad = steps * batch_size - num_train
+    order = jnp.concatenate([order, order[:pad]]).reshape(steps, batch_size)      # [steps, batch]
+    keep = (jnp.arange(steps * batch_size) < num_train).reshape(steps, batch_size)
+
+    def step(state, args):
+      rows, mask, step_index = args
+      inputs, y = _split_inputs(jax.tree_util.tree_map(lambda a: a[rows], train))
+
+      def loss_fn(params):
+        pred = task.predict(params, frozen, inputs)
+        per_example = ((pred - y) ** 2).reshape(batch_size, -1).mean(-1)           # [batch]
+        return jnp.sum(per_example * mask) / jnp.sum(mask)
+
+      loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      finite = jnp.isfinite(loss)
+      proceed = finite & state["alive"]
+      keep_new = lambda new, old: jnp.where(proceed, new, old)
+      global_step = epoch * steps + step_index
+      state = {
+          "params": jax.tree_util.tree_map(keep_new, params, state["params"]),
+          "opt_state": jax.tree_util.tree_map(keep_new, opt_state, state["opt_state"]),
+          "alive": proceed,
+          "diverged_step": jnp.where(state["alive"] & ~finite, global_step, state["diverged_step"]),
+      }
+      return state, None
+
+    state, _ = jax.lax.scan(step, state, (order, keep, jnp.arange(steps)))
+    evals = jnp.stack([
+        _chunked_metrics(task.predict, state["params"], frozen, split, settings.eval_batch_size)
+        for split in (train, test)])                                                 # [splits, metrics]
+    return state, evals
+
+  data_axis = 0 if per_seed else None
+  mapped = jax.vmap(one_entry, in_axes=(0, 0, None, data_axis, data_axis, data_axis))
+  return jax.jit(mapped, donate_argnums=(0,)), steps
+
+
+def seed_keys(seeds: Sequence[int]) -> jax.Array:
+  """One PRNG key per entry; init uses fold_in(key, 0), shuffling fold_in(key, 1)."""
+  return jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
+
+
+def init_state(task: Task, data: Data, seeds: Sequence[int], learning_rate, weight_decay,
+               settings: Settings) -> Any:
+  """Vmapped initial train state for every entry."""
+  entries = len(seeds)
+  lr = jnp.broadcast_to(jnp.asarray(learning_rate, jnp.float32), (entries,))
+  wd = jnp.broadcast_to(jnp.asarray(weight_decay, jnp.float32), (entries,))
+  tx = make_optimizer()
+
+  def one_entry(key, lr, wd, frozen):
+    params = task.init(jax.random.fold_in(key, 0), frozen)
+    opt_state = tx.init(params)
+    opt_state.hyperparams.update(learning_rate=lr, weight_decay=wd,
+                                 b1=jnp.asarray(settings.b1, jnp.float32),
+                                 b2=jnp.asarray(settings.b2, jnp.float32))
+    return {"params": params, "opt_state": opt_state, "alive": jnp.asarray(True),
+            "diverged_step": jnp.asarray(-1, jnp.int32)}
+
+  frozen_axis = 0 if data.per_seed else None
+  return jax.jit(jax.vmap(one_entry, in_axes=(0, 0, 0, frozen_axis)))(seed_keys(seeds), lr, wd, data.frozen)
+
+
+def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, name: str = "model",
+        learning_rate: Sequence[float] | float | None = None,
+        weight_decay: Sequence[float] | float | None = None,
+        resume: FitState | None = None,
+        on_epoch_end: Callable[[FitState], None] | None = None,
+        log: Callable[[str], None] | None = print) -> FitResult:
+  """Trains every entry (seed, optionally with its own learning rate / weight decay) of one method.
+
+  resume: continue from a FitState (e.g. restored from a checkpoint); on_epoch_end: called after every
+  epoch with the current FitState (checkpoints, TensorBoard). Returns the history of all entries.
+  """
+  start = time.perf_counter()
+  seeds = list(seeds)
+  settings.check_batch(data.num_train)
+  lr = settings.learning_rate if learning_rate is None else learning_rate
+  wd = settings.weight_decay if weight_decay is None else weight_decay
+  epoch_fn, steps = _build_epoch_fn(task, settings, data.num_train, data.per_seed)
+  keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(seed_keys(seeds))
+  if resume is None:
+    fit_state = FitState(init_state(task, data, seeds, lr, wd, settings), 0,
+                         np.full((len(seeds), settings.epochs, len(SPLITS), len(METRICS)), np.nan))
+  else:
+    fit_state = resume
+  log_every = settings.log_every or max(1, settings.epochs // 5)
+
+  while fit_state.epoch < settings.epochs:
+    epoch = fit_state.epoch
+    state, evals = epoch_fn(fit_state.state, keys, epoch, data.frozen, data.train, data.test)
+    history = fit_state.history.copy()
+    history[:, epoch] = np.asarray(evals)
+    fit_state = FitState(state, epoch + 1, history)
+    if log and ((epoch + 1) % log_every == 0 or epoch + 1 == settings.epochs or epoch == 0):
+      test_r2 = history[:, epoch, 1, 1]
+      log(f"  [{name}] epoch {epoch + 1:>3}/{settings.epochs}  train mse {np.nanmean(history[:, epoch, 0, 0]):.4f}"
+          f"  test mse {np.nanmean(history[:, epoch, 1, 0]):.4f}  test R2 {np.nanmean(test_r2):+.4f}"
+          f" +- {np.nanstd(test_r2):.4f}  ({time.perf_counter() - start:.1f}s)")
+    if on_epoch_end is not None:
+      on_epoch_end(fit_state)
+
+  diverged_step = np.asarray(fit_state.state["diverged_step"])
+  status = []
+  for seed, step in zip(seeds, diverged_step):
+    if step < 0:
+      status.append("ok")
+      continue
+    epoch = int(step) // steps + 1
+    status.append(f"diverged at epoch {epoch}")
+    if log:
+      log(f"  [{name}] seed {seed}: non-finite loss at epoch {epoch}, step {int(step) % steps + 1} of {steps}; "
+          "this entry stopped there, the others carried on.")
+  return FitResult(params=fit_state.state["params"], history=fit_state.history, status=status,
+                   diverged_step=diverged_step, wall_time_s=time.perf_counter() - start)

@@ -1,0 +1,70 @@
+"""End to end: every config in `quick` mode through launch.py, results.json schema, overrides, typos."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not os.path.basename(p).startswith("_"))
+
+
+def launch(*args, timeout=600):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_runs_quick(config, tmp_path):
+  proc = launch(f"--config=configs/{config}:quick", f"--workdir={tmp_path}")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["experiment"] == config[:-3]
+  assert isinstance(results["wall_time_s"], float) and isinstance(results["config"], dict)
+  assert results["methods"]
+  for name, m in results["methods"].items():
+    assert m["status"] == "ok", (name, m["status"])
+    assert isinstance(m["params"], int) and m["params"] > 0
+    if "error" in m:            # deterministic approximation experiments report an error, not seeds
+      continue
+    assert len(m["seeds"]) == len(m["test_r2"]) == len(m["test_mse"]) >= 1
+    for key in ("test_r2_mean", "test_r2_std", "test_mse_mean", "test_mse_std"):
+      assert isinstance(m[key], float), (name, key)
+    assert -10 < m["test_r2_mean"] <= 1.0            # a fraction, not a percentage
+    assert set(m["paper"]) >= {"params", "r2", "mse"} or not m["paper"]
+  assert (tmp_path / "results.md").read_text().strip()
+
+
+def test_svd_quick_files_and_history(tmp_path):
+  proc = launch("--config=configs/svd_simulation.py:quick,methods=lora+cellwise_moe",
+                f"--workdir={tmp_path}", "--config.optim.lr=3e-3")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["config"]["optim"]["lr"] == 3e-3
+  assert set(results["methods"]) == {"lora", "cellwise_moe"}
+  assert results["methods"]["cellwise_moe"]["params"] == 2144
+  assert results["methods"]["cellwise_moe"]["paper"] == {"params": 2144, "mse": 0.6531, "r2": 0.3829}
+  header, *rows = (tmp_path / "history.csv").read_text().strip().splitlines()
+  assert header == "method,seed,epoch,split,mse,r2"
+  assert len(rows) == 2 * 2 * 2 * 2 * 2        # spectra x methods x seeds x epochs x splits
+  assert os.listdir(tmp_path / "tb")
+  md = (tmp_path / "results.md").read_text()
+  assert "ordering" in md and "38.29" in md
+
+
+def test_config_typo_fails_loudly(tmp_path):
+  proc = launch("--config=configs/svd_simulation.py:quick", f"--workdir={tmp_path}", "--config.optim.learnin_rate=1")
+  assert proc.returncode != 0
+  assert "learnin_rate" in proc.stderr
+  assert not (tmp_path / "results.json").exists()
+
+
+def test_unknown_config_arg_lists_valid_ones(tmp_path):
+  proc = launch("--config=configs/svd_simulation.py:quik", f"--workdir={tmp_path}")
+  assert proc.returncode != 0
+  assert "'quik' is not known" in proc.stderr and "quick" in proc.stderr

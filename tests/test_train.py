@@ -1,0 +1,123 @@
+"""The shared trainer: determinism, vmapped seeds, divergence guard, metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import localmoe as lm
+from localmoe import metrics, single_layer, train
+
+
+def small_problem(seeds=(0, 1, 2), n=256, d=8):
+  rng = np.random.default_rng(0)
+  per = []
+  for s in seeds:
+    r = np.random.default_rng(s)
+    x = r.standard_normal((n, d)).astype(np.float32)
+    ctx = np.eye(2, dtype=np.float32)[r.integers(0, 2, n)]
+    w = r.standard_normal((2, d, d)).astype(np.float32) / np.sqrt(d)
+    y = np.einsum("nc,cod,nd->no", ctx, w, x).astype(np.float32)
+    per.append(({"x": x[:200], "context": ctx[:200], "y": y[:200]},
+                {"x": x[200:], "context": ctx[200:], "y": y[200:]}, 0.01 * r.standard_normal((d, d))))
+  del rng
+  stack = lambda k: {key: np.stack([p[k][key] for p in per]) for key in per[0][k]}
+  return train.Data(train=stack(0), test=stack(1),
+                    frozen={"w0": np.stack([p[2] for p in per]).astype(np.float32)}, per_seed=True)
+
+
+def make_task(method="cellwise_moe", d=8):
+  spec = dict(method=method, d_in=d, d_out=d, rank=2)
+  if method != "lora":
+    spec.update(k_y=2, k_x=2, num_experts=2, context_dim=2)
+  return single_layer.layer_task(lm.make(spec), d, 2)
+
+
+SETTINGS = train.Settings(epochs=3, batch_size=32, learning_rate=3e-3, log_every=1)
+
+
+def test_vmapped_seeds_equal_each_seed_alone():
+  seeds = [0, 1, 2]
+  data = small_problem(seeds)
+  together = train.fit(make_task(), data, seeds, SETTINGS, log=None)
+  for k, seed in enumerate(seeds):
+    alone_data = train.Data(train={n: a[k:k + 1] for n, a in data.train.items()},
+                            test={n: a[k:k + 1] for n, a in data.test.items()},
+                            frozen={"w0": data.frozen["w0"][k:k + 1]}, per_seed=True)
+    alone = train.fit(make_task(), alone_data, [seed], SETTINGS, log=None)
+    np.testing.assert_allclose(alone.history[0], together.history[k], rtol=2e-5, atol=1e-6)
+
+
+def test_training_is_deterministic_and_learns():
+  data = small_problem([0, 1])
+  a = train.fit(make_task(), data, [0, 1], SETTINGS, log=None)
+  b = train.fit(make_task(), data, [0, 1], SETTINGS, log=None)
+  np.testing.assert_array_equal(a.history, b.history)
+  assert np.all(a.curve("train", "mse")[:, -1] < a.curve("train", "mse")[:, 0])
+  assert a.status == ["ok", "ok"]
+
+
+def test_different_seeds_differ():
+  data = small_problem([0, 0])
+  r = train.fit(make_task(), data, [0, 1], SETTINGS, log=None)
+  assert not np.allclose(r.history[0], r.history[1])
+
+
+def test_per_entry_learning_rates():
+  data = small_problem([0, 0])
+  r = train.fit(make_task(), data, [0, 0], SETTINGS, learning_rate=[1e-3, 1e-2], log=None)
+  # Same seed and data: only the learning rate differs, so the runs must differ.
+  assert not np.allclose(r.history[0], r.history[1])
+  same = train.fit(make_task(), data, [0, 0], SETTINGS, learning_rate=[1e-3, 1e-3], log=None)
+  np.testing.assert_array_equal(same.history[0], same.history[1])
+
+
+def test_non_finite_loss_stops_only_that_entry():
+  data = small_problem([0, 1])
+  # A huge learning rate on entry 1 only makes it diverge; entry 0 must train normally.
+  lines = []
+  r = train.fit(make_task("lora"), data, [0, 1], train.Settings(epochs=4, batch_size=32, learning_rate=1e-3),
+                learning_rate=[1e-3, 1e30], log=lines.append)
+  assert r.status[0] == "ok"
+  assert r.status[1].startswith("diverged at epoch")
+  assert np.all(np.isfinite(r.history[0]))
+  assert any("seed 1: non-finite loss at epoch" in line for line in lines)
+
+
+def test_r2_definition():
+  y = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]], np.float32)
+  pred = y + np.array([[0.1, -1.0], [0.0, 1.0], [-0.1, 0.0]], np.float32)
+  sse = np.sum((pred - y) ** 2)
+  sst = np.sum((y - y.mean(0)) ** 2)                       # around each coordinate's mean
+  np.testing.assert_allclose(metrics.r2(jnp.asarray(pred), jnp.asarray(y)), 1 - sse / sst, rtol=1e-6)
+  np.testing.assert_allclose(metrics.mse(jnp.asarray(pred), jnp.asarray(y)), sse / y.size, rtol=1e-6)
+
+
+def test_chunked_evaluation_equals_whole_split():
+  data = small_problem([0])
+  task = make_task()
+  params = task.init(jax.random.PRNGKey(0), None)
+  split = {k: v[0] for k, v in data.test.items()}
+  frozen = {"w0": data.frozen["w0"][0]}
+  whole = train._chunked_metrics(task.predict, params, frozen, split, 10_000)
+  chunked = train._chunked_metrics(task.predict, params, frozen, split, 7)
+  np.testing.assert_allclose(whole, chunked, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(epochs=0), "config.optim.epochs=0"),
+    (dict(batch_size=-1), "config.optim.batch_size=-1"),
+    (dict(learning_rate=0.0), "config.optim.lr=0.0"),
+    (dict(weight_decay=-1.0), "config.optim.weight_decay=-1.0"),
+])
+def test_bad_settings(kwargs, match):
+  base = dict(epochs=1, batch_size=8, learning_rate=1e-3)
+  base.update(kwargs)
+  with pytest.raises(ValueError, match=match.replace(".", r"\.")):
+    train.Settings(**base)
+
+
+def test_batch_larger_than_training_set():
+  data = small_problem([0])
+  with pytest.raises(ValueError, match="batch_size=500 is larger than the training set"):
+    train.fit(make_task(), data, [0], train.Settings(epochs=1, batch_size=500, learning_rate=1e-3), log=None)
