@@ -14,8 +14,20 @@ REGISTRY: dict[str, str] = {
 }
 
 
-def get(name: str) -> Callable[[Any, str], dict]:
-  """The `run` function of experiment `name`, or a ValueError listing the valid names."""
+def module(name: str):
+  """The driver module of experiment `name`, or a ValueError listing the valid names."""
   if name not in REGISTRY:
     raise ValueError(f"config.experiment={name!r} is not a known experiment; valid: {sorted(REGISTRY)}.")
-  return importlib.import_module(REGISTRY[name]).run
+  return importlib.import_module(REGISTRY[name])
+
+
+def get(name: str) -> Callable[[Any, str], dict]:
+  """The `run(config, workdir)` function of experiment `name`."""
+  return module(name).run
+
+
+def validate(config) -> None:
+  """Runs the experiment's `validate(config)` if it has one: every config error before any compute."""
+  check = getattr(module(config.experiment), "validate", None)
+  if check is not None:
+    check(config)

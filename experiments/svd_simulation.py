@@ -55,8 +55,26 @@ def make_data(config, seeds, spectrum_name: str):
   return data, diagnostics, len(contexts)
 
 
+def validate(config) -> None:
+  """Every config error, before any compute (names the field and the fix)."""
+  dc = config.data
+  for name in configlib.split_names(dc.spectra) or ["(empty)"]:
+    if name not in targets.SPECTRA:
+      raise ValueError(f"config.data.spectra: {name!r} is not known; valid: {list(targets.SPECTRA)}.")
+  contexts = configlib.split_names(dc.contexts)
+  for name in contexts:
+    targets.topology_mask(name, 1)
+  if not 0 < dc.test_fraction < 1:
+    raise ValueError(f"config.data.test_fraction={dc.test_fraction} must lie in (0, 1).")
+  num_train = dc.num_samples - int(round(dc.num_samples * dc.test_fraction))
+  single_layer.validate_common(config, num_train)
+  single_layer.build_methods(config.methods, configlib.split_names(config.method_names), dc.d, dc.d,
+                             len(contexts), shared=config.model)
+
+
 def run(config, workdir: str) -> dict:
   start = time.perf_counter()
+  validate(config)
   names = configlib.split_names(config.method_names)
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   settings = train.Settings.from_config(config.optim)

@@ -43,6 +43,10 @@ def layer_task(module, d_in: int, context_dim: int) -> train.Task:
 def build_methods(specs: Mapping[str, Mapping[str, Any]], names: Sequence[str], d_in: int, d_out: int,
                   context_dim: int, shared: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Adapters for `names`, filling in the layer's widths and (for routed ones) the context width."""
+  unknown = [n for n in names if n not in specs]
+  if unknown or not names:
+    raise ValueError(f"config.method_names: {unknown or 'empty'} not among the configured methods; "
+                     f"valid: {sorted(specs)} (comma-separated).")
   modules = {}
   for name in names:
     spec = dict(shared or {})
@@ -50,8 +54,22 @@ def build_methods(specs: Mapping[str, Mapping[str, Any]], names: Sequence[str], 
     fill = {"d_in": d_in, "d_out": d_out}
     if spec.get("method") in ("blockwise_moe", "cellwise_moe") and spec.get("router_input", "context") == "context":
       fill["context_dim"] = context_dim
-    modules[name] = adapters.make(spec, **fill)
+    try:
+      modules[name] = adapters.make(spec, **fill)
+    except ValueError as error:
+      raise ValueError(f"config.methods.{name}: {error}") from None
   return modules
+
+
+def validate_common(config, num_train: int) -> train.Settings:
+  """Checks shared by the single-layer experiments: seeds and optimisation settings."""
+  if not isinstance(config.num_seeds, int) or config.num_seeds < 1:
+    raise ValueError(f"config.num_seeds={config.num_seeds!r} must be a positive integer.")
+  if config.seed < 0:
+    raise ValueError(f"config.seed={config.seed!r} must be >= 0.")
+  settings = train.Settings.from_config(config.optim)
+  settings.check_batch(num_train)
+  return settings
 
 
 def device_data(data: train.Data) -> train.Data:
