@@ -14,6 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import experiments
+from localmoe import checkpoint
 from localmoe import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,11 +31,15 @@ def main(argv):
   try:
     experiment = experiments.get(config.experiment)
     experiments.validate(config)                          # before anything is written or computed
-    with workdir_lib.guard(_WORKDIR.value, overwrite=_OVERWRITE.value):
+    with workdir_lib.guard(_WORKDIR.value, overwrite=_OVERWRITE.value), checkpoint.preemption_guard():
       experiment(config, _WORKDIR.value)
   except (ValueError, workdir_lib.WorkdirError) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+  except checkpoint.Preempted as stop:
+    print(f"\n[preemption] stopped cleanly ({stop}).\nResume with the same command:\n  python "
+          + " ".join(sys.argv), file=sys.stderr, flush=True)
+    sys.exit(checkpoint.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

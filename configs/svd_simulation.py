@@ -47,6 +47,7 @@ def get_config(arg=None):
   config.method_names = arg.methods
   config.seed = 0                      # seeds are seed, seed+1, ..., seed+num_seeds-1
   config.num_seeds = arg.seeds
+  config.checkpoint_every_epochs = 10  # orbax checkpoints in <workdir>/checkpoints; re-running resumes
 
   config.data = ml_collections.ConfigDict(dict(
       d=64, k=4, num_samples=10_000, test_fraction=0.2,

@@ -7,6 +7,7 @@ W0 ~ N(0, 0.01^2). Every seed is a full replicate: its own targets, W0, samples,
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -62,8 +63,12 @@ def validate(config) -> None:
     if name not in targets.SPECTRA:
       raise ValueError(f"config.data.spectra: {name!r} is not known; valid: {list(targets.SPECTRA)}.")
   contexts = configlib.split_names(dc.contexts)
-  for name in contexts:
-    targets.topology_mask(name, 1)
+  for name in contexts or ["(empty)"]:
+    if name not in targets.TOPOLOGIES:
+      raise ValueError(f"config.data.contexts: {name!r} is not a known topology; valid: {sorted(targets.TOPOLOGIES)}.")
+  if config.checkpoint_every_epochs < 0:
+    raise ValueError(f"config.checkpoint_every_epochs={config.checkpoint_every_epochs} must be >= 0 "
+                     "(0: checkpoint only at the end).")
   if not 0 < dc.test_fraction < 1:
     raise ValueError(f"config.data.test_fraction={dc.test_fraction} must lie in (0, 1).")
   num_train = dc.num_samples - int(round(dc.num_samples * dc.test_fraction))
@@ -87,8 +92,10 @@ def run(config, workdir: str) -> dict:
     data, diag, num_contexts = make_data(config, seeds, spectrum_name)
     modules = single_layer.build_methods(config.methods, names, config.data.d, config.data.d, num_contexts,
                                          shared=config.model)
-    summaries, fits = single_layer.run_methods(modules, data, seeds, settings, config.data.d, num_contexts,
-                                               PAPER)
+    summaries, fits = single_layer.run_methods(
+        modules, data, seeds, settings, config.data.d, num_contexts, PAPER,
+        checkpoint_dir=os.path.join(workdir, "checkpoints", spectrum_name),
+        checkpoint_every=config.checkpoint_every_epochs)
     table_time = time.perf_counter() - t0
     variants[spectrum_name] = {"methods": summaries, "wall_time_s": table_time, **diag}
     histories.update({f"{spectrum_name}/{n}": (seeds, f) for n, f in fits.items()})

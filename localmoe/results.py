@@ -102,7 +102,9 @@ def _pm(mean, std, scale=1.0, digits=4) -> str:
 
 
 def _fmt(value, fmt: str, scale: float = 1.0) -> str:
-  return "n/a" if value is None else format(value * scale, fmt)
+  if value is None:
+    return "n/a"
+  return format(value * scale if scale != 1.0 else value, fmt)
 
 
 def markdown_table(methods: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str] | None = None) -> str:
@@ -139,6 +141,8 @@ def ordering_check(methods: Mapping[str, Mapping[str, Any]], groups: Sequence[Se
     holds &= margin > 0
     parts.append(f"{'/'.join(labels.get(n, n) for n in upper)} {'>' if margin > 0 else 'NOT >'} "
                  f"{'/'.join(labels.get(n, n) for n in lower)} by {margin * 100:+.2f} R² points")
+  if not parts:
+    return False, "not checked (the run lacks methods from at least two of the groups)"
   return holds, "; ".join(parts)
 
 

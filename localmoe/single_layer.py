@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import os
 import traceback
 from typing import Any, Callable, Mapping, Sequence
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from localmoe import adapters
+from localmoe import checkpoint
 from localmoe import results
 from localmoe import train
 
@@ -80,8 +82,12 @@ def device_data(data: train.Data) -> train.Data:
 
 def run_methods(modules: Mapping[str, Any], data: train.Data, seeds: Sequence[int], settings: train.Settings,
                 d_in: int, context_dim: int, paper: Mapping[str, Mapping[str, Any]],
-                log: Callable[[str], None] = print, parallel: int = 2):
+                log: Callable[[str], None] = print, parallel: int = 2, checkpoint_dir: str | None = None,
+                checkpoint_every: int = 10):
   """Trains each module on `data` for all seeds. Returns ({name: results.json entry}, {name: FitResult}).
+
+  checkpoint_dir: each method saves to / resumes from <checkpoint_dir>/<name> (see localmoe.checkpoint),
+  every `checkpoint_every` epochs and at the end; None trains without files.
 
   `parallel` methods train at once in threads: XLA compiles and runs outside the GIL, and a small layer
   leaves CPU cores idle otherwise. Results do not depend on it (each method is its own program).
@@ -92,7 +98,10 @@ def run_methods(modules: Mapping[str, Any], data: train.Data, seeds: Sequence[in
     module = modules[name]
     log(f"[{name}] {module.num_params():,} parameters, {len(seeds)} seeds, {settings.epochs} epochs")
     try:
-      fit = train.fit(layer_task(module, d_in, context_dim), data, seeds, settings, name=name, log=log)
+      directory = None if checkpoint_dir is None else os.path.join(checkpoint_dir, name)
+      fit = checkpoint.fit_with_checkpoints(layer_task(module, d_in, context_dim), data, seeds, settings,
+                                            directory=directory, every_epochs=checkpoint_every, name=name,
+                                            log=log)
     except Exception as error:  # one broken method must not lose the others' results
       log(f"[{name}] FAILED: {type(error).__name__}: {error}\n{traceback.format_exc()}")
       return name, None, results.failed_summary(module.num_params(), seeds, f"failed: {error}", paper.get(name))

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 
+from localmoe.adapters import common
 from localmoe.adapters.localized import LocalizedLoRA
 from localmoe.adapters.lora import LoRA
 from localmoe.adapters.melora import MELoRA
@@ -50,4 +51,8 @@ def make(spec: Mapping[str, Any], **overrides) -> nn.Module:
   unknown = sorted(set(spec) - set(valid))
   if unknown:
     raise ValueError(f"{method}: unknown field(s) {unknown}; {cls.__name__} takes {valid}.")
-  return cls(**spec)
+  module = cls(**spec)
+  for field in ("a_init", "b_init"):                      # fail at construction, not at first init
+    if hasattr(module, field):
+      common.resolve_init(getattr(module, field), field)
+  return module
