@@ -11,6 +11,11 @@ from typing import Any, Callable
 
 REGISTRY: dict[str, str] = {
     "svd_simulation": "experiments.svd_simulation",
+    "mnist_adaptation": "experiments.mnist_adaptation",
+    "nonconvex_regression": "experiments.nonconvex_regression",
+    "california_housing": "experiments.california_housing",
+    "mnist_degradation": "experiments.mnist_degradation",
+    "mnist_approximation": "experiments.mnist_approximation",
 }
 
 

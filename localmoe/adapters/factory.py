@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 
 from localmoe.adapters import common
+from localmoe.adapters.dora import DoRA
 from localmoe.adapters.localized import LocalizedLoRA
 from localmoe.adapters.lora import LoRA
 from localmoe.adapters.melora import MELoRA
@@ -16,6 +17,7 @@ from localmoe.adapters.moe import BlockWiseLoRAMoE, CellWiseLoRAMoE
 # Method names are the same everywhere: results keys, configs, tables.
 ADAPTERS: dict[str, type[nn.Module]] = {
     "lora": LoRA,
+    "dora": DoRA,
     "melora": MELoRA,
     "localized_lora": LocalizedLoRA,
     "blockwise_moe": BlockWiseLoRAMoE,

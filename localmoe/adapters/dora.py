@@ -1,0 +1,62 @@
+"""DoRA (Liu et al., 2024): weight-decomposed low-rank adaptation.
+
+  W' = m * (W0 + (alpha / r) B A^T) / ||W0 + (alpha / r) B A^T||_c
+
+with the norm taken per output unit (over d_in; PEFT's `weight.norm(dim=1)` on a [d_out, d_in] weight) and a
+learned magnitude m [d_out] initialised to ||W0||_c, so that W' = W0 at initialisation (B = 0).
+
+As an adapter it returns the update of the layer's output, Delta(x) = x (W' - W0), computed without
+building W' - W0 row by row:
+  Delta(x) = (m / n - 1) * (x W0) + (m / n) * (alpha / r) (x A) B^T,     n = ||W0 + (alpha/r) B A^T||_c.
+The norm n is differentiated through (the DoRA paper's gradient-detach trick is not used).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from localmoe.adapters import common
+
+
+class DoRA(nn.Module):
+  """Parameters: A [d_in, r], B [d_out, r], magnitude m [d_out]. Needs the frozen kernel W0 [d_in, d_out]."""
+  d_in: int                                     # input width of the adapted layer
+  d_out: int                                    # output width of the adapted layer
+  rank: int                                     # r
+  alpha: float | None = None                    # scale alpha / r; None -> 1
+  a_init: common.Initializer | str = "lora"
+  b_init: common.Initializer | str = "zeros"
+  allow_overcomplete_rank: bool = False
+
+  uses_base_kernel = True                       # `localmoe.inject` passes kernel=W0 [d_in, d_out]
+
+  def __post_init__(self):
+    common.check_positive(self.d_in, "d_in")
+    common.check_positive(self.d_out, "d_out")
+    common.check_rank(self.rank, self.d_out, self.d_in, "weight matrix", self.allow_overcomplete_rank)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, kernel: jnp.ndarray | None = None, context=None,
+               gates=None) -> jnp.ndarray:
+    """x [..., d_in], kernel W0 [d_in, d_out] -> Delta(x) [..., d_out]."""
+    del context, gates
+    if kernel is None:
+      raise ValueError("DoRA needs the frozen weight: call it with kernel=W0 [d_in, d_out] "
+                       "(localmoe.inject does this for you).")
+    if kernel.shape != (self.d_in, self.d_out):
+      raise ValueError(f"kernel has shape {kernel.shape}; DoRA(d_in={self.d_in}, d_out={self.d_out}) "
+                       f"needs [d_in, d_out] = {(self.d_in, self.d_out)}.")
+    a = self.param("A", common.resolve_init(self.a_init, "a_init"), (self.d_in, self.rank))
+    b = self.param("B", common.resolve_init(self.b_init, "b_init"), (self.d_out, self.rank))
+    m = self.param("magnitude", lambda key, shape: jnp.linalg.norm(kernel, axis=0), (self.d_out,))
+    s = common.scaling(self.alpha, self.rank)
+    merged = kernel + s * a @ b.T                                      # [d_in, d_out]
+    ratio = m / jnp.linalg.norm(merged, axis=0)                        # [d_out]
+    base = jnp.einsum("...d,do->...o", x, kernel)                      # x W0: [..., d_out]
+    low_rank = s * jnp.einsum("...r,or->...o", jnp.einsum("...d,dr->...r", x, a), b)
+    return (ratio - 1.0) * base + ratio * low_rank
+
+  def num_params(self) -> int:
+    return self.rank * (self.d_in + self.d_out) + self.d_out
