@@ -2,11 +2,15 @@ r"""Runs an experiment from its config file.
 
   python launch.py --config configs/svd_simulation.py --workdir runs/svd
   python launch.py --config configs/svd_simulation.py:quick --workdir runs/q --config.optim.lr=3e-3
+  python launch.py --config configs/svd_simulation.py --sweep --workdir runs/svd_sweep   # get_sweep(arg)
+  python launch.py --config configs/mnist_adaptation.py --sweep --multihost --workdir /shared/runs/mnist
 
-Intentionally kept short: parse flags, validate the config, guard the workdir, look the experiment up by
-`config.experiment`, call it.
+Intentionally kept short: parse flags, init multi-host if asked, validate the config, guard the workdir,
+look the experiment up by `config.experiment`, call it (or, with --sweep, `localmoe.sweep.run` over the
+config's get_sweep entries, each in <workdir>/entries/<index>_<name>/).
 """
 
+import contextlib
 import sys
 
 from absl import app
@@ -15,24 +19,44 @@ from ml_collections import config_flags
 
 import experiments
 from localmoe import checkpoint
+from localmoe import sharding
+from localmoe import sweep
 from localmoe import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally with an argument: path.py[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, history, TensorBoard events.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a finished run in --workdir.")
+_SWEEP = flags.DEFINE_bool("sweep", False, "Run every entry of the config's get_sweep(arg); summary in "
+                           "<workdir>/sweep.json and sweep.md.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (also done when the "
+                               "environment names a coordinator: JAX_COORDINATOR_ADDRESS, SLURM, Open MPI).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  sharding.initialize(_MULTIHOST.value)                   # before any other JAX call
   config = _CONFIG.value
+  main_process = sharding.is_main()
   try:
     experiment = experiments.get(config.experiment)
     experiments.validate(config)                          # before anything is written or computed
-    with workdir_lib.guard(_WORKDIR.value, overwrite=_OVERWRITE.value), checkpoint.preemption_guard():
-      experiment(config, _WORKDIR.value)
+    # Process 0 guards the workdir; the others write only their own sweep entries' sub-workdirs.
+    guard = (workdir_lib.guard(_WORKDIR.value, overwrite=_OVERWRITE.value) if main_process
+             else contextlib.nullcontext())
+    if _SWEEP.value:
+      overrides = sweep.load_get_sweep(config_flags.get_config_filename(flags.FLAGS["config"]))()
+      with guard, checkpoint.preemption_guard():
+        sweep.run(config, overrides, _WORKDIR.value, experiments.module(config.experiment),
+                  overwrite=_OVERWRITE.value)
+    elif main_process:
+      with guard, checkpoint.preemption_guard():
+        experiment(config, _WORKDIR.value)
+    else:
+      print(f"process {sharding.process_index()}: a run without --sweep uses process 0 only; use --sweep to "
+            "spread entries over every host.", file=sys.stderr)
   except (ValueError, workdir_lib.WorkdirError) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -77,3 +77,21 @@ def get_config(arg=None):
     config.data.spectra = "gaussian,flat"
     config.optim.epochs = 2
   return config
+
+
+def get_sweep(arg=None):
+  """Override dicts for `launch.py --sweep`: methods x learning rates x seeds, one entry each.
+
+    python launch.py --config configs/svd_simulation.py --sweep --workdir runs/svd_sweep      # 75 entries
+    python launch.py --config configs/svd_simulation.py:quick --sweep --workdir runs/svd_sq  # 8, seconds
+
+  Entries of one method differ only in seed and learning rate, so each method trains as one vmapped,
+  compiled program (5 groups of 15, on the first spectrum of `spectra`). Takes get_config's arguments.
+  """
+  arg = configlib.parse_arg(arg, quick=False, methods=ALL_METHODS, seeds=5, spectra="gaussian,flat,decaying")
+  methods, lrs, seeds = configlib.split_names(arg.methods), [3e-4, 1e-3, 3e-3], range(arg.seeds)
+  if arg.quick:
+    methods, lrs, seeds = ["lora", "cellwise_moe"], [1e-3, 3e-3], range(2)
+  return [{"method_names": m, "num_seeds": 1, "seed": s, "optim.lr": lr,
+           "data.spectra": configlib.split_names(arg.spectra)[0]}
+          for m in methods for lr in lrs for s in seeds]

@@ -128,3 +128,43 @@ def run(config, workdir: str) -> dict:
                     extra={"spectrum": spectra[0], "variants": variants})
   print(f"wrote {workdir}/results.json, results.md, history.csv, tb/ ({wall:.1f}s total)", flush=True)
   return {"methods": default["methods"], "variants": variants, "wall_time_s": wall}
+
+
+def sweep_job(config):
+  """One sweep entry (`localmoe.sweep`): one method, one seed, the first spectrum of config.data.spectra.
+
+  Entries that differ only in seed, learning rate or weight decay share a key and train as one vmapped
+  program; the entry's files are results.json / results.md / history.csv like a one-seed run.
+  """
+  import json
+  from localmoe import sweep
+
+  names = configlib.split_names(config.method_names)
+  if len(names) != 1 or config.num_seeds != 1:
+    raise ValueError(f"sweep entry: method_names={config.method_names!r}, num_seeds={config.num_seeds}: a sweep "
+                     "entry trains one method and one seed; sweep over 'method_names' and 'seed' instead.")
+  name, seed = names[0], int(config.seed)
+  spectrum = configlib.split_names(config.data.spectra)[0]
+  contexts = len(configlib.split_names(config.data.contexts))
+  module = single_layer.build_methods(config.methods, names, config.data.d, config.data.d, contexts,
+                                      shared=config.model)[name]
+  settings = train.Settings.from_config(config.optim)
+  optim = {k: v for k, v in config.optim.to_dict().items() if k not in ("lr", "weight_decay")}
+  key = json.dumps({"method": config.methods[name].to_dict(), "model": config.model.to_dict(),
+                    "data": config.data.to_dict(), "spectrum": spectrum, "optim": optim}, sort_keys=True)
+
+  def finish(workdir, fit):
+    summary = results.method_summary(module.num_params(), [seed], fit, PAPER.get(name))
+    markdown = (f"# SVD simulation sweep entry: {LABELS.get(name, name)}, spectrum {spectrum}, seed {seed}, "
+                f"lr {settings.learning_rate}\n\n" + results.markdown_table({name: summary}, LABELS) + "\n")
+    results.write_run(workdir, "svd_simulation", config, {name: summary}, {name: ([seed], fit)},
+                      fit.wall_time_s, markdown, extra={"spectrum": spectrum})
+    return {"method": name, "spectrum": spectrum, "seed": seed, "lr": settings.learning_rate,
+            "weight_decay": settings.weight_decay, "params": module.num_params(),
+            "test_r2": summary["test_r2_mean"], "test_mse": summary["test_mse_mean"],
+            "train_mse": float(fit.final("train", "mse")[0])}
+
+  return sweep.Job(key=key, task=single_layer.layer_task(module, config.data.d, contexts),
+                   data=lambda: make_data(config, [seed], spectrum)[0], settings=settings, seed=seed,
+                   learning_rate=settings.learning_rate, weight_decay=settings.weight_decay, finish=finish,
+                   label=f"{name} ({spectrum})")

@@ -9,6 +9,15 @@ One epoch = one call of a jit-compiled function that shuffles (key = fold_in(see
 run reproduces the same order), runs every step in `lax.scan`, and evaluates MSE and R^2 on train and test.
 The Python loop over epochs only prints progress and calls hooks (checkpoints, TensorBoard).
 
+Regression is the default (squared-error loss; MSE and R^2 per split). A Task may instead bring its own
+per-example loss and metrics (e.g. cross-entropy and accuracy for classification), and Data may carry a
+validation split ("train", "val", "test"); FitResult.splits / .metric_names then say what the history holds.
+
+Placement (`localmoe.sharding`): `fit(..., placement=sharding.entries())` shards the entry axis over the
+local devices (one NamedSharding, jit rather than pmap; entries are padded to a multiple of the device count
+and the padding is dropped from the result); `placement=sharding.data_parallel()` instead shards every
+training batch over the devices (one large run). Results equal the single-device ones up to float rounding.
+
 A non-finite loss freezes that entry (its parameters stop changing) and records the global step; the other
 entries carry on. `FitResult.status` then reads "diverged at epoch E" for it.
 """
@@ -26,6 +35,7 @@ import numpy as np
 import optax
 
 from localmoe import metrics
+from localmoe import sharding as sharding_lib
 
 Params = Any
 Batch = Mapping[str, jax.Array]
@@ -42,14 +52,25 @@ class Task:
   predict(params, frozen, inputs) -> predictions [batch, ...] for a batch dict `inputs` (every data key but
     "y"; e.g. {"x": [batch, d_in], "context": [batch, D]}). `frozen` holds constants that are not trained
     (a frozen base weight W0, a pretrained backbone).
+  loss(pred, y) -> per-example loss [batch] (optional; None: squared error averaged over the outputs).
+  metric_names / per_example_metrics(pred, y) -> [batch, len(metric_names)]: metrics averaged over every
+    example of a split (optional; None: ("mse", "r2") of regression, R^2 against each split's own SST).
   """
   init: Callable[[jax.Array, Any], Params]
   predict: Callable[[Params, Any, Batch], jax.Array]
+  loss: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+  metric_names: tuple[str, ...] = ("mse", "r2")
+  per_example_metrics: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+
+  def __post_init__(self):
+    if self.per_example_metrics is None and tuple(self.metric_names) != METRICS:
+      raise ValueError(f"Task.metric_names={self.metric_names!r} needs Task.per_example_metrics (a function "
+                       f"(pred, y) -> [batch, {len(self.metric_names)}]); without it the metrics are {METRICS}.")
 
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-  """Train/test arrays (dicts with a target "y") and frozen constants.
+  """Train/test arrays (dicts with a target "y"), an optional validation split, and frozen constants.
 
   per_seed=True: every array of train, test and frozen has a leading entry axis (one replicate per seed,
   e.g. a new target matrix per seed); otherwise all entries share them.
@@ -58,6 +79,12 @@ class Data:
   test: Mapping[str, Any]
   frozen: Any = None
   per_seed: bool = False
+  val: Mapping[str, Any] | None = None   # optional validation split, evaluated every epoch like test
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    """Names of the evaluated splits, in history order."""
+    return SPLITS if self.val is None else ("train", "val", "test")
 
   @property
   def num_train(self) -> int:
@@ -112,25 +139,39 @@ class FitState:
   """Everything needed to continue training: the vmapped train state and the history so far."""
   state: Any                      # pytree with leading entry axis: params, opt_state, alive, diverged_step
   epoch: int                      # epochs completed
-  history: np.ndarray             # [entries, epochs, len(SPLITS), len(METRICS)], NaN where not yet run
+  history: np.ndarray             # [entries, epochs, splits, metrics], NaN where not yet run
 
 
 @dataclasses.dataclass
 class FitResult:
   """Outcome of `fit` for one method: final params and per-epoch history of every entry."""
   params: Params                  # leading entry axis
-  history: np.ndarray             # [entries, epochs, len(SPLITS), len(METRICS)]
+  history: np.ndarray             # [entries, epochs, len(splits), len(metric_names)]
   status: list[str]               # "ok" or "diverged at epoch E" per entry
   diverged_step: np.ndarray       # [entries] global step of the first non-finite loss, -1 if none
   wall_time_s: float
+  splits: tuple[str, ...] = SPLITS            # axis 2 of history (Data.splits)
+  metric_names: tuple[str, ...] = METRICS     # axis 3 of history (Task.metric_names)
+
+  def _index(self, split: str, metric: str) -> tuple[int, int]:
+    if split not in self.splits or metric not in self.metric_names:
+      raise KeyError(f"history has splits {self.splits} and metrics {self.metric_names}; "
+                     f"asked for ({split!r}, {metric!r}).")
+    return self.splits.index(split), self.metric_names.index(metric)
 
   def final(self, split: str, metric: str) -> np.ndarray:
     """Last-epoch value per entry: [entries]."""
-    return self.history[:, -1, SPLITS.index(split), METRICS.index(metric)]
+    return self.history[:, -1, *self._index(split, metric)]
 
   def curve(self, split: str, metric: str) -> np.ndarray:
     """Per-epoch values: [entries, epochs]."""
-    return self.history[:, :, SPLITS.index(split), METRICS.index(metric)]
+    return self.history[:, :, *self._index(split, metric)]
+
+  def entry(self, k: int) -> "FitResult":
+    """Entry k alone (leading axes of size 1), e.g. to write one sweep entry's files."""
+    take = lambda a: a[k:k + 1]
+    return dataclasses.replace(self, params=jax.tree_util.tree_map(take, self.params), history=take(self.history),
+                               status=[self.status[k]], diverged_step=take(self.diverged_step))
 
 
 def make_optimizer() -> optax.GradientTransformation:
@@ -164,13 +205,43 @@ def _chunked_metrics(predict, params, frozen, split: Batch, chunk: int) -> jax.A
   return jnp.stack([sse / y.size, 1.0 - sse / metrics.sum_squares_total(y)])
 
 
-def _build_epoch_fn(task: Task, settings: Settings, num_train: int, per_seed: bool):
-  """Returns jit(vmap(epoch)) : (state, seed_keys, epoch, frozen, train, test) -> (state, metrics)."""
+def _chunked_means(per_example, predict, params, frozen, split: Batch, chunk: int) -> jax.Array:
+  """Mean over a whole split of per-example metrics [batch, k] -> [k], predicting in chunks of `chunk` rows."""
+  inputs, y = _split_inputs(jax.tree_util.tree_map(jnp.asarray, dict(split)))
+  n = y.shape[0]
+  if n <= chunk:
+    return jnp.mean(per_example(predict(params, frozen, inputs), y), axis=0)
+  steps = math.ceil(n / chunk)
+  idx = jnp.minimum(jnp.arange(steps * chunk), n - 1).reshape(steps, chunk)
+  valid = (jnp.arange(steps * chunk) < n).reshape(steps, chunk)
+
+  def sums_of_chunk(args):
+    rows, keep = args
+    values = per_example(predict(params, frozen, jax.tree_util.tree_map(lambda a: a[rows], inputs)), y[rows])
+    return jnp.sum(jnp.where(keep[:, None], values, 0.0), axis=0)             # [k]
+
+  return jax.lax.map(sums_of_chunk, (idx, valid)).sum(0) / n
+
+
+def _evaluate(task: Task, params, frozen, split: Batch, chunk: int) -> jax.Array:
+  """The task's metrics on one split: [len(task.metric_names)]."""
+  if task.per_example_metrics is None:
+    return _chunked_metrics(task.predict, params, frozen, split, chunk)
+  return _chunked_means(task.per_example_metrics, task.predict, params, frozen, split, chunk)
+
+
+def _build_epoch_fn(task: Task, settings: Settings, num_train: int, per_seed: bool,
+                    placement: sharding_lib.Placement | None = None):
+  """Returns jit(vmap(epoch)) : (state, seed_keys, epoch, frozen, train, test, val) -> (state, metrics).
+
+  metrics: [entries, splits, metrics] for the splits train, (val, if not None), test.
+  """
   tx = make_optimizer()
   batch_size = settings.batch_size
   steps = math.ceil(num_train / batch_size)
+  constrain_batch = placement.constrain_batch if placement is not None else (lambda tree: tree)
 
-  def one_entry(state, seed_key, epoch, frozen, train, test):
+  def one_entry(state, seed_key, epoch, frozen, train, test, val):
     order = jax.random.permutation(jax.random.fold_in(seed_key, epoch), num_train)
     pad = steps * batch_size - num_train
     order = jnp.concatenate([order, order[:pad]]).reshape(steps, batch_size)      # [steps, batch]
@@ -178,11 +249,14 @@ def _build_epoch_fn(task: Task, settings: Settings, num_train: int, per_seed: bo
 
     def step(state, args):
       rows, mask, step_index = args
-      inputs, y = _split_inputs(jax.tree_util.tree_map(lambda a: a[rows], train))
+      inputs, y = _split_inputs(constrain_batch(jax.tree_util.tree_map(lambda a: a[rows], train)))
 
       def loss_fn(params):
         pred = task.predict(params, frozen, inputs)
-        per_example = ((pred - y) ** 2).reshape(batch_size, -1).mean(-1)           # [batch]
+        if task.loss is None:
+          per_example = ((pred - y) ** 2).reshape(batch_size, -1).mean(-1)         # [batch]
+        else:
+          per_example = task.loss(pred, y)                                          # [batch]
         return jnp.sum(per_example * mask) / jnp.sum(mask)
 
       loss, grads = jax.value_and_grad(loss_fn)(state["params"])
@@ -201,14 +275,17 @@ def _build_epoch_fn(task: Task, settings: Settings, num_train: int, per_seed: bo
       return state, None
 
     state, _ = jax.lax.scan(step, state, (order, keep, jnp.arange(steps)))
-    evals = jnp.stack([
-        _chunked_metrics(task.predict, state["params"], frozen, split, settings.eval_batch_size)
-        for split in (train, test)])                                                 # [splits, metrics]
+    splits = (train, test) if val is None else (train, val, test)
+    evals = jnp.stack([_evaluate(task, state["params"], frozen, split, settings.eval_batch_size)
+                       for split in splits])                                         # [splits, metrics]
     return state, evals
 
   data_axis = 0 if per_seed else None
-  mapped = jax.vmap(one_entry, in_axes=(0, 0, None, data_axis, data_axis, data_axis))
-  return jax.jit(mapped, donate_argnums=(0,)), steps
+  mapped = jax.vmap(one_entry, in_axes=(0, 0, None, data_axis, data_axis, data_axis, data_axis))
+  if placement is None:
+    return jax.jit(mapped, donate_argnums=(0,)), steps
+  out = placement.entry_sharding()
+  return jax.jit(mapped, donate_argnums=(0,), out_shardings=(out, out)), steps
 
 
 def seed_keys(seeds: Sequence[int]) -> jax.Array:
@@ -217,8 +294,8 @@ def seed_keys(seeds: Sequence[int]) -> jax.Array:
 
 
 def init_state(task: Task, data: Data, seeds: Sequence[int], learning_rate, weight_decay,
-               settings: Settings) -> Any:
-  """Vmapped initial train state for every entry."""
+               settings: Settings, placement: sharding_lib.Placement | None = None) -> Any:
+  """Vmapped initial train state for every entry (placed by `placement`, e.g. entry axis over devices)."""
   entries = len(seeds)
   lr = jnp.broadcast_to(jnp.asarray(learning_rate, jnp.float32), (entries,))
   wd = jnp.broadcast_to(jnp.asarray(weight_decay, jnp.float32), (entries,))
@@ -234,7 +311,36 @@ def init_state(task: Task, data: Data, seeds: Sequence[int], learning_rate, weig
             "diverged_step": jnp.asarray(-1, jnp.int32)}
 
   frozen_axis = 0 if data.per_seed else None
-  return jax.jit(jax.vmap(one_entry, in_axes=(0, 0, 0, frozen_axis)))(seed_keys(seeds), lr, wd, data.frozen)
+  out = {} if placement is None else {"out_shardings": placement.entry_sharding()}
+  return jax.jit(jax.vmap(one_entry, in_axes=(0, 0, 0, frozen_axis)), **out)(seed_keys(seeds), lr, wd, data.frozen)
+
+
+def _pad_entries(tree: Any, total: int) -> Any:
+  """Repeats the last entry along axis 0 until every leaf has `total` entries (numpy or jax arrays)."""
+  def pad(a):
+    n = a.shape[0]
+    if n == total:
+      return a
+    index = np.minimum(np.arange(total), n - 1)
+    return a[index] if isinstance(a, jax.Array) else np.asarray(a)[index]
+  return jax.tree_util.tree_map(pad, tree)
+
+
+def _take_entries(tree: Any, n: int) -> Any:
+  return jax.tree_util.tree_map(lambda a: a[:n], tree)
+
+
+def _log_line(name, history, epoch, settings, splits, metric_names, elapsed) -> str:
+  """One progress line: the mean (and for the last metric, the std) over entries of this epoch."""
+  if tuple(metric_names) == METRICS and tuple(splits) == SPLITS:
+    test_r2 = history[:, epoch, 1, 1]
+    return (f"  [{name}] epoch {epoch + 1:>3}/{settings.epochs}  train mse {np.nanmean(history[:, epoch, 0, 0]):.4f}"
+            f"  test mse {np.nanmean(history[:, epoch, 1, 0]):.4f}  test R2 {np.nanmean(test_r2):+.4f}"
+            f" +- {np.nanstd(test_r2):.4f}  ({elapsed:.1f}s)")
+  parts = [f"{split} {metric} {np.nanmean(history[:, epoch, k, m]):.4f}"
+           for k, split in enumerate(splits) if split != "train" or k == 0
+           for m, metric in enumerate(metric_names) if split != "train" or m == 0]
+  return f"  [{name}] epoch {epoch + 1:>3}/{settings.epochs}  " + "  ".join(parts) + f"  ({elapsed:.1f}s)"
 
 
 def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, name: str = "model",
@@ -242,41 +348,63 @@ def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, nam
         weight_decay: Sequence[float] | float | None = None,
         resume: FitState | None = None,
         on_epoch_end: Callable[[FitState], None] | None = None,
-        log: Callable[[str], None] | None = print) -> FitResult:
+        log: Callable[[str], None] | None = print,
+        placement: sharding_lib.Placement | None = None) -> FitResult:
   """Trains every entry (seed, optionally with its own learning rate / weight decay) of one method.
 
   resume: continue from a FitState (e.g. restored from a checkpoint); on_epoch_end: called after every
   epoch with the current FitState (checkpoints, TensorBoard). Returns the history of all entries.
+  placement: None (default device), `sharding.entries()` (entry axis over the local devices) or
+  `sharding.data_parallel()` (every batch split over the devices). FitStates given to on_epoch_end and
+  taken by resume never include the padding entries that `entries()` adds.
   """
   start = time.perf_counter()
   seeds = list(seeds)
+  entries = len(seeds)
   settings.check_batch(data.num_train)
+  if placement is not None:
+    placement.check_batch(settings.batch_size)
   lr = settings.learning_rate if learning_rate is None else learning_rate
   wd = settings.weight_decay if weight_decay is None else weight_decay
-  epoch_fn, steps = _build_epoch_fn(task, settings, data.num_train, data.per_seed)
-  keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(seed_keys(seeds))
+  lr = np.broadcast_to(np.asarray(lr, np.float32), (entries,))
+  wd = np.broadcast_to(np.asarray(wd, np.float32), (entries,))
+  splits = data.splits
+  total = entries if placement is None else placement.padded(entries)
+  padded_seeds = seeds + [seeds[-1]] * (total - entries)
+  if placement is not None:
+    data = placement.place_data(data if total == entries or not data.per_seed else dataclasses.replace(
+        data, train=_pad_entries(dict(data.train), total), test=_pad_entries(dict(data.test), total),
+        val=None if data.val is None else _pad_entries(dict(data.val), total),
+        frozen=_pad_entries(data.frozen, total)))
+  epoch_fn, steps = _build_epoch_fn(task, settings, data.num_train, data.per_seed, placement)
+  keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(seed_keys(padded_seeds))
+  if placement is not None:
+    keys = jax.device_put(keys, placement.entry_sharding())
+  history_shape = (entries, settings.epochs, len(splits), len(task.metric_names))
   if resume is None:
-    fit_state = FitState(init_state(task, data, seeds, lr, wd, settings), 0,
-                         np.full((len(seeds), settings.epochs, len(SPLITS), len(METRICS)), np.nan))
+    fit_state = FitState(init_state(task, data, padded_seeds, _pad_entries(lr, total), _pad_entries(wd, total),
+                                    settings, placement), 0, np.full(history_shape, np.nan))
   else:
-    fit_state = resume
+    state = resume.state
+    if placement is not None:
+      state = jax.device_put(_pad_entries(state, total), placement.entry_sharding())
+    fit_state = FitState(state, resume.epoch, resume.history)
   log_every = settings.log_every or max(1, settings.epochs // 5)
+  unpadded = (lambda fs: fs) if total == entries else (
+      lambda fs: FitState(_take_entries(fs.state, entries), fs.epoch, fs.history))
 
   while fit_state.epoch < settings.epochs:
     epoch = fit_state.epoch
-    state, evals = epoch_fn(fit_state.state, keys, epoch, data.frozen, data.train, data.test)
+    state, evals = epoch_fn(fit_state.state, keys, epoch, data.frozen, data.train, data.test, data.val)
     history = fit_state.history.copy()
-    history[:, epoch] = np.asarray(evals)
+    history[:, epoch] = np.asarray(evals)[:entries]
     fit_state = FitState(state, epoch + 1, history)
     if log and ((epoch + 1) % log_every == 0 or epoch + 1 == settings.epochs or epoch == 0):
-      test_r2 = history[:, epoch, 1, 1]
-      log(f"  [{name}] epoch {epoch + 1:>3}/{settings.epochs}  train mse {np.nanmean(history[:, epoch, 0, 0]):.4f}"
-          f"  test mse {np.nanmean(history[:, epoch, 1, 0]):.4f}  test R2 {np.nanmean(test_r2):+.4f}"
-          f" +- {np.nanstd(test_r2):.4f}  ({time.perf_counter() - start:.1f}s)")
+      log(_log_line(name, history, epoch, settings, splits, task.metric_names, time.perf_counter() - start))
     if on_epoch_end is not None:
-      on_epoch_end(fit_state)
+      on_epoch_end(unpadded(fit_state))
 
-  diverged_step = np.asarray(fit_state.state["diverged_step"])
+  diverged_step = np.asarray(fit_state.state["diverged_step"])[:entries]
   status = []
   for seed, step in zip(seeds, diverged_step):
     if step < 0:
@@ -287,5 +415,7 @@ def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, nam
     if log:
       log(f"  [{name}] seed {seed}: non-finite loss at epoch {epoch}, step {int(step) % steps + 1} of {steps}; "
           "this entry stopped there, the others carried on.")
-  return FitResult(params=fit_state.state["params"], history=fit_state.history, status=status,
-                   diverged_step=diverged_step, wall_time_s=time.perf_counter() - start)
+  params = fit_state.state["params"] if total == entries else _take_entries(fit_state.state["params"], entries)
+  return FitResult(params=params, history=fit_state.history, status=status,
+                   diverged_step=diverged_step, wall_time_s=time.perf_counter() - start,
+                   splits=splits, metric_names=tuple(task.metric_names))
