@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from localmoe import configlib, inject, metrics, models, results, train
+from localmoe import params as params_lib
 from localmoe.data import functions2d as f2
 
 # Paper, App. B.3 (32 x 32 GELU MLP): Table 9 (best target-train MSE) and Table 10 (best held-out MSE).
@@ -39,6 +40,22 @@ PAPER_T10 = {
     "matyas": (0.068, 0.870, 749.881, 0.345), "michalewicz": (0.136, 0.136, 0.136, 0.135),
     "rastrigin": (156.795, 113.054, 1172.995, 127.405), "sincos": (0.924, 0.924, 0.924, 0.920),
     "styblinski_tang": (14.063, 11.736, 24.460, 8.953)}
+# Paper, Sec. 4.1 (8-layer, width-256 Transformer): Table 1 (training MSE) and Table 2 (test MSE), means.
+# No full fine-tuning column there.
+PAPER_T1 = {
+    "ackley": (None, 0.0754, 0.1544, 0.0559), "dropwave": (None, 24.0509, 266.2681, 0.2527),
+    "langermann": (None, 2.2579, 2.4252, 1.8061), "levy": (None, 0.0124, 0.01388, 0.0009),
+    "matyas": (None, 0.0034, 0.0061, 0.0032), "michalewicz": (None, 0.0590, 0.0745, 0.0380),
+    "rastrigin": (None, 22.4812, 25.4298, 3.3663), "sincos": (None, 0.0002, 0.0003, 0.0001),
+    "styblinski_tang": (None, 2.0728, 2.2513, 0.3862)}
+PAPER_T2 = {
+    "ackley": (None, 0.3734, 0.3716, 0.3726), "dropwave": (None, 64.5079, 374.8006, 2.2263),
+    "langermann": (None, 2.2596, 2.5835, 1.9344), "levy": (None, 1.3273, 1.3395, 1.3028),
+    "matyas": (None, 0.0255, 0.0231, 0.0229), "michalewicz": (None, 0.1301, 0.1299, 0.1288),
+    "rastrigin": (None, 98.7647, 98.8097, 99.6905), "sincos": (None, 0.0039, 0.0040, 0.0039),
+    "styblinski_tang": (None, 67.2361, 75.5779, 62.2928)}
+PAPER_TABLES = {"mlp": (PAPER_T9, PAPER_T10, "Table 9", "Table 10"),
+                "transformer": (PAPER_T1, PAPER_T2, "Table 1", "Table 2")}
 PAPER_COLUMNS = ("full_finetune", "lora", "dora", "queryable_lora")
 LABELS = {"full_finetune": "Full FT (AdamW)", "lora": "LoRA", "dora": "DoRA", "localized_lora": "Localized LoRA",
           "blockwise_moe": "Block-wise MoE", "cellwise_moe": "Cell-wise MoE", "queryable_lora": "Queryable LoRA"}
@@ -169,7 +186,7 @@ def _task(config, name, model, example_params):
   if spec["method"] == "full_finetune":
     task = train.Task(init=lambda key, frozen: frozen,
                       predict=lambda p, frozen, inputs: model.apply({"params": p}, inputs["x"]))
-    return task, results_count(example_params)
+    return task, params_lib.count_params(example_params)
   try:
     adapted, _ = inject.inject(model, example_params, spec, x0, target_modules=config.model.target_modules,
                                key=jax.random.PRNGKey(0))
@@ -178,10 +195,6 @@ def _task(config, name, model, example_params):
   task = train.Task(init=lambda key, frozen: adapted.init_adapter(key, frozen),
                     predict=lambda p, frozen, inputs: adapted.apply(frozen, p, inputs["x"]))
   return task, adapted.num_params()
-
-
-def results_count(tree) -> int:
-  return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(tree)))
 
 
 def validate(config) -> None:
@@ -231,7 +244,7 @@ def _paper(v):
   return "—" if v is None else (f"{v:.3f}")
 
 
-def _per_function(fit, names, seeds, info, method):
+def _per_function(fit, names, seeds, info, method, paper_train, paper_test):
   """{function: raw-unit best-train / best-test / final-test MSE per seed} for one method."""
   out = {}
   mse_train, mse_test = fit.curve("train", "mse"), fit.curve("test", "mse")       # [entries, epochs]
@@ -247,16 +260,17 @@ def _per_function(fit, names, seeds, info, method):
              "status": "ok" if all(ok) else "; ".join(f"seed {s}: {st}" for s, st in zip(seeds, status) if st != "ok")}
     for key in ("best_train_mse", "best_test_mse", "final_test_mse"):
       entry[key + "_mean"], entry[key + "_std"] = _stat(entry[key])
-    entry["paper_best_train_mse"] = paper_value(PAPER_T9, name, method)
-    entry["paper_best_test_mse"] = paper_value(PAPER_T10, name, method)
+    entry["paper_best_train_mse"] = paper_value(paper_train, name, method)
+    entry["paper_best_test_mse"] = paper_value(paper_test, name, method)
     out[name] = entry
   return out
 
 
-def _tables(per_function, counts, names, methods) -> str:
+def _tables(per_function, counts, names, methods, backbone) -> str:
   blocks = []
-  for key, title, paper in (("best_train_mse", "Best target-train MSE over adaptation (cf. Table 9)", PAPER_T9),
-                            ("best_test_mse", "Best held-out MSE over adaptation (cf. Table 10)", PAPER_T10),
+  t_train, t_test, n_train, n_test = PAPER_TABLES[backbone]
+  for key, title, paper in (("best_train_mse", f"Best target-train MSE over adaptation (cf. {n_train})", t_train),
+                            ("best_test_mse", f"Best held-out MSE over adaptation (cf. {n_test})", t_test),
                             ("final_test_mse", "Final held-out MSE (selection-free)", None)):
     head = "| Function | " + " | ".join(f"{LABELS[m]} ({counts[m]:,})" for m in methods) + " |"
     lines = [f"#### {title}", "", head, "|---" * (len(methods) + 1) + "|"]
@@ -267,7 +281,7 @@ def _tables(per_function, counts, names, methods) -> str:
         cell = _pm(e[key + "_mean"], e[key + "_std"])
         if e["status"] != "ok":
           cell += f" ({e['status']})"
-        if paper is not None and m in PAPER_COLUMNS:
+        if paper is not None and paper_value(paper, name, m) is not None:
           cell += f" [paper {_paper(paper_value(paper, name, m))}]"
         cells.append(cell)
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -275,7 +289,7 @@ def _tables(per_function, counts, names, methods) -> str:
   return "\n\n".join(blocks)
 
 
-def _plot(path, name, info, model, frozen, grid_n, preds):
+def _plot(path, name, info, grid_n, preds):
   """Source surface, target surface, and each method's adapted prediction (seed 0), raw units."""
   import matplotlib                                        # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -349,7 +363,7 @@ def run(config, workdir: str) -> dict:
       print(f"-- {m}: {counts[m]:,} trainable params", flush=True)
       fit = _fit(task, data, entries_seeds, settings, config.optim.eval_every, f"{scheme}/{m}")
       fits[m] = (task, fit)
-      per_function[m] = _per_function(fit, names, seeds, info, m)
+      per_function[m] = _per_function(fit, names, seeds, info, m, *PAPER_TABLES[config.model.backbone][:2])
       summaries[m] = results.method_summary(counts[m], entries_seeds, fit, paper={})
       histories[f"{scheme}/{m}"] = (entries_seeds, fit)
     table_time = time.perf_counter() - t0
@@ -360,7 +374,7 @@ def run(config, workdir: str) -> dict:
         f"## Backbone init: {scheme}", "",
         f"Backbone check (source task, raw units): learned on {len(learned)}/{len(names)} functions "
         "(ratio < 0.5).", "", *check_lines, "",
-        _tables(per_function, counts, names, methods), "",
+        _tables(per_function, counts, names, methods, config.model.backbone), "",
         f"Table wall time: {table_time:.1f} s (pretraining and compilation included)."]))
     print(sections[-1], flush=True)
     variants[scheme] = {"methods": summaries, "per_function": per_function, "params": counts,
@@ -380,15 +394,14 @@ def run(config, workdir: str) -> dict:
           p = jax.tree_util.tree_map(lambda a: a[entry], fit.params)
           preds.append((f"{LABELS[m]} (seed {seeds[0]})",
                         lambda z, t=task, p=p: t.predict(p, frozen_f, {"x": jnp.asarray(z)})))
-        _plot(os.path.join(workdir, f"{scheme}_{name}.png"), name, info[name], model, frozen_f,
-              config.data.plot_grid, preds)
+        _plot(os.path.join(workdir, f"{scheme}_{name}.png"), name, info[name], config.data.plot_grid, preds)
 
   wall = time.perf_counter() - start
-  header = (f"# Nonconvex regression (Queryable LoRA paper, App. B.3 / Tables 9-10), backbone "
+  header = (f"# Nonconvex regression (Queryable LoRA paper, Sec. 4.1 / App. B.3), backbone "
             f"{config.model.backbone}\n\n{len(names)} functions x {len(seeds)} seeds, {settings.epochs} "
             f"adaptation epochs (evaluated every {config.optim.eval_every}), batch {settings.batch_size}, "
             f"AdamW lr {settings.learning_rate}. MSE in raw label units, mean ± std over seeds; "
-            "[paper ...] = the paper's single reported number (its Tables 9/10 give no std).\n")
+            "[paper ...] = the paper's reported mean (Tables 9/10 give no std).\n")
   markdown = header + "\n" + "\n\n".join(sections) + f"\n\nTotal wall time: {wall:.1f} s.\n"
   results.write_run(workdir, "nonconvex_regression", config, summary_methods, histories, wall, markdown,
                     extra={"variants": variants, "functions": {n: info[n] for n in names}})
