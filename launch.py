@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 import experiments
 from localmoe import checkpoint
+from localmoe import configlib
 from localmoe import sharding
 from localmoe import sweep
 from localmoe import workdir as workdir_lib
@@ -66,5 +67,18 @@ def main(argv):
     sys.exit(checkpoint.EXIT_PREEMPTED)
 
 
+def parse_flags(argv):
+  """absl flag parsing, with a clear message for a --config override that names no field."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    print(f"error: {error}\nPass --help to see the flags.", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError) as error:
+    message = configlib.explain_bad_override(argv) or f"bad --config override: {error}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
