@@ -22,9 +22,7 @@ sweep share them.
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
 import os
 import time
@@ -242,18 +240,6 @@ def method_summary(params: int, seeds, lr: float, fit: train.FitResult, var_test
   return out
 
 
-def _history_csv(histories: Mapping[str, tuple[list, train.FitResult]]) -> str:
-  buffer = io.StringIO()
-  writer = csv.writer(buffer)
-  writer.writerow(["method", "seed", "epoch", "split", *METRIC_NAMES])
-  for name, (seeds, fit) in histories.items():
-    for s, seed in enumerate(seeds):
-      for epoch in range(fit.history.shape[1]):
-        for k, split in enumerate(fit.splits):
-          writer.writerow([name, seed, epoch + 1, split, *[float(v) for v in fit.history[s, epoch, k]]])
-  return buffer.getvalue()
-
-
 def _table(methods: Mapping[str, Mapping[str, Any]]) -> str:
   lines = ["| Method | Params | Fraction | lr | Val loss | Test accuracy % (ours) | Test accuracy % (paper) | Status |",
            "|---|---|---|---|---|---|---|---|"]
@@ -269,15 +255,12 @@ def _table(methods: Mapping[str, Mapping[str, Any]]) -> str:
 
 def write_results(workdir: str, config, methods: Mapping[str, Any], histories, info: Mapping[str, Any],
                   wall: float, title: str) -> None:
-  results.atomic_write_text(os.path.join(workdir, "history.csv"), _history_csv(histories))
   markdown = (f"# {title}\n\nPretrained MLP: test accuracy {100 * info['source_test_accuracy']:.2f}% on the "
               f"source digits, {100 * info['target_test_accuracy_before']:.2f}% on the target digits before "
               f"adaptation. {info['train_examples_target']} train / {info['val_examples']} validation / "
               f"{info['test_examples']} test examples.\n\n" + _table(methods) + "\n")
-  results.atomic_write_text(os.path.join(workdir, "results.md"), markdown)
-  results.write_json(os.path.join(workdir, "results.json"),
-                     {"experiment": "mnist_adaptation", "config": config.to_dict(), "wall_time_s": float(wall),
-                      "methods": methods, "pretrain": dict(info)})
+  results.write_run(workdir, "mnist_adaptation", config, methods, histories, wall, markdown,
+                    extra={"pretrain": dict(info)})
 
 
 def _paper(name_method: str) -> dict[str, Any]:
@@ -310,7 +293,7 @@ def run(config, workdir: str) -> dict:
   write_results(workdir, config, methods, histories, info, wall,
                 "MNIST adaptation 0-4 -> 5-9 (Localized LoRA paper, Experiment 2): one budget")
   print(_table(methods), flush=True)
-  print(f"wrote {workdir}/results.json, results.md, history.csv ({wall:.1f}s)", flush=True)
+  print(f"wrote {workdir}/results.json, results.md, history.csv, tb/ ({wall:.1f}s)", flush=True)
   return {"methods": methods, "wall_time_s": wall}
 
 

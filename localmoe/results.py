@@ -150,20 +150,20 @@ def ordering_check(methods: Mapping[str, Mapping[str, Any]], groups: Sequence[Se
 
 
 def history_rows(method: str, seeds: Sequence[int], fit: train.FitResult):
-  """Rows (method, seed, epoch, split, mse, r2), epochs counted from 1."""
+  """Rows (method, seed, epoch, split, *metrics in fit.metric_names order), epochs counted from 1."""
   for s, seed in enumerate(seeds):
     for epoch in range(fit.history.shape[1]):
-      for k, split in enumerate(train.SPLITS):
-        mse, r2 = fit.history[s, epoch, k]
-        if np.isnan(mse) and np.isnan(r2):
+      for k, split in enumerate(fit.splits):
+        values = fit.history[s, epoch, k]
+        if np.all(np.isnan(values)):
           continue
-        yield method, seed, epoch + 1, split, float(mse), float(r2)
+        yield (method, seed, epoch + 1, split, *(float(v) for v in values))
 
 
-def write_history_csv(path: str, rows) -> None:
+def write_history_csv(path: str, rows, metric_names: Sequence[str] = train.METRICS) -> None:
   buffer = io.StringIO()
   writer = csv.writer(buffer)
-  writer.writerow(["method", "seed", "epoch", "split", "mse", "r2"])
+  writer.writerow(["method", "seed", "epoch", "split", *metric_names])
   for row in rows:
     writer.writerow(row)
   atomic_write_text(path, buffer.getvalue())
@@ -177,8 +177,8 @@ def write_tensorboard(logdir: str, method: str, seeds: Sequence[int], fit: train
     return
   with SummaryWriter(os.path.join(logdir, method)) as writer:
     for epoch in range(fit.history.shape[1]):
-      for k, split in enumerate(train.SPLITS):
-        for m, metric in enumerate(train.METRICS):
+      for k, split in enumerate(fit.splits):
+        for m, metric in enumerate(fit.metric_names):
           values = fit.history[:, epoch, k, m]
           if np.all(np.isnan(values)):
             continue
@@ -201,8 +201,11 @@ def write_run(workdir: str, experiment: str, config: Any, methods: Mapping[str, 
   payload = {"experiment": experiment, "config": config_dict, "wall_time_s": float(wall_time_s),
              "methods": methods}
   payload.update(extra or {})
+  metric_names = {tuple(fit.metric_names) for _, fit in histories.values()} or {train.METRICS}
+  if len(metric_names) > 1:
+    raise ValueError(f"history.csv needs one set of metrics for every method; got {sorted(metric_names)}.")
   rows = [row for name, (seeds, fit) in histories.items() for row in history_rows(name, seeds, fit)]
-  write_history_csv(os.path.join(workdir, "history.csv"), rows)
+  write_history_csv(os.path.join(workdir, "history.csv"), rows, metric_names.pop())
   for name, (seeds, fit) in histories.items():
     write_tensorboard(os.path.join(workdir, "tb"), name, seeds, fit)
   atomic_write_text(os.path.join(workdir, "results.md"), markdown)
