@@ -133,13 +133,8 @@ def fit_with_checkpoints(task: train.Task, data: train.Data, seeds, settings: tr
   ckpt = Checkpointer(directory, every_epochs, settings.epochs)
   resume = None
   if ckpt.latest_epoch() is not None:
-    lr = fit_kwargs.get("learning_rate", settings.learning_rate)
-    wd = fit_kwargs.get("weight_decay", settings.weight_decay)
-    lr = settings.learning_rate if lr is None else lr
-    wd = settings.weight_decay if wd is None else wd
-    template = train.FitState(train.init_state(task, data, seeds, lr, wd, settings), 0,
-                              np.full((len(seeds), settings.epochs, len(train.SPLITS), len(train.METRICS)),
-                                      np.nan))
+    template = train.initial_fit_state(task, data, seeds, settings, fit_kwargs.get("learning_rate"),
+                                       fit_kwargs.get("weight_decay"))
     resume = ckpt.restore(template)
     if log:
       log(f"  [{name}] resuming from the checkpoint at epoch {resume.epoch}/{settings.epochs}")

@@ -315,6 +315,27 @@ def init_state(task: Task, data: Data, seeds: Sequence[int], learning_rate, weig
   return jax.jit(jax.vmap(one_entry, in_axes=(0, 0, 0, frozen_axis)), **out)(seed_keys(seeds), lr, wd, data.frozen)
 
 
+def entry_hyperparams(settings: Settings, entries: int, learning_rate=None, weight_decay=None):
+  """Per-entry learning rate and weight decay, float32 [entries] each (None: the settings' values)."""
+  lr = settings.learning_rate if learning_rate is None else learning_rate
+  wd = settings.weight_decay if weight_decay is None else weight_decay
+  return (np.broadcast_to(np.asarray(lr, np.float32), (entries,)),
+          np.broadcast_to(np.asarray(wd, np.float32), (entries,)))
+
+
+def empty_history(task: Task, data: Data, entries: int, settings: Settings) -> np.ndarray:
+  """NaN history [entries, epochs, splits, metrics], filled epoch by epoch."""
+  return np.full((entries, settings.epochs, len(data.splits), len(task.metric_names)), np.nan)
+
+
+def initial_fit_state(task: Task, data: Data, seeds: Sequence[int], settings: Settings, learning_rate=None,
+                      weight_decay=None) -> FitState:
+  """The FitState of epoch 0 on the default device (also the template a checkpoint is restored into)."""
+  lr, wd = entry_hyperparams(settings, len(seeds), learning_rate, weight_decay)
+  return FitState(init_state(task, data, seeds, lr, wd, settings), 0,
+                  empty_history(task, data, len(seeds), settings))
+
+
 def _pad_entries(tree: Any, total: int) -> Any:
   """Repeats the last entry along axis 0 until every leaf has `total` entries (numpy or jax arrays)."""
   def pad(a):
@@ -364,10 +385,7 @@ def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, nam
   settings.check_batch(data.num_train)
   if placement is not None:
     placement.check_batch(settings.batch_size)
-  lr = settings.learning_rate if learning_rate is None else learning_rate
-  wd = settings.weight_decay if weight_decay is None else weight_decay
-  lr = np.broadcast_to(np.asarray(lr, np.float32), (entries,))
-  wd = np.broadcast_to(np.asarray(wd, np.float32), (entries,))
+  lr, wd = entry_hyperparams(settings, entries, learning_rate, weight_decay)
   splits = data.splits
   total = entries if placement is None else placement.padded(entries)
   padded_seeds = seeds + [seeds[-1]] * (total - entries)
@@ -380,10 +398,9 @@ def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, nam
   keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(seed_keys(padded_seeds))
   if placement is not None:
     keys = jax.device_put(keys, placement.entry_sharding())
-  history_shape = (entries, settings.epochs, len(splits), len(task.metric_names))
   if resume is None:
     fit_state = FitState(init_state(task, data, padded_seeds, _pad_entries(lr, total), _pad_entries(wd, total),
-                                    settings, placement), 0, np.full(history_shape, np.nan))
+                                    settings, placement), 0, empty_history(task, data, entries, settings))
   else:
     state = resume.state
     if placement is not None:
