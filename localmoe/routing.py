@@ -60,34 +60,66 @@ class Router(nn.Module):
   Input u:
     per_field=False: [..., F], shared by every router in the grid (a context vector, or the whole x).
     per_field=True:  [..., K_x, F], router (i, j) reads field j only (cell-wise activation routing, Eq. 7).
-  Output: gates [..., *grid, E].
+  Output: gates [..., *grid, E] in the compute dtype.
+
+  Dtypes: the logit matmul takes its operands in the compute dtype (`dtype`, else u's dtype) and
+  accumulates and returns float32 logits (`preferred_element_type`); bias, temperature, softmax / top-k
+  and the sown logits and gates stay float32, for a stable softmax and stable auxiliary losses under
+  bfloat16. Only the returned gates are cast to the compute dtype.
+
+  `logits` and `gates` are the two halves of `__call__`, for adapters that compute the logit matmul
+  themselves (fused with their own first GEMM): `gates(u @ kernel)` equals `__call__(u)`.
   """
   num_experts: int                              # E
+  features: int                                 # F, width of the router input u (D, d_in or d_in/K_x)
   grid: tuple[int, ...] = ()                    # () global router; (K_y, K_x) one router per cell
   per_field: bool = False                       # router (i, j) reads u[..., j, :] (needs grid=(K_y, K_x))
   use_bias: bool = False                        # the paper's routers have no bias
   temperature: float = 1.0                      # logits are divided by this before the softmax
   top_k: int | None = None                      # None: soft routing; k: exactly k nonzero gates
   kernel_init: Initializer = router_kernel_init
+  param_dtype: Any = jnp.float32                # storage dtype of the kernel and bias
+  dtype: Any = None                             # compute dtype of the logit matmul; None -> u's dtype
 
-  @nn.compact
-  def __call__(self, u: jnp.ndarray) -> jnp.ndarray:
-    features = u.shape[-1]
-    kernel = self.param("kernel", self.kernel_init, (*self.grid, features, self.num_experts))
-    if not self.grid:
-      logits = jnp.einsum("...c,ce->...e", u, kernel)                   # [..., E]
-    elif self.per_field:
-      logits = jnp.einsum("...jd,ijde->...ije", u, kernel)              # [..., K_y, K_x, E]
-    else:
-      logits = jnp.einsum("...c,ijce->...ije", u, kernel)               # [..., K_y, K_x, E]
+  def setup(self):
+    pd = jnp.dtype(self.param_dtype)
+    self.kernel = self.param("kernel", self.kernel_init, (*self.grid, self.features, self.num_experts), pd)
     if self.use_bias:
-      logits = logits + self.param("bias", nn.initializers.zeros, (*self.grid, self.num_experts))
+      self.bias = self.param("bias", nn.initializers.zeros, (*self.grid, self.num_experts), pd)
+
+  def __call__(self, u: jnp.ndarray) -> jnp.ndarray:
+    """u [..., F] (or [..., K_x, F] per field) -> gates [..., *grid, E]."""
+    return self.gates(self.logits(u), u.dtype if self.dtype is None else self.dtype)
+
+  def logits(self, u: jnp.ndarray) -> jnp.ndarray:
+    """The raw logits u W_g (before bias and temperature), float32: [..., *grid, E]."""
+    if u.shape[-1] != self.features:
+      raise ValueError(f"the router input has {u.shape[-1]} features but the router was built with "
+                       f"features={self.features}.")
+    cd = jnp.dtype(u.dtype if self.dtype is None else self.dtype)
+    u, kernel, acc = u.astype(cd), self.kernel.astype(cd), logit_dtype(cd)
+    if not self.grid:
+      return jnp.einsum("...c,ce->...e", u, kernel, preferred_element_type=acc)      # [..., E]
+    if self.per_field:
+      return jnp.einsum("...jd,ijde->...ije", u, kernel, preferred_element_type=acc)  # [..., K_y, K_x, E]
+    return jnp.einsum("...c,ijce->...ije", u, kernel, preferred_element_type=acc)     # [..., K_y, K_x, E]
+
+  def gates(self, logits: jnp.ndarray, dtype: Any) -> jnp.ndarray:
+    """Raw logits [..., *grid, E] -> gates [..., *grid, E] in `dtype`; sows logits and gates (float32)."""
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    if self.use_bias:
+      logits = logits + self.bias.astype(logits.dtype)
     logits = logits / self.temperature
     gates = gates_from_logits(logits, self.top_k)
     routers = math.prod(self.grid)
     self.sow("intermediates", "router_logits", logits.reshape(-1, routers, self.num_experts))
     self.sow("intermediates", "router_gates", gates.reshape(-1, routers, self.num_experts))
-    return gates
+    return gates.astype(dtype)
+
+
+def logit_dtype(compute_dtype: Any) -> jnp.dtype:
+  """Router logits are float32, or wider when the computation is (float64)."""
+  return jnp.promote_types(compute_dtype, jnp.float32)
 
 
 def num_router_params(num_experts: int, grid: Sequence[int], features: int, use_bias: bool) -> int:

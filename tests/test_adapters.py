@@ -401,3 +401,92 @@ def test_context_router_without_context_is_a_clear_error():
   m2 = build("blockwise_moe")
   with pytest.raises(ValueError, match="context has 3 features but context_dim=4"):
     m2.init(jax.random.PRNGKey(0), jnp.zeros((2, D_IN)), jnp.zeros((2, 3)))
+
+
+# ------------------------------------------------------------------------- dtypes (param_dtype, dtype)
+
+DTYPE_CASES = [
+    ("lora", dict(rank=2)),
+    ("dora", dict(rank=2)),
+    ("melora", dict(num_blocks=2, rank=2)),
+    ("localized_lora", {}),
+    ("blockwise_moe", dict(router_input="context")),
+    ("blockwise_moe", dict(router_input="activation", top_k=2, router_bias=True)),
+    ("cellwise_moe", dict(router_input="context", temperature=0.5)),
+    ("cellwise_moe", dict(router_input="activation", router_bias=True)),
+]
+
+
+def _apply_with_kernel(m, params, x, ctx, kernel):
+  if getattr(m, "uses_base_kernel", False):
+    return m.apply({"params": params}, x, kernel=kernel)
+  return m.apply({"params": params}, x, ctx)
+
+
+@pytest.mark.parametrize("method,kw", DTYPE_CASES)
+def test_bfloat16_input_with_float32_params(method, kw):
+  """dtype=None computes in the input's dtype: bf16 in, bf16 out, float32 params and float32 gradients."""
+  m = build(method, **kw)
+  x, ctx = inputs()
+  kernel = jax.random.normal(jax.random.PRNGKey(7), (D_IN, D_OUT))
+  init_kw = dict(kernel=kernel) if method == "dora" else {}
+  x16 = x.astype(jnp.bfloat16)
+  v = m.init(jax.random.PRNGKey(0), x16, **init_kw) if method == "dora" else m.init(
+      jax.random.PRNGKey(0), x16, ctx)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(v["params"]))
+  params = randomize(v)["params"]
+  if method == "dora":                      # keep the magnitude near ||W0|| so the ratio m / n is O(1)
+    params["magnitude"] = jnp.linalg.norm(kernel, axis=0) * 1.1
+  out16 = _apply_with_kernel(m, params, x16, ctx, kernel)
+  out32 = _apply_with_kernel(m, params, x16.astype(jnp.float32), ctx, kernel)
+  assert out16.dtype == jnp.bfloat16 and out32.dtype == jnp.float32
+  scale = float(jnp.max(jnp.abs(out32)))
+  assert scale > 0
+  np.testing.assert_allclose(np.asarray(out16, np.float32), out32, atol=3e-2 * scale, rtol=0)
+
+  grads = jax.grad(lambda p: jnp.sum(_apply_with_kernel(m, p, x16, ctx, kernel).astype(jnp.float32) ** 2))(
+      params)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    assert g.dtype == jnp.float32, path
+    assert float(jnp.max(jnp.abs(g))) > 0, path
+
+
+@pytest.mark.parametrize("method", ["lora", "melora", "localized_lora", "blockwise_moe", "cellwise_moe"])
+def test_dtype_fields_from_strings(method):
+  """A config may name dtypes as strings; dtype fixes the compute (and output) dtype, param_dtype storage."""
+  kw = {"num_blocks": 2, "rank": 2} if method == "melora" else {"rank": 2} if method == "lora" else {}
+  x, ctx = inputs()
+  m = build(method, dtype="bfloat16", **kw)
+  v = randomize(m.init(jax.random.PRNGKey(0), x, ctx))
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(v["params"]))
+  assert m.apply(v, x, ctx).dtype == jnp.bfloat16                        # float32 input, bf16 compute
+  m16 = build(method, param_dtype="bfloat16", **kw)
+  v16 = m16.init(jax.random.PRNGKey(0), x, ctx)
+  assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree_util.tree_leaves(v16["params"]))
+  assert m16.apply(v16, x, ctx).dtype == jnp.float32                    # float32 input decides
+  assert lm.delta_weight(m16, v16, context=ctx[0, 0]).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("field,value", [("dtype", "bfloat17"), ("param_dtype", "int32"), ("dtype", "int8")])
+def test_bad_dtype_names_the_field(field, value):
+  with pytest.raises(ValueError, match=f"{field}='{value}' is not a floating-point dtype"):
+    build("cellwise_moe", **{field: value})
+
+
+@pytest.mark.parametrize("method", ["blockwise_moe", "cellwise_moe"])
+def test_router_softmax_stays_float32_under_bfloat16(method):
+  """Sown router logits and gates are float32 ([tokens, routers, E]); the gates used are bf16."""
+  m = build(method, router_input="activation")
+  x, _ = inputs()
+  x16 = x.astype(jnp.bfloat16)
+  v = randomize(m.init(jax.random.PRNGKey(0), x16))
+  gates, state = m.apply(v, x16, method=m.route, mutable=["intermediates"])
+  assert gates.dtype == jnp.bfloat16
+  found = lm.collect_router_outputs(state["intermediates"])
+  routers = 1 if method == "blockwise_moe" else K_Y * K_X
+  assert found[0].logits.dtype == jnp.float32 and found[0].gates.dtype == jnp.float32
+  assert found[0].gates.shape == (int(np.prod(LEAD)), routers, E)
+  np.testing.assert_allclose(found[0].gates.sum(-1), 1.0, rtol=1e-6)
+  _, state32 = m.apply(v, x, method=m.route, mutable=["intermediates"])
+  want = lm.collect_router_outputs(state32["intermediates"])[0].gates
+  np.testing.assert_allclose(found[0].gates, want, atol=3e-2)

@@ -1,14 +1,21 @@
-"""Pieces shared by every adapter: initialisers, argument checks, scaling."""
+"""Pieces shared by every adapter: initialisers, argument checks, scaling, dtypes.
+
+Dtypes follow `flax.nnx.LoRA`: every adapter has `param_dtype` (the dtype its parameters are stored in,
+float32 by default) and `dtype` (the dtype of the computation; None computes in the input's dtype).
+Parameters are cast to the compute dtype where they are used, so a bfloat16 input with float32 parameters
+gives a bfloat16 output and float32 gradients. Either field may be a dtype or its name ("bfloat16").
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 Initializer = Callable[..., jnp.ndarray]
+Dtype = Any                                     # a jnp dtype, or its name ("float32", "bfloat16")
 
 
 def lora_a_init(key, shape, dtype=jnp.float32):
@@ -76,3 +83,33 @@ def check_rank(rank: int, rows: int, cols: int, where: str, allow_overcomplete: 
 def scaling(alpha: float | None, rank: int) -> float:
   """LoRA's alpha / r (Eq. 1). alpha=None means alpha = r, i.e. a scale of 1."""
   return 1.0 if alpha is None else float(alpha) / rank
+
+
+def resolve_dtype(value: Dtype | None, field: str) -> jnp.dtype | None:
+  """A dtype field as a jnp dtype (None stays None); names such as "bfloat16" are accepted."""
+  if value is None:
+    return None
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{field}={value!r} is not a floating-point dtype: use e.g. 'float32', 'bfloat16', "
+                     "'float16' or a jnp dtype such as jnp.bfloat16.")
+  return dtype
+
+
+def check_dtypes(module) -> None:
+  """Constructor check of a module's `dtype` and `param_dtype` fields."""
+  resolve_dtype(module.dtype, "dtype")
+  if resolve_dtype(module.param_dtype, "param_dtype") is None:
+    raise ValueError("param_dtype=None: parameters need a storage dtype; use jnp.float32 (the default).")
+
+
+def compute_dtype(dtype: Dtype | None, x: jnp.ndarray | None, param_dtype: Dtype) -> jnp.dtype:
+  """The dtype of the computation: the `dtype` field; else the input's (floating) dtype; else param_dtype."""
+  if dtype is not None:
+    return resolve_dtype(dtype, "dtype")
+  if x is not None and jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+    return jnp.asarray(x).dtype
+  return resolve_dtype(param_dtype, "param_dtype")

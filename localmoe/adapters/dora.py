@@ -8,7 +8,9 @@ learned magnitude m [d_out] initialised to ||W0||_c, so that W' = W0 at initiali
 As an adapter it returns the update of the layer's output, Delta(x) = x (W' - W0), computed without
 building W' - W0 row by row:
   Delta(x) = (m / n - 1) * (x W0) + (m / n) * (alpha / r) (x A) B^T,     n = ||W0 + (alpha/r) B A^T||_c.
-The norm n is differentiated through (the DoRA paper's gradient-detach trick is not used).
+The norm n is differentiated through (the DoRA paper's gradient-detach trick is not used). The weight-side
+terms (W0 + (alpha/r) B A^T, its column norms, m / n) are computed in float32 (or param_dtype when wider)
+for a stable norm; the activation-side matmuls run in the compute dtype.
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ class DoRA(nn.Module):
   a_init: common.Initializer | str = "lora"
   b_init: common.Initializer | str = "zeros"
   allow_overcomplete_rank: bool = False
+  param_dtype: common.Dtype = jnp.float32       # storage dtype of A, B and the magnitude
+  dtype: common.Dtype | None = None             # compute dtype; None -> the input's dtype
 
   uses_base_kernel = True                       # `localmoe.inject` passes kernel=W0 [d_in, d_out]
 
   def __post_init__(self):
+    common.check_dtypes(self)
     common.check_positive(self.d_in, "d_in")
     common.check_positive(self.d_out, "d_out")
     common.check_rank(self.rank, self.d_out, self.d_in, "weight matrix", self.allow_overcomplete_rank)
@@ -48,15 +53,21 @@ class DoRA(nn.Module):
     if kernel.shape != (self.d_in, self.d_out):
       raise ValueError(f"kernel has shape {kernel.shape}; DoRA(d_in={self.d_in}, d_out={self.d_out}) "
                        f"needs [d_in, d_out] = {(self.d_in, self.d_out)}.")
-    a = self.param("A", common.resolve_init(self.a_init, "a_init"), (self.d_in, self.rank))
-    b = self.param("B", common.resolve_init(self.b_init, "b_init"), (self.d_out, self.rank))
-    m = self.param("magnitude", lambda key, shape: jnp.linalg.norm(kernel, axis=0), (self.d_out,))
+    pd = common.resolve_dtype(self.param_dtype, "param_dtype")
+    cd = common.compute_dtype(self.dtype, x, pd)
+    wide = jnp.promote_types(pd, jnp.float32)                          # weight-side dtype (the norm)
+    a = self.param("A", common.resolve_init(self.a_init, "a_init"), (self.d_in, self.rank), pd)
+    b = self.param("B", common.resolve_init(self.b_init, "b_init"), (self.d_out, self.rank), pd)
+    m = self.param("magnitude", lambda key, shape, dtype: jnp.linalg.norm(kernel.astype(wide), axis=0)
+                   .astype(dtype), (self.d_out,), pd)
     s = common.scaling(self.alpha, self.rank)
-    merged = kernel + s * a @ b.T                                      # [d_in, d_out]
-    ratio = m / jnp.linalg.norm(merged, axis=0)                        # [d_out]
-    base = jnp.einsum("...d,do->...o", x, kernel)                      # x W0: [..., d_out]
-    low_rank = s * jnp.einsum("...r,or->...o", jnp.einsum("...d,dr->...r", x, a), b)
-    return (ratio - 1.0) * base + ratio * low_rank
+    merged = kernel.astype(wide) + s * a.astype(wide) @ b.astype(wide).T   # [d_in, d_out]
+    ratio = m.astype(wide) / jnp.linalg.norm(merged, axis=0)           # [d_out]
+    x, gain, ratio = x.astype(cd), (ratio - 1).astype(cd), ratio.astype(cd)   # m/n - 1 before rounding
+    base = jnp.einsum("...d,do->...o", x, kernel.astype(cd))           # x W0: [..., d_out]
+    z = jnp.einsum("...d,dr->...r", x, a.astype(cd))                   # [..., r]
+    low_rank = s * jnp.einsum("...r,or->...o", z, b.astype(cd))        # [..., d_out]
+    return (gain * base + ratio * low_rank).astype(cd)
 
   def num_params(self) -> int:
     return self.rank * (self.d_in + self.d_out) + self.d_out

@@ -23,31 +23,38 @@ class LocalizedLoRA(nn.Module):
   a_init: common.Initializer | str = "lora"
   b_init: common.Initializer | str = "zeros"
   allow_overcomplete_rank: bool = False         # permit rank > cell size
+  param_dtype: common.Dtype = jnp.float32       # storage dtype of A and B
+  dtype: common.Dtype | None = None             # compute dtype; None -> the input's dtype
 
   def __post_init__(self):
+    common.check_dtypes(self)
     dx = grid.check_divisible(self.d_in, self.k_x, "d_in", "k_x")
     dy = grid.check_divisible(self.d_out, self.k_y, "d_out", "k_y")
     common.check_rank(self.rank, dy, dx, "grid cell", self.allow_overcomplete_rank)
     super().__post_init__()
 
   def setup(self):
-    cells, r = (self.k_y, self.k_x), self.rank
-    self.A = self.param("A", common.resolve_init(self.a_init, "a_init"), (*cells, self.d_in // self.k_x, r))
-    self.B = self.param("B", common.resolve_init(self.b_init, "b_init"), (*cells, self.d_out // self.k_y, r))
+    cells, r, pd = (self.k_y, self.k_x), self.rank, common.resolve_dtype(self.param_dtype, "param_dtype")
+    self.A = self.param("A", common.resolve_init(self.a_init, "a_init"), (*cells, self.d_in // self.k_x, r),
+                        pd)
+    self.B = self.param("B", common.resolve_init(self.b_init, "b_init"), (*cells, self.d_out // self.k_y, r),
+                        pd)
 
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None, gates=None) -> jnp.ndarray:
     """Eq. 4. x: [..., d_in] -> [..., d_out]. Static: `context`/`gates` are ignored."""
     del context, gates
-    xs = grid.split_fields(x, self.k_x)                                  # [..., K_x, d_in/K_x]
-    z = jnp.einsum("...jd,ijdr->...ijr", xs, self.A)                     # [..., K_y, K_x, r]
-    h = jnp.einsum("...ijr,ijor->...io", z, self.B)                      # [..., K_y, d_out/K_y]
-    return common.scaling(self.alpha, self.rank) * grid.merge_segments(h)
+    cd = common.compute_dtype(self.dtype, x, self.param_dtype)
+    xs = grid.split_fields(x.astype(cd), self.k_x)                       # [..., K_x, d_in/K_x]
+    z = jnp.einsum("...jd,ijdr->...ijr", xs, self.A.astype(cd))          # [..., K_y, K_x, r]
+    h = jnp.einsum("...ijr,ijor->...io", z, self.B.astype(cd))           # [..., K_y, d_out/K_y]
+    return (common.scaling(self.alpha, self.rank) * grid.merge_segments(h)).astype(cd)
 
   def delta_weight(self, context=None, gates=None) -> jnp.ndarray:
     """Dense Delta W = B[B_ij A_ij^T]: [d_out, d_in]."""
     del context, gates
-    blocks = jnp.einsum("ijor,ijdr->ijod", self.B, self.A)               # [K_y, K_x, d_out/K_y, d_in/K_x]
-    return common.scaling(self.alpha, self.rank) * grid.assemble(blocks)
+    cd = common.compute_dtype(self.dtype, None, self.param_dtype)
+    blocks = jnp.einsum("ijor,ijdr->ijod", self.B.astype(cd), self.A.astype(cd))  # [K_y, K_x, o, d]
+    return (common.scaling(self.alpha, self.rank) * grid.assemble(blocks)).astype(cd)
 
   def num_params(self) -> int:
     return self.k_y * self.k_x * self.rank * (self.d_in // self.k_x + self.d_out // self.k_y)

@@ -17,27 +17,34 @@ class LoRA(nn.Module):
   a_init: common.Initializer | str = "lora"     # A: U(-1/sqrt(d_in), 1/sqrt(d_in)) (standard LoRA)
   b_init: common.Initializer | str = "zeros"    # B: zeros, so Delta = 0 at init
   allow_overcomplete_rank: bool = False         # permit rank > min(d_in, d_out)
+  param_dtype: common.Dtype = jnp.float32       # storage dtype of A and B
+  dtype: common.Dtype | None = None             # compute dtype; None -> the input's dtype
 
   def __post_init__(self):
+    common.check_dtypes(self)
     common.check_positive(self.d_in, "d_in")
     common.check_positive(self.d_out, "d_out")
     common.check_rank(self.rank, self.d_out, self.d_in, "weight matrix", self.allow_overcomplete_rank)
     super().__post_init__()
 
   def setup(self):
-    self.A = self.param("A", common.resolve_init(self.a_init, "a_init"), (self.d_in, self.rank))
-    self.B = self.param("B", common.resolve_init(self.b_init, "b_init"), (self.d_out, self.rank))
+    pd = common.resolve_dtype(self.param_dtype, "param_dtype")
+    self.A = self.param("A", common.resolve_init(self.a_init, "a_init"), (self.d_in, self.rank), pd)
+    self.B = self.param("B", common.resolve_init(self.b_init, "b_init"), (self.d_out, self.rank), pd)
 
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None, gates=None) -> jnp.ndarray:
-    """x: [..., d_in] -> Delta(x): [..., d_out]. `context`/`gates` are accepted and ignored (static)."""
+    """Eq. 1. x: [..., d_in] -> Delta(x): [..., d_out] in the compute dtype. `context`/`gates` are ignored."""
     del context, gates
-    z = jnp.einsum("...d,dr->...r", x, self.A)                           # [..., r]
-    return common.scaling(self.alpha, self.rank) * jnp.einsum("...r,or->...o", z, self.B)
+    cd = common.compute_dtype(self.dtype, x, self.param_dtype)
+    z = jnp.einsum("...d,dr->...r", x.astype(cd), self.A.astype(cd))     # [..., r]
+    h = jnp.einsum("...r,or->...o", z, self.B.astype(cd))                # [..., d_out]
+    return (common.scaling(self.alpha, self.rank) * h).astype(cd)
 
   def delta_weight(self, context=None, gates=None) -> jnp.ndarray:
-    """Dense Delta W = (alpha / r) B A^T: [d_out, d_in]."""
+    """Dense Delta W = (alpha / r) B A^T: [d_out, d_in], in `dtype` (else param_dtype)."""
     del context, gates
-    return common.scaling(self.alpha, self.rank) * self.B @ self.A.T
+    cd = common.compute_dtype(self.dtype, None, self.param_dtype)
+    return (common.scaling(self.alpha, self.rank) * self.B.astype(cd) @ self.A.astype(cd).T).astype(cd)
 
   def num_params(self) -> int:
     return self.rank * (self.d_in + self.d_out)

@@ -23,33 +23,38 @@ class MELoRA(nn.Module):
   a_init: common.Initializer | str = "lora"
   b_init: common.Initializer | str = "zeros"
   allow_overcomplete_rank: bool = False         # permit rank > block size
+  param_dtype: common.Dtype = jnp.float32       # storage dtype of A and B
+  dtype: common.Dtype | None = None             # compute dtype; None -> the input's dtype
 
   def __post_init__(self):
+    common.check_dtypes(self)
     dx = grid.check_divisible(self.d_in, self.num_blocks, "d_in", "num_blocks")
     dy = grid.check_divisible(self.d_out, self.num_blocks, "d_out", "num_blocks")
     common.check_rank(self.rank, dy, dx, "diagonal block", self.allow_overcomplete_rank)
     super().__post_init__()
 
   def setup(self):
-    n, r = self.num_blocks, self.rank
-    self.A = self.param("A", common.resolve_init(self.a_init, "a_init"), (n, self.d_in // n, r))
-    self.B = self.param("B", common.resolve_init(self.b_init, "b_init"), (n, self.d_out // n, r))
+    n, r, pd = self.num_blocks, self.rank, common.resolve_dtype(self.param_dtype, "param_dtype")
+    self.A = self.param("A", common.resolve_init(self.a_init, "a_init"), (n, self.d_in // n, r), pd)
+    self.B = self.param("B", common.resolve_init(self.b_init, "b_init"), (n, self.d_out // n, r), pd)
 
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None, gates=None) -> jnp.ndarray:
     """x: [..., d_in] -> [..., d_out]. Static: `context`/`gates` are ignored."""
     del context, gates
-    xs = grid.split_fields(x, self.num_blocks)                           # [..., N, d_in/N]
-    z = jnp.einsum("...nd,ndr->...nr", xs, self.A)                       # [..., N, r]
-    h = jnp.einsum("...nr,nor->...no", z, self.B)                        # [..., N, d_out/N]
-    return common.scaling(self.alpha, self.rank) * grid.merge_segments(h)
+    cd = common.compute_dtype(self.dtype, x, self.param_dtype)
+    xs = grid.split_fields(x.astype(cd), self.num_blocks)                # [..., N, d_in/N]
+    z = jnp.einsum("...nd,ndr->...nr", xs, self.A.astype(cd))            # [..., N, r]
+    h = jnp.einsum("...nr,nor->...no", z, self.B.astype(cd))             # [..., N, d_out/N]
+    return (common.scaling(self.alpha, self.rank) * grid.merge_segments(h)).astype(cd)
 
   def delta_weight(self, context=None, gates=None) -> jnp.ndarray:
     """Dense block-diagonal Delta W: [d_out, d_in]."""
     del context, gates
-    diagonal = jnp.einsum("nor,ndr->nod", self.B, self.A)                # [N, d_out/N, d_in/N]
+    cd = common.compute_dtype(self.dtype, None, self.param_dtype)
+    diagonal = jnp.einsum("nor,ndr->nod", self.B.astype(cd), self.A.astype(cd))   # [N, d_out/N, d_in/N]
     eye = jnp.eye(self.num_blocks, dtype=diagonal.dtype)[:, :, None, None]
     blocks = eye * diagonal[:, None]                                     # [N, N, d_out/N, d_in/N]
-    return common.scaling(self.alpha, self.rank) * grid.assemble(blocks)
+    return (common.scaling(self.alpha, self.rank) * grid.assemble(blocks)).astype(cd)
 
   def num_params(self) -> int:
     return self.rank * (self.d_in + self.d_out)

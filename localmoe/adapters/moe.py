@@ -39,8 +39,11 @@ class _RoutedGrid(nn.Module):
   b_init: common.Initializer | str = "zeros"
   router_init: common.Initializer = routing.router_kernel_init
   allow_overcomplete_rank: bool = False         # permit rank > cell size
+  param_dtype: common.Dtype = jnp.float32       # storage dtype of the experts and the router
+  dtype: common.Dtype | None = None             # compute dtype; None -> the input's dtype
 
   def __post_init__(self):
+    common.check_dtypes(self)
     dx = grid.check_divisible(self.d_in, self.k_x, "d_in", "k_x")
     dy = grid.check_divisible(self.d_out, self.k_y, "d_out", "k_y")
     common.check_rank(self.rank, dy, dx, "grid cell", self.allow_overcomplete_rank)
@@ -65,13 +68,16 @@ class _RoutedGrid(nn.Module):
 
   def setup(self):
     e, cells, r = self.num_experts, (self.k_y, self.k_x), self.rank
+    pd = common.resolve_dtype(self.param_dtype, "param_dtype")
     self.A = self.param("A", common.resolve_init(self.a_init, "a_init"),
-                        (e, *cells, self.d_in // self.k_x, r))
+                        (e, *cells, self.d_in // self.k_x, r), pd)
     self.B = self.param("B", common.resolve_init(self.b_init, "b_init"),
-                        (e, *cells, self.d_out // self.k_y, r))
+                        (e, *cells, self.d_out // self.k_y, r), pd)
     self.router = routing.Router(
-        num_experts=e, grid=self.router_grid, per_field=self.router_per_field, use_bias=self.router_bias,
-        temperature=self.temperature, top_k=self.top_k, kernel_init=self.router_init)
+        num_experts=e, features=self._router_features(), grid=self.router_grid,
+        per_field=self.router_per_field, use_bias=self.router_bias, temperature=self.temperature,
+        top_k=self.top_k, kernel_init=self.router_init, param_dtype=pd,
+        dtype=common.resolve_dtype(self.dtype, "dtype"))
 
   def _context(self, context) -> jnp.ndarray:
     """Validates the context and returns it as float [..., D] (integer labels are one-hot encoded)."""
@@ -87,11 +93,13 @@ class _RoutedGrid(nn.Module):
     return context
 
   def route(self, x: jnp.ndarray | None, context=None) -> jnp.ndarray:
-    """Gates from the router: [..., E] (block-wise) or [..., K_y, K_x, E] (cell-wise)."""
+    """Gates from the router, in the compute dtype: [..., E] (block-wise) or [..., K_y, K_x, E] (cell-wise)."""
+    cd = common.compute_dtype(self.dtype, x, self.param_dtype)
     if self.router_input == "context":
-      return self.router(self._context(context))
+      return self.router(self._context(context).astype(cd))
     if x is None:
       raise ValueError("activation routing needs x: pass gates= to materialise a fixed routing.")
+    x = x.astype(cd)
     return self.router(grid.split_fields(x, self.k_x) if self.router_per_field else x)
 
   def __call__(self, x: jnp.ndarray, context=None, gates: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -100,13 +108,14 @@ class _RoutedGrid(nn.Module):
     context: [..., D] (or integer labels [...]) for router_input="context"; ignored otherwise.
     gates: optional fixed gates that bypass the router, [..., E] (block-wise) or [..., K_y, K_x, E].
     """
-    if gates is None:
-      gates = self.route(x, context)
+    cd = common.compute_dtype(self.dtype, x, self.param_dtype)
+    x = x.astype(cd)
+    gates = self.route(x, context) if gates is None else jnp.asarray(gates).astype(cd)
     xs = grid.split_fields(x, self.k_x)                                  # [..., K_x, d_in/K_x]
-    z = jnp.einsum("...jd,eijdr->...eijr", xs, self.A)                   # [..., E, K_y, K_x, r]
+    z = jnp.einsum("...jd,eijdr->...eijr", xs, self.A.astype(cd))        # [..., E, K_y, K_x, r]
     z = z * self._rank_space_gates(gates)                                # gate mixing in rank space
-    h = jnp.einsum("...eijr,eijor->...io", z, self.B)                    # [..., K_y, d_out/K_y]
-    return common.scaling(self.alpha, self.rank) * grid.merge_segments(h)
+    h = jnp.einsum("...eijr,eijor->...io", z, self.B.astype(cd))         # [..., K_y, d_out/K_y]
+    return (common.scaling(self.alpha, self.rank) * grid.merge_segments(h)).astype(cd)
 
   def delta_weight(self, context=None, gates: jnp.ndarray | None = None) -> jnp.ndarray:
     """Dense Delta W [d_out, d_in] for ONE fixed routing: a single context vector/label, or fixed gates."""
@@ -115,10 +124,11 @@ class _RoutedGrid(nn.Module):
         raise ValueError("activation-routed gates depend on x: pass gates= (a fixed gate) to materialise "
                          "Delta W, or evaluate the adapter on x directly.")
       gates = self.route(None, context)
-    cell_gates = self._rank_space_gates(gates)[..., 0]                   # [E, K_y, K_x] (broadcast)
+    cd = common.compute_dtype(self.dtype, None, self.param_dtype)
+    cell_gates = self._rank_space_gates(jnp.asarray(gates).astype(cd))[..., 0]   # [E, K_y, K_x] (broadcast)
     cell_gates = jnp.broadcast_to(cell_gates, (self.num_experts, self.k_y, self.k_x))
-    blocks = jnp.einsum("eij,eijor,eijdr->ijod", cell_gates, self.B, self.A)
-    return common.scaling(self.alpha, self.rank) * grid.assemble(blocks)
+    blocks = jnp.einsum("eij,eijor,eijdr->ijod", cell_gates, self.B.astype(cd), self.A.astype(cd))
+    return (common.scaling(self.alpha, self.rank) * grid.assemble(blocks)).astype(cd)
 
   def num_params(self) -> int:
     cells = self.k_y * self.k_x
