@@ -191,7 +191,8 @@ def _tiny_checkpoint(model: bert.Bert, rng) -> dict[str, np.ndarray]:
              "pooler.dense.weight": (h, h), "pooler.dense.bias": (h,)}
   for i in range(model.num_layers + 1):  # one layer more than the model: the slice drops it
     p = f"encoder.layer.{i}."
-    for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+    for name in ("attention.self.query", "attention.self.key", "attention.self.value",
+                 "attention.output.dense"):
       tensors |= {p + name + ".weight": (h, h), p + name + ".bias": (h,)}
     tensors |= {p + "attention.output.LayerNorm.weight": (h,), p + "attention.output.LayerNorm.bias": (h,),
                 p + "intermediate.dense.weight": (f, h), p + "intermediate.dense.bias": (f,),

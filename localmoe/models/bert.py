@@ -281,7 +281,8 @@ def _check_against_model(params: dict, model: Bert) -> None:
          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   missing = sorted(set(want) - set(got))
   extra = sorted(set(got) - set(want))
-  wrong = [f"{p}: checkpoint {got[p]}, model {want[p]}" for p in sorted(set(want) & set(got)) if got[p] != want[p]]
+  wrong = [f"{p}: checkpoint {got[p]}, model {want[p]}"
+           for p in sorted(set(want) & set(got)) if got[p] != want[p]]
   if missing or extra or wrong:
     raise ValueError(f"checkpoint does not fit Bert(num_layers={model.num_layers}, hidden_size="
                      f"{model.hidden_size}, ...): missing {missing[:5]}, unexpected {extra[:5]}, "

@@ -4,7 +4,7 @@
     model, params, tokenizer = minilm.load()                   # Bert(num_layers=6), float32 params
     batch = minilm.tokenize(tokenizer, ["a sentence", "another"])      # input_ids / attention_mask [n, T]
     hidden = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])  # [n, T, 384]
-    vectors = minilm.embed(["a sentence", "another"])          # [n, 384], L2-normalised, as sentence-transformers
+    vectors = minilm.embed(["a sentence", "another"])          # [n, 384], L2-normalised
 
 The model is a 6-layer BERT encoder (hidden 384, 12 heads, FFN 1536, vocab 30,522, 512 positions; 22.6M
 params without the unused pooler, 90.3 MB as float32). `localmoe.models.bert` holds the module, its layer
