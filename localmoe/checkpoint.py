@@ -98,13 +98,15 @@ class Checkpointer:
     step = self._manager.latest_step()
     if step is None:
       return None
-    target = {"state": template.state, "history": template.history, "epoch": np.asarray(template.epoch)}
+    target = _payload(template)
     restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
     return train.FitState(state=restored["state"], epoch=int(restored["epoch"]),
-                          history=np.asarray(restored["history"]))
+                          history=np.asarray(restored["history"]),
+                          train_history=np.asarray(restored["train_history"]),
+                          diagnostics={k: np.asarray(v) for k, v in restored.get("diagnostics", {}).items()})
 
   def save(self, fit_state: train.FitState) -> None:
-    payload = {"state": fit_state.state, "history": fit_state.history, "epoch": np.asarray(fit_state.epoch)}
+    payload = _payload(fit_state)
     self._manager.save(fit_state.epoch, args=ocp.args.StandardSave(payload), force=True)
     self._manager.wait_until_finished()
 
@@ -116,6 +118,15 @@ class Checkpointer:
       self.save(fit_state)
     if stop_requested() and not last:
       raise Preempted(f"checkpoint saved at epoch {fit_state.epoch} in {self.directory}")
+
+
+def _payload(fit_state: train.FitState) -> dict:
+  """What a checkpoint holds: the train state, the histories so far and the epoch."""
+  payload = {"state": fit_state.state, "history": fit_state.history, "train_history": fit_state.train_history,
+             "epoch": np.asarray(fit_state.epoch)}
+  if fit_state.diagnostics:
+    payload["diagnostics"] = dict(fit_state.diagnostics)
+  return payload
 
 
 def fit_with_checkpoints(task: train.Task, data: train.Data, seeds, settings: train.Settings, *,

@@ -55,17 +55,39 @@ class Task:
   loss(pred, y) -> per-example loss [batch] (optional; None: squared error averaged over the outputs).
   metric_names / per_example_metrics(pred, y) -> [batch, len(metric_names)]: metrics averaged over every
     example of a split (optional; None: ("mse", "r2") of regression, R^2 against each split's own SST).
+  aux_names: a loss with aux outputs. When non-empty, `predict` returns (pred, aux) with `aux` a dict holding
+    one scalar per name; the entry "aux_loss", if present, is added to the task loss (already weighted, e.g.
+    the router load-balance and z-losses of `localmoe.inject.router_losses`). Every aux scalar is averaged
+    over the steps of each epoch into FitResult.train_history (next to the training loss).
+  diagnostics(params, frozen, inputs) -> {name: array}: optional, computed at every evaluation on the first
+    `eval_batch_size` examples of the test split (e.g. expert usage per layer, cell and task); stored in
+    FitResult.diagnostics[name] with shape [entries, epochs, ...].
   """
   init: Callable[[jax.Array, Any], Params]
-  predict: Callable[[Params, Any, Batch], jax.Array]
+  predict: Callable[[Params, Any, Batch], Any]
   loss: Callable[[jax.Array, jax.Array], jax.Array] | None = None
   metric_names: tuple[str, ...] = ("mse", "r2")
   per_example_metrics: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+  aux_names: tuple[str, ...] = ()
+  diagnostics: Callable[[Params, Any, Batch], Mapping[str, jax.Array]] | None = None
 
   def __post_init__(self):
     if self.per_example_metrics is None and tuple(self.metric_names) != METRICS:
       raise ValueError(f"Task.metric_names={self.metric_names!r} needs Task.per_example_metrics (a function "
                        f"(pred, y) -> [batch, {len(self.metric_names)}]); without it the metrics are {METRICS}.")
+    if "loss" in self.aux_names:
+      raise ValueError("Task.aux_names may not contain 'loss': the trainer records the training loss itself "
+                       "as train_history[..., 0]; name the aux output differently.")
+
+  @property
+  def train_names(self) -> tuple[str, ...]:
+    """Columns of FitResult.train_history: the training objective, then every aux output."""
+    return ("loss", *self.aux_names)
+
+  def predictions(self, params, frozen, inputs: Batch) -> jax.Array:
+    """`predict` without its aux outputs (what evaluation uses)."""
+    out = self.predict(params, frozen, inputs)
+    return out[0] if self.aux_names else out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,11 +125,17 @@ class Settings:
   b2: float = 0.999
   eval_batch_size: int = 8192         # evaluation is chunked to bound memory
   log_every: int = 0                  # print progress every n epochs (0: about 5 lines per run)
+  steps_per_epoch: int = 0            # 0: an epoch is one pass over the training set; n: an "epoch" is n
+                                      # steps of an endless stream of passes (evaluate every n steps)
 
   def check_batch(self, num_train: int) -> None:
     if self.batch_size > num_train:
       raise ValueError(f"config.optim.batch_size={self.batch_size} is larger than the training set "
                        f"({num_train} samples): use batch_size <= {num_train}.")
+    if self.steps_per_epoch > self.steps_per_pass(num_train):
+      raise ValueError(f"config.optim.steps_per_epoch={self.steps_per_epoch} is more than one pass over the "
+                       f"training set ({self.steps_per_pass(num_train)} steps of {self.batch_size}): use "
+                       f"steps_per_epoch <= {self.steps_per_pass(num_train)}, or 0 for whole passes.")
 
   def __post_init__(self):
     for field in ("epochs", "batch_size", "eval_batch_size"):
@@ -120,6 +148,17 @@ class Settings:
       raise ValueError(f"config.optim.weight_decay={self.weight_decay!r} must be >= 0.")
     if self.log_every < 0:
       raise ValueError(f"config.optim.log_every={self.log_every!r} must be >= 0.")
+    if not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 0:
+      raise ValueError(f"config.optim.steps_per_epoch={self.steps_per_epoch!r} must be an integer >= 0 "
+                       "(0: one pass over the training set per epoch).")
+
+  def steps_per_pass(self, num_train: int) -> int:
+    """Steps of one pass over the training set (the last batch is padded and masked)."""
+    return math.ceil(num_train / self.batch_size)
+
+  def steps(self, num_train: int) -> int:
+    """Training steps between two evaluations."""
+    return self.steps_per_epoch or self.steps_per_pass(num_train)
 
   @classmethod
   def from_config(cls, optim) -> "Settings":
@@ -140,6 +179,8 @@ class FitState:
   state: Any                      # pytree with leading entry axis: params, opt_state, alive, diverged_step
   epoch: int                      # epochs completed
   history: np.ndarray             # [entries, epochs, splits, metrics], NaN where not yet run
+  train_history: np.ndarray | None = None   # [entries, epochs, len(task.train_names)] epoch means
+  diagnostics: dict[str, np.ndarray] | None = None   # name -> [entries, epochs, ...] (Task.diagnostics)
 
 
 @dataclasses.dataclass
@@ -152,6 +193,9 @@ class FitResult:
   wall_time_s: float
   splits: tuple[str, ...] = SPLITS            # axis 2 of history (Data.splits)
   metric_names: tuple[str, ...] = METRICS     # axis 3 of history (Task.metric_names)
+  train_history: np.ndarray | None = None     # [entries, epochs, len(train_names)]: loss and aux, epoch means
+  train_names: tuple[str, ...] = ("loss",)    # axis 2 of train_history (Task.train_names)
+  diagnostics: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)   # [entries, epochs, ...]
 
   def _index(self, split: str, metric: str) -> tuple[int, int]:
     if split not in self.splits or metric not in self.metric_names:
@@ -171,7 +215,9 @@ class FitResult:
     """Entry k alone (leading axes of size 1), e.g. to write one sweep entry's files."""
     take = lambda a: a[k:k + 1]
     return dataclasses.replace(self, params=jax.tree_util.tree_map(take, self.params), history=take(self.history),
-                               status=[self.status[k]], diverged_step=take(self.diverged_step))
+                               status=[self.status[k]], diverged_step=take(self.diverged_step),
+                               train_history=None if self.train_history is None else take(self.train_history),
+                               diagnostics={n: take(v) for n, v in self.diagnostics.items()})
 
 
 def make_optimizer() -> optax.GradientTransformation:
@@ -226,59 +272,118 @@ def _chunked_means(per_example, predict, params, frozen, split: Batch, chunk: in
 def _evaluate(task: Task, params, frozen, split: Batch, chunk: int) -> jax.Array:
   """The task's metrics on one split: [len(task.metric_names)]."""
   if task.per_example_metrics is None:
-    return _chunked_metrics(task.predict, params, frozen, split, chunk)
-  return _chunked_means(task.per_example_metrics, task.predict, params, frozen, split, chunk)
+    return _chunked_metrics(task.predictions, params, frozen, split, chunk)
+  return _chunked_means(task.per_example_metrics, task.predictions, params, frozen, split, chunk)
+
+
+def _diagnostics(task: Task, params, frozen, split: Batch, chunk: int) -> dict[str, jax.Array]:
+  """Task.diagnostics on the first `chunk` examples of a split ({} without diagnostics)."""
+  if task.diagnostics is None:
+    return {}
+  inputs, _ = _split_inputs(jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:chunk], dict(split)))
+  return dict(task.diagnostics(params, frozen, inputs))
+
+
+# ------------------------------------------------------------------------------------------- the step
+
+
+def loss_and_aux(task: Task, params, frozen, inputs: Batch, y: jax.Array, mask: jax.Array):
+  """The training objective of one batch and its aux outputs.
+
+  Returns (objective, aux_vector): objective = masked mean of the per-example task loss (squared error by
+  default) + aux["aux_loss"] (if the task returns one); aux_vector [len(task.aux_names)] the aux scalars.
+  mask [batch]: 1 for real rows, 0 for the padding of a pass's last batch.
+  """
+  out = task.predict(params, frozen, inputs)
+  pred, aux = out if task.aux_names else (out, {})
+  if task.loss is None:
+    per_example = ((pred - y) ** 2).reshape(y.shape[0], -1).mean(-1)               # [batch]
+  else:
+    per_example = task.loss(pred, y)                                                # [batch]
+  objective = jnp.sum(per_example * mask) / jnp.sum(mask)
+  if "aux_loss" in aux:
+    objective = objective + aux["aux_loss"]
+  values = jnp.stack([jnp.asarray(aux[n], jnp.float32) for n in task.aux_names]) if task.aux_names else (
+      jnp.zeros((0,), jnp.float32))
+  return objective, values
+
+
+def train_step(task: Task, tx: optax.GradientTransformation, state, frozen, inputs: Batch, y: jax.Array,
+               mask: jax.Array, global_step: jax.Array):
+  """One optimiser step of one entry, with the divergence guard.
+
+  state: {"params", "opt_state", "alive", "diverged_step"}. A non-finite objective freezes the entry: its
+  params and optimiser state stop changing and `diverged_step` records the global step.
+  Returns (state, [objective, *aux]) for this step.
+  """
+  (objective, aux), grads = jax.value_and_grad(
+      lambda p: loss_and_aux(task, p, frozen, inputs, y, mask), has_aux=True)(state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  finite = jnp.isfinite(objective)
+  proceed = finite & state["alive"]
+  keep_new = lambda new, old: jnp.where(proceed, new, old)
+  state = {
+      "params": jax.tree_util.tree_map(keep_new, params, state["params"]),
+      "opt_state": jax.tree_util.tree_map(keep_new, opt_state, state["opt_state"]),
+      "alive": proceed,
+      "diverged_step": jnp.where(state["alive"] & ~finite, global_step, state["diverged_step"]),
+  }
+  return state, jnp.concatenate([objective[None].astype(jnp.float32), aux])
+
+
+def epoch_batches(seed_key: jax.Array, epoch, num_train: int, settings: Settings):
+  """Row indices [steps, batch] and masks [steps, batch] of one epoch's batches.
+
+  steps_per_epoch=0: pass `epoch` in the order permutation(fold_in(seed_key, epoch)), its last batch padded
+  with repeated rows that the mask drops. steps_per_epoch=n: steps [epoch*n, (epoch+1)*n) of the endless
+  stream of such passes (pass p shuffled with fold_in(seed_key, p)); a resumed run replays the same batches.
+  """
+  batch_size = settings.batch_size
+  per_pass = settings.steps_per_pass(num_train)
+  pad = per_pass * batch_size - num_train
+  keep = (jnp.arange(per_pass * batch_size) < num_train).reshape(per_pass, batch_size)
+
+  def one_pass(index):
+    order = jax.random.permutation(jax.random.fold_in(seed_key, index), num_train)
+    return jnp.concatenate([order, order[:pad]]).reshape(per_pass, batch_size)      # [per_pass, batch]
+
+  if not settings.steps_per_epoch:
+    return one_pass(epoch), keep
+  steps = settings.steps_per_epoch
+  position = epoch * steps + jnp.arange(steps)                                      # global step indices
+  first = (epoch * steps) // per_pass
+  orders = jnp.stack([one_pass(first), one_pass(first + 1)])                         # an epoch spans <= 2 passes
+  which, row = position // per_pass - first, position % per_pass
+  return orders[which, row], keep[row]
 
 
 def _build_epoch_fn(task: Task, settings: Settings, num_train: int, per_seed: bool,
                     placement: sharding_lib.Placement | None = None):
   """Returns jit(vmap(epoch)) : (state, seed_keys, epoch, frozen, train, test, val) -> (state, metrics).
 
-  metrics: [entries, splits, metrics] for the splits train, (val, if not None), test.
+  metrics: ([entries, splits, metrics] for the splits train, (val, if not None), test;
+            [entries, len(task.train_names)] epoch means of the objective and aux outputs;
+            {name: [entries, ...]} diagnostics).
   """
   tx = make_optimizer()
-  batch_size = settings.batch_size
-  steps = math.ceil(num_train / batch_size)
+  steps = settings.steps(num_train)
   constrain_batch = placement.constrain_batch if placement is not None else (lambda tree: tree)
 
   def one_entry(state, seed_key, epoch, frozen, train, test, val):
-    order = jax.random.permutation(jax.random.fold_in(seed_key, epoch), num_train)
-    pad = steps * batch_size - num_train
-    order = jnp.concatenate([order, order[:pad]]).reshape(steps, batch_size)      # [steps, batch]
-    keep = (jnp.arange(steps * batch_size) < num_train).reshape(steps, batch_size)
+    order, keep = epoch_batches(seed_key, epoch, num_train, settings)               # [steps, batch] each
 
     def step(state, args):
       rows, mask, step_index = args
       inputs, y = _split_inputs(constrain_batch(jax.tree_util.tree_map(lambda a: a[rows], train)))
+      return train_step(task, tx, state, frozen, inputs, y, mask, epoch * steps + step_index)
 
-      def loss_fn(params):
-        pred = task.predict(params, frozen, inputs)
-        if task.loss is None:
-          per_example = ((pred - y) ** 2).reshape(batch_size, -1).mean(-1)         # [batch]
-        else:
-          per_example = task.loss(pred, y)                                          # [batch]
-        return jnp.sum(per_example * mask) / jnp.sum(mask)
-
-      loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-      params = optax.apply_updates(state["params"], updates)
-      finite = jnp.isfinite(loss)
-      proceed = finite & state["alive"]
-      keep_new = lambda new, old: jnp.where(proceed, new, old)
-      global_step = epoch * steps + step_index
-      state = {
-          "params": jax.tree_util.tree_map(keep_new, params, state["params"]),
-          "opt_state": jax.tree_util.tree_map(keep_new, opt_state, state["opt_state"]),
-          "alive": proceed,
-          "diverged_step": jnp.where(state["alive"] & ~finite, global_step, state["diverged_step"]),
-      }
-      return state, None
-
-    state, _ = jax.lax.scan(step, state, (order, keep, jnp.arange(steps)))
+    state, per_step = jax.lax.scan(step, state, (order, keep, jnp.arange(steps)))   # [steps, 1 + aux]
     splits = (train, test) if val is None else (train, val, test)
     evals = jnp.stack([_evaluate(task, state["params"], frozen, split, settings.eval_batch_size)
                        for split in splits])                                         # [splits, metrics]
-    return state, evals
+    diagnostics = _diagnostics(task, state["params"], frozen, test, settings.eval_batch_size)
+    return state, (evals, per_step.mean(0), diagnostics)
 
   data_axis = 0 if per_seed else None
   mapped = jax.vmap(one_entry, in_axes=(0, 0, None, data_axis, data_axis, data_axis, data_axis))
@@ -328,12 +433,32 @@ def empty_history(task: Task, data: Data, entries: int, settings: Settings) -> n
   return np.full((entries, settings.epochs, len(data.splits), len(task.metric_names)), np.nan)
 
 
+def empty_train_history(task: Task, entries: int, settings: Settings) -> np.ndarray:
+  """NaN [entries, epochs, len(task.train_names)]: epoch means of the objective and the aux outputs."""
+  return np.full((entries, settings.epochs, len(task.train_names)), np.nan, np.float32)
+
+
+def empty_diagnostics(task: Task, data: Data, entries: int, settings: Settings) -> dict[str, np.ndarray]:
+  """NaN {name: [entries, epochs, ...]} shaped like Task.diagnostics (a shape-only evaluation)."""
+  if task.diagnostics is None:
+    return {}
+  take = (lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)) if data.per_seed else (lambda tree: tree)
+  frozen, test = take(data.frozen), take(dict(data.test))
+  params = jax.eval_shape(lambda k, f: task.init(k, f), jax.random.PRNGKey(0), frozen)
+  shapes = jax.eval_shape(lambda p, f, t: _diagnostics(task, p, f, t, settings.eval_batch_size),
+                          params, frozen, test)
+  return {name: np.full((entries, settings.epochs, *leaf.shape), np.nan, np.float32)
+          for name, leaf in shapes.items()}
+
+
 def initial_fit_state(task: Task, data: Data, seeds: Sequence[int], settings: Settings, learning_rate=None,
                       weight_decay=None) -> FitState:
   """The FitState of epoch 0 on the default device (also the template a checkpoint is restored into)."""
   lr, wd = entry_hyperparams(settings, len(seeds), learning_rate, weight_decay)
   return FitState(init_state(task, data, seeds, lr, wd, settings), 0,
-                  empty_history(task, data, len(seeds), settings))
+                  empty_history(task, data, len(seeds), settings),
+                  empty_train_history(task, len(seeds), settings),
+                  empty_diagnostics(task, data, len(seeds), settings))
 
 
 def _pad_entries(tree: Any, total: int) -> Any:
@@ -405,17 +530,32 @@ def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, nam
     state = resume.state
     if placement is not None:
       state = jax.device_put(_pad_entries(state, total), placement.entry_sharding())
-    fit_state = FitState(state, resume.epoch, resume.history)
+    fit_state = dataclasses.replace(resume, state=state)
+  if fit_state.train_history is None:
+    fit_state.train_history = empty_train_history(task, entries, settings)
+  if fit_state.diagnostics is None:
+    fit_state.diagnostics = {}
   log_every = settings.log_every or max(1, settings.epochs // 5)
   unpadded = (lambda fs: fs) if total == entries else (
-      lambda fs: FitState(_take_entries(fs.state, entries), fs.epoch, fs.history))
+      lambda fs: dataclasses.replace(fs, state=_take_entries(fs.state, entries)))
 
   while fit_state.epoch < settings.epochs:
     epoch = fit_state.epoch
-    state, evals = epoch_fn(fit_state.state, keys, epoch, data.frozen, data.train, data.test, data.val)
+    state, (evals, train_means, diagnostics) = epoch_fn(fit_state.state, keys, epoch, data.frozen, data.train,
+                                                        data.test, data.val)
     history = fit_state.history.copy()
     history[:, epoch] = np.asarray(evals)[:entries]
-    fit_state = FitState(state, epoch + 1, history)
+    train_history = fit_state.train_history.copy()
+    train_history[:, epoch] = np.asarray(train_means)[:entries]
+    recorded = {}
+    for name, value in diagnostics.items():
+      value = np.asarray(value, np.float32)[:entries]                               # [entries, ...]
+      recorded[name] = fit_state.diagnostics.get(name)
+      if recorded[name] is None:
+        recorded[name] = np.full((entries, settings.epochs, *value.shape[1:]), np.nan, np.float32)
+      recorded[name] = recorded[name].copy()
+      recorded[name][:, epoch] = value
+    fit_state = FitState(state, epoch + 1, history, train_history, recorded)
     if log and ((epoch + 1) % log_every == 0 or epoch + 1 == settings.epochs or epoch == 0):
       log(_log_line(name, history, epoch, settings, splits, task.metric_names, time.perf_counter() - start))
     if on_epoch_end is not None:
@@ -435,4 +575,6 @@ def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, nam
   params = fit_state.state["params"] if total == entries else _take_entries(fit_state.state["params"], entries)
   return FitResult(params=params, history=fit_state.history, status=status,
                    diverged_step=diverged_step, wall_time_s=time.perf_counter() - start,
-                   splits=splits, metric_names=tuple(task.metric_names))
+                   splits=splits, metric_names=tuple(task.metric_names),
+                   train_history=fit_state.train_history, train_names=task.train_names,
+                   diagnostics=fit_state.diagnostics)

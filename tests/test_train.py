@@ -1,5 +1,7 @@
 """The shared trainer: determinism, vmapped seeds, divergence guard, metrics."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,3 +123,76 @@ def test_batch_larger_than_training_set():
   data = small_problem([0])
   with pytest.raises(ValueError, match="batch_size=500 is larger than the training set"):
     train.fit(make_task(), data, [0], train.Settings(epochs=1, batch_size=500, learning_rate=1e-3), log=None)
+
+
+# ------------------------------------------------------------------------- loss with aux outputs
+
+
+def _aux_task(weight):
+  """A linear regression whose aux output penalises the squared norm of the weights (weight x ||w||^2)."""
+  base = make_task("lora")
+
+  def predict(params, frozen, inputs):
+    pred = base.predict(params, frozen, inputs)
+    norm = sum(jnp.sum(leaf ** 2) for leaf in jax.tree_util.tree_leaves(params))
+    return pred, {"aux_loss": weight * norm, "norm": norm}
+
+  return train.Task(init=base.init, predict=predict, aux_names=("aux_loss", "norm"),
+                    diagnostics=lambda p, f, inputs: {"mean_abs_pred": jnp.abs(base.predict(p, f, inputs)).mean(0)})
+
+
+def test_aux_loss_is_added_to_the_objective_and_recorded():
+  data = small_problem([0, 1])
+  plain = train.fit(make_task("lora"), data, [0, 1], SETTINGS, log=None)
+  zero = train.fit(_aux_task(0.0), data, [0, 1], SETTINGS, log=None)
+  heavy = train.fit(_aux_task(1.0), data, [0, 1], SETTINGS, log=None)
+  # Weight 0: the same trajectory as the task without aux outputs; the aux scalars are still recorded.
+  np.testing.assert_allclose(zero.history, plain.history, rtol=1e-6, atol=1e-7)
+  assert zero.train_names == ("loss", "aux_loss", "norm")
+  assert zero.train_history.shape == (2, SETTINGS.epochs, 3)
+  np.testing.assert_array_equal(zero.train_history[..., 1], 0.0)
+  assert np.all(zero.train_history[..., 2] > 0)
+  # A heavy penalty changes training: smaller weights than without it.
+  assert np.all(heavy.train_history[:, -1, 2] < 0.75 * zero.train_history[:, -1, 2])
+  # Diagnostics: one value per entry and epoch, shaped like the task's output.
+  assert heavy.diagnostics["mean_abs_pred"].shape == (2, SETTINGS.epochs, 8)
+  assert np.all(np.isfinite(heavy.diagnostics["mean_abs_pred"]))
+
+
+def test_training_loss_is_recorded_without_aux():
+  data = small_problem([0])
+  fit = train.fit(make_task(), data, [0], SETTINGS, log=None)
+  assert fit.train_names == ("loss",)
+  loss = fit.train_history[0, :, 0]
+  assert np.all(np.isfinite(loss)) and loss[-1] < loss[0]
+
+
+def test_steps_per_epoch_streams_passes_and_resumes_identically():
+  data = small_problem([0])            # 200 training rows, batch 32: 7 steps per pass
+  stream = dataclasses.replace(SETTINGS, epochs=6, steps_per_epoch=3)
+  full = train.fit(make_task(), data, [0], stream, log=None)
+  assert full.history.shape[1] == 6
+  # Stopping after 4 "epochs" (12 steps, inside the second pass) and resuming replays the same batches.
+  seen = []
+  class Stop(Exception):
+    pass
+  def stop_at_four(fit_state):
+    if fit_state.epoch == 4:
+      seen.append(fit_state)
+      raise Stop
+  with pytest.raises(Stop):
+    train.fit(make_task(), data, [0], stream, log=None, on_epoch_end=stop_at_four)
+  resumed = train.fit(make_task(), data, [0], stream, log=None, resume=seen[0])
+  np.testing.assert_array_equal(resumed.history, full.history)
+  np.testing.assert_array_equal(resumed.train_history, full.train_history)
+  # An "epoch" of 7 steps is exactly one pass (the default epoch).
+  one_pass = train.fit(make_task(), data, [0], dataclasses.replace(SETTINGS, epochs=1), log=None)
+  as_stream = train.fit(make_task(), data, [0], dataclasses.replace(SETTINGS, epochs=1, steps_per_epoch=7),
+                        log=None)
+  np.testing.assert_allclose(as_stream.history, one_pass.history, rtol=1e-6)
+
+
+def test_steps_per_epoch_longer_than_a_pass_is_refused():
+  data = small_problem([0])
+  with pytest.raises(ValueError, match="steps_per_epoch=8 is more than one pass"):
+    train.fit(make_task(), data, [0], dataclasses.replace(SETTINGS, steps_per_epoch=8), log=None)
