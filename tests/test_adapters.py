@@ -10,6 +10,7 @@ import pytest
 
 import localmoe as lm
 from localmoe import grid
+from tests import oracles
 
 jax.config.update("jax_enable_x64", False)
 
@@ -359,9 +360,10 @@ def test_no_per_example_dense_update_in_forward_or_backward(method):
 
   jaxpr = jax.make_jaxpr(jax.grad(loss))(v["params"]).jaxpr
   largest = _max_intermediate_size(jaxpr)
-  # The rank-space activations are batch*E*K_y*K_x*r = 4,096 here; a per-example dense update would be
-  # batch*d*d = 131,072. Parameters themselves are E*K*K*(d/K)*r = 2,048 per factor.
-  assert largest <= batch * e * k * k * r
+  # The rank-space activations are batch*E*K_y*K_x*r = 4,096 here, plus the router logits computed in the
+  # same per-field GEMMs (at most batch*K_x*K_y*E); a per-example dense update would be batch*d*d = 131,072.
+  # Parameters themselves are E*K*K*(d/K)*r = 2,048 per factor.
+  assert largest <= batch * (e * k * k * r + k * k * e)
   assert largest < batch * d * d // 8
 
 
@@ -490,3 +492,96 @@ def test_router_softmax_stays_float32_under_bfloat16(method):
   _, state32 = m.apply(v, x, method=m.route, mutable=["intermediates"])
   want = lm.collect_router_outputs(state32["intermediates"])[0].gates
   np.testing.assert_allclose(found[0].gates, want, atol=3e-2)
+
+
+# ------------------------------------------------------------------------- fast form == einsum oracle (Eq. 4/6/8)
+
+ORACLE_CASES = (
+    [("localized_lora", {}), ("melora", dict(num_blocks=2, rank=2)),
+     ("localized_lora", dict(k_y=4, k_x=1)), ("localized_lora", dict(k_y=1, k_x=6, rank=1))]
+    + [(method, dict(router_input=ri, top_k=k, router_bias=bias, temperature=t))
+       for method in ("blockwise_moe", "cellwise_moe")
+       for ri, k, bias, t in itertools.product(["context", "activation"], [None, 1, 2], [False, True], [1.0, 0.5])]
+    + [("cellwise_moe", dict(router_input="activation", k_y=4, k_x=2)),
+       ("blockwise_moe", dict(router_input="activation", k_y=1, k_x=6, rank=1, top_k=2)),
+       ("cellwise_moe", dict(router_input="context", k_y=4, k_x=1, num_experts=1))])
+
+
+def _oracle_case(method, kw, lead, dtype):
+  m = build(method, **kw)
+  kx, kc = jax.random.split(jax.random.PRNGKey(11))
+  x = jax.random.normal(kx, (*lead, D_IN)).astype(dtype)
+  ctx = jax.nn.one_hot(jax.random.randint(kc, lead, 0, D_CTX), D_CTX)
+  params = randomize(m.init(jax.random.PRNGKey(0), x, ctx))["params"]
+  return m, params, x, ctx
+
+
+def _loss(fn):
+  return lambda params, x: jnp.sum(jnp.sin(fn(params, x).astype(jnp.float32)))   # a nonuniform cotangent
+
+
+def _plain(kw):
+  return not (kw.get("top_k") or kw.get("router_bias") or kw.get("temperature", 1.0) != 1.0)
+
+
+# The full option grid at LEAD; other batch shapes (none, one, three leading axes) at the plain options.
+@pytest.mark.parametrize("method,kw,lead", [(m, kw, LEAD) for m, kw in ORACLE_CASES] + [
+    (m, kw, lead) for m, kw in ORACLE_CASES if _plain(kw) for lead in [(5,), (), (2, 1, 3)]])
+def test_fast_form_equals_einsum_oracle(method, kw, lead):
+  """Outputs and gradients w.r.t. params and x equal the einsum form of Eq. 4/6/8 to 1e-5 (float32)."""
+  m, params, x, ctx = _oracle_case(method, kw, lead, jnp.float32)
+  fast = lambda p, x: m.apply({"params": p}, x, ctx)
+  slow = lambda p, x: oracles.apply(m, p, x, ctx)
+  got, want = fast(params, x), slow(params, x)
+  assert got.shape == want.shape == (*lead, D_OUT)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  g_fast = jax.grad(_loss(fast), argnums=(0, 1))(params, x)
+  g_slow = jax.grad(_loss(slow), argnums=(0, 1))(params, x)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_fast), jax.tree_util.tree_leaves(g_slow)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=str(path))
+
+
+@pytest.mark.parametrize("method,kw", [c for c in ORACLE_CASES if _plain(c[1])]
+                         + [("cellwise_moe", dict(router_input="activation", top_k=2, router_bias=True))])
+def test_fast_form_equals_oracle_in_bfloat16(method, kw):
+  """bfloat16 inputs with float32 params: same dtype and values as the oracle, at bf16 tolerance."""
+  m, params, x, ctx = _oracle_case(method, kw, LEAD, jnp.bfloat16)
+  fast = lambda p, x: m.apply({"params": p}, x, ctx)
+  slow = lambda p, x: oracles.apply(m, p, x, ctx)
+  got, want = fast(params, x), slow(params, x)
+  assert got.dtype == want.dtype == jnp.bfloat16
+  scale = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2 * scale)
+  g_fast = jax.grad(_loss(fast))(params, x)
+  g_slow = jax.grad(_loss(slow))(params, x)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_fast), jax.tree_util.tree_leaves(g_slow)):
+    assert a.dtype == jnp.float32, path
+    tol = 3e-2 * float(jnp.max(jnp.abs(b))) + 1e-6
+    np.testing.assert_allclose(a, b, atol=tol, err_msg=str(path))
+
+
+@pytest.mark.parametrize("method", ["blockwise_moe", "cellwise_moe"])
+def test_fixed_gates_and_broadcast_context_equal_oracle(method):
+  """Fixed gates bypass the router; a single context broadcasts over the tokens (both as the oracle)."""
+  m, params, x, ctx = _oracle_case(method, dict(router_input="context"), LEAD, jnp.float32)
+  shape = (*LEAD, E) if method == "blockwise_moe" else (*LEAD, K_Y, K_X, E)
+  gates = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(4), shape))
+  np.testing.assert_allclose(m.apply({"params": params}, x, gates=gates),
+                             oracles.apply(m, params, x, gates=gates), rtol=1e-5, atol=1e-5)
+  one = ctx[0, 0]                                                        # [D]: one context for all tokens
+  np.testing.assert_allclose(m.apply({"params": params}, x, one), oracles.apply(m, params, x, one),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["blockwise_moe", "cellwise_moe"])
+def test_fused_router_sows_the_same_logits_and_gates_as_route(method):
+  """The activation router fused into the per-field GEMMs sows exactly what `route` computes."""
+  m, params, x, _ = _oracle_case(method, dict(router_input="activation", router_bias=True, top_k=2), LEAD,
+                                 jnp.float32)
+  _, fused = m.apply({"params": params}, x, mutable=["intermediates"])
+  _, plain = m.apply({"params": params}, x, method=m.route, mutable=["intermediates"])
+  (a,), (b,) = lm.collect_router_outputs(fused["intermediates"]), lm.collect_router_outputs(plain["intermediates"])
+  routers = 1 if method == "blockwise_moe" else K_Y * K_X
+  assert a.logits.shape == a.gates.shape == (int(np.prod(LEAD)), routers, E)
+  np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(a.gates, b.gates, rtol=1e-5, atol=1e-6)

@@ -41,13 +41,17 @@ class LocalizedLoRA(nn.Module):
                         pd)
 
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None, gates=None) -> jnp.ndarray:
-    """Eq. 4. x: [..., d_in] -> [..., d_out]. Static: `context`/`gates` are ignored."""
+    """Eq. 4. x: [..., d_in] -> [..., d_out]. Static: `context`/`gates` are ignored.
+
+    Applied as one 2-D GEMM per input field and one per output segment (`localmoe.grid` says why).
+    """
     del context, gates
     cd = common.compute_dtype(self.dtype, x, self.param_dtype)
-    xs = grid.split_fields(x.astype(cd), self.k_x)                       # [..., K_x, d_in/K_x]
-    z = jnp.einsum("...jd,ijdr->...ijr", xs, self.A.astype(cd))          # [..., K_y, K_x, r]
-    h = jnp.einsum("...ijr,ijor->...io", z, self.B.astype(cd))           # [..., K_y, d_out/K_y]
-    return (common.scaling(self.alpha, self.rank) * grid.merge_segments(h)).astype(cd)
+    x2 = grid.flatten_tokens(x.astype(cd))                               # [N, d_in]
+    weights = grid.expert_columns(self.A.astype(cd)[None])               # [K_x, d_in/K_x, K_y*r]
+    z = grid.codes_by_cell(grid.field_matmuls(x2, weights), self.k_y, 1)  # [N, K_y, K_x, 1, r]
+    h = grid.segment_matmuls(z, self.B.astype(cd)[None])                 # [N, d_out]
+    return (common.scaling(self.alpha, self.rank) * h).reshape(*x.shape[:-1], self.d_out).astype(cd)
 
   def delta_weight(self, context=None, gates=None) -> jnp.ndarray:
     """Dense Delta W = B[B_ij A_ij^T]: [d_out, d_in]."""

@@ -5,8 +5,12 @@ Block-wise (macro-routing, Eq. 5-6): one global router, one gate vector g in R^E
 Cell-wise (micro-routing, Eq. 7-8): an independent router per cell, gates g^(i,j) in R^E,
   h_i = (alpha / r) sum_j sum_e g_e^(i,j) B_ij^(e) A_ij^(e)T x_j.
 
-Experts are stacked arrays, A: [E, K_y, K_x, d_in/K_x, r], B: [E, K_y, K_x, d_out/K_y, r], applied with
-einsum (axis letters in `localmoe.grid`). Gates are mixed in rank space, z = g * (A^T x_j), then B z, so no
+Experts are stacked arrays, A: [E, K_y, K_x, d_in/K_x, r], B: [E, K_y, K_x, d_out/K_y, r] (axis letters in
+`localmoe.grid`). They are applied as one 2-D GEMM per input field and one per output segment
+(`grid.field_matmuls`, `grid.segment_matmuls`; the module docstring of `localmoe.grid` says why this beats
+the einsum form). An activation router is fused into stage 1: its columns that read field x_j join that
+field's GEMM (cell-wise: the K_y routers of column j, Eq. 7; block-wise: rows j of the global W_g, whose
+partial logits are summed over j, Eq. 5). Gates are mixed in rank space, z = g * (A^T x_j), then B z, so no
 per-example d_out x d_in update is ever built: the extra activation memory is O(batch * E * K_y * K_x * r).
 """
 
@@ -62,7 +66,8 @@ class _RoutedGrid(nn.Module):
       raise ValueError(f"temperature={self.temperature} must be > 0.")
     super().__post_init__()
 
-  # Subclasses define: router_grid (), router_per_field, _router_features(), _cell_gates(gates).
+  # Subclasses define: router_grid, router_per_field, _router_features(), _cell_gates(gates),
+  # _router_columns(kernel) and _field_logits(columns) (the activation router fused into stage 1).
   router_grid = property(lambda self: ())
   router_per_field = property(lambda self: False)
 
@@ -103,19 +108,35 @@ class _RoutedGrid(nn.Module):
     return self.router(grid.split_fields(x, self.k_x) if self.router_per_field else x)
 
   def __call__(self, x: jnp.ndarray, context=None, gates: jnp.ndarray | None = None) -> jnp.ndarray:
-    """Eq. 6 / Eq. 8. x: [..., d_in] -> Delta(x): [..., d_out].
+    """Eq. 6 / Eq. 8. x: [..., d_in] -> Delta(x): [..., d_out] in the compute dtype.
 
     context: [..., D] (or integer labels [...]) for router_input="context"; ignored otherwise.
     gates: optional fixed gates that bypass the router, [..., E] (block-wise) or [..., K_y, K_x, E].
     """
     cd = common.compute_dtype(self.dtype, x, self.param_dtype)
     x = x.astype(cd)
-    gates = self.route(x, context) if gates is None else jnp.asarray(gates).astype(cd)
-    xs = grid.split_fields(x, self.k_x)                                  # [..., K_x, d_in/K_x]
-    z = jnp.einsum("...jd,eijdr->...eijr", xs, self.A.astype(cd))        # [..., E, K_y, K_x, r]
-    z = z * self._rank_space_gates(gates)                                # gate mixing in rank space
-    h = jnp.einsum("...eijr,eijor->...io", z, self.B.astype(cd))         # [..., K_y, d_out/K_y]
-    return (common.scaling(self.alpha, self.rank) * grid.merge_segments(h)).astype(cd)
+    fused = gates is None and self.router_input == "activation"
+    if fused:
+      lead = x.shape[:-1]
+    else:
+      gates = self.route(x, context) if gates is None else jnp.asarray(gates).astype(cd)
+      gates = self._cell_gates(gates)                                    # [..., 1 or K_y, 1 or K_x, E]
+      lead = jnp.broadcast_shapes(x.shape[:-1], gates.shape[:-3])
+    x2 = grid.flatten_tokens(jnp.broadcast_to(x, (*lead, self.d_in)))    # [N, d_in]
+    n, e, k_y = x2.shape[0], self.num_experts, self.k_y
+    weights = grid.expert_columns(self.A.astype(cd))                     # [K_x, d_in/K_x, K_y*E*r]
+    width = weights.shape[-1]
+    if fused:                                                            # router columns join stage 1
+      weights = jnp.concatenate([weights, self._router_columns(self.router.kernel.astype(cd))], axis=-1)
+    columns = grid.field_matmuls(x2, weights, routing.logit_dtype(cd) if fused else None)
+    z = grid.codes_by_cell(columns[..., :width].astype(cd), k_y, e)      # [N, K_y, K_x, E, r]
+    if fused:
+      gates = self._cell_gates(self.router.gates(self._field_logits(columns[..., width:]), cd))
+    else:
+      gates = jnp.broadcast_to(gates, (*lead, *gates.shape[-3:])).reshape(n, *gates.shape[-3:])
+    z = z * gates[..., None]                                             # gate mixing in rank space
+    h = grid.segment_matmuls(z, self.B.astype(cd))                       # [N, d_out]
+    return (common.scaling(self.alpha, self.rank) * h).reshape(*lead, self.d_out).astype(cd)
 
   def delta_weight(self, context=None, gates: jnp.ndarray | None = None) -> jnp.ndarray:
     """Dense Delta W [d_out, d_in] for ONE fixed routing: a single context vector/label, or fixed gates."""
@@ -125,9 +146,9 @@ class _RoutedGrid(nn.Module):
                          "Delta W, or evaluate the adapter on x directly.")
       gates = self.route(None, context)
     cd = common.compute_dtype(self.dtype, None, self.param_dtype)
-    cell_gates = self._rank_space_gates(jnp.asarray(gates).astype(cd))[..., 0]   # [E, K_y, K_x] (broadcast)
-    cell_gates = jnp.broadcast_to(cell_gates, (self.num_experts, self.k_y, self.k_x))
-    blocks = jnp.einsum("eij,eijor,eijdr->ijod", cell_gates, self.B.astype(cd), self.A.astype(cd))
+    cell_gates = self._cell_gates(jnp.asarray(gates).astype(cd))
+    cell_gates = jnp.broadcast_to(cell_gates, (self.k_y, self.k_x, self.num_experts))   # [K_y, K_x, E]
+    blocks = jnp.einsum("ije,eijor,eijdr->ijod", cell_gates, self.B.astype(cd), self.A.astype(cd))
     return (common.scaling(self.alpha, self.rank) * grid.assemble(blocks)).astype(cd)
 
   def num_params(self) -> int:
@@ -148,9 +169,17 @@ class BlockWiseLoRAMoE(_RoutedGrid):
   def _router_features(self) -> int:
     return self.context_dim if self.router_input == "context" else self.d_in
 
-  def _rank_space_gates(self, gates: jnp.ndarray) -> jnp.ndarray:
-    """[..., E] -> [..., E, 1, 1, 1]: the same gate for every cell."""
-    return gates[..., :, None, None, None]
+  def _cell_gates(self, gates: jnp.ndarray) -> jnp.ndarray:
+    """[..., E] -> [..., 1, 1, E]: the same gate for every cell."""
+    return gates[..., None, None, :]
+
+  def _router_columns(self, kernel: jnp.ndarray) -> jnp.ndarray:
+    """W_g [d_in, E] -> [K_x, d_in/K_x, E]: the rows of W_g that read field j (Eq. 5 split by fields)."""
+    return kernel.reshape(self.k_x, self.d_in // self.k_x, self.num_experts)
+
+  def _field_logits(self, columns: jnp.ndarray) -> jnp.ndarray:
+    """Per-field partial logits [N, K_x, E] -> x W_g = sum_j x_j W_g,j: [N, E]."""
+    return columns.sum(axis=1)
 
 
 class CellWiseLoRAMoE(_RoutedGrid):
@@ -165,6 +194,15 @@ class CellWiseLoRAMoE(_RoutedGrid):
   def _router_features(self) -> int:
     return self.context_dim if self.router_input == "context" else self.d_in // self.k_x
 
-  def _rank_space_gates(self, gates: jnp.ndarray) -> jnp.ndarray:
-    """[..., K_y, K_x, E] -> [..., E, K_y, K_x, 1]."""
-    return jnp.moveaxis(gates, -1, -3)[..., None]
+  def _cell_gates(self, gates: jnp.ndarray) -> jnp.ndarray:
+    """[..., K_y, K_x, E] unchanged; a single gate vector [E] is shared by every cell."""
+    return gates[None, None, :] if gates.ndim == 1 else gates
+
+  def _router_columns(self, kernel: jnp.ndarray) -> jnp.ndarray:
+    """W_g^(i,j) [K_y, K_x, d_in/K_x, E] -> [K_x, d_in/K_x, (i, e)]: column j's K_y routers read x_j (Eq. 7)."""
+    return kernel.transpose(1, 2, 0, 3).reshape(self.k_x, self.d_in // self.k_x, -1)
+
+  def _field_logits(self, columns: jnp.ndarray) -> jnp.ndarray:
+    """[N, K_x, (i, e)] -> logits [N, K_y, K_x, E]."""
+    n = columns.shape[0]
+    return columns.reshape(n, self.k_x, self.k_y, self.num_experts).transpose(0, 2, 1, 3)
