@@ -1,47 +1,83 @@
-"""Adapting a whole Flax model: attach an adapter to every nn.Dense whose module path matches a pattern.
+"""Adapting a whole Flax model: attach adapters to the nn.Dense / nn.DenseGeneral layers whose path matches.
 
 This is PEFT's `target_modules` for flax.linen. The backbone is not rewritten: its params stay frozen and
 untouched, and during `apply` a method interceptor (`nn.intercept_methods`) adds the adapter's update to the
-output of each matched Dense,
+output of each matched layer,
 
   y = Dense(x) + Delta_l(x)          (LoRA Eq. 1, Localized LoRA Eq. 4, LoRA-MoE Eq. 6/8, DoRA, ...)
 
-so any linen model whose linear maps are nn.Dense (or subclasses) can be adapted without changes.
+so any linen model whose linear maps are nn.Dense or nn.DenseGeneral (or subclasses) can be adapted without
+changes; linen's own `nn.MultiHeadDotProductAttention` builds query/key/value/out from DenseGeneral.
 
-  adapted, trainable = inject(model, frozen_params, {"method": "lora", "rank": 8, "alpha": 16},
-                              jnp.zeros((1, 2)), target_modules=r"hidden_\\d+", key=key)
-  y = adapted.apply(frozen_params, trainable, x)         # frozen_params are never differentiated here
+  adapted, trainable = inject(model, frozen_params, {"method": "cellwise_moe", "k_y": 4, "k_x": 4, "rank": 2,
+                              "num_experts": 4, "router_input": "context", "context_dim": 3},
+                              x_example, target_modules=r".*(query|key|value|out)", key=key,
+                              trainable_extras=r"head")
+  y = adapted.apply(frozen_params, trainable, x, context=task_ids)       # frozen params are never trained
+  y, routing = adapted.apply(frozen_params, trainable, x, context=task_ids, capture_routing=True)
+  aux = router_losses(routing, load_balance=0.01, z_loss=1e-3)           # add aux["aux_loss"] to the loss
+  plain = adapted.merge(frozen_params, trainable, context=1)             # model.apply({"params": plain}, x)
+
+DenseGeneral: the grid and the routers see the flattened widths, d_in = prod(in axes) and d_out =
+prod(features); q/k/v map [..., d] -> [..., heads, head_dim] (d_out = heads * head_dim), the output projection
+[..., heads, head_dim] -> [..., d] (d_in = heads * head_dim). The flattening order is the kernel's, so
+`Delta W` of a cell is a block of `kernel.reshape(d_in, d_out).T`.
+
+Trainable params are {"adapter": <the adapter's params>, "extras": <frozen-model params kept trainable>}:
+`trainable_extras` (PEFT's `modules_to_save`) selects frozen-model modules by path pattern (a task head, one
+head per task); their params start from the frozen values, are counted separately (`num_extra_params`) and
+replace the frozen ones in `apply` and `merge`.
+
+Context: `apply(..., context=c)` hands a per-example context (one-hot or embedding [batch, D], or integer
+labels [batch]) to every context-routed adapter. The router reads it once per example and its gates are
+broadcast over the remaining leading axes of the layer's input (the tokens). Activation-routed adapters
+route on their own input; both kinds may be mixed in one model (`PerLayer.rules`).
 
 Adapters come in two kinds, both handled by an `AdapterSet` (init over all matched layers; a per-forward
 `session` that returns Delta for the l-th matched call):
   * per-layer adapters (`PerLayer`): one independent module per matched layer, built from a spec for
-    `localmoe.adapters.make` (d_in/d_out filled in) or from a callable. Trainable params: {path: params}.
+    `localmoe.adapters.make` (d_in/d_out filled in), from (pattern, spec) rules, or from a callable.
     An adapter class with `uses_base_kernel = True` (DoRA) also receives the frozen kernel [d_in, d_out].
   * model-wide adapters (`localmoe.queryable.QueryableLoRA`): shared parameters across layers and a state
     carried from layer to layer within one forward pass (Algorithm 1).
 
-Matched layers are ordered by their first call in a forward pass; that order is `adapted.layers`.
+Matched layers are ordered by their first call in a forward pass; that order is `adapted.layers`. Layers
+inside `nn.scan` or `nn.vmap` (stacked kernels) are refused with an error naming the layer; `nn.remat`
+layers are adapted like any other (one adapter per layer).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from localmoe import adapters as adapters_lib
+from localmoe import routing
+
+LINEAR_TYPES = (nn.Dense, nn.DenseGeneral)
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerInfo:
-  """One matched Dense layer."""
-  path: str                       # module path, "/"-joined, e.g. "hidden_3" or "block_0_attn/query"
-  d_in: int                       # input width
-  d_out: int                      # output width (Dense.features)
+  """One matched linear layer."""
+  path: str                       # module path, "/"-joined, e.g. "hidden_3" or "encoder/layer_0/attention/self/query"
+  d_in: int                       # flattened input width, prod(in_shape)
+  d_out: int                      # flattened output width, prod(out_shape)
+  kind: str = "Dense"             # "Dense" or "DenseGeneral"
+  in_shape: tuple[int, ...] = ()  # the contracted input axes' sizes, in kernel order (Dense: (d_in,))
+  out_shape: tuple[int, ...] = () # the features (Dense: (d_out,))
+  axis: tuple[int, ...] = (-1,)   # the contracted axes of the layer's input (negative, kernel order)
+
+  def to_json(self) -> dict:
+    return {"path": self.path, "kind": self.kind, "in_shape": list(self.in_shape),
+            "out_shape": list(self.out_shape), "d_in": self.d_in, "d_out": self.d_out}
 
 
 class Session(Protocol):
@@ -54,7 +90,7 @@ class AdapterSet(Protocol):
 
   def init(self, key: jax.Array, layers: Sequence[LayerInfo], kernels: Sequence[jnp.ndarray]) -> Any: ...
 
-  def session(self, params: Any, layers: Sequence[LayerInfo]) -> Session: ...
+  def session(self, params: Any, layers: Sequence[LayerInfo], context=None) -> Session: ...
 
   def num_params(self, layers: Sequence[LayerInfo]) -> int: ...
 
@@ -62,16 +98,69 @@ class AdapterSet(Protocol):
 # ------------------------------------------------------------------------------------------- per-layer
 
 
+def routes_on_context(module: nn.Module) -> bool:
+  """True for a routed adapter whose router reads an external context (the paper's setting)."""
+  return getattr(module, "router_input", None) == "context"
+
+
+def routes_on_activation(module: nn.Module) -> bool:
+  return getattr(module, "router_input", None) == "activation"
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterTrace:
+  """What one routed layer's router produced in a forward pass (`apply(..., capture_routing=True)`).
+
+  logits, gates: [*lead, routers, E], lead = the batch axes the router ran on: [batch] for a context
+  router (one routing per example), the layer's leading axes (e.g. [batch, tokens]) for an activation router.
+  routers = 1 (block-wise) or K_y * K_x (cell-wise, row-major over the grid).
+  """
+  path: str
+  logits: jnp.ndarray
+  gates: jnp.ndarray
+  grid: tuple[int, ...]           # () block-wise, (K_y, K_x) cell-wise
+  top_k: int | None
+
+
 class _PerLayerSession:
-  def __init__(self, modules, params, layers):
+  def __init__(self, modules, params, layers, context, capture: list | None):
     self.modules, self.params, self.layers = modules, params, layers
+    self.context, self.capture = context, capture
 
   def __call__(self, index, x, kernel):
-    path = self.layers[index].path
-    module = self.modules[path]
-    if getattr(module, "uses_base_kernel", False):
-      return module.apply({"params": self.params[path]}, x, kernel=kernel)
-    return module.apply({"params": self.params[path]}, x)
+    layer = self.layers[index]
+    module = self.modules[layer.path]
+    variables = {"params": self.params[layer.path]}
+    extra = {"kernel": kernel} if getattr(module, "uses_base_kernel", False) else {}
+    if routes_on_context(module):
+      if self.context is None:
+        raise ValueError(f"layer {layer.path!r} has a context-routed adapter ({type(module).__name__}, "
+                         "router_input='context') but apply was called without a context: pass "
+                         "context=<labels [batch] or one-hot/embedding [batch, context_dim]>.")
+      gates, state = module.apply(variables, None, self.context, method="route", mutable=["intermediates"])
+      lead = x.shape[:-1]
+      batch = gates.ndim - (1 if module.router_grid == () else 3)                    # axes of the context
+      self._record(layer, module, state, gates.shape[:batch])
+      if tuple(gates.shape[:batch]) != tuple(lead[:batch]):
+        raise ValueError(f"layer {layer.path!r}: the context has batch shape {tuple(gates.shape[:batch])} but "
+                         f"the layer's input has leading axes {tuple(lead)}: pass one context per example.")
+      gates = gates.reshape(gates.shape[:batch] + (1,) * (len(lead) - batch) + gates.shape[batch:])
+      gates = jnp.broadcast_to(gates, lead + gates.shape[len(lead):])
+      return module.apply(variables, x, gates=gates, **extra)
+    if routes_on_activation(module):
+      out, state = module.apply(variables, x, mutable=["intermediates"], **extra)
+      self._record(layer, module, state, x.shape[:-1])
+      return out
+    return module.apply(variables, x, **extra)
+
+  def _record(self, layer, module, state, lead):
+    """Keeps the router's sown logits/gates [tokens, R, E] as [*lead, R, E]."""
+    if self.capture is None:
+      return
+    for found in routing.collect_router_outputs(state.get("intermediates", {})):
+      shape = tuple(lead) + found.gates.shape[-2:]
+      self.capture.append(RouterTrace(layer.path, found.logits.reshape(shape), found.gates.reshape(shape),
+                                      tuple(module.router_grid), getattr(module, "top_k", None)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,15 +168,26 @@ class PerLayer:
   """An independent adapter per matched layer.
 
   build: a spec for `localmoe.adapters.make` ({"method": "lora", "rank": 8, ...}; d_in/d_out are filled in
-  per layer) or a callable LayerInfo -> nn.Module.
+    per layer), a sequence of (pattern, spec) rules (the first pattern that fully matches a layer's path
+    chooses its spec; e.g. context routers on attention and activation routers on the FFN), or a callable
+    LayerInfo -> nn.Module.
   """
-  build: Mapping[str, Any] | Callable[[LayerInfo], nn.Module]
+  build: Mapping[str, Any] | Sequence[tuple[str, Mapping[str, Any]]] | Callable[[LayerInfo], nn.Module]
+
+  def spec_for(self, layer: LayerInfo) -> Mapping[str, Any]:
+    if isinstance(self.build, Mapping):
+      return self.build
+    for pattern, spec in self.build:
+      if re.fullmatch(pattern, layer.path):
+        return spec
+    raise ValueError(f"layer {layer.path!r} matches target_modules but none of the adapter rules' patterns "
+                     f"{[p for p, _ in self.build]}: add a rule for it or narrow target_modules.")
 
   def module(self, layer: LayerInfo) -> nn.Module:
-    if callable(self.build):
+    if callable(self.build) and not isinstance(self.build, Mapping):
       return self.build(layer)
     try:
-      return adapters_lib.make(self.build, d_in=layer.d_in, d_out=layer.d_out)
+      return adapters_lib.make(self.spec_for(layer), d_in=layer.d_in, d_out=layer.d_out)
     except ValueError as error:
       raise ValueError(f"adapter for layer {layer.path!r} ({layer.d_in} -> {layer.d_out}): {error}") from None
 
@@ -98,16 +198,41 @@ class PerLayer:
     params = {}
     for i, (layer, kernel) in enumerate(zip(layers, kernels)):
       module = self.module(layer)
-      x0 = jnp.zeros((1, layer.d_in), kernel.dtype)
+      x0 = jnp.zeros((1, layer.d_in), jnp.float32)
       extra = {"kernel": kernel} if getattr(module, "uses_base_kernel", False) else {}
+      if routes_on_context(module):
+        extra["context"] = jnp.zeros((1,), jnp.int32)
       params[layer.path] = module.init(jax.random.fold_in(key, i), x0, **extra)["params"]
     return params
 
-  def session(self, params, layers):
-    return _PerLayerSession(self.modules(layers), params, layers)
+  def session(self, params, layers, context=None, capture=None):
+    return _PerLayerSession(self.modules(layers), params, layers, context, capture)
 
   def num_params(self, layers):
     return sum(self.module(layer).num_params() for layer in layers)
+
+  def to_json(self) -> Any:
+    if isinstance(self.build, Mapping):
+      return _jsonable(dict(self.build), "adapter spec")
+    if callable(self.build):
+      raise ValueError("an adapter built by a callable cannot be saved: build it from a spec dict (or (pattern, "
+                       "spec) rules) so adapter_config.json can describe it.")
+    return [[pattern, _jsonable(dict(spec), f"adapter spec for {pattern!r}")] for pattern, spec in self.build]
+
+
+def _jsonable(spec: dict, what: str) -> dict:
+  out = {}
+  for key, value in spec.items():
+    if isinstance(value, (str, int, float, bool, type(None))):
+      out[key] = value
+    elif isinstance(value, (tuple, list)) and all(isinstance(v, (str, int, float, bool)) for v in value):
+      out[key] = list(value)
+    elif hasattr(value, "dtype") or value in (jnp.float32, jnp.bfloat16, jnp.float16):
+      out[key] = jnp.dtype(value).name
+    else:
+      raise ValueError(f"{what}: field {key}={value!r} cannot be written to adapter_config.json; use a name "
+                       "(e.g. a_init='lora') instead of a callable.")
+  return out
 
 
 # ------------------------------------------------------------------------------------------- matching
@@ -125,8 +250,8 @@ def path_matcher(target_modules: str | Sequence[str]) -> Callable[[str], bool]:
   return lambda path: any(path == n or path.endswith("/" + n) for n in names)
 
 
-def _dense_call(context) -> bool:
-  return context.method_name == "__call__" and isinstance(context.module, nn.Dense)
+def _linear_call(context) -> bool:
+  return context.method_name == "__call__" and isinstance(context.module, LINEAR_TYPES)
 
 
 def _path(module: nn.Module) -> str:
@@ -137,73 +262,199 @@ def _inputs(args, kwargs):
   return args[0] if args else kwargs["inputs"]
 
 
+def _layer_geometry(module: nn.Module, x) -> tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  """(kind, in_shape, out_shape, axis) of a Dense/DenseGeneral call on input x."""
+  path = _path(module)
+  if isinstance(module, nn.Dense):
+    return "Dense", (int(x.shape[-1]),), (int(module.features),), (-1,)
+  if getattr(module, "batch_dims", ()):
+    raise ValueError(f"layer {path!r} is an nn.DenseGeneral with batch_dims={module.batch_dims}: its kernel "
+                     "differs per batch index, so one adapter cannot stand for it; leave it out of target_modules.")
+  axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
+  axis = tuple(int(a) - x.ndim if int(a) >= 0 else int(a) for a in axis)           # negative, kernel order
+  features = module.features if isinstance(module.features, Sequence) else (module.features,)
+  return "DenseGeneral", tuple(int(x.shape[a]) for a in axis), tuple(int(f) for f in features), axis
+
+
+def _flatten_input(x: jnp.ndarray, layer: LayerInfo) -> jnp.ndarray:
+  """Moves the contracted axes last (kernel order) and flattens them: [..., d_in]."""
+  if layer.kind == "Dense":
+    return x
+  rest = [a for a in range(-x.ndim, 0) if a not in layer.axis]
+  x = jnp.transpose(x, [a % x.ndim for a in (*rest, *layer.axis)])
+  return x.reshape(*x.shape[:len(rest)], layer.d_in)
+
+
+def _kernel_2d(kernel: jnp.ndarray, layer: LayerInfo) -> jnp.ndarray:
+  return kernel.reshape(layer.d_in, layer.d_out)                                      # [d_in, d_out]
+
+
+def _keys(path: str) -> list[str]:
+  """Module path "a/b" -> ["a", "b"]; the root module's path "" -> []."""
+  return path.split("/") if path else []
+
+
+def _tree_get(tree, path: Sequence[str]):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
 # ------------------------------------------------------------------------------------------- the model
 
 
 @dataclasses.dataclass(frozen=True)
 class AdaptedModel:
-  """A frozen Flax model with an adapter attached to its matched Dense layers (built by `inject`)."""
+  """A frozen Flax model with adapters attached to its matched linear layers (built by `inject`)."""
   model: nn.Module                                    # the backbone, unchanged
   adapter: Any                                        # an AdapterSet (PerLayer, QueryableLoRA, ...)
   layers: tuple[LayerInfo, ...]                       # matched layers in call order
   example_args: tuple[Any, ...]                       # shapes used to discover the layers
   target_modules: str | tuple[str, ...]
+  trainable_extras: str | None = None                 # regex over module paths of frozen params to train
+  extra_paths: tuple[str, ...] = ()                   # module paths selected by trainable_extras
 
   @property
   def paths(self) -> tuple[str, ...]:
     return tuple(layer.path for layer in self.layers)
 
   def num_params(self) -> int:
-    """Trainable adapter parameters."""
+    """Trainable adapter parameters (without the trainable extras)."""
     return int(self.adapter.num_params(self.layers))
 
+  def num_extra_params(self, frozen_params) -> int:
+    """Parameters of the frozen-model modules kept trainable (`trainable_extras`)."""
+    return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(self.extras_of(frozen_params))))
+
+  def context_routed_paths(self) -> tuple[str, ...]:
+    """Matched layers whose adapter routes on an external context."""
+    if not isinstance(self.adapter, PerLayer):
+      return ()
+    return tuple(l.path for l in self.layers if routes_on_context(self.adapter.module(l)))
+
+  def extras_of(self, frozen_params) -> dict:
+    """The frozen params selected by `trainable_extras`, nested like the model's params."""
+    out: dict = {}
+    for module_path in self.extra_paths:
+      keys = module_path.split("/")
+      node = out
+      for key in keys[:-1]:
+        node = node.setdefault(key, {})
+      node[keys[-1]] = jax.tree_util.tree_map(jnp.asarray, _tree_get(frozen_params, keys))
+    return out
+
   def base_kernels(self, frozen_params) -> list[jnp.ndarray]:
-    """Frozen kernels [d_in, d_out] of the matched layers (a discovery pass; cheap under jit)."""
+    """Frozen kernels [d_in, d_out] (flattened for DenseGeneral) of the matched layers, in call order."""
+    return [_kernel_2d(jnp.asarray(_tree_get(frozen_params, _keys(l.path) + ["kernel"])), l)
+            for l in self.layers]
+
+  def init_adapter(self, key: jax.Array, frozen_params) -> dict:
+    """Fresh trainable params {"adapter": ..., "extras": ...} (for a new seed)."""
+    return {"adapter": self.adapter.init(key, self.layers, self.base_kernels(frozen_params)),
+            "extras": self.extras_of(frozen_params)}
+
+  def _with_extras(self, frozen_params, extras):
+    if not extras:
+      return frozen_params
+    def overlay(base, new):
+      if not isinstance(new, Mapping):
+        return new
+      merged = dict(base)
+      for key, value in new.items():
+        merged[key] = overlay(base[key], value)
+      return merged
+    return overlay(frozen_params, extras)
+
+  def apply(self, frozen_params, trainable, *args, context=None, capture_routing: bool = False, **kwargs):
+    """The adapted forward pass: the backbone with Delta added to every matched layer's output.
+
+    context: per-example context for the context-routed adapters (labels [batch] or [batch, D]).
+    capture_routing: also return the router traces, [RouterTrace] in call order (for `router_losses` and
+      `routing_diagnostics`).
+    """
+    params = self._with_extras(jax.lax.stop_gradient(frozen_params), trainable.get("extras"))
+    traces: list[RouterTrace] | None = [] if capture_routing else None
+    if isinstance(self.adapter, PerLayer):
+      session = self.adapter.session(trainable["adapter"], self.layers, context=context, capture=traces)
+    else:
+      session = self.adapter.session(trainable["adapter"], self.layers, context=context)
     index = {p: i for i, p in enumerate(self.paths)}
-    kernels = [None] * len(self.layers)
     matches = path_matcher(self.target_modules)
 
-    def grab(next_fun, args, kwargs, context):
-      if _dense_call(context) and matches(_path(context.module)):
-        kernels[index[_path(context.module)]] = context.module.get_variable("params", "kernel")
-      return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(grab):
-      self.model.apply({"params": frozen_params}, *self.example_args)
-    return kernels
-
-  def init_adapter(self, key: jax.Array, frozen_params) -> Any:
-    """Fresh trainable adapter params (for a new seed)."""
-    return self.adapter.init(key, self.layers, self.base_kernels(frozen_params))
-
-  def apply(self, frozen_params, adapter_params, *args, **kwargs):
-    """The adapted forward pass: the backbone with Delta added to every matched Dense output."""
-    frozen_params = jax.lax.stop_gradient(frozen_params)
-    session = self.adapter.session(adapter_params, self.layers)
-    index = {p: i for i, p in enumerate(self.paths)}
-    matches = path_matcher(self.target_modules)
-
-    def add_delta(next_fun, args, kwargs, context):
+    def add_delta(next_fun, args, kwargs, ctx):
       y = next_fun(*args, **kwargs)
-      if not _dense_call(context):
+      if not _linear_call(ctx):
         return y
-      path = _path(context.module)
+      path = _path(ctx.module)
       if not matches(path):
         return y
       if path not in index:
         raise ValueError(f"layer {path!r} matches target_modules but was not seen when the model was "
                          "injected (different input shapes or control flow?): re-run inject with inputs "
                          "that reach it.")
-      kernel = context.module.get_variable("params", "kernel")
-      return y + session(index[path], _inputs(args, kwargs), kernel).astype(y.dtype)
+      layer = self.layers[index[path]]
+      x = _flatten_input(_inputs(args, kwargs), layer)                               # [..., d_in]
+      kernel = _kernel_2d(ctx.module.get_variable("params", "kernel"), layer)        # [d_in, d_out]
+      delta = session(index[path], x, kernel)                                         # [..., d_out]
+      return y + delta.reshape(y.shape).astype(y.dtype)
 
     with nn.intercept_methods(add_delta):
-      return self.model.apply({"params": frozen_params}, *args, **kwargs)
+      y = self.model.apply({"params": params}, *args, **kwargs)
+    return (y, traces) if capture_routing else y
+
+  def merge(self, frozen_params, trainable, context=None):
+    """Plain params for `model.apply`: every matched kernel + Delta W (Eq. 9), extras in place.
+
+    Static adapters merge as they are; context-routed ones at ONE fixed context (a label or a vector [D]),
+    giving one merged model per context. Activation-routed adapters cannot be merged (their Delta W changes
+    with every input): the error names the layer.
+    """
+    if not isinstance(self.adapter, PerLayer):
+      raise ValueError(f"{type(self.adapter).__name__} routes on activations across layers: its update depends "
+                       "on every input, so it has no fixed Delta W to merge; apply the adapted model instead.")
+    params = jax.tree_util.tree_map(jnp.asarray, self._with_extras(frozen_params, trainable.get("extras")))
+    params = jax.tree_util.tree_map(lambda a: a, params)                              # a copy we may edit
+    for layer in self.layers:
+      module = self.adapter.module(layer)
+      if routes_on_activation(module):
+        raise ValueError(f"layer {layer.path!r}: {type(module).__name__} routes on its input "
+                         "(router_input='activation'), so Delta W changes with every x and cannot be merged; "
+                         "use router_input='context' to merge per context, or apply the adapted model.")
+      if routes_on_context(module) and context is None:
+        raise ValueError(f"layer {layer.path!r} is context-routed: merge(..., context=<one label or a [D] "
+                         "vector>) builds the merged model of that one context.")
+      keys = _keys(layer.path)
+      if not keys:
+        raise ValueError("merge needs the adapted layer to be a submodule of the model (its params under a "
+                         "name), not the root module itself.")
+      node = _tree_get(params, keys)
+      kernel = node["kernel"]
+      variables = {"params": trainable["adapter"][layer.path]}
+      eye = jnp.eye(layer.d_in, dtype=jnp.float32)                                  # Delta is linear in x here
+      extra = {"kernel": _kernel_2d(kernel, layer)} if getattr(module, "uses_base_kernel", False) else {}
+      if routes_on_context(module):
+        c = jnp.asarray(context)
+        c = jnp.broadcast_to(c, (layer.d_in,) + c.shape)
+        extra["context"] = c
+      delta = module.apply(variables, eye, **extra)                                  # [d_in, d_out] = Delta W^T
+      node = dict(node)
+      node["kernel"] = kernel + delta.reshape(kernel.shape).astype(kernel.dtype)
+      parent = _tree_get(params, keys[:-1]) if len(keys) > 1 else params
+      parent[keys[-1]] = node
+    return params
 
 
 def adapter_set(adapter) -> AdapterSet:
   """An AdapterSet from a spec: {"method": "queryable_lora", ...} builds `QueryableLoRA`; any other method
-  name is a per-layer adapter of `localmoe.adapters.make` (wrapped in `PerLayer`). AdapterSets pass through."""
+  name is a per-layer adapter of `localmoe.adapters.make` (wrapped in `PerLayer`); a list of (pattern, spec)
+  rules is a `PerLayer` with per-layer specs. AdapterSets pass through."""
+  if isinstance(adapter, (list, tuple)):
+    rules = [(pattern, dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)) for pattern, spec in adapter]
+    for pattern, spec in rules:
+      if spec.get("method") not in adapters_lib.ADAPTERS:
+        raise ValueError(f"adapter rule {pattern!r}: method={spec.get('method')!r} is not a per-layer adapter; "
+                         f"valid: {sorted(adapters_lib.ADAPTERS)}.")
+    return PerLayer(tuple(rules))
   if not (isinstance(adapter, Mapping) or hasattr(adapter, "to_dict")):
     return adapter
   spec = dict(adapter.to_dict() if hasattr(adapter, "to_dict") else adapter)
@@ -221,53 +472,178 @@ def adapter_set(adapter) -> AdapterSet:
 
 
 def find_layers(model: nn.Module, params, example_args: Sequence[Any],
-                target_modules: str | Sequence[str]) -> tuple[LayerInfo, ...]:
-  """The nn.Dense layers whose path matches, in order of their first call (shape-only pass)."""
+                target_modules: str | Sequence[str], example_kwargs: Mapping[str, Any] | None = None
+                ) -> tuple[LayerInfo, ...]:
+  """The nn.Dense / nn.DenseGeneral layers whose path matches, in order of their first call (shape-only pass).
+
+  A matched layer inside nn.scan / nn.vmap (its kernel in `params` has more axes than the layer sees) is an
+  error naming the layer.
+  """
   matches = path_matcher(target_modules)
   found: dict[str, LayerInfo] = {}
 
   def record(next_fun, args, kwargs, context):
-    if _dense_call(context):
+    if _linear_call(context):
       path = _path(context.module)
       if matches(path) and path not in found:
         x = _inputs(args, kwargs)
-        found[path] = LayerInfo(path=path, d_in=int(x.shape[-1]), d_out=int(context.module.features))
+        kind, in_shape, out_shape, axis = _layer_geometry(context.module, x)
+        seen = tuple(context.module.get_variable("params", "kernel").shape)
+        try:
+          stored = tuple(np.shape(_tree_get(params, [str(p) for p in context.module.path] + ["kernel"])))
+        except (KeyError, TypeError):
+          stored = seen
+        if stored != seen:
+          raise ValueError(
+              f"layer {path!r} is inside a lifted transform (nn.scan or nn.vmap): its kernel is stored as "
+              f"{stored} but each call sees {seen}, so one adapter per layer cannot be attached; unroll the "
+              "stack (a Python loop over layers, or scan=False) or leave it out of target_modules.")
+        found[path] = LayerInfo(path=path, d_in=math.prod(in_shape), d_out=math.prod(out_shape), kind=kind,
+                                in_shape=in_shape, out_shape=out_shape, axis=axis)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda p, *a: model.apply({"params": p}, *a), params, *example_args)
+    jax.eval_shape(lambda p, *a: model.apply({"params": p}, *a, **(example_kwargs or {})), params, *example_args)
   return tuple(found.values())
 
 
+def _module_paths(params) -> list[str]:
+  """"/"-joined module paths that hold leaves directly (e.g. "head" for head/kernel, head/bias)."""
+  paths = []
+  for key_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in key_path]
+    module = "/".join(keys[:-1])
+    if module not in paths:
+      paths.append(module)
+  return paths
+
+
 def inject(model: nn.Module, params, adapter, *example_args, target_modules: str | Sequence[str],
-           key: jax.Array) -> tuple[AdaptedModel, Any]:
-  """Freezes `params` and attaches `adapter` to every nn.Dense whose path matches `target_modules`.
+           key: jax.Array, trainable_extras: str | None = None,
+           example_kwargs: Mapping[str, Any] | None = None) -> tuple[AdaptedModel, dict]:
+  """Freezes `params` and attaches `adapter` to every nn.Dense / nn.DenseGeneral matching `target_modules`.
 
   Args:
-    model: any flax.linen model; its linear maps must be nn.Dense (or subclasses) to be adaptable.
+    model: any flax.linen model; its linear maps must be nn.Dense / nn.DenseGeneral (or subclasses).
     params: the pretrained `params` collection (frozen: `apply` stops their gradient).
-    adapter: an `AdapterSet`, or a spec dict for `localmoe.adapters.make` (wrapped in `PerLayer`).
+    adapter: an `AdapterSet`, a spec dict for `localmoe.adapters.make` (wrapped in `PerLayer`), or a list of
+      (pattern, spec) rules (per-layer specs; first full match wins).
     *example_args: inputs of the right shapes (e.g. jnp.zeros((1, 2))), used to discover the layers.
     target_modules: a regex that must match the whole path ("hidden_\\d+", ".*attn/(query|value)"), or a
       list of layer names matched as path suffixes (PEFT's list semantics).
     key: PRNG key for the adapter's initialisation.
+    trainable_extras: a regex over module paths of `params` (e.g. "head" or "heads/task_\\d+") whose params
+      stay trainable (PEFT's `modules_to_save`), counted separately from the adapters.
+    example_kwargs: keyword inputs of the model for the discovery pass (e.g. {"attention_mask": ...}).
 
   Returns:
-    (adapted, trainable): call `adapted.apply(params, trainable, *inputs)`; `trainable` holds only adapter
-    params; `adapted.paths` lists the matched layers.
+    (adapted, trainable): call `adapted.apply(params, trainable, *inputs, context=...)`; `trainable` is
+    {"adapter": adapter params, "extras": the selected frozen params}; `adapted.paths` lists the layers.
   """
   adapter = adapter_set(adapter)
-  layers = find_layers(model, params, example_args, target_modules)
+  layers = find_layers(model, params, example_args, target_modules, example_kwargs)
   if not layers:
-    raise ValueError(f"target_modules={target_modules!r} matched no nn.Dense layer of "
+    raise ValueError(f"target_modules={target_modules!r} matched no nn.Dense / nn.DenseGeneral layer of "
                      f"{type(model).__name__}: check the module paths (e.g. print them with "
                      "localmoe.inject.dense_paths(model, params, *inputs)).")
+  extra_paths: tuple[str, ...] = ()
+  if trainable_extras is not None:
+    pattern = re.compile(trainable_extras)
+    extra_paths = tuple(p for p in _module_paths(params) if pattern.fullmatch(p))
+    if not extra_paths:
+      raise ValueError(f"trainable_extras={trainable_extras!r} matched no module of the params; module paths "
+                       f"are e.g. {_module_paths(params)[-5:]}.")
+    clash = [p for p in extra_paths if p in {l.path for l in layers}]
+    if clash:
+      raise ValueError(f"trainable_extras selects {clash}, which target_modules also adapts: a layer is either "
+                       "adapted or trained in full, not both.")
   target = target_modules if isinstance(target_modules, str) else tuple(target_modules)
   adapted = AdaptedModel(model=model, adapter=adapter, layers=layers, example_args=tuple(example_args),
-                         target_modules=target)
+                         target_modules=target, trainable_extras=trainable_extras, extra_paths=extra_paths)
   return adapted, adapted.init_adapter(key, params)
 
 
 def dense_paths(model: nn.Module, params, *example_args) -> list[str]:
-  """Every nn.Dense path of `model`, in call order (to write a target_modules pattern)."""
+  """Every nn.Dense / nn.DenseGeneral path of `model`, in call order (to write a target_modules pattern)."""
   return [layer.path for layer in find_layers(model, params, example_args, ".*")]
+
+
+# ------------------------------------------------------------------------------------------- router losses
+
+
+def router_losses(traces: Sequence[RouterTrace], load_balance: float = 0.0, z_loss: float = 0.0,
+                  mask: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
+  """Switch load-balance and ST-MoE z-losses summed over every routed layer, and their weighted sum.
+
+  Balance: per cell for cell-wise routers (each cell's router balanced over its tokens), global for
+  block-wise (one router); with top_k routing the dispatch fraction counts the k chosen experts, with soft
+  routing the top-1. mask: optional [batch, ...] weights broadcastable to the activation routers' leading
+  axes (e.g. the attention mask, so padding tokens do not count); context routers run once per example.
+  Returns {"aux_loss": load_balance * balance + z_loss * z, "load_balance": balance, "router_z": z}.
+  """
+  balance = jnp.zeros((), jnp.float32)
+  z = jnp.zeros((), jnp.float32)
+  for trace in traces:
+    gates, logits, weights = _flat(trace, mask)
+    balance = balance + _weighted_balance(gates, trace.top_k or 1, weights)
+    z = z + jnp.sum(weights[:, None] * jax.nn.logsumexp(logits, -1) ** 2) / (jnp.sum(weights) * gates.shape[1])
+  return {"aux_loss": load_balance * balance + z_loss * z, "load_balance": balance, "router_z": z}
+
+
+def _flat(trace: RouterTrace, mask):
+  """gates, logits [N, R, E] in float32 and per-row weights [N]."""
+  lead = trace.gates.shape[:-2]
+  gates = trace.gates.astype(jnp.float32).reshape(-1, *trace.gates.shape[-2:])
+  logits = trace.logits.astype(jnp.float32).reshape(-1, *trace.logits.shape[-2:])
+  if mask is None:
+    weights = jnp.ones(gates.shape[0], jnp.float32)
+  else:
+    m = jnp.asarray(mask, jnp.float32)
+    if m.ndim > len(lead):                     # a per-example router: an example counts if it has any token
+      m = m.reshape(m.shape[:len(lead)] + (-1,)).max(-1)
+    weights = jnp.broadcast_to(m.reshape(m.shape + (1,) * (len(lead) - m.ndim)), lead).reshape(-1)
+  return gates, logits, weights
+
+
+def _weighted_balance(gates, top_k, weights):
+  """E * sum_e f_e P_e per router, averaged over routers (Switch Transformer), rows weighted by `weights`."""
+  num_experts = gates.shape[-1]
+  _, index = jax.lax.top_k(gates, top_k)
+  dispatch = jax.nn.one_hot(index, num_experts).sum(-2) / top_k                     # [N, R, E]
+  total = jnp.sum(weights)
+  f = jnp.einsum("n,nre->re", weights, dispatch) / total
+  p = jnp.einsum("n,nre->re", weights, gates) / total
+  return (num_experts * (f * p).sum(-1)).mean()
+
+
+def routing_diagnostics(traces: Sequence[RouterTrace], groups: jnp.ndarray | None = None,
+                        num_groups: int = 1, mask: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
+  """Per-layer expert usage and routing entropy, optionally per group (e.g. per task).
+
+  groups: integer labels [batch] (one per example); num_groups: their count. Returns
+    "usage":   [layers, groups, routers, E], mean gate per router and expert (rows sum to 1 where a group
+               has examples, 0 where it has none),
+    "entropy": [layers, groups, routers], mean per-token gate entropy in nats (0 = hard routing),
+  with layers in call order of the routed layers. All routed layers must have the same routers and E.
+  """
+  usage, entropy = [], []
+  for trace in traces:
+    gates, _, weights = _flat(trace, mask)
+    if groups is None:
+      onehot = jnp.ones((gates.shape[0], 1), jnp.float32)
+    else:
+      lead = trace.gates.shape[:-2]
+      g = jnp.asarray(groups).reshape(lead[:1] + (1,) * (len(lead) - 1))
+      onehot = jax.nn.one_hot(jnp.broadcast_to(g, lead).reshape(-1), num_groups)       # [N, G]
+    w = onehot * weights[:, None]                                                      # [N, G]
+    count = jnp.maximum(w.sum(0), 1e-9)                                                # [G]
+    usage.append(jnp.einsum("ng,nre->gre", w, gates) / count[:, None, None])
+    safe = jnp.where(gates > 0, gates, 1.0)
+    ent = -(gates * jnp.log(safe)).sum(-1)                                            # [N, R]
+    entropy.append(jnp.einsum("ng,nr->gr", w, ent) / count[:, None])
+  if not usage:
+    return {}
+  shapes = {u.shape for u in usage}
+  if len(shapes) > 1:
+    raise ValueError(f"routing_diagnostics stacks layers of one router layout; got usage shapes {sorted(shapes)}.")
+  return {"usage": jnp.stack(usage), "entropy": jnp.stack(entropy)}

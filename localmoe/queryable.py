@@ -125,7 +125,8 @@ class QueryableLoRA:
     weights = routing.gates_from_logits(zeta, self.top_k)                          # [..., M]
     return jnp.einsum("...m,mrs->...rs", weights, shared["atoms"]), weights
 
-  def session(self, params, layers):
+  def session(self, params, layers, context=None):
+    del context                                          # Queryable LoRA routes on its own activations
     return _QueryableSession(self, params, layers)
 
 

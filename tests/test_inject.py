@@ -36,11 +36,12 @@ def test_touches_exactly_the_matched_layers(target):
   spec = {"method": "lora", "rank": 2}
   adapted, trainable = inject.inject(model, params, spec, x[:1], target_modules=target, key=jax.random.PRNGKey(2))
   assert adapted.paths == ("a", "sub/c")
-  assert set(trainable) == {"a", "sub/c"}
+  assert set(trainable["adapter"]) == {"a", "sub/c"} and trainable["extras"] == {}
   trainable = _randomize(trainable)                          # nonzero B: every Delta is visible
   lora = adapters.make(spec, d_in=8, d_out=4)
   expected = model.apply({"params": params}, x)
-  expected += lora.apply({"params": trainable["a"]}, x) + lora.apply({"params": trainable["sub/c"]}, x)
+  expected += (lora.apply({"params": trainable["adapter"]["a"]}, x)
+               + lora.apply({"params": trainable["adapter"]["sub/c"]}, x))
   np.testing.assert_allclose(adapted.apply(params, trainable, x), expected, rtol=1e-5, atol=1e-5)
   # Gradients reach only the adapter; the frozen params get none.
   loss = lambda p, t: jnp.sum(adapted.apply(p, t, x) ** 2)
@@ -110,13 +111,14 @@ def test_queryable_with_closed_gate_is_lora(mlp):
   q = QueryableLoRA(rank=4, num_atoms=4, num_blocks=2, top_k=2, alpha=8.0)
   adapted, trainable = inject.inject(model, params, q, x[:1], target_modules=r"hidden_\d+", key=jax.random.PRNGKey(1))
   for path in adapted.paths:
-    trainable["layers"][path]["B"] = 0.3 * jax.random.normal(jax.random.PRNGKey(4), (8, 4))
+    trainable["adapter"]["layers"][path]["B"] = 0.3 * jax.random.normal(jax.random.PRNGKey(4), (8, 4))
   closed = jax.tree_util.tree_map(lambda a: a, trainable)
   for path in adapted.paths:
-    closed["layers"][path]["eta"] = jnp.asarray(-1e4)
+    closed["adapter"]["layers"][path]["eta"] = jnp.asarray(-1e4)
   lora_spec = {"method": "lora", "rank": 4, "alpha": 8.0}
   lora, _ = inject.inject(model, params, lora_spec, x[:1], target_modules=r"hidden_\d+", key=jax.random.PRNGKey(1))
-  lora_params = {p: {"A": closed["layers"][p]["A"], "B": closed["layers"][p]["B"]} for p in adapted.paths}
+  lora_params = {"adapter": {p: {"A": closed["adapter"]["layers"][p]["A"], "B": closed["adapter"]["layers"][p]["B"]}
+                             for p in adapted.paths}, "extras": {}}
   np.testing.assert_allclose(adapted.apply(params, closed, x), lora.apply(params, lora_params, x), rtol=1e-5, atol=1e-5)
   # With the gate open the routed atoms change the output.
   assert float(jnp.abs(adapted.apply(params, trainable, x) - lora.apply(params, lora_params, x)).max()) > 1e-4
