@@ -71,7 +71,7 @@ def test_attention_projections_equal_a_hand_written_model(spec):
   assert adapted.layers[0].out_shape == (HEADS, D // HEADS) and adapted.layers[3].in_shape == (HEADS, D // HEADS)
   trainable = _randomize(trainable)
   context = labels if spec.get("router_input") == "context" else None
-  got = adapted.apply(params, trainable, x, context=context)
+  got = jax.jit(adapted.apply)(params, trainable, x, context=context)
   deltas = {name: (lambda inp, name=name: _delta(spec, D, D, trainable["adapter"][f"attn/{name}"], inp, context))
             for name in ("query", "key", "value", "out")}
   want = _hand_attention(params["attn"], x, deltas)
@@ -145,8 +145,9 @@ def test_bert_encoder_equals_a_hand_written_model_with_mixed_routers(tiny_bert):
     spec = rules[0][1] if "attention" in path else rules[1][1]
     return _delta(spec, layer.d_in, layer.d_out, trainable["adapter"][path], inp, labels)
 
-  want = _hand_bert(params, ids, mask, delta)
-  got = adapted.apply(params, trainable, ids, mask, context=labels)
+  want = jax.jit(_hand_bert, static_argnums=3)(params, ids, mask, delta)
+  apply = jax.jit(adapted.apply)
+  got = apply(params, trainable, ids, mask, context=labels)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
   # A context-routed model called without a context: one error naming the first such layer.
   with pytest.raises(ValueError, match=r"layer 'encoder/layer_0/attention/self/query' has a context-routed"):
@@ -159,10 +160,11 @@ def test_context_as_labels_one_hot_or_embedding_agree(tiny_bert):
                                      target_modules=bert.ADAPTER_TARGETS, key=jax.random.PRNGKey(2))
   trainable = _randomize(trainable, seed=3)
   labels = jnp.arange(B) % TASKS
-  a = adapted.apply(params, trainable, ids, mask, context=labels)
-  b = adapted.apply(params, trainable, ids, mask, context=jax.nn.one_hot(labels, TASKS))
+  apply = jax.jit(adapted.apply)
+  a = apply(params, trainable, ids, mask, context=labels)
+  b = apply(params, trainable, ids, mask, context=jax.nn.one_hot(labels, TASKS))
   np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-  c = adapted.apply(params, trainable, ids, mask, context=(labels + 1) % TASKS)
+  c = apply(params, trainable, ids, mask, context=(labels + 1) % TASKS)
   assert float(jnp.abs(a - c).max()) > 1e-3                # the context changes the output
   with pytest.raises(ValueError, match="one context per example"):
     adapted.apply(params, trainable, ids, mask, context=labels[:2])
@@ -257,11 +259,12 @@ def test_merged_model_equals_the_adapted_model(tiny_bert, spec):
     trainable = jax.tree_util.tree_map_with_path(
         lambda p, a: jnp.abs(a) + 1.0 if "magnitude" in str(p) else a, trainable)
   routed = spec.get("router_input") == "context"
-  for task in (range(TASKS) if routed else [None]):
+  plain, adapted_apply = jax.jit(model.apply), jax.jit(adapted.apply)
+  for task in ([0, 2] if routed else [None]):
     merged = adapted.merge(params, trainable, context=task)
     labels = None if task is None else jnp.full((B,), task)
-    np.testing.assert_allclose(model.apply({"params": merged}, ids, mask),
-                               adapted.apply(params, trainable, ids, mask, context=labels), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(plain({"params": merged}, ids, mask),
+                               adapted_apply(params, trainable, ids, mask, context=labels), rtol=1e-5, atol=1e-5)
   # The frozen params are left untouched.
   kernel = params["encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"]
   assert not np.allclose(merged["encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"], kernel)
@@ -293,7 +296,8 @@ def _collapsed_router_problem():
   return x, y, params, adapted, trainable
 
 
-def _router_task(adapted, collapse, balance_weight):
+def _router_task(adapted, collapse, balance_weight=None):
+  """balance_weight=None: a task with no router loss at all (predict returns no "aux_loss")."""
   def init(key, frozen):
     trainable = adapted.init_adapter(key, frozen)
     router = trainable["adapter"][""]["router"]
@@ -302,10 +306,13 @@ def _router_task(adapted, collapse, balance_weight):
 
   def predict(p, frozen, inputs):
     pred, traces = adapted.apply(frozen, p, inputs["x"], capture_routing=True)
-    losses = inject.router_losses(traces, load_balance=balance_weight)
-    return pred, {"aux_loss": losses["aux_loss"], "load_balance": losses["load_balance"]}
+    losses = inject.router_losses(traces, load_balance=balance_weight or 0.0)
+    aux = {"load_balance": losses["load_balance"]}
+    if balance_weight is not None:
+      aux["aux_loss"] = losses["aux_loss"]
+    return pred, aux
 
-  return train.Task(init=init, predict=predict, aux_names=("aux_loss", "load_balance"),
+  return train.Task(init=init, predict=predict, aux_names=("load_balance",),
                     diagnostics=lambda p, f, inputs: inject.routing_diagnostics(
                         adapted.apply(f, p, inputs["x"], capture_routing=True)[1]))
 
@@ -314,7 +321,7 @@ def test_balance_loss_moves_a_collapsed_router_toward_uniform_use():
   x, y, params, adapted, _ = _collapsed_router_problem()
   data = train.Data(train={"x": x, "y": y}, test={"x": x, "y": y}, frozen=params)
   settings = train.Settings(epochs=6, batch_size=64, learning_rate=3e-2, weight_decay=0.0)
-  without = train.fit(_router_task(adapted, 4.0, 0.0), data, [0], settings, log=None)
+  without = train.fit(_router_task(adapted, 4.0), data, [0], settings, log=None)
   zero = train.fit(_router_task(adapted, 4.0, 0.0), data, [0], settings, log=None)
   balanced = train.fit(_router_task(adapted, 4.0, 1.0), data, [0], settings, log=None)
   # Weight 0 changes nothing: identical histories, the balance loss is still recorded.
@@ -353,11 +360,49 @@ def test_bfloat16_backbone_with_float32_adapters_trains(tiny_bert):
                                      target_modules=bert.ADAPTER_TARGETS, key=jax.random.PRNGKey(2))
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(trainable))
   labels = jnp.arange(B) % TASKS
-  out = adapted.apply(params, trainable, ids, mask, context=labels)
+  out = jax.jit(adapted.apply)(params, trainable, ids, mask, context=labels)
   assert out.dtype == jnp.bfloat16
-  grads = jax.grad(lambda t: jnp.sum(adapted.apply(params, t, ids, mask, context=labels).astype(jnp.float32) ** 2)
-                   )(trainable)
+  grads = jax.jit(jax.grad(lambda t: jnp.sum(adapted.apply(params, t, ids, mask, context=labels).astype(
+      jnp.float32) ** 2)))(trainable)
   leaves = jax.tree_util.tree_leaves(grads["adapter"])
   assert all(g.dtype == jnp.float32 for g in leaves)
   b_grads = [g for path, g in jax.tree_util.tree_flatten_with_path(grads["adapter"])[0] if "'B'" in str(path)]
   assert b_grads and all(float(jnp.abs(g).max()) > 0 for g in b_grads)      # B = 0 at init: its gradient is not
+
+
+# ------------------------------------------------------------------------------------------- save and load
+
+
+def test_saved_adapter_reloads_to_identical_outputs_and_refuses_another_model(tiny_bert, tmp_path):
+  from localmoe import adapter_io
+  import json
+  model, params, ids, mask = tiny_bert
+  rules = [(r".*attention/.*", CELLWISE_CTX), (r".*", dict(LORA, dtype="float32"))]
+  adapted, trainable = inject.inject(model, params, rules, ids[:1], mask[:1], target_modules=bert.ADAPTER_TARGETS,
+                                     key=jax.random.PRNGKey(2), trainable_extras=r"embeddings/LayerNorm")
+  trainable = _randomize(trainable, seed=6)
+  labels = jnp.arange(B) % TASKS
+  adapter_io.save_adapter(str(tmp_path / "ad"), adapted, trainable)
+  config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+  assert config["target_modules"] == bert.ADAPTER_TARGETS and len(config["layers"]) == 12
+  assert config["layers"][0] == {"path": "encoder/layer_0/attention/self/query", "kind": "DenseGeneral",
+                                 "in_shape": [D], "out_shape": [HEADS, D // HEADS], "d_in": D, "d_out": D}
+  assert config["adapter"][0][1]["method"] == "cellwise_moe" and "localmoe_version" in config
+  again, loaded = adapter_io.load_adapter(str(tmp_path / "ad"), model, params, ids[:1], mask[:1])
+  np.testing.assert_array_equal(
+      jax.jit(again.apply)(params, loaded, ids, mask, context=labels),
+      jax.jit(adapted.apply)(params, trainable, ids, mask, context=labels))
+  # A model whose matched layers differ: refused before anything is applied, naming the layer and shapes.
+  wider = bert.Bert(**dict(TINY, intermediate_size=48))
+  wider_params = wider.init(jax.random.PRNGKey(1), ids, mask)["params"]
+  with pytest.raises(ValueError, match=r"layer 'encoder/layer_0/intermediate/dense': the saved adapter was built "
+                                       r"for \[16\] -> \[32\] but this model's layer is \[16\] -> \[48\]"):
+    adapter_io.load_adapter(str(tmp_path / "ad"), wider, wider_params, ids[:1], mask[:1])
+  deeper = bert.Bert(**dict(TINY, num_layers=3, max_position=T))
+  deeper_params = deeper.init(jax.random.PRNGKey(1), ids, mask)["params"]
+  with pytest.raises(ValueError, match=r"layer_2.*that the saved adapter does not have"):
+    adapter_io.load_adapter(str(tmp_path / "ad"), deeper, deeper_params, ids[:1], mask[:1])
+  # One entry only: params with a leading seed axis are refused.
+  stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), trainable)
+  with pytest.raises(ValueError, match="pass one entry's params"):
+    adapter_io.save_adapter(str(tmp_path / "bad"), adapted, stacked)
