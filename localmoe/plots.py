@@ -114,3 +114,35 @@ def image_grid(path: str, images: np.ndarray, *, row_labels: Sequence[str] = (),
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   return _save(fig, path)
+
+
+def routing_heatmaps(path: str, usage: np.ndarray, groups: Sequence[str], *, layer_names: Sequence[str] = (),
+                     columns: int = 6, title: str = "") -> str:
+  """One heatmap per routed layer: rows = groups (tasks), columns = (router cell, expert), colour = mean gate.
+
+  usage: [layers, groups, routers, E] (rows of each router sum to 1 over E). Cells are separated by white lines,
+  so a cell whose routers pick different experts for different tasks shows as a different column per row.
+  """
+  usage = np.asarray(usage, float)
+  layers, num_groups, routers, experts = usage.shape
+  rows = int(np.ceil(layers / columns))
+  fig, axes = plt.subplots(rows, min(columns, layers), figsize=(2.3 * min(columns, layers), 1.0 + 0.9 * rows),
+                           squeeze=False)
+  for index in range(rows * min(columns, layers)):
+    ax = axes[index // min(columns, layers)][index % min(columns, layers)]
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if index >= layers:
+      ax.axis("off")
+      continue
+    image = usage[index].reshape(num_groups, routers * experts)                  # [groups, routers * E]
+    ax.imshow(image, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
+    for r in range(1, routers):
+      ax.axvline(r * experts - 0.5, color="white", linewidth=1)
+    if index % min(columns, layers) == 0:
+      ax.set_yticks(range(num_groups))
+      ax.set_yticklabels(groups, fontsize=6)
+    name = layer_names[index] if index < len(layer_names) else f"layer {index}"
+    ax.set_title(name, fontsize=6)
+  fig.suptitle(title or f"expert usage ({routers} routers x {experts} experts per layer)", fontsize=9)
+  return _save(fig, path)
