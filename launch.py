@@ -11,15 +11,18 @@ config's get_sweep entries, each in <workdir>/entries/<index>_<name>/).
 """
 
 import contextlib
+import shlex
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 import experiments
 from localmoe import checkpoint
 from localmoe import configlib
+from localmoe import results
 from localmoe import sharding
 from localmoe import sweep
 from localmoe import workdir as workdir_lib
@@ -38,20 +41,29 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:                # quiet: library INFO logs (orbax, jax) off
+    logging.set_verbosity(logging.WARNING)
   sharding.initialize(_MULTIHOST.value)                   # before any other JAX call
   config = _CONFIG.value
   main_process = sharding.is_main()
   try:
     experiment = experiments.get(config.experiment)
     experiments.validate(config)                          # before anything is written or computed
+    workdir_lib.check_path(_WORKDIR.value)
     # Process 0 guards the workdir; the others write only their own sweep entries' sub-workdirs.
-    guard = (workdir_lib.guard(_WORKDIR.value, overwrite=_OVERWRITE.value) if main_process
+    guard = (workdir_lib.guard(_WORKDIR.value, overwrite=_OVERWRITE.value, config=config) if main_process
              else contextlib.nullcontext())
     if _SWEEP.value:
       overrides = sweep.load_get_sweep(config_flags.get_config_filename(flags.FLAGS["config"]))()
+      sweep.check(config, overrides, _WORKDIR.value, experiments.module(config.experiment))   # before writing
       with guard, checkpoint.preemption_guard():
-        sweep.run(config, overrides, _WORKDIR.value, experiments.module(config.experiment),
-                  overwrite=_OVERWRITE.value)
+        summary = sweep.run(config, overrides, _WORKDIR.value, experiments.module(config.experiment),
+                            overwrite=_OVERWRITE.value)
+      failed = [r["index"] for r in summary["entries"] if str(r.get("status", "")).startswith("failed")]
+      if failed:
+        print(f"error: sweep entries {failed} failed (see {_WORKDIR.value}/sweep.md); re-run the same command "
+              "to retry them (finished entries are kept).", file=sys.stderr)
+        sys.exit(1)
     elif main_process:
       with guard, checkpoint.preemption_guard():
         experiment(config, _WORKDIR.value)
@@ -61,14 +73,22 @@ def main(argv):
   except (ValueError, workdir_lib.WorkdirError) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+  except results.RunFailed as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
   except checkpoint.Preempted as stop:
-    print(f"\n[preemption] stopped cleanly ({stop}).\nResume with the same command:\n  python "
-          + " ".join(sys.argv), file=sys.stderr, flush=True)
+    print(f"\n[preemption] stopped cleanly ({stop}).\nResume with the same command:\n  "
+          + shlex.join(["python", *sys.argv]), file=sys.stderr, flush=True)
     sys.exit(checkpoint.EXIT_PREEMPTED)
 
 
 def parse_flags(argv):
-  """absl flag parsing, with a clear message for a --config override that names no field."""
+  """absl flag parsing, with one-line messages for a bad --config file and a --config override that names
+  no field."""
+  problem = configlib.check_config_file(argv)
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(2)
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:

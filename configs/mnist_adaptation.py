@@ -49,7 +49,8 @@ def get_config(arg=None):
   config.method_names = arg.methods
   config.seed = 0                      # seeds are seed, ..., seed+num_seeds-1 (a sweep entry: one seed)
   config.num_seeds = arg.seeds
-  config.sharding = "entries"          # sweeps: entry axis over the local devices ("data": batch axis; "none")
+  config.sharding = "entries"          # sweeps only: entry axis over the local devices ("data": batch axis; "none")
+  config.checkpoint_every_epochs = 5   # orbax checkpoints in <workdir>/checkpoints; re-running resumes
 
   config.data = ml_collections.ConfigDict(dict(
       source_digits="0,1,2,3,4", target_digits="5,6,7,8,9",

@@ -51,6 +51,7 @@ def get_config(arg=None):
   config.experiment = "nonconvex_regression"
   config.method_names = arg.methods or (QUICK_METHODS if arg.quick else ALL_METHODS)
   config.seed = 0                      # shift seed; runs use seeds seed .. seed + num_seeds - 1
+  config.checkpoint_every_epochs = 500  # orbax checkpoints in <workdir>/checkpoints; re-running resumes
   config.num_seeds = arg.seeds
 
   config.data = ml_collections.ConfigDict(dict(

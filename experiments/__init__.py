@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "california_housing": "experiments.california_housing",
     "mnist_degradation": "experiments.mnist_degradation",
     "mnist_approximation": "experiments.mnist_approximation",
+    "multitask_text": "experiments.multitask_text",
 }
 
 
@@ -31,8 +32,17 @@ def get(name: str) -> Callable[[Any, str], dict]:
   return module(name).run
 
 
+SHARDING = (None, "", "none", "entries", "data")
+
+
 def validate(config) -> None:
-  """Runs the experiment's `validate(config)` if it has one: every config error before any compute."""
+  """Runs the experiment's `validate(config)` if it has one: every config error before any compute.
+
+  Also checks the fields every experiment may carry: `sharding` (used by sweeps).
+  """
+  if "sharding" in config and config.sharding not in SHARDING:
+    raise ValueError(f"config.sharding={config.sharding!r} is not known; valid: 'entries' (sweep entries over "
+                     "devices), 'data' (batch axis over devices) or 'none'.")
   check = getattr(module(config.experiment), "validate", None)
   if check is not None:
     check(config)

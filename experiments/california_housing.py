@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from localmoe import configlib, results, single_layer, targets, train
+from localmoe import checkpoint, configlib, results, single_layer, targets, train
 from localmoe.data import california
 
 PAPER = {  # Table 2 (R^2 as a fraction)
@@ -140,7 +140,8 @@ def validate(config) -> None:
   if dc.num_samples < 0 or 0 < dc.num_samples < 100:
     raise ValueError(f"config.data.num_samples={dc.num_samples} must be 0 (all 20,640 rows) or >= 100.")
   n = dc.num_samples or 20_640
-  single_layer.validate_common(config, n - int(round(n * dc.test_fraction)))
+  single_layer.check_alpha(config.model)
+  single_layer.validate_common(config, n - int(round(n * dc.test_fraction)), 4.0 * config.num_seeds * n * 20)
   single_layer.build_methods(config.methods, configlib.split_names(config.method_names), 8, 8,
                              len(CONTEXT_TOPOLOGIES), shared=config.model)
 
@@ -187,7 +188,7 @@ def run(config, workdir: str) -> dict:
     modules = single_layer.build_methods(config.methods, names, 8, 8, len(CONTEXT_TOPOLOGIES), shared=config.model)
     summaries, fits = single_layer.run_methods(
         modules, data, seeds, settings, 8, len(CONTEXT_TOPOLOGIES), PAPER,
-        checkpoint_dir=os.path.join(workdir, "checkpoints", scaling), checkpoint_every=config.checkpoint_every_epochs)
+        checkpoints=checkpoint.policy(config, workdir, scaling))
     table_time = time.perf_counter() - t0
     variants[scaling] = {"methods": summaries, "wall_time_s": table_time,
                          **{k: [float(v) for v in values] for k, values in diag.items()}}

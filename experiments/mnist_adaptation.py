@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from localmoe import adapters, configlib, results, train
+from localmoe import adapters, checkpoint, configlib, results, train
 
 D_IN, HIDDEN, CLASSES = 784, 64, 5
 FULL = "full_finetune"
@@ -211,6 +211,9 @@ def validate(config) -> None:
       raise ValueError(f"config.data.{field}={getattr(dc, field)!r} must name {CLASSES} distinct digits 0-9.")
   if not isinstance(config.num_seeds, int) or config.num_seeds < 1:
     raise ValueError(f"config.num_seeds={config.num_seeds!r} must be a positive integer.")
+  if not isinstance(config.checkpoint_every_epochs, int) or config.checkpoint_every_epochs < 0:
+    raise ValueError(f"config.checkpoint_every_epochs={config.checkpoint_every_epochs!r} must be >= 0 "
+                     "(0: checkpoint only at the end).")
   train.Settings.from_config(config.optim)
   train.Settings(epochs=config.pretrain.epochs, batch_size=config.pretrain.batch_size,
                  learning_rate=config.pretrain.lr, weight_decay=config.pretrain.weight_decay)
@@ -284,7 +287,7 @@ def run(config, workdir: str) -> dict:
     print(f"[{name}] {params:,} trainable parameters ({100 * params / mlp_params_count():.2f}%), "
           f"{len(seeds)} seed(s), {settings.epochs} epochs", flush=True)
     task = full_task() if module is None else adapter_task(module)
-    fit = train.fit(task, data, seeds, settings, name=name)
+    fit = train.fit(task, data, seeds, settings, name=name, checkpoints=checkpoint.policy(config, workdir, name))
     methods[name] = {"method": config.methods[name].method,
                      **method_summary(params, seeds, settings.learning_rate, fit, var_test),
                      "paper": _paper(config.methods[name].method)}
@@ -318,9 +321,6 @@ def sweep_job(config):
   module, params = build_method(config, name)
   settings = train.Settings.from_config(config.optim)
   spec = config.methods[name].to_dict()
-  optim = {k: v for k, v in config.optim.to_dict().items() if k not in ("lr", "weight_decay")}
-  key = json.dumps({"method": spec, "model": config.model.to_dict(), "data": config.data.to_dict(),
-                    "pretrain": config.pretrain.to_dict(), "optim": optim}, sort_keys=True)
   shape = _shape_fields(spec)
   label = f"{name} " + " ".join(f"{k}={v}" for k, v in shape.items() if v is not None)
 
@@ -336,7 +336,7 @@ def sweep_job(config):
             **{k: summary[f"{k}_mean"] for k in ("val_loss", "val_accuracy", "test_accuracy", "test_loss",
                                                   "train_loss")}}
 
-  return sweep.Job(key=key, task=full_task() if module is None else adapter_task(module),
+  return sweep.Job(task=full_task() if module is None else adapter_task(module),
                    data=lambda: prepared(config)[0], settings=settings, seed=seed,
                    learning_rate=settings.learning_rate, weight_decay=settings.weight_decay, finish=finish,
                    label=label)

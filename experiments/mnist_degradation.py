@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -184,7 +183,9 @@ def validate(config) -> None:
   if config.eval.num_examples < 1:
     raise ValueError(f"config.eval.num_examples={config.eval.num_examples} must be >= 1 (digits per context in "
                      "the output grid).")
-  single_layer.validate_common(config, dc.num_train or 60_000)
+  single_layer.check_alpha(config.model)
+  single_layer.validate_common(config, dc.num_train or 60_000,
+                               4.0 * ((dc.num_train or 60_000) + (dc.num_test or 10_000)) * (3 * D + 2))
   single_layer.build_methods(config.methods, configlib.split_names(config.method_names), D, D, 2,
                              shared=config.model)
 
@@ -226,21 +227,9 @@ def run(config, workdir: str) -> dict:
   print(f"== MNIST sensor degradation: data and targets in {time.perf_counter() - t0:.1f}s; test variance per "
         f"output: target {diag['target_var']:.4f}, W0 x {diag['base_var']:.5f}", flush=True)
   modules = single_layer.build_methods(config.methods, names, D, D, 2, shared=config.model)
-  device = single_layer.device_data(data)
-  summaries, fits = {}, {}
-  for name in names:
-    module = modules[name]
-    print(f"[{name}] {module.num_params():,} parameters, {len(seeds)} seeds, {settings.epochs} epochs", flush=True)
-    try:
-      fit = checkpoint.fit_with_checkpoints(
-          base_task(module, D, 2), device, seeds, settings, name=name,
-          directory=os.path.join(workdir, "checkpoints", name), every_epochs=config.checkpoint_every_epochs)
-    except Exception as error:  # one broken method must not lose the others' results
-      print(f"[{name}] FAILED: {type(error).__name__}: {error}\n{traceback.format_exc()}", flush=True)
-      summaries[name] = results.failed_summary(module.num_params(), seeds, f"failed: {error}", PAPER.get(name))
-      continue
-    fits[name] = fit
-    summaries[name] = results.method_summary(module.num_params(), seeds, fit, PAPER.get(name))
+  summaries, fits = single_layer.run_methods(modules, data, seeds, settings, D, 2, PAPER, parallel=1,
+                                             checkpoints=checkpoint.policy(config, workdir),
+                                             make_task=base_task)
 
   plots.bar_chart(os.path.join(workdir, "figure3.png"), names, {n: s["test_r2"] for n, s in summaries.items()},
                   labels=LABELS, paper={n: PAPER[n]["r2"] for n in names if n in PAPER},

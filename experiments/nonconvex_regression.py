@@ -4,25 +4,21 @@ A backbone is pretrained per function on the source task and frozen; every metho
 shifted target through `localmoe.inject` (adapters on every hidden Dense, routers on activations) or, for
 full fine-tuning, trains all of it. All (function, seed) pairs train together as one vmapped entry axis.
 
-The adaptation loop: `localmoe.train` evaluates every epoch (one compiled call per epoch), which at 5,000
-epochs is most of the cost on CPU, so `_fit` below runs `eval_every` epochs per compiled call
-(lax.fori_loop over epochs, lax.scan over steps) and evaluates once. It reuses train.Task, train.init_state
-(AdamW with per-entry hyperparameters), train.seed_keys, train.FitResult and the same divergence guard
-semantics (a non-finite loss freezes that entry; status "diverged at epoch E").
+Pretraining and adaptation both go through `localmoe.train.fit`, with `config.optim.eval_every` epochs per
+compiled call (evaluating every epoch would be most of the cost of 5,000 epochs on CPU), checkpoints under
+<workdir>/checkpoints/<init>/{pretrain,<method>} and the trainer's preemption and divergence handling.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from localmoe import configlib, inject, metrics, models, results, train
+from localmoe import checkpoint, configlib, inject, models, results, train
 from localmoe import params as params_lib
 from localmoe.data import functions2d as f2
 
@@ -96,73 +92,6 @@ def _function_data(config, names, seeds):
 # ------------------------------------------------------------------------------------------- training
 
 
-def _fit(task: train.Task, data: train.Data, seeds, settings: train.Settings, eval_every: int, name: str,
-         log=print) -> train.FitResult:
-  """Like train.fit, but `eval_every` epochs per compiled call and one evaluation after them.
-
-  history: [entries, epochs, 2 (train, test), 2 (mse, r2)], NaN at the epochs that were not evaluated.
-  """
-  start = time.perf_counter()
-  if settings.epochs % eval_every:
-    raise ValueError(f"config.optim.epochs={settings.epochs} is not a multiple of config.optim.eval_every="
-                     f"{eval_every}: make it one (the last epoch must be evaluated).")
-  settings.check_batch(data.num_train)
-  tx = train.make_optimizer()
-  n, bs = data.num_train, settings.batch_size
-  steps = math.ceil(n / bs)
-
-  def one_entry(state, key, epoch0, frozen, train_split, test_split):
-    def epoch_fn(j, state):
-      epoch = epoch0 + j
-      order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
-      order = jnp.concatenate([order, order[:steps * bs - n]]).reshape(steps, bs)          # [steps, batch]
-      keep = (jnp.arange(steps * bs) < n).reshape(steps, bs)
-
-      def step(state, args):
-        rows, mask, index = args
-        x, y = train_split["x"][rows], train_split["y"][rows]
-
-        def loss_fn(params):
-          return jnp.sum((task.predict(params, frozen, {"x": x}) - y) ** 2 * mask) / jnp.sum(mask)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        proceed = jnp.isfinite(loss) & state["alive"]
-        keep_new = lambda new, old: jnp.where(proceed, new, old)
-        return {"params": jax.tree_util.tree_map(keep_new, optax.apply_updates(state["params"], updates),
-                                                 state["params"]),
-                "opt_state": jax.tree_util.tree_map(keep_new, opt_state, state["opt_state"]),
-                "alive": proceed,
-                "diverged_step": jnp.where(state["alive"] & ~jnp.isfinite(loss), epoch * steps + index,
-                                           state["diverged_step"])}, None
-
-      return jax.lax.scan(step, state, (order, keep, jnp.arange(steps)))[0]
-
-    state = jax.lax.fori_loop(0, eval_every, epoch_fn, state)
-    evals = []
-    for split in (train_split, test_split):
-      pred = task.predict(state["params"], frozen, {"x": split["x"]})
-      evals.append(jnp.stack([metrics.mse(pred, split["y"]), metrics.r2(pred, split["y"])]))
-    return state, jnp.stack(evals)                                                       # [2, 2]
-
-  epoch_call = jax.jit(jax.vmap(one_entry, in_axes=(0, 0, None, 0, 0, 0)), donate_argnums=(0,))
-  state = train.init_state(task, data, seeds, settings.learning_rate, settings.weight_decay, settings)
-  keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(train.seed_keys(seeds))
-  history = np.full((len(seeds), settings.epochs, 2, 2), np.nan)
-  calls = settings.epochs // eval_every
-  for c in range(calls):
-    state, evals = epoch_call(state, keys, c * eval_every, data.frozen, data.train, data.test)
-    history[:, (c + 1) * eval_every - 1] = np.asarray(evals)
-    if log and (c == 0 or (c + 1) % max(1, calls // 4) == 0):
-      done = (c + 1) * eval_every
-      log(f"  [{name}] epoch {done:>5}/{settings.epochs}  train mse {np.nanmean(history[:, done - 1, 0, 0]):.4f}"
-          f"  test mse {np.nanmean(history[:, done - 1, 1, 0]):.4f}  ({time.perf_counter() - start:.1f}s)")
-  diverged = np.asarray(state["diverged_step"])
-  status = ["ok" if d < 0 else f"diverged at epoch {int(d) // steps + 1}" for d in diverged]
-  return train.FitResult(params=state["params"], history=history, status=status, diverged_step=diverged,
-                         wall_time_s=time.perf_counter() - start)
-
-
 def _backbone(config, init_scheme):
   mc = config.model
   if mc.backbone == "mlp":
@@ -197,6 +126,13 @@ def _task(config, name, model, example_params):
   return task, adapted.num_params()
 
 
+def pretrain_settings(config) -> train.Settings:
+  """The backbone's pretraining: config.pretrain, evaluated once at the end."""
+  pre = config.pretrain
+  return train.Settings(epochs=pre.epochs, batch_size=pre.batch_size, learning_rate=pre.lr,
+                        weight_decay=pre.weight_decay, eval_every=pre.epochs)
+
+
 def validate(config) -> None:
   """Every config error, before any compute."""
   for name in configlib.split_names(config.data.functions) or ["(empty)"]:
@@ -212,12 +148,15 @@ def validate(config) -> None:
   if not 0 < config.data.target_train < config.data.target_samples:
     raise ValueError(f"config.data.target_train={config.data.target_train} must lie in "
                      f"(0, target_samples={config.data.target_samples}).")
-  settings = train.Settings(epochs=config.optim.epochs, batch_size=config.optim.batch_size,
-                            learning_rate=config.optim.lr, weight_decay=config.optim.weight_decay)
+  settings = train.Settings.from_config(config.optim)
   settings.check_batch(config.data.target_train)
-  if config.optim.epochs % config.optim.eval_every:
-    raise ValueError(f"config.optim.epochs={config.optim.epochs} is not a multiple of "
-                     f"config.optim.eval_every={config.optim.eval_every}.")
+  pretrain_settings(config).check_batch(config.data.source_samples
+                                        - int(round(config.data.source_samples * config.data.source_test_fraction)))
+  if not isinstance(config.num_seeds, int) or config.num_seeds < 1:
+    raise ValueError(f"config.num_seeds={config.num_seeds!r} must be a positive integer.")
+  if not isinstance(config.checkpoint_every_epochs, int) or config.checkpoint_every_epochs < 0:
+    raise ValueError(f"config.checkpoint_every_epochs={config.checkpoint_every_epochs!r} must be >= 0 "
+                     "(0: checkpoint only at the end).")
   model = _backbone(config, configlib.split_names(config.model.inits)[0])
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2))))["params"]
   params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), params)
@@ -325,11 +264,8 @@ def run(config, workdir: str) -> dict:
   methods = configlib.split_names(config.method_names)
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   entries_seeds = [s for _ in names for s in seeds]                     # entry = (function, seed)
-  settings = train.Settings(epochs=config.optim.epochs, batch_size=config.optim.batch_size,
-                            learning_rate=config.optim.lr, weight_decay=config.optim.weight_decay)
-  pre = config.pretrain
-  pre_settings = train.Settings(epochs=pre.epochs, batch_size=pre.batch_size, learning_rate=pre.lr,
-                                weight_decay=pre.weight_decay)
+  settings = train.Settings.from_config(config.optim)
+  pre_settings = pretrain_settings(config)
   source, target, info = _function_data(config, names, seeds)
   print(f"== nonconvex regression, backbone={config.model.backbone}: {len(names)} functions x {len(seeds)} "
         f"seeds = {len(entries_seeds)} vmapped entries, {settings.epochs} epochs", flush=True)
@@ -341,8 +277,9 @@ def run(config, workdir: str) -> dict:
     backbone_task = train.Task(init=lambda key, frozen, m=model: m.init(key, jnp.zeros((1, 2)))["params"],
                                predict=lambda p, frozen, inputs, m=model: m.apply({"params": p}, inputs["x"]))
     src = train.Data(train=source["train"], test=source["test"], frozen=np.zeros(len(names)), per_seed=True)
-    pre_fit = _fit(backbone_task, src, [config.seed + 1000 * (f + 1) for f in range(len(names))], pre_settings,
-                   pre.epochs, f"pretrain/{scheme}")
+    pre_fit = train.fit(backbone_task, src, [config.seed + 1000 * (f + 1) for f in range(len(names))],
+                        pre_settings, name=f"pretrain/{scheme}",
+                        checkpoints=checkpoint.policy(config, workdir, scheme, "pretrain"))
     check = {}
     for f, name in enumerate(names):
       var = info[name]["label_std"] ** 2
@@ -361,7 +298,8 @@ def run(config, workdir: str) -> dict:
     for m in methods:
       task, counts[m] = _task(config, m, model, example)
       print(f"-- {m}: {counts[m]:,} trainable params", flush=True)
-      fit = _fit(task, data, entries_seeds, settings, config.optim.eval_every, f"{scheme}/{m}")
+      fit = train.fit(task, data, entries_seeds, settings, name=f"{scheme}/{m}",
+                      checkpoints=checkpoint.policy(config, workdir, scheme, m))
       fits[m] = (task, fit)
       per_function[m] = _per_function(fit, names, seeds, info, m, *PAPER_TABLES[config.model.backbone][:2])
       summaries[m] = results.method_summary(counts[m], entries_seeds, fit, paper={})

@@ -7,12 +7,11 @@ W0 ~ N(0, 0.01^2). Every seed is a full replicate: its own targets, W0, samples,
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 
-from localmoe import configlib, results, single_layer, targets, train
+from localmoe import checkpoint, configlib, results, single_layer, targets, train
 
 PAPER = {  # Table 1 (R^2 as a fraction)
     "melora": {"params": 2048, "mse": 0.9525, "r2": 0.1000},
@@ -69,10 +68,22 @@ def validate(config) -> None:
   if config.checkpoint_every_epochs < 0:
     raise ValueError(f"config.checkpoint_every_epochs={config.checkpoint_every_epochs} must be >= 0 "
                      "(0: checkpoint only at the end).")
+  if not isinstance(dc.num_samples, int) or dc.num_samples < 2:
+    raise ValueError(f"config.data.num_samples={dc.num_samples!r} must be an integer >= 2 (e.g. 10000).")
+  if not isinstance(dc.d, int) or not isinstance(dc.k, int) or dc.d < 1 or dc.k < 1 or dc.d % dc.k:
+    raise ValueError(f"config.data.k={dc.k!r} must divide config.data.d={dc.d!r} (the d x d map is cut into "
+                     f"k x k fields of d/k): choose k among the divisors of {dc.d}.")
+  if not dc.spectrum_decay > 0:
+    raise ValueError(f"config.data.spectrum_decay={dc.spectrum_decay!r} must be > 0 (e.g. 4.0).")
+  single_layer.check_alpha(config.model)
   if not 0 < dc.test_fraction < 1:
     raise ValueError(f"config.data.test_fraction={dc.test_fraction} must lie in (0, 1).")
   num_train = dc.num_samples - int(round(dc.num_samples * dc.test_fraction))
-  single_layer.validate_common(config, num_train)
+  if num_train < 1:
+    raise ValueError(f"config.data.num_samples={dc.num_samples} leaves no training samples at "
+                     f"test_fraction={dc.test_fraction}: use more samples.")
+  data_bytes = 4.0 * config.num_seeds * (dc.num_samples * (2 * dc.d + len(contexts)) + dc.d * dc.d)
+  single_layer.validate_common(config, num_train, data_bytes)
   single_layer.build_methods(config.methods, configlib.split_names(config.method_names), dc.d, dc.d,
                              len(contexts), shared=config.model)
 
@@ -94,8 +105,7 @@ def run(config, workdir: str) -> dict:
                                          shared=config.model)
     summaries, fits = single_layer.run_methods(
         modules, data, seeds, settings, config.data.d, num_contexts, PAPER,
-        checkpoint_dir=os.path.join(workdir, "checkpoints", spectrum_name),
-        checkpoint_every=config.checkpoint_every_epochs)
+        checkpoints=checkpoint.policy(config, workdir, spectrum_name))
     table_time = time.perf_counter() - t0
     variants[spectrum_name] = {"methods": summaries, "wall_time_s": table_time, **diag}
     histories.update({f"{spectrum_name}/{n}": (seeds, f) for n, f in fits.items()})
@@ -133,10 +143,9 @@ def run(config, workdir: str) -> dict:
 def sweep_job(config):
   """One sweep entry (`localmoe.sweep`): one method, one seed, the first spectrum of config.data.spectra.
 
-  Entries that differ only in seed, learning rate or weight decay share a key and train as one vmapped
-  program; the entry's files are results.json / results.md / history.csv like a one-seed run.
+  Entries that differ only in seed, learning rate or weight decay share a `sweep.group_key` and train as
+  one vmapped program; the entry's files are results.json / results.md / history.csv like a one-seed run.
   """
-  import json
   from localmoe import sweep
 
   names = configlib.split_names(config.method_names)
@@ -149,9 +158,6 @@ def sweep_job(config):
   module = single_layer.build_methods(config.methods, names, config.data.d, config.data.d, contexts,
                                       shared=config.model)[name]
   settings = train.Settings.from_config(config.optim)
-  optim = {k: v for k, v in config.optim.to_dict().items() if k not in ("lr", "weight_decay")}
-  key = json.dumps({"method": config.methods[name].to_dict(), "model": config.model.to_dict(),
-                    "data": config.data.to_dict(), "spectrum": spectrum, "optim": optim}, sort_keys=True)
 
   def finish(workdir, fit):
     summary = results.method_summary(module.num_params(), [seed], fit, PAPER.get(name))
@@ -164,7 +170,7 @@ def sweep_job(config):
             "test_r2": summary["test_r2_mean"], "test_mse": summary["test_mse_mean"],
             "train_mse": float(fit.final("train", "mse")[0])}
 
-  return sweep.Job(key=key, task=single_layer.layer_task(module, config.data.d, contexts),
+  return sweep.Job(task=single_layer.layer_task(module, config.data.d, contexts),
                    data=lambda: make_data(config, [seed], spectrum)[0], settings=settings, seed=seed,
                    learning_rate=settings.learning_rate, weight_decay=settings.weight_decay, finish=finish,
                    label=f"{name} ({spectrum})")

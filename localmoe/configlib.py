@@ -10,8 +10,9 @@ import ml_collections
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """Parses 'quick,seeds=3,methods=lora+cellwise_moe' against typed defaults.
 
-  A bare word sets a boolean default to True ('quick'); 'key=value' is cast to the default's type;
-  '+' separates list items in strings. Unknown keys are an error that lists the valid ones.
+  A bare word sets a boolean default to True ('quick'); 'key=value' is cast to the default's type (booleans
+  accept true/false, yes/no, on/off, 1/0; anything else, e.g. 'quick=ture', is an error); '+' separates
+  list items in strings. Unknown keys are an error that lists the valid ones.
   """
   result = ml_collections.ConfigDict(defaults)
   if not arg:
@@ -29,14 +30,72 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         raise ValueError(f"config arg {key!r} needs a value ({key}=...).")
       result[key] = True
     elif isinstance(default, bool):
-      result[key] = raw.lower() in ("1", "true", "yes")
-    elif isinstance(default, int):
-      result[key] = int(raw)
-    elif isinstance(default, float):
-      result[key] = float(raw)
+      if raw.lower() not in _TRUE + _FALSE:
+        raise ValueError(f"config arg {key}={raw!r} is not a boolean: use {key}=true or {key}=false "
+                         f"(or the bare word '{key}').")
+      result[key] = raw.lower() in _TRUE
+    elif isinstance(default, (int, float)):
+      try:
+        result[key] = type(default)(raw)
+      except ValueError:
+        raise ValueError(f"config arg {key}={raw!r} is not {'an integer' if isinstance(default, int) else 'a number'} "
+                         f"(default {default!r}).") from None
     else:
       result[key] = raw.replace("+", ",")
   return result
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  """The value of --config (path.py[:arg]) in argv, or None."""
+  spec = None
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      spec = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+  return spec
+
+
+def load_config_module(path: str, name: str = "_config_check"):
+  """Imports a config file; a ValueError (one line) if it is missing, does not parse, or fails to import."""
+  import importlib.util
+  import os
+
+  if not os.path.isfile(path):
+    raise ValueError(f"--config={path}: no such file (give the path of a config file, e.g. "
+                     "configs/svd_simulation.py).")
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  if module_spec is None or module_spec.loader is None:
+    raise ValueError(f"--config={path}: not a Python file.")
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as error:
+    raise ValueError(f"--config={path}: syntax error at line {error.lineno}: {error.msg}.") from None
+  except Exception as error:  # an import error inside the config file
+    raise ValueError(f"--config={path}: importing it failed ({type(error).__name__}: {error}).") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise ValueError(f"--config={path} defines no get_config(arg=None): add one returning the ConfigDict.")
+  return module
+
+
+def check_config_file(argv: list[str]) -> str | None:
+  """A one-line message if the --config file of argv is missing, broken, lacks get_config, or its
+  get_config(arg) rejects the arg; None if it loads (absl then parses it again)."""
+  spec = _config_spec(argv)
+  if not spec:
+    return None
+  path, _, variant = spec.partition(":")
+  try:
+    module = load_config_module(path)
+    module.get_config(variant or None)
+  except ValueError as error:
+    return str(error) if str(error).startswith("--config") else f"--config={spec}: {error}"
+  return None
 
 
 def split_names(names: str) -> list[str]:
@@ -50,21 +109,14 @@ def explain_bad_override(argv: list[str]) -> str | None:
   Loads the config file named by --config (path.py[:arg]) and walks every override's dotted path.
   Returns a message, or None if every override path exists (the failure was something else).
   """
-  import importlib.util
-
-  spec_arg = None
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      spec_arg = arg.split("=", 1)[1]
-    elif arg == "--config" and i + 1 < len(argv):
-      spec_arg = argv[i + 1]
+  spec_arg = _config_spec(argv)
   if not spec_arg:
     return None
   path, _, variant = spec_arg.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_config_for_errors", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(variant or None)
+  try:
+    config = load_config_module(path, "_config_for_errors").get_config(variant or None)
+  except ValueError:
+    return None
   for arg in argv:
     if not arg.startswith("--config.") or arg.startswith("--config=") :
       continue

@@ -1,7 +1,13 @@
 """Writing results: results.json, results.md, history.csv, TensorBoard events, and the paper-vs-ours table.
 
 Every file is written atomically (temp file in the same directory, then os.replace), so a crash never
-leaves a half-written result that a later run or script would trust.
+leaves a half-written result that a later run or script would trust; files get the usual permissions of
+the user's umask (readable by the group where the umask allows it).
+
+A run in which a method failed is not finished: `write_run` writes results.md, history.csv and TensorBoard
+events (so the failure can be read) but not results.json, and raises `RunFailed` (launch.py: exit 1).
+The finished methods keep their final checkpoints, so re-running the same command retrains only the
+failed ones.
 """
 
 from __future__ import annotations
@@ -17,8 +23,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from localmoe import train
+from localmoe import workdir as workdir_lib
 
 # ------------------------------------------------------------------------------------------- atomic files
+
+
+class RunFailed(RuntimeError):
+  """At least one method of a run failed; the message names them. The run is not marked finished."""
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -31,6 +42,7 @@ def atomic_write_text(path: str, text: str) -> None:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~workdir_lib.current_umask())          # mkstemp makes 0600
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -209,4 +221,15 @@ def write_run(workdir: str, experiment: str, config: Any, methods: Mapping[str, 
   for name, (seeds, fit) in histories.items():
     write_tensorboard(os.path.join(workdir, "tb"), name, seeds, fit)
   atomic_write_text(os.path.join(workdir, "results.md"), markdown)
+  failed = failed_methods(methods)
+  if failed:
+    raise RunFailed(f"{len(failed)} of {len(methods)} method(s) failed ({'; '.join(failed)}); see "
+                    f"{os.path.join(workdir, 'results.md')}. The run is not marked finished: fix the cause and "
+                    "re-run the same command (finished methods resume from their final checkpoints).")
   write_json(os.path.join(workdir, "results.json"), payload)   # last: its presence marks a finished run
+
+
+def failed_methods(methods: Mapping[str, Any]) -> list[str]:
+  """'name: reason' for every method whose status says it failed (diverged seeds are results, not failures)."""
+  return [f"{name}: {m.get('status')}" for name, m in methods.items()
+          if isinstance(m, Mapping) and str(m.get("status", "")).startswith("failed")]

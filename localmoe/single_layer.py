@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import os
 import traceback
 from typing import Any, Callable, Mapping, Sequence
 
@@ -21,8 +20,10 @@ import numpy as np
 
 from localmoe import adapters
 from localmoe import checkpoint
+from localmoe import configlib
 from localmoe import results
 from localmoe import train
+from localmoe import workdir as workdir_lib
 
 
 def layer_task(module, d_in: int, context_dim: int) -> train.Task:
@@ -56,6 +57,11 @@ def build_methods(specs: Mapping[str, Mapping[str, Any]], names: Sequence[str], 
     fill = {"d_in": d_in, "d_out": d_out}
     if spec.get("method") in ("blockwise_moe", "cellwise_moe") and spec.get("router_input", "context") == "context":
       fill["context_dim"] = context_dim
+    for field, value in fill.items():
+      given = spec.pop(field, None)
+      if given is not None and given != value:
+        raise ValueError(f"config.methods.{name}.{field}={given!r} disagrees with the data ({field}={value}): "
+                         f"remove it (it is filled in from the data) or set it to {value}.")
     try:
       modules[name] = adapters.make(spec, **fill)
     except ValueError as error:
@@ -63,15 +69,32 @@ def build_methods(specs: Mapping[str, Mapping[str, Any]], names: Sequence[str], 
   return modules
 
 
-def validate_common(config, num_train: int) -> train.Settings:
-  """Checks shared by the single-layer experiments: seeds and optimisation settings."""
+def validate_common(config, num_train: int, data_bytes: float = 0.0) -> train.Settings:
+  """Checks shared by the single-layer experiments: seeds, optimisation settings, checkpoint cadence and
+  memory (data_bytes: the data of all seeds, host copy; held about three times while training)."""
   if not isinstance(config.num_seeds, int) or config.num_seeds < 1:
     raise ValueError(f"config.num_seeds={config.num_seeds!r} must be a positive integer.")
   if config.seed < 0:
     raise ValueError(f"config.seed={config.seed!r} must be >= 0.")
   settings = train.Settings.from_config(config.optim)
   settings.check_batch(num_train)
+  every = config.get("checkpoint_every_epochs", 0)
+  if not isinstance(every, int) or every < 0:
+    raise ValueError(f"config.checkpoint_every_epochs={every!r} must be >= 0 (0: checkpoint only at the end).")
+  methods = max(1, len(configlib.split_names(config.get("method_names", "")))) if "method_names" in config else 1
+  train.check_memory(3 * data_bytes + methods * train.history_bytes(config.num_seeds, settings),
+                     f"config.num_seeds={config.num_seeds} x the data ({data_bytes / 2**20:,.0f} MiB) and "
+                     f"{settings.epochs:,} epochs of history",
+                     "use fewer seeds, fewer samples or fewer epochs")
   return settings
+
+
+def check_alpha(model) -> None:
+  """config.model.alpha: None (scale 1) or a positive, finite number."""
+  alpha = model.get("alpha") if hasattr(model, "get") else None
+  if alpha is not None and not (isinstance(alpha, (int, float)) and 0 < alpha < float("inf")):
+    raise ValueError(f"config.model.alpha={alpha!r} must be > 0 (the adapter's output is scaled by "
+                     "alpha / rank), or None for a scale of 1.")
 
 
 def device_data(data: train.Data) -> train.Data:
@@ -82,29 +105,35 @@ def device_data(data: train.Data) -> train.Data:
 
 def run_methods(modules: Mapping[str, Any], data: train.Data, seeds: Sequence[int], settings: train.Settings,
                 d_in: int, context_dim: int, paper: Mapping[str, Mapping[str, Any]],
-                log: Callable[[str], None] = print, parallel: int = 2, checkpoint_dir: str | None = None,
-                checkpoint_every: int = 10):
+                log: Callable[[str], None] = print, parallel: int = 2,
+                checkpoints: checkpoint.Policy | None = None,
+                make_task: Callable[[Any, int, int], train.Task] | None = None):
   """Trains each module on `data` for all seeds. Returns ({name: results.json entry}, {name: FitResult}).
 
-  checkpoint_dir: each method saves to / resumes from <checkpoint_dir>/<name> (see localmoe.checkpoint),
-  every `checkpoint_every` epochs and at the end; None trains without files.
+  checkpoints: each method saves to / resumes from <checkpoints.directory>/<name> (`train.fit` with that
+  policy); None trains without files (a stop request is still honoured). make_task(module, d_in,
+  context_dim): the Task of one method (default `layer_task`).
 
-  `parallel` methods train at once in threads: XLA compiles and runs outside the GIL, and a small layer
-  leaves CPU cores idle otherwise. Results do not depend on it (each method is its own program).
+  A method that raises is reported ("failed: ..." in its summary) and the others carry on; the caller's
+  `results.write_run` then refuses to mark the run finished. `parallel` methods train at once in threads:
+  XLA compiles and runs outside the GIL, and a small layer leaves CPU cores idle otherwise. Results do not
+  depend on it (each method is its own program).
   """
   data = device_data(data)
+  make_task = make_task or layer_task
 
   def one(name):
     module = modules[name]
     log(f"[{name}] {module.num_params():,} parameters, {len(seeds)} seeds, {settings.epochs} epochs")
     try:
-      directory = None if checkpoint_dir is None else os.path.join(checkpoint_dir, name)
-      fit = checkpoint.fit_with_checkpoints(layer_task(module, d_in, context_dim), data, seeds, settings,
-                                            directory=directory, every_epochs=checkpoint_every, name=name,
-                                            log=log)
+      fit = train.fit(make_task(module, d_in, context_dim), data, seeds, settings, name=name, log=log,
+                      checkpoints=None if checkpoints is None else checkpoints.child(name))
+    except workdir_lib.ConfigMismatchError:
+      raise
     except Exception as error:  # one broken method must not lose the others' results
       log(f"[{name}] FAILED: {type(error).__name__}: {error}\n{traceback.format_exc()}")
-      return name, None, results.failed_summary(module.num_params(), seeds, f"failed: {error}", paper.get(name))
+      return name, None, results.failed_summary(module.num_params(), seeds,
+                                                f"failed: {type(error).__name__}: {error}", paper.get(name))
     return name, fit, results.method_summary(module.num_params(), seeds, fit, paper.get(name))
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:

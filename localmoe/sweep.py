@@ -10,17 +10,27 @@ override); a key "_name" names the entry. Every entry is its own run with its ow
 the entry's row of the summary).
 
 Vectorised groups: an experiment module that defines `sweep_job(config) -> Job` says what one entry trains
-(task, data, settings, seed, learning rate, weight decay) and gives a `key`: entries whose keys agree (same
-parameter shapes, data and settings; only seed / learning rate / weight decay / init differ) are trained
-together by one `train.fit` call, one compiled program vmapped over the entries, whose entry axis is
-sharded over the local devices (`sharding.entries()`). Entries with other shapes form other groups and
-compile separately. An experiment without `sweep_job` still sweeps: each entry runs `run(config, workdir)`
-on its own.
+(task, data, settings, seed, learning rate, weight decay). Entries whose configs agree in every field but
+GROUP_FREE (seed, optim.lr, optim.weight_decay: what may differ inside one vmapped program) share a
+`group_key` and are trained together by one `train.fit` call, one compiled program vmapped over the
+entries, whose entry axis is sharded over the local devices (`sharding.entries()`). Entries with other
+configs form other groups and compile separately. An experiment without `sweep_job` still sweeps: each
+entry runs `run(config, workdir)` on its own.
+
+Checkpoints and preemption: every group trains with a `checkpoint.Policy` under
+<workdir>/checkpoints/group_<hash of its entries' configs>, so SIGTERM stops a sweep with exit 75 and the
+same command resumes the group bit-identically. A finished entry belongs to its config: re-running with
+another base config (or other overrides) refuses before any compute, naming the entry and the differing
+fields (`--overwrite` re-runs everything, or use another workdir). A truncated sweep_entry.json is an
+error naming the file.
 
 Hosts: under `jax.distributed` every process trains a contiguous slice of every group (`sharding.owned`)
 and writes its own entries' files; the rows are gathered, and process 0 alone writes sweep.json and
 sweep.md (one row per entry; the best entry per group when the config has a `sweep` block with `select`
 and `group_by`). A sweep re-run in the same workdir skips finished entries (--overwrite re-runs them).
+
+Driver hooks (all optional but `run`; see experiments/README.md): `validate(config)`, `sweep_job(config)`,
+`summarize_sweep(summary, config, workdir)`.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -40,6 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from localmoe import checkpoint
 from localmoe import results
 from localmoe import sharding
 from localmoe import train
@@ -48,17 +60,16 @@ from localmoe import workdir as workdir_lib
 ENTRY_FILE = "sweep_entry.json"
 ENTRIES_DIR = "entries"
 ROW_FIELDS = ("index", "name", "group", "status", "wall_time_s")    # every row has these, then metrics
+GROUP_FREE = ("seed", "optim.lr", "optim.weight_decay")   # config fields that may differ inside one group
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
   """One sweep entry as the trainer sees it; built by an experiment's `sweep_job(config)`.
 
-  Entries with equal `key` are stacked along the trainer's entry axis, so the key must capture everything
-  that makes one compiled program: the parameter shapes (method and its sizes), the data (shared data must
-  be the same object or equal), and the settings other than learning rate and weight decay.
+  Entries are grouped by `group_key(entry config)` (not by anything in the Job), so a Job says only what
+  one entry trains and how its files are written.
   """
-  key: str                                            # group key (see above); also shown in progress lines
   task: train.Task
   data: train.Data | Callable[[], train.Data]         # per_seed=True: leading entry axis of size 1
   settings: train.Settings
@@ -67,6 +78,7 @@ class Job:
   weight_decay: float
   finish: Callable[[str, train.FitResult], Mapping[str, Any]]   # (entry workdir, its FitResult) -> row
   label: str = ""                                     # short name of the group for progress lines
+  key: str = ""                                       # unused (groups come from group_key); kept for forks
 
   def get_data(self) -> train.Data:
     return self.data() if callable(self.data) else self.data
@@ -125,6 +137,18 @@ def entry_name(overrides: Mapping[str, Any]) -> str:
   return ",".join(f"{k}={v}" for k, v in overrides.items() if not k.startswith("_")) or "base"
 
 
+def group_key(config) -> str:
+  """Entries with equal keys train as one vmapped program: the config without GROUP_FREE fields."""
+  data = workdir_lib.comparable(config)
+  for dotted in GROUP_FREE:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+      node = node.get(part, {})
+    node.pop(leaf, None)
+  return json.dumps(data, sort_keys=True)
+
+
 def _slug(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text)[:100]
 
@@ -171,28 +195,52 @@ def _write_entry_row(entry: Entry, row: Mapping[str, Any]) -> None:
 
 
 def _finished_row(entry: Entry) -> dict | None:
+  """The row of a finished entry (None if unfinished); refuses one made under another config."""
   path = os.path.join(entry.workdir, ENTRY_FILE)
-  if workdir_lib.is_finished(entry.workdir) and os.path.exists(path):
+  if not (workdir_lib.is_finished(entry.workdir) and os.path.exists(path)):
+    return None
+  try:
     with open(path) as f:
-      return json.load(f)
-  return None
+      row = json.load(f)
+    with open(os.path.join(entry.workdir, "results.json")) as f:
+      stored = json.load(f).get("config")
+  except (OSError, ValueError) as error:
+    raise workdir_lib.WorkdirError(f"sweep entry {entry.index} ({entry.name}): {path} or its results.json is "
+                                   f"truncated or unreadable ({error}). Delete {entry.workdir} to retrain that "
+                                   "entry, or pass --overwrite to re-run the sweep.") from None
+  if stored is not None:
+    workdir_lib.check_same_config(stored, entry.config,
+                                  f"the finished sweep entry {entry.index} ({entry.name}) in {entry.workdir}")
+  return row
 
 
 def _format_s(seconds: float) -> str:
   return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
 
 
-def _train_group(jobs: Sequence[Job], entries: Sequence[Entry], group: int, placement, log) -> list[dict]:
-  """One vmapped fit over the group's entries, then each entry's files and row."""
+def group_policy(entries: Sequence[Entry], workdir: str | None, every_epochs: int) -> checkpoint.Policy:
+  """The checkpoint policy of one group: a directory named by a hash of its entries' configs."""
+  configs = [{"index": e.index, "config": workdir_lib.comparable(e.config)} for e in entries]
+  digest = hashlib.sha1(json.dumps(configs, sort_keys=True).encode()).hexdigest()[:12]
+  directory = None if workdir is None else os.path.join(workdir, "checkpoints", f"group_{digest}")
+  return checkpoint.Policy(directory, every_epochs, config={"entries": configs})
+
+
+def _train_group(jobs: Sequence[Job], entries: Sequence[Entry], group: int, placement, log,
+                 policy: checkpoint.Policy | None = None) -> list[dict]:
+  """One vmapped fit over the group's entries (checkpointed by `policy`), then each entry's files and row."""
   start = time.perf_counter()
   first = jobs[0]
   try:
     data = _stack_data([job.get_data() for job in jobs])
-    fit = train.fit(first.task, data, [job.seed for job in jobs], first.settings, name=first.label or first.key,
+    fit = train.fit(first.task, data, [job.seed for job in jobs], first.settings, name=first.label or f"group {group}",
                     learning_rate=[job.learning_rate for job in jobs],
-                    weight_decay=[job.weight_decay for job in jobs], placement=placement, log=log)
+                    weight_decay=[job.weight_decay for job in jobs], placement=placement, log=log,
+                    checkpoints=policy)
+  except workdir_lib.ConfigMismatchError:
+    raise
   except Exception as error:  # one broken group must not lose the others
-    log(f"[sweep] group {group} ({first.label or first.key}) FAILED: {type(error).__name__}: {error}\n"
+    log(f"[sweep] group {group} ({first.label}) FAILED: {type(error).__name__}: {error}\n"
         f"{traceback.format_exc()}")
     return [_row(e, group, f"failed: {type(error).__name__}: {error}", time.perf_counter() - start, {})
             for e in entries]
@@ -208,12 +256,15 @@ def _train_group(jobs: Sequence[Job], entries: Sequence[Entry], group: int, plac
   return rows
 
 
-def _run_alone(module, entry: Entry, group: int, log) -> dict:
-  """Fallback for experiments without sweep_job: the entry's own run(config, workdir)."""
+def _run_alone(module, entry: Entry, group: int, log, overwrite: bool = False) -> dict:
+  """Fallback for experiments without sweep_job: the entry's own run(config, workdir), which checkpoints
+  in the entry's workdir (resumed unless overwrite)."""
   start = time.perf_counter()
   try:
-    with workdir_lib.guard(entry.workdir, overwrite=True):
+    with workdir_lib.guard(entry.workdir, overwrite=overwrite, config=entry.config):
       out = module.run(entry.config, entry.workdir)
+  except workdir_lib.ConfigMismatchError:
+    raise
   except Exception as error:
     log(f"[sweep] entry {entry.index} ({entry.name}) FAILED: {type(error).__name__}: {error}")
     return _row(entry, group, f"failed: {type(error).__name__}: {error}", time.perf_counter() - start, {})
@@ -227,31 +278,38 @@ def _run_alone(module, entry: Entry, group: int, log) -> dict:
   return row
 
 
+def check(config, overrides_list: Sequence[Mapping[str, Any]], workdir: str, module) -> list[Entry]:
+  """Every entry's config error (the driver's `validate`), before any compute or file; returns the entries."""
+  entries = expand(config, overrides_list, workdir)
+  validate = getattr(module, "validate", None)
+  if validate is not None:
+    for entry in entries:
+      try:
+        validate(entry.config)
+      except ValueError as error:
+        raise ValueError(f"sweep entry {entry.index} ({entry.name}): {error}") from None
+  return entries
+
+
 def run(config, overrides_list: Sequence[Mapping[str, Any]], workdir: str, module, *, overwrite: bool = False,
         placement: sharding.Placement | None | str = "auto", log: Callable[[str], None] = print) -> dict:
   """Runs every entry of a sweep (this process's slice of it) and, on process 0, writes the summary.
 
   module: the experiment's driver module (its `validate`, `sweep_job` or `run`, optional `summarize_sweep`).
   placement: "auto" = the entry axis over all local devices (`config.sharding` may say "data" or "none").
+  Finished entries are checked against their configs before anything trains (see the module docstring).
   Returns the summary (also on processes other than 0).
   """
   start = time.perf_counter()
-  entries = expand(config, overrides_list, workdir)
-  check = getattr(module, "validate", None)
-  for entry in entries:                                  # every config error before any compute
-    if check is not None:
-      try:
-        check(entry.config)
-      except ValueError as error:
-        raise ValueError(f"sweep entry {entry.index} ({entry.name}): {error}") from None
+  entries = check(config, overrides_list, workdir, module)
   if placement == "auto":
     placement = sharding.from_config(config.get("sharding", "entries"))
 
   make_job = getattr(module, "sweep_job", None)
   jobs = [make_job(e.config) for e in entries] if make_job else [None] * len(entries)
   groups: dict[str, list[int]] = {}
-  for entry, job in zip(entries, jobs):
-    groups.setdefault(job.key if job else f"entry{entry.index}", []).append(entry.index)
+  for entry in entries:
+    groups.setdefault(group_key(entry.config) if make_job else f"entry{entry.index}", []).append(entry.index)
   me, processes = sharding.process_index(), sharding.process_count()
   mine = {g: [members[i] for i in sharding.owned(len(members), me, processes)]
           for g, members in enumerate(groups.values())}
@@ -260,22 +318,26 @@ def run(config, overrides_list: Sequence[Mapping[str, Any]], workdir: str, modul
   log(f"[sweep] {len(entries)} entries in {len(groups)} compiled group(s); process {me} of {processes} runs "
       f"{total_mine} of them on {devices} local device(s) ({'entry axis sharded' if placement and placement.mode == 'entries' else placement.mode + ' parallel' if placement else 'one device'})")
 
-  rows, done, timed_entries, timed_s = [], 0, 0, 0.0
-  for group, members in mine.items():
-    todo = []
+  finished = {}                                          # every finished entry checked before any compute
+  for members in mine.values():
     for i in members:
       row = None if overwrite else _finished_row(entries[i])
       if row is not None:
-        rows.append(row)
-        done += 1
-      else:
-        todo.append(i)
+        finished[i] = row
+  every = int(config.get("checkpoint_every_epochs", 10))
+  rows, done, timed_entries, timed_s = [], 0, 0, 0.0
+  for group, members in mine.items():
+    todo = [i for i in members if i not in finished]
+    rows += [finished[i] for i in members if i in finished]
+    done += len(members) - len(todo)
     if todo:
       t0 = time.perf_counter()
       if make_job:
-        rows += _train_group([jobs[i] for i in todo], [entries[i] for i in todo], group, placement, log)
+        group_entries = [entries[i] for i in todo]
+        rows += _train_group([jobs[i] for i in todo], group_entries, group, placement, log,
+                             group_policy(group_entries, workdir, every))
       else:
-        rows += [_run_alone(module, entries[i], group, log) for i in todo]
+        rows += [_run_alone(module, entries[i], group, log, overwrite) for i in todo]
       timed_entries += len(todo)
       timed_s += time.perf_counter() - t0
       done += len(todo)

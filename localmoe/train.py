@@ -1,13 +1,19 @@
-"""The trainer shared by every experiment: AdamW, a compiled epoch (lax.scan over steps), vmap over seeds.
+"""The trainer shared by every experiment: AdamW from `config.optim`, compiled epochs, vmap over seeds.
 
 All seeds (or sweep entries) of one method train together in one compiled program: the train state carries
-a leading entry axis and `jax.vmap` maps the epoch over it. Each entry has its own seed and, optionally, its
+a leading entry axis and `jax.vmap` maps the epochs over it. Each entry has its own seed and, optionally, its
 own learning rate and weight decay (they live in the optimiser state via `optax.inject_hyperparams`), so
-a learning-rate sweep compiles once.
+a learning-rate sweep compiles once. The optimiser (`make_optimizer`) is built from the settings: AdamW,
+an optional learning-rate schedule (a multiplier of each entry's rate) and global-norm gradient clipping.
 
-One epoch = one call of a jit-compiled function that shuffles (key = fold_in(seed key, epoch), so a resumed
-run reproduces the same order), runs every step in `lax.scan`, and evaluates MSE and R^2 on train and test.
-The Python loop over epochs only prints progress and calls hooks (checkpoints, TensorBoard).
+One call of the jit-compiled program runs `Settings.eval_every` epochs (lax.scan over epochs, lax.scan over
+steps; each epoch shuffled with key = fold_in(seed key, epoch), so a resumed run reproduces the same order)
+and then evaluates the task's metrics (MSE and R^2 by default) on every split. The Python loop between calls
+records the history, prints progress, saves checkpoints (`checkpoints=checkpoint.Policy(...)`: resume from
+the latest one, periodic saves, the final save) and honours a stop request (SIGTERM/SIGINT inside
+`checkpoint.preemption_guard()`: save, then raise `checkpoint.Preempted`). Every experiment trains through
+this one loop, so none can leave checkpoints or preemption out. The step is the module-level `train_step`
+(its objective `loss_and_aux`): a fork changes it in one place.
 
 Regression is the default (squared-error loss; MSE and R^2 per split). A Task may instead bring its own
 per-example loss and metrics (e.g. cross-entropy and accuracy for classification), and Data may carry a
@@ -19,13 +25,17 @@ and the padding is dropped from the result); `placement=sharding.data_parallel()
 training batch over the devices (one large run). Results equal the single-device ones up to float rounding.
 
 A non-finite loss freezes that entry (its parameters stop changing) and records the global step; the other
-entries carry on. `FitResult.status` then reads "diverged at epoch E" for it.
+entries carry on. `FitResult.status` then reads "diverged at epoch E" for it. A finite blow-up is flagged
+the same way: an entry whose epoch-mean training objective rose above BLOWUP_FACTOR times its initial value
+(the objective of its very first step) and ends above that initial value, or whose final metrics are not
+finite, reads "diverged at epoch E (training loss grew from a to b, ...)", E the first epoch past the factor.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -34,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from localmoe import checkpoint as checkpoint_lib
 from localmoe import metrics
 from localmoe import sharding as sharding_lib
 
@@ -42,6 +53,8 @@ Batch = Mapping[str, jax.Array]
 
 SPLITS = ("train", "test")
 METRICS = ("mse", "r2")
+SCHEDULES = ("constant", "cosine", "linear")
+BLOWUP_FACTOR = 100.0     # final training objective above this multiple of the initial one: "diverged"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +129,7 @@ class Data:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """Optimisation settings (the `config.optim` block of an experiment)."""
+  """Optimisation settings (the `config.optim` block of an experiment; `from_config` reads it)."""
   epochs: int
   batch_size: int
   learning_rate: float
@@ -127,6 +140,11 @@ class Settings:
   log_every: int = 0                  # print progress every n epochs (0: about 5 lines per run)
   steps_per_epoch: int = 0            # 0: an epoch is one pass over the training set; n: an "epoch" is n
                                       # steps of an endless stream of passes (evaluate every n steps)
+  eval_every: int = 1                 # epochs per compiled call; evaluate (log, checkpoint, stop) after each
+  schedule: str = "constant"          # learning-rate multiplier over training: constant, cosine or linear
+                                      # (to 0 at the last step), after `warmup_steps` of linear warmup
+  warmup_steps: int = 0
+  grad_clip: float = 0.0              # clip gradients to this global norm (0: no clipping)
 
   def check_batch(self, num_train: int) -> None:
     if self.batch_size > num_train:
@@ -138,19 +156,31 @@ class Settings:
                        f"steps_per_epoch <= {self.steps_per_pass(num_train)}, or 0 for whole passes.")
 
   def __post_init__(self):
-    for field in ("epochs", "batch_size", "eval_batch_size"):
+    for field in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
       value = getattr(self, field)
-      if not isinstance(value, int) or value < 1:
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"config.optim.{_CONFIG_NAMES.get(field, field)}={value!r} must be a positive integer.")
-    if not self.learning_rate > 0:
-      raise ValueError(f"config.optim.lr={self.learning_rate!r} must be > 0 (e.g. 1e-3).")
-    if not self.weight_decay >= 0:
-      raise ValueError(f"config.optim.weight_decay={self.weight_decay!r} must be >= 0.")
+    if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+      raise ValueError(f"config.optim.lr={self.learning_rate!r} must be > 0 and finite (e.g. 1e-3).")
+    if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+      raise ValueError(f"config.optim.weight_decay={self.weight_decay!r} must be >= 0 and finite.")
+    for field in ("b1", "b2"):
+      if not 0 <= getattr(self, field) < 1:
+        raise ValueError(f"config.optim.{field}={getattr(self, field)!r} must lie in [0, 1).")
     if self.log_every < 0:
       raise ValueError(f"config.optim.log_every={self.log_every!r} must be >= 0.")
     if not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 0:
       raise ValueError(f"config.optim.steps_per_epoch={self.steps_per_epoch!r} must be an integer >= 0 "
                        "(0: one pass over the training set per epoch).")
+    if self.epochs % self.eval_every:
+      raise ValueError(f"config.optim.epochs={self.epochs} is not a multiple of config.optim.eval_every="
+                       f"{self.eval_every}: make it one (the last epoch must be evaluated).")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"config.optim.schedule={self.schedule!r} is not known; valid: {list(SCHEDULES)}.")
+    if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+      raise ValueError(f"config.optim.warmup_steps={self.warmup_steps!r} must be an integer >= 0.")
+    if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+      raise ValueError(f"config.optim.grad_clip={self.grad_clip!r} must be >= 0 (0: no clipping).")
 
   def steps_per_pass(self, num_train: int) -> int:
     """Steps of one pass over the training set (the last batch is padded and masked)."""
@@ -162,11 +192,15 @@ class Settings:
 
   @classmethod
   def from_config(cls, optim) -> "Settings":
-    """From a `config.optim` block; its `lr` key is the learning rate."""
+    """From a `config.optim` block; its `lr` key is the learning rate. An unknown key is an error."""
     values = dict(optim.to_dict() if hasattr(optim, "to_dict") else optim)
     fields = {f.name for f in dataclasses.fields(cls)}
     renamed = {_SETTINGS_NAMES.get(k, k): v for k, v in values.items()}
-    return cls(**{k: v for k, v in renamed.items() if k in fields})
+    unknown = sorted(k for k, v in values.items() if _SETTINGS_NAMES.get(k, k) not in fields)
+    if unknown:
+      valid = sorted(_CONFIG_NAMES.get(f, f) for f in fields)
+      raise ValueError(f"config.optim has unknown key(s) {unknown} that the trainer would ignore; valid: {valid}.")
+    return cls(**renamed)
 
 
 _CONFIG_NAMES = {"learning_rate": "lr"}                       # Settings field -> config.optim key
@@ -181,6 +215,7 @@ class FitState:
   history: np.ndarray             # [entries, epochs, splits, metrics], NaN where not yet run
   train_history: np.ndarray | None = None   # [entries, epochs, len(task.train_names)] epoch means
   diagnostics: dict[str, np.ndarray] | None = None   # name -> [entries, epochs, ...] (Task.diagnostics)
+  initial_loss: np.ndarray | None = None    # [entries] objective of the first step (the blow-up reference)
 
 
 @dataclasses.dataclass
@@ -220,9 +255,39 @@ class FitResult:
                                diagnostics={n: take(v) for n, v in self.diagnostics.items()})
 
 
-def make_optimizer() -> optax.GradientTransformation:
-  """AdamW with its hyperparameters stored in the optimiser state (so they can differ per entry)."""
-  return optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=0.0, b1=0.9, b2=0.999)
+def lr_multiplier(settings: Settings, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+  """The schedule of `settings` as a multiplier of each entry's learning rate, step -> [0, 1]."""
+  decay_steps = max(1, total_steps - settings.warmup_steps)
+  decay = {"constant": optax.constant_schedule(1.0),
+           "cosine": optax.cosine_decay_schedule(1.0, decay_steps),
+           "linear": optax.linear_schedule(1.0, 0.0, decay_steps)}[settings.schedule]
+  if not settings.warmup_steps:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, 1.0, settings.warmup_steps), decay],
+                              [settings.warmup_steps])
+
+
+def make_optimizer(settings: Settings | None = None, total_steps: int = 1) -> optax.GradientTransformation:
+  """AdamW (hyperparameters in the optimiser state, so they can differ per entry), built from `settings`.
+
+  grad_clip > 0 clips the gradients' global norm first; a schedule other than "constant" (or a warmup)
+  multiplies every update by lr_multiplier(step), i.e. each entry's learning rate follows the schedule.
+  Without either it is the bare `inject_hyperparams(adamw)` (see `_hyperparams` for where the rates live).
+  """
+  b1, b2 = (0.9, 0.999) if settings is None else (settings.b1, settings.b2)
+  adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=0.0, b1=b1, b2=b2)
+  if settings is None or (not settings.grad_clip and settings.schedule == "constant"
+                          and not settings.warmup_steps):
+    return adamw
+  clip = optax.clip_by_global_norm(settings.grad_clip) if settings.grad_clip else optax.identity()
+  return optax.chain(clip, adamw, optax.scale_by_schedule(lr_multiplier(settings, total_steps)))
+
+
+def _hyperparams(opt_state) -> dict:
+  """The `inject_hyperparams` dict inside an optimiser state of `make_optimizer` (bare or chained)."""
+  if hasattr(opt_state, "hyperparams"):
+    return opt_state.hyperparams
+  return opt_state[1].hyperparams
 
 
 def _split_inputs(batch: Batch) -> tuple[Batch, jax.Array]:
@@ -358,32 +423,43 @@ def epoch_batches(seed_key: jax.Array, epoch, num_train: int, settings: Settings
   return orders[which, row], keep[row]
 
 
+def total_steps(settings: Settings, num_train: int) -> int:
+  """Optimiser steps of the whole run (the horizon of the learning-rate schedule)."""
+  return settings.epochs * settings.steps(num_train)
+
+
 def _build_epoch_fn(task: Task, settings: Settings, num_train: int, per_seed: bool,
                     placement: sharding_lib.Placement | None = None):
-  """Returns jit(vmap(epoch)) : (state, seed_keys, epoch, frozen, train, test, val) -> (state, metrics).
+  """Returns jit(vmap(eval_every epochs, then evaluate)) and the steps per epoch.
 
-  metrics: ([entries, splits, metrics] for the splits train, (val, if not None), test;
-            [entries, len(task.train_names)] epoch means of the objective and aux outputs;
-            {name: [entries, ...]} diagnostics).
+  The function: (state, seed_keys, epoch0, frozen, train, test, val) -> (state, outputs), epochs
+  epoch0 .. epoch0 + eval_every - 1. outputs: ([entries, splits, metrics] for the splits train, (val, if not
+  None), test after the last of them; [entries, eval_every, len(task.train_names)] epoch means of the
+  objective and aux outputs; [entries] the objective of the first step; {name: [entries, ...]} diagnostics).
   """
-  tx = make_optimizer()
   steps = settings.steps(num_train)
+  tx = make_optimizer(settings, total_steps(settings, num_train))
   constrain_batch = placement.constrain_batch if placement is not None else (lambda tree: tree)
 
-  def one_entry(state, seed_key, epoch, frozen, train, test, val):
-    order, keep = epoch_batches(seed_key, epoch, num_train, settings)               # [steps, batch] each
+  def one_entry(state, seed_key, epoch0, frozen, train, test, val):
+    def one_epoch(state, j):
+      epoch = epoch0 + j
+      order, keep = epoch_batches(seed_key, epoch, num_train, settings)             # [steps, batch] each
 
-    def step(state, args):
-      rows, mask, step_index = args
-      inputs, y = _split_inputs(constrain_batch(jax.tree_util.tree_map(lambda a: a[rows], train)))
-      return train_step(task, tx, state, frozen, inputs, y, mask, epoch * steps + step_index)
+      def step(state, args):
+        rows, mask, step_index = args
+        inputs, y = _split_inputs(constrain_batch(jax.tree_util.tree_map(lambda a: a[rows], train)))
+        return train_step(task, tx, state, frozen, inputs, y, mask, epoch * steps + step_index)
 
-    state, per_step = jax.lax.scan(step, state, (order, keep, jnp.arange(steps)))   # [steps, 1 + aux]
+      state, per_step = jax.lax.scan(step, state, (order, keep, jnp.arange(steps)))  # [steps, 1 + aux]
+      return state, (per_step.mean(0), per_step[0, 0])
+
+    state, (means, first) = jax.lax.scan(one_epoch, state, jnp.arange(settings.eval_every))
     splits = (train, test) if val is None else (train, val, test)
     evals = jnp.stack([_evaluate(task, state["params"], frozen, split, settings.eval_batch_size)
                        for split in splits])                                         # [splits, metrics]
     diagnostics = _diagnostics(task, state["params"], frozen, test, settings.eval_batch_size)
-    return state, (evals, per_step.mean(0), diagnostics)
+    return state, (evals, means, first[0], diagnostics)
 
   data_axis = 0 if per_seed else None
   mapped = jax.vmap(one_entry, in_axes=(0, 0, None, data_axis, data_axis, data_axis, data_axis))
@@ -404,12 +480,12 @@ def init_state(task: Task, data: Data, seeds: Sequence[int], learning_rate, weig
   entries = len(seeds)
   lr = jnp.broadcast_to(jnp.asarray(learning_rate, jnp.float32), (entries,))
   wd = jnp.broadcast_to(jnp.asarray(weight_decay, jnp.float32), (entries,))
-  tx = make_optimizer()
+  tx = make_optimizer(settings, total_steps(settings, data.num_train))
 
   def one_entry(key, lr, wd, frozen):
     params = task.init(jax.random.fold_in(key, 0), frozen)
     opt_state = tx.init(params)
-    opt_state.hyperparams.update(learning_rate=lr, weight_decay=wd,
+    _hyperparams(opt_state).update(learning_rate=lr, weight_decay=wd,
                                  b1=jnp.asarray(settings.b1, jnp.float32),
                                  b2=jnp.asarray(settings.b2, jnp.float32))
     return {"params": params, "opt_state": opt_state, "alive": jnp.asarray(True),
@@ -458,7 +534,29 @@ def initial_fit_state(task: Task, data: Data, seeds: Sequence[int], settings: Se
   return FitState(init_state(task, data, seeds, lr, wd, settings), 0,
                   empty_history(task, data, len(seeds), settings),
                   empty_train_history(task, len(seeds), settings),
-                  empty_diagnostics(task, data, len(seeds), settings))
+                  empty_diagnostics(task, data, len(seeds), settings),
+                  np.full((len(seeds),), np.nan, np.float32))
+
+
+def physical_memory_bytes() -> int | None:
+  """RAM of this machine (None where the OS does not say)."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def history_bytes(entries: int, settings: Settings, splits: int = 3, metrics_per_split: int = 4) -> int:
+  """Host memory of one fit's histories (float64 evaluations, float32 training means), an upper bound."""
+  return entries * settings.epochs * (splits * metrics_per_split * 8 + 8 * 4)
+
+
+def check_memory(nbytes: float, what: str, fix: str) -> None:
+  """A ValueError with the estimate when `nbytes` cannot fit in this machine's memory."""
+  total = physical_memory_bytes()
+  if total is not None and nbytes > 0.8 * total:
+    raise ValueError(f"{what} needs about {nbytes / 2**30:,.1f} GiB, more than this machine can hold "
+                     f"({total / 2**30:,.1f} GiB of RAM): {fix}.")
 
 
 def _pad_entries(tree: Any, total: int) -> Any:
@@ -489,20 +587,47 @@ def _log_line(name, history, epoch, settings, splits, metric_names, elapsed) -> 
   return f"  [{name}] epoch {epoch + 1:>3}/{settings.epochs}  " + "  ".join(parts) + f"  ({elapsed:.1f}s)"
 
 
+def _blowups(fit_state: FitState, entries: int, alive: np.ndarray) -> dict[int, str]:
+  """Entries whose finite training objective blew up, {entry: status} (see the module docstring)."""
+  out = {}
+  loss = fit_state.train_history[:entries, :, 0]                                     # [entries, epochs]
+  initial = fit_state.initial_loss
+  final_metrics = fit_state.history[:entries, -1]
+  for k in range(entries):
+    if not alive[k]:
+      continue
+    ref = float(initial[k]) if initial is not None else float("nan")
+    limit = BLOWUP_FACTOR * max(abs(ref), 1e-12)
+    past = np.nonzero(loss[k] > limit)[0] if np.isfinite(ref) else np.zeros((0,), int)
+    if len(past) and loss[k, -1] > ref:
+      out[k] = (f"diverged at epoch {int(past[0]) + 1} (training loss grew from {ref:.3g} to "
+                f"{float(loss[k, past[0]]):.3g}, ending at {float(loss[k, -1]):.3g})")
+    elif not np.all(np.isfinite(final_metrics[k])):
+      out[k] = f"diverged at epoch {loss.shape[1]} (non-finite final metrics)"
+  return out
+
+
 def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, name: str = "model",
         learning_rate: Sequence[float] | float | None = None,
         weight_decay: Sequence[float] | float | None = None,
+        checkpoints: "checkpoint_lib.Policy | None" = None,
         resume: FitState | None = None,
         on_epoch_end: Callable[[FitState], None] | None = None,
         log: Callable[[str], None] | None = print,
         placement: sharding_lib.Placement | None = None) -> FitResult:
   """Trains every entry (seed, optionally with its own learning rate / weight decay) of one method.
 
-  resume: continue from a FitState (e.g. restored from a checkpoint); on_epoch_end: called after every
-  epoch with the current FitState (checkpoints, TensorBoard). Returns the history of all entries.
+  checkpoints: a `checkpoint.Policy` (directory, every_epochs, the run's config): resume from the latest
+    good checkpoint in the directory (refused if it was made under another config), save every
+    `every_epochs` epochs and at the end; None: no files. Either way a stop request (SIGTERM/SIGINT inside
+    `checkpoint.preemption_guard()`) ends the fit at the next evaluation with `checkpoint.Preempted`, after
+    saving when there is a directory.
+  resume: continue from a FitState instead (e.g. one given to on_epoch_end); on_epoch_end: called after
+    every compiled call (every `settings.eval_every` epochs) with the current FitState.
   placement: None (default device), `sharding.entries()` (entry axis over the local devices) or
-  `sharding.data_parallel()` (every batch split over the devices). FitStates given to on_epoch_end and
-  taken by resume never include the padding entries that `entries()` adds.
+    `sharding.data_parallel()` (every batch split over the devices). FitStates given to on_epoch_end and
+    taken by resume never include the padding entries that `entries()` adds.
+  Returns the history of all entries.
   """
   start = time.perf_counter()
   seeds = list(seeds)
@@ -510,6 +635,14 @@ def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, nam
   settings.check_batch(data.num_train)
   if placement is not None:
     placement.check_batch(settings.batch_size)
+  ckpt = None
+  if checkpoints is not None and checkpoints.directory is not None:
+    ckpt = checkpoint_lib.Checkpointer.open(checkpoints, settings.epochs, name=name, log=log)
+  if resume is None and ckpt is not None:
+    unplaced = data
+    resume = ckpt.restore(lambda: initial_fit_state(task, unplaced, seeds, settings, learning_rate, weight_decay))
+    if resume is not None and log:
+      log(f"  [{name}] resuming from the checkpoint at epoch {resume.epoch}/{settings.epochs}")
   lr, wd = entry_hyperparams(settings, entries, learning_rate, weight_decay)
   splits = data.splits
   total = entries if placement is None else placement.padded(entries)
@@ -535,35 +668,56 @@ def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, nam
     fit_state.train_history = empty_train_history(task, entries, settings)
   if fit_state.diagnostics is None:
     fit_state.diagnostics = {}
+  if fit_state.initial_loss is None:
+    fit_state.initial_loss = np.full((entries,), np.nan, np.float32)
   log_every = settings.log_every or max(1, settings.epochs // 5)
   unpadded = (lambda fs: fs) if total == entries else (
       lambda fs: dataclasses.replace(fs, state=_take_entries(fs.state, entries)))
+  every = checkpoints.every_epochs if checkpoints is not None else 0
 
   while fit_state.epoch < settings.epochs:
-    epoch = fit_state.epoch
-    state, (evals, train_means, diagnostics) = epoch_fn(fit_state.state, keys, epoch, data.frozen, data.train,
-                                                        data.test, data.val)
+    epoch0 = fit_state.epoch
+    epoch = epoch0 + settings.eval_every - 1                                         # the evaluated epoch
+    state, (evals, train_means, first, diagnostics) = epoch_fn(
+        fit_state.state, keys, epoch0, data.frozen, data.train, data.test, data.val)
     history = fit_state.history.copy()
     history[:, epoch] = np.asarray(evals)[:entries]
     train_history = fit_state.train_history.copy()
-    train_history[:, epoch] = np.asarray(train_means)[:entries]
+    train_history[:, epoch0:epoch + 1] = np.asarray(train_means)[:entries]
+    initial_loss = fit_state.initial_loss if epoch0 else np.asarray(first, np.float32)[:entries]
     recorded = {}
-    for name, value in diagnostics.items():
+    for key, value in diagnostics.items():
       value = np.asarray(value, np.float32)[:entries]                               # [entries, ...]
-      recorded[name] = fit_state.diagnostics.get(name)
-      if recorded[name] is None:
-        recorded[name] = np.full((entries, settings.epochs, *value.shape[1:]), np.nan, np.float32)
-      recorded[name] = recorded[name].copy()
-      recorded[name][:, epoch] = value
-    fit_state = FitState(state, epoch + 1, history, train_history, recorded)
-    if log and ((epoch + 1) % log_every == 0 or epoch + 1 == settings.epochs or epoch == 0):
+      recorded[key] = fit_state.diagnostics.get(key)
+      if recorded[key] is None:
+        recorded[key] = np.full((entries, settings.epochs, *value.shape[1:]), np.nan, np.float32)
+      recorded[key] = recorded[key].copy()
+      recorded[key][:, epoch] = value
+    fit_state = FitState(state, epoch + 1, history, train_history, recorded, initial_loss)
+    if log and ((epoch + 1) // log_every > epoch0 // log_every or epoch + 1 == settings.epochs or epoch0 == 0):
       log(_log_line(name, history, epoch, settings, splits, task.metric_names, time.perf_counter() - start))
     if on_epoch_end is not None:
       on_epoch_end(unpadded(fit_state))
+    last = fit_state.epoch == settings.epochs
+    stop = checkpoint_lib.stop_requested() and not last
+    saved = False
+    if ckpt is not None and (last or stop or (every and (epoch + 1) // every > epoch0 // every)):
+      saved = ckpt.save(unpadded(fit_state))
+    if stop:
+      where = (f"checkpoint saved at epoch {fit_state.epoch} in {ckpt.directory}" if saved else
+               f"stopped at epoch {fit_state.epoch}, nothing saved" + (" (the checkpoint save failed)" if ckpt
+                                                                      else " (no checkpoint directory)"))
+      raise checkpoint_lib.Preempted(f"[{name}] {where}")
 
   diverged_step = np.asarray(fit_state.state["diverged_step"])[:entries]
+  blowups = _blowups(fit_state, entries, diverged_step < 0)
   status = []
-  for seed, step in zip(seeds, diverged_step):
+  for k, (seed, step) in enumerate(zip(seeds, diverged_step)):
+    if k in blowups:
+      status.append(blowups[k])
+      if log:
+        log(f"  [{name}] seed {seed}: {blowups[k]}; flagged as diverged, the others carried on.")
+      continue
     if step < 0:
       status.append("ok")
       continue

@@ -156,17 +156,30 @@ def test_checkpointer_round_trip_and_resume_in_process(tmp_path):
   settings = train.Settings(epochs=4, batch_size=32, learning_rate=3e-3)
   full = train.fit(make_task(), data, [0, 1], settings, log=None)
   # Stop after epoch 2 (as a preemption would), then resume from the checkpoint.
+  policy = checkpoint.Policy(str(tmp_path), every_epochs=0, config={"run": 1})
   checkpoint.request_stop("test")
   try:
-    with pytest.raises(checkpoint.Preempted):
-      checkpoint.fit_with_checkpoints(make_task(), data, [0, 1], settings, directory=str(tmp_path),
-                                      every_epochs=0, log=None)
+    with pytest.raises(checkpoint.Preempted, match="checkpoint saved at epoch 1"):
+      train.fit(make_task(), data, [0, 1], settings, checkpoints=policy, log=None)
   finally:
-    checkpoint._STOP.clear()
+    checkpoint.clear_stop()
   assert checkpoint.Checkpointer(str(tmp_path)).latest_epoch() == 1
-  resumed = checkpoint.fit_with_checkpoints(make_task(), data, [0, 1], settings, directory=str(tmp_path),
-                                            every_epochs=0, log=None)
+  lines = []
+  resumed = train.fit(make_task(), data, [0, 1], settings, checkpoints=policy, log=lines.append)
+  assert any("resuming from the checkpoint at epoch 1/4" in line for line in lines)
   np.testing.assert_array_equal(resumed.history, full.history)
+  np.testing.assert_array_equal(resumed.train_history, full.train_history)
+  # The same directory under another config is refused, naming the field.
+  with pytest.raises(workdir.ConfigMismatchError, match="run: 1 -> 2.*--overwrite"):
+    train.fit(make_task(), data, [0, 1], settings, checkpoints=checkpoint.Policy(str(tmp_path), 0, {"run": 2}),
+              log=None)
+  # Without a directory a stop request still ends the fit, saving nothing.
+  checkpoint.request_stop("test")
+  try:
+    with pytest.raises(checkpoint.Preempted, match="nothing saved"):
+      train.fit(make_task(), data, [0, 1], settings, log=None)
+  finally:
+    checkpoint.clear_stop()
 
 
 def test_sigterm_mid_run_then_resume_is_bit_identical(tmp_path):
@@ -201,3 +214,187 @@ def test_sigterm_mid_run_then_resume_is_bit_identical(tmp_path):
     assert got[name]["test_r2"] == want[name]["test_r2"]
     assert got[name]["test_mse"] == want[name]["test_mse"]
   assert (interrupted / "history.csv").read_text() == (reference / "history.csv").read_text()
+
+
+# ------------------------------------------------------------------------- checkpoints belong to their config
+
+
+def test_unfinished_workdir_under_another_config_is_refused_before_compute(tmp_path):
+  config = svd_config.get_config("quick")
+  run = tmp_path / "run"
+  with workdir.guard(str(run), config=config):                # a run that crashed after its first checkpoint
+    (run / "checkpoints" / "gaussian" / "lora").mkdir(parents=True)
+  assert json.loads((run / "config.json").read_text())["optim"]["lr"] == 1e-3
+  changed = svd_config.get_config("quick")
+  changed.num_seeds, changed.optim.lr = 3, 0.1
+  with pytest.raises(workdir.ConfigMismatchError) as info:
+    with workdir.guard(str(run), config=changed):
+      pass
+  message = str(info.value)
+  assert "num_seeds: 2 -> 3" in message and "optim.lr: 0.001 -> 0.1" in message
+  assert "--overwrite" in message and "another --workdir" in message
+  # Fields that only say how often to log or checkpoint may change on resume.
+  relaxed = svd_config.get_config("quick")
+  relaxed.checkpoint_every_epochs = 1
+  with workdir.guard(str(run), config=relaxed):
+    pass
+  # --overwrite clears the checkpoints of an unfinished run too, then records the new config.
+  with workdir.guard(str(run), overwrite=True, config=changed):
+    assert not (run / "checkpoints").exists()
+  assert json.loads((run / "config.json").read_text())["optim"]["lr"] == 0.1
+
+
+def test_cli_resume_under_another_config_exits_2_with_the_fields(tmp_path):
+  run = tmp_path / "run"
+  with workdir.guard(str(run), config=svd_config.get_config("quick")):
+    (run / "checkpoints").mkdir()
+  proc = run_launch("--config=configs/svd_simulation.py:quick", f"--workdir={run}", "--config.optim.lr=0.1")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "optim.lr: 0.001 -> 0.1" in proc.stderr and "Traceback" not in proc.stderr
+  assert not (run / "results.json").exists()
+
+
+# ------------------------------------------------------------------------- failures that fail
+
+
+def _stopped_fit(tmp_path, epochs=3, stop_at=2):
+  """A fit with checkpoints every epoch, stopped after `stop_at` epochs (as a preemption would)."""
+  from tests.test_train import make_task, small_problem
+  data = small_problem([0])
+  settings = train.Settings(epochs=epochs, batch_size=32, learning_rate=3e-3)
+  policy = checkpoint.Policy(str(tmp_path / "ckpt"), every_epochs=1, config={"run": 1})
+
+  def stop(fit_state):
+    if fit_state.epoch == stop_at:
+      checkpoint.request_stop("test")
+
+  try:
+    with pytest.raises(checkpoint.Preempted):
+      train.fit(make_task(), data, [0], settings, checkpoints=policy, on_epoch_end=stop, log=None)
+  finally:
+    checkpoint.clear_stop()
+  return make_task, data, settings, policy
+
+
+def _corrupt(step_dir):
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"\x00garbage")
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_step_then_retrains(tmp_path):
+  make_task, data, settings, policy = _stopped_fit(tmp_path)
+  full = train.fit(make_task(), data, [0], settings, log=None)
+  _corrupt(tmp_path / "ckpt" / "2")
+  lines = []
+  resumed = train.fit(make_task(), data, [0], settings, checkpoints=policy, log=lines.append)
+  text = "\n".join(lines)
+  assert f"checkpoint {tmp_path / 'ckpt' / '2'} is unreadable" in text
+  assert "falling back to the checkpoint at epoch 1" in text and "resuming from the checkpoint at epoch 1/3" in text
+  np.testing.assert_array_equal(resumed.history, full.history)
+  # Every step corrupt: the fit says so and retrains from epoch 0.
+  for step in os.listdir(tmp_path / "ckpt"):
+    if step.isdigit():
+      _corrupt(tmp_path / "ckpt" / step)
+  lines = []
+  again = train.fit(make_task(), data, [0], settings, checkpoints=policy, log=lines.append)
+  assert any("retraining this fit from epoch 0" in line for line in lines)
+  np.testing.assert_array_equal(again.history, full.history)
+
+
+def test_unusable_checkpoint_dir_and_failed_save_warn_and_keep_training(tmp_path, monkeypatch):
+  from tests.test_train import make_task, small_problem
+  data = small_problem([0])
+  settings = train.Settings(epochs=2, batch_size=32, learning_rate=3e-3)
+  (tmp_path / "a_file").write_text("")
+  lines = []
+  fit = train.fit(make_task(), data, [0], settings, log=lines.append,
+                  checkpoints=checkpoint.Policy(str(tmp_path / "a_file" / "ckpt"), every_epochs=1))
+  assert fit.status == ["ok"]
+  assert any("WARNING: cannot use checkpoint directory" in line for line in lines)
+
+  def broken_save(self, *args, **kwargs):
+    raise OSError("No space left on device")
+
+  import orbax.checkpoint as ocp
+  monkeypatch.setattr(ocp.CheckpointManager, "save", broken_save)
+  lines = []
+  fit = train.fit(make_task(), data, [0], settings, log=lines.append,
+                  checkpoints=checkpoint.Policy(str(tmp_path / "ckpt"), every_epochs=1))
+  assert fit.status == ["ok"] and np.all(np.isfinite(fit.history))
+  assert sum("saving the checkpoint at epoch" in line and "No space left" in line for line in lines) == 2
+
+
+def test_failed_method_exits_nonzero_is_not_finished_and_keeps_the_others(tmp_path, monkeypatch, capsys):
+  from experiments import svd_simulation
+  config = svd_config.get_config("quick,methods=lora+cellwise_moe")
+  config.data.num_samples, config.data.spectra = 400, "gaussian"
+  real_fit = train.fit
+
+  def fit_that_cannot_allocate(task, data, seeds, settings, *, name="model", **kwargs):
+    if name == "lora":
+      raise MemoryError("Unable to allocate 7.45 TiB for an array")
+    return real_fit(task, data, seeds, settings, name=name, **kwargs)
+
+  monkeypatch.setattr(train, "fit", fit_that_cannot_allocate)
+  with pytest.raises(results.RunFailed, match=r"1 of 2 method\(s\) failed \(lora: failed: MemoryError"):
+    svd_simulation.run(config, str(tmp_path))
+  assert not (tmp_path / "results.json").exists() and not workdir.is_finished(str(tmp_path))
+  assert "failed: MemoryError" in (tmp_path / "results.md").read_text()
+  monkeypatch.undo()
+  capsys.readouterr()
+  svd_simulation.run(config, str(tmp_path))
+  lines = capsys.readouterr().out.splitlines()
+  assert any("[cellwise_moe] resuming from the checkpoint at epoch 2/2" in line for line in lines)
+  assert not any("[lora] resuming" in line for line in lines)
+  assert json.loads((tmp_path / "results.json").read_text())["methods"]["lora"]["status"] == "ok"
+
+
+# ------------------------------------------------------------------------- preemption on every fit path
+
+
+def _interrupt_then_resume(tmp_path, args, marker_glob):
+  """Runs `args` to the end (reference), then again with SIGTERM once a checkpoint matching
+  `marker_glob` exists, then resumes; returns (reference, resumed) workdirs."""
+  import glob
+  reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+  proc = run_launch(*args, f"--workdir={reference}")
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  child = subprocess.Popen(launch_cmd(*args, f"--workdir={interrupted}"), cwd=ROOT,
+                           env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and not glob.glob(str(interrupted / marker_glob)) and child.poll() is None:
+    time.sleep(0.02)
+  child.send_signal(signal.SIGTERM)
+  out, err = child.communicate(timeout=240)
+  assert child.returncode == checkpoint.EXIT_PREEMPTED, out[-2000:] + err[-2000:]
+  assert "checkpoint saved at epoch" in err and "Resume with the same command" in err
+  assert not (interrupted / ".lock").exists()
+  proc = run_launch(*args, f"--workdir={interrupted}")
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert "resuming from the checkpoint at epoch" in proc.stdout
+  return reference, interrupted
+
+
+def test_sigterm_stops_a_sweep_with_75_and_the_resume_is_bit_identical(tmp_path):
+  args = ["--config=configs/svd_simulation.py:quick", "--sweep", "--config.data.num_samples=2000",
+          "--config.optim.batch_size=8", "--config.optim.epochs=4", "--config.checkpoint_every_epochs=1"]
+  reference, resumed = _interrupt_then_resume(tmp_path, args, "checkpoints/group_*/[0-9]*")
+  drop = lambda row: {k: v for k, v in row.items() if k != "wall_time_s"}
+  want = json.loads((reference / "sweep.json").read_text())["entries"]
+  got = json.loads((resumed / "sweep.json").read_text())["entries"]
+  assert [drop(r) for r in got] == [drop(r) for r in want]
+  assert all(r["status"] == "ok" for r in got)
+
+
+def test_sigterm_stops_the_nonconvex_run_with_75_and_the_resume_is_bit_identical(tmp_path):
+  args = ["--config=configs/nonconvex_regression.py:quick", "--config.optim.epochs=24",
+          "--config.optim.eval_every=2", "--config.checkpoint_every_epochs=2", "--config.data.plot_grid=0"]
+  reference, resumed = _interrupt_then_resume(tmp_path, args, "checkpoints/*/lora/[0-9]*")
+  want = json.loads((reference / "results.json").read_text())["variants"]
+  got = json.loads((resumed / "results.json").read_text())["variants"]
+  for scheme in want:
+    assert got[scheme]["per_function"] == want[scheme]["per_function"]
+  assert (resumed / "history.csv").read_text() == (reference / "history.csv").read_text()

@@ -46,7 +46,7 @@ def test_expand_names_and_workdirs(tmp_path):
 def test_svd_get_sweep_groups_by_shape():
   overrides = svd_config.get_sweep("quick")
   entries = sweep.expand(quick_config(), overrides, "/unused")
-  keys = [svd_simulation.sweep_job(e.config).key for e in entries]
+  keys = [sweep.group_key(e.config) for e in entries]
   assert len(overrides) == 8 and len(set(keys)) == 2             # lora and cellwise_moe: two programs
   full = svd_config.get_sweep(None)
   assert len(full) == 5 * 3 * 5

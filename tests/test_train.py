@@ -196,3 +196,63 @@ def test_steps_per_epoch_longer_than_a_pass_is_refused():
   data = small_problem([0])
   with pytest.raises(ValueError, match="steps_per_epoch=8 is more than one pass"):
     train.fit(make_task(), data, [0], dataclasses.replace(SETTINGS, steps_per_epoch=8), log=None)
+
+
+# ------------------------------------------------------------------------- blow-ups, eval_every, optimiser
+
+
+def test_finite_blow_up_is_flagged_as_diverged():
+  data = small_problem([0, 1])
+  lines = []
+  r = train.fit(make_task("lora"), data, [0, 1], train.Settings(epochs=4, batch_size=32, learning_rate=1e-3),
+                learning_rate=[3e-3, 30.0], log=lines.append)
+  assert r.status[0] == "ok"
+  assert r.diverged_step[1] == -1                          # finite all along: not the non-finite guard
+  assert r.status[1].startswith("diverged at epoch 1 (training loss grew from"), r.status[1]
+  assert any("seed 1: diverged at epoch 1" in line for line in lines)
+
+
+def test_eval_every_runs_several_epochs_per_call_and_matches_every_epoch():
+  data = small_problem([0])
+  every = train.fit(make_task(), data, [0], dataclasses.replace(SETTINGS, epochs=4), log=None)
+  sparse = train.fit(make_task(), data, [0], dataclasses.replace(SETTINGS, epochs=4, eval_every=2), log=None)
+  assert np.all(np.isnan(sparse.history[:, [0, 2]])) and np.all(np.isfinite(sparse.history[:, [1, 3]]))
+  np.testing.assert_allclose(sparse.history[:, [1, 3]], every.history[:, [1, 3]], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(sparse.train_history, every.train_history, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="epochs=3 is not a multiple of config.optim.eval_every=2"):
+    dataclasses.replace(SETTINGS, epochs=3, eval_every=2)
+
+
+def test_optimizer_from_config_schedule_and_clipping():
+  settings = train.Settings.from_config({"epochs": 2, "batch_size": 32, "lr": 3e-3, "schedule": "cosine",
+                                         "warmup_steps": 3, "grad_clip": 0.5})
+  assert settings.learning_rate == 3e-3 and settings.schedule == "cosine"
+  multiplier = train.lr_multiplier(settings, 14)
+  assert float(multiplier(0)) == 0.0 and float(multiplier(3)) == pytest.approx(1.0)
+  assert float(multiplier(14)) == pytest.approx(0.0, abs=1e-6)
+  data = small_problem([0])
+  plain = train.fit(make_task(), data, [0], dataclasses.replace(SETTINGS, epochs=2), log=None)
+  shaped = train.fit(make_task(), data, [0], settings, log=None)
+  assert shaped.status == ["ok"] and not np.allclose(plain.history, shaped.history)
+  with pytest.raises(ValueError, match=r"config.optim has unknown key\(s\) \['lr_decay'\]"):
+    train.Settings.from_config({"epochs": 1, "batch_size": 8, "lr": 1e-3, "lr_decay": 0.5})
+  with pytest.raises(ValueError, match="config.optim.lr=inf must be > 0 and finite"):
+    train.Settings(epochs=1, batch_size=8, learning_rate=float("inf"))
+  with pytest.raises(ValueError, match="config.optim.eval_every=0 must be a positive integer"):
+    train.Settings(epochs=1, batch_size=8, learning_rate=1e-3, eval_every=0)
+  with pytest.raises(ValueError, match="config.optim.schedule='cosin' is not known"):
+    train.Settings(epochs=1, batch_size=8, learning_rate=1e-3, schedule="cosin")
+
+
+def test_train_step_is_module_level_and_replaceable(monkeypatch):
+  """A fork replaces the step in one place: train.train_step (looked up when a fit compiles)."""
+  calls = []
+  original = train.train_step
+
+  def counting_step(*args):
+    calls.append(1)
+    return original(*args)
+
+  monkeypatch.setattr(train, "train_step", counting_step)
+  train.fit(make_task("lora"), small_problem([0]), [0], dataclasses.replace(SETTINGS, epochs=1), log=None)
+  assert calls                                              # traced once inside the compiled scan
