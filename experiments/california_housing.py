@@ -180,6 +180,7 @@ def run(config, workdir: str) -> dict:
   scalings = configlib.split_names(config.data.scalings)
   features = load_features(config)
   variants, histories, sections = {}, {}, []
+  live = results.Live(workdir)
   for scaling in scalings:
     t0 = time.perf_counter()
     print(f"== California Housing, scaling={scaling}: {len(names)} methods x {len(seeds)} seeds x "
@@ -188,7 +189,7 @@ def run(config, workdir: str) -> dict:
     modules = single_layer.build_methods(config.methods, names, 8, 8, len(CONTEXT_TOPOLOGIES), shared=config.model)
     summaries, fits = single_layer.run_methods(
         modules, data, seeds, settings, 8, len(CONTEXT_TOPOLOGIES), PAPER,
-        checkpoints=checkpoint.policy(config, workdir, scaling))
+        checkpoints=checkpoint.policy(config, workdir, scaling), live=live, prefix=f"{scaling}/")
     table_time = time.perf_counter() - t0
     variants[scaling] = {"methods": summaries, "wall_time_s": table_time,
                          **{k: [float(v) for v in values] for k, values in diag.items()}}
@@ -227,6 +228,6 @@ def run(config, workdir: str) -> dict:
   markdown = header + "\n" + "\n\n".join(sections) + f"\n\nTotal wall time: {wall:.1f} s.\n"
   default = variants[scalings[0]]
   results.write_run(workdir, "california_housing", config, default["methods"], histories, wall, markdown,
-                    extra={"scaling": scalings[0], "variants": variants})
+                    extra={"scaling": scalings[0], "variants": variants}, live=live)
   print(f"wrote {workdir}/results.json, results.md, history.csv, figure2_*.png, tb/ ({wall:.1f}s total)", flush=True)
   return {"methods": default["methods"], "variants": variants, "wall_time_s": wall}

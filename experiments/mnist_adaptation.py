@@ -257,13 +257,13 @@ def _table(methods: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def write_results(workdir: str, config, methods: Mapping[str, Any], histories, info: Mapping[str, Any],
-                  wall: float, title: str) -> None:
+                  wall: float, title: str, live: results.Live | None = None) -> None:
   markdown = (f"# {title}\n\nPretrained MLP: test accuracy {100 * info['source_test_accuracy']:.2f}% on the "
               f"source digits, {100 * info['target_test_accuracy_before']:.2f}% on the target digits before "
               f"adaptation. {info['train_examples_target']} train / {info['val_examples']} validation / "
               f"{info['test_examples']} test examples.\n\n" + _table(methods) + "\n")
   results.write_run(workdir, "mnist_adaptation", config, methods, histories, wall, markdown,
-                    extra={"pretrain": dict(info)})
+                    extra={"pretrain": dict(info)}, live=live)
 
 
 def _paper(name_method: str) -> dict[str, Any]:
@@ -282,19 +282,21 @@ def run(config, workdir: str) -> dict:
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   var_test = label_variance(data.test["y"])
   methods, histories = {}, {}
+  live = results.Live(workdir)
   for name in configlib.split_names(config.method_names):
     module, params = build_method(config, name)
     print(f"[{name}] {params:,} trainable parameters ({100 * params / mlp_params_count():.2f}%), "
           f"{len(seeds)} seed(s), {settings.epochs} epochs", flush=True)
     task = full_task() if module is None else adapter_task(module)
-    fit = train.fit(task, data, seeds, settings, name=name, checkpoints=checkpoint.policy(config, workdir, name))
+    fit = train.fit(task, data, seeds, settings, name=name, checkpoints=checkpoint.policy(config, workdir, name),
+                    on_epoch_end=live.hook(name, seeds, data.splits, task.metric_names))
     methods[name] = {"method": config.methods[name].method,
                      **method_summary(params, seeds, settings.learning_rate, fit, var_test),
                      "paper": _paper(config.methods[name].method)}
     histories[name] = (seeds, fit)
   wall = time.perf_counter() - start
   write_results(workdir, config, methods, histories, info, wall,
-                "MNIST adaptation 0-4 -> 5-9 (Localized LoRA paper, Experiment 2): one budget")
+                "MNIST adaptation 0-4 -> 5-9 (Localized LoRA paper, Experiment 2): one budget", live=live)
   print(_table(methods), flush=True)
   print(f"wrote {workdir}/results.json, results.md, history.csv, tb/ ({wall:.1f}s)", flush=True)
   return {"methods": methods, "wall_time_s": wall}

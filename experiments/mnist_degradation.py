@@ -227,9 +227,10 @@ def run(config, workdir: str) -> dict:
   print(f"== MNIST sensor degradation: data and targets in {time.perf_counter() - t0:.1f}s; test variance per "
         f"output: target {diag['target_var']:.4f}, W0 x {diag['base_var']:.5f}", flush=True)
   modules = single_layer.build_methods(config.methods, names, D, D, 2, shared=config.model)
+  live = results.Live(workdir)
   summaries, fits = single_layer.run_methods(modules, data, seeds, settings, D, 2, PAPER, parallel=1,
                                              checkpoints=checkpoint.policy(config, workdir),
-                                             make_task=base_task)
+                                             make_task=base_task, live=live)
 
   plots.bar_chart(os.path.join(workdir, "figure3.png"), names, {n: s["test_r2"] for n, s in summaries.items()},
                   labels=LABELS, paper={n: PAPER[n]["r2"] for n in names if n in PAPER},
@@ -266,7 +267,7 @@ def run(config, workdir: str) -> dict:
   print(table, flush=True)
   print(f"ordering {'holds' if holds else 'does NOT hold'}: {sentence}", flush=True)
   results.write_run(workdir, "mnist_degradation", config, summaries, {n: (seeds, f) for n, f in fits.items()},
-                    wall, markdown, extra={"diagnostics": diag})
+                    wall, markdown, extra={"diagnostics": diag}, live=live)
   print(f"wrote {workdir}/results.json, results.md, history.csv, figure3.png, outputs.png, tb/ ({wall:.1f}s total)",
         flush=True)
   return {"methods": summaries, "wall_time_s": wall, "diagnostics": diag}

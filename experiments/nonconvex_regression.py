@@ -271,6 +271,7 @@ def run(config, workdir: str) -> dict:
         f"seeds = {len(entries_seeds)} vmapped entries, {settings.epochs} epochs", flush=True)
 
   variants, histories, sections, summary_methods = {}, {}, [], None
+  live = results.Live(workdir)
   for scheme in configlib.split_names(config.model.inits):
     t0 = time.perf_counter()
     model = _backbone(config, scheme)
@@ -299,7 +300,8 @@ def run(config, workdir: str) -> dict:
       task, counts[m] = _task(config, m, model, example)
       print(f"-- {m}: {counts[m]:,} trainable params", flush=True)
       fit = train.fit(task, data, entries_seeds, settings, name=f"{scheme}/{m}",
-                      checkpoints=checkpoint.policy(config, workdir, scheme, m))
+                      checkpoints=checkpoint.policy(config, workdir, scheme, m),
+                      on_epoch_end=live.hook(f"{scheme}/{m}", entries_seeds, data.splits, task.metric_names))
       fits[m] = (task, fit)
       per_function[m] = _per_function(fit, names, seeds, info, m, *PAPER_TABLES[config.model.backbone][:2])
       summaries[m] = results.method_summary(counts[m], entries_seeds, fit, paper={})
@@ -342,6 +344,6 @@ def run(config, workdir: str) -> dict:
             "[paper ...] = the paper's reported mean (Tables 9/10 give no std).\n")
   markdown = header + "\n" + "\n\n".join(sections) + f"\n\nTotal wall time: {wall:.1f} s.\n"
   results.write_run(workdir, "nonconvex_regression", config, summary_methods, histories, wall, markdown,
-                    extra={"variants": variants, "functions": {n: info[n] for n in names}})
+                    extra={"variants": variants, "functions": {n: info[n] for n in names}}, live=live)
   print(f"wrote {workdir}/results.json, results.md, history.csv, PNGs ({wall:.1f}s total)", flush=True)
   return {"methods": summary_methods, "variants": variants, "wall_time_s": wall}

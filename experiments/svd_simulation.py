@@ -96,6 +96,7 @@ def run(config, workdir: str) -> dict:
   settings = train.Settings.from_config(config.optim)
   spectra = configlib.split_names(config.data.spectra)
   variants, histories, sections = {}, {}, []
+  live = results.Live(workdir)
   for spectrum_name in spectra:
     t0 = time.perf_counter()
     print(f"== SVD simulation, spectrum={spectrum_name}: {len(names)} methods x {len(seeds)} seeds x "
@@ -105,7 +106,7 @@ def run(config, workdir: str) -> dict:
                                          shared=config.model)
     summaries, fits = single_layer.run_methods(
         modules, data, seeds, settings, config.data.d, num_contexts, PAPER,
-        checkpoints=checkpoint.policy(config, workdir, spectrum_name))
+        checkpoints=checkpoint.policy(config, workdir, spectrum_name), live=live, prefix=f"{spectrum_name}/")
     table_time = time.perf_counter() - t0
     variants[spectrum_name] = {"methods": summaries, "wall_time_s": table_time, **diag}
     histories.update({f"{spectrum_name}/{n}": (seeds, f) for n, f in fits.items()})
@@ -135,7 +136,7 @@ def run(config, workdir: str) -> dict:
   markdown = header + "\n" + "\n\n".join(sections) + f"\n\nTotal wall time: {wall:.1f} s.\n"
   default = variants[spectra[0]]
   results.write_run(workdir, "svd_simulation", config, default["methods"], histories, wall, markdown,
-                    extra={"spectrum": spectra[0], "variants": variants})
+                    extra={"spectrum": spectra[0], "variants": variants}, live=live)
   print(f"wrote {workdir}/results.json, results.md, history.csv, tb/ ({wall:.1f}s total)", flush=True)
   return {"methods": default["methods"], "variants": variants, "wall_time_s": wall}
 

@@ -17,7 +17,9 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
+import threading
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -181,22 +183,92 @@ def write_history_csv(path: str, rows, metric_names: Sequence[str] = train.METRI
   atomic_write_text(path, buffer.getvalue())
 
 
+def _add_scalars(writer, seeds, history, splits, metric_names, epochs) -> None:
+  for epoch in epochs:
+    for k, split in enumerate(splits):
+      for m, metric in enumerate(metric_names):
+        values = history[:, epoch, k, m]
+        if np.all(np.isnan(values)):
+          continue
+        writer.add_scalar(f"{split}/{metric}", float(np.nanmean(values)), epoch + 1)
+        for seed, value in zip(seeds, values):
+          writer.add_scalar(f"{split}_per_seed/{metric}/seed{seed}", float(value), epoch + 1)
+
+
 def write_tensorboard(logdir: str, method: str, seeds: Sequence[int], fit: train.FitResult) -> None:
-  """TensorBoard scalars per epoch: the mean over seeds and every seed (tensorboardX, no TensorFlow)."""
+  """TensorBoard scalars per epoch: the mean over seeds and every seed (tensorboardX, no TensorFlow).
+
+  Replaces the method's previous event files (a streamed or resumed run's), so there is one per method.
+  """
   try:
     from tensorboardX import SummaryWriter
   except ImportError:  # optional: results files are written regardless
     return
+  shutil.rmtree(os.path.join(logdir, method), ignore_errors=True)
   with SummaryWriter(os.path.join(logdir, method)) as writer:
-    for epoch in range(fit.history.shape[1]):
-      for k, split in enumerate(fit.splits):
-        for m, metric in enumerate(fit.metric_names):
-          values = fit.history[:, epoch, k, m]
-          if np.all(np.isnan(values)):
-            continue
-          writer.add_scalar(f"{split}/{metric}", float(np.nanmean(values)), epoch + 1)
-          for seed, value in zip(seeds, values):
-            writer.add_scalar(f"{split}_per_seed/{metric}/seed{seed}", float(value), epoch + 1)
+    _add_scalars(writer, seeds, fit.history, fit.splits, fit.metric_names, range(fit.history.shape[1]))
+
+
+class Live:
+  """Streams history.csv and TensorBoard scalars while fits train (`train.fit(..., on_epoch_end=...)`).
+
+    live = results.Live(workdir)
+    fit = train.fit(..., on_epoch_end=live.hook("lora", seeds, data.splits, task.metric_names))
+    results.write_run(workdir, ..., live=live)     # closes the writers; the final files replace the live ones
+
+  Every evaluation rewrites history.csv (all methods so far, atomically) and appends the new epochs to
+  tb/<name>; a resumed fit's first evaluation rewrites its TensorBoard events from the restored history,
+  so no event file is duplicated. Thread-safe (single_layer.run_methods trains methods in threads).
+  """
+
+  def __init__(self, workdir: str | None):
+    self.workdir = workdir
+    self._lock = threading.Lock()
+    self._histories: dict[str, tuple] = {}
+    self._writers: dict[str, Any] = {}
+    self._written: dict[str, int] = {}
+
+  def hook(self, name: str, seeds: Sequence[int], splits: Sequence[str], metric_names: Sequence[str]):
+    """An on_epoch_end callable for the fit of method `name`."""
+    def on_epoch_end(fit_state) -> None:
+      if self.workdir is None:
+        return
+      with self._lock:
+        self._histories[name] = (list(seeds), fit_state.history, tuple(splits), tuple(metric_names))
+        self._write_csv()
+        self._write_tb(name, fit_state.epoch)
+    return on_epoch_end
+
+  def _write_csv(self) -> None:
+    names = {h[3] for h in self._histories.values()}
+    if len(names) != 1:
+      return
+    rows = []
+    for name, (seeds, history, splits, metric_names) in self._histories.items():
+      fit = train.FitResult(params=None, history=history, status=[], diverged_step=np.zeros(0), wall_time_s=0.0,
+                            splits=splits, metric_names=metric_names)
+      rows += list(history_rows(name, seeds, fit))
+    write_history_csv(os.path.join(self.workdir, "history.csv"), rows, names.pop())
+
+  def _write_tb(self, name: str, epoch: int) -> None:
+    try:
+      from tensorboardX import SummaryWriter
+    except ImportError:
+      return
+    seeds, history, splits, metric_names = self._histories[name]
+    if name not in self._writers:
+      shutil.rmtree(os.path.join(self.workdir, "tb", name), ignore_errors=True)
+      self._writers[name] = SummaryWriter(os.path.join(self.workdir, "tb", name))
+      self._written[name] = 0
+    _add_scalars(self._writers[name], seeds, history, splits, metric_names, range(self._written[name], epoch))
+    self._writers[name].flush()
+    self._written[name] = epoch
+
+  def close(self) -> None:
+    with self._lock:
+      for writer in self._writers.values():
+        writer.close()
+      self._writers.clear()
 
 
 # ------------------------------------------------------------------------------------------- one run
@@ -204,11 +276,14 @@ def write_tensorboard(logdir: str, method: str, seeds: Sequence[int], fit: train
 
 def write_run(workdir: str, experiment: str, config: Any, methods: Mapping[str, Any],
               histories: Mapping[str, tuple[Sequence[int], train.FitResult]], wall_time_s: float,
-              markdown: str, extra: Mapping[str, Any] | None = None) -> None:
+              markdown: str, extra: Mapping[str, Any] | None = None, live: Live | None = None) -> None:
   """Writes results.json, results.md, history.csv and TensorBoard events (tb/) of one run.
 
-  histories: {name: (seeds, FitResult)}; a name may carry a variant prefix ("decaying/lora").
+  histories: {name: (seeds, FitResult)}; a name may carry a variant prefix ("decaying/lora"). live: the
+  run's `Live` streamer, closed here (the final files replace what it streamed).
   """
+  if live is not None:
+    live.close()
   config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   payload = {"experiment": experiment, "config": config_dict, "wall_time_s": float(wall_time_s),
              "methods": methods}

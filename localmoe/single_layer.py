@@ -107,12 +107,14 @@ def run_methods(modules: Mapping[str, Any], data: train.Data, seeds: Sequence[in
                 d_in: int, context_dim: int, paper: Mapping[str, Mapping[str, Any]],
                 log: Callable[[str], None] = print, parallel: int = 2,
                 checkpoints: checkpoint.Policy | None = None,
-                make_task: Callable[[Any, int, int], train.Task] | None = None):
+                make_task: Callable[[Any, int, int], train.Task] | None = None,
+                live: results.Live | None = None, prefix: str = ""):
   """Trains each module on `data` for all seeds. Returns ({name: results.json entry}, {name: FitResult}).
 
   checkpoints: each method saves to / resumes from <checkpoints.directory>/<name> (`train.fit` with that
   policy); None trains without files (a stop request is still honoured). make_task(module, d_in,
-  context_dim): the Task of one method (default `layer_task`).
+  context_dim): the Task of one method (default `layer_task`). live: streams history.csv and TensorBoard
+  scalars at every evaluation, each method under `prefix + name`.
 
   A method that raises is reported ("failed: ..." in its summary) and the others carry on; the caller's
   `results.write_run` then refuses to mark the run finished. `parallel` methods train at once in threads:
@@ -126,7 +128,9 @@ def run_methods(modules: Mapping[str, Any], data: train.Data, seeds: Sequence[in
     module = modules[name]
     log(f"[{name}] {module.num_params():,} parameters, {len(seeds)} seeds, {settings.epochs} epochs")
     try:
-      fit = train.fit(make_task(module, d_in, context_dim), data, seeds, settings, name=name, log=log,
+      task = make_task(module, d_in, context_dim)
+      hook = None if live is None else live.hook(prefix + name, seeds, data.splits, task.metric_names)
+      fit = train.fit(task, data, seeds, settings, name=name, log=log, on_epoch_end=hook,
                       checkpoints=None if checkpoints is None else checkpoints.child(name))
     except workdir_lib.ConfigMismatchError:
       raise

@@ -49,6 +49,9 @@ def test_svd_quick_files_and_history(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["config"]["optim"]["lr"] == 3e-3
+  # Quiet by default: the project's own lines only, no absl/orbax INFO lines.
+  assert not [line for line in (proc.stdout + proc.stderr).splitlines() if line[:1] in "IWE" and line[1:5].isdigit()]
+  assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 3e-3    # written at the start
   assert set(results["methods"]) == {"lora", "cellwise_moe"}
   assert results["methods"]["cellwise_moe"]["params"] == 2144
   assert results["methods"]["cellwise_moe"]["paper"] == {"params": 2144, "mse": 0.6531, "r2": 0.3829}

@@ -52,6 +52,17 @@ BAD_CONFIGS = [
     ("data.contexts", "block_diagonal,diagonal", "config.data.contexts: 'diagonal' is not a known topology"),
     ("data.test_fraction", 1.5, "config.data.test_fraction=1.5 must lie in (0, 1)"),
     ("checkpoint_every_epochs", -1, "config.checkpoint_every_epochs=-1 must be >= 0"),
+    ("model.alpha", 0.0, "config.model.alpha=0.0 must be > 0"),
+    ("optim.lr", float("inf"), "config.optim.lr=inf must be > 0 and finite"),
+    ("optim.eval_every", 0, "config.optim.eval_every=0 must be a positive integer"),
+    ("optim.lr_decay", 0.5, "config.optim has unknown key(s) ['lr_decay'] that the trainer would ignore; valid: ["),
+    ("data.spectrum_decay", 0.0, "config.data.spectrum_decay=0.0 must be > 0"),
+    ("data.k", 5, "config.data.k=5 must divide config.data.d=64"),
+    ("data.num_samples", 0, "config.data.num_samples=0 must be an integer >= 2"),
+    ("methods.cellwise_moe.context_dim", 5, "config.methods.cellwise_moe.context_dim=5 disagrees with the data "
+     "(context_dim=3)"),
+    ("sharding", "model", "config.sharding='model' is not known; valid: 'entries'"),
+    ("optim.epochs", 1_000_000_000, "of history needs about"),
 ]
 
 
@@ -79,6 +90,53 @@ def test_bad_config_is_one_clear_error_before_compute(path, value, message):
   with pytest.raises(ValueError) as info:
     experiments.validate(config)
   assert message in str(info.value), str(info.value)
+
+
+def test_config_file_and_arg_errors_are_one_line(tmp_path):
+  from localmoe import configlib
+  (tmp_path / "broken.py").write_text("def get_config(arg=None):\n  return (\n")
+  (tmp_path / "empty.py").write_text("X = 1\n")
+  cases = [(str(tmp_path / "missing.py"), "missing.py: no such file"),
+           (str(tmp_path / "broken.py"), "broken.py: syntax error at line"),
+           (str(tmp_path / "empty.py"), "empty.py defines no get_config(arg=None)"),
+           ("configs/svd_simulation.py:quick=ture", "config arg quick='ture' is not a boolean: use quick=true"),
+           ("configs/svd_simulation.py:seeds=two", "config arg seeds='two' is not an integer")]
+  for spec, message in cases:
+    problem = configlib.check_config_file(["launch.py", f"--config={spec}"])
+    assert problem and message in problem and "\n" not in problem, (spec, problem)
+  assert configlib.check_config_file(["launch.py", "--config=configs/svd_simulation.py:quick=false"]) is None
+  proc = run_launch(f"--config={tmp_path / 'missing.py'}", f"--workdir={tmp_path / 'run'}")
+  assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_bad_workdirs_and_locks_are_one_line_errors(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  for path, message in [("", "--workdir is empty"), (str(tmp_path / "a_file"), "is a file, not a directory"),
+                        (str(tmp_path / "a_file" / "run"), "which is a file")]:
+    with pytest.raises(workdir.WorkdirError, match=message):
+      with workdir.guard(path):
+        pass
+  for content in ("", "{not json", '{"host": "x"}'):
+    (tmp_path / "locked").mkdir(exist_ok=True)
+    (tmp_path / "locked" / ".lock").write_text(content)
+    with pytest.raises(workdir.WorkdirError, match=r"lock file .*\.lock is empty or garbled.*delete"):
+      with workdir.guard(str(tmp_path / "locked")):
+        pass
+  # Orphan temp files of a killed atomic write are removed when the workdir is next used.
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / ".tmp-abc123results.json").write_text("{")
+  with workdir.guard(str(tmp_path / "run")):
+    assert not (tmp_path / "run" / ".tmp-abc123results.json").exists()
+
+
+def test_results_files_follow_the_umask(tmp_path):
+  old = os.umask(0o022)
+  try:
+    results.write_json(str(tmp_path / "results.json"), {"a": 1})
+  finally:
+    os.umask(old)
+  assert (os.stat(tmp_path / "results.json").st_mode & 0o777) == 0o644
 
 
 def test_context_router_called_without_context_is_clear():
@@ -398,3 +456,36 @@ def test_sigterm_stops_the_nonconvex_run_with_75_and_the_resume_is_bit_identical
   for scheme in want:
     assert got[scheme]["per_function"] == want[scheme]["per_function"]
   assert (resumed / "history.csv").read_text() == (reference / "history.csv").read_text()
+
+
+def test_history_and_tensorboard_stream_during_training_without_duplicates_after_resume(tmp_path):
+  from tests.test_train import make_task, small_problem
+  data = small_problem([0])
+  settings = train.Settings(epochs=3, batch_size=32, learning_rate=3e-3)
+  policy = checkpoint.Policy(str(tmp_path / "checkpoints"), every_epochs=1)
+  live = results.Live(str(tmp_path))
+  hook = live.hook("lora", [0], data.splits, train.METRICS)
+  seen = []
+
+  def stream_then_stop(fit_state):
+    hook(fit_state)
+    seen.append(len((tmp_path / "history.csv").read_text().strip().splitlines()) - 1)
+    if fit_state.epoch == 2:
+      checkpoint.request_stop("test")
+
+  try:
+    with pytest.raises(checkpoint.Preempted):
+      train.fit(make_task("lora"), data, [0], settings, checkpoints=policy, on_epoch_end=stream_then_stop, log=None)
+  finally:
+    checkpoint.clear_stop()
+  live.close()
+  assert seen == [2, 4]                                     # rows (epochs x splits) on disk after each epoch
+  assert len(os.listdir(tmp_path / "tb" / "lora")) == 1
+  live = results.Live(str(tmp_path))
+  fit = train.fit(make_task("lora"), data, [0], settings, checkpoints=policy,
+                  on_epoch_end=live.hook("lora", [0], data.splits, train.METRICS), log=None)
+  live.close()
+  assert len((tmp_path / "history.csv").read_text().strip().splitlines()) == 1 + 3 * 2
+  assert len(os.listdir(tmp_path / "tb" / "lora")) == 1    # the resumed run rewrote its event file
+  results.write_tensorboard(str(tmp_path / "tb"), "lora", [0], fit)
+  assert len(os.listdir(tmp_path / "tb" / "lora")) == 1

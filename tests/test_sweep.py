@@ -86,6 +86,17 @@ def test_summary_files_resume_and_sorting(tmp_path, capsys):
   again = run_sweep(overrides, tmp_path, lines)
   assert any("0 trained, 4 already finished" in line for line in lines)
   assert [r["test_r2"] for r in again["entries"]] == [r["test_r2"] for r in summary["entries"]]
+  # A re-run under another base config refuses before any compute, naming the entry and the field.
+  from localmoe import workdir
+  changed = quick_config()
+  changed.optim.epochs = 5
+  with pytest.raises(workdir.ConfigMismatchError, match=r"finished sweep entry 0 .*optim\.epochs: 2 -> 5.*--overwrite"):
+    sweep.run(changed, overrides, str(tmp_path), svd_simulation, placement=None, log=lines.append)
+  # A truncated sweep_entry.json is one error naming the file.
+  entry_file = next((tmp_path / "entries").glob("0000_*")) / sweep.ENTRY_FILE
+  entry_file.write_text(entry_file.read_text()[:20])
+  with pytest.raises(workdir.WorkdirError, match=f"{entry_file}.*truncated or unreadable"):
+    run_sweep(overrides, tmp_path)
   # Sorting by any metric, and the command-line view.
   ordered = sweep.sort_rows(summary["entries"], "test_mse", descending=False)
   assert [r["test_mse"] for r in ordered] == sorted(r["test_mse"] for r in summary["entries"])
