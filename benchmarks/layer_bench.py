@@ -13,12 +13,13 @@ Methods, all at the same expert parameter budget as LoRA at rank r_lora on a squ
                            it separates the cost of the grid from the cost of the routing)
   blockwise_moe            E experts per cell, one global router on x, rank r_b = r_lora / (E K) per cell
   cellwise_moe             E experts per cell, one router per cell on its field x_j, same r_b
-  *_moe [variant: ...]     alternative einsum formulations of the same layer, written here (not in the
-                           library) to show what would be faster; checked against the library's loss and
-                           gradients
+                           (all four are the library's modules as users get them: one 2-D GEMM per input
+                           field with the activation router fused in, one per output segment; see
+                           `localmoe.grid`)
   *_moe [naive loop]       explicit Python loops over cells and experts with slicing, as a first research
                            implementation would be written (jit-compiled too, so XLA sees the unrolled graph)
   *_moe [dense per-example dW] materialises each example's d_out x d_in routed update (small token count only)
+The naive and dense variants are checked against the library's loss and gradients (rel.err column).
 
 Memory is XLA's own buffer assignment of the compiled executable (`compiled.memory_analysis()`):
 `temp_size_in_bytes` is the scratch (activation) memory; arguments and outputs are reported separately.
@@ -67,15 +68,13 @@ DENSE_SUITE = ("lora", "blockwise_moe", "cellwise_moe", "blockwise_moe [dense pe
                "cellwise_moe [dense per-example dW]")
 
 # Methods broken down op by op with --profile.
-PROFILED = ("lora", "blockwise_moe", "blockwise_moe [variant: fields2d]", "cellwise_moe",
-            "cellwise_moe [variant: fields2d]")
-
-# Benchmark-only formulations of the routed layers (see routed_fields2d, routed_batched_t).
-VARIANTS = ("fields2d", "batched-T")
+PROFILED = ("lora", "localized_lora", "blockwise_moe", "cellwise_moe")
 
 SETTLE_S = 0.02             # untimed pause after every timed call
 
-TARGET_RATIO = 1.3          # the goal: a routed layer costs at most 1.3x LoRA's forward+backward time
+# Targets, as ratios to LoRA at the same parameter budget: forward+backward time and XLA temp memory.
+TARGETS = {"blockwise_moe / lora": 1.3, "cellwise_moe / lora": 1.3, "localized_lora / lora": 1.15}
+TARGET_TEMP_RATIO = 2.0
 F32 = 4                     # bytes per float32
 PAGE_BYTES = resource.getpagesize()
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # glibc mallopt parameters
@@ -123,7 +122,7 @@ def check_sizes(s: Sizes) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Alternative formulations of the routed layers (benchmark-only; checked against the library gradients)
+# Routers of the naive baselines (written independently of the library)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -136,72 +135,6 @@ def _gates_cellwise(kernel: jnp.ndarray, x: jnp.ndarray, k_x: int) -> jnp.ndarra
   """Per-cell activation routers on the local fields (Eq. 7): [N, K_y, K_x, E]."""
   xs = x.reshape(x.shape[0], k_x, -1)
   return jax.nn.softmax(jnp.einsum("njd,ijde->nije", xs, kernel), axis=-1)
-
-
-def routed_fields2d(module, params, x: jnp.ndarray) -> jnp.ndarray:
-  """Variant "fields2d": the grid layer as plain 2-D GEMMs on column slices, router fused into stage 1.
-
-  Stage 1, per input field j: ONE GEMM  x_j [N, d/K_x] @ [A_j | W_j]  where A_j [d/K_x, K_y*E*r] holds
-  every expert of every cell of column j and W_j the router columns that read x_j (cell-wise: its K_y
-  routers; block-wise: the rows j of the global router, whose partial logits are summed over j).
-  Stage 2, per output segment i: ONE GEMM  (g * z)_i [N, K_x*E*r] @ B_i [K_x*E*r, d_out/K_y].
-  Same FLOPs as the library's einsums, but no batched dot with a middle batch axis, so XLA needs no
-  transposed copies of x or of the output; gates are still mixed in rank space. Also takes the static
-  Localized LoRA (no expert axis, no router).
-  """
-  a, b = params["A"], params["B"]
-  if a.ndim == 4:                                                          # LocalizedLoRA: one "expert"
-    a, b = a[None], b[None]
-  kernel = params["router"]["kernel"] if "router" in params else None
-  num_e, k_y, k_x, dx, r = a.shape
-  n = x.shape[0]
-  cellwise = isinstance(module, localmoe.CellWiseLoRAMoE)
-  width = k_y * num_e * r
-  zs, logits = [], []
-  for j in range(k_x):
-    w_j = a[:, :, j].transpose(2, 1, 0, 3).reshape(dx, width)             # columns (i, e, r)
-    if kernel is not None and cellwise:
-      w_j = jnp.concatenate([w_j, kernel[:, j].transpose(1, 0, 2).reshape(dx, k_y * num_e)], 1)
-    elif kernel is not None:
-      w_j = jnp.concatenate([w_j, kernel[j * dx:(j + 1) * dx]], 1)       # global router rows of field j
-    out = x[:, j * dx:(j + 1) * dx] @ w_j                                  # [N, width (+ router logits)]
-    zs.append(out[:, :width].reshape(n, k_y, num_e, r))
-    logits.append(out[:, width:])
-  z = jnp.stack(zs, axis=2)                                                # [N, K_y, K_x, E, r]
-  if kernel is not None and cellwise:
-    gates = jax.nn.softmax(jnp.stack(logits, 1).reshape(n, k_x, k_y, num_e), axis=-1)
-    z = z * gates.transpose(0, 2, 1, 3)[..., None]                         # rank-space gate mixing
-  elif kernel is not None:
-    z = z * jax.nn.softmax(sum(logits), axis=-1)[:, None, None, :, None]
-  hs = []
-  for i in range(k_y):
-    b_i = b[:, i].transpose(1, 0, 3, 2).reshape(k_x * num_e * r, -1)      # rows (j, e, r)
-    hs.append(z[:, i].reshape(n, -1) @ b_i)
-  return common.scaling(module.alpha, module.rank) * jnp.concatenate(hs, axis=-1)
-
-
-def routed_batched_t(module, params, x: jnp.ndarray) -> jnp.ndarray:
-  """Variant "batched-T": the library's batched contraction, with the transposes made explicit and once.
-
-  x is moved to field-major [K_x, N, d/K_x] once; stage 1 is a batched GEMM over fields with the
-  experts and cells of a column folded into its output; stage 2 a batched GEMM over segments; the output
-  [K_y, N, d_out/K_y] is moved back to [N, d_out] once.
-  """
-  a, b = params["A"], params["B"]
-  num_e, k_y, k_x, dx, r = a.shape
-  n = x.shape[0]
-  if isinstance(module, localmoe.CellWiseLoRAMoE):
-    gates = _gates_cellwise(params["router"]["kernel"], x, k_x)            # [N, K_y, K_x, E]
-  else:
-    gates = _gates_blockwise(params["router"]["kernel"], x)[:, None, None, :]
-  xt = x.reshape(n, k_x, dx).transpose(1, 0, 2)                            # [K_x, N, dx]
-  a_t = a.transpose(2, 3, 1, 0, 4).reshape(k_x, dx, k_y * num_e * r)       # [K_x, dx, (i, e, r)]
-  z = jnp.matmul(xt, a_t).reshape(k_x, n, k_y, num_e, r)                   # [K_x, N, K_y, E, r]
-  z = z * gates.transpose(2, 0, 1, 3)[..., None]                           # gates -> [K_x, N, K_y, E]
-  z = z.transpose(2, 1, 0, 3, 4).reshape(k_y, n, k_x * num_e * r)          # [K_y, N, (j, e, r)]
-  b_t = b.transpose(1, 2, 0, 4, 3).reshape(k_y, k_x * num_e * r, -1)       # [K_y, (j, e, r), o]
-  h = jnp.matmul(z, b_t)                                                   # [K_y, N, o]
-  return common.scaling(module.alpha, module.rank) * h.transpose(1, 0, 2).reshape(n, -1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,7 +236,7 @@ def init_params(module, d_in: int, seed: int) -> Any:
 
 
 def build_methods(s: Sizes) -> list[Method]:
-  """The library adapters, the benchmark-only variants and the naive baselines, sharing parameters."""
+  """The library adapters and the naive baselines, sharing parameters."""
   methods = []
   modules = {}
   for seed, (name, spec) in enumerate(adapter_specs(s).items()):
@@ -311,17 +244,12 @@ def build_methods(s: Sizes) -> list[Method]:
     params = init_params(module, s.d, seed)
     modules[name] = (module, params)
     methods.append(Method(name, module, library_apply(module), params))
-  module, params = modules["localized_lora"]
-  methods.append(Method("localized_lora [variant: fields2d]", module,
-                        lambda p, x: routed_fields2d(module, p, x), params, "localized_lora"))
   for name in ("blockwise_moe", "cellwise_moe"):
     module, params = modules[name]
 
     def bind(fn, module=module):
       return lambda p, x: fn(module, p, x)
 
-    methods.append(Method(f"{name} [variant: fields2d]", module, bind(routed_fields2d), params, name))
-    methods.append(Method(f"{name} [variant: batched-T]", module, bind(routed_batched_t), params, name))
     methods.append(Method(f"{name} [naive loop]", module, bind(routed_naive_loop), params, name))
     methods.append(Method(f"{name} [dense per-example dW]", module, bind(routed_dense_per_example), params,
                           name))
@@ -516,20 +444,19 @@ def print_heap_table(rows: list[dict]) -> None:
 
 
 def ratios(rows: list[dict], key: str = "time_ms") -> dict[str, float]:
-  """Headline ratios of `key` times: routed / LoRA, variants / LoRA, naive loop / vectorised."""
+  """Headline ratios of `key` times: library adapters / LoRA, naive loop / library."""
   t = {r["method"]: r[key] for r in rows if key in r}
-  out = {}
+  out = {f"{name} / lora": t[name] / t["lora"] for name in ("localized_lora", "blockwise_moe", "cellwise_moe")}
   for name in ("blockwise_moe", "cellwise_moe"):
-    out[f"{name} / lora"] = t[name] / t["lora"]
-    for variant in VARIANTS:
-      out[f"{name} [variant: {variant}] / lora"] = t[f"{name} [variant: {variant}]"] / t["lora"]
     if f"{name} [naive loop]" in t:
       out[f"{name} [naive loop] / {name}"] = t[f"{name} [naive loop]"] / t[name]
-      out[f"{name} [naive loop] / {name} [variant: fields2d]"] = (
-          t[f"{name} [naive loop]"] / t[f"{name} [variant: fields2d]"])
-  out["localized_lora / lora"] = t["localized_lora"] / t["lora"]
-  out["localized_lora [variant: fields2d] / lora"] = t["localized_lora [variant: fields2d]"] / t["lora"]
   return out
+
+
+def temp_ratios(rows: list[dict]) -> dict[str, float]:
+  """XLA temp memory of each library adapter as a ratio to LoRA's."""
+  t = {r["method"]: r["temp_mb"] for r in rows}
+  return {f"{name} / lora": t[name] / t["lora"] for name in ("localized_lora", "blockwise_moe", "cellwise_moe")}
 
 
 def print_header(s: Sizes, repeats: int) -> None:
@@ -555,21 +482,23 @@ def print_memory_model(s: Sizes, tokens: int) -> dict:
   return dict(tokens=tokens, rank_space_bytes=rank_space, dense_per_example_bytes=dense)
 
 
-def print_ratios(tables: dict[str, dict[str, float]]) -> None:
-  """The ratios, printed last (one column per timing statistic), and whether the 1.3x target is met."""
+def print_ratios(tables: dict[str, dict[str, float]], temp: dict[str, float]) -> None:
+  """The ratios, printed last (one column per timing statistic), and whether each target is met."""
   names = list(tables)
   print("\nratios of fwd+bwd time:")
-  print(f"  {'':62s} " + " ".join(f"{n:>16s}" for n in names))
+  print(f"  {'':42s} " + " ".join(f"{n:>18s}" for n in names))
   for key in tables[names[0]]:
-    cells = [f"{tables[n][key]:15.2f}x" if key in tables[n] else f"{'':16s}" for n in names]
-    print(f"  {key:62s} " + " ".join(cells))
-  for name in ("blockwise_moe", "cellwise_moe"):
-    verdicts = []
-    for column in names:
-      lib, best = tables[column][f"{name} / lora"], tables[column][f"{name} [variant: fields2d] / lora"]
-      verdicts.append(f"{column}: library {lib:.2f}x {'MET' if lib <= TARGET_RATIO else 'NOT met'}, "
-                      f"fields2d {best:.2f}x {'MET' if best <= TARGET_RATIO else 'NOT met'}")
-    print(f"  target {name} <= {TARGET_RATIO}x LoRA -- " + "; ".join(verdicts))
+    cells = [f"{tables[n][key]:17.2f}x" if key in tables[n] else f"{'':18s}" for n in names]
+    print(f"  {key:42s} " + " ".join(cells))
+  print("ratios of XLA temp memory:")
+  for key, value in temp.items():
+    print(f"  {key:42s} {value:17.2f}x")
+  for key, target in TARGETS.items():
+    verdicts = [f"{n} {tables[n][key]:.2f}x {'MET' if tables[n][key] <= target else 'NOT met'}" for n in names]
+    print(f"  target {key} <= {target}x -- " + "; ".join(verdicts))
+  for key, value in temp.items():
+    print(f"  target temp {key} <= {TARGET_TEMP_RATIO}x -- {value:.2f}x "
+          f"{'MET' if value <= TARGET_TEMP_RATIO else 'NOT met'}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -662,13 +591,14 @@ def main(argv=None) -> dict:
   results = dict(sizes=dataclasses.asdict(s) | dict(r_block=s.r_block, r_localized=s.r_localized),
                  repeats=repeats, devices=[str(d) for d in jax.devices()], jax_version=jax.__version__,
                  load_average=os.getloadavg(), main=rows, dense=dense_rows, memory_model=memory_model,
-                 ratios=tables, target_ratio=TARGET_RATIO, elapsed_s=elapsed)
+                 ratios=tables, temp_ratios=temp_ratios(rows), targets=TARGETS,
+                 target_temp_ratio=TARGET_TEMP_RATIO, elapsed_s=elapsed)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=2)
     print(f"\nwrote {args.json}")
   print(f"\ntotal benchmark time: {elapsed:.1f} s")
-  print_ratios(tables)
+  print_ratios(tables, temp_ratios(rows))
   return results
 
 

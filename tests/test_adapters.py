@@ -348,7 +348,7 @@ def _max_intermediate_size(jaxpr) -> int:
 
 
 @pytest.mark.parametrize("method", ["blockwise_moe", "cellwise_moe"])
-def test_no_per_example_dense_update_in_forward_or_backward(method):
+def test_no_per_example_dense_update_in_forward_or_backward(method, grid_path):
   d, batch, k, e, r = 64, 32, 4, 4, 2
   m = lm.make(dict(method=method, d_in=d, d_out=d, k_y=k, k_x=k, rank=r, num_experts=e,
                    router_input="activation"))
@@ -426,7 +426,7 @@ def _apply_with_kernel(m, params, x, ctx, kernel):
 
 
 @pytest.mark.parametrize("method,kw", DTYPE_CASES)
-def test_bfloat16_input_with_float32_params(method, kw):
+def test_bfloat16_input_with_float32_params(method, kw, grid_path):
   """dtype=None computes in the input's dtype: bf16 in, bf16 out, float32 params and float32 gradients."""
   m = build(method, **kw)
   x, ctx = inputs()
@@ -507,6 +507,18 @@ ORACLE_CASES = (
        ("cellwise_moe", dict(router_input="context", k_y=4, k_x=1, num_experts=1))])
 
 
+@pytest.fixture(params=["field_gemms", "einsum"])
+def grid_path(request, monkeypatch):
+  """Runs a test on both forms of the grid adapters: per-field GEMMs (large layers) and einsums (small)."""
+  monkeypatch.setattr(grid, "FIELD_GEMMS_MIN_ELEMENTS", 0 if request.param == "field_gemms" else 1 << 62)
+  return request.param
+
+
+@pytest.fixture
+def field_gemms(monkeypatch):
+  monkeypatch.setattr(grid, "FIELD_GEMMS_MIN_ELEMENTS", 0)
+
+
 def _oracle_case(method, kw, lead, dtype):
   m = build(method, **kw)
   kx, kc = jax.random.split(jax.random.PRNGKey(11))
@@ -527,7 +539,7 @@ def _plain(kw):
 # The full option grid at LEAD; other batch shapes (none, one, three leading axes) at the plain options.
 @pytest.mark.parametrize("method,kw,lead", [(m, kw, LEAD) for m, kw in ORACLE_CASES] + [
     (m, kw, lead) for m, kw in ORACLE_CASES if _plain(kw) for lead in [(5,), (), (2, 1, 3)]])
-def test_fast_form_equals_einsum_oracle(method, kw, lead):
+def test_fast_form_equals_einsum_oracle(method, kw, lead, field_gemms):
   """Outputs and gradients w.r.t. params and x equal the einsum form of Eq. 4/6/8 to 1e-5 (float32)."""
   m, params, x, ctx = _oracle_case(method, kw, lead, jnp.float32)
   fast = lambda p, x: m.apply({"params": p}, x, ctx)
@@ -541,9 +553,25 @@ def test_fast_form_equals_einsum_oracle(method, kw, lead):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=str(path))
 
 
-@pytest.mark.parametrize("method,kw", [c for c in ORACLE_CASES if _plain(c[1])]
+@pytest.mark.parametrize("method,kw", ORACLE_CASES[:1] + [
+    (m, dict(router_input=ri, top_k=2, router_bias=True, temperature=0.5))
+    for m in ("blockwise_moe", "cellwise_moe") for ri in ("context", "activation")])
+def test_small_layer_einsum_form_equals_oracle(method, kw):
+  """Below grid.FIELD_GEMMS_MIN_ELEMENTS the adapters keep the einsum form; it matches the oracle too."""
+  m, params, x, ctx = _oracle_case(method, kw, LEAD, jnp.float32)
+  assert not grid.use_field_gemms(x.shape)
+  fast = lambda p, x: m.apply({"params": p}, x, ctx)
+  slow = lambda p, x: oracles.apply(m, p, x, ctx)
+  np.testing.assert_allclose(fast(params, x), slow(params, x), rtol=1e-5, atol=1e-5)
+  g_fast = jax.grad(_loss(fast), argnums=(0, 1))(params, x)
+  g_slow = jax.grad(_loss(slow), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree_util.tree_leaves(g_fast), jax.tree_util.tree_leaves(g_slow)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,kw", [c for c in ORACLE_CASES if _plain(c[1])][:6]
                          + [("cellwise_moe", dict(router_input="activation", top_k=2, router_bias=True))])
-def test_fast_form_equals_oracle_in_bfloat16(method, kw):
+def test_fast_form_equals_oracle_in_bfloat16(method, kw, field_gemms):
   """bfloat16 inputs with float32 params: same dtype and values as the oracle, at bf16 tolerance."""
   m, params, x, ctx = _oracle_case(method, kw, LEAD, jnp.bfloat16)
   fast = lambda p, x: m.apply({"params": p}, x, ctx)
@@ -561,7 +589,7 @@ def test_fast_form_equals_oracle_in_bfloat16(method, kw):
 
 
 @pytest.mark.parametrize("method", ["blockwise_moe", "cellwise_moe"])
-def test_fixed_gates_and_broadcast_context_equal_oracle(method):
+def test_fixed_gates_and_broadcast_context_equal_oracle(method, grid_path):
   """Fixed gates bypass the router; a single context broadcasts over the tokens (both as the oracle)."""
   m, params, x, ctx = _oracle_case(method, dict(router_input="context"), LEAD, jnp.float32)
   shape = (*LEAD, E) if method == "blockwise_moe" else (*LEAD, K_Y, K_X, E)
@@ -574,7 +602,7 @@ def test_fixed_gates_and_broadcast_context_equal_oracle(method):
 
 
 @pytest.mark.parametrize("method", ["blockwise_moe", "cellwise_moe"])
-def test_fused_router_sows_the_same_logits_and_gates_as_route(method):
+def test_fused_router_sows_the_same_logits_and_gates_as_route(method, field_gemms):
   """The activation router fused into the per-field GEMMs sows exactly what `route` computes."""
   m, params, x, _ = _oracle_case(method, dict(router_input="activation", router_bias=True, top_k=2), LEAD,
                                  jnp.float32)

@@ -43,15 +43,21 @@ class LocalizedLoRA(nn.Module):
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None, gates=None) -> jnp.ndarray:
     """Eq. 4. x: [..., d_in] -> [..., d_out]. Static: `context`/`gates` are ignored.
 
-    Applied as one 2-D GEMM per input field and one per output segment (`localmoe.grid` says why).
+    Large layers: one 2-D GEMM per input field and one per output segment; small ones: the einsum form
+    (`localmoe.grid` says why and where the switch lies).
     """
     del context, gates
     cd = common.compute_dtype(self.dtype, x, self.param_dtype)
-    x2 = grid.flatten_tokens(x.astype(cd))                               # [N, d_in]
-    weights = grid.expert_columns(self.A.astype(cd)[None])               # [K_x, d_in/K_x, K_y*r]
-    z = grid.codes_by_cell(grid.field_matmuls(x2, weights), self.k_y, 1)  # [N, K_y, K_x, 1, r]
-    h = grid.segment_matmuls(z, self.B.astype(cd)[None])                 # [N, d_out]
-    return (common.scaling(self.alpha, self.rank) * h).reshape(*x.shape[:-1], self.d_out).astype(cd)
+    x, a, b = x.astype(cd), self.A.astype(cd), self.B.astype(cd)
+    if grid.use_field_gemms(x.shape):
+      x2 = grid.flatten_tokens(x)                                        # [N, d_in]
+      z = grid.codes_by_cell(grid.field_matmuls(x2, grid.expert_columns(a[None])), self.k_y, 1)
+      h = grid.segment_matmuls(z, b[None]).reshape(*x.shape[:-1], self.d_out)   # z: [N, K_y, K_x, 1, r]
+    else:
+      xs = grid.split_fields(x, self.k_x)                                # [..., K_x, d_in/K_x]
+      z = jnp.einsum("...jd,ijdr->...ijr", xs, a)                        # [..., K_y, K_x, r]
+      h = grid.merge_segments(jnp.einsum("...ijr,ijor->...io", z, b))    # [..., d_out]
+    return (common.scaling(self.alpha, self.rank) * h).astype(cd)
 
   def delta_weight(self, context=None, gates=None) -> jnp.ndarray:
     """Dense Delta W = B[B_ij A_ij^T]: [d_out, d_in]."""

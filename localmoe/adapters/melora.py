@@ -39,17 +39,13 @@ class MELoRA(nn.Module):
     self.B = self.param("B", common.resolve_init(self.b_init, "b_init"), (n, self.d_out // n, r), pd)
 
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None, gates=None) -> jnp.ndarray:
-    """x: [..., d_in] -> [..., d_out]. Static: `context`/`gates` are ignored.
-
-    Applied as one 2-D GEMM pair per diagonal block: the grid's two stages (`localmoe.grid`) with K_x = 1
-    field per segment.
-    """
+    """x: [..., d_in] -> [..., d_out]. Static: `context`/`gates` are ignored."""
     del context, gates
     cd = common.compute_dtype(self.dtype, x, self.param_dtype)
-    x2 = grid.flatten_tokens(x.astype(cd))                               # [N, d_in]
-    z = grid.field_matmuls(x2, self.A.astype(cd))                        # [N, N_blocks, r]
-    h = grid.segment_matmuls(z[:, :, None, None, :], self.B.astype(cd)[None, :, None])   # [N, d_out]
-    return (common.scaling(self.alpha, self.rank) * h).reshape(*x.shape[:-1], self.d_out).astype(cd)
+    xs = grid.split_fields(x.astype(cd), self.num_blocks)                # [..., N, d_in/N]
+    z = jnp.einsum("...nd,ndr->...nr", xs, self.A.astype(cd))            # [..., N, r]
+    h = jnp.einsum("...nr,nor->...no", z, self.B.astype(cd))             # [..., N, d_out/N]
+    return (common.scaling(self.alpha, self.rank) * grid.merge_segments(h)).astype(cd)
 
   def delta_weight(self, context=None, gates=None) -> jnp.ndarray:
     """Dense block-diagonal Delta W: [d_out, d_in]."""

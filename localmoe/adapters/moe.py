@@ -6,9 +6,9 @@ Cell-wise (micro-routing, Eq. 7-8): an independent router per cell, gates g^(i,j
   h_i = (alpha / r) sum_j sum_e g_e^(i,j) B_ij^(e) A_ij^(e)T x_j.
 
 Experts are stacked arrays, A: [E, K_y, K_x, d_in/K_x, r], B: [E, K_y, K_x, d_out/K_y, r] (axis letters in
-`localmoe.grid`). They are applied as one 2-D GEMM per input field and one per output segment
+`localmoe.grid`). Large layers apply them as one 2-D GEMM per input field and one per output segment
 (`grid.field_matmuls`, `grid.segment_matmuls`; the module docstring of `localmoe.grid` says why this beats
-the einsum form). An activation router is fused into stage 1: its columns that read field x_j join that
+the einsum form, and below which size the einsum form is kept). An activation router is fused into stage 1: its columns that read field x_j join that
 field's GEMM (cell-wise: the K_y routers of column j, Eq. 7; block-wise: rows j of the global W_g, whose
 partial logits are summed over j, Eq. 5). Gates are mixed in rank space, z = g * (A^T x_j), then B z, so no
 per-example d_out x d_in update is ever built: the extra activation memory is O(batch * E * K_y * K_x * r).
@@ -115,6 +115,8 @@ class _RoutedGrid(nn.Module):
     """
     cd = common.compute_dtype(self.dtype, x, self.param_dtype)
     x = x.astype(cd)
+    if not grid.use_field_gemms(x.shape):                                # small layer: the einsum form
+      return self._einsum_forward(x, context, gates, cd)
     fused = gates is None and self.router_input == "activation"
     if fused:
       lead = x.shape[:-1]
@@ -137,6 +139,15 @@ class _RoutedGrid(nn.Module):
     z = z * gates[..., None]                                             # gate mixing in rank space
     h = grid.segment_matmuls(z, self.B.astype(cd))                       # [N, d_out]
     return (common.scaling(self.alpha, self.rank) * h).reshape(*lead, self.d_out).astype(cd)
+
+  def _einsum_forward(self, x, context, gates, cd) -> jnp.ndarray:
+    """Eq. 6 / Eq. 8 as two einsums, for small layers (`localmoe.grid.use_field_gemms`)."""
+    gates = self.route(x, context) if gates is None else jnp.asarray(gates).astype(cd)
+    gates = jnp.moveaxis(self._cell_gates(gates), -1, -3)[..., None]    # [..., E, 1 or K_y, 1 or K_x, 1]
+    xs = grid.split_fields(x, self.k_x)                                  # [..., K_x, d_in/K_x]
+    z = jnp.einsum("...jd,eijdr->...eijr", xs, self.A.astype(cd))        # [..., E, K_y, K_x, r]
+    h = jnp.einsum("...eijr,eijor->...io", z * gates, self.B.astype(cd))   # [..., K_y, d_out/K_y]
+    return (common.scaling(self.alpha, self.rank) * grid.merge_segments(h)).astype(cd)
 
   def delta_weight(self, context=None, gates: jnp.ndarray | None = None) -> jnp.ndarray:
     """Dense Delta W [d_out, d_in] for ONE fixed routing: a single context vector/label, or fixed gates."""
