@@ -8,10 +8,11 @@ Cell-wise (micro-routing, Eq. 7-8): an independent router per cell, gates g^(i,j
 Experts are stacked arrays, A: [E, K_y, K_x, d_in/K_x, r], B: [E, K_y, K_x, d_out/K_y, r] (axis letters in
 `localmoe.grid`). Large layers apply them as one 2-D GEMM per input field and one per output segment
 (`grid.field_matmuls`, `grid.segment_matmuls`; the module docstring of `localmoe.grid` says why this beats
-the einsum form, and below which size the einsum form is kept). An activation router is fused into stage 1: its columns that read field x_j join that
-field's GEMM (cell-wise: the K_y routers of column j, Eq. 7; block-wise: rows j of the global W_g, whose
-partial logits are summed over j, Eq. 5). Gates are mixed in rank space, z = g * (A^T x_j), then B z, so no
-per-example d_out x d_in update is ever built: the extra activation memory is O(batch * E * K_y * K_x * r).
+the einsum form, and below which size the einsum form is kept). An activation router is fused into stage
+1: its columns that read field x_j join that field's GEMM (cell-wise: the K_y routers of column j, Eq. 7;
+block-wise: rows j of the global W_g, whose partial logits are summed over j, Eq. 5). Gates are mixed in
+rank space, z = g * (A^T x_j), then B z, so no per-example d_out x d_in update is ever built: the extra
+activation memory is O(batch * E * K_y * K_x * r).
 """
 
 from __future__ import annotations
