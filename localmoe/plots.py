@@ -136,7 +136,7 @@ def routing_heatmaps(path: str, usage: np.ndarray, groups: Sequence[str], *, lay
       ax.axis("off")
       continue
     image = usage[index].reshape(num_groups, routers * experts)                  # [groups, routers * E]
-    ax.imshow(image, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
+    shown = ax.imshow(image, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
     for r in range(1, routers):
       ax.axvline(r * experts - 0.5, color="white", linewidth=1)
     if index % min(columns, layers) == 0:
@@ -145,4 +145,6 @@ def routing_heatmaps(path: str, usage: np.ndarray, groups: Sequence[str], *, lay
     name = layer_names[index] if index < len(layer_names) else f"layer {index}"
     ax.set_title(name, fontsize=6)
   fig.suptitle(title or f"expert usage ({routers} routers x {experts} experts per layer)", fontsize=9)
+  if layers:
+    fig.colorbar(shown, ax=axes, shrink=0.6, label=f"mean gate (uniform = {1 / experts:.2f})")
   return _save(fig, path)
