@@ -81,7 +81,7 @@ def get_config(arg=None):
     config.optim.epochs = 4
     config.optim.steps_per_epoch = 20
     config.optim.eval_batch_size = 100
-    config.eval.train_rows = 200
+    config.eval.train_rows = 100
   if arg.quick:
     config.method_names = arg.methods if arg.methods != ALL_METHODS else "lora,cellwise_moe"
     config.num_seeds = min(arg.seeds, 2)
