@@ -226,20 +226,10 @@ def validate(config) -> None:
 
 def method_summary(params: int, seeds, lr: float, fit: train.FitResult, var_test: float) -> dict[str, Any]:
   """results.json entry: accuracies, losses, Brier MSE and the probabilities' R^2 (fractions)."""
-  ok = np.array([s == "ok" for s in fit.status])
-  out: dict[str, Any] = {"params": int(params), "fraction": params / mlp_params_count(),
-                         "seeds": [int(s) for s in seeds], "lr": float(lr)}
-  values = {"test_accuracy": fit.final("test", "accuracy"), "test_loss": fit.final("test", "loss"),
-            "val_accuracy": fit.final("val", "accuracy"), "val_loss": fit.final("val", "loss"),
-            "train_loss": fit.final("train", "loss"), "test_mse": fit.final("test", "mse")}
-  values["test_r2"] = 1.0 - values["test_mse"] / var_test
-  for key, v in values.items():
-    out[key] = [float(a) if good else None for a, good in zip(v, ok)]
-    out[f"{key}_mean"] = float(np.mean(v[ok])) if ok.any() else None
-    out[f"{key}_std"] = float(np.std(v[ok])) if ok.any() else None
-  failed = [f"seed {s}: {st}" for s, st in zip(seeds, fit.status) if st != "ok"]
-  out["status"] = "ok" if not failed else "; ".join(failed)
-  out["wall_time_s"] = fit.wall_time_s
+  out = results.method_summary(params, seeds, fit, extra={
+      "train_loss": fit.final("train", "loss"), "test_r2": 1.0 - fit.final("test", "mse") / var_test})
+  out.pop("paper")
+  out.update(fraction=params / mlp_params_count(), lr=float(lr))
   return out
 
 

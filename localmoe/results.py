@@ -76,26 +76,30 @@ def write_json(path: str, payload: Mapping[str, Any]) -> None:
 
 
 def method_summary(params: int, seeds: Sequence[int], fit: train.FitResult,
-                   paper: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """One method's entry of results.json (R^2 as a fraction). Diverged seeds are left out of mean/std."""
-  r2 = fit.final("test", "r2")
-  mse = fit.final("test", "mse")
+                   paper: Mapping[str, Any] | None = None, splits: Sequence[str] | None = None,
+                   extra: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+  """One method's entry of results.json, over the fit's own metric names (R^2 and accuracy as fractions).
+
+  For every split in `splits` (default: the fit's splits but "train") and metric in fit.metric_names:
+  "<split>_<metric>" per seed, and its "_mean" / "_std" over the seeds whose status is "ok" (diverged
+  seeds are None and left out). extra: more per-seed values summarised the same way ({"train_loss": ...}).
+  """
   ok = np.array([s == "ok" for s in fit.status])
-  r2_ok, mse_ok = r2[ok], mse[ok]
+  values = {f"{split}_{metric}": fit.final(split, metric)
+            for split in (splits or [s for s in fit.splits if s != "train"]) for metric in fit.metric_names}
+  values.update(extra or {})
+  out: dict[str, Any] = {"params": int(params), "seeds": [int(s) for s in seeds]}
+  for key, v in values.items():
+    v = np.asarray(v, np.float64)
+    out[key] = [float(a) if good else None for a, good in zip(v, ok)]
+  for key, v in values.items():
+    v = np.asarray(v, np.float64)
+    out[f"{key}_mean"] = float(np.mean(v[ok])) if ok.any() else None
+    out[f"{key}_std"] = float(np.std(v[ok])) if ok.any() else None
   failed = [f"seed {seed}: {status}" for seed, status in zip(seeds, fit.status) if status != "ok"]
-  return {
-      "params": int(params),
-      "seeds": [int(s) for s in seeds],
-      "test_r2": [float(v) if good else None for v, good in zip(r2, ok)],
-      "test_mse": [float(v) if good else None for v, good in zip(mse, ok)],
-      "test_r2_mean": float(np.mean(r2_ok)) if ok.any() else None,
-      "test_r2_std": float(np.std(r2_ok)) if ok.any() else None,
-      "test_mse_mean": float(np.mean(mse_ok)) if ok.any() else None,
-      "test_mse_std": float(np.std(mse_ok)) if ok.any() else None,
-      "paper": dict(paper or {}),
-      "status": "ok" if not failed else "; ".join(failed),
-      "wall_time_s": fit.wall_time_s,
-  }
+  out.update({"paper": dict(paper or {}), "status": "ok" if not failed else "; ".join(failed),
+              "wall_time_s": fit.wall_time_s})
+  return out
 
 
 def failed_summary(params: int, seeds: Sequence[int], reason: str,
