@@ -45,6 +45,7 @@ def get_config(arg=None):
   config.method_names = arg.methods
   config.seed = 0                      # seeds are seed, ..., seed + num_seeds - 1 (inits and head inits)
   config.num_seeds = arg.seeds
+  config.checkpoint_every_epochs = 1   # orbax checkpoints in <workdir>/checkpoints/<method>; re-running resumes
 
   config.data = ml_collections.ConfigDict(dict(
       tasks="topic,spam,question,sentiment",

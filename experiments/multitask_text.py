@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from localmoe import adapters, configlib, inject, plots, results, train
+from localmoe import adapters, checkpoint, configlib, inject, plots, results, train
 from localmoe.data import text
 from localmoe.models import bert, minilm
 
@@ -282,17 +282,6 @@ def estimate_bytes(config, num_tasks: int) -> int:
   return int(minilm.param_bytes(layers) * 2 + activations * 2 + eval_acts + adapter)
 
 
-def available_bytes() -> int:
-  try:
-    with open("/proc/meminfo", encoding="ascii") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
 # ------------------------------------------------------------------------------------------- validation
 
 
@@ -329,12 +318,10 @@ def validate(config) -> None:
   for field in ("load_balance", "z_loss"):
     if not config.router[field] >= 0:
       raise ValueError(f"config.router.{field}={config.router[field]} must be >= 0 (0 turns it off).")
-  need, have = estimate_bytes(config, len(tasks)), available_bytes()
-  if need > 0.8 * have:
-    raise ValueError(f"this run needs about {need / 2**30:.1f} GiB (num_seeds={config.num_seeds} x batch "
-                     f"{config.optim.batch_size} x {config.data.max_length} tokens x {config.model.num_layers} layers) "
-                     f"but {have / 2**30:.1f} GiB are available: lower config.num_seeds, config.optim.batch_size "
-                     "or config.data.max_length.")
+  train.check_memory(estimate_bytes(config, len(tasks)),
+                     f"one method (num_seeds={config.num_seeds} x batch {config.optim.batch_size} x "
+                     f"{config.data.max_length} tokens x {config.model.num_layers} layers)",
+                     "lower config.num_seeds, config.optim.batch_size or config.data.max_length")
 
 
 # ------------------------------------------------------------------------------------------- one method
@@ -410,6 +397,19 @@ def routing_usage(adapted, params, frozen, split: dict, num_tasks: int, chunk: i
   return {"usage": usage / counts[:, None, :, None, None], "entropy": entropy / counts[:, None, :, None]}
 
 
+def task_separation(usage: np.ndarray) -> dict[str, float]:
+  """How differently the tasks use the experts: the total-variation distance between two tasks' mean gates,
+  averaged over task pairs, routers (cells) and layers; 0 = every task routed alike, 1 = disjoint experts.
+
+  usage: [entries, layers, tasks, routers, E]. Returns the mean and std over entries (seeds).
+  """
+  tasks = usage.shape[2]
+  pairs = [(a, b) for a in range(tasks) for b in range(a + 1, tasks)]
+  tv = np.stack([0.5 * np.abs(usage[:, :, a] - usage[:, :, b]).sum(-1) for a, b in pairs], 0)   # [pairs, n, L, R]
+  per_entry = tv.mean(axis=(0, 2, 3))
+  return {"mean": float(per_entry.mean()), "std": float(per_entry.std())}
+
+
 def step_time(task: train.Task, fit_params, frozen, batch: dict, settings: train.Settings, repeats: int = 5) -> float:
   """Median seconds of one vmapped training step (all seeds), the trainer's own `train_step`, compiled."""
   tx = train.make_optimizer()
@@ -453,8 +453,7 @@ def run(config, workdir: str) -> dict:
         f" train/test), {n_train} training examples, {config.data.max_length} tokens, MiniLM x{config.model.num_layers}"
         f" layers ({config.model.dtype}), {len(seeds)} seeds, {settings.epochs} evaluations x "
         f"{settings.steps(n_train)} steps of {settings.batch_size}", flush=True)
-  print(f"   memory estimate {estimate_bytes(config, len(tasks)) / 2**30:.1f} GiB per method "
-        f"(available {available_bytes() / 2**30:.1f} GiB)", flush=True)
+  print(f"   memory estimate {estimate_bytes(config, len(tasks)) / 2**30:.1f} GiB per method", flush=True)
 
   summaries, fits, usage, step_s = {}, {}, {}, {}
   batch = {k: v[:settings.batch_size] for k, v in corpus.train.items()}
@@ -463,19 +462,27 @@ def run(config, workdir: str) -> dict:
     task, adapted, count, heads = build_task(method, config, backbone, frozen, corpus)
     print(f"[{method}] {count:,} adapter parameters + {heads:,} head parameters", flush=True)
     try:
-      fit = train.fit(task, data, seeds, settings, name=method, log=None,
+      fit = train.fit(task, data, seeds, settings, name=method, log=_trainer_log(method),
+                      checkpoints=checkpoint.policy(config, workdir, method),
                       on_epoch_end=_progress(method, corpus, settings, time.perf_counter()))
-    except (ValueError, RuntimeError) as error:          # one method's failure does not lose the others
+    except RuntimeError as error:                         # one method's failure does not lose the others
       print(f"  [{method}] FAILED: {error}", flush=True)
       failed.append(method)
-      summaries[method] = {"status": f"failed: {error}", "adapter_params": count, "head_params": heads}
+      summaries[method] = {"status": f"failed: {error}", "params": count + heads, "adapter_params": count,
+                           "head_params": heads, "seeds": seeds}
       continue
     fits[method] = fit
     step_s[method] = (step_time(task, fit.params, frozen, batch, settings, config.eval.step_time_repeats)
                       if config.eval.step_time_repeats else float("nan"))
     final = task_scores(fit.history[:, -1, -1], tasks, corpus.num_classes)               # test split
+    failures = [f"seed {seed}: {status}" for seed, status in zip(seeds, fit.status) if status != "ok"]
     summaries[method] = {
-        "adapter_params": count, "head_params": heads, "status": fit.status, "seeds": seeds,
+        "params": count + heads, "adapter_params": count, "head_params": heads, "seeds": seeds,
+        "status": "ok" if not failures else "; ".join(failures),
+        "test_accuracy": [float(a) for a in final["accuracy/mean"]],
+        "test_accuracy_mean": float(np.mean(final["accuracy/mean"])),
+        "test_accuracy_std": float(np.std(final["accuracy/mean"])),
+        "test_macro_f1_mean": float(np.mean(final["macro_f1/mean"])),
         "wall_time_s": fit.wall_time_s, "step_time_s": step_s[method],
         **{k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": [float(a) for a in v]}
            for k, v in final.items()},
@@ -484,6 +491,7 @@ def run(config, workdir: str) -> dict:
       usage[method] = routing_usage(adapted, fit.params, frozen, corpus.test, len(tasks), settings.eval_batch_size)
       usage[method]["paths"] = adapted.paths
       summaries[method]["routing_entropy_nats"] = float(np.mean(usage[method]["entropy"]))
+      summaries[method]["task_separation"] = task_separation(usage[method]["usage"])
     print(f"  [{method}] test accuracy {summaries[method]['accuracy/mean']['mean'] * 100:.2f} "
           f"+- {summaries[method]['accuracy/mean']['std'] * 100:.2f}, macro-F1 "
           f"{summaries[method]['macro_f1/mean']['mean'] * 100:.2f}; step {step_s[method] * 1e3:.0f} ms; "
@@ -503,8 +511,15 @@ def run(config, workdir: str) -> dict:
   print(f"wrote {workdir}/results.json, results.md, history.csv, accuracy.png, routing_*.png "
         f"({time.perf_counter() - start:.0f} s total)", flush=True)
   if failed:
-    raise RuntimeError(f"methods failed: {failed} (see results.json); the others are written.")
+    raise results.RunFailed(f"methods failed: {failed} (see results.json); the others are written.")
   return summaries
+
+
+def _trainer_log(method: str):
+  """The trainer's own lines (resume, divergence), without its per-epoch metric line: `_progress` prints a
+  readable one (the raw metrics are 98 counts per split)."""
+  prefix = f"  [{method}] epoch "
+  return lambda line: None if line.startswith(prefix) else print(line, flush=True)
 
 
 def _progress(method: str, corpus: Corpus, settings: train.Settings, start: float):
@@ -543,14 +558,22 @@ def _markdown(config, corpus: Corpus, summaries: dict, wall: float) -> str:
                    + f" | {s['status']} | | | |")
       continue
     cells = [_pm(s[f"accuracy/{t}"]) for t in tasks]
-    ratio = s.get("step_time_vs_lora")
+    ratio, step = s.get("step_time_vs_lora", float("nan")), s["step_time_s"]
     lines.append(f"| {LABELS[method]} | {s['adapter_params']:,} | " + " | ".join(cells)
-                 + f" | {_pm(s['accuracy/mean'])} | {_pm(s['macro_f1/mean'])} | {s['step_time_s'] * 1e3:.0f} | "
-                 + (f"{ratio:.2f}x" if ratio else "-") + " |")
+                 + f" | {_pm(s['accuracy/mean'])} | {_pm(s['macro_f1/mean'])} | "
+                 + (f"{step * 1e3:.0f} | {ratio:.2f}x" if np.isfinite(step) and np.isfinite(ratio) else "- | -") + " |")
   lines += ["", "Macro-F1 % per task:", "", "| Method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
   for method, s in summaries.items():
     if "macro_f1/mean" in s:
       lines.append(f"| {LABELS[method]} | " + " | ".join(_pm(s[f"macro_f1/{t}"]) for t in tasks) + " |")
+  routed = [(m, s) for m, s in summaries.items() if "task_separation" in s]
+  if routed:
+    lines += ["", "Routing on the test set (seed mean): gate entropy per token in nats (uniform over E = "
+              f"{np.log(config.model.num_experts):.3f}), and task separation, the total-variation distance between "
+              "two tasks' mean gates averaged over task pairs, cells and layers (0: all tasks routed alike, 1: "
+              "disjoint experts):", ""]
+    lines += [f"- {LABELS[m]}: entropy {s['routing_entropy_nats']:.3f}, task separation "
+              f"{s['task_separation']['mean']:.3f} ± {s['task_separation']['std']:.3f}" for m, s in routed]
   heads = next(iter(summaries.values()))["head_params"]
   lines += ["", f"Every method also trains {heads:,} head parameters (one linear head per task). Step time: one "
             f"vmapped training step of all seeds, median of 5, on this machine. Run time {wall:.0f} s."]
