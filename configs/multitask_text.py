@@ -69,9 +69,10 @@ def get_config(arg=None):
   config.optim = ml_collections.ConfigDict(dict(
       epochs=10,                       # evaluations; each after steps_per_epoch steps
       steps_per_epoch=95,              # 10 x 95 steps of 32 = one pass over 30,316 examples and a bit
-      batch_size=32, lr=1e-3, weight_decay=0.01, eval_batch_size=64, log_every=1))
+      batch_size=32, lr=1e-3, weight_decay=0.01, eval_batch_size=64, log_every=1,
+      eval_train_rows=1024,            # training-stream rows evaluated each time (a fixed task-balanced subset)
+  ))
   config.eval = ml_collections.ConfigDict(dict(
-      train_rows=1024,                 # training-stream rows evaluated each time (a fixed task-balanced subset)
       step_time_repeats=5,             # time this many compiled training steps per method (0: skip)
   ))
   if arg.cpu:
@@ -82,7 +83,7 @@ def get_config(arg=None):
     config.optim.epochs = 4
     config.optim.steps_per_epoch = 20
     config.optim.eval_batch_size = 100
-    config.eval.train_rows = 100
+    config.optim.eval_train_rows = 100
   if arg.quick:
     config.method_names = arg.methods if arg.methods != ALL_METHODS else "lora,cellwise_moe"
     config.num_seeds = min(arg.seeds, 2)
@@ -94,6 +95,6 @@ def get_config(arg=None):
     config.optim.epochs = 2
     config.optim.steps_per_epoch = 2
     config.optim.eval_batch_size = 32
-    config.eval.train_rows = 32
+    config.optim.eval_train_rows = 32
     config.eval.step_time_repeats = 0
   return config

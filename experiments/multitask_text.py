@@ -32,17 +32,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from localmoe import adapters, checkpoint, configlib, inject, plots, results, train
+from localmoe import checkpoint, configlib, inject, plots, results, train
 from localmoe.data import text
 from localmoe.models import bert, minilm
 
@@ -57,49 +56,6 @@ NEG = -1e9                                        # logit of a class the example
 
 
 # ------------------------------------------------------------------------------------------- adapters
-
-
-class PerTaskLoRA(nn.Module):
-  """One LoRA per context, selected by the context (hard routing): Delta(x) = (alpha/r) B_t A_t^T x.
-
-  A: [T, d_in, r], B: [T, d_out, r]. `route` turns the context (labels [...] or one-hot [..., T]) into fixed
-  one-hot gates [..., T]; the update mixes the T LoRAs with them (exactly one is active per example).
-  """
-  d_in: int
-  d_out: int
-  rank: int
-  context_dim: int                                # T, the number of contexts (tasks)
-  alpha: float | None = None
-  dtype: Any = None                               # compute dtype; None: the input's
-  param_dtype: Any = jnp.float32
-  router_input = "context"                        # `localmoe.inject` hands it the model's context
-  router_grid = ()
-  top_k = 1
-
-  def setup(self):
-    t, r = self.context_dim, self.rank
-    self.A = self.param("A", adapters.common.lora_a_init, (t, self.d_in, r), self.param_dtype)
-    self.B = self.param("B", adapters.common.zeros_init, (t, self.d_out, r), self.param_dtype)
-
-  def route(self, x, context=None):
-    del x
-    context = jnp.asarray(context)
-    if jnp.issubdtype(context.dtype, jnp.integer):
-      return jax.nn.one_hot(context, self.context_dim)                               # [..., T]
-    return jax.nn.one_hot(jnp.argmax(context, -1), self.context_dim)
-
-  def __call__(self, x, context=None, gates=None):
-    gates = self.route(x, context) if gates is None else gates                       # [..., T]
-    dtype = self.dtype or x.dtype
-    z = jnp.einsum("...d,tdr->...tr", x, self.A.astype(dtype)) * gates[..., None].astype(dtype)
-    return adapters.common.scaling(self.alpha, self.rank) * jnp.einsum("...tr,tor->...o", z, self.B.astype(dtype))
-
-  def num_params(self) -> int:
-    return self.context_dim * self.rank * (self.d_in + self.d_out)
-
-
-if "per_task_lora" not in adapters.ADAPTERS:
-  adapters.register("per_task_lora", PerTaskLoRA)
 
 
 def adapter_spec(method: str, model_config, num_tasks: int) -> dict | None:
@@ -214,9 +170,10 @@ class Corpus:
   counts: dict                                    # per task: train / test sizes
 
 
-def load_corpus(data_config, tokenizer, eval_train_rows: int, chunk: int) -> Corpus:
-  """Tokenised stream and test set. The first `eval_train_rows` training rows (a fixed, task-balanced
-  subset; the trainer's shuffling makes the row order irrelevant for training) are the ones evaluated."""
+def load_corpus(data_config, tokenizer) -> Corpus:
+  """Tokenised stream and test set, each interleaved round-robin over the tasks: any prefix of the training
+  stream is a fixed, task-balanced subset (the trainer evaluates the first `config.optim.eval_train_rows`;
+  its shuffling makes the row order irrelevant for training). y [N, 3] = label, task, counted (all 1)."""
   tasks = tuple(data_config.tasks.split(","))
   loaded = {name: text.load(name) for name in tasks}
   if data_config.train_per_task or data_config.test_per_task:
@@ -224,7 +181,7 @@ def load_corpus(data_config, tokenizer, eval_train_rows: int, chunk: int) -> Cor
                                    seed=data_config.seed) for name, t in loaded.items()}
   num_classes = tuple(loaded[n].num_classes for n in tasks)
 
-  def split(which: str, counted_rows: int | None):
+  def split(which: str):
     texts, labels, task_ids = [], [], []
     per_task = [(list(getattr(loaded[n], f"{which}_texts")), np.asarray(getattr(loaded[n], f"{which}_labels")))
                 for n in tasks]
@@ -238,30 +195,12 @@ def load_corpus(data_config, tokenizer, eval_train_rows: int, chunk: int) -> Cor
           texts.append(ts[order[i]]); labels.append(int(ls[order[i]])); task_ids.append(t)
     tokens = minilm.tokenize(tokenizer, texts, max_length=data_config.max_length, padding="max_length")
     n = len(texts)
-    counted = np.ones(n, np.int32) if counted_rows is None else (np.arange(n) < counted_rows).astype(np.int32)
-    y = np.stack([np.asarray(labels, np.int32), np.asarray(task_ids, np.int32), counted], 1)
+    y = np.stack([np.asarray(labels, np.int32), np.asarray(task_ids, np.int32), np.ones(n, np.int32)], 1)
     return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
             "task": np.asarray(task_ids, np.int32), "y": y}
 
-  rows = None if eval_train_rows <= 0 else int(math.ceil(eval_train_rows / chunk) * chunk)
   counts = {n: {"train": len(loaded[n].train_texts), "test": len(loaded[n].test_texts)} for n in tasks}
-  return Corpus(tasks, num_classes, split("train", rows), split("test", None), counts)
-
-
-class _Task(train.Task):
-  """A train.Task whose evaluation skips the training rows not counted (`y[:, 2] == 0`) chunk by chunk.
-
-  The trainer evaluates every split in contiguous chunks of `eval_batch_size` rows; re-running the backbone
-  over the whole training stream at every evaluation would cost more than training. The counted rows come
-  first, so each chunk is either counted (run) or not (a cheap branch that returns zeros; its rows carry
-  zero weight in every metric, which are ratios of counts).
-  """
-
-  def predictions(self, params, frozen, inputs):
-    run = lambda: super(_Task, self).predictions(params, frozen, inputs)
-    counted = inputs["counted"][0] > 0
-    shape = jax.eval_shape(run)
-    return jax.lax.cond(counted, run, lambda: jnp.zeros(shape.shape, shape.dtype))
+  return Corpus(tasks, num_classes, split("train"), split("test"), counts)
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -371,7 +310,7 @@ def build_task(method: str, config, backbone: bert.Bert, frozen_example, corpus:
   def loss(logits, y):
     return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), y[:, :1], axis=-1)[:, 0]   # [B]
 
-  task = _Task(init=init, predict=predict, loss=loss,
+  task = train.Task(init=init, predict=predict, loss=loss,
                metric_names=metric_names(tasks, num_classes), per_example_metrics=per_example_metrics(num_classes),
                aux_names=aux_names)
   return task, adapted, count, heads
@@ -439,9 +378,7 @@ def run(config, workdir: str) -> dict:
   dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
   backbone, backbone_params, tokenizer = minilm.load(num_layers=config.model.num_layers, dtype=dtype)
   settings = train.Settings.from_config(config.optim)
-  corpus = load_corpus(config.data, tokenizer, config.eval.train_rows, settings.eval_batch_size)
-  for split in (corpus.train, corpus.test):
-    split["counted"] = split["y"][:, 2].copy()
+  corpus = load_corpus(config.data, tokenizer)
   tasks = corpus.tasks
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   head_example = head_init(jax.random.PRNGKey(0), corpus.num_classes, 384)
@@ -543,7 +480,7 @@ def _pm(entry, scale=100.0):
 def _markdown(config, corpus: Corpus, summaries: dict, wall: float) -> str:
   tasks = corpus.tasks
   lines = [f"# Multi-task text stream on MiniLM-L6 ({config.model.num_layers} layers, frozen)", "",
-           f"Tasks (train / test examples): " + ", ".join(f"{t} {corpus.counts[t]['train']:,} / "
+           "Tasks (train / test examples): " + ", ".join(f"{t} {corpus.counts[t]['train']:,} / "
                                                           f"{corpus.counts[t]['test']:,}" for t in tasks)
            + f". {config.data.max_length} tokens at most, {config.num_seeds} seeds, batch "
            f"{config.optim.batch_size}, {config.optim.epochs} x {config.optim.steps_per_epoch or 'one pass'} steps, "

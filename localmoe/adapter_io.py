@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from localmoe import inject
+from localmoe import params as params_lib
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -34,11 +35,9 @@ FORMAT = "localmoe-adapter/1"
 
 
 def _flatten(tree: Any) -> dict[str, np.ndarray]:
-  flat = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in key_path]
-    flat["/".join(keys)] = leaf if isinstance(leaf, jax.ShapeDtypeStruct) else np.asarray(jax.device_get(leaf))
-  return flat
+  """{"/"-joined path: leaf}; arrays are fetched to numpy, shape structs kept as they are."""
+  return {path: leaf if isinstance(leaf, jax.ShapeDtypeStruct) else np.asarray(jax.device_get(leaf))
+          for path, leaf in params_lib.leaf_paths(tree)}
 
 
 def _atomic_write(path: str, write) -> None:

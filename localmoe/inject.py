@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from localmoe import adapters as adapters_lib
+from localmoe import params as params_lib
 from localmoe import routing
 
 LINEAR_TYPES = (nn.Dense, nn.DenseGeneral)
@@ -510,9 +511,8 @@ def find_layers(model: nn.Module, params, example_args: Sequence[Any],
 def _module_paths(params) -> list[str]:
   """"/"-joined module paths that hold leaves directly (e.g. "head" for head/kernel, head/bias)."""
   paths = []
-  for key_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in key_path]
-    module = "/".join(keys[:-1])
+  for leaf_path, _ in params_lib.leaf_paths(params):
+    module = leaf_path.rpartition("/")[0]
     if module not in paths:
       paths.append(module)
   return paths

@@ -18,3 +18,9 @@ def trainable_params(variables: Any) -> int:
   if hasattr(variables, "get") and "params" in variables:
     variables = variables["params"]
   return count_params(variables)
+
+
+def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
+  """("/"-joined key path, leaf) of every leaf, e.g. ("adapter/encoder/layer_0/query/A", array)."""
+  return [("/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path), leaf)
+          for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]

@@ -145,11 +145,17 @@ class Settings:
                                       # (to 0 at the last step), after `warmup_steps` of linear warmup
   warmup_steps: int = 0
   grad_clip: float = 0.0              # clip gradients to this global norm (0: no clipping)
+  eval_train_rows: int = 0            # evaluate the training split on its first n rows only (0: all rows);
+                                      # for long streams, where a full pass per evaluation costs more than
+                                      # training (put a fixed, representative subset first)
 
   def check_batch(self, num_train: int) -> None:
     if self.batch_size > num_train:
       raise ValueError(f"config.optim.batch_size={self.batch_size} is larger than the training set "
                        f"({num_train} samples): use batch_size <= {num_train}.")
+    if self.eval_train_rows > num_train:
+      raise ValueError(f"config.optim.eval_train_rows={self.eval_train_rows} is more than the training set "
+                       f"({num_train} rows): use eval_train_rows <= {num_train}, or 0 for all of them.")
     if self.steps_per_epoch > self.steps_per_pass(num_train):
       raise ValueError(f"config.optim.steps_per_epoch={self.steps_per_epoch} is more than one pass over the "
                        f"training set ({self.steps_per_pass(num_train)} steps of {self.batch_size}): use "
@@ -177,6 +183,10 @@ class Settings:
                        f"{self.eval_every}: make it one (the last epoch must be evaluated).")
     if self.schedule not in SCHEDULES:
       raise ValueError(f"config.optim.schedule={self.schedule!r} is not known; valid: {list(SCHEDULES)}.")
+    if not isinstance(self.eval_train_rows, int) or isinstance(self.eval_train_rows, bool) or \
+        self.eval_train_rows < 0:
+      raise ValueError(f"config.optim.eval_train_rows={self.eval_train_rows!r} must be an integer >= 0 "
+                       "(0: evaluate every training row).")
     if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
       raise ValueError(f"config.optim.warmup_steps={self.warmup_steps!r} must be an integer >= 0.")
     if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
@@ -455,6 +465,8 @@ def _build_epoch_fn(task: Task, settings: Settings, num_train: int, per_seed: bo
       return state, (per_step.mean(0), per_step[0, 0])
 
     state, (means, first) = jax.lax.scan(one_epoch, state, jnp.arange(settings.eval_every))
+    if settings.eval_train_rows:
+      train = jax.tree_util.tree_map(lambda a: a[:settings.eval_train_rows], train)
     splits = (train, test) if val is None else (train, val, test)
     evals = jnp.stack([_evaluate(task, state["params"], frozen, split, settings.eval_batch_size)
                        for split in splits])                                         # [splits, metrics]

@@ -13,6 +13,7 @@ from localmoe.adapters.localized import LocalizedLoRA
 from localmoe.adapters.lora import LoRA
 from localmoe.adapters.melora import MELoRA
 from localmoe.adapters.moe import BlockWiseLoRAMoE, CellWiseLoRAMoE
+from localmoe.adapters.per_task import PerTaskLoRA
 
 # Method names are the same everywhere: results keys, configs, tables.
 ADAPTERS: dict[str, type[nn.Module]] = {
@@ -22,6 +23,7 @@ ADAPTERS: dict[str, type[nn.Module]] = {
     "localized_lora": LocalizedLoRA,
     "blockwise_moe": BlockWiseLoRAMoE,
     "cellwise_moe": CellWiseLoRAMoE,
+    "per_task_lora": PerTaskLoRA,
 }
 
 # Flax's own dataclass fields, not adapter hyperparameters.

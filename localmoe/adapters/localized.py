@@ -54,9 +54,10 @@ class LocalizedLoRA(nn.Module):
       z = grid.codes_by_cell(grid.field_matmuls(x2, grid.expert_columns(a[None])), self.k_y, 1)
       h = grid.segment_matmuls(z, b[None]).reshape(*x.shape[:-1], self.d_out)   # z: [N, K_y, K_x, 1, r]
     else:
-      xs = grid.split_fields(x, self.k_x)                                # [..., K_x, d_in/K_x]
-      z = jnp.einsum("...jd,ijdr->...ijr", xs, a)                        # [..., K_y, K_x, r]
-      h = grid.merge_segments(jnp.einsum("...ijr,ijor->...io", z, b))    # [..., d_out]
+      xs = grid.split_fields(grid.flatten_tokens(x), self.k_x)           # [N, K_x, d_in/K_x]
+      z = jnp.einsum("njd,ijdr->nijr", xs, a)                            # [N, K_y, K_x, r]
+      h = grid.merge_segments(jnp.einsum("nijr,ijor->nio", z, b))        # [N, d_out]
+      h = h.reshape(*x.shape[:-1], self.d_out)                           # [..., d_out]
     return (common.scaling(self.alpha, self.rank) * h).astype(cd)
 
   def delta_weight(self, context=None, gates=None) -> jnp.ndarray:

@@ -36,8 +36,12 @@ class LoRA(nn.Module):
     """Eq. 1. x: [..., d_in] -> Delta(x): [..., d_out] in the compute dtype. `context`/`gates` are ignored."""
     del context, gates
     cd = common.compute_dtype(self.dtype, x, self.param_dtype)
-    z = jnp.einsum("...d,dr->...r", x.astype(cd), self.A.astype(cd))     # [..., r]
-    h = jnp.einsum("...r,or->...o", z, self.B.astype(cd))                # [..., d_out]
+    # Tokens flattened to one axis, so both products are plain 2-D GEMMs: on XLA:CPU the einsum form over
+    # [batch, seq, d] lets layout assignment pick a transposed layout for the backward's d x contribution,
+    # which then costs a full transposing copy of the layer's input gradient.
+    x2 = x.astype(cd).reshape(-1, self.d_in)                             # [N, d_in]
+    z = x2 @ self.A.astype(cd)                                           # [N, r]
+    h = (z @ self.B.astype(cd).T).reshape(*x.shape[:-1], self.d_out)     # [..., d_out]
     return (common.scaling(self.alpha, self.rank) * h).astype(cd)
 
   def delta_weight(self, context=None, gates=None) -> jnp.ndarray:

@@ -42,10 +42,11 @@ class MELoRA(nn.Module):
     """x: [..., d_in] -> [..., d_out]. Static: `context`/`gates` are ignored."""
     del context, gates
     cd = common.compute_dtype(self.dtype, x, self.param_dtype)
-    xs = grid.split_fields(x.astype(cd), self.num_blocks)                # [..., N, d_in/N]
-    z = jnp.einsum("...nd,ndr->...nr", xs, self.A.astype(cd))            # [..., N, r]
-    h = jnp.einsum("...nr,nor->...no", z, self.B.astype(cd))             # [..., N, d_out/N]
-    return (common.scaling(self.alpha, self.rank) * grid.merge_segments(h)).astype(cd)
+    xs = grid.split_fields(grid.flatten_tokens(x.astype(cd)), self.num_blocks)   # [T, N, d_in/N], T tokens
+    z = jnp.einsum("tnd,ndr->tnr", xs, self.A.astype(cd))                # [T, N, r]
+    h = jnp.einsum("tnr,nor->tno", z, self.B.astype(cd))                 # [T, N, d_out/N]
+    h = grid.merge_segments(h).reshape(*x.shape[:-1], self.d_out)        # [..., d_out]
+    return (common.scaling(self.alpha, self.rank) * h).astype(cd)
 
   def delta_weight(self, context=None, gates=None) -> jnp.ndarray:
     """Dense block-diagonal Delta W: [d_out, d_in]."""

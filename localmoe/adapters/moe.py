@@ -142,13 +142,18 @@ class _RoutedGrid(nn.Module):
     return (common.scaling(self.alpha, self.rank) * h).reshape(*lead, self.d_out).astype(cd)
 
   def _einsum_forward(self, x, context, gates, cd) -> jnp.ndarray:
-    """Eq. 6 / Eq. 8 as two einsums, for small layers (`localmoe.grid.use_field_gemms`)."""
+    """Eq. 6 / Eq. 8 as two einsums over flattened tokens, for small layers (`localmoe.grid.use_field_gemms`)."""
     gates = self.route(x, context) if gates is None else jnp.asarray(gates).astype(cd)
-    gates = jnp.moveaxis(self._cell_gates(gates), -1, -3)[..., None]    # [..., E, 1 or K_y, 1 or K_x, 1]
-    xs = grid.split_fields(x, self.k_x)                                  # [..., K_x, d_in/K_x]
-    z = jnp.einsum("...jd,eijdr->...eijr", xs, self.A.astype(cd))        # [..., E, K_y, K_x, r]
-    h = jnp.einsum("...eijr,eijor->...io", z * gates, self.B.astype(cd))   # [..., K_y, d_out/K_y]
-    return (common.scaling(self.alpha, self.rank) * grid.merge_segments(h)).astype(cd)
+    gates = self._cell_gates(gates)                                      # [..., 1 or K_y, 1 or K_x, E]
+    lead = jnp.broadcast_shapes(x.shape[:-1], gates.shape[:-3])
+    x2 = grid.flatten_tokens(jnp.broadcast_to(x, (*lead, self.d_in)))    # [N, d_in]
+    gates = jnp.broadcast_to(gates, (*lead, *gates.shape[-3:])).reshape(x2.shape[0], *gates.shape[-3:])
+    gates = jnp.moveaxis(gates, -1, 1)[..., None]                        # [N, E, 1 or K_y, 1 or K_x, 1]
+    xs = grid.split_fields(x2, self.k_x)                                 # [N, K_x, d_in/K_x]
+    z = jnp.einsum("njd,eijdr->neijr", xs, self.A.astype(cd))            # [N, E, K_y, K_x, r]
+    h = jnp.einsum("neijr,eijor->nio", z * gates, self.B.astype(cd))     # [N, K_y, d_out/K_y]
+    h = grid.merge_segments(h).reshape(*lead, self.d_out)                # [..., d_out]
+    return (common.scaling(self.alpha, self.rank) * h).astype(cd)
 
   def delta_weight(self, context=None, gates: jnp.ndarray | None = None) -> jnp.ndarray:
     """Dense Delta W [d_out, d_in] for ONE fixed routing: a single context vector/label, or fixed gates."""
