@@ -16,11 +16,16 @@ is ONE GEMM per output segment, the gated codes of row i [N, K_x*E*r] against B_
 Same FLOPs and parameters, no transposed copy of x or of the output. The Python loops over K_x fields and
 K_y segments unroll at trace time into 2 K GEMMs.
 
-Which form runs is chosen from static shapes (`use_field_gemms`): for small layers (x smaller than
-FIELD_GEMMS_MIN_ELEMENTS elements, e.g. the paper's d = 64 simulations, batch 64) the copies are cheap and
-the 2 K extra ops cost more in dispatch and compile time than they save, so the adapters keep the einsum
-form there. Measured on a 2-core CPU, cell-wise fwd+bwd, per-field / einsum time: 1.24 at 256 x 128,
-1.27 at 512 x 256, 0.86 at 2048 x 256, 0.79 at 2048 x 512 (tokens x d), 0.6-0.7 at 4096 x 1024.
+Which form runs is chosen from static shapes (`use_field_gemms`): below FIELD_GEMMS_MIN_ELEMENTS elements
+of x (tokens * d_in; e.g. the paper's d = 64 simulations at batch 64) the 2 K extra ops cost more in
+dispatch and compile time than the copies they save, so the adapters keep the einsum form there. Measured
+on a 2-core CPU. A lone layer, fwd+bwd w.r.t. its params, per-field / einsum time (tokens x d): 1.24 at
+256 x 128, 1.27 at 512 x 256, 0.86 at 2048 x 256, 0.79 at 2048 x 512, 0.6-0.7 at 4096 x 1024. Inside a
+model the backward also carries the input gradient through every adapter, whose einsum form transposes it
+again: one MiniLM-L6 training step (`benchmarks/model_step.py`, every projection adapted, cell-wise /
+LoRA step time) takes 1.49x with the einsum form and 1.04x with per-field GEMMs at 16 x 32 tokens
+(x: 196,608 elements), 1.20x vs 1.10x at 8 x 16 tokens (49,152 elements). The switch therefore sits at
+2^15 elements, below every transformer batch and above the single-layer simulations.
 
 Axis letters used throughout the library's einsums:
   b  any leading batch axes (written `...`)
@@ -39,7 +44,7 @@ import jax.numpy as jnp
 
 
 # Per-field GEMMs from this many elements of x (tokens * d_in) on; the einsum form below (see above).
-FIELD_GEMMS_MIN_ELEMENTS = 1 << 18
+FIELD_GEMMS_MIN_ELEMENTS = 1 << 15
 
 
 def use_field_gemms(x_shape) -> bool:

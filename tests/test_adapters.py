@@ -613,3 +613,21 @@ def test_fused_router_sows_the_same_logits_and_gates_as_route(method, field_gemm
   assert a.logits.shape == a.gates.shape == (int(np.prod(LEAD)), routers, E)
   np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(a.gates, b.gates, rtol=1e-5, atol=1e-6)
+
+
+def test_per_task_lora_merges_per_task_and_refuses_a_missing_context():
+  module = lm.make({"method": "per_task_lora", "rank": 2, "context_dim": 3}, d_in=D_IN, d_out=D_OUT)
+  x, _ = inputs()
+  task = jnp.asarray([[0, 2, 1], [1, 1, 0]])                                        # LEAD = (2, 3)
+  variables = randomize(module.init(jax.random.PRNGKey(0), x, task))
+  got = module.apply(variables, x, task)
+  for t in range(3):                                                                # each task's Delta W
+    w = module.apply(variables, jnp.asarray(t), method=module.delta_weight)
+    np.testing.assert_allclose(w, variables["params"]["B"][t] @ variables["params"]["A"][t].T, rtol=1e-5)
+    rows = np.asarray(task) == t
+    np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(x)[rows] @ np.asarray(w).T, rtol=1e-4,
+                               atol=1e-5)
+  one_hot = jax.nn.one_hot(task, 3)
+  np.testing.assert_allclose(module.apply(variables, x, one_hot), got, rtol=1e-6)
+  with pytest.raises(ValueError, match="selects a LoRA by the context"):
+    module.apply(variables, x)

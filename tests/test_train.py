@@ -256,3 +256,20 @@ def test_train_step_is_module_level_and_replaceable(monkeypatch):
   monkeypatch.setattr(train, "train_step", counting_step)
   train.fit(make_task("lora"), small_problem([0]), [0], dataclasses.replace(SETTINGS, epochs=1), log=None)
   assert calls                                              # traced once inside the compiled scan
+
+
+def test_eval_train_rows_evaluates_the_training_prefix_only():
+  data = small_problem([0, 1])
+  full = train.fit(make_task(), data, [0, 1], SETTINGS, log=None)
+  part = train.fit(make_task(), data, [0, 1], dataclasses.replace(SETTINGS, eval_train_rows=50), log=None)
+  np.testing.assert_array_equal(part.history[:, :, -1], full.history[:, :, -1])        # test split unchanged
+  assert not np.allclose(part.history[:, :, 0], full.history[:, :, 0])                 # train metrics differ
+  # The prefix's metrics are those of a fit whose training split is evaluated on those 50 rows alone.
+  task, params = make_task(), jax.tree_util.tree_map(lambda a: a[0], part.params)
+  prefix = {k: v[0, :50] for k, v in data.train.items()}
+  want = train._evaluate(task, params, {"w0": data.frozen["w0"][0]}, prefix, SETTINGS.eval_batch_size)
+  np.testing.assert_allclose(part.history[0, -1, 0], want, rtol=1e-5)
+  with pytest.raises(ValueError, match=r"eval_train_rows=201 is more than the training set \(200 rows\)"):
+    train.fit(make_task(), data, [0], dataclasses.replace(SETTINGS, eval_train_rows=201), log=None)
+  with pytest.raises(ValueError, match=r"config\.optim\.eval_train_rows=-1"):
+    dataclasses.replace(SETTINGS, eval_train_rows=-1)
