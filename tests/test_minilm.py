@@ -268,3 +268,14 @@ def test_every_route_failing_says_where_to_put_the_files(tmp_path, monkeypatch):
   message = str(info.value)
   assert "cache" in message and "registry" in message and "no network" in message
   assert str(tmp_path / minilm.SUBDIR / "model.safetensors") in message and minilm.PATH_ENV_VAR in message
+
+
+def test_model_step_benchmark_smoke(backbone_2_layers, capsys):
+  from benchmarks import model_step
+  result = model_step.main(["--quick", "--methods", "lora,cellwise_moe", "--repeats", "1"])
+  rows = {r["method"]: r for r in result["rows"]}
+  assert rows["lora"]["vs_lora"] == 1.0 and np.isfinite(rows["cellwise_moe"]["vs_lora"])
+  assert rows["lora"]["params"] == 2 * 8 * (4 * (384 + 384) + 2 * (384 + 1536))     # 2 layers, rank 8
+  assert "target cellwise_moe / lora <= 1.15x" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    model_step.main(["--methods", "cellwise_moe"])                    # LoRA, the reference, is required
