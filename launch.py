@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 import experiments
 from localmoe import checkpoint
+from localmoe import compile_cache
 from localmoe import configlib
 from localmoe import results
 from localmoe import sharding
@@ -44,6 +45,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:                # quiet: library INFO logs (orbax, jax) off
     logging.set_verbosity(logging.WARNING)
   sharding.initialize(_MULTIHOST.value)                   # before any other JAX call
+  compile_cache.enable()                                  # re-runs load executables from disk
   config = _CONFIG.value
   main_process = sharding.is_main()
   try:

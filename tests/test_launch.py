@@ -78,3 +78,24 @@ def test_unknown_config_arg_lists_valid_ones(tmp_path):
   proc = launch("--config=configs/svd_simulation.py:quik", f"--workdir={tmp_path}")
   assert proc.returncode != 0
   assert "'quik' is not known" in proc.stderr and "quick" in proc.stderr
+
+
+def test_compilation_cache_is_filled_then_reused_with_identical_results(tmp_path, monkeypatch):
+  cache_dir = tmp_path / "cache"
+  monkeypatch.setenv("LOCALMOE_COMPILATION_CACHE", str(cache_dir))
+  cold = launch("--config=configs/svd_simulation.py:quick", f"--workdir={tmp_path / 'cold'}")
+  assert cold.returncode == 0, cold.stderr[-3000:]
+  entries = sorted(os.listdir(cache_dir))
+  assert entries, "the first run stored no executable"
+  warm = launch("--config=configs/svd_simulation.py:quick", f"--workdir={tmp_path / 'warm'}")
+  assert warm.returncode == 0, warm.stderr[-3000:]
+  assert sorted(os.listdir(cache_dir)) == entries                   # every program came from the cache
+  metrics = lambda run: {n: m["test_mse"] for n, m in json.loads((tmp_path / run / "results.json").read_text())[
+      "methods"].items()}
+  assert metrics("warm") == metrics("cold")
+
+
+def test_compilation_cache_off(monkeypatch, tmp_path):
+  from localmoe import compile_cache
+  monkeypatch.setenv("LOCALMOE_COMPILATION_CACHE", "off")
+  assert compile_cache.enable() is None
