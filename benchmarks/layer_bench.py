@@ -378,17 +378,23 @@ def keep_freed_memory() -> bool:
 def profile_ops(m: Method, x: jnp.ndarray, calls: int = 5, top: int = 12) -> None:
   """Prints the XLA ops that take the most CPU time (summed over threads) in one fwd+bwd call."""
   compiled = jax.jit(loss_and_grad(m.apply)).lower(m.params, x).compile()
+  profile_compiled(m.name, compiled, (m.params, x), calls, top)
+
+
+def profile_compiled(name: str, compiled, args: tuple, calls: int = 5, top: int = 12) -> None:
+  """Per-op time of a compiled executable over `calls` calls of `compiled(*args)`, the `top` largest,
+  each with its HLO shape and the JAX op it came from."""
   describe = {}
   for line in compiled.as_text().splitlines():
     found = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) ", line)
     if found and found.group(1) not in describe:
       op_name = re.search(r'op_name="([^"]*)"', line)
       describe[found.group(1)] = f"{found.group(2)}  {op_name.group(1)[-55:] if op_name else ''}"
-  jax.block_until_ready(compiled(m.params, x))
+  jax.block_until_ready(compiled(*args))
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
     for _ in range(calls):
-      jax.block_until_ready(compiled(m.params, x))
+      jax.block_until_ready(compiled(*args))
     jax.profiler.stop_trace()
     trace = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
     data = jax.profiler.ProfileData.from_file(trace)
@@ -401,9 +407,9 @@ def profile_ops(m: Method, x: jnp.ndarray, calls: int = 5, top: int = 12) -> Non
         if not event.name.startswith(("ThunkExecutor", "end:", "Threadpool", "SlinkyThreadPool")):
           per_op[event.name] += event.duration_ns
   total = sum(per_op.values()) / calls / 1e6
-  print(f"\n  {m.name}: {total:.1f} ms of op CPU time per call (summed over threads)")
-  for name, ns in per_op.most_common(top):
-    print(f"    {ns / calls / 1e6:7.2f} ms  {name:30s} {describe.get(name, '')}")
+  print(f"\n  {name}: {total:.1f} ms of op CPU time per call (summed over threads)")
+  for op, ns in per_op.most_common(top):
+    print(f"    {ns / calls / 1e6:7.2f} ms  {op:30s} {describe.get(op, '')}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Usage:
   python benchmarks/model_step.py --batch 16 --tokens 32  # the :cpu config's batch
   python benchmarks/model_step.py --quick                 # 2 layers, 8 x 16 tokens (smoke test)
   python benchmarks/model_step.py --json step.json
+  python benchmarks/model_step.py --profile               # also the costliest XLA ops of LoRA's and cell-wise steps
 
 Needs the MiniLM weights (fetched once from the package registry and cached; see `localmoe.models.minilm`).
 """
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from configs import multitask_text as mt_config          # noqa: E402
 from experiments import multitask_text as mt             # noqa: E402
@@ -85,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
   p.add_argument("--quick", action="store_true", help="2 layers, 8 x 16 tokens, 3 repeats")
   p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+  p.add_argument("--profile", action="store_true", help="per-op CPU time of the LoRA and cell-wise steps")
   args = p.parse_args(argv)
   if args.quick:
     args.batch, args.tokens, args.layers, args.repeats = 8, 16, 2, 3
@@ -135,6 +138,11 @@ def main(argv=None) -> dict:
   if name in times:
     ratio = statistics.median(times[name]) / lora
     print(f"\n  target {name} / lora <= {target}x -- {ratio:.2f}x {'MET' if ratio <= target else 'NOT met'}")
+  if args.profile:
+    import layer_bench                                   # noqa: E402  (its per-op profiler)
+    for method in ("lora", "cellwise_moe"):
+      if method in built:
+        layer_bench.profile_compiled(method, built[method][0], built[method][1], calls=3, top=14)
   result = dict(batch=args.batch, tokens=args.tokens, layers=args.layers, backend=jax.default_backend(),
                 rows=rows)
   if args.json:
