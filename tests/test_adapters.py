@@ -71,7 +71,10 @@ def test_lora_matches_eq1():
   np.testing.assert_allclose(m.apply(v, x), want, rtol=1e-5, atol=1e-5)
 
 
-def test_melora_is_block_diagonal():
+@pytest.mark.parametrize("per_block_gemms", [False, True])
+def test_melora_is_block_diagonal(per_block_gemms, monkeypatch):
+  if per_block_gemms:
+    monkeypatch.setattr(grid, "FIELD_GEMMS_MIN_ELEMENTS", 0)
   m = build("melora", num_blocks=2, rank=2)
   x, _ = inputs()
   v = randomize(m.init(jax.random.PRNGKey(0), x))
@@ -83,6 +86,9 @@ def test_melora_is_block_diagonal():
       xs = xn[idx][n * 6:(n + 1) * 6]
       want[idx][n * 4:(n + 1) * 4] = B[n] @ A[n].T @ xs
   np.testing.assert_allclose(m.apply(v, x), want, rtol=1e-5, atol=1e-5)
+  grad_x = jax.grad(lambda x: jnp.sum(jnp.sin(m.apply(v, x))))(x)                  # [LEAD, D_IN]
+  want_grad = np.einsum("...o,od->...d", np.cos(want), np.asarray(lm.delta_weight(m, v), np.float64))
+  np.testing.assert_allclose(grad_x, want_grad, rtol=1e-4, atol=1e-5)
   dense = np.asarray(lm.delta_weight(m, v))
   assert np.all(dense[:4, 6:] == 0) and np.all(dense[4:, :6] == 0)
 

