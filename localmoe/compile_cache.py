@@ -5,7 +5,8 @@ with another seed) loads its XLA executables from disk instead of compiling them
 disables it), else `<data dir>/jax_compilation_cache` (see `localmoe.data.cache.data_dir`). Entries are
 keyed by JAX on the program, the compile options, the backend and the jax/jaxlib versions, so a stale entry
 is never used; the directory can be deleted at any time. Only programs that took at least
-MIN_COMPILE_SECONDS to compile are stored.
+MIN_COMPILE_SECONDS to compile are stored, and the directory is kept under MAX_BYTES (least recently used
+entries go first).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from localmoe.data import cache
 ENV_VAR = "LOCALMOE_COMPILATION_CACHE"
 SUBDIR = "jax_compilation_cache"
 MIN_COMPILE_SECONDS = 0.2
+MAX_BYTES = 2 << 30                    # least recently used entries are evicted beyond this
 _OFF = ("off", "0", "false", "no", "none")
 
 
@@ -39,4 +41,5 @@ def enable() -> str | None:
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   return str(path)
