@@ -9,6 +9,7 @@ call, are timed in their own group.
 
 Methods, all at the same expert parameter budget as LoRA at rank r_lora on a square d x d layer:
   lora                     LoRA, rank r_lora                               (2 d r_lora parameters)
+  melora                   K diagonal blocks, rank r_lora each              (same count; the diagonal only)
   localized_lora           static K x K grid, rank r_lora / K per cell      (same count; no routing, so
                            it separates the cost of the grid from the cost of the routing)
   blockwise_moe            E experts per cell, one global router on x, rank r_b = r_lora / (E K) per cell
@@ -218,6 +219,7 @@ def adapter_specs(s: Sizes) -> dict[str, dict]:
   routed = dict(grid, rank=s.r_block, num_experts=s.experts, router_input="activation")
   return {
       "lora": dict(method="lora", d_in=s.d, d_out=s.d, rank=s.r_lora),
+      "melora": dict(method="melora", d_in=s.d, d_out=s.d, num_blocks=s.k, rank=s.r_lora),
       "localized_lora": dict(method="localized_lora", rank=s.r_localized, **grid),
       "blockwise_moe": dict(method="blockwise_moe", **routed),
       "cellwise_moe": dict(method="cellwise_moe", **routed),
@@ -458,7 +460,8 @@ def print_heap_table(rows: list[dict]) -> None:
 def ratios(rows: list[dict], key: str = "time_ms") -> dict[str, float]:
   """Headline ratios of `key` times: library adapters / LoRA, naive loop / library."""
   t = {r["method"]: r[key] for r in rows if key in r}
-  out = {f"{name} / lora": t[name] / t["lora"] for name in ("localized_lora", "blockwise_moe", "cellwise_moe")}
+  out = {f"{name} / lora": t[name] / t["lora"] for name in ("melora", "localized_lora", "blockwise_moe",
+                                                            "cellwise_moe") if name in t}
   for name in ("blockwise_moe", "cellwise_moe"):
     if f"{name} [naive loop]" in t:
       out[f"{name} [naive loop] / {name}"] = t[f"{name} [naive loop]"] / t[name]
