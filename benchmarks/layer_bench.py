@@ -76,11 +76,6 @@ SETTLE_S = 0.02             # untimed pause after every timed call
 # Targets, as ratios to LoRA at the same parameter budget: forward+backward time and XLA temp memory.
 TARGETS = {"blockwise_moe / lora": 1.3, "cellwise_moe / lora": 1.3, "localized_lora / lora": 1.15}
 GPU_TARGETS = {"blockwise_moe / lora": 1.1, "cellwise_moe / lora": 1.1, "localized_lora / lora": 1.1}
-
-
-def targets() -> dict[str, float]:
-  """The time targets of this backend (an accelerator's are tighter: routed <= 1.1x LoRA)."""
-  return GPU_TARGETS if jax.default_backend() in ("gpu", "cuda", "rocm") else TARGETS
 TARGET_TEMP_RATIO = 2.0
 F32 = 4                     # bytes per float32
 PAGE_BYTES = resource.getpagesize()
@@ -495,6 +490,11 @@ def print_memory_model(s: Sizes, tokens: int) -> dict:
         f"{rank_space / 2**20:.3f} MB  vs  per-example dense update N*d*d*4 = {dense / 2**20:.1f} MB "
         f"({dense / rank_space:.0f}x)")
   return dict(tokens=tokens, rank_space_bytes=rank_space, dense_per_example_bytes=dense)
+
+
+def targets() -> dict[str, float]:
+  """The time targets of this backend (an accelerator's are tighter: routed <= 1.1x LoRA)."""
+  return GPU_TARGETS if jax.default_backend() in ("gpu", "cuda", "rocm") else TARGETS
 
 
 def print_ratios(tables: dict[str, dict[str, float]], temp: dict[str, float]) -> None:

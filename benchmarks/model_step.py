@@ -65,8 +65,7 @@ def compiled_step(method: str, config, backbone, frozen, corpus):
   task, _, count, _ = mt.build_task(method, config, backbone, frozen, corpus)
   tx = train.make_optimizer(train.Settings.from_config(config.optim))
   params = task.init(jax.random.PRNGKey(0), frozen)
-  state = {"params": params, "opt_state": tx.init(params), "alive": jnp.asarray(True),
-           "diverged_step": jnp.asarray(-1, jnp.int32)}
+  state = train.entry_state(params, tx.init(params))
   rows = corpus.train
   inputs = {k: jnp.asarray(v) for k, v in rows.items() if k != "y"}
   args = (state, frozen, inputs, jnp.asarray(rows["y"]), jnp.ones(rows["y"].shape[0]), jnp.asarray(0))

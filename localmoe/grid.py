@@ -40,6 +40,8 @@ Axis letters used throughout the library's einsums:
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 
 
@@ -49,10 +51,7 @@ FIELD_GEMMS_MIN_ELEMENTS = 1 << 15
 
 def use_field_gemms(x_shape) -> bool:
   """True when x [..., d_in] is large enough for the per-field GEMM form (static shapes, so trace-time)."""
-  size = 1
-  for dim in x_shape:
-    size *= dim
-  return size >= FIELD_GEMMS_MIN_ELEMENTS
+  return math.prod(x_shape) >= FIELD_GEMMS_MIN_ELEMENTS
 
 
 def flatten_tokens(x: jnp.ndarray) -> jnp.ndarray:

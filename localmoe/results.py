@@ -80,20 +80,20 @@ def method_summary(params: int, seeds: Sequence[int], fit: train.FitResult,
                    extra: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
   """One method's entry of results.json, over the fit's own metric names (R^2 and accuracy as fractions).
 
-  For every split in `splits` (default: the fit's splits but "train") and metric in fit.metric_names:
+  For every split in `splits` (None: the fit's splits but "train"; () for none) and metric in fit.metric_names:
   "<split>_<metric>" per seed, and its "_mean" / "_std" over the seeds whose status is "ok" (diverged
   seeds are None and left out). extra: more per-seed values summarised the same way ({"train_loss": ...}).
   """
   ok = np.array([s == "ok" for s in fit.status])
   values = {f"{split}_{metric}": fit.final(split, metric)
-            for split in (splits or [s for s in fit.splits if s != "train"]) for metric in fit.metric_names}
+            for split in (splits if splits is not None else [s for s in fit.splits if s != "train"])
+            for metric in fit.metric_names}
   values.update(extra or {})
   out: dict[str, Any] = {"params": int(params), "seeds": [int(s) for s in seeds]}
-  for key, v in values.items():
-    v = np.asarray(v, np.float64)
+  values = {key: np.asarray(v, np.float64) for key, v in values.items()}
+  for key, v in values.items():                   # per-seed lists first, then the summaries (key order)
     out[key] = [float(a) if good else None for a, good in zip(v, ok)]
   for key, v in values.items():
-    v = np.asarray(v, np.float64)
     out[f"{key}_mean"] = float(np.mean(v[ok])) if ok.any() else None
     out[f"{key}_std"] = float(np.std(v[ok])) if ok.any() else None
   failed = [f"seed {seed}: {status}" for seed, status in zip(seeds, fit.status) if status != "ok"]

@@ -486,6 +486,12 @@ def seed_keys(seeds: Sequence[int]) -> jax.Array:
   return jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
 
 
+def entry_state(params, opt_state) -> dict:
+  """The train state of one entry that `train_step` takes: alive, not diverged."""
+  return {"params": params, "opt_state": opt_state, "alive": jnp.asarray(True),
+          "diverged_step": jnp.asarray(-1, jnp.int32)}
+
+
 def init_state(task: Task, data: Data, seeds: Sequence[int], learning_rate, weight_decay,
                settings: Settings, placement: sharding_lib.Placement | None = None) -> Any:
   """Vmapped initial train state for every entry (placed by `placement`, e.g. entry axis over devices)."""
@@ -500,8 +506,7 @@ def init_state(task: Task, data: Data, seeds: Sequence[int], learning_rate, weig
     _hyperparams(opt_state).update(learning_rate=lr, weight_decay=wd,
                                  b1=jnp.asarray(settings.b1, jnp.float32),
                                  b2=jnp.asarray(settings.b2, jnp.float32))
-    return {"params": params, "opt_state": opt_state, "alive": jnp.asarray(True),
-            "diverged_step": jnp.asarray(-1, jnp.int32)}
+    return entry_state(params, opt_state)
 
   frozen_axis = 0 if data.per_seed else None
   out = {} if placement is None else {"out_shardings": placement.entry_sharding()}

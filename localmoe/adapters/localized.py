@@ -48,16 +48,14 @@ class LocalizedLoRA(nn.Module):
     """
     del context, gates
     cd = common.compute_dtype(self.dtype, x, self.param_dtype)
-    x, a, b = x.astype(cd), self.A.astype(cd), self.B.astype(cd)
+    x2, a, b = grid.flatten_tokens(x.astype(cd)), self.A.astype(cd), self.B.astype(cd)   # x2: [N, d_in]
     if grid.use_field_gemms(x.shape):
-      x2 = grid.flatten_tokens(x)                                        # [N, d_in]
       z = grid.codes_by_cell(grid.field_matmuls(x2, grid.expert_columns(a[None])), self.k_y, 1)
-      h = grid.segment_matmuls(z, b[None]).reshape(*x.shape[:-1], self.d_out)   # z: [N, K_y, K_x, 1, r]
+      h = grid.segment_matmuls(z, b[None])                               # z: [N, K_y, K_x, 1, r]; h: [N, d_out]
     else:
-      xs = grid.split_fields(grid.flatten_tokens(x), self.k_x)           # [N, K_x, d_in/K_x]
-      z = jnp.einsum("njd,ijdr->nijr", xs, a)                            # [N, K_y, K_x, r]
+      z = jnp.einsum("njd,ijdr->nijr", grid.split_fields(x2, self.k_x), a)   # [N, K_y, K_x, r]
       h = grid.merge_segments(jnp.einsum("nijr,ijor->nio", z, b))        # [N, d_out]
-      h = h.reshape(*x.shape[:-1], self.d_out)                           # [..., d_out]
+    h = h.reshape(*x.shape[:-1], self.d_out)                             # [..., d_out]
     return (common.scaling(self.alpha, self.rank) * h).astype(cd)
 
   def delta_weight(self, context=None, gates=None) -> jnp.ndarray:

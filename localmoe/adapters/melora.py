@@ -49,7 +49,7 @@ class MELoRA(nn.Module):
     x2, a, b = grid.flatten_tokens(x.astype(cd)), self.A.astype(cd), self.B.astype(cd)   # x2: [T, d_in], T tokens
     if grid.use_field_gemms(x.shape):                                    # one GEMM pair per diagonal block
       z = grid.field_matmuls(x2, a)                                      # [T, N, r]
-      h = jnp.concatenate([z[:, n] @ b[n].T for n in range(self.num_blocks)], axis=-1)   # [T, d_out]
+      h = grid.segment_matmuls(z[:, :, None, None, :], b[None, :, None])                 # [T, d_out]
     else:                                                                # small layer: the einsum form
       z = jnp.einsum("tnd,ndr->tnr", grid.split_fields(x2, self.num_blocks), a)          # [T, N, r]
       h = grid.merge_segments(jnp.einsum("tnr,nor->tno", z, b))          # [T, d_out]

@@ -120,13 +120,10 @@ class _RoutedGrid(nn.Module):
       return self._einsum_forward(x, context, gates, cd)
     fused = gates is None and self.router_input == "activation"
     if fused:
-      lead = x.shape[:-1]
+      lead, x2 = x.shape[:-1], grid.flatten_tokens(x)                    # x2: [N, d_in]
     else:
-      gates = self.route(x, context) if gates is None else jnp.asarray(gates).astype(cd)
-      gates = self._cell_gates(gates)                                    # [..., 1 or K_y, 1 or K_x, E]
-      lead = jnp.broadcast_shapes(x.shape[:-1], gates.shape[:-3])
-    x2 = grid.flatten_tokens(jnp.broadcast_to(x, (*lead, self.d_in)))    # [N, d_in]
-    n, e, k_y = x2.shape[0], self.num_experts, self.k_y
+      lead, x2, gates = self._flat_tokens_and_gates(x, context, gates, cd)   # gates: [N, 1|K_y, 1|K_x, E]
+    e, k_y = self.num_experts, self.k_y
     weights = grid.expert_columns(self.A.astype(cd))                     # [K_x, d_in/K_x, K_y*E*r]
     width = weights.shape[-1]
     if fused:                                                            # router columns join stage 1
@@ -135,19 +132,23 @@ class _RoutedGrid(nn.Module):
     z = grid.codes_by_cell(columns[..., :width].astype(cd), k_y, e)      # [N, K_y, K_x, E, r]
     if fused:
       gates = self._cell_gates(self.router.gates(self._field_logits(columns[..., width:]), cd))
-    else:
-      gates = jnp.broadcast_to(gates, (*lead, *gates.shape[-3:])).reshape(n, *gates.shape[-3:])
     z = z * gates[..., None]                                             # gate mixing in rank space
     h = grid.segment_matmuls(z, self.B.astype(cd))                       # [N, d_out]
     return (common.scaling(self.alpha, self.rank) * h).reshape(*lead, self.d_out).astype(cd)
 
-  def _einsum_forward(self, x, context, gates, cd) -> jnp.ndarray:
-    """Eq. 6 / Eq. 8 as two einsums over flattened tokens, for small layers (`localmoe.grid.use_field_gemms`)."""
+  def _flat_tokens_and_gates(self, x, context, gates, cd):
+    """Gates from the router (or the given fixed gates) and x, broadcast to common leading axes `lead` and
+    flattened: (lead, x2 [N, d_in], gates [N, 1 or K_y, 1 or K_x, E]), N = prod(lead)."""
     gates = self.route(x, context) if gates is None else jnp.asarray(gates).astype(cd)
     gates = self._cell_gates(gates)                                      # [..., 1 or K_y, 1 or K_x, E]
     lead = jnp.broadcast_shapes(x.shape[:-1], gates.shape[:-3])
     x2 = grid.flatten_tokens(jnp.broadcast_to(x, (*lead, self.d_in)))    # [N, d_in]
     gates = jnp.broadcast_to(gates, (*lead, *gates.shape[-3:])).reshape(x2.shape[0], *gates.shape[-3:])
+    return lead, x2, gates
+
+  def _einsum_forward(self, x, context, gates, cd) -> jnp.ndarray:
+    """Eq. 6 / Eq. 8 as two einsums over flattened tokens, for small layers (`localmoe.grid.use_field_gemms`)."""
+    lead, x2, gates = self._flat_tokens_and_gates(x, context, gates, cd)
     gates = jnp.moveaxis(gates, -1, 1)[..., None]                        # [N, E, 1 or K_y, 1 or K_x, 1]
     xs = grid.split_fields(x2, self.k_x)                                 # [N, K_x, d_in/K_x]
     z = jnp.einsum("njd,eijdr->neijr", xs, self.A.astype(cd))            # [N, E, K_y, K_x, r]
