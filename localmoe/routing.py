@@ -16,6 +16,24 @@ Every call sows, into the `intermediates` collection, the router logits and gate
 [tokens, routers, E], so that auxiliary losses and diagnostics below can be computed by the trainer
 (`module.apply(..., mutable=["intermediates"])`, then `collect_router_outputs`). The paper lists the lack
 of load balancing and routing diagnostics as a limitation; these fill that gap.
+
+Router controls (all off by default, so Eq. 5 / Eq. 7 hold unchanged):
+
+  kernel init    `router_initializer`: "normal" N(0, 1/F) (the default; or N(0, std^2)), "uniform"
+                 U(-s, s) (Poly/MHR: s = 1e-3), "zeros" (uniform gates), "task_aligned" (context routers:
+                 row t of W_g holds `margin` at column t mod E, so one-hot context t starts on expert t mod E).
+  hard routing   `hard="straight_through"`: the forward pass uses the top-1 one-hot of g, the backward pass
+                 the gradient of the soft g (hard + g - stop_gradient(g)), so W_g still trains.
+                 `hard="gumbel"`: the same on a Gumbel-perturbed sample, g = Softmax((W_g u + G) / T) with
+                 G ~ Gumbel(0, 1) (straight-through Gumbel-softmax, SMEAR's setting); `hard="gumbel_soft"`
+                 keeps the relaxed sample g itself. The noise needs the flax rng collection "gumbel"; without
+                 it (evaluation) "gumbel" is the deterministic argmax one-hot and "gumbel_soft" the softmax.
+  temperature    T divides the logits (with Gumbel noise: the Gumbel-softmax temperature). A schedule over
+                 training steps is `temperature_at(step, ...)`, passed at call time (`temperature=`), which
+                 overrides the field.
+  expert dropout `dropout=p`: with the rng collection "dropout", every expert of every gate vector is dropped
+                 with probability p and the gates renormalise over the kept experts (SMEAR: p = 0.1); without
+                 that rng (evaluation) nothing is dropped.
 """
 
 from __future__ import annotations
@@ -37,6 +55,100 @@ def router_kernel_init(key, shape, dtype=jnp.float32):
   """N(0, 1/F) on a kernel [*grid, F, E]: unit-scale logits for unit-scale router inputs."""
   fan_in = shape[-2]
   return jax.random.normal(key, shape, dtype) / math.sqrt(fan_in)
+
+
+ROUTER_INITS = ("normal", "uniform", "zeros", "task_aligned")
+ROUTER_HARD = ("straight_through", "gumbel", "gumbel_soft")
+UNIFORM_ROUTER_SCALE = 1e-3                     # Poly/MHR's U(-1e-3, 1e-3)
+
+
+def _positive_float(value, field: str, fix: str) -> float:
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    number = float("nan")
+  if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+    raise ValueError(f"{field}={value!r} must be a finite number > 0: {fix}.")
+  return number
+
+
+def router_initializer(kind: str | Initializer, scale: float | None = None, margin: float = 4.0) -> Initializer:
+  """The router kernel initialiser [*grid, F, E] named by `kind` (a callable is returned unchanged).
+
+    "normal"        N(0, 1/F) when scale is None (`router_kernel_init`, the default), else N(0, scale^2)
+                    (MixLoRA / MoLoRA: scale = 0.02)
+    "uniform"       U(-s, s), s = scale or 1e-3 (Poly / MHR)
+    "zeros"         W_g = 0: every gate starts at 1/E
+    "task_aligned"  row t of every router's W_g is `margin` at column t mod E and 0 elsewhere, so a one-hot
+                    context t gets logit m = margin on expert t mod E, gate e^m / (e^m + E - 1) (the oracle start)
+
+  Errors name the adapter fields `router_init`, `router_init_scale` and `router_init_margin`.
+  """
+  if callable(kind):
+    return kind
+  if kind not in ROUTER_INITS:
+    raise ValueError(f"router_init={kind!r} is not a known router initialiser; use one of {ROUTER_INITS} "
+                     "or pass a callable (key, shape, dtype) -> array.")
+  if scale is not None:
+    scale = _positive_float(scale, "router_init_scale", "the std of 'normal' or the bound s of 'uniform', "
+                            "or None for the default (1/sqrt(F), resp. 1e-3)")
+  margin = _positive_float(margin, "router_init_margin", "the logit lead of expert t mod E for context t "
+                           "(e.g. 4.0); use router_init='zeros' for no lead")
+  if kind == "normal":
+    if scale is None:
+      return router_kernel_init
+    return lambda key, shape, dtype=jnp.float32: scale * jax.random.normal(key, shape, dtype)
+  if kind == "uniform":
+    bound = UNIFORM_ROUTER_SCALE if scale is None else scale
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+  if kind == "zeros":
+    return lambda key, shape, dtype=jnp.float32: jnp.zeros(shape, dtype)
+
+  def task_aligned(key, shape, dtype=jnp.float32):
+    del key
+    features, experts = shape[-2:]
+    rows = margin * jax.nn.one_hot(jnp.arange(features) % experts, experts, dtype=dtype)   # [F, E]
+    return jnp.broadcast_to(rows, shape).astype(dtype)                                     # [*grid, F, E]
+  return task_aligned
+
+
+def temperature_at(step, start: float, end: float, steps: int, kind: str = "exponential") -> jnp.ndarray:
+  """Annealed router temperature at training `step` (traceable; constant `end` after `steps`).
+
+    exponential  T = start * (end / start) ** (step / steps)        (SMEAR: 10 -> 0.5)
+    linear       T = start + (end - start) * step / steps
+
+  Pass the result at call time, `adapter.apply(params, x, context, temperature=T)`; step may be a traced
+  integer (the trainer's step counter).
+  """
+  if kind not in ("exponential", "linear"):
+    raise ValueError(f"kind={kind!r} is not a temperature schedule; use 'exponential' or 'linear'.")
+  start = _positive_float(start, "start", "the temperature at step 0")
+  end = _positive_float(end, "end", "the temperature after `steps` steps")
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"steps={steps!r} must be a positive integer (the length of the anneal).")
+  frac = jnp.clip(jnp.asarray(step, jnp.float32) / steps, 0.0, 1.0)                # []
+  if kind == "exponential":
+    return start * (end / start) ** frac
+  return start + (end - start) * frac
+
+
+def straight_through(soft: jnp.ndarray) -> jnp.ndarray:
+  """Top-1 one-hot of `soft` [..., E] in the forward pass, the gradient of `soft` in the backward pass.
+
+  hard + (soft - stop_gradient(soft)): the bracket is exactly 0, so the forward value is exactly one-hot.
+  """
+  hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), soft.shape[-1], dtype=soft.dtype)
+  return hard + (soft - jax.lax.stop_gradient(soft))
+
+
+def drop_experts(key: jax.Array, logits: jnp.ndarray, rate: float) -> jnp.ndarray:
+  """Expert dropout on logits [..., E]: each expert of each gate vector is dropped with probability `rate`
+  (its logit set to -inf, so the softmax renormalises over the kept experts). A gate vector that would lose
+  every expert keeps them all."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, logits.shape)                      # [..., E]
+  keep = jnp.where(keep.any(axis=-1, keepdims=True), keep, True)
+  return jnp.where(keep, logits, -jnp.inf)
 
 
 def gates_from_logits(logits: jnp.ndarray, top_k: int | None) -> jnp.ndarray:
@@ -69,6 +181,9 @@ class Router(nn.Module):
 
   `logits` and `gates` are the two halves of `__call__`, for adapters that compute the logit matmul
   themselves (fused with their own first GEMM): `gates(u @ kernel)` equals `__call__(u)`.
+
+  Hard routing (`hard`), Gumbel noise (rng "gumbel") and expert dropout (`dropout`, rng "dropout") act on
+  the logits after bias and temperature, as described in the module docstring.
   """
   num_experts: int                              # E
   features: int                                 # F, width of the router input u (D, d_in or d_in/K_x)
@@ -78,6 +193,8 @@ class Router(nn.Module):
   temperature: float = 1.0                      # logits are divided by this before the softmax
   top_k: int | None = None                      # None: soft routing; k: exactly k nonzero gates
   kernel_init: Initializer = router_kernel_init
+  hard: str | None = None                       # None, or one of ROUTER_HARD (module docstring); needs top_k=None
+  dropout: float = 0.0                          # expert dropout probability (rng "dropout"); 0: off
   param_dtype: Any = jnp.float32                # storage dtype of the kernel and bias
   dtype: Any = None                             # compute dtype of the logit matmul; None -> u's dtype
 
@@ -87,9 +204,9 @@ class Router(nn.Module):
     if self.use_bias:
       self.bias = self.param("bias", nn.initializers.zeros, (*self.grid, self.num_experts), pd)
 
-  def __call__(self, u: jnp.ndarray) -> jnp.ndarray:
-    """u [..., F] (or [..., K_x, F] per field) -> gates [..., *grid, E]."""
-    return self.gates(self.logits(u), u.dtype if self.dtype is None else self.dtype)
+  def __call__(self, u: jnp.ndarray, temperature=None) -> jnp.ndarray:
+    """u [..., F] (or [..., K_x, F] per field) -> gates [..., *grid, E]; `temperature` overrides the field."""
+    return self.gates(self.logits(u), u.dtype if self.dtype is None else self.dtype, temperature)
 
   def logits(self, u: jnp.ndarray) -> jnp.ndarray:
     """The raw logits u W_g (before bias and temperature), float32: [..., *grid, E]."""
@@ -104,13 +221,27 @@ class Router(nn.Module):
       return jnp.einsum("...jd,ijde->...ije", u, kernel, preferred_element_type=acc)  # [..., K_y, K_x, E]
     return jnp.einsum("...c,ijce->...ije", u, kernel, preferred_element_type=acc)     # [..., K_y, K_x, E]
 
-  def gates(self, logits: jnp.ndarray, dtype: Any) -> jnp.ndarray:
-    """Raw logits [..., *grid, E] -> gates [..., *grid, E] in `dtype`; sows logits and gates (float32)."""
+  def gates(self, logits: jnp.ndarray, dtype: Any, temperature=None) -> jnp.ndarray:
+    """Raw logits [..., *grid, E] -> gates [..., *grid, E] in `dtype`; sows logits and gates (float32).
+
+    temperature: overrides the field for this call (a float or a traced scalar, e.g. `temperature_at`).
+    The sown logits are the clean W_g u / T (before expert dropout and Gumbel noise); the sown gates are
+    the ones used.
+    """
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     if self.use_bias:
       logits = logits + self.bias.astype(logits.dtype)
-    logits = logits / self.temperature
-    gates = gates_from_logits(logits, self.top_k)
+    temperature = self.temperature if temperature is None else temperature
+    logits = logits / temperature
+    mixed = logits
+    if self.dropout > 0 and self.has_rng("dropout"):
+      mixed = drop_experts(self.make_rng("dropout"), mixed, self.dropout)
+    if self.hard in ("gumbel", "gumbel_soft") and self.has_rng("gumbel"):
+      noise = jax.random.gumbel(self.make_rng("gumbel"), mixed.shape, mixed.dtype)    # [..., *grid, E]
+      mixed = mixed + noise / jnp.asarray(temperature, mixed.dtype)                  # (W_g u + G) / T
+    gates = gates_from_logits(mixed, self.top_k)
+    if self.hard in ("straight_through", "gumbel"):
+      gates = straight_through(gates)
     routers = math.prod(self.grid)
     self.sow("intermediates", "router_logits", logits.reshape(-1, routers, self.num_experts))
     self.sow("intermediates", "router_gates", gates.reshape(-1, routers, self.num_experts))
@@ -201,6 +332,54 @@ def usage_entropy(gates: jnp.ndarray) -> jnp.ndarray:
   usage = expert_usage(gates)
   safe = jnp.where(usage > 0, usage, 1.0)
   return -(usage * jnp.log(safe)).sum(-1)
+
+
+def gate_entropy(gates: jnp.ndarray) -> jnp.ndarray:
+  """Mean gate entropy in nats over every gate vector: [..., E] -> []. 0 = hard routing, log E = uniform."""
+  safe = jnp.where(gates > 0, gates, 1.0)
+  return -(gates * jnp.log(safe)).sum(-1).mean()
+
+
+def task_separation(usage: jnp.ndarray) -> jnp.ndarray:
+  """How differently tasks use the experts: the total variation 0.5 sum_e |u_a,e - u_b,e| between two tasks'
+  mean gates, averaged over task pairs a < b and routers; 0 = every task routed alike, 1 = disjoint experts.
+
+  usage: [..., tasks, routers, E] -> [...]. On the multi-task experiment's usage [entries, layers, tasks,
+  routers, E], `task_separation(usage).mean(-1)` is the per-entry separation (averaged over layers too).
+  """
+  tasks = usage.shape[-3]
+  if tasks < 2:
+    raise ValueError(f"task_separation needs usage [..., tasks, routers, E] with at least 2 tasks; got shape "
+                     f"{tuple(usage.shape)}.")
+  diff = usage[..., :, None, :, :] - usage[..., None, :, :, :]               # [..., T, T, R, E]
+  tv = 0.5 * jnp.abs(diff).sum(-1)                                           # [..., T, T, R], 0 on the diagonal
+  return tv.sum(axis=(-3, -2)).mean(-1) / (tasks * (tasks - 1))
+
+
+def gate_diagnostics(gates: jnp.ndarray, groups: jnp.ndarray | None = None,
+                     num_groups: int | None = None) -> dict[str, jnp.ndarray]:
+  """Router diagnostics of one batch of gates (e.g. at initialisation): mean entropy and task separation.
+
+  gates: [N, *routers, E] (tokens first; stack layers on the router axes, e.g. [N, layers * routers, E]);
+  groups: integer group (task) ids [N], num_groups: their count G. Returns
+    "entropy_nats":     [], `gate_entropy` over every token and router,
+    "task_separation":  [] (with groups), `task_separation` of the per-group mean gates [G, routers, E],
+                        over the pairs of groups that have tokens (NaN with fewer than two such groups).
+  """
+  out = {"entropy_nats": gate_entropy(gates)}
+  if groups is None:
+    return out
+  if num_groups is None:
+    raise ValueError("gate_diagnostics(groups=...) needs num_groups, the number of groups (tasks).")
+  flat = gates.reshape(gates.shape[0], -1, gates.shape[-1]).astype(jnp.float32)   # [N, R, E]
+  onehot = jax.nn.one_hot(jnp.asarray(groups).reshape(-1), num_groups)            # [N, G]
+  count = onehot.sum(0)                                                           # [G]
+  usage = jnp.einsum("ng,nre->gre", onehot, flat) / jnp.maximum(count, 1)[:, None, None]   # [G, R, E]
+  tv = 0.5 * jnp.abs(usage[:, None] - usage[None]).sum(-1).mean(-1)              # [G, G]
+  present = count > 0
+  pairs = present[:, None] & present[None, :] & ~jnp.eye(num_groups, dtype=bool)  # [G, G]
+  out["task_separation"] = jnp.where(pairs.any(), (tv * pairs).sum() / jnp.maximum(pairs.sum(), 1), jnp.nan)
+  return out
 
 
 def router_aux_losses(intermediates: Any, top_k: int = 1) -> dict[str, jnp.ndarray]:

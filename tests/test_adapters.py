@@ -10,6 +10,7 @@ import pytest
 
 import localmoe as lm
 from localmoe import grid
+from localmoe import routing
 from tests import oracles
 
 jax.config.update("jax_enable_x64", False)
@@ -637,3 +638,145 @@ def test_per_task_lora_merges_per_task_and_refuses_a_missing_context():
   np.testing.assert_allclose(module.apply(variables, x, one_hot), got, rtol=1e-6)
   with pytest.raises(ValueError, match="selects a LoRA by the context"):
     module.apply(variables, x)
+
+
+# ------------------------------------------------------------------------- router controls
+
+ROUTED = ["blockwise_moe", "cellwise_moe"]
+ROUTED_INPUTS = list(itertools.product(ROUTED, ["context", "activation"]))
+
+
+def _sown_gates(m, variables, x, ctx, **kw):
+  """(output, the router's sown gates [tokens, routers, E] as numpy)."""
+  out, state = m.apply(variables, x, ctx, mutable=["intermediates"], **kw)
+  (router,) = lm.collect_router_outputs(state["intermediates"])
+  return out, np.asarray(router.gates)
+
+
+def _gate_shape(method):
+  return (*LEAD, E) if method == "blockwise_moe" else (*LEAD, K_Y, K_X, E)
+
+
+@pytest.mark.parametrize("method,router_input", ROUTED_INPUTS)
+def test_default_router_controls_are_the_former_code_path(method, router_input, grid_path):
+  """Defaults: the N(0, 1/F) kernel function itself, soft gates, no dropout: bit-identical to before."""
+  x, ctx = inputs()
+  new = build(method, router_input=router_input)
+  old = build(method, router_input=router_input, router_init=routing.router_kernel_init)   # the former default
+  assert (new.router_init, new.router_hard, new.router_dropout) == ("normal", None, 0.0)
+  v = new.init(jax.random.PRNGKey(0), x, ctx)
+  for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(old.init(jax.random.PRNGKey(0), x, ctx))):
+    np.testing.assert_array_equal(a, b)
+  v = randomize(v)
+  got = new.apply(v, x, ctx)
+  np.testing.assert_array_equal(got, old.apply(v, x, ctx))
+  np.testing.assert_array_equal(got, new.apply(v, x, ctx, rngs={"gumbel": jax.random.PRNGKey(1),
+                                                                "dropout": jax.random.PRNGKey(2)}))
+  np.testing.assert_allclose(got, oracles.apply(new, v["params"], x, ctx), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,router_input", ROUTED_INPUTS)
+def test_router_init_options(method, router_input):
+  x, ctx = inputs()
+  features = D_CTX if router_input == "context" else D_IN if method == "blockwise_moe" else D_IN // K_X
+  routers = () if method == "blockwise_moe" else (K_Y, K_X)
+  kernels = {}
+  for kind, scale in [("normal", None), ("normal", 0.02), ("uniform", None), ("zeros", None)]:
+    m = build(method, router_input=router_input, router_init=kind, router_init_scale=scale)
+    v = m.init(jax.random.PRNGKey(0), x, ctx)
+    kernels[kind, scale] = k = np.asarray(v["params"]["router"]["kernel"])
+    assert k.shape == (*routers, features, E)
+    if kind == "zeros":                                                  # uniform gates 1/E
+      _, gates = _sown_gates(m, randomize(v, scale=0.0), x, ctx)
+      np.testing.assert_allclose(gates, 1.0 / E, rtol=1e-6)
+  # The same normal draws, rescaled from 1/sqrt(F) to 0.02 (MixLoRA's std).
+  np.testing.assert_allclose(kernels["normal", 0.02], kernels["normal", None] * 0.02 * np.sqrt(features),
+                             rtol=1e-5)
+  uniform = kernels["uniform", None]
+  assert np.abs(uniform).max() <= 1e-3 and uniform.min() < 0 < uniform.max()
+
+
+@pytest.mark.parametrize("method", ROUTED)
+def test_task_aligned_start_routes_context_t_to_expert_t_mod_e(method, grid_path):
+  m = build(method, router_init="task_aligned", router_init_margin=3.0)
+  labels = jnp.arange(D_CTX)                                             # contexts 0..3, E = 3 experts
+  x = jax.random.normal(jax.random.PRNGKey(1), (D_CTX, D_IN))
+  v = m.init(jax.random.PRNGKey(0), x, labels)
+  _, gates = _sown_gates(m, v, x, labels)                                # [4, routers, E]
+  routers = 1 if method == "blockwise_moe" else K_Y * K_X
+  assert gates.shape == (D_CTX, routers, E)
+  favoured = np.arange(D_CTX) % E
+  np.testing.assert_array_equal(gates.argmax(-1), np.broadcast_to(favoured[:, None], (D_CTX, routers)))
+  peak = np.exp(3.0) / (np.exp(3.0) + E - 1)
+  np.testing.assert_allclose(gates[np.arange(D_CTX), :, favoured], peak, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method,router_input,hard", [
+    (m, ri, h) for m, ri in ROUTED_INPUTS for h in ["straight_through", "gumbel"]])
+def test_hard_routing_has_one_nonzero_gate_and_trains_the_router(method, router_input, hard, grid_path):
+  x, ctx = inputs()
+  m = build(method, router_input=router_input, router_hard=hard)
+  v = randomize(m.init(jax.random.PRNGKey(0), x, ctx))
+  rngs = {"gumbel": jax.random.PRNGKey(5)} if hard == "gumbel" else {}
+  out, gates = _sown_gates(m, v, x, ctx, rngs=rngs)
+  assert np.all((gates > 0).sum(-1) == 1) and np.all(gates.max(-1) == 1.0)
+  np.testing.assert_allclose(out, m.apply(v, x, gates=gates.reshape(_gate_shape(method))), rtol=1e-5, atol=1e-6)
+
+  def router_grad(module):
+    loss = lambda p: jnp.sum(jnp.sin(module.apply({"params": p}, x, ctx, rngs=rngs)))
+    return np.asarray(jax.grad(loss)(v["params"])["router"]["kernel"])
+  assert np.abs(router_grad(m)).max() > 1e-3                             # the router still trains
+  np.testing.assert_array_equal(router_grad(build(method, router_input=router_input, top_k=1)), 0.0)   # top-1 alone: no
+
+
+@pytest.mark.parametrize("method", ROUTED)
+def test_gumbel_modes_are_deterministic_without_the_rng(method, grid_path):
+  x, ctx = inputs()
+  v = randomize(build(method).init(jax.random.PRNGKey(0), x, ctx))
+  apply = lambda **kw: build(method, **kw).apply(v, x, ctx)
+  np.testing.assert_array_equal(apply(router_hard="gumbel"), apply(router_hard="straight_through"))
+  np.testing.assert_array_equal(apply(router_hard="gumbel_soft"), apply())
+  sampled = build(method, router_hard="gumbel_soft").apply(v, x, ctx, rngs={"gumbel": jax.random.PRNGKey(3)})
+  assert not np.allclose(sampled, apply())
+
+
+@pytest.mark.parametrize("method,router_input", ROUTED_INPUTS)
+def test_expert_dropout_drops_and_renormalises_only_with_the_rng(method, router_input, grid_path):
+  x, ctx = inputs()
+  m = build(method, router_input=router_input, router_dropout=0.5)
+  base = build(method, router_input=router_input)
+  v = randomize(m.init(jax.random.PRNGKey(0), x, ctx))
+  out, gates = _sown_gates(m, v, x, ctx, rngs={"dropout": jax.random.PRNGKey(7)})
+  _, soft = _sown_gates(base, v, x, ctx)
+  kept = gates > 0
+  assert (~kept).any() and kept.any(-1).all()
+  np.testing.assert_allclose(gates, soft * kept / (soft * kept).sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(out, m.apply(v, x, gates=gates.reshape(_gate_shape(method))), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(m.apply(v, x, ctx), base.apply(v, x, ctx))          # evaluation: off
+
+
+@pytest.mark.parametrize("method,router_input", ROUTED_INPUTS)
+def test_call_time_temperature_overrides_the_field(method, router_input, grid_path):
+  x, ctx = inputs()
+  m = build(method, router_input=router_input)
+  v = randomize(m.init(jax.random.PRNGKey(0), x, ctx))
+  want = build(method, router_input=router_input, temperature=0.25).apply(v, x, ctx)
+  np.testing.assert_allclose(m.apply(v, x, ctx, temperature=0.25), want, rtol=1e-6, atol=1e-7)
+  traced = jax.jit(lambda t: m.apply(v, x, ctx, temperature=t))(jnp.float32(0.25))
+  np.testing.assert_allclose(traced, want, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(m.apply(v, x, ctx), want)
+
+
+@pytest.mark.parametrize("method", ROUTED)
+@pytest.mark.parametrize("kw,match", [
+    (dict(router_init="xavier"), "router_init='xavier' is not a known router initialiser"),
+    (dict(router_init="task_aligned", router_input="activation"), "needs router_input='context'"),
+    (dict(router_init="uniform", router_init_scale=0.0), "router_init_scale=0.0 must be"),
+    (dict(router_init="task_aligned", router_init_margin=-1.0), "router_init_margin=-1.0 must be"),
+    (dict(router_hard="sparsemax"), "router_hard='sparsemax' is not one of"),
+    (dict(router_hard="gumbel", top_k=1), "top_k=1 with router_hard='gumbel'"),
+    (dict(router_dropout=1.0), r"router_dropout=1.0 must be a probability in \[0, 1\)"),
+])
+def test_bad_router_controls_name_the_field(method, kw, match):
+  with pytest.raises(ValueError, match=match):
+    build(method, **kw)

@@ -78,3 +78,125 @@ def test_router_outputs_are_sown_and_collected():
   losses = lm.router_aux_losses(state["intermediates"], top_k=2)
   assert set(losses) == {"load_balance_per_cell", "load_balance_global", "router_z"}
   assert all(np.isfinite(float(v)) for v in losses.values())
+
+
+# ------------------------------------------------------------------------- router controls
+
+
+def test_router_initializers():
+  key, shape = jax.random.PRNGKey(3), (2, 3, 5, 4)                          # [K_y, K_x, F, E]
+  normal = routing.router_initializer("normal")
+  assert normal is routing.router_kernel_init                              # the default, unchanged
+  np.testing.assert_array_equal(routing.router_initializer("normal", 0.02)(key, shape),
+                                0.02 * np.asarray(jax.random.normal(key, shape)))
+  for scale, bound in [(None, 1e-3), (0.5, 0.5)]:
+    w = np.asarray(routing.router_initializer("uniform", scale)(key, shape))
+    assert w.shape == shape and np.abs(w).max() <= bound and np.abs(w).max() > 0.8 * bound
+    assert w.min() < 0 < w.max()
+  np.testing.assert_array_equal(routing.router_initializer("zeros")(key, shape), np.zeros(shape))
+  w = np.asarray(routing.router_initializer("task_aligned", margin=2.5)(key, shape))
+  want = np.zeros(shape)
+  for t in range(5):
+    want[..., t, t % 4] = 2.5
+  np.testing.assert_array_equal(w, want)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(kind="xavier"), "router_init='xavier'"),
+    (dict(kind="uniform", scale=-1.0), "router_init_scale=-1.0"),
+    (dict(kind="task_aligned", margin=0.0), "router_init_margin=0.0"),
+])
+def test_router_initializer_errors_name_the_field(kw, match):
+  with pytest.raises(ValueError, match=match):
+    routing.router_initializer(**kw)
+
+
+def test_straight_through_is_one_hot_forward_and_softmax_backward():
+  logits = jax.random.normal(jax.random.PRNGKey(0), (6, 4))
+  w = jax.random.normal(jax.random.PRNGKey(1), (6, 4))                   # a nonuniform cotangent
+  hard = routing.straight_through(jax.nn.softmax(logits))
+  np.testing.assert_array_equal(hard, jax.nn.one_hot(jnp.argmax(logits, -1), 4))
+  g_hard = jax.grad(lambda l: jnp.sum(w * routing.straight_through(jax.nn.softmax(l))))(logits)
+  g_soft = jax.grad(lambda l: jnp.sum(w * jax.nn.softmax(l)))(logits)
+  np.testing.assert_allclose(g_hard, g_soft, rtol=1e-6)
+  assert np.abs(np.asarray(g_hard)).min() > 0
+
+
+def test_temperature_at():
+  np.testing.assert_allclose(routing.temperature_at(0, 10.0, 0.5, 100), 10.0, rtol=1e-6)
+  np.testing.assert_allclose(routing.temperature_at(50, 10.0, 0.5, 100), math.sqrt(10.0 * 0.5), rtol=1e-5)
+  np.testing.assert_allclose(routing.temperature_at(100, 10.0, 0.5, 100), 0.5, rtol=1e-5)
+  np.testing.assert_allclose(routing.temperature_at(250, 10.0, 0.5, 100), 0.5, rtol=1e-5)   # held after
+  np.testing.assert_allclose(routing.temperature_at(25, 10.0, 0.5, 100, "linear"), 10.0 - 9.5 / 4, rtol=1e-6)
+  traced = jax.jit(lambda s: routing.temperature_at(s, 10.0, 0.5, 100))(jnp.asarray(50))
+  np.testing.assert_allclose(traced, math.sqrt(5.0), rtol=1e-5)
+  with pytest.raises(ValueError, match="kind='cosine'"):
+    routing.temperature_at(0, 10.0, 0.5, 100, "cosine")
+  with pytest.raises(ValueError, match="steps=0"):
+    routing.temperature_at(0, 10.0, 0.5, 0)
+
+
+def test_drop_experts_renormalises_over_the_kept_experts():
+  logits = jax.random.normal(jax.random.PRNGKey(0), (4000, 4))
+  dropped = routing.drop_experts(jax.random.PRNGKey(1), logits, 0.25)
+  keep = np.isfinite(np.asarray(dropped))
+  assert keep.any(-1).all()                                                # never every expert of a row
+  assert abs((~keep).mean() - 0.25) < 0.02                                 # ~ rate, minus all-dropped rows
+  soft = np.asarray(jax.nn.softmax(logits))
+  want = soft * keep / (soft * keep).sum(-1, keepdims=True)
+  np.testing.assert_allclose(jax.nn.softmax(dropped), want, rtol=1e-5, atol=1e-7)
+
+
+def _router_gates(router, u, **apply_kw):
+  v = router.init(jax.random.PRNGKey(0), u)
+  return router.apply(v, u, **apply_kw)
+
+
+def test_gumbel_softmax_approaches_one_hot_as_temperature_goes_to_zero():
+  u = jax.random.normal(jax.random.PRNGKey(2), (200, 5))
+  router = routing.Router(num_experts=4, features=5, hard="gumbel_soft")
+  rngs = {"gumbel": jax.random.PRNGKey(3)}
+  cold = np.asarray(_router_gates(router, u, rngs=rngs, temperature=1e-3))
+  warm = np.asarray(_router_gates(router, u, rngs=rngs, temperature=1.0))
+  np.testing.assert_allclose(cold.sum(-1), 1.0, rtol=1e-5)
+  assert cold.max(-1).min() > 0.99                                         # every row nearly one-hot
+  assert warm.max(-1).mean() < 0.9
+  # The sample is random: its argmax is not always the noiseless argmax, which it is without the rng.
+  clean = np.asarray(_router_gates(router, u, temperature=1e-3))
+  assert (cold.argmax(-1) != clean.argmax(-1)).any()
+  np.testing.assert_allclose(_router_gates(router, u), _router_gates(routing.Router(4, 5), u), rtol=1e-6)
+
+
+def test_gate_diagnostics_equal_a_direct_computation():
+  rng = np.random.default_rng(0)
+  n, r, e, t = 60, 3, 4, 3
+  gates = rng.dirichlet(np.ones(e), size=(n, r))                           # [N, R, E]
+  gates[0, 0] = [1.0, 0.0, 0.0, 0.0]                                       # a zero gate: 0 log 0 = 0
+  groups = rng.integers(0, t, n)
+  got = routing.gate_diagnostics(jnp.asarray(gates, jnp.float32), jnp.asarray(groups), t)
+  entropy = np.mean([-sum(p * math.log(p) for p in gates[i, k] if p > 0) for i in range(n) for k in range(r)])
+  usage = np.stack([gates[groups == g].mean(0) for g in range(t)])         # [T, R, E]
+  tv = [0.5 * np.abs(usage[a, k] - usage[b, k]).sum() for a in range(t) for b in range(a + 1, t) for k in range(r)]
+  np.testing.assert_allclose(got["entropy_nats"], entropy, rtol=1e-5)
+  np.testing.assert_allclose(got["task_separation"], np.mean(tv), rtol=1e-5)
+  # A group without tokens is left out of the pairs.
+  got4 = routing.gate_diagnostics(jnp.asarray(gates, jnp.float32), jnp.asarray(groups), t + 1)
+  np.testing.assert_allclose(got4["task_separation"], np.mean(tv), rtol=1e-5)
+  assert set(routing.gate_diagnostics(jnp.asarray(gates))) == {"entropy_nats"}
+
+
+def test_task_separation_has_the_multitask_experiment_definition():
+  """usage [entries, layers, tasks, routers, E]: TV averaged over task pairs and routers, per layer."""
+  rng = np.random.default_rng(1)
+  usage = rng.dirichlet(np.ones(4), size=(2, 3, 4, 5))                     # [n, L, T, R, E]
+  want = np.zeros((2, 3))
+  for i, l in np.ndindex(2, 3):
+    want[i, l] = np.mean([0.5 * np.abs(usage[i, l, a, k] - usage[i, l, b, k]).sum()
+                          for a in range(4) for b in range(a + 1, 4) for k in range(5)])
+  got = routing.task_separation(jnp.asarray(usage, jnp.float32))
+  assert got.shape == (2, 3)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  same = jnp.broadcast_to(jnp.asarray(usage[:, :, :1]), usage.shape)      # every task routed alike
+  np.testing.assert_allclose(routing.task_separation(same), 0.0, atol=1e-7)
+  disjoint = jnp.broadcast_to(jnp.eye(4)[:, None, :], (4, 5, 4))           # task t only on expert t
+  np.testing.assert_allclose(routing.task_separation(disjoint), 1.0, rtol=1e-6)

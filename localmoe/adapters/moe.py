@@ -13,6 +13,18 @@ the einsum form, and below which size the einsum form is kept). An activation ro
 block-wise: rows j of the global W_g, whose partial logits are summed over j, Eq. 5). Gates are mixed in
 rank space, z = g * (A^T x_j), then B z, so no per-example d_out x d_in update is ever built: the extra
 activation memory is O(batch * E * K_y * K_x * r).
+
+Router controls (fields; the defaults give Eq. 5 / Eq. 7 exactly, see `localmoe.routing`):
+  router_init          "normal" N(0, 1/F) (default), "uniform" U(-s, s), "zeros", "task_aligned" (context
+                       routers only: context t starts on expert t mod E, in every cell), or a callable
+  router_init_scale    std of "normal" (None -> 1/sqrt(F); MixLoRA 0.02), bound s of "uniform" (None -> 1e-3)
+  router_init_margin   logit lead of expert t mod E under "task_aligned" (4.0)
+  router_hard          None (soft / top-k), "straight_through" (top-1 forward, softmax gradient backward),
+                       "gumbel" (straight-through Gumbel-softmax, rng "gumbel"), "gumbel_soft" (the relaxed
+                       Gumbel-softmax sample); without the rng the Gumbel modes are deterministic
+  router_dropout       expert dropout probability with rng "dropout" (SMEAR 0.1), renormalised; 0 = off
+  temperature          softmax / Gumbel temperature; `__call__(..., temperature=T)` overrides it per call
+                       (an annealed `routing.temperature_at(step, ...)`)
 """
 
 from __future__ import annotations
@@ -42,7 +54,11 @@ class _RoutedGrid(nn.Module):
   alpha: float | None = None                    # scale alpha / r; None -> 1
   a_init: common.Initializer | str = "lora"
   b_init: common.Initializer | str = "zeros"
-  router_init: common.Initializer = routing.router_kernel_init
+  router_init: common.Initializer | str = "normal"   # "normal", "uniform", "zeros", "task_aligned" or a callable
+  router_init_scale: float | None = None        # std of "normal" (None: 1/sqrt(F)); bound s of "uniform" (1e-3)
+  router_init_margin: float = 4.0               # "task_aligned": logit of expert t mod E for context t
+  router_hard: str | None = None                # None, "straight_through", "gumbel" or "gumbel_soft"
+  router_dropout: float = 0.0                   # expert dropout probability (rng "dropout"); 0: off
   allow_overcomplete_rank: bool = False         # permit rank > cell size
   param_dtype: common.Dtype = jnp.float32       # storage dtype of the experts and the router
   dtype: common.Dtype | None = None             # compute dtype; None -> the input's dtype
@@ -65,7 +81,25 @@ class _RoutedGrid(nn.Module):
                        "(or be None for soft routing).")
     if not self.temperature > 0:
       raise ValueError(f"temperature={self.temperature} must be > 0.")
+    self._check_router_controls()
     super().__post_init__()
+
+  def _check_router_controls(self):
+    routing.router_initializer(self.router_init, self.router_init_scale, self.router_init_margin)
+    if self.router_init == "task_aligned" and self.router_input != "context":
+      raise ValueError("router_init='task_aligned' starts context t on expert t mod E and needs "
+                       "router_input='context'; an activation router has no context index: use "
+                       "router_init='normal', 'uniform' or 'zeros'.")
+    if self.router_hard is not None:
+      if self.router_hard not in routing.ROUTER_HARD:
+        raise ValueError(f"router_hard={self.router_hard!r} is not one of {routing.ROUTER_HARD} "
+                         "(or None for soft routing).")
+      if self.top_k is not None:
+        raise ValueError(f"top_k={self.top_k} with router_hard={self.router_hard!r}: router_hard already "
+                         "chooses the gates (one expert, or a relaxed sample); leave top_k=None.")
+    p = self.router_dropout
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+      raise ValueError(f"router_dropout={p!r} must be a probability in [0, 1) (SMEAR uses 0.1; 0 is off).")
 
   # Subclasses define: router_grid, router_per_field, _router_features(), _cell_gates(gates),
   # _router_columns(kernel) and _field_logits(columns) (the activation router fused into stage 1).
@@ -82,8 +116,10 @@ class _RoutedGrid(nn.Module):
     self.router = routing.Router(
         num_experts=e, features=self._router_features(), grid=self.router_grid,
         per_field=self.router_per_field, use_bias=self.router_bias, temperature=self.temperature,
-        top_k=self.top_k, kernel_init=self.router_init, param_dtype=pd,
-        dtype=common.resolve_dtype(self.dtype, "dtype"))
+        top_k=self.top_k, hard=self.router_hard, dropout=float(self.router_dropout),
+        kernel_init=routing.router_initializer(self.router_init, self.router_init_scale,
+                                               self.router_init_margin),
+        param_dtype=pd, dtype=common.resolve_dtype(self.dtype, "dtype"))
 
   def _context(self, context) -> jnp.ndarray:
     """Validates the context and returns it as float [..., D] (integer labels are one-hot encoded)."""
@@ -98,31 +134,38 @@ class _RoutedGrid(nn.Module):
       raise ValueError(f"context has {context.shape[-1]} features but context_dim={self.context_dim}.")
     return context
 
-  def route(self, x: jnp.ndarray | None, context=None) -> jnp.ndarray:
-    """Gates from the router, in the compute dtype: [..., E] (block-wise) or [..., K_y, K_x, E] (cell-wise)."""
+  def route(self, x: jnp.ndarray | None, context=None, temperature=None) -> jnp.ndarray:
+    """Gates from the router, in the compute dtype: [..., E] (block-wise) or [..., K_y, K_x, E] (cell-wise).
+
+    temperature: overrides the `temperature` field for this call (e.g. `routing.temperature_at(step, ...)`).
+    """
     cd = common.compute_dtype(self.dtype, x, self.param_dtype)
     if self.router_input == "context":
-      return self.router(self._context(context).astype(cd))
+      return self.router(self._context(context).astype(cd), temperature)
     if x is None:
       raise ValueError("activation routing needs x: pass gates= to materialise a fixed routing.")
     x = x.astype(cd)
-    return self.router(grid.split_fields(x, self.k_x) if self.router_per_field else x)
+    return self.router(grid.split_fields(x, self.k_x) if self.router_per_field else x, temperature)
 
-  def __call__(self, x: jnp.ndarray, context=None, gates: jnp.ndarray | None = None) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, context=None, gates: jnp.ndarray | None = None,
+               temperature=None) -> jnp.ndarray:
     """Eq. 6 / Eq. 8. x: [..., d_in] -> Delta(x): [..., d_out] in the compute dtype.
 
     context: [..., D] (or integer labels [...]) for router_input="context"; ignored otherwise.
     gates: optional fixed gates that bypass the router, [..., E] (block-wise) or [..., K_y, K_x, E].
+    temperature: the router temperature for this call (a float or a traced scalar); None -> the field.
+    Training-time randomness comes from flax rngs: "gumbel" (router_hard="gumbel"/"gumbel_soft") and
+    "dropout" (router_dropout > 0), e.g. `apply(v, x, c, rngs={"gumbel": k1, "dropout": k2})`.
     """
     cd = common.compute_dtype(self.dtype, x, self.param_dtype)
     x = x.astype(cd)
     if not grid.use_field_gemms(x.shape):                                # small layer: the einsum form
-      return self._einsum_forward(x, context, gates, cd)
+      return self._einsum_forward(x, context, gates, cd, temperature)
     fused = gates is None and self.router_input == "activation"
     if fused:
       lead, x2 = x.shape[:-1], grid.flatten_tokens(x)                    # x2: [N, d_in]
     else:
-      lead, x2, gates = self._flat_tokens_and_gates(x, context, gates, cd)   # gates: [N, 1|K_y, 1|K_x, E]
+      lead, x2, gates = self._flat_tokens_and_gates(x, context, gates, cd, temperature)  # [N, 1|K_y, 1|K_x, E]
     e, k_y = self.num_experts, self.k_y
     weights = grid.expert_columns(self.A.astype(cd))                     # [K_x, d_in/K_x, K_y*E*r]
     width = weights.shape[-1]
@@ -131,24 +174,24 @@ class _RoutedGrid(nn.Module):
     columns = grid.field_matmuls(x2, weights, routing.logit_dtype(cd) if fused else None)
     z = grid.codes_by_cell(columns[..., :width].astype(cd), k_y, e)      # [N, K_y, K_x, E, r]
     if fused:
-      gates = self._cell_gates(self.router.gates(self._field_logits(columns[..., width:]), cd))
+      gates = self._cell_gates(self.router.gates(self._field_logits(columns[..., width:]), cd, temperature))
     z = z * gates[..., None]                                             # gate mixing in rank space
     h = grid.segment_matmuls(z, self.B.astype(cd))                       # [N, d_out]
     return (common.scaling(self.alpha, self.rank) * h).reshape(*lead, self.d_out).astype(cd)
 
-  def _flat_tokens_and_gates(self, x, context, gates, cd):
+  def _flat_tokens_and_gates(self, x, context, gates, cd, temperature=None):
     """Gates from the router (or the given fixed gates) and x, broadcast to common leading axes `lead` and
     flattened: (lead, x2 [N, d_in], gates [N, 1 or K_y, 1 or K_x, E]), N = prod(lead)."""
-    gates = self.route(x, context) if gates is None else jnp.asarray(gates).astype(cd)
+    gates = self.route(x, context, temperature) if gates is None else jnp.asarray(gates).astype(cd)
     gates = self._cell_gates(gates)                                      # [..., 1 or K_y, 1 or K_x, E]
     lead = jnp.broadcast_shapes(x.shape[:-1], gates.shape[:-3])
     x2 = grid.flatten_tokens(jnp.broadcast_to(x, (*lead, self.d_in)))    # [N, d_in]
     gates = jnp.broadcast_to(gates, (*lead, *gates.shape[-3:])).reshape(x2.shape[0], *gates.shape[-3:])
     return lead, x2, gates
 
-  def _einsum_forward(self, x, context, gates, cd) -> jnp.ndarray:
+  def _einsum_forward(self, x, context, gates, cd, temperature=None) -> jnp.ndarray:
     """Eq. 6 / Eq. 8 as two einsums over flattened tokens, for small layers (`localmoe.grid.use_field_gemms`)."""
-    lead, x2, gates = self._flat_tokens_and_gates(x, context, gates, cd)
+    lead, x2, gates = self._flat_tokens_and_gates(x, context, gates, cd, temperature)
     gates = jnp.moveaxis(gates, -1, 1)[..., None]                        # [N, E, 1 or K_y, 1 or K_x, 1]
     xs = grid.split_fields(x2, self.k_x)                                 # [N, K_x, d_in/K_x]
     z = jnp.einsum("njd,eijdr->neijr", xs, self.A.astype(cd))            # [N, E, K_y, K_x, r]
