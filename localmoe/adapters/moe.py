@@ -97,9 +97,13 @@ class _RoutedGrid(nn.Module):
       if self.top_k is not None:
         raise ValueError(f"top_k={self.top_k} with router_hard={self.router_hard!r}: router_hard already "
                          "chooses the gates (one expert, or a relaxed sample); leave top_k=None.")
-    p = self.router_dropout
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-      raise ValueError(f"router_dropout={p!r} must be a probability in [0, 1) (SMEAR uses 0.1; 0 is off).")
+    try:
+      p = float(self.router_dropout)
+    except (TypeError, ValueError):
+      p = float("nan")
+    if isinstance(self.router_dropout, bool) or not 0 <= p < 1:
+      raise ValueError(f"router_dropout={self.router_dropout!r} must be a probability in [0, 1) (SMEAR uses "
+                       "0.1; 0 is off).")
 
   # Subclasses define: router_grid, router_per_field, _router_features(), _cell_gates(gates),
   # _router_columns(kernel) and _field_logits(columns) (the activation router fused into stage 1).
