@@ -2,30 +2,40 @@
 
 The paper's conclusion names this as the next step: routed localized adapters inside a transformer, on an
 interleaved multi-task stream where static adapters share one update across tasks ("gradient warfare").
+The question: does routing on the task id help, at parameter parity, against a converged linear probe, static
+adapters and the hard-routed "no interference" reference? `configs/multitask_text.py` says why the protocol
+can answer it (probe, heads from the probe, upper-layer adapters, routers that can learn, test rows).
 
 Data: four real classification tasks (`localmoe.data.text`: topic / spam / question type / sentiment). The
 training stream is the union of their training sets; the trainer shuffles it every pass, so the task of each
-example is drawn at random (in proportion to the tasks' sizes; the `:cpu` and `:quick` variants take the same
-number of examples per task, so there every task is equally likely). The task id is the context.
+example is drawn at random. `data.val_per_task` training rows per task are held out (never trained on): the
+probe's regularisation is chosen on them and the curves are drawn on them. The task id is the context.
 
-Model: the frozen MiniLM encoder (`localmoe.models.bert`) with adapters on query, key, value, attention output
-and both FFN projections of every layer (`bert.ADAPTER_TARGETS`, 36 layers for 6 blocks), mean pooling over
-the real tokens, and one linear head per task (trainable in every method, kept apart from the adapter count
-as `trainable_extras`). Methods at parameter parity with LoRA of rank r on every layer (`config.model`):
+Model: the frozen MiniLM encoder (`localmoe.models.bert`); its lower `model.frozen_layers` layers carry no
+adapter, so their output is computed once per example (`bert.hidden_after`) and every step runs the upper
+layers only (`bert.Upper`), with adapters on query, key, value, attention output and both FFN projections
+of each (`bert.ADAPTER_TARGETS`); mean pooling over the real tokens; one linear head per task (trainable in
+every method, kept apart from the adapter count as `trainable_extras`). Methods, at parameter parity with
+LoRA of rank r on every adapted layer (`config.model`):
 
-  heads_only                 no adapter: the frozen backbone's features, a head per task (reference)
+  linear_probe               logistic regression per task on the frozen features, converged (reference)
+  heads_only                 no adapter: the heads trained by the trainer (from the probe under LP-FT)
   lora                       LoRA, rank r (Eq. 1)
   localized_lora             a K x K grid, rank r / K per cell (Eq. 4)
   blockwise_moe              E experts over the grid, rank r / (K E) per cell, one router on the task id (Eq. 6)
   cellwise_moe               the same experts, an independent router per cell on the task id (Eq. 8)
+  *_anchor                   the same, with the anchors' router settings (Poly/MHR: router rate x100 through a
+                             parameter group, no router weight decay, U(-1e-3, 1e-3) start)
+  cellwise_moe_oracle        cell-wise with every task started on its own expert (task-aligned router start,
+                             margin `router.oracle_margin`), the anchors' router rate
   cellwise_moe_activation    cell-wise, each cell's router reads its own input field: no task id (Eq. 7)
-  per_task_lora              one LoRA of rank r / T per task, selected by the task id (hard routing: the
-                             "no interference" reference)
+  per_task_lora              one LoRA of rank r / T per task, selected by the task id (hard routing)
 
-Metrics per task: test accuracy and macro-F1 (spam is imbalanced); the mean over tasks; mean +- std over seeds.
-All seeds of a method train in one vmapped program (`localmoe.train.fit`). Router load-balance and z-losses
-(`config.router`) enter through the trainer's loss with aux outputs. After training, expert usage per layer,
-cell and task is measured on the whole test set and drawn as heatmaps.
+Metrics per task: test accuracy and macro-F1 (spam is imbalanced); the mean over tasks; mean +- std over the
+seeds that did not diverge. Routed methods also report router diagnostics on `eval.diagnostic_rows` test rows
+(round-robin over tasks): mean gate entropy in nats and task separation, at initialisation and at every
+evaluation. The headline: per seed, the paired differences routed - LoRA and routed - one LoRA per task.
+All seeds of a method train in one vmapped program (`localmoe.train.fit`) through `localmoe.runner`.
 """
 
 from __future__ import annotations
@@ -40,62 +50,86 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from localmoe import checkpoint, configlib, inject, plots, results, train
+from localmoe import checkpoint, configlib, inject, plots, results, routing, runner, train
 from localmoe.data import text
 from localmoe.models import bert, minilm
 
-METHODS = ("heads_only", "lora", "localized_lora", "blockwise_moe", "cellwise_moe", "cellwise_moe_activation",
+METHODS = ("heads_only", "linear_probe", "lora", "localized_lora", "blockwise_moe", "cellwise_moe",
+           "blockwise_moe_anchor", "cellwise_moe_anchor", "cellwise_moe_oracle", "cellwise_moe_activation",
            "per_task_lora")
-LABELS = {"heads_only": "Frozen backbone, heads only", "lora": "LoRA", "localized_lora": "Localized LoRA",
+LABELS = {"heads_only": "Frozen backbone, heads only", "linear_probe": "Linear probe (converged)",
+          "lora": "LoRA", "localized_lora": "Localized LoRA",
           "blockwise_moe": "Block-wise LoRA-MoE (task id)", "cellwise_moe": "Cell-wise LoRA-MoE (task id)",
+          "blockwise_moe_anchor": "Block-wise LoRA-MoE (task id, anchors' router)",
+          "cellwise_moe_anchor": "Cell-wise LoRA-MoE (task id, anchors' router)",
+          "cellwise_moe_oracle": "Cell-wise LoRA-MoE (task id, task-aligned start)",
           "cellwise_moe_activation": "Cell-wise LoRA-MoE (activations, no id)",
           "per_task_lora": "One LoRA per task (hard routing)"}
-ROUTED = ("blockwise_moe", "cellwise_moe", "cellwise_moe_activation")
+ROUTED = ("blockwise_moe", "cellwise_moe", "blockwise_moe_anchor", "cellwise_moe_anchor", "cellwise_moe_oracle",
+          "cellwise_moe_activation")
+ANCHORED = ("blockwise_moe_anchor", "cellwise_moe_anchor", "cellwise_moe_oracle")   # router group x lr_mult
 NEG = -1e9                                        # logit of a class the example's task does not have
+HIDDEN = 384                                      # MiniLM-L6's width
+ROUTER_PATTERN = r"adapter/.*/router/.*"          # the routers' params in the trainable tree
 
 
 # ------------------------------------------------------------------------------------------- adapters
 
 
-def adapter_spec(method: str, model_config, num_tasks: int) -> dict | None:
-  """The adapter spec of `method` at parity with LoRA of rank r (None: heads only)."""
+def adapter_spec(method: str, model_config, router_config, num_tasks: int) -> dict | None:
+  """The adapter spec of `method` at parity with LoRA of rank r (None: no adapter)."""
   r, k, e = model_config.rank, model_config.grid, model_config.num_experts
   common = {"alpha": float(model_config.alpha) if model_config.alpha else None}
   grid = {"k_y": k, "k_x": k}
-  if method == "heads_only":
+  if method in ("heads_only", "linear_probe"):
     return None
   if method == "lora":
     return {"method": "lora", "rank": r, **common}
   if method == "localized_lora":
     return {"method": "localized_lora", "rank": r // k, **grid, **common}
-  if method in ("blockwise_moe", "cellwise_moe", "cellwise_moe_activation"):
+  if method in ROUTED:
     spec = {"method": "cellwise_moe" if method.startswith("cellwise") else "blockwise_moe",
             "rank": r // (k * e), "num_experts": e, **grid, **common}
     if method == "cellwise_moe_activation":
       return {**spec, "router_input": "activation"}
-    return {**spec, "router_input": "context", "context_dim": num_tasks}
+    spec.update(router_input="context", context_dim=num_tasks)
+    if method.endswith("_anchor"):
+      spec.update(router_init="uniform", router_init_scale=float(router_config.anchor_init_scale))
+    if method == "cellwise_moe_oracle":
+      spec.update(router_init="task_aligned", router_init_margin=float(router_config.oracle_margin))
+    return spec
   if method == "per_task_lora":
     return {"method": "per_task_lora", "rank": r // num_tasks, "context_dim": num_tasks, **common}
   raise ValueError(f"config.method_names: {method!r} is not a method of this experiment; valid: {METHODS}.")
+
+
+def method_groups(method: str, config) -> list:
+  """config.optim.groups of `method`: the anchors' router group first (for ANCHORED), then the config's."""
+  groups = list(config.optim.groups or [])
+  if method in ANCHORED:
+    groups = [dict(name="router", pattern=ROUTER_PATTERN, lr_mult=float(config.router.anchor_lr_mult),
+                   weight_decay=float(config.router.anchor_weight_decay))] + groups
+  return groups
 
 
 # ------------------------------------------------------------------------------------------- model
 
 
 class MultiTaskClassifier(nn.Module):
-  """Backbone -> mean pool over real tokens -> the example's task head. Logits [B, max classes]; the classes
-  a task does not have get a large negative logit."""
-  backbone: bert.Bert
+  """Upper layers -> mean pool over real tokens -> the example's task head. Logits [B, max classes]; the
+  classes a task does not have get a large negative logit."""
+  backbone: bert.Upper
   num_classes: tuple[int, ...]                    # classes per task
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask, task):
-    hidden = self.backbone(input_ids, attention_mask)                                 # [B, T, H]
+  def __call__(self, hidden, attention_mask, task):
+    hidden = self.backbone(hidden, attention_mask)                                    # [B, T, H]
     pooled = bert.mean_pool(hidden, attention_mask).astype(jnp.float32)               # [B, H]
     width = max(self.num_classes)
     logits = jnp.stack([nn.Dense(width, name=f"head_{t}")(pooled) for t in range(len(self.num_classes))], 1)
-    logits = jnp.take_along_axis(logits, task[:, None, None], axis=1)[:, 0]           # [B, width]
+    logits = jnp.take_along_axis(logits, task[:, None, None], axis=1)[:, 0]          # [B, width]
     valid = jnp.arange(width)[None, :] < jnp.asarray(self.num_classes)[task][:, None]
     return jnp.where(valid, logits, NEG)
 
@@ -103,12 +137,84 @@ class MultiTaskClassifier(nn.Module):
 BACKBONE_PREFIX = "backbone/"
 
 
-def head_init(key, num_classes: Sequence[int], hidden: int) -> dict:
-  """Fresh task heads for one seed: N(0, 0.02^2) kernels, zero biases (BERT's classifier init)."""
+def random_heads(key, num_classes: Sequence[int], hidden: int = HIDDEN) -> dict:
+  """Fresh task heads: N(0, 0.02^2) kernels, zero biases (BERT's classifier init)."""
   width = max(num_classes)
   keys = jax.random.split(key, len(num_classes))
   return {f"head_{t}": {"kernel": 0.02 * jax.random.normal(keys[t], (hidden, width)),
                         "bias": jnp.zeros((width,))} for t in range(len(num_classes))}
+
+
+# ------------------------------------------------------------------------------------------- linear probe
+
+
+PROBE_TOLERANCE = 1e-5                            # L-BFGS stops when the gradient norm falls below this
+
+
+def _lbfgs(objective, init, max_steps: int):
+  """Minimises objective(params) from `init` with optax's L-BFGS (zoom line search) until the gradient norm
+  is below PROBE_TOLERANCE or `max_steps` iterations. Returns (params, iterations, gradient norm)."""
+  opt = optax.lbfgs()
+  value_and_grad = optax.value_and_grad_from_state(objective)
+
+  def step(carry):
+    params, state, _, count = carry
+    value, grad = value_and_grad(params, state=state)
+    updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=objective)
+    # The line search leaves the gradient at the new params in the state.
+    return (optax.apply_updates(params, updates), state,
+            optax.tree_utils.tree_norm(optax.tree_utils.tree_get(state, "grad")), count + 1)
+
+  def keep_going(carry):
+    _, _, grad_norm, count = carry
+    return (count < max_steps) & (grad_norm >= PROBE_TOLERANCE)
+
+  grad0 = optax.tree_utils.tree_norm(jax.grad(objective)(init))
+  params, _, grad_norm, count = jax.lax.while_loop(keep_going, step, (init, opt.init(init), grad0, 0))
+  return params, count, grad_norm
+
+
+@functools.partial(jax.jit, static_argnames=("classes", "max_steps"))
+def fit_logistic(features, labels, l2, classes: int, max_steps: int):
+  """Multinomial logistic regression: mean cross-entropy + l2 * ||W||^2 (bias not penalised), converged.
+
+  features [n, H], labels [n] in 0..classes-1, l2 []. Returns ({"kernel": [H, classes], "bias": [classes]},
+  iterations, final gradient norm)."""
+  def objective(p):
+    logits = features @ p["kernel"] + p["bias"]                                      # [n, classes]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return ce + l2 * jnp.sum(p["kernel"] ** 2)
+
+  init = {"kernel": jnp.zeros((features.shape[1], classes)), "bias": jnp.zeros((classes,))}
+  return _lbfgs(objective, init, max_steps)
+
+
+def probe_heads(pooled: dict, corpus: "Corpus", l2_grid: Sequence[float], max_steps: int, log=print):
+  """The converged linear probe: per task, the L2 weight with the best accuracy on the held-out rows
+  (ties: the larger weight), refitted on the training rows. Returns (heads {"head_<t>": {"kernel" [H, width],
+  "bias" [width]}} with zero columns for the classes a task lacks, {task: info})."""
+  width = max(corpus.num_classes)
+  heads, info = {}, {}
+  for t, (name, classes) in enumerate(zip(corpus.tasks, corpus.num_classes)):
+    rows = {split: getattr(corpus, split)["task"] == t for split in ("train", "val")}
+    x = {split: jnp.asarray(pooled[split][rows[split]]) for split in rows}
+    y = {split: jnp.asarray(getattr(corpus, split)["y"][rows[split], 0]) for split in rows}
+    scores = []
+    for l2 in l2_grid:
+      p, _, _ = fit_logistic(x["train"], y["train"], jnp.float32(l2), classes, max_steps)
+      pred = jnp.argmax(x["val"] @ p["kernel"] + p["bias"], -1)
+      scores.append(float(jnp.mean(pred == y["val"])))
+    best = max(range(len(l2_grid)), key=lambda i: (scores[i], l2_grid[i]))
+    p, steps, grad_norm = fit_logistic(x["train"], y["train"], jnp.float32(l2_grid[best]), classes, max_steps)
+    heads[f"head_{t}"] = {"kernel": jnp.zeros((HIDDEN, width)).at[:, :classes].set(p["kernel"]),
+                          "bias": jnp.zeros((width,)).at[:classes].set(p["bias"])}
+    info[name] = {"l2": float(l2_grid[best]), "val_accuracy": scores, "iterations": int(steps),
+                  "grad_norm": float(grad_norm), "converged": bool(grad_norm < PROBE_TOLERANCE)}
+    if log:
+      log(f"  [linear_probe] {name}: L2 {l2_grid[best]:g} (held-out accuracy "
+          + ", ".join(f"{l:g}: {s * 100:.1f}" for l, s in zip(l2_grid, scores))
+          + f"); {int(steps)} L-BFGS steps, gradient norm {float(grad_norm):.1e}")
+  return heads, info
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -166,126 +272,252 @@ class Corpus:
   tasks: tuple[str, ...]
   num_classes: tuple[int, ...]
   train: dict                                     # input_ids/attention_mask [N, L], task [N], y [N, 3]
+  val: dict                                       # held-out training rows, same keys
   test: dict
-  counts: dict                                    # per task: train / test sizes
+  counts: dict                                    # per task: train / val / test sizes
+
+
+def _subsets(data_config, tasks: Sequence[str]) -> dict:
+  """{task: TextTask} with the config's stratified subsets; a size the task cannot give is one error naming
+  the field, the task and the valid range."""
+  loaded = {name: text.load(name) for name in tasks}
+  out = {}
+  for name, t in loaded.items():
+    train_n, test_n = len(t.train_texts), len(t.test_texts)
+    for field, value, available in (("train_per_task", data_config.train_per_task, train_n),
+                                    ("test_per_task", data_config.test_per_task, test_n)):
+      if value > available:
+        raise ValueError(f"config.data.{field}={value} is more than task {name!r} has ({available} "
+                         f"{field.split('_')[0]} rows): use at most {available}, or 0 for all of them.")
+    want_train = data_config.train_per_task or None
+    want_test = data_config.test_per_task or None
+    out[name] = text.subsample(t, want_train, want_test, seed=data_config.seed) if (want_train or want_test) else t
+    kept = len(out[name].train_texts)
+    if data_config.val_per_task >= kept:
+      raise ValueError(f"config.data.val_per_task={data_config.val_per_task} leaves no training rows of task "
+                       f"{name!r} ({kept} in all): use at most {kept - 1}.")
+  return out
 
 
 def load_corpus(data_config, tokenizer) -> Corpus:
-  """Tokenised stream and test set, each interleaved round-robin over the tasks: any prefix of the training
-  stream is a fixed, task-balanced subset (the trainer evaluates the first `config.optim.eval_train_rows`;
-  its shuffling makes the row order irrelevant for training). y [N, 3] = label, task, counted (all 1)."""
-  tasks = tuple(data_config.tasks.split(","))
-  loaded = {name: text.load(name) for name in tasks}
-  if data_config.train_per_task or data_config.test_per_task:
-    loaded = {name: text.subsample(t, data_config.train_per_task or None, data_config.test_per_task or None,
-                                   seed=data_config.seed) for name, t in loaded.items()}
+  """Tokenised stream, held-out rows and test set, each interleaved round-robin over the tasks: any prefix of
+  a split is a fixed, task-balanced subset (the trainer evaluates the first `config.optim.eval_train_rows`
+  training rows; the router diagnostics read the first `eval.diagnostic_rows` test rows). The held-out rows
+  are a random `val_per_task` of each task's training rows. y [N, 3] = label, task, counted (all 1)."""
+  tasks = tuple(configlib.split_names(data_config.tasks))
+  loaded = _subsets(data_config, tasks)
   num_classes = tuple(loaded[n].num_classes for n in tasks)
+  rng = np.random.default_rng(data_config.seed)
+  held = {n: set(rng.permutation(len(loaded[n].train_texts))[:data_config.val_per_task].tolist()) for n in tasks}
 
-  def split(which: str):
+  def split(which: str, pick=None):
     texts, labels, task_ids = [], [], []
-    per_task = [(list(getattr(loaded[n], f"{which}_texts")), np.asarray(getattr(loaded[n], f"{which}_labels")))
-                for n in tasks]
-    rng = np.random.default_rng(data_config.seed)
+    per_task = []
+    for n in tasks:
+      source = "test" if which == "test" else "train"
+      ts, ls = list(getattr(loaded[n], f"{source}_texts")), np.asarray(getattr(loaded[n], f"{source}_labels"))
+      keep = [i for i in range(len(ts)) if pick is None or pick(n, i)]
+      per_task.append(([ts[i] for i in keep], ls[keep]))
     orders = [rng.permutation(len(t)) for t, _ in per_task]
     # Round-robin over tasks, so every prefix of the split (an evaluated subset, a diagnostics chunk) mixes them.
-    longest = max(len(o) for o in orders)
-    for i in range(longest):
+    for i in range(max(len(o) for o in orders)):
       for t, ((ts, ls), order) in enumerate(zip(per_task, orders)):
         if i < len(order):
           texts.append(ts[order[i]]); labels.append(int(ls[order[i]])); task_ids.append(t)
     tokens = minilm.tokenize(tokenizer, texts, max_length=data_config.max_length, padding="max_length")
-    n = len(texts)
-    y = np.stack([np.asarray(labels, np.int32), np.asarray(task_ids, np.int32), np.ones(n, np.int32)], 1)
+    y = np.stack([np.asarray(labels, np.int32), np.asarray(task_ids, np.int32), np.ones(len(texts), np.int32)], 1)
     return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
             "task": np.asarray(task_ids, np.int32), "y": y}
 
-  counts = {n: {"train": len(loaded[n].train_texts), "test": len(loaded[n].test_texts)} for n in tasks}
-  return Corpus(tasks, num_classes, split("train"), split("test"), counts)
+  train_split = split("train", lambda n, i: i not in held[n])
+  val_split = split("val", lambda n, i: i in held[n])
+  test_split = split("test")
+  counts = {n: {"train": len(loaded[n].train_texts) - len(held[n]), "val": len(held[n]),
+                "test": len(loaded[n].test_texts)} for n in tasks}
+  return Corpus(tasks, num_classes, train_split, val_split, test_split, counts)
+
+
+def lower_features(backbone: bert.Bert, params, split: dict, layers: int, chunk: int = 256) -> dict:
+  """The split with input_ids replaced by the hidden states after the lower `layers` (computed once):
+  {"hidden" [N, T, H] (the backbone's compute dtype), "attention_mask", "task", "y"}."""
+  fn = jax.jit(lambda ids, mask: bert.hidden_after(backbone, params, ids, mask, layers))
+  ids, mask = split["input_ids"], split["attention_mask"]
+  hidden = _in_chunks(fn, (ids, mask), chunk)
+  return {"hidden": hidden, "attention_mask": mask, "task": split["task"], "y": split["y"]}
+
+
+def _in_chunks(fn, arrays, chunk: int) -> np.ndarray:
+  """fn over rows in chunks of `chunk` (the last one padded with repeated rows, so one shape compiles)."""
+  n = len(arrays[0])
+  out = []
+  for s in range(0, n, chunk):
+    index = np.minimum(np.arange(s, s + chunk), n - 1)
+    out.append(np.asarray(fn(*(a[index] for a in arrays)))[:min(chunk, n - s)])
+  return np.concatenate(out)
+
+
+def pooled_features(upper: bert.Upper, params, split: dict, chunk: int = 256) -> np.ndarray:
+  """Mean-pooled output of the frozen upper layers (no adapter): [N, H] float32, the probe's features."""
+  fn = jax.jit(lambda h, m: bert.mean_pool(upper.apply({"params": params}, h, m), m).astype(jnp.float32))
+  return _in_chunks(fn, (split["hidden"], split["attention_mask"]), chunk)
 
 
 # ------------------------------------------------------------------------------------------- memory
 
 
-def estimate_bytes(config, num_tasks: int) -> int:
-  """Peak bytes of one method's fit: the frozen params, the vmapped adapter state, and the activations kept
-  for the backward pass of one batch per seed (float32 unless the backbone computes in bfloat16)."""
+def estimate_bytes(config, num_tasks: int, rows: int) -> int:
+  """Peak bytes of one method's fit: the frozen params, the cached hidden states of `rows` examples, the
+  vmapped adapter state, and the activations kept for the backward pass of one batch per seed (float32
+  unless the backbone computes in bfloat16)."""
   m, d = config.model, config.data
-  layers = m.num_layers
-  h, f, heads = 384, 1536, 12
+  layers = m.num_layers - m.frozen_layers
+  h, f, heads = HIDDEN, 1536, 12
   act_bytes = 2 if m.dtype == "bfloat16" else 4
   tokens = config.optim.batch_size * d.max_length
   per_layer = tokens * (10 * h + 3 * f) + config.optim.batch_size * heads * d.max_length ** 2 * 3
   activations = config.num_seeds * layers * per_layer * act_bytes
   eval_acts = config.num_seeds * config.optim.eval_batch_size * d.max_length * (4 * h + f) * act_bytes * 2
-  adapter = config.num_seeds * 4 * 36 * 6912 * max(m.rank, 8) * 4                  # params + Adam moments + grads
-  return int(minilm.param_bytes(layers) * 2 + activations * 2 + eval_acts + adapter)
+  cached = rows * d.max_length * h * act_bytes
+  adapter = config.num_seeds * 4 * 6 * layers * 6912 * max(m.rank, 8) * 4       # params + Adam moments + grads
+  return int(minilm.param_bytes(m.num_layers) * 2 + activations * 2 + eval_acts + adapter + 2 * cached)
 
 
 # ------------------------------------------------------------------------------------------- validation
 
 
-def validate(config) -> None:
-  """Every config error before any data is read or anything is written."""
+TARGET_SHAPES = ((HIDDEN, HIDDEN), (HIDDEN, 1536), (1536, HIDDEN))   # (d_in, d_out) of the adapted layers
+FULL_TRAIN_ROWS, FULL_TEST_ROWS = 31_000, 12_300                     # upper bounds of all four tasks
+
+
+def _positive_int(value, field: str, fix: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{field}={value!r} must be a positive integer: {fix}.")
+
+
+def _non_negative_int(value, field: str, fix: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f"{field}={value!r} must be an integer >= 0: {fix}.")
+
+
+def probe_grid(config) -> list[float]:
+  try:
+    grid = [float(v) for v in configlib.split_names(config.probe.l2)]
+  except ValueError:
+    grid = []
+  if not grid or any(not (v > 0 and np.isfinite(v)) for v in grid):
+    raise ValueError(f"config.probe.l2={config.probe.l2!r} must be a comma-separated list of L2 weights > 0, "
+                     "e.g. '1e-4,1e-3,1e-2'.")
+  return grid
+
+
+def validate(config) -> train.Settings:
+  """Every config error, one line each naming the field and the fix, before any data is read, anything is
+  written or any method trains: every method's adapter is built on every adapted layer shape here."""
   names = configlib.split_names(config.method_names)
   unknown = [n for n in names if n not in METHODS]
   if unknown or not names:
-    raise ValueError(f"config.method_names={names}: unknown {unknown}; valid: {list(METHODS)}.")
-  tasks = config.data.tasks.split(",")
+    raise ValueError(f"config.method_names={config.method_names!r}: unknown {unknown}; valid: {list(METHODS)}.")
+  tasks = configlib.split_names(config.data.tasks)
   bad = [t for t in tasks if t not in text.TASKS]
-  if bad or len(set(tasks)) != len(tasks):
-    raise ValueError(f"config.data.tasks={config.data.tasks!r}: use distinct names among {text.TASKS}.")
-  m = config.model
-  if not 1 <= m.num_layers <= 6:
-    raise ValueError(f"config.model.num_layers={m.num_layers} must lie in 1..6 (MiniLM-L6 has 6 layers).")
+  if bad:
+    raise ValueError(f"config.data.tasks={config.data.tasks!r}: unknown task(s) {bad}; valid: {list(text.TASKS)}.")
+  if len(set(tasks)) != len(tasks) or len(tasks) < 2:
+    raise ValueError(f"config.data.tasks={config.data.tasks!r}: name at least two distinct tasks among {text.TASKS}.")
+  d, m = config.data, config.model
+  for field in ("train_per_task", "test_per_task", "seed"):
+    _non_negative_int(d[field], f"config.data.{field}", "0 means all rows" if field != "seed" else "e.g. 0")
+  _positive_int(d.val_per_task, "config.data.val_per_task", "the held-out training rows per task (probe "
+                "regularisation and curves), e.g. 100")
+  if d.train_per_task and d.val_per_task >= d.train_per_task:
+    raise ValueError(f"config.data.val_per_task={d.val_per_task} must be below config.data.train_per_task="
+                     f"{d.train_per_task} (the held-out rows come out of the training rows).")
+  if not isinstance(d.max_length, int) or not 8 <= d.max_length <= minilm.MAX_LENGTH:
+    raise ValueError(f"config.data.max_length={d.max_length!r} must lie in 8..{minilm.MAX_LENGTH}.")
+  if not isinstance(m.num_layers, int) or not 1 <= m.num_layers <= 6:
+    raise ValueError(f"config.model.num_layers={m.num_layers!r} must lie in 1..6 (MiniLM-L6 has 6 layers).")
+  if not isinstance(m.frozen_layers, int) or not 0 <= m.frozen_layers < m.num_layers:
+    raise ValueError(f"config.model.frozen_layers={m.frozen_layers!r} must lie in 0..{m.num_layers - 1} (at "
+                     "least one layer carries adapters).")
   if m.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'.")
+  if m.heads not in ("probe", "random"):
+    raise ValueError(f"config.model.heads={m.heads!r}: use 'probe' (heads start from the linear probe) or 'random'.")
+  for field in ("rank", "grid", "num_experts"):
+    _positive_int(m[field], f"config.model.{field}", {"rank": "e.g. 8", "grid": "K of a K x K grid, e.g. 2",
+                                                      "num_experts": "experts per cell, e.g. 4"}[field])
+  if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)) or not (m.alpha >= 0 and np.isfinite(m.alpha)):
+    raise ValueError(f"config.model.alpha={m.alpha!r} must be >= 0 (0: alpha = rank, a scale of 1).")
   for name in names:
-    spec = adapter_spec(name, m, len(tasks))
-    if spec is not None and spec["rank"] < 1:
-      raise ValueError(f"config.model.rank={m.rank} is too small for {name} at parity (rank {spec['rank']} per "
-                       f"expert/cell): use a rank divisible by grid*num_experts={m.grid * m.num_experts} and by "
-                       f"the number of tasks ({len(tasks)}).")
-    for field, divisor in (("rank", m.grid), ("rank", m.grid * m.num_experts), ("rank", len(tasks))):
-      if m.rank % divisor:
-        raise ValueError(f"config.model.rank={m.rank} is not divisible by {divisor}: parity needs rank divisible by "
-                         f"grid={m.grid}, grid*num_experts={m.grid * m.num_experts} and the task count "
-                         f"{len(tasks)}.")
-  if not 8 <= config.data.max_length <= minilm.MAX_LENGTH:
-    raise ValueError(f"config.data.max_length={config.data.max_length} must lie in 8..{minilm.MAX_LENGTH}.")
-  if config.num_seeds < 1:
-    raise ValueError(f"config.num_seeds={config.num_seeds} must be >= 1.")
-  for field in ("load_balance", "z_loss"):
-    if not config.router[field] >= 0:
-      raise ValueError(f"config.router.{field}={config.router[field]} must be >= 0 (0 turns it off).")
-  train.check_memory(estimate_bytes(config, len(tasks)),
+    spec = adapter_spec(name, m, config.router, len(tasks))
+    if spec is None:
+      continue
+    if spec["rank"] < 1 or m.rank % (m.grid * m.num_experts) or m.rank % len(tasks) or m.rank % m.grid:
+      raise ValueError(f"config.model.rank={m.rank} does not split at parity for {name} (rank "
+                       f"{spec['rank']} per expert/cell): use a rank divisible by grid={m.grid}, grid*num_experts="
+                       f"{m.grid * m.num_experts} and the number of tasks ({len(tasks)}).")
+    from localmoe import adapters
+    for d_in, d_out in TARGET_SHAPES:
+      try:
+        adapters.make(spec, d_in=d_in, d_out=d_out)
+      except ValueError as error:
+        raise ValueError(f"config.model (method {name}, a {d_in} -> {d_out} layer): {error}") from None
+  for field in ("load_balance", "z_loss", "anchor_weight_decay"):
+    value = config.router[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+      raise ValueError(f"config.router.{field}={value!r} must be >= 0 (0 turns it off).")
+  for field in ("anchor_lr_mult", "anchor_init_scale", "oracle_margin"):
+    value = config.router[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and np.isfinite(value)):
+      raise ValueError(f"config.router.{field}={value!r} must be a finite number > 0.")
+  probe_grid(config)
+  _positive_int(config.probe.max_steps, "config.probe.max_steps", "L-BFGS iterations at most, e.g. 2000")
+  _positive_int(config.num_seeds, "config.num_seeds", "e.g. 3")
+  _non_negative_int(config.seed, "config.seed", "e.g. 0")
+  _non_negative_int(config.eval.step_time_repeats, "config.eval.step_time_repeats", "0 skips the step timing")
+  _positive_int(config.eval.diagnostic_rows, "config.eval.diagnostic_rows", "e.g. 256")
+  settings = train.Settings.from_config(config.optim)
+  if config.eval.diagnostic_rows > settings.eval_batch_size:
+    raise ValueError(f"config.eval.diagnostic_rows={config.eval.diagnostic_rows} must be <= "
+                     f"config.optim.eval_batch_size={settings.eval_batch_size} (they are read from one chunk).")
+  for name in names:
+    if name in ANCHORED or config.optim.groups:
+      train.parse_groups(method_groups(name, config))
+  rows = ((d.train_per_task or FULL_TRAIN_ROWS // len(tasks)) + (d.test_per_task or FULL_TEST_ROWS // len(tasks)))
+  train.check_memory(estimate_bytes(config, len(tasks), rows * len(tasks)),
                      f"one method (num_seeds={config.num_seeds} x batch {config.optim.batch_size} x "
-                     f"{config.data.max_length} tokens x {config.model.num_layers} layers)",
+                     f"{d.max_length} tokens x {m.num_layers - m.frozen_layers} adapted layers)",
                      "lower config.num_seeds, config.optim.batch_size or config.data.max_length")
+  return settings
 
 
 # ------------------------------------------------------------------------------------------- one method
 
 
-def build_task(method: str, config, backbone: bert.Bert, frozen_example, corpus: Corpus):
-  """(train.Task, adapted model or None, adapter param count, head param count) of one method."""
+def build_task(method: str, config, upper: bert.Upper, frozen_example, corpus: Corpus, heads0: dict):
+  """(train.Task, adapted model or None, adapter param count, head param count) of one method.
+
+  heads0: the heads every entry starts from (the probe's under LP-FT; else drawn per seed)."""
   tasks, num_classes = corpus.tasks, corpus.num_classes
-  model = MultiTaskClassifier(backbone, num_classes)
+  model = MultiTaskClassifier(upper, num_classes)
   example = {k: jnp.asarray(v[:1]) for k, v in corpus.train.items() if k != "y"}
-  args = (example["input_ids"], example["attention_mask"], example["task"])
-  spec = adapter_spec(method, config.model, len(tasks))
-  heads = sum(np.size(l) for l in jax.tree_util.tree_leaves(head_init(jax.random.PRNGKey(0), num_classes, 384)))
+  args = (example["hidden"], example["attention_mask"], example["task"])
+  spec = adapter_spec(method, config.model, config.router, len(tasks))
+  heads = sum(np.size(l) for l in jax.tree_util.tree_leaves(random_heads(jax.random.PRNGKey(0), num_classes)))
   weights = config.router
   routed = method in ROUTED
+  diag_rows = config.eval.diagnostic_rows
+
+  def start_heads(key):
+    return heads0 if config.model.heads == "probe" else random_heads(jax.random.fold_in(key, 7), num_classes)
 
   if spec is None:
     def init(key, frozen):
-      return {"extras": head_init(jax.random.fold_in(key, 7), num_classes, 384)}
+      return {"extras": start_heads(key)}
 
     def predict(p, frozen, inputs):                     # only the heads are differentiated (p)
-      return model.apply({"params": {**frozen, **p["extras"]}}, inputs["input_ids"], inputs["attention_mask"],
+      return model.apply({"params": {**frozen, **p["extras"]}}, inputs["hidden"], inputs["attention_mask"],
                          inputs["task"])
-    adapted, count = None, 0
-    aux_names = ()
+    adapted, count, aux_names, diagnostics = None, 0, (), None
   else:
     adapted, _ = inject.inject(model, frozen_example, spec, *args, target_modules=BACKBONE_PREFIX + bert.ADAPTER_TARGETS,
                                key=jax.random.PRNGKey(0), trainable_extras=r"head_\d+")
@@ -293,11 +525,11 @@ def build_task(method: str, config, backbone: bert.Bert, frozen_example, corpus:
 
     def init(key, frozen):
       trainable = adapted.init_adapter(key, frozen)
-      trainable["extras"] = head_init(jax.random.fold_in(key, 7), num_classes, 384)
+      trainable["extras"] = start_heads(key)
       return trainable
 
     def predict(p, frozen, inputs):
-      logits, traces = adapted.apply(frozen, p, inputs["input_ids"], inputs["attention_mask"], inputs["task"],
+      logits, traces = adapted.apply(frozen, p, inputs["hidden"], inputs["attention_mask"], inputs["task"],
                                      context=inputs["task"], capture_routing=True)
       if not routed:
         return logits
@@ -306,58 +538,37 @@ def build_task(method: str, config, backbone: bert.Bert, frozen_example, corpus:
       return logits, {"aux_loss": losses["aux_loss"], "load_balance": losses["load_balance"],
                       "router_z": losses["router_z"]}
     aux_names = ("load_balance", "router_z") if routed else ()
+    diagnostics = (functools.partial(router_diagnostics, adapted, len(tasks), diag_rows) if routed else None)
 
   def loss(logits, y):
     return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), y[:, :1], axis=-1)[:, 0]   # [B]
 
   task = train.Task(init=init, predict=predict, loss=loss,
-               metric_names=metric_names(tasks, num_classes), per_example_metrics=per_example_metrics(num_classes),
-               aux_names=aux_names)
+                    metric_names=metric_names(tasks, num_classes), per_example_metrics=per_example_metrics(num_classes),
+                    aux_names=aux_names, diagnostics=diagnostics)
   return task, adapted, count, heads
 
 
-def routing_usage(adapted, params, frozen, split: dict, num_tasks: int, chunk: int) -> dict[str, np.ndarray]:
-  """Expert usage [entries, layers, tasks, routers, E] and entropy on a whole split, for the final params."""
-  @jax.jit
-  def one_chunk(p, rows):
-    _, traces = adapted.apply(frozen, p, rows["input_ids"], rows["attention_mask"], rows["task"],
-                              context=rows["task"], capture_routing=True)
-    diag = inject.routing_diagnostics(traces, groups=rows["task"], num_groups=num_tasks, mask=rows["attention_mask"])
-    counts = jax.nn.one_hot(rows["task"], num_tasks).sum(0)                          # [tasks]
-    return diag["usage"] * counts[None, :, None, None], diag["entropy"] * counts[None, :, None], counts
-
-  n = split["task"].shape[0]
-  usage = entropy = counts = 0.0
-  for start in range(0, n, chunk):
-    rows = {k: jnp.asarray(split[k][start:start + chunk]) for k in ("input_ids", "attention_mask", "task")}
-    u, e, c = jax.vmap(one_chunk, in_axes=(0, None))(params, rows)
-    usage, entropy, counts = usage + np.asarray(u), entropy + np.asarray(e), counts + np.asarray(c)
-  counts = np.maximum(counts, 1)
-  return {"usage": usage / counts[:, None, :, None, None], "entropy": entropy / counts[:, None, :, None]}
+def router_diagnostics(adapted, num_tasks: int, rows: int, params, frozen, inputs) -> dict:
+  """Routing on the first `rows` test rows (round-robin over tasks): "usage" [layers, tasks, routers, E],
+  "entropy_nats" [] (mean per-token gate entropy, averaged over layers, tasks and routers; log E = uniform)
+  and "task_separation" [] (`routing.task_separation`, averaged over layers)."""
+  rows = {k: v[:rows] for k, v in inputs.items()}
+  _, traces = adapted.apply(frozen, params, rows["hidden"], rows["attention_mask"], rows["task"],
+                            context=rows["task"], capture_routing=True)
+  diag = inject.routing_diagnostics(traces, groups=rows["task"], num_groups=num_tasks, mask=rows["attention_mask"])
+  return {"usage": diag["usage"], "entropy_nats": jnp.mean(diag["entropy"]),
+          "task_separation": jnp.mean(routing.task_separation(diag["usage"]))}
 
 
-def task_separation(usage: np.ndarray) -> dict[str, float]:
-  """How differently the tasks use the experts: the total-variation distance between two tasks' mean gates,
-  averaged over task pairs, routers (cells) and layers; 0 = every task routed alike, 1 = disjoint experts.
-
-  usage: [entries, layers, tasks, routers, E]. Returns the mean and std over entries (seeds).
-  """
-  tasks = usage.shape[2]
-  pairs = [(a, b) for a in range(tasks) for b in range(a + 1, tasks)]
-  tv = np.stack([0.5 * np.abs(usage[:, :, a] - usage[:, :, b]).sum(-1) for a, b in pairs], 0)   # [pairs, n, L, R]
-  per_entry = tv.mean(axis=(0, 2, 3))
-  return {"mean": float(per_entry.mean()), "std": float(per_entry.std())}
-
-
-def step_time(task: train.Task, fit_params, frozen, batch: dict, settings: train.Settings, repeats: int = 5) -> float:
+def step_time(task: train.Task, fit_params, frozen, batch: dict, repeats: int) -> float:
   """Median seconds of one vmapped training step (all seeds), the trainer's own `train_step`, compiled."""
   tx = train.make_optimizer()
   state = jax.vmap(lambda p: train.entry_state(p, tx.init(p)))(fit_params)
   inputs = {k: jnp.asarray(v) for k, v in batch.items() if k != "y"}
   y, mask = jnp.asarray(batch["y"]), jnp.ones(batch["y"].shape[0])
   step = jax.jit(jax.vmap(functools.partial(train.train_step, task, tx), in_axes=(0, None, None, None, None, None)))
-  out = step(state, frozen, inputs, y, mask, jnp.asarray(0))
-  jax.block_until_ready(out)
+  jax.block_until_ready(step(state, frozen, inputs, y, mask, jnp.asarray(0)))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -366,179 +577,337 @@ def step_time(task: train.Task, fit_params, frozen, batch: dict, settings: train
   return float(np.median(times))
 
 
+def _per_seed(values: np.ndarray, ok: np.ndarray) -> dict:
+  """{"mean", "std", "per_seed"} over the seeds that did not diverge (None where a seed diverged)."""
+  values = np.asarray(values, np.float64)
+  kept = values[ok]
+  return {"mean": float(np.mean(kept)) if kept.size else None, "std": float(np.std(kept)) if kept.size else None,
+          "per_seed": [float(v) if good else None for v, good in zip(values, ok)]}
+
+
+def summarise(method: str, fit: train.FitResult, seeds, corpus: Corpus, count: int, heads: int) -> dict:
+  """results.json entry of one trained method: accuracy / macro-F1 per task and their means over ok seeds,
+  and for routed methods the router diagnostics at initialisation and at the end."""
+  final = task_scores(fit.history[:, -1, -1], corpus.tasks, corpus.num_classes)            # test split
+  summary = results.method_summary(count + heads, seeds, fit, splits=(), extra={
+      "test_accuracy": final["accuracy/mean"], "test_macro_f1": final["macro_f1/mean"]})
+  summary.pop("paper")
+  ok = np.array([s == "ok" for s in fit.status])
+  summary.update(adapter_params=count, head_params=heads, **{k: _per_seed(v, ok) for k, v in final.items()})
+  if "entropy_nats" in fit.diagnostics:
+    for key, name in (("entropy_nats", "routing_entropy"), ("task_separation", "task_separation")):
+      final_v, init_v = fit.diagnostics[key][:, -1], fit.initial_diagnostics[key]
+      suffix = "_nats" if key == "entropy_nats" else ""
+      summary[f"{name}{suffix}"] = float(np.mean(final_v[ok])) if ok.any() else None
+      summary[f"{name}_init{suffix}"] = float(np.mean(init_v))
+      summary[f"{name}_per_seed"] = {"init": [float(v) for v in init_v], "final": [float(v) for v in final_v]}
+  return summary
+
+
+def probe_summary(logits_test: np.ndarray, corpus: Corpus, seeds, info: dict, heads: int) -> dict:
+  """results.json entry of the linear probe (deterministic: the same for every seed)."""
+  metrics_fn = per_example_metrics(corpus.num_classes)
+  means = np.asarray(jnp.mean(metrics_fn(jnp.asarray(logits_test), jnp.asarray(corpus.test["y"])), 0))
+  final = task_scores(means[None], corpus.tasks, corpus.num_classes)
+  ok = np.ones(len(seeds), bool)
+  tiled = {k: np.repeat(v, len(seeds)) for k, v in final.items()}
+  flat = {}
+  for key, name in (("accuracy/mean", "test_accuracy"), ("macro_f1/mean", "test_macro_f1")):
+    flat.update({name: [float(v) for v in tiled[key]], f"{name}_mean": float(final[key][0]), f"{name}_std": 0.0})
+  return {"params": heads, "adapter_params": 0, "head_params": heads, "seeds": list(seeds), **flat, "status": "ok",
+          "probe": info, **{k: _per_seed(v, ok) for k, v in tiled.items()}}
+
+
+def paired_differences(summaries: dict) -> dict:
+  """Per seed, mean test accuracy of each adapter method minus LoRA's, minus one-LoRA-per-task's and minus
+  the probe's (same seed, same test rows): {method: {"vs_lora": {...}, ...}} in accuracy points."""
+  refs = {"vs_lora": "lora", "vs_per_task_lora": "per_task_lora", "vs_linear_probe": "linear_probe"}
+  out = {}
+  for method, s in summaries.items():
+    if "accuracy/mean" not in s or method in ("linear_probe",):
+      continue
+    row = {}
+    for key, ref in refs.items():
+      if ref == method or ref not in summaries or "accuracy/mean" not in summaries[ref]:
+        continue
+      a, b = s["accuracy/mean"]["per_seed"], summaries[ref]["accuracy/mean"]["per_seed"]
+      diffs = [100 * (x - y) if x is not None and y is not None else None for x, y in zip(a, b)]
+      kept = [v for v in diffs if v is not None]
+      row[key] = {"per_seed": diffs, "mean": float(np.mean(kept)) if kept else None,
+                  "std": float(np.std(kept)) if kept else None,
+                  "min": float(np.min(kept)) if kept else None, "max": float(np.max(kept)) if kept else None}
+    if row:
+      out[method] = row
+  return out
+
+
 # ------------------------------------------------------------------------------------------- the run
 
 
 def run(config, workdir: str) -> dict:
-  validate(config)
+  settings = validate(config)
   start = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
+  names = configlib.split_names(config.method_names)
   dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+  tasks = tuple(configlib.split_names(config.data.tasks))
   backbone, backbone_params, tokenizer = minilm.load(num_layers=config.model.num_layers, dtype=dtype)
-  settings = train.Settings.from_config(config.optim)
   corpus = load_corpus(config.data, tokenizer)
-  tasks = corpus.tasks
+  os.makedirs(workdir, exist_ok=True)
+  k = config.model.frozen_layers
+  upper = bert.Upper(backbone, k)
+  upper_params = bert.upper_params(backbone_params, k, config.model.num_layers)
+  t0 = time.perf_counter()
+  features = {s: lower_features(backbone, backbone_params, getattr(corpus, s), k) for s in ("train", "val", "test")}
+  corpus = dataclasses.replace(corpus, **features)
+  pooled = {s: pooled_features(upper, upper_params, getattr(corpus, s)) for s in ("train", "val", "test")}
   seeds = list(range(config.seed, config.seed + config.num_seeds))
-  head_example = head_init(jax.random.PRNGKey(0), corpus.num_classes, 384)
-  frozen = {"backbone": backbone_params, **head_example}
-  data = train.Data(train=corpus.train, test=corpus.test, frozen=frozen)
   n_train = corpus.train["task"].shape[0]
-  sizes = ", ".join(f"{t} {corpus.counts[t]['train']}/{corpus.counts[t]['test']}" for t in tasks)
-  print(f"== multi-task text: {len(tasks)} tasks ({sizes}"
-        f" train/test), {n_train} training examples, {config.data.max_length} tokens, MiniLM x{config.model.num_layers}"
-        f" layers ({config.model.dtype}), {len(seeds)} seeds, {settings.epochs} evaluations x "
-        f"{settings.steps(n_train)} steps of {settings.batch_size}", flush=True)
-  print(f"   memory estimate {estimate_bytes(config, len(tasks)) / 2**30:.1f} GiB per method", flush=True)
+  sizes = ", ".join(f"{t} {c['train']}/{c['val']}/{c['test']}" for t, c in corpus.counts.items())
+  print(f"== multi-task text: {len(tasks)} tasks ({sizes} train/held-out/test), {n_train} training rows, "
+        f"{config.data.max_length} tokens, MiniLM x{config.model.num_layers} ({config.model.dtype}), adapters on "
+        f"layers {k + 1}-{config.model.num_layers} (layers 1-{k} computed once, {time.perf_counter() - t0:.0f} s), "
+        f"{len(seeds)} seeds, {settings.epochs} evaluations x {settings.steps(n_train)} steps of "
+        f"{settings.batch_size}", flush=True)
+  print(f"   memory estimate {estimate_bytes(config, len(tasks), n_train + len(corpus.test['task'])) / 2**30:.1f} GiB "
+        "per method", flush=True)
 
-  summaries, fits, usage, step_s = {}, {}, {}, {}
-  batch = {k: v[:settings.batch_size] for k, v in corpus.train.items()}
-  failed = []
-  for method in configlib.split_names(config.method_names):
-    task, adapted, count, heads = build_task(method, config, backbone, frozen, corpus)
-    print(f"[{method}] {count:,} adapter parameters + {heads:,} head parameters", flush=True)
-    try:
-      fit = train.fit(task, data, seeds, settings, name=method, log=_trainer_log(method),
-                      checkpoints=checkpoint.policy(config, workdir, method),
-                      on_epoch_end=_progress(method, corpus, settings, time.perf_counter()))
-    except RuntimeError as error:                         # one method's failure does not lose the others
-      print(f"  [{method}] FAILED: {error}", flush=True)
-      failed.append(method)
-      summaries[method] = {"status": f"failed: {error}", "params": count + heads, "adapter_params": count,
-                           "head_params": heads, "seeds": seeds}
-      continue
-    fits[method] = fit
-    step_s[method] = (step_time(task, fit.params, frozen, batch, settings, config.eval.step_time_repeats)
-                      if config.eval.step_time_repeats else float("nan"))
-    final = task_scores(fit.history[:, -1, -1], tasks, corpus.num_classes)               # test split
-    # The fit's metrics are per-task counts: the summary is over the accuracies and F1 derived from them.
-    summaries[method] = results.method_summary(count + heads, seeds, fit, splits=(), extra={
-        "test_accuracy": final["accuracy/mean"], "test_macro_f1": final["macro_f1/mean"]})
-    summaries[method].pop("paper")
-    summaries[method].update(
-        adapter_params=count, head_params=heads, step_time_s=step_s[method],
-        **{k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": [float(a) for a in v]}
-           for k, v in final.items()})
-    if adapted is not None and method in ROUTED:
-      usage[method] = routing_usage(adapted, fit.params, frozen, corpus.test, len(tasks), settings.eval_batch_size)
-      usage[method]["paths"] = adapted.paths
-      summaries[method]["routing_entropy_nats"] = float(np.mean(usage[method]["entropy"]))
-      summaries[method]["task_separation"] = task_separation(usage[method]["usage"])
-    print(f"  [{method}] test accuracy {summaries[method]['accuracy/mean']['mean'] * 100:.2f} "
-          f"+- {summaries[method]['accuracy/mean']['std'] * 100:.2f}, macro-F1 "
-          f"{summaries[method]['macro_f1/mean']['mean'] * 100:.2f}; step {step_s[method] * 1e3:.0f} ms; "
-          f"{fit.wall_time_s:.0f} s", flush=True)
+  heads0, probe_info = probe_heads(pooled, corpus, probe_grid(config), config.probe.max_steps)
+  probe_logits = np.concatenate([np.asarray(pooled["test"][i:i + 1] @ heads0[f"head_{t}"]["kernel"]
+                                            + heads0[f"head_{t}"]["bias"]) for i, t in enumerate(corpus.test["task"])])
+  valid = np.arange(max(corpus.num_classes))[None, :] < np.asarray(corpus.num_classes)[corpus.test["task"]][:, None]
+  probe_logits = np.where(valid, probe_logits, NEG)
+  head_count = sum(np.size(l) for l in jax.tree_util.tree_leaves(heads0))
+  frozen = {"backbone": upper_params, **heads0}
+  data = train.Data(train=corpus.train, val=corpus.val, test=corpus.test, frozen=frozen)
+  batch = {key: v[:settings.batch_size] for key, v in corpus.train.items()}
+  live = LiveHistory(workdir, corpus)
+  step_s, layer_paths = {}, {}
 
+  def train_one(method: runner.Method):
+    if method.name == "linear_probe":
+      summary = probe_summary(probe_logits, corpus, seeds, probe_info, head_count)
+      print(f"  [linear_probe] test accuracy {summary['accuracy/mean']['mean'] * 100:.2f} (converged: "
+            f"{all(i['converged'] for i in probe_info.values())})", flush=True)
+      return None, summary
+    task, adapted, count, heads = build_task(method.name, config, upper, frozen, corpus, heads0)
+    method_settings = dataclasses.replace(settings, groups=train.parse_groups(method_groups(method.name, config)))
+    print(f"[{method.name}] {count:,} adapter parameters + {heads:,} head parameters", flush=True)
+    fit = method.fit(task, data, seeds, method_settings, log=_trainer_log(method.name),
+                     on_epoch_end=live.hook(method.name, seeds, settings, task.train_names))
+    if adapted is not None:
+      layer_paths[method.name] = adapted.paths
+    summary = summarise(method.name, fit, seeds, corpus, count, heads)
+    if config.eval.step_time_repeats:
+      step_s[method.name] = step_time(task, fit.params, frozen, batch, config.eval.step_time_repeats)
+      summary["step_time_s"] = step_s[method.name]
+    mean = summary["accuracy/mean"]
+    timing = f"; step {step_s[method.name] * 1e3:.0f} ms" if method.name in step_s else ""
+    print(f"  [{method.name}] test accuracy {_fmt_pm(mean)}, macro-F1 {_fmt_pm(summary['macro_f1/mean'])}"
+          f"{timing}; {fit.wall_time_s:.0f} s" + ("" if fit.status == ["ok"] * len(seeds) else
+                                                 f"; NOT ALL SEEDS OK: {summary['status']}"), flush=True)
+    return fit, summary
+
+  def failed(name, reason):
+    return {"status": reason, "params": None, "adapter_params": None, "head_params": head_count, "seeds": seeds}
+
+  summaries, fits = runner.run_methods(names, train_one, failed=failed,
+                                       checkpoints=checkpoint.policy(config, workdir), log=print)
+  live.close()
   if "lora" in step_s:
-    for method in step_s:
-      summaries[method]["step_time_vs_lora"] = step_s[method] / step_s["lora"]
-  markdown = _markdown(config, corpus, summaries, time.perf_counter() - start)
-  results.atomic_write_text(os.path.join(workdir, "results.md"), markdown)
-  results.write_json(os.path.join(workdir, "results.json"), {
-      "experiment": "multitask_text", "config": config.to_dict(), "tasks": list(tasks),
-      "counts": corpus.counts, "methods": summaries, "wall_time_s": time.perf_counter() - start})
-  _write_history(os.path.join(workdir, "history.csv"), fits, corpus)
-  _figures(workdir, fits, usage, corpus, settings)
+    for method, seconds in step_s.items():
+      summaries[method]["step_time_vs_lora"] = seconds / step_s["lora"]
+  paired = paired_differences(summaries)
+  wall = time.perf_counter() - start
+  markdown = _markdown(config, corpus, summaries, paired, wall)
+  _figures(workdir, fits, corpus, settings, layer_paths)
   print(markdown, flush=True)
-  print(f"wrote {workdir}/results.json, results.md, history.csv, accuracy.png, routing_*.png "
+  results.write_run(workdir, "multitask_text", config, summaries, {}, wall, markdown,
+                    extra={"tasks": list(tasks), "counts": corpus.counts, "paired_differences": paired},
+                    history_csv=live.csv_text())
+  print(f"wrote {workdir}/results.json, results.md, history.csv, tb/, accuracy.png, loss.png, routing_*.png "
         f"({time.perf_counter() - start:.0f} s total)", flush=True)
-  if failed:
-    raise results.RunFailed(f"methods failed: {failed} (see results.json); the others are written.")
-  return summaries
+  return {"methods": summaries, "paired_differences": paired}
 
 
 def _trainer_log(method: str):
-  """The trainer's own lines (resume, divergence), without its per-epoch metric line: `_progress` prints a
-  readable one (the raw metrics are 98 counts per split)."""
+  """The trainer's own lines (groups, resume, divergence), without its per-epoch metric line: the live
+  history prints a readable one (the raw metrics are per-task counts)."""
   prefix = f"  [{method}] epoch "
   return lambda line: None if line.startswith(prefix) else print(line, flush=True)
 
 
-def _progress(method: str, corpus: Corpus, settings: train.Settings, start: float):
-  """An epoch hook printing one line: test accuracy per task and their mean (over seeds), elapsed time."""
-  def hook(fit_state: train.FitState) -> None:
-    e = fit_state.epoch - 1
-    scores = task_scores(fit_state.history[:, e, -1], corpus.tasks, corpus.num_classes)
-    train_acc = task_scores(fit_state.history[:, e, 0], corpus.tasks, corpus.num_classes)["accuracy/mean"]
-    loss = np.nanmean(fit_state.train_history[:, e, 0]) if fit_state.train_history is not None else float("nan")
-    per_task = "  ".join(f"{t} {np.nanmean(scores[f'accuracy/{t}']) * 100:5.1f}" for t in corpus.tasks)
-    print(f"  [{method}] eval {fit_state.epoch:>2}/{settings.epochs}  loss {loss:.3f}  train acc "
-          f"{np.nanmean(train_acc) * 100:5.1f}  test acc {per_task}  mean {np.nanmean(scores['accuracy/mean']) * 100:5.1f}"
-          f"  ({time.perf_counter() - start:.0f}s)", flush=True)
-  return hook
+# ------------------------------------------------------------------------------------------- live files
 
 
-def _pm(entry, scale=100.0):
+class LiveHistory:
+  """history.csv (long format: method, seed, evaluation, split, metric, value) and TensorBoard scalars
+  (tb/<method>: accuracy and macro-F1 per task and split, training loss and aux, router diagnostics),
+  rewritten at every evaluation of every method."""
+
+  def __init__(self, workdir: str, corpus: Corpus):
+    self.workdir, self.corpus = workdir, corpus
+    self.rows: dict[str, list[str]] = {}
+    self.writers: dict = {}
+
+  def hook(self, method: str, seeds, settings: train.Settings, train_names: Sequence[str]):
+    start = time.perf_counter()
+
+    def on_epoch_end(fit_state: train.FitState) -> None:
+      e = fit_state.epoch - 1
+      rows, scalars = [], {}
+      for k, split in enumerate(("train", "val", "test")):
+        scores = task_scores(fit_state.history[:, :, k], self.corpus.tasks, self.corpus.num_classes)
+        for name, values in scores.items():                                          # [seeds, evals]
+          for s in range(values.shape[0]):
+            for ev in range(values.shape[1]):
+              if np.isfinite(values[s, ev]):
+                rows.append(f"{method},{seeds[s]},{ev + 1},{split},{name},{values[s, ev]:.6f}")
+          if np.isfinite(values[:, e]).any():
+            scalars[f"{split}/{name}"] = float(np.nanmean(values[:, e]))
+      for c, name in enumerate(train_names):
+        values = fit_state.train_history[:, :, c]
+        for s in range(values.shape[0]):
+          for ev in range(values.shape[1]):
+            if np.isfinite(values[s, ev]):
+              rows.append(f"{method},{seeds[s]},{ev + 1},train_stream,{name},{values[s, ev]:.6f}")
+        scalars[f"train_stream/{name}"] = float(np.nanmean(values[:, e]))
+      for name in ("entropy_nats", "task_separation"):
+        if name in fit_state.diagnostics:
+          values = fit_state.diagnostics[name]
+          for s in range(values.shape[0]):
+            for ev in range(values.shape[1]):
+              if np.isfinite(values[s, ev]):
+                rows.append(f"{method},{seeds[s]},{ev + 1},routing,{name},{values[s, ev]:.6f}")
+          scalars[f"routing/{name}"] = float(np.nanmean(values[:, e]))
+      self.rows[method] = rows
+      results.atomic_write_text(os.path.join(self.workdir, "history.csv"), self.csv_text())
+      self._tensorboard(method, scalars, fit_state.epoch)
+      val = scalars.get("val/accuracy/mean", float("nan"))
+      per_task = "  ".join(f"{t} {scalars.get(f'val/accuracy/{t}', float('nan')) * 100:5.1f}"
+                           for t in self.corpus.tasks)
+      routed = (f"  router H {scalars['routing/entropy_nats']:.3f} sep {scalars['routing/task_separation']:.3f}"
+                if "routing/entropy_nats" in scalars else "")
+      print(f"  [{method}] eval {fit_state.epoch:>2}/{settings.epochs}  loss {scalars['train_stream/loss']:.3f}  "
+            f"held-out acc {per_task}  mean {val * 100:5.1f}{routed}  ({time.perf_counter() - start:.0f}s)",
+            flush=True)
+    return on_epoch_end
+
+  def csv_text(self) -> str:
+    return "\n".join(["method,seed,evaluation,split,metric,value"] + [r for rows in self.rows.values() for r in rows]) + "\n"
+
+  def _tensorboard(self, method: str, scalars: dict, step: int) -> None:
+    try:
+      from tensorboardX import SummaryWriter
+    except ImportError:
+      return
+    if method not in self.writers:
+      import shutil
+      shutil.rmtree(os.path.join(self.workdir, "tb", method), ignore_errors=True)
+      self.writers[method] = SummaryWriter(os.path.join(self.workdir, "tb", method))
+    for name, value in scalars.items():
+      self.writers[method].add_scalar(name, value, step)
+    self.writers[method].flush()
+
+  def close(self) -> None:
+    for writer in self.writers.values():
+      writer.close()
+    self.writers.clear()
+
+
+# ------------------------------------------------------------------------------------------- tables, figures
+
+
+def _fmt_pm(entry, scale=100.0) -> str:
+  if entry.get("mean") is None:
+    return "n/a"
   return f"{entry['mean'] * scale:.2f} ± {entry['std'] * scale:.2f}"
 
 
-def _markdown(config, corpus: Corpus, summaries: dict, wall: float) -> str:
+def _markdown(config, corpus: Corpus, summaries: dict, paired: dict, wall: float) -> str:
   tasks = corpus.tasks
-  lines = [f"# Multi-task text stream on MiniLM-L6 ({config.model.num_layers} layers, frozen)", "",
-           "Tasks (train / test examples): " + ", ".join(f"{t} {corpus.counts[t]['train']:,} / "
-                                                          f"{corpus.counts[t]['test']:,}" for t in tasks)
-           + f". {config.data.max_length} tokens at most, {config.num_seeds} seeds, batch "
-           f"{config.optim.batch_size}, {config.optim.epochs} x {config.optim.steps_per_epoch or 'one pass'} steps, "
-           f"lr {config.optim.lr}. Adapters on q, k, v, attention output and both FFN projections of every layer; "
-           f"router losses: load balance {config.router.load_balance}, z {config.router.z_loss}.", "",
-           "Test accuracy % per task, mean over tasks, and macro-F1 % (mean ± std over seeds):", "",
+  d = config.data
+  lines = [f"# Multi-task text stream on MiniLM-L6 ({config.model.num_layers} layers, frozen; adapters on layers "
+           f"{config.model.frozen_layers + 1}-{config.model.num_layers})", "",
+           "Tasks (train / held-out / test rows): " + ", ".join(
+               f"{t} {c['train']:,} / {c['val']:,} / {c['test']:,}" for t, c in corpus.counts.items())
+           + f". {d.max_length} tokens at most, {config.num_seeds} seeds, batch {config.optim.batch_size}, "
+           f"{config.optim.epochs} x {config.optim.steps_per_epoch or 'one pass'} steps, lr {config.optim.lr}, "
+           f"heads from {'the probe (LP-FT)' if config.model.heads == 'probe' else 'N(0, 0.02^2)'}; router losses: "
+           f"load balance {config.router.load_balance}, z {config.router.z_loss}; anchors' router: lr x"
+           f"{config.router.anchor_lr_mult:g}, weight decay {config.router.anchor_weight_decay:g}, U(+-"
+           f"{config.router.anchor_init_scale:g}) start; oracle margin {config.router.oracle_margin:g}.", "",
+           "Test accuracy % per task, mean over tasks, and macro-F1 % (mean ± std over the seeds that did not "
+           "diverge; † marks a method with a diverged seed, left out of its means):", "",
            "| Method | Adapter params | " + " | ".join(tasks) + " | mean acc | mean macro-F1 | step (ms) | vs LoRA |",
            "|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
   for method, s in summaries.items():
+    label = LABELS[method] + (" †" if s.get("status", "ok") != "ok" and "accuracy/mean" in s else "")
     if "accuracy/mean" not in s:
-      lines.append(f"| {LABELS[method]} | {s['adapter_params']:,} | " + " | ".join("-" for _ in tasks)
-                   + f" | {s['status']} | | | |")
+      lines.append(f"| {label} | - | " + " | ".join("-" for _ in tasks) + f" | {s['status']} | | | |")
       continue
-    cells = [_pm(s[f"accuracy/{t}"]) for t in tasks]
-    ratio, step = s.get("step_time_vs_lora", float("nan")), s["step_time_s"]
-    lines.append(f"| {LABELS[method]} | {s['adapter_params']:,} | " + " | ".join(cells)
-                 + f" | {_pm(s['accuracy/mean'])} | {_pm(s['macro_f1/mean'])} | "
-                 + (f"{step * 1e3:.0f} | {ratio:.2f}x" if np.isfinite(step) and np.isfinite(ratio) else "- | -") + " |")
+    step, ratio = s.get("step_time_s"), s.get("step_time_vs_lora")
+    lines.append(f"| {label} | {s['adapter_params']:,} | " + " | ".join(_fmt_pm(s[f"accuracy/{t}"]) for t in tasks)
+                 + f" | {_fmt_pm(s['accuracy/mean'])} | {_fmt_pm(s['macro_f1/mean'])} | "
+                 + (f"{step * 1e3:.0f} | {ratio:.2f}x" if step is not None and ratio is not None else "- | -") + " |")
+  diverged = [(m, s["status"]) for m, s in summaries.items() if "accuracy/mean" in s and s.get("status") != "ok"]
+  if diverged:
+    lines += [""] + [f"† {LABELS[m]}: {status}" for m, status in diverged]
   lines += ["", "Macro-F1 % per task:", "", "| Method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
   for method, s in summaries.items():
     if "macro_f1/mean" in s:
-      lines.append(f"| {LABELS[method]} | " + " | ".join(_pm(s[f"macro_f1/{t}"]) for t in tasks) + " |")
-  routed = [(m, s) for m, s in summaries.items() if "task_separation" in s]
+      lines.append(f"| {LABELS[method]} | " + " | ".join(_fmt_pm(s[f"macro_f1/{t}"]) for t in tasks) + " |")
+  routed = [(m, s) for m, s in summaries.items() if "routing_entropy_nats" in s]
   if routed:
-    lines += ["", "Routing on the test set (seed mean): gate entropy per token in nats (uniform over E = "
-              f"{np.log(config.model.num_experts):.3f}), and task separation, the total-variation distance between "
-              "two tasks' mean gates averaged over task pairs, cells and layers (0: all tasks routed alike, 1: "
-              "disjoint experts):", ""]
-    lines += [f"- {LABELS[m]}: entropy {s['routing_entropy_nats']:.3f}, task separation "
-              f"{s['task_separation']['mean']:.3f} ± {s['task_separation']['std']:.3f}" for m, s in routed]
-  heads = next(iter(summaries.values()))["head_params"]
-  lines += ["", f"Every method also trains {heads:,} head parameters (one linear head per task). Step time: one "
-            f"vmapped training step of all seeds, median of {config.eval.step_time_repeats}, on this machine. "
-            f"Run time {wall:.0f} s."]
+    lines += ["", f"Routers on the first {config.eval.diagnostic_rows} test rows (seed mean): mean gate entropy in "
+              f"nats (uniform over E = {np.log(config.model.num_experts):.3f}) and task separation (total variation "
+              "between two tasks' mean gates, averaged over task pairs, cells and layers; 0: all tasks routed "
+              "alike, 1: disjoint experts), at initialisation and after training:", "",
+              "| Method | entropy init | entropy end | separation init | separation end |", "|---|---|---|---|---|"]
+    lines += [f"| {LABELS[m]} | {s['routing_entropy_init_nats']:.3f} | {s['routing_entropy_nats']:.3f} | "
+              f"{s['task_separation_init']:.3f} | {s['task_separation']:.3f} |" for m, s in routed]
+  if paired:
+    lines += ["", "Paired differences in mean test accuracy (points), per seed (same seed, same test rows): "
+              "mean ± std [min, max] over seeds:", "",
+              "| Method | − LoRA | − one LoRA per task | − linear probe |", "|---|---|---|---|"]
+    for method, row in paired.items():
+      cells = []
+      for key in ("vs_lora", "vs_per_task_lora", "vs_linear_probe"):
+        v = row.get(key)
+        cells.append("-" if v is None or v["mean"] is None else
+                     f"{v['mean']:+.2f} ± {v['std']:.2f} [{v['min']:+.2f}, {v['max']:+.2f}]")
+      lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+  if "linear_probe" in summaries and "probe" in summaries["linear_probe"]:
+    info = summaries["linear_probe"]["probe"]
+    lines += ["", "Linear probe: " + "; ".join(f"{t} L2 {i['l2']:g} ({i['iterations']} L-BFGS steps, gradient norm "
+                                               f"{i['grad_norm']:.1e})" for t, i in info.items()) + "."]
+  timing = (f"Step time: one vmapped training step of all seeds, median of {config.eval.step_time_repeats}, on this "
+            "machine. " if config.eval.step_time_repeats else "Step time not measured (eval.step_time_repeats=0). ")
+  lines += ["", timing + f"Run time {wall:.0f} s."]
   return "\n".join(lines) + "\n"
 
 
-def _write_history(path: str, fits: dict, corpus: Corpus) -> None:
-  rows = ["method,seed,evaluation,split,metric,value"]
-  for method, fit in fits.items():
-    for k, split in enumerate(fit.splits):
-      scores = task_scores(fit.history[:, :, k], corpus.tasks, corpus.num_classes)      # {name: [seeds, evals]}
-      for name, values in scores.items():
-        for s in range(values.shape[0]):
-          for e in range(values.shape[1]):
-            rows.append(f"{method},{s},{e + 1},{split},{name},{values[s, e]:.6f}")
-    for c, name in enumerate(fit.train_names):
-      for s in range(fit.train_history.shape[0]):
-        for e in range(fit.train_history.shape[1]):
-          rows.append(f"{method},{s},{e + 1},train_stream,{name},{fit.train_history[s, e, c]:.6f}")
-  results.atomic_write_text(path, "\n".join(rows) + "\n")
+def _layer_name(path: str) -> str:
+  return (path.replace(BACKBONE_PREFIX + "encoder/layer_", "L").replace("/attention/self/", " ")
+          .replace("/attention/output/dense", " attn out").replace("/intermediate/dense", " ffn in")
+          .replace("/output/dense", " ffn out"))
 
 
-def _figures(workdir: str, fits: dict, usage: dict, corpus: Corpus, settings: train.Settings) -> None:
+def _figures(workdir: str, fits: dict, corpus: Corpus, settings: train.Settings, layer_paths: dict) -> None:
   if fits:
-    curves = {m: task_scores(f.history[:, :, -1], corpus.tasks, corpus.num_classes)["accuracy/mean"]
+    every = f"every {settings.steps_per_epoch or 'pass'} steps"
+    curves = {m: task_scores(f.history[:, :, 1], corpus.tasks, corpus.num_classes)["accuracy/mean"] * 100
               for m, f in fits.items()}
     plots.curves_with_bands(os.path.join(workdir, "accuracy.png"), curves, labels=LABELS,
-                            title="mean test accuracy over tasks", xlabel=f"evaluation (every "
-                            f"{settings.steps_per_epoch or 'pass'} steps)", ylabel="test accuracy (%)")
-  for method, u in usage.items():
-    names = [p.replace(BACKBONE_PREFIX + "encoder/layer_", "L").replace("/attention/self/", " ")
-             .replace("/attention/output/dense", " attn out").replace("/intermediate/dense", " ffn in")
-             .replace("/output/dense", " ffn out") for p in u["paths"]]
-    plots.routing_heatmaps(os.path.join(workdir, f"routing_{method}.png"), u["usage"][0], corpus.tasks,
-                           layer_names=names,
-                           title=f"{LABELS[method]}: expert usage per layer, cell and task (seed 0, test set)")
+                            title="mean held-out accuracy over tasks", xlabel=f"evaluation ({every})",
+                            ylabel="held-out accuracy (%)")
+    losses = {m: f.train_history[:, :, 0] for m, f in fits.items()}
+    plots.curves_with_bands(os.path.join(workdir, "loss.png"), losses, labels=LABELS,
+                            title="training loss (mean over the steps of each evaluation)",
+                            xlabel=f"evaluation ({every})", ylabel="cross-entropy")
+  for method, fit in fits.items():
+    if "usage" not in fit.diagnostics:
+      continue
+    usage = fit.diagnostics["usage"][0, -1]                                        # [layers, tasks, routers, E]
+    names = [_layer_name(p) for p in layer_paths.get(method, ())]
+    plots.routing_heatmaps(os.path.join(workdir, f"routing_{method}.png"), usage, corpus.tasks, layer_names=names,
+                           title=f"{LABELS[method]}: expert usage per layer, cell and task (seed 0, test rows)")

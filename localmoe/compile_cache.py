@@ -4,9 +4,9 @@ with another seed) loads its XLA executables from disk instead of compiling them
 `launch.py` enables it at start-up. Where: `$LOCALMOE_COMPILATION_CACHE` if set (a directory; "off"
 disables it), else `<data dir>/jax_compilation_cache` (see `localmoe.data.cache.data_dir`). Entries are
 keyed by JAX on the program, the compile options, the backend and the jax/jaxlib versions, so a stale entry
-is never used; the directory can be deleted at any time. Only programs that took at least
-MIN_COMPILE_SECONDS to compile are stored, and the directory is kept under MAX_BYTES (least recently used
-entries go first).
+is never used; the directory can be deleted at any time. Every program is stored, however quickly it
+compiled (a threshold on compile time would make what is stored depend on how busy the machine is), and the
+directory is kept under MAX_BYTES (least recently used entries go first).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from localmoe.data import cache
 
 ENV_VAR = "LOCALMOE_COMPILATION_CACHE"
 SUBDIR = "jax_compilation_cache"
-MIN_COMPILE_SECONDS = 0.2
+MIN_COMPILE_SECONDS = 0.0            # store every program: what is stored must not depend on machine load
 MAX_BYTES = 2 << 30                    # least recently used entries are evicted beyond this
 _OFF = ("off", "0", "false", "no", "none")
 

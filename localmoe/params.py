@@ -20,7 +20,11 @@ def trainable_params(variables: Any) -> int:
   return count_params(variables)
 
 
+def path_string(key_path) -> str:
+  """A jax key path as the "/"-joined string every path rule matches, e.g. "adapter/encoder/layer_0/query/A"."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
+
+
 def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
   """("/"-joined key path, leaf) of every leaf, e.g. ("adapter/encoder/layer_0/query/A", array)."""
-  return [("/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path), leaf)
-          for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [(path_string(key_path), leaf) for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]

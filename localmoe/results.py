@@ -280,11 +280,14 @@ class Live:
 
 def write_run(workdir: str, experiment: str, config: Any, methods: Mapping[str, Any],
               histories: Mapping[str, tuple[Sequence[int], train.FitResult]], wall_time_s: float,
-              markdown: str, extra: Mapping[str, Any] | None = None, live: Live | None = None) -> None:
+              markdown: str, extra: Mapping[str, Any] | None = None, live: Live | None = None,
+              history_csv: str | None = None) -> None:
   """Writes results.json, results.md, history.csv and TensorBoard events (tb/) of one run.
 
   histories: {name: (seeds, FitResult)}; a name may carry a variant prefix ("decaying/lora"). live: the
-  run's `Live` streamer, closed here (the final files replace what it streamed).
+  run's `Live` streamer, closed here (the final files replace what it streamed). history_csv: an
+  experiment's own history.csv text, written instead of the rows of `histories` (whose TensorBoard events
+  are then the experiment's too: none is written here).
   """
   if live is not None:
     live.close()
@@ -295,8 +298,11 @@ def write_run(workdir: str, experiment: str, config: Any, methods: Mapping[str, 
   metric_names = {tuple(fit.metric_names) for _, fit in histories.values()} or {train.METRICS}
   if len(metric_names) > 1:
     raise ValueError(f"history.csv needs one set of metrics for every method; got {sorted(metric_names)}.")
-  rows = [row for name, (seeds, fit) in histories.items() for row in history_rows(name, seeds, fit)]
-  write_history_csv(os.path.join(workdir, "history.csv"), rows, metric_names.pop())
+  if history_csv is not None:
+    atomic_write_text(os.path.join(workdir, "history.csv"), history_csv)
+  else:
+    rows = [row for name, (seeds, fit) in histories.items() for row in history_rows(name, seeds, fit)]
+    write_history_csv(os.path.join(workdir, "history.csv"), rows, metric_names.pop())
   for name, (seeds, fit) in histories.items():
     write_tensorboard(os.path.join(workdir, "tb"), name, seeds, fit)
   atomic_write_text(os.path.join(workdir, "results.md"), markdown)

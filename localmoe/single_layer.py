@@ -9,9 +9,7 @@ carry on.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import traceback
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -22,8 +20,8 @@ from localmoe import adapters
 from localmoe import checkpoint
 from localmoe import configlib
 from localmoe import results
+from localmoe import runner
 from localmoe import train
-from localmoe import workdir as workdir_lib
 
 
 def layer_task(module, d_in: int, context_dim: int) -> train.Task:
@@ -124,27 +122,17 @@ def run_methods(modules: Mapping[str, Any], data: train.Data, seeds: Sequence[in
   data = device_data(data)
   make_task = make_task or layer_task
 
-  def one(name):
-    module = modules[name]
-    log(f"[{name}] {module.num_params():,} parameters, {len(seeds)} seeds, {settings.epochs} epochs")
-    try:
-      task = make_task(module, d_in, context_dim)
-      hook = None if live is None else live.hook(prefix + name, seeds, data.splits, task.metric_names)
-      fit = train.fit(task, data, seeds, settings, name=name, log=log, on_epoch_end=hook,
-                      checkpoints=None if checkpoints is None else checkpoints.child(name))
-    except workdir_lib.ConfigMismatchError:
-      raise
-    except Exception as error:  # one broken method must not lose the others' results
-      log(f"[{name}] FAILED: {type(error).__name__}: {error}\n{traceback.format_exc()}")
-      return name, None, results.failed_summary(module.num_params(), seeds,
-                                                f"failed: {type(error).__name__}: {error}", paper.get(name))
-    return name, fit, results.method_summary(module.num_params(), seeds, fit, paper.get(name))
+  def train_one(method: runner.Method):
+    module = modules[method.name]
+    log(f"[{method.name}] {module.num_params():,} parameters, {len(seeds)} seeds, {settings.epochs} epochs")
+    fit = method.fit(make_task(module, d_in, context_dim), data, seeds, settings, live_name=prefix + method.name)
+    return fit, results.method_summary(module.num_params(), seeds, fit, paper.get(method.name))
 
-  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-    outcomes = list(pool.map(one, modules))
-  summaries = {name: summary for name, _, summary in outcomes}
-  fits = {name: fit for name, fit, _ in outcomes if fit is not None}
-  return summaries, fits
+  def failed(name, reason):
+    return results.failed_summary(modules[name].num_params(), seeds, reason, paper.get(name))
+
+  return runner.run_methods(list(modules), train_one, failed=failed, checkpoints=checkpoints, live=live,
+                            log=log, parallel=parallel)
 
 
 def split_train_test(rng: np.random.Generator, n: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -121,7 +121,7 @@ def apply_overrides(config, overrides: Mapping[str, Any], where: str = "sweep en
     node = config
     try:
       for part in parents:
-        node = node[part]
+        node = _child(node, part)
       if leaf not in node:
         raise KeyError(leaf)
       node[leaf] = value
@@ -129,6 +129,18 @@ def apply_overrides(config, overrides: Mapping[str, Any], where: str = "sweep en
       raise ValueError(f"{where}: override {dotted!r}={value!r} does not fit the config ({error}); "
                        "use an existing dotted field, e.g. 'optim.lr'.") from None
   return config
+
+
+def _child(node, part: str):
+  """node[part]; inside a list (e.g. `optim.groups`) `part` is an index or the `name` of a dict item."""
+  if isinstance(node, (list, tuple)):
+    if part.isdigit():
+      return node[int(part)]
+    named = [item for item in node if isinstance(item, dict) and item.get("name") == part]
+    if not named:
+      raise KeyError(part)
+    return named[0]
+  return node[part]
 
 
 def entry_name(overrides: Mapping[str, Any]) -> str:

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import multitask_text as config_module
@@ -14,7 +15,7 @@ SHAPES = [(384, 384)] * 4 + [(384, 1536), (1536, 384)]
 
 
 def _count(method, model_config, tasks=4):
-  spec = mt.adapter_spec(method, model_config, tasks)
+  spec = mt.adapter_spec(method, model_config, config_module.get_config().router, tasks)
   return sum(adapters.make(spec, d_in=i, d_out=o).num_params() for i, o in SHAPES) * 6
 
 
@@ -24,7 +25,8 @@ def test_methods_are_at_parameter_parity_with_lora():
   assert lora == 6 * 8 * sum(i + o for i, o in SHAPES) == 331_776
   for method in ("localized_lora", "per_task_lora"):
     assert _count(method, m) == lora
-  for method in ("blockwise_moe", "cellwise_moe"):           # experts at parity, plus small context routers
+  for method in ("blockwise_moe", "cellwise_moe", "blockwise_moe_anchor", "cellwise_moe_anchor",
+                 "cellwise_moe_oracle"):                        # experts at parity, plus small context routers
     assert 0 < _count(method, m) - lora < 0.02 * lora
   # Activation routers read a d_in / K field per cell: stated in the table, not hidden.
   assert _count("cellwise_moe_activation", m) > _count("cellwise_moe", m)
@@ -62,7 +64,18 @@ def test_one_lora_per_task_is_the_selected_tasks_lora():
 
 @pytest.mark.parametrize("override, message", [
     (dict(method_names="lora,nope"), "unknown \\['nope'\\]"),
-    (dict(model=dict(rank=6)), "config.model.rank=6 is not divisible by 8"),
+    (dict(model=dict(rank=6)), "config.model.rank=6 does not split at parity"),
+    (dict(model=dict(num_experts=0)), "config.model.num_experts=0 must be a positive integer"),
+    (dict(model=dict(grid=0)), "config.model.grid=0 must be a positive integer"),
+    (dict(model=dict(grid=5, rank=20)), r"config.model \(method lora, a 384 -> 1536 layer\)|not divisible by k_x=5"),
+    (dict(model=dict(alpha=-1.0)), "config.model.alpha=-1.0 must be >= 0"),
+    (dict(model=dict(frozen_layers=6)), "config.model.frozen_layers=6 must lie in 0..5"),
+    (dict(data=dict(seed=-1)), "config.data.seed=-1 must be an integer >= 0"),
+    (dict(data=dict(tasks="topic,nosuch")), r"unknown task\(s\) \['nosuch'\]"),
+    (dict(data=dict(train_per_task=10, val_per_task=10)), "val_per_task=10 must be below"),
+    (dict(probe=dict(l2="0,1")), "config.probe.l2"),
+    (dict(router=dict(anchor_lr_mult=0.0)), "config.router.anchor_lr_mult=0.0 must be a finite number > 0"),
+    (dict(eval=dict(diagnostic_rows=10_000)), "diagnostic_rows=10000 must be <="),
     (dict(data=dict(tasks="topic,topic")), "config.data.tasks"),
     (dict(model=dict(num_layers=7)), "config.model.num_layers=7"),
     (dict(router=dict(load_balance=-1.0)), "config.router.load_balance"),
@@ -79,3 +92,41 @@ def test_bad_configs_are_refused_before_anything_runs(override, message):
         config[key] = value
   with pytest.raises(ValueError, match=message):
     mt.validate(config)
+
+
+def test_paired_differences_are_per_seed_and_skip_diverged_seeds():
+  acc = lambda *v: {"accuracy/mean": {"per_seed": list(v)}}
+  summaries = {"lora": acc(0.60, 0.70, 0.65), "per_task_lora": acc(0.62, 0.71, None),
+               "cellwise_moe": acc(0.63, 0.69, 0.70)}
+  paired = mt.paired_differences(summaries)["cellwise_moe"]
+  np.testing.assert_allclose(paired["vs_lora"]["per_seed"], [3.0, -1.0, 5.0], atol=1e-9)
+  np.testing.assert_allclose(paired["vs_lora"]["mean"], 7 / 3, atol=1e-9)
+  assert paired["vs_per_task_lora"]["per_seed"][2] is None                    # that seed diverged
+  np.testing.assert_allclose(paired["vs_per_task_lora"]["mean"], np.mean([1.0, -2.0]), atol=1e-9)
+
+
+def test_logistic_probe_converges_to_the_regularised_optimum():
+  r = np.random.default_rng(0)
+  x = jnp.asarray(r.standard_normal((120, 5)), jnp.float32)
+  labels = jnp.asarray(np.argmax(np.asarray(x) @ r.standard_normal((5, 3)), -1))
+  params, steps, grad_norm = mt.fit_logistic(x, labels, jnp.float32(1e-2), 3, 500)
+  assert float(grad_norm) < mt.PROBE_TOLERANCE and int(steps) < 500
+  # At the optimum the gradient of the same objective vanishes; a perturbed point is worse.
+  def objective(p):
+    logits = x @ p["kernel"] + p["bias"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean() + 1e-2 * jnp.sum(p["kernel"] ** 2)
+  g = jax.grad(objective)(params)
+  assert max(float(jnp.abs(v).max()) for v in jax.tree_util.tree_leaves(g)) < 1e-5
+  worse = jax.tree_util.tree_map(lambda a: a + 0.05, params)
+  assert objective(worse) > objective(params)
+
+
+def test_anchored_methods_get_the_router_group_and_others_do_not():
+  config = config_module.get_config()
+  for method in mt.ANCHORED:
+    rules = [dict(r) for r in mt.method_groups(method, config)]
+    assert rules[0]["name"] == "router" and rules[0]["lr_mult"] == 100.0 and rules[0]["weight_decay"] == 0.0
+  assert mt.method_groups("cellwise_moe", config) == []
+  spec = mt.adapter_spec("cellwise_moe_oracle", config.model, config.router, 4)
+  assert spec["router_init"] == "task_aligned" and spec["router_init_margin"] == 2.0
+  assert mt.adapter_spec("cellwise_moe", config.model, config.router, 4).get("router_init") is None

@@ -33,6 +33,7 @@ statistics are computed in float32 either way.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Mapping
 
@@ -151,17 +152,18 @@ class Layer(nn.Module):
 
 
 class Encoder(nn.Module):
-  """The stack of layers, named `layer_0` ... `layer_{n-1}`."""
+  """The stack of layers, named `layer_0` ... `layer_{n-1}` (from `layer_{first_layer}` when set)."""
   num_layers: int
   hidden_size: int
   num_heads: int
   intermediate_size: int
   layer_norm_eps: float
   dtype: Any
+  first_layer: int = 0                # run layers first_layer .. num_layers - 1 only (see `Upper`)
 
   @nn.compact
   def __call__(self, h, attention_mask):
-    for i in range(self.num_layers):
+    for i in range(self.first_layer, self.num_layers):
       h = Layer(self.hidden_size, self.num_heads, self.intermediate_size, self.layer_norm_eps, self.dtype,
                 name=f"layer_{i}")(h, attention_mask)                   # [B, T, H]
     return h
@@ -204,6 +206,49 @@ class Bert(nn.Module):
                    self.layer_norm_eps, self.dtype, name="embeddings")(input_ids, token_type_ids)  # [B, T, H]
     return Encoder(self.num_layers, self.hidden_size, self.num_heads, self.intermediate_size,
                    self.layer_norm_eps, self.dtype, name="encoder")(h, attention_mask)        # [B, T, H]
+
+
+class Upper(nn.Module):
+  """Layers `first_layer` .. `num_layers - 1` of a `Bert` on the hidden states after layer `first_layer`:
+  `(hidden [B, T, H], attention_mask [B, T]) -> last hidden state [B, T, H]`.
+
+  With the lower layers frozen and unadapted, their output is a constant of each example: compute it once
+  (`hidden_after`) and train adapters on the upper layers only. Module paths are the full model's
+  (`encoder/layer_{i}/...`), so its params are `{"encoder": {f"layer_{i}": ...}}` of the checkpoint's
+  (`upper_params`) and `ADAPTER_TARGETS` matches its layers.
+  """
+  model: Bert                         # the full model's sizes
+  first_layer: int                    # 0 .. model.num_layers - 1
+
+  def __post_init__(self):
+    if not 0 <= self.first_layer < self.model.num_layers:
+      raise ValueError(f"first_layer={self.first_layer} must lie in 0..{self.model.num_layers - 1} (the model has "
+                       f"{self.model.num_layers} layers).")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, hidden, attention_mask):
+    m = self.model
+    return Encoder(m.num_layers, m.hidden_size, m.num_heads, m.intermediate_size, m.layer_norm_eps, m.dtype,
+                   first_layer=self.first_layer, name="encoder")(hidden.astype(m.dtype), attention_mask)
+
+
+def upper_params(params: Mapping[str, Any], first_layer: int, num_layers: int) -> dict:
+  """The params of `Upper(model, first_layer)` taken from the full model's params."""
+  return {"encoder": {f"layer_{i}": params["encoder"][f"layer_{i}"] for i in range(first_layer, num_layers)}}
+
+
+def hidden_after(model: Bert, params, input_ids, attention_mask, layers: int):
+  """Hidden states after the first `layers` encoder layers (0: the embeddings' output): [B, T, H]."""
+  lower = Bert(**{**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+                     if f.name not in ("parent", "name")}, "num_layers": max(layers, 1)})
+  if layers == 0:
+    embeddings = Embeddings(model.vocab_size, model.hidden_size, model.max_position, model.type_vocab_size,
+                            model.layer_norm_eps, model.dtype)
+    return embeddings.apply({"params": params["embeddings"]}, input_ids, jnp.zeros_like(input_ids))
+  lower_params = {"embeddings": params["embeddings"],
+                  "encoder": {f"layer_{i}": params["encoder"][f"layer_{i}"] for i in range(layers)}}
+  return lower.apply({"params": lower_params}, input_ids, attention_mask)
 
 
 def from_hf_config(config: Mapping[str, Any], num_layers: int | None = None, dtype: Any = jnp.float32) -> Bert:

@@ -1,0 +1,177 @@
+"""Parameter groups of the trainer (`config.optim.groups`): each group's learning-rate multiplier and weight
+decay reach exactly its leaves, under vmap, schedules, clipping, checkpoints and sweeps."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from localmoe import checkpoint, sweep, train, workdir
+
+D = 6
+
+
+def tiny_task():
+  """y = x @ (router/kernel + adapter/A) + extras/head/bias: three leaves in three candidate groups."""
+  def init(key, frozen):
+    k1, k2 = jax.random.split(key)
+    return {"adapter": {"layer": {"router": {"kernel": 0.3 * jax.random.normal(k1, (D, 1))},
+                                  "A": 0.3 * jax.random.normal(k2, (D, 1))}},
+            "extras": {"head": {"bias": jnp.full((1,), 0.5)}}}
+
+  def predict(p, frozen, inputs):
+    layer = p["adapter"]["layer"]
+    return inputs["x"] @ (layer["router"]["kernel"] + layer["A"]) + p["extras"]["head"]["bias"]
+
+  return train.Task(init=init, predict=predict)
+
+
+def tiny_data(n=16):
+  r = np.random.default_rng(0)
+  x = r.standard_normal((n, D)).astype(np.float32)
+  y = (x @ r.standard_normal((D, 1)) + 1.0).astype(np.float32)
+  return train.Data(train={"x": x, "y": y}, test={"x": x, "y": y})
+
+
+GROUPS = [dict(name="router", pattern=r".*/router/.*", lr_mult=100.0, weight_decay=0.0),
+          dict(name="head", pattern=r"extras/.*", lr_mult=0.5)]
+
+
+def settings(**kw):
+  base = dict(epochs=1, batch_size=16, learning_rate=1e-3, weight_decay=0.1, log_every=1)
+  base.update(kw)
+  return train.Settings(**base)
+
+
+def hand_adamw_first_step(p, g, lr, wd, eps=1e-8):
+  """AdamW's first update by hand: m_hat = g, v_hat = g^2, so p - lr (g / (|g| + eps) + wd p)."""
+  return p - lr * (g / (np.abs(g) + eps) + wd * p)
+
+
+def first_step_by_hand(task, data, lr, wd, mults, decays):
+  params = task.init(jax.random.fold_in(jax.random.PRNGKey(0), 0), None)
+  loss = lambda p: jnp.mean((task.predict(p, None, {"x": data.train["x"]}) - data.train["y"]) ** 2)
+  grads = jax.grad(loss)(params)
+  out = {}
+  for path, group in (("router", "router"), ("A", "rest"), ("bias", "head")):
+    p = {"router": params["adapter"]["layer"]["router"]["kernel"], "A": params["adapter"]["layer"]["A"],
+         "bias": params["extras"]["head"]["bias"]}[path]
+    g = {"router": grads["adapter"]["layer"]["router"]["kernel"], "A": grads["adapter"]["layer"]["A"],
+         "bias": grads["extras"]["head"]["bias"]}[path]
+    out[path] = hand_adamw_first_step(np.asarray(p), np.asarray(g), lr * mults[group], decays[group])
+  return out
+
+
+def leaves(params, k=0):
+  layer = params["adapter"]["layer"]
+  return {"router": np.asarray(layer["router"]["kernel"][k]), "A": np.asarray(layer["A"][k]),
+          "bias": np.asarray(params["extras"]["head"]["bias"][k])}
+
+
+def test_group_multiplier_and_weight_decay_reach_exactly_their_leaves():
+  task, data = tiny_task(), tiny_data()
+  fit = train.fit(task, data, [0], settings(groups=train.parse_groups(GROUPS)), log=None)
+  want = first_step_by_hand(task, data, 1e-3, 0.1, mults={"router": 100.0, "rest": 1.0, "head": 0.5},
+                            decays={"router": 0.0, "rest": 0.1, "head": 0.1})
+  got = leaves(fit.params)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7, err_msg=name)
+  # Without groups every leaf gets the base update: the router moved 100x less.
+  plain = leaves(train.fit(task, data, [0], settings(), log=None).params)
+  start = task.init(jax.random.fold_in(jax.random.PRNGKey(0), 0), None)["adapter"]["layer"]["router"]["kernel"]
+  moved = lambda p: np.abs(p - np.asarray(start)).max()
+  assert moved(got["router"]) > 50 * moved(plain["router"])
+
+
+def test_vmapped_entries_with_different_base_rates_keep_their_groups():
+  task, data = tiny_task(), tiny_data()
+  rates = [1e-3, 3e-4]
+  fit = train.fit(task, data, [0, 0], settings(groups=train.parse_groups(GROUPS)), learning_rate=rates, log=None)
+  for k, lr in enumerate(rates):
+    want = first_step_by_hand(task, data, lr, 0.1, mults={"router": 100.0, "rest": 1.0, "head": 0.5},
+                              decays={"router": 0.0, "rest": 0.1, "head": 0.1})
+    got = leaves(fit.params, k)
+    for name in want:
+      np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7, err_msg=f"entry {k} {name}")
+
+
+def test_frozen_group_and_schedule_and_clipping_work_with_groups():
+  task, data = tiny_task(), tiny_data()
+  groups = train.parse_groups([dict(name="head", pattern=r"extras/.*", freeze=True)])
+  fit = train.fit(task, data, [0], settings(epochs=3, groups=groups, schedule="cosine", warmup_steps=1,
+                                            grad_clip=0.5), log=None)
+  assert np.all(np.asarray(fit.params["extras"]["head"]["bias"]) == 0.5)               # never updated
+  start = task.init(jax.random.fold_in(jax.random.PRNGKey(0), 0), None)["adapter"]["layer"]["A"]
+  assert np.abs(np.asarray(fit.params["adapter"]["layer"]["A"][0]) - np.asarray(start)).max() > 0
+  assert fit.status == ["ok"]
+
+
+def test_no_groups_is_bit_identical_to_a_rule_that_changes_nothing():
+  task, data = tiny_task(), tiny_data()
+  plain = train.fit(task, data, [0, 1], settings(epochs=2), log=None)
+  same = train.fit(task, data, [0, 1], settings(epochs=2, groups=train.parse_groups(
+      [dict(name="all_adapter", pattern=r"adapter/.*")])), log=None)
+  np.testing.assert_allclose(plain.history, same.history, rtol=1e-6)
+
+
+def test_unmatched_rule_is_an_error_naming_it(capsys):
+  groups = train.parse_groups([dict(name="router", pattern=r".*/routers?/nothing")])
+  with pytest.raises(ValueError, match=r"rule 'router' .* matches no trainable parameter.*adapter/layer"):
+    train.fit(tiny_task(), tiny_data(), [0], settings(groups=groups), log=None)
+
+
+def test_each_group_is_printed_once_with_its_count():
+  lines = []
+  train.fit(tiny_task(), tiny_data(), [0], settings(epochs=2, groups=train.parse_groups(GROUPS)), log=lines.append)
+  group_lines = [l for l in lines if "parameter groups" in l]
+  assert group_lines == ["  [model] parameter groups: router 6 (lr x100, weight decay 0); head 1 (lr x0.5); "
+                         "rest 6 (base settings)"]
+
+
+@pytest.mark.parametrize("groups, match", [
+    ([dict(pattern="(")], r"groups\[0\].pattern='\(' is not a valid regex"),
+    ([dict(name="a")], r"groups\[0\] needs a 'pattern'"),
+    ([dict(pattern="x", lr=3)], r"groups\[0\] has unknown key\(s\) \['lr'\]"),
+    ([dict(pattern="x", lr_mult=0)], r"lr_mult=0 must be a finite number > 0"),
+    ([dict(pattern="x", weight_decay=-1)], r"weight_decay=-1 must be a finite number >= 0"),
+    ([dict(name="a", pattern="x"), dict(name="a", pattern="y")], r"group name 'a' is used twice"),
+    ("nosuch", r"unknown preset\(s\) \['nosuch'\]"),
+])
+def test_bad_rules_are_one_clear_error(groups, match):
+  with pytest.raises(ValueError, match=match):
+    train.parse_groups(groups)
+
+
+def test_groups_from_config_list_dict_and_presets():
+  optim = ml_collections.ConfigDict(dict(epochs=1, batch_size=4, lr=1e-3))
+  optim.groups = ml_collections.ConfigDict()
+  optim.groups.router = dict(pattern=r".*/router/.*", lr_mult=100.0)
+  optim.groups.head = dict(pattern=r"extras/.*", weight_decay=0.0)
+  rules = train.Settings.from_config(optim).groups
+  assert [r.name for r in rules] == ["router", "head"]                      # the order written, not sorted
+  assert train.parse_groups("poly_router+lora_plus")[0] == train.GroupRule("router", r".*/router/.*", 100.0, 0.0)
+  assert train.parse_groups([]) == ()
+
+
+def test_resuming_under_changed_groups_is_refused(tmp_path):
+  task, data = tiny_task(), tiny_data()
+  config = {"optim": {"groups": [GROUPS[0]]}}
+  policy = checkpoint.Policy(str(tmp_path), every_epochs=1, config=config)
+  train.fit(task, data, [0], settings(epochs=1, groups=train.parse_groups([GROUPS[0]])), checkpoints=policy,
+            log=None)
+  changed = {"optim": {"groups": [dict(GROUPS[0], lr_mult=10.0)]}}
+  with pytest.raises(workdir.ConfigMismatchError, match="lr_mult"):
+    train.fit(task, data, [0], settings(epochs=2, groups=train.parse_groups(changed["optim"]["groups"])),
+              checkpoints=checkpoint.Policy(str(tmp_path), every_epochs=1, config=changed), log=None)
+
+
+def test_a_sweep_can_set_a_named_groups_multiplier():
+  config = ml_collections.ConfigDict(dict(optim=dict(lr=1e-3, groups=dict(router=dict(pattern="r", lr_mult=1.0)))))
+  swept = sweep.apply_overrides(config, {"optim.groups.router.lr_mult": 100.0})
+  assert swept.optim.groups.router.lr_mult == 100.0
+  listed = ml_collections.ConfigDict(dict(optim=dict(groups=[dict(name="router", pattern="r", lr_mult=1.0)])))
+  swept = sweep.apply_overrides(listed, {"optim.groups.router.lr_mult": 100.0})
+  assert swept.optim.groups[0]["lr_mult"] == 100.0 and listed.optim.groups[0]["lr_mult"] == 1.0
