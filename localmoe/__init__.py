@@ -4,6 +4,7 @@ from localmoe.adapters import (ADAPTERS, BlockWiseLoRAMoE, CellWiseLoRAMoE, Loca
                                delta_weight, make, merge, register)
 from localmoe.adapter_io import load_adapter, save_adapter
 from localmoe.inject import routing_diagnostics
+from localmoe.nnx_inject import AdapterParam, ExtraParam, routing_context
 from localmoe.params import count_params, trainable_params
 from localmoe.routing import (Router, collect_router_outputs, expert_usage, load_balancing_loss,
                               router_aux_losses, router_z_loss, routing_entropy, usage_entropy)

@@ -23,6 +23,11 @@ prod(features); q/k/v map [..., d] -> [..., heads, head_dim] (d_out = heads * he
 [..., heads, head_dim] -> [..., d] (d_in = heads * head_dim). The flattening order is the kernel's, so
 `Delta W` of a cell is a block of `kernel.reshape(d_in, d_out).T`.
 
+Einsum (`nn.Einsum`, Gemma-style projections): the same flattened view, d_in = prod(contracted axes) and
+d_out = prod(kernel axes kept in the output), both in kernel order (`localmoe.einsum_layers`); equations that
+have no such view (a kernel per batch index, a diagonal, ...) are refused naming the layer and the equation.
+The NNX sibling of this module is `localmoe.nnx_inject`.
+
 Trainable params are {"adapter": <the adapter's params>, "extras": <frozen-model params kept trainable>}:
 `trainable_extras` (PEFT's `modules_to_save`) selects frozen-model modules by path pattern (a task head, one
 head per task); their params start from the frozen values, are counted separately (`num_extra_params`) and
@@ -59,10 +64,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from localmoe import adapters as adapters_lib
+from localmoe import einsum_layers
 from localmoe import params as params_lib
 from localmoe import routing
 
-LINEAR_TYPES = (nn.Dense, nn.DenseGeneral)
+LINEAR_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,14 +77,16 @@ class LayerInfo:
   path: str                       # module path, "/"-joined, e.g. "hidden_3" or "encoder/layer_0/attention/self/query"
   d_in: int                       # flattened input width, prod(in_shape)
   d_out: int                      # flattened output width, prod(out_shape)
-  kind: str = "Dense"             # "Dense" or "DenseGeneral"
+  kind: str = "Dense"             # "Dense", "DenseGeneral" or "Einsum" (NNX: "Linear", "LinearGeneral")
   in_shape: tuple[int, ...] = ()  # the contracted input axes' sizes, in kernel order (Dense: (d_in,))
   out_shape: tuple[int, ...] = () # the features (Dense: (d_out,))
   axis: tuple[int, ...] = (-1,)   # the contracted axes of the layer's input (negative, kernel order)
+  equation: str = ""              # Einsum layers: the equation, e.g. "btd,dnh->btnh" (`localmoe.einsum_layers`)
 
   def to_json(self) -> dict:
-    return {"path": self.path, "kind": self.kind, "in_shape": list(self.in_shape),
-            "out_shape": list(self.out_shape), "d_in": self.d_in, "d_out": self.d_out}
+    out = {"path": self.path, "kind": self.kind, "in_shape": list(self.in_shape),
+           "out_shape": list(self.out_shape), "d_in": self.d_in, "d_out": self.d_out}
+    return dict(out, equation=self.equation) if self.equation else out
 
 
 class Session(Protocol):
@@ -263,9 +271,21 @@ def _inputs(args, kwargs):
   return args[0] if args else kwargs["inputs"]
 
 
-def _layer_geometry(module: nn.Module, x) -> tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-  """(kind, in_shape, out_shape, axis) of a Dense/DenseGeneral call on input x."""
+def _einsum_equation(module: nn.Module, args, kwargs) -> str:
+  """The equation of an nn.Einsum call (the call's `einsum_str`, else the module's); "" for other layers."""
+  if not isinstance(module, nn.Einsum):
+    return ""
+  given = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+  return (given or module.einsum_str).replace(" ", "")
+
+
+def _layer_geometry(module: nn.Module, x, equation: str = ""
+                    ) -> tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  """(kind, in_shape, out_shape, axis) of a Dense/DenseGeneral/Einsum call on input x."""
   path = _path(module)
+  if isinstance(module, nn.Einsum):                  # contracted and feature axes of the kernel
+    in_shape, out_shape = einsum_layers.widths(einsum_layers.parse(equation, x.ndim, path), module.shape)
+    return "Einsum", in_shape, out_shape, ()
   if isinstance(module, nn.Dense):
     return "Dense", (int(x.shape[-1]),), (int(module.features),), (-1,)
   if getattr(module, "batch_dims", ()):
@@ -279,15 +299,40 @@ def _layer_geometry(module: nn.Module, x) -> tuple[str, tuple[int, ...], tuple[i
 
 def _flatten_input(x: jnp.ndarray, layer: LayerInfo) -> jnp.ndarray:
   """Moves the contracted axes last (kernel order) and flattens them: [..., d_in]."""
-  if layer.kind == "Dense":
+  if layer.kind in ("Dense", "Linear"):
     return x
+  if layer.kind == "Einsum":
+    return einsum_layers.flatten_input(x, einsum_layers.parse(layer.equation, x.ndim, layer.path))
   rest = [a for a in range(-x.ndim, 0) if a not in layer.axis]
   x = jnp.transpose(x, [a % x.ndim for a in (*rest, *layer.axis)])
   return x.reshape(*x.shape[:len(rest)], layer.d_in)
 
 
 def _kernel_2d(kernel: jnp.ndarray, layer: LayerInfo) -> jnp.ndarray:
+  if layer.kind == "Einsum":                                                          # kernel axes in any order
+    return einsum_layers.kernel_2d(kernel, _einsum_map(layer))
   return kernel.reshape(layer.d_in, layer.d_out)                                      # [d_in, d_out]
+
+
+def _kernel_nd(w2: jnp.ndarray, layer: LayerInfo, kernel_shape) -> jnp.ndarray:
+  """Inverse of `_kernel_2d`: [d_in, d_out] -> the layer's kernel layout."""
+  if layer.kind == "Einsum":
+    return einsum_layers.kernel_nd(w2, _einsum_map(layer), kernel_shape)
+  return w2.reshape(kernel_shape)
+
+
+def _output_delta(delta: jnp.ndarray, layer: LayerInfo, x_ndim: int, y_shape) -> jnp.ndarray:
+  """Delta [..., d_out] in the layer's output layout y_shape (einsum outputs may interleave the axes)."""
+  if layer.kind == "Einsum":
+    return einsum_layers.unflatten_output(delta, einsum_layers.parse(layer.equation, x_ndim, layer.path),
+                                          layer.out_shape)
+  return delta.reshape(y_shape)
+
+
+def _einsum_map(layer: LayerInfo) -> einsum_layers.EinsumMap:
+  """The equation's letter groups for the kernel; x's rank only matters for an ellipsis (never in the kernel)."""
+  lhs = layer.equation.replace(" ", "").split(",")[0]
+  return einsum_layers.parse(layer.equation, len(lhs) if "..." not in lhs else len(lhs) - 3, layer.path)
 
 
 def _keys(path: str) -> list[str]:
@@ -397,7 +442,8 @@ class AdaptedModel:
       x = _flatten_input(_inputs(args, kwargs), layer)                               # [..., d_in]
       kernel = _kernel_2d(ctx.module.get_variable("params", "kernel"), layer)        # [d_in, d_out]
       delta = session(index[path], x, kernel)                                         # [..., d_out]
-      return y + delta.reshape(y.shape).astype(y.dtype)
+      delta = _output_delta(delta, layer, _inputs(args, kwargs).ndim, y.shape)       # y's layout
+      return y + delta.astype(y.dtype)
 
     with nn.intercept_methods(add_delta):
       y = self.model.apply({"params": params}, *args, **kwargs)
@@ -439,7 +485,7 @@ class AdaptedModel:
         extra["context"] = c
       delta = module.apply(variables, eye, **extra)                                  # [d_in, d_out] = Delta W^T
       node = dict(node)
-      node["kernel"] = kernel + delta.reshape(kernel.shape).astype(kernel.dtype)
+      node["kernel"] = kernel + _kernel_nd(delta, layer, kernel.shape).astype(kernel.dtype)
       parent = _tree_get(params, keys[:-1]) if len(keys) > 1 else params
       parent[keys[-1]] = node
     return params
@@ -488,7 +534,8 @@ def find_layers(model: nn.Module, params, example_args: Sequence[Any],
       path = _path(context.module)
       if matches(path) and path not in found:
         x = _inputs(args, kwargs)
-        kind, in_shape, out_shape, axis = _layer_geometry(context.module, x)
+        equation = _einsum_equation(context.module, args, kwargs)
+        kind, in_shape, out_shape, axis = _layer_geometry(context.module, x, equation)
         seen = tuple(context.module.get_variable("params", "kernel").shape)
         try:
           stored = tuple(np.shape(_tree_get(params, [str(p) for p in context.module.path] + ["kernel"])))
@@ -500,7 +547,7 @@ def find_layers(model: nn.Module, params, example_args: Sequence[Any],
               f"{stored} but each call sees {seen}, so one adapter per layer cannot be attached; unroll the "
               "stack (a Python loop over layers, or scan=False) or leave it out of target_modules.")
         found[path] = LayerInfo(path=path, d_in=math.prod(in_shape), d_out=math.prod(out_shape), kind=kind,
-                                in_shape=in_shape, out_shape=out_shape, axis=axis)
+                                in_shape=in_shape, out_shape=out_shape, axis=axis, equation=equation)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
@@ -543,7 +590,7 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
   adapter = adapter_set(adapter)
   layers = find_layers(model, params, example_args, target_modules, example_kwargs)
   if not layers:
-    raise ValueError(f"target_modules={target_modules!r} matched no nn.Dense / nn.DenseGeneral layer of "
+    raise ValueError(f"target_modules={target_modules!r} matched no nn.Dense / nn.DenseGeneral / nn.Einsum layer of "
                      f"{type(model).__name__}: check the module paths (e.g. print them with "
                      "localmoe.inject.dense_paths(model, params, *inputs)).")
   extra_paths: tuple[str, ...] = ()

@@ -1,0 +1,579 @@
+"""Adapting a Flax NNX model: localmoe adapters on its nnx.Linear / nnx.LinearGeneral / nnx.Einsum layers.
+
+The NNX sibling of `localmoe.inject` (same target_modules, adapter specs, context, router losses, merge and
+adapter files). The model's code is not edited: every matched layer is replaced, in place, by an
+`AdaptedLayer` that holds the original layer (`.base`, as `nnx.LoRA` holds `base_module`) and an NNX
+`Adapter`, and adds the adapter's update to the layer's output,
+
+  y = layer(x) + Delta(x)        (LoRA Eq. 1, Localized LoRA Eq. 4, LoRA-MoE Eq. 6/8, DoRA, MELoRA, ...)
+
+so `nnx.MultiHeadAttention` (query/key/value/out are nnx.LinearGeneral) and Gemma-style einsum projections
+take the same grid adapters as linen's Dense layers: LinearGeneral and Einsum are seen through their
+flattened widths (d_in = prod(contracted axes), d_out = prod(features); `localmoe.einsum_layers`).
+
+  model = nnx_inject.inject(model, {"method": "cellwise_moe", "k_y": 4, "k_x": 4, "rank": 2, "num_experts": 4,
+                                    "router_input": "context", "context_dim": 3},
+                            x_example, target_modules=r"attn/(query|key|value|out)", key=key,
+                            trainable_extras="head")
+  optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx_inject.AdapterParam)   # adapters + extras only
+  with nnx_inject.routing_context(model, task_ids) as routing:    # the context of this forward pass
+    y = model(x)                                                 # the model's own __call__, unchanged
+  aux = inject.router_losses(routing, load_balance=0.01)         # RouterTrace records, as for linen
+  plain = nnx_inject.merge(model, context=1)                     # a plain NNX model for task 1 (Eq. 9)
+
+Parameters. Adapter parameters are `AdapterParam`, a subclass of `nnx.LoRAParam` (so of `nnx.Param`): an
+`nnx.Optimizer(model, tx, wrt=AdapterParam)` or `nnx.grad(..., argnums=nnx.DiffState(0, AdapterParam))` trains
+exactly what `inject` made trainable, and the frozen weights (plain `nnx.Param`) get no gradient. Params
+selected by `trainable_extras` (PEFT's `modules_to_save`, a regex over module paths) become `ExtraParam`, a
+subclass of `AdapterParam`, so the same filter trains them; `nnx.All(AdapterParam, nnx.Not(ExtraParam))`
+selects the adapters alone. Adapters keep float32 params and compute in the input's dtype, as in linen.
+
+Context. `routing_context(model, c)` stores the per-example context (labels [batch], or one-hot / embedding
+[batch, D]) in a `RoutingContext` variable of every adapted layer for the calls made inside the block, and
+yields the list that collects the layers' `RouterTrace`s (call order). Because the context is model state,
+a model passed into `nnx.jit` / `nnx.grad` carries it across the transform (a new context retraces nothing
+and is never baked in as a constant). Enter the block where the model is called (inside the jitted function
+when the losses need the traces). A context-routed layer called outside such a block is one error naming it.
+
+Layers inside `nnx.vmap` / `nnx.scan` stacks (a kernel with a leading layer axis) are refused with an error
+naming the layer. The model-wide Queryable LoRA (a state carried from layer to layer) is linen-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import threading
+from typing import Any, Iterator, Mapping, Sequence
+
+import flax.linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from localmoe import einsum_layers
+from localmoe import inject as inject_lib
+from localmoe import params as params_lib
+
+NNX_LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+
+# The linen injector's views of a layer (flattened input, kernel [d_in, d_out] and back, output layout) and its
+# per-layer session (context broadcast over tokens, router traces): shared, so both hosts compute the same Delta.
+# pylint: disable=protected-access
+_flatten_input, _kernel_2d, _kernel_nd = inject_lib._flatten_input, inject_lib._kernel_2d, inject_lib._kernel_nd
+_output_delta, _PerLayerSession = inject_lib._output_delta, inject_lib._PerLayerSession
+# pylint: enable=protected-access
+
+
+class AdapterParam(nnx.LoRAParam):
+  """A localmoe adapter parameter (A, B, routers, DoRA's magnitude): `wrt=AdapterParam` trains them."""
+
+
+class ExtraParam(AdapterParam):
+  """A frozen-model parameter kept trainable by `trainable_extras` (a task head); trained with the adapters."""
+
+
+class RoutingContext(nnx.Variable):
+  """The per-example routing context of the current forward pass (labels [batch] or [batch, D]).
+
+  Shape (0,) means "no context": set by `routing_context`, never trained.
+  """
+
+
+def _no_context() -> jnp.ndarray:
+  return jnp.zeros((0,), jnp.int32)
+
+
+def _values(tree):
+  """A tree of nnx Variables -> the same tree of arrays."""
+  return jax.tree_util.tree_map(lambda v: v.get_value(), tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+# ------------------------------------------------------------------------------------------- NNX adapters
+
+
+class Adapter(nnx.Module):
+  """A localmoe adapter as an NNX module: the linen definition (`definition`, static) and its params.
+
+  Adapter(spec or linen adapter, d_in=, d_out=, rngs=nnx.Rngs(0)) holds the same parameters as the linen
+  module's `init` (as `AdapterParam`s, nested as in linen: A, B, router/kernel, ...) and computes the same
+  Delta(x) [..., d_out] from x [..., d_in] (Eq. 1, 4, 6, 8), with the same parameter count (`num_params`).
+  DoRA also needs the frozen kernel W0 [d_in, d_out] (`kernel=`), at construction and at every call.
+  """
+
+  def __init__(self, adapter: Mapping[str, Any] | nn.Module, d_in: int | None = None, d_out: int | None = None,
+               *, rngs: nnx.Rngs | None = None, kernel: jnp.ndarray | None = None, params: Any = None):
+    if isinstance(adapter, nn.Module):
+      definition = adapter
+    else:
+      sizes = {k: v for k, v in (("d_in", d_in), ("d_out", d_out)) if v is not None}
+      definition = inject_lib.adapters_lib.make(adapter, **sizes)
+    if params is None:
+      if rngs is None:
+        raise ValueError("Adapter needs rngs=nnx.Rngs(<seed>) to initialise its parameters (or params=).")
+      info = inject_lib.LayerInfo("adapter", definition.d_in, definition.d_out)
+      params = inject_lib.PerLayer(lambda layer: definition).init(rngs.params(), [info], [kernel])["adapter"]
+    self.definition = definition                 # the linen module: static and hashable
+    self.params = nnx.data(jax.tree_util.tree_map(AdapterParam, params))
+
+  def linen_params(self) -> dict:
+    """The params as the linen module's `params` collection (arrays)."""
+    return _values(self.params)
+
+  def __call__(self, x: jnp.ndarray, context=None, gates=None, kernel: jnp.ndarray | None = None) -> jnp.ndarray:
+    """x [..., d_in] -> Delta(x) [..., d_out]; context [..., D] or labels [...] for context routers."""
+    extra = {"kernel": kernel} if getattr(self.definition, "uses_base_kernel", False) else {}
+    return self.definition.apply({"params": self.linen_params()}, x, context=context, gates=gates, **extra)
+
+  def delta_weight(self, context=None, gates=None, kernel: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Dense Delta W [d_out, d_in] for one fixed routing (a single context or fixed gates; Eq. 9)."""
+    if hasattr(type(self.definition), "delta_weight"):
+      return inject_lib.adapters_lib.delta_weight(self.definition, {"params": self.linen_params()}, context,
+                                                  gates)
+    eye = jnp.eye(self.definition.d_in, dtype=jnp.float32)                # DoRA: Delta is linear in x
+    return self(eye, kernel=kernel).T
+
+  def num_params(self) -> int:
+    return int(self.definition.num_params())
+
+
+# ------------------------------------------------------------------------------------------- adapted layers
+
+
+@dataclasses.dataclass(frozen=True)
+class _Injection:
+  """What `inject` was asked (static, hashable): for adapter files and error messages."""
+  rules: str | None                           # PerLayer.to_json() as JSON; None for a callable build
+  target_modules: str | tuple[str, ...]
+  trainable_extras: str | tuple[str, ...] | None
+
+
+_STATE = threading.local()                    # .probe: {path: LayerInfo} or None; .captures: [traces lists]
+
+
+def _probe() -> dict | None:
+  return getattr(_STATE, "probe", None)
+
+
+def _captures() -> list:
+  if not hasattr(_STATE, "captures"):
+    _STATE.captures = []
+  return _STATE.captures
+
+
+class AdaptedLayer(nnx.Module):
+  """A matched layer with its adapter: y = base(x) + Delta(x) (Eq. 9), Delta from the flattened x [..., d_in]."""
+
+  def __init__(self, base: nnx.Module, path: str, injection: _Injection):
+    self.base = base                          # the original nnx.Linear / LinearGeneral / Einsum (frozen)
+    self.path = path                          # "/"-joined module path, e.g. "attn/query"
+    self.injection = injection
+    self.layer: inject_lib.LayerInfo | None = None      # geometry seen in the discovery pass
+    self.index = -1                           # call order among the adapted layers
+    self.adapter = nnx.data(None)             # an `Adapter`; None until discovered
+    self.context = RoutingContext(_no_context())
+
+  def __call__(self, x, *args, **kwargs):
+    y = self.base(x, *args, **kwargs)
+    probe = _probe()
+    if probe is not None:                     # discovery pass: record the geometry, add nothing
+      if self.path not in probe:
+        probe[self.path] = _geometry(self.base, self.path, x, args, kwargs)
+      return y
+    if self.adapter is None or self.layer is None:
+      raise ValueError(f"layer {self.path!r} matches target_modules but was not called when the model was "
+                       "injected (other input shapes or control flow?): re-run inject with inputs that reach it.")
+    layer, definition = self.layer, self.adapter.definition
+    context = self.context.get_value()
+    context = None if context.shape == (0,) else context
+    if inject_lib.routes_on_context(definition) and context is None:
+      raise ValueError(f"layer {self.path!r} has a context-routed adapter ({type(definition).__name__}, "
+                       "router_input='context') but the model was called without a context: call it inside "
+                       "`with localmoe.nnx_inject.routing_context(model, <labels [batch] or one-hot/embedding "
+                       "[batch, context_dim]>):` (or nnx_inject.call(model, ..., context=...)).")
+    captures = _captures()
+    session = _PerLayerSession(
+        {layer.path: definition}, {layer.path: self.adapter.linen_params()}, [layer], context,
+        captures[-1] if captures else None)
+    flat = _flatten_input(x, layer)                                             # [..., d_in]
+    kernel = _kernel_2d(self.base.kernel.get_value(), layer)                    # [d_in, d_out]
+    delta = session(0, flat, kernel)                                            # [..., d_out]
+    delta = _output_delta(delta, layer, x.ndim, y.shape)                        # y's layout
+    return y + delta.astype(y.dtype)
+
+
+def _path_str(path: Sequence[Any]) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def _expected_kernel_shape(module) -> tuple[int, ...]:
+  if isinstance(module, nnx.Linear):
+    return (int(module.in_features), int(module.out_features))
+  if isinstance(module, nnx.LinearGeneral):
+    return (*module.batch_axis.values(), *module.in_features, *module.out_features)
+  return tuple(int(s) for s in module.kernel_shape)
+
+
+def _check_unstacked(module, path: str) -> None:
+  """Refuses a layer of an nnx.vmap / nnx.scan stack and a LinearGeneral with batch axes, by name."""
+  stored, expected = tuple(module.kernel.shape), _expected_kernel_shape(module)
+  if stored != expected:
+    raise ValueError(
+        f"layer {path!r} is part of a stacked layer (nnx.vmap / nnx.scan over layers): its kernel is stored as "
+        f"{stored} but each call sees {expected}, so one adapter per layer cannot be attached; build the stack "
+        "as an nnx.List of layers (a Python loop) or leave it out of target_modules.")
+  if isinstance(module, nnx.LinearGeneral) and module.batch_axis:
+    raise ValueError(f"layer {path!r} is an nnx.LinearGeneral with batch_axis={dict(module.batch_axis)}: its "
+                     "kernel differs per batch index, so one adapter cannot stand for it; leave it out of "
+                     "target_modules.")
+
+
+def _geometry(module, path: str, x, args, kwargs) -> inject_lib.LayerInfo:
+  """The LayerInfo of one call of an NNX linear layer on input x."""
+  if isinstance(module, nnx.Linear):
+    in_shape, out_shape, axis, kind, equation = (int(x.shape[-1]),), (int(module.out_features),), (-1,), \
+        "Linear", ""
+  elif isinstance(module, nnx.LinearGeneral):
+    axis = tuple(int(a) - x.ndim if int(a) >= 0 else int(a) for a in module.axis)   # negative, kernel order
+    in_shape, out_shape = tuple(int(x.shape[a]) for a in axis), tuple(int(f) for f in module.out_features)
+    kind, equation = "LinearGeneral", ""
+  else:
+    given = args[0] if args else kwargs.get("einsum_str")
+    equation = (given or module.einsum_str).replace(" ", "")
+    in_shape, out_shape = einsum_layers.widths(einsum_layers.parse(equation, x.ndim, path), module.kernel_shape)
+    axis, kind = (), "Einsum"
+  return inject_lib.LayerInfo(path=path, d_in=math.prod(in_shape), d_out=math.prod(out_shape), kind=kind,
+                              in_shape=in_shape, out_shape=out_shape, axis=axis, equation=equation)
+
+
+def _adapted(model: nnx.Module) -> list[tuple[tuple, AdaptedLayer]]:
+  """(path, AdaptedLayer) of every adapted layer, in call order (unseen ones last)."""
+  found = [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, AdaptedLayer)]
+  return sorted(found, key=lambda item: (item[1].index < 0, item[1].index))
+
+
+def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
+  if not path:
+    raise ValueError("the root module itself matches target_modules: adapt a model that holds the layer as "
+                     "a submodule (e.g. a wrapper with the layer as an attribute).")
+  parent = model
+  for key in path[:-1]:
+    parent = parent[key] if isinstance(key, int) or not hasattr(parent, str(key)) else getattr(parent, key)
+  key = path[-1]
+  if isinstance(key, int) or not hasattr(parent, str(key)):
+    parent[key] = new
+  else:
+    setattr(parent, key, new)
+
+
+def _candidates(model: nnx.Module, target_modules) -> list[tuple[tuple, nnx.Module]]:
+  """Matched NNX linear layers (not already adapted), stacks refused."""
+  matches = inject_lib.path_matcher(target_modules)
+  modules = list(nnx.iter_modules(model))
+  inside = [path for path, module in modules if isinstance(module, AdaptedLayer)]
+  found = []
+  for path, module in modules:
+    adapted = isinstance(module, AdaptedLayer)
+    if not (adapted or isinstance(module, NNX_LINEAR_TYPES)) or not matches(_path_str(path)):
+      continue
+    if adapted or any(path[:len(p)] == p for p in inside):
+      raise ValueError(f"layer {_path_str(path if adapted else path[:-1])!r} is already adapted: inject a model "
+                       "once (merge it first to adapt the merged model again).")
+    _check_unstacked(module, _path_str(path))
+    found.append((path, module))
+  return found
+
+
+def find_layers(model: nnx.Module, example_args: Sequence[Any], target_modules: str | Sequence[str],
+                example_kwargs: Mapping[str, Any] | None = None) -> tuple[inject_lib.LayerInfo, ...]:
+  """The matched NNX linear layers, in order of their first call (a shape-only pass on a copy of the model)."""
+  copy = nnx.clone(model)
+  for path, module in _candidates(copy, target_modules):
+    _replace(copy, path, AdaptedLayer(module, _path_str(path), _Injection(None, "", None)))
+  graphdef, state = nnx.split(copy)
+  _STATE.probe = {}
+  try:
+    jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*example_args, **(example_kwargs or {})), state)
+    return tuple(_STATE.probe.values())
+  finally:
+    _STATE.probe = None
+
+
+def linear_paths(model: nnx.Module, *example_args) -> list[str]:
+  """Every nnx.Linear / LinearGeneral / Einsum path of `model`, in call order (to write target_modules)."""
+  return [layer.path for layer in find_layers(model, example_args, ".*")]
+
+
+def _param_holders(model: nnx.Module) -> list[tuple[str, nnx.Module, list[str]]]:
+  """(module path, module, names of its own nnx.Param attributes) for modules outside the adapted layers."""
+  out = []
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, (AdaptedLayer, Adapter)):
+      continue
+    names = [k for k, v in vars(module).items() if isinstance(v, nnx.Param) and not isinstance(v, AdapterParam)]
+    if names:
+      out.append((_path_str(path), module, names))
+  return out
+
+
+def _retype(module: nnx.Module, name: str, cls) -> None:
+  var = getattr(module, name)
+  setattr(module, name, cls.from_metadata(var.get_value(), var.get_metadata()))
+
+
+def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequence[str], key: jax.Array,
+           trainable_extras: str | Sequence[str] | None = None,
+           example_kwargs: Mapping[str, Any] | None = None) -> nnx.Module:
+  """Attaches `adapter` to every nnx.Linear / LinearGeneral / Einsum matching `target_modules`, in place.
+
+  Args:
+    model: any nnx.Module; its matched layers are replaced by `AdaptedLayer`s (the original at `.base`).
+    adapter: a spec dict for `localmoe.adapters.make`, a list of (pattern, spec) rules (first full match wins),
+      or an `inject.PerLayer`; the same as for `localmoe.inject.inject`.
+    *example_args: inputs of the right shapes, for one shape-only pass that finds the layers' geometry.
+    target_modules: a regex over the whole "/"-joined module path, or a list of names matched as path
+      suffixes (PEFT's semantics, `inject.path_matcher`); NNX paths are attribute names and list indices
+      ("attn/query", "blocks/0/ffn").
+    key: PRNG key of the adapters' initialisation (the same key and layer order as linen's inject give the
+      same adapter params).
+    trainable_extras: a regex over module paths (or a list of module names, as target_modules) whose own
+      params become `ExtraParam` (trainable).
+    example_kwargs: keyword inputs of the model for the discovery pass.
+
+  Returns: the same `model`, adapted. Its adapter params are `AdapterParam`s.
+  """
+  adapter = inject_lib.adapter_set(adapter)
+  if not isinstance(adapter, inject_lib.PerLayer):
+    raise ValueError(f"{type(adapter).__name__} carries a state from layer to layer within one forward pass, "
+                     "which nnx_inject does not thread through an NNX model: use a per-layer method (lora, dora, "
+                     "melora, localized_lora, blockwise_moe, cellwise_moe, per_task_lora), or localmoe.inject on "
+                     "a linen model.")
+  candidates = _candidates(model, target_modules)
+  if not candidates:
+    raise ValueError(f"target_modules={target_modules!r} matched no nnx.Linear / nnx.LinearGeneral / nnx.Einsum "
+                     f"layer of {type(model).__name__}: check the module paths (e.g. print them with "
+                     "localmoe.nnx_inject.linear_paths(model, *inputs)).")
+  layers = find_layers(model, example_args, target_modules, example_kwargs)
+  extras = []
+  if trainable_extras is not None:
+    if not isinstance(trainable_extras, str):
+      trainable_extras = tuple(trainable_extras)
+    selected = inject_lib.path_matcher(trainable_extras if isinstance(trainable_extras, str) else
+                                       list(trainable_extras))
+    extras = [(p, m, names) for p, m, names in _param_holders(model) if selected(p)]
+    if not extras:
+      raise ValueError(f"trainable_extras={trainable_extras!r} matched no module with params; module paths "
+                       f"are e.g. {[p for p, _, _ in _param_holders(model)][-5:]}.")
+    clash = [p for p, _, _ in extras if p in {_path_str(path) for path, _ in candidates}]
+    if clash:
+      raise ValueError(f"trainable_extras selects {clash}, which target_modules also adapts: a layer is either "
+                       "adapted or trained in full, not both.")
+  by_path = {layer.path: (i, layer) for i, layer in enumerate(layers)}
+  modules = dict((_path_str(p), m) for p, m in candidates)
+  kernels = [_kernel_2d(modules[l.path].kernel.get_value(), l) for l in layers]      # [d_in, d_out] each
+  params = adapter.init(key, layers, kernels)
+  try:
+    rules = json.dumps(adapter.to_json())
+  except ValueError:
+    rules = None                                # a callable build: usable, not savable
+  target = target_modules if isinstance(target_modules, str) else tuple(target_modules)
+  injection = _Injection(rules, target, trainable_extras)
+  for path, module in candidates:
+    wrapper = AdaptedLayer(module, _path_str(path), injection)
+    if wrapper.path in by_path:
+      wrapper.index, wrapper.layer = by_path[wrapper.path]
+      wrapper.adapter = Adapter(adapter.module(wrapper.layer), params=params[wrapper.path])
+    _replace(model, path, wrapper)
+  for _, module, names in extras:
+    for name in names:
+      _retype(module, name, ExtraParam)
+  return model
+
+
+# ------------------------------------------------------------------------------------------- using the model
+
+
+@contextlib.contextmanager
+def routing_context(model: nnx.Module, context=None) -> Iterator[list]:
+  """Within the block, calls of `model` route on `context` (labels [batch], or one-hot/embedding [batch, D]).
+
+  Yields the list that collects every routed layer's `inject.RouterTrace` (logits and gates, call order),
+  for `inject.router_losses` and `inject.routing_diagnostics`. context=None only collects traces.
+  """
+  wrappers = [w for _, w in _adapted(model)]
+  before = [w.context.get_value() for w in wrappers]
+  value = _no_context() if context is None else jnp.asarray(context)
+  for w in wrappers:
+    w.context.set_value(value)
+  traces: list = []
+  _captures().append(traces)
+  try:
+    yield traces
+  finally:
+    _captures().pop()
+    for w, old in zip(wrappers, before):
+      w.context.set_value(old)
+
+
+def call(model: nnx.Module, *args, context=None, capture_routing: bool = False, **kwargs):
+  """model(*args, **kwargs) with a routing context, as linen's `adapted.apply(..., context=c)`.
+
+  capture_routing: also return the RouterTraces, [RouterTrace] in call order.
+  """
+  with routing_context(model, context) as traces:
+    y = model(*args, **kwargs)
+  return (y, traces) if capture_routing else y
+
+
+def layers(model: nnx.Module) -> tuple[inject_lib.LayerInfo, ...]:
+  """The adapted layers' geometry, in call order."""
+  return tuple(w.layer for _, w in _adapted(model) if w.layer is not None)
+
+
+def num_params(model: nnx.Module) -> int:
+  """Trainable adapter parameters (without the trainable extras); equals linen's `adapted.num_params()`."""
+  return sum(w.adapter.num_params() for _, w in _adapted(model) if w.adapter is not None)
+
+
+def _extras(model: nnx.Module) -> dict[str, dict[str, Any]]:
+  """{module path: {name: ExtraParam}} of the trainable extras."""
+  out = {}
+  for path, module in nnx.iter_modules(model):
+    names = {k: v for k, v in vars(module).items() if isinstance(v, ExtraParam)}
+    if names:
+      out[_path_str(path)] = names
+  return out
+
+
+def num_extra_params(model: nnx.Module) -> int:
+  return int(sum(v.get_value().size for names in _extras(model).values() for v in names.values()))
+
+
+def trainable(model: nnx.Module) -> dict:
+  """The trainable arrays in linen's layout, {"adapter": {layer path: params}, "extras": {nested params}}."""
+  adapter = {w.path: w.adapter.linen_params() for _, w in _adapted(model) if w.adapter is not None}
+  extras: dict = {}
+  for path, names in _extras(model).items():
+    node = extras
+    for key in path.split("/"):
+      node = node.setdefault(key, {})
+    node.update({k: v.get_value() for k, v in names.items()})
+  return {"adapter": adapter, "extras": extras}
+
+
+def merge(model: nnx.Module, context=None) -> nnx.Module:
+  """A plain copy of `model`: every adapted kernel + Delta W (Eq. 9), the adapters removed, extras as Params.
+
+  Static adapters and DoRA merge as they are; context-routed ones at ONE fixed context (a label or a [D]
+  vector): one merged model per context. Activation-routed adapters cannot be merged: the error names the
+  layer. `model` itself is left unchanged.
+  """
+  merged = nnx.clone(model)
+  for path, wrapper in _adapted(merged):
+    if wrapper.adapter is not None:
+      layer, definition = wrapper.layer, wrapper.adapter.definition
+      if inject_lib.routes_on_activation(definition):
+        raise ValueError(f"layer {layer.path!r}: {type(definition).__name__} routes on its input "
+                         "(router_input='activation'), so Delta W changes with every x and cannot be merged; "
+                         "use router_input='context' to merge per context, or call the adapted model.")
+      if inject_lib.routes_on_context(definition) and context is None:
+        raise ValueError(f"layer {layer.path!r} is context-routed: merge(model, context=<one label or a [D] "
+                         "vector>) builds the merged model of that one context.")
+      kernel = wrapper.base.kernel
+      extra = {}
+      if getattr(definition, "uses_base_kernel", False):
+        extra["kernel"] = _kernel_2d(kernel.get_value(), layer)                   # [d_in, d_out]
+      if inject_lib.routes_on_context(definition):
+        c = jnp.asarray(context)
+        extra["context"] = jnp.broadcast_to(c, (layer.d_in,) + c.shape)
+      eye = jnp.eye(layer.d_in, dtype=jnp.float32)                             # Delta is linear in x here
+      delta = definition.apply({"params": wrapper.adapter.linen_params()}, eye, **extra)   # [d_in, d_out]
+      w = kernel.get_value()
+      kernel.set_value(w + _kernel_nd(delta, layer, w.shape).astype(w.dtype))
+    _replace(merged, path, wrapper.base)
+  for path, module in list(nnx.iter_modules(merged)):
+    for name in [k for k, v in vars(module).items() if isinstance(v, ExtraParam)]:
+      _retype(module, name, nnx.Param)
+  return merged
+
+
+# ------------------------------------------------------------------------------------------- adapter files
+
+
+def described(model: nnx.Module) -> inject_lib.AdaptedModel:
+  """The adapted NNX model as `inject.AdaptedModel` metadata (no backbone): what `adapter_io` writes."""
+  wrappers = [w for _, w in _adapted(model)]
+  if not wrappers:
+    raise ValueError(f"{type(model).__name__} has no adapted layer: run localmoe.nnx_inject.inject first.")
+  injection = wrappers[0].injection
+  if injection.rules is None:
+    raise ValueError("an adapter built by a callable cannot be saved: build it from a spec dict (or (pattern, "
+                     "spec) rules) so adapter_config.json can describe it.")
+  rules = json.loads(injection.rules)
+  adapter = inject_lib.adapter_set([tuple(r) for r in rules] if isinstance(rules, list) else rules)
+  extras = trainable(model)["extras"]
+  leaves = tuple((f"extras/{path}", tuple(leaf.shape), jnp.dtype(leaf.dtype).name)
+                 for path, leaf in params_lib.leaf_paths(extras))
+  fields = {f.name for f in dataclasses.fields(inject_lib.AdaptedModel)}
+  checked = {"extra_leaves": leaves} if "extra_leaves" in fields else {}   # shapes/dtypes save_adapter checks
+  return inject_lib.AdaptedModel(model=None, adapter=adapter, layers=layers(model), example_args=(),
+                                 target_modules=injection.target_modules,
+                                 trainable_extras=injection.trainable_extras, extra_paths=tuple(_extras(model)),
+                                 **checked)
+
+
+def save_adapter(directory: str, model: nnx.Module) -> None:
+  """Writes the adapter of an adapted NNX model in `localmoe.adapter_io`'s format (loadable by linen, too)."""
+  from localmoe import adapter_io             # pylint: disable=g-import-not-at-top
+  adapter_io.save_adapter(directory, described(model), trainable(model))
+
+
+def load_adapter(directory: str, model: nnx.Module, *example_args,
+                 example_kwargs: Mapping[str, Any] | None = None) -> nnx.Module:
+  """Injects the saved adapter (from a linen or an NNX model) into `model`, in place, with the saved arrays.
+
+  The model's matched layers must equal the saved ones, path by path and shape by shape; otherwise a
+  ValueError names the first layer that differs, before the model is changed.
+  """
+  from safetensors.numpy import load_file     # pylint: disable=g-import-not-at-top
+  from localmoe import adapter_io             # pylint: disable=g-import-not-at-top
+  config = adapter_io.read_config(directory)
+  spec = config["adapter"]
+  adapter = [tuple(rule) for rule in spec] if isinstance(spec, list) else spec
+  target = config["target_modules"] if isinstance(config["target_modules"], str) else tuple(config["target_modules"])
+  found = {layer.path: layer.to_json() for layer in find_layers(model, example_args, target, example_kwargs)}
+  for layer in config["layers"]:
+    here = found.get(layer["path"])
+    if here is None:
+      raise ValueError(f"the saved adapter has layer {layer['path']!r} ({layer['kind']} {layer['in_shape']} -> "
+                       f"{layer['out_shape']}) but target_modules={target!r} matches no such layer on this model.")
+    if (here["in_shape"], here["out_shape"]) != (layer["in_shape"], layer["out_shape"]):
+      raise ValueError(f"layer {layer['path']!r}: the saved adapter was built for {layer['in_shape']} -> "
+                       f"{layer['out_shape']} but this model's layer is {here['in_shape']} -> {here['out_shape']}.")
+  extra = sorted(set(found) - {layer["path"] for layer in config["layers"]})
+  if extra:
+    raise ValueError(f"this model has layer {extra[0]!r} matching target_modules={target!r} that the saved adapter "
+                     f"does not have ({len(extra)} such layers): the adapter was saved from another model.")
+  inject(model, adapter, *example_args, target_modules=target, key=jax.random.PRNGKey(0),
+         trainable_extras=config.get("trainable_extras"), example_kwargs=example_kwargs)
+  arrays = load_file(os.path.join(directory, adapter_io.WEIGHTS_FILE))
+
+  def assign(name: str, var: nnx.Variable) -> None:
+    if name not in arrays:
+      raise ValueError(f"{os.path.join(directory, adapter_io.WEIGHTS_FILE)} lacks {name!r}: the file and "
+                       f"{adapter_io.CONFIG_FILE} disagree; re-save the adapter.")
+    if arrays[name].shape != tuple(var.shape):
+      raise ValueError(f"{name}: saved shape {arrays[name].shape} but this model needs {tuple(var.shape)}.")
+    var.set_value(jnp.asarray(arrays[name]))
+
+  for _, wrapper in _adapted(model):
+    for key_path, var in jax.tree_util.tree_flatten_with_path(
+        wrapper.adapter.params, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]:
+      assign("/".join(["adapter", wrapper.path] + [str(k.key) for k in key_path]), var)
+  for path, names in _extras(model).items():
+    for name, var in names.items():
+      assign(f"extras/{path}/{name}", var)
+  return model
