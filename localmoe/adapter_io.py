@@ -12,13 +12,22 @@ An adapter directory holds two files:
 
 Loading re-discovers the matched layers on the given model and compares them with the saved ones before
 anything is applied: a missing or extra layer, or a layer of another shape, is an error naming the layer and
-both shapes. Arrays are stored in their own dtype (float32 by default).
+both shapes. Arrays are stored in their own dtype (float32 by default); a tensor of another dtype or shape
+than the model needs, or one the adapter does not have, is an error naming the file and the tensor. The
+trainable extras (`trainable_extras`, e.g. a task head) are saved with the adapter and loaded back with it.
+
+Saving checks `trainable` against the adapted model (every adapter and extra tensor, shape and dtype)
+before anything is written, and writes the pair atomically: both files go into a fresh temporary
+directory beside `directory`, which is then renamed into place (an existing adapter directory is swapped
+out and removed), so a crash leaves the old pair or the new pair, never one file of each. The directory is
+the adapter's own: one that holds other files is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, Mapping
 
@@ -40,17 +49,53 @@ def _flatten(tree: Any) -> dict[str, np.ndarray]:
           for path, leaf in params_lib.leaf_paths(tree)}
 
 
-def _atomic_write(path: str, write) -> None:
-  directory = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-  os.close(fd)
+def _write_pair(directory: str, flat: dict[str, np.ndarray], config: dict) -> None:
+  """Writes both files into a temporary sibling directory, then renames it to `directory` (atomic pair)."""
+  from safetensors.numpy import save_file     # pylint: disable=g-import-not-at-top
+  directory = os.path.normpath(directory)
+  parent, name = os.path.split(os.path.abspath(directory))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")
+  old = None
   try:
-    write(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+    save_file(flat, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": FORMAT})
+    with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+      f.write(json.dumps(config, indent=2) + "\n")
+    mode = 0o666 & ~_umask()
+    for file in (WEIGHTS_FILE, CONFIG_FILE):
+      os.chmod(os.path.join(tmp, file), mode)
+    os.chmod(tmp, 0o777 & ~_umask())
+    if os.path.isdir(directory):                 # swap the old pair out, the new one in, then drop the old
+      old = tempfile.mkdtemp(dir=parent, prefix=f".old-{name}-")
+      os.rename(directory, os.path.join(old, name))
+    os.rename(tmp, directory)
   finally:
+    if old is not None:
+      moved = os.path.join(old, name)
+      if not os.path.exists(directory) and os.path.exists(moved):
+        os.rename(moved, directory)              # the new pair did not land: the old one goes back
+      shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(tmp):
-      os.remove(tmp)
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_target(directory: str) -> None:
+  """`directory` must be a new path or an adapter directory of its own, below directories (not files)."""
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise ValueError(f"save_adapter: {directory} is a file, not a directory: pass a new directory path "
+                     f"(save_adapter writes {WEIGHTS_FILE} and {CONFIG_FILE} into it), or remove the file.")
+  above = os.path.dirname(os.path.abspath(directory))
+  while above and not os.path.exists(above):
+    above = os.path.dirname(above)
+  if above and not os.path.isdir(above):
+    raise ValueError(f"save_adapter: {above} is a file, so nothing can be written under it: pass a directory "
+                     "path whose parents are directories.")
+  if os.path.isdir(directory):
+    others = sorted(set(os.listdir(directory)) - {WEIGHTS_FILE, CONFIG_FILE})
+    if others:
+      raise ValueError(f"save_adapter: {directory} holds other files ({', '.join(others[:3])}): the adapter pair is "
+                       "replaced as a whole directory, so give it a directory of its own, e.g. "
+                       f"{os.path.join(directory, 'adapter')}.")
 
 
 def _umask() -> int:
@@ -75,8 +120,12 @@ def adapter_config(adapted: inject.AdaptedModel) -> dict:
 
 
 def save_adapter(directory: str, adapted: inject.AdaptedModel, trainable: Mapping[str, Any]) -> None:
-  """Writes `trainable` (one entry: no leading seed axis) and adapter_config.json into `directory`."""
-  from safetensors.numpy import save_file     # pylint: disable=g-import-not-at-top
+  """Writes `trainable` (one entry: no leading seed axis) and adapter_config.json into `directory`.
+
+  Everything is checked before anything is written: the spec must be JSON-able, and `trainable` must hold
+  exactly the adapter's tensors and the trainable extras, each of the model's shape and dtype; the
+  directory must be new or an adapter directory (module docstring: the pair is written atomically).
+  """
   config = adapter_config(adapted)            # validates that the spec is JSON-able before writing anything
   flat = _flatten(trainable)
   kernels = [jnp.zeros((layer.d_in, layer.d_out), jnp.float32) for layer in adapted.layers]
@@ -88,10 +137,30 @@ def save_adapter(directory: str, adapted: inject.AdaptedModel, trainable: Mappin
     raise ValueError(f"save_adapter: trainable does not match the adapted model (missing "
                      f"{sorted(set(expected) - set(got))[:3]}, unexpected {sorted(set(got) - set(expected))[:3]}, "
                      f"shapes {dict(list(wrong.items())[:3])}); pass one entry's params (e.g. fit.entry(0)).")
-  os.makedirs(directory, exist_ok=True)
-  _atomic_write(os.path.join(directory, WEIGHTS_FILE), lambda tmp: save_file(flat, tmp, metadata={"format": FORMAT}))
-  _atomic_write(os.path.join(directory, CONFIG_FILE),
-                lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(config, indent=2) + "\n"))
+  _check_extras(adapted, flat)
+  _check_target(directory)
+  _write_pair(directory, flat, config)
+
+
+def _check_extras(adapted: inject.AdaptedModel, flat: Mapping[str, np.ndarray]) -> None:
+  """The trainable extras in `flat` must be exactly the adapted model's, with their shapes and dtypes."""
+  want = {path: (shape, dtype) for path, shape, dtype in adapted.extra_leaves}
+  got = {k: v for k, v in flat.items() if not k.startswith("adapter/")}
+  missing = sorted(set(want) - set(got))
+  if missing:
+    raise ValueError(f"save_adapter: trainable lacks {missing[0]!r} ({len(missing)} trainable-extras tensors "
+                     f"missing; trainable_extras={adapted.trainable_extras!r}): pass the whole trainable dict "
+                     "that inject or training returned, {'adapter': ..., 'extras': ...}.")
+  unexpected = sorted(set(got) - set(want))
+  if unexpected:
+    raise ValueError(f"save_adapter: trainable has {unexpected[0]!r}, which is neither an adapter tensor nor a "
+                     f"trainable extra of this model (trainable_extras={adapted.trainable_extras!r}): pass the "
+                     "trainable dict of this adapted model.")
+  for path, (shape, dtype) in want.items():
+    leaf = got[path]
+    if tuple(leaf.shape) != tuple(shape) or jnp.dtype(leaf.dtype).name != dtype:
+      raise ValueError(f"save_adapter: {path!r} is {jnp.dtype(leaf.dtype).name}{list(leaf.shape)} but the model's "
+                       f"param is {dtype}{list(shape)}: pass the trainable extras of this model, as trained.")
 
 
 def read_config(directory: str) -> dict:
@@ -103,8 +172,16 @@ def read_config(directory: str) -> dict:
       config = json.load(f)
   except (OSError, json.JSONDecodeError) as error:
     raise ValueError(f"{path} is not readable JSON ({error}): re-save the adapter.") from None
+  if not isinstance(config, dict):
+    raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an adapter config object: point "
+                     "load_adapter at a directory written by save_adapter, or re-save the adapter.")
   if config.get("format") != FORMAT:
     raise ValueError(f"{path} has format {config.get('format')!r}; this localmoe reads {FORMAT!r}.")
+  for key, kind in (("adapter", (dict, list)), ("target_modules", (str, list)), ("layers", list)):
+    if not isinstance(config.get(key), kind):
+      state = "lacks" if key not in config else f"has a {type(config[key]).__name__} for"
+      raise ValueError(f"{path} {state} {key!r}: it was not written by save_adapter (or was edited); re-save "
+                       "the adapter.")
   return config
 
 
@@ -140,15 +217,34 @@ def load_adapter(directory: str, model, frozen_params, *example_args, example_kw
   adapted, template = inject.inject(model, frozen_params, adapter, *example_args, target_modules=target,
                                     key=jax.random.PRNGKey(0) if key is None else key,
                                     trainable_extras=config.get("trainable_extras"), example_kwargs=example_kwargs)
-  arrays = load_file(os.path.join(directory, WEIGHTS_FILE))
+  weights_path = os.path.join(directory, WEIGHTS_FILE)
+  try:
+    arrays = load_file(weights_path)
+  except FileNotFoundError:
+    raise ValueError(f"{weights_path} does not exist: the directory lacks the weights written by save_adapter; "
+                     "re-save the adapter.") from None
+  except Exception as error:                  # safetensors raises SafetensorError (and others) on bad files
+    raise ValueError(f"{weights_path} is not a readable safetensors file ({type(error).__name__}: "
+                     f"{str(error).splitlines()[0] if str(error) else 'no detail'}): it is truncated or "
+                     "corrupt; re-save the adapter.") from None
   leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-  values = []
+  values, names = [], set()
   for key_path, leaf in leaves_with_paths:
     name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
+    names.add(name)
     if name not in arrays:
-      raise ValueError(f"{os.path.join(directory, WEIGHTS_FILE)} lacks {name!r}: the file and "
+      raise ValueError(f"{weights_path} lacks {name!r}: the file and "
                        f"{CONFIG_FILE} disagree; re-save the adapter.")
     if arrays[name].shape != leaf.shape:
       raise ValueError(f"{name}: saved shape {arrays[name].shape} but this model needs {tuple(leaf.shape)}.")
+    if arrays[name].dtype != leaf.dtype:
+      raise ValueError(f"{weights_path}: tensor {name!r} is {arrays[name].dtype} but this model needs "
+                       f"{jnp.dtype(leaf.dtype).name}: re-save the adapter from params of that dtype (the "
+                       "spec's param_dtype), or cast the file's tensors.")
     values.append(jnp.asarray(arrays[name]))
+  unknown = sorted(set(arrays) - names)
+  if unknown:
+    raise ValueError(f"{weights_path} holds tensor {unknown[0]!r} ({len(unknown)} such) that the adapter of "
+                     f"{CONFIG_FILE} does not have (trainable_extras={config.get('trainable_extras')!r}): the file "
+                     "and the config disagree; re-save the adapter.")
   return adapted, jax.tree_util.tree_unflatten(treedef, values)

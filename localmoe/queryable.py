@@ -60,6 +60,7 @@ class QueryableLoRA:
   def __post_init__(self):
     for field in ("rank", "num_atoms", "num_blocks", "top_k"):
       common.check_positive(getattr(self, field), field)
+    common.check_alpha(self.alpha)
     if self.top_k > self.num_atoms:
       raise ValueError(f"top_k={self.top_k} must be <= num_atoms={self.num_atoms}.")
 

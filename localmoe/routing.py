@@ -45,6 +45,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Initializer = Callable[..., jnp.ndarray]
 
@@ -164,6 +165,29 @@ def gates_from_logits(logits: jnp.ndarray, top_k: int | None) -> jnp.ndarray:
   keep = jax.nn.one_hot(index, num_experts, dtype=bool).any(axis=-2)    # [..., E]
   masked = jnp.where(keep, logits, -jnp.inf)
   return jax.nn.softmax(masked, axis=-1)
+
+
+def one_hot_labels(labels: jnp.ndarray, num: int, field: str, num_field: str, fix: str) -> jnp.ndarray:
+  """Integer labels [...] -> one-hot float32 [..., num], refusing labels outside 0..num-1.
+
+  `jax.nn.one_hot` maps such a label to a zero row, which a bias-free router (the paper's W_g u) turns into
+  exactly uniform gates: a silent wrong routing. Concrete labels (eager calls, and constants closed over by
+  a jitted function) are checked here: a ValueError names `field`, the bad labels, `num_field` (the field
+  that sets `num`) and `fix`. Traced labels (arguments of a jitted function) cannot raise on their values,
+  so there the row of an out-of-range label is NaN: the outputs that depend on it are NaN, which a training
+  loop's divergence guard flags, instead of a plausible uniform routing. In-range labels give the same
+  one-hot rows either way.
+  """
+  if not isinstance(labels, jax.core.Tracer):
+    values = np.asarray(labels)
+    bad = values[(values < 0) | (values >= num)]
+    if bad.size:
+      shown = ", ".join(str(v) for v in np.unique(bad)[:5])
+      raise ValueError(f"{field} holds ids [{shown}] outside 0..{num - 1} ({num_field}={num}): {fix}.")
+    return jax.nn.one_hot(labels, num)
+  onehot = jax.nn.one_hot(labels, num)                                               # [..., num]
+  valid = (labels >= 0) & (labels < num)
+  return jnp.where(valid[..., None], onehot, jnp.nan)
 
 
 class Router(nn.Module):
@@ -293,14 +317,22 @@ def _dispatch_fraction(gates: jnp.ndarray, top_k: int) -> jnp.ndarray:
   return jax.nn.one_hot(index, gates.shape[-1]).sum(axis=-2) / top_k
 
 
-def load_balancing_loss(gates: jnp.ndarray, top_k: int = 1, per_router: bool = True) -> jnp.ndarray:
+def load_balancing_loss(gates: jnp.ndarray, top_k: int = 1, per_router: bool = True,
+                        weights: jnp.ndarray | None = None) -> jnp.ndarray:
   """Switch-Transformer load-balancing loss, E * sum_e f_e * P_e (minimum 1 at uniform use).
 
   gates: [N, R, E]. f_e is the fraction of tokens dispatched to expert e (top-k indicator / k), P_e the
   mean gate probability. per_router=True computes the loss for every router (cell) over its tokens and
   averages over routers; per_router=False pools all tokens of all routers into one global balance.
+  weights: optional [N] token weights (e.g. an attention mask: padding rows weigh 0); f_e and P_e become
+  weighted means. All-zero weights count no token and give a loss of 0 (not 0 / 0).
   """
   num_experts = gates.shape[-1]
+  if weights is not None:
+    if not per_router:                                                 # one router over all (token, router) rows
+      weights = jnp.repeat(weights, gates.shape[1])
+      gates = gates.reshape(-1, 1, num_experts)
+    return _weighted_balance(gates, top_k, weights)
   dispatch = _dispatch_fraction(gates, top_k)
   if per_router:
     f = dispatch.mean(axis=0)                                          # [R, E]
@@ -311,9 +343,32 @@ def load_balancing_loss(gates: jnp.ndarray, top_k: int = 1, per_router: bool = T
   return num_experts * (f * p).sum()
 
 
-def router_z_loss(logits: jnp.ndarray) -> jnp.ndarray:
-  """ST-MoE router z-loss: mean over tokens and routers of logsumexp(logits)^2."""
-  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+def _weight_total(weights: jnp.ndarray) -> jnp.ndarray:
+  """sum(weights), or 1 where it is 0 (every weighted numerator is then 0, so the mean is 0, not NaN)."""
+  total = jnp.sum(weights)
+  return jnp.where(total > 0, total, jnp.ones_like(total))
+
+
+def _weighted_balance(gates: jnp.ndarray, top_k: int, weights: jnp.ndarray) -> jnp.ndarray:
+  """E * sum_e f_e P_e per router, averaged over routers, rows of gates [N, R, E] weighted by weights [N]."""
+  num_experts = gates.shape[-1]
+  dispatch = _dispatch_fraction(gates, top_k)                          # [N, R, E]
+  total = _weight_total(weights)
+  f = jnp.einsum("n,nre->re", weights, dispatch) / total
+  p = jnp.einsum("n,nre->re", weights, gates) / total
+  return (num_experts * (f * p).sum(-1)).mean()
+
+
+def router_z_loss(logits: jnp.ndarray, weights: jnp.ndarray | None = None) -> jnp.ndarray:
+  """ST-MoE router z-loss: mean over tokens and routers of logsumexp(logits)^2.
+
+  logits: [N, R, E]; weights: optional [N] token weights (a weighted mean over tokens; all-zero weights
+  give 0).
+  """
+  if weights is None:
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+  z = jax.nn.logsumexp(logits, -1) ** 2                                # [N, R]
+  return jnp.sum(weights[:, None] * z) / (_weight_total(weights) * logits.shape[1])
 
 
 def expert_usage(gates: jnp.ndarray) -> jnp.ndarray:
@@ -321,10 +376,25 @@ def expert_usage(gates: jnp.ndarray) -> jnp.ndarray:
   return gates.mean(axis=0)
 
 
+def token_entropy(gates: jnp.ndarray) -> jnp.ndarray:
+  """Gate entropy (nats) of every token and router: [N, R, E] -> [N, R] (0 log 0 = 0)."""
+  safe = jnp.where(gates > 0, gates, 1.0)
+  return -(gates * jnp.log(safe)).sum(-1)
+
+
 def routing_entropy(gates: jnp.ndarray) -> jnp.ndarray:
   """Mean per-token gate entropy (nats) per router: [N, R, E] -> [R]. 0 = hard routing, log E = uniform."""
-  safe = jnp.where(gates > 0, gates, 1.0)
-  return -(gates * jnp.log(safe)).sum(-1).mean(0)
+  return token_entropy(gates).mean(0)
+
+
+def group_usage(gates: jnp.ndarray, group_weights: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Expert usage and routing entropy per group: gates [N, R, E], group_weights [N, G] (a token's weight in
+  each group, e.g. one-hot task ids times a mask) -> (usage [G, R, E], entropy [G, R]), weighted means over
+  each group's tokens; a group without tokens gets 0."""
+  count = jnp.maximum(group_weights.sum(0), 1e-9)                                   # [G]
+  usage = jnp.einsum("ng,nre->gre", group_weights, gates) / count[:, None, None]
+  entropy = jnp.einsum("ng,nr->gr", group_weights, token_entropy(gates)) / count[:, None]
+  return usage, entropy
 
 
 def usage_entropy(gates: jnp.ndarray) -> jnp.ndarray:

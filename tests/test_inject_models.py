@@ -1,6 +1,8 @@
 """Adapters on real models: DenseGeneral attention, a context through the model, trainable extras, router
 losses in training, whole-model merge, dtype (localmoe.inject)."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -406,3 +408,170 @@ def test_saved_adapter_reloads_to_identical_outputs_and_refuses_another_model(ti
   stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), trainable)
   with pytest.raises(ValueError, match="pass one entry's params"):
     adapter_io.save_adapter(str(tmp_path / "bad"), adapted, stacked)
+
+
+# ------------------------------------------------------------------------------------------- bad input (issue 19)
+# Inputs that used to give silent wrong results or raw tracebacks: each is now one clear error (or, for traced
+# task ids under jit, NaN outputs, documented in `routing.one_hot_labels`).
+
+
+@pytest.fixture(scope="module")
+def attn_ctx():
+  """An attention block with every projection context-routed, x [B, T, D], trainable randomised."""
+  model = _Attn()
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  adapted, trainable = inject.inject(model, params, CELLWISE_CTX, x[:1], target_modules=r"attn/.*",
+                                     key=jax.random.PRNGKey(2))
+  return model, params, x, adapted, _randomize(trainable, seed=3)
+
+
+def _message(error):
+  assert "\n" not in str(error.value), str(error.value)
+  return str(error.value)
+
+
+@pytest.mark.parametrize("spec", [CELLWISE_CTX, BLOCKWISE_CTX, {"method": "per_task_lora", "rank": 2,
+                                                                 "context_dim": TASKS}], ids=lambda s: s["method"])
+@pytest.mark.parametrize("bad", [7, -1, TASKS])
+def test_task_ids_outside_context_dim_are_an_error(spec, bad):
+  model = _Attn()
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  adapted, trainable = inject.inject(model, params, spec, x[:1], target_modules=r"attn/.*", key=jax.random.PRNGKey(2))
+  labels = (jnp.arange(B) % TASKS).at[1].set(bad)
+  want = (f"context holds ids [{bad}] outside 0..2 (context_dim=3): pass ids in 0..2, or set context_dim to the "
+          "number of tasks.")
+  with pytest.raises(ValueError) as error:                                       # eager
+    adapted.apply(params, trainable, x, context=labels)
+  assert _message(error) == want
+  with pytest.raises(ValueError) as error:                                       # jit over a constant context
+    jax.jit(lambda t: adapted.apply(params, t, x, context=labels))(trainable)
+  assert _message(error) == want
+  with pytest.raises(ValueError) as error:                                       # merge for one task
+    adapted.merge(params, trainable, context=bad)
+  assert _message(error) == want
+  module = adapters.make(spec, d_in=D, d_out=D)                                  # the bare adapter
+  with pytest.raises(ValueError) as error:
+    module.apply({"params": trainable["adapter"]["attn/query"]}, x[:, 0], labels)
+  assert _message(error) == want
+
+
+@pytest.mark.parametrize("spec", [CELLWISE_CTX, {"method": "per_task_lora", "rank": 2, "context_dim": TASKS}],
+                         ids=lambda s: s["method"])
+def test_traced_task_ids_outside_context_dim_give_nan_not_uniform_routing(spec):
+  model = _Attn()
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  adapted, trainable = inject.inject(model, params, spec, x[:1], target_modules=r"attn/.*", key=jax.random.PRNGKey(2))
+  trainable = _randomize(trainable, seed=3)
+  labels = jnp.arange(B) % TASKS
+  apply = jax.jit(adapted.apply)
+  good = apply(params, trainable, x, context=labels)
+  bad = apply(params, trainable, x, context=labels.at[1].set(7))
+  assert bool(jnp.isnan(bad[1]).all())                                           # the bad example: NaN
+  np.testing.assert_array_equal(np.delete(bad, 1, 0), np.delete(good, 1, 0))     # the others: unchanged
+
+
+def test_float_labels_as_one_vector_are_refused(attn_ctx):
+  _, params, x, adapted, trainable = attn_ctx
+  floats = jnp.arange(TASKS, dtype=jnp.float32)                                  # [0., 1., 2.]: 3 == context_dim
+  with pytest.raises(ValueError) as error:
+    adapted.apply(params, trainable, x[:TASKS], context=floats)
+  assert _message(error) == (
+      "context has shape (3,) and dtype float32 (layer 'attn/query'): apply takes one context per example, "
+      "integer labels [batch] (float labels: context.astype(jnp.int32)) or a one-hot/embedding "
+      "[batch, context_dim] (one vector for all examples: jnp.broadcast_to(c, (batch, context_dim))).")
+  with pytest.raises(ValueError, match=r"context has shape \(3,\) and dtype float32"):
+    jax.jit(adapted.apply)(params, trainable, x[:TASKS], context=floats)
+  # The two unambiguous spellings agree.
+  np.testing.assert_allclose(adapted.apply(params, trainable, x[:TASKS], context=floats.astype(jnp.int32)),
+                             adapted.apply(params, trainable, x[:TASKS], context=jnp.eye(TASKS)), rtol=1e-6)
+
+
+def _traces(attn_ctx):
+  _, params, x, adapted, trainable = attn_ctx
+  _, traces = adapted.apply(params, trainable, x, context=jnp.arange(B) % TASKS, capture_routing=True)
+  return traces
+
+
+def test_router_losses_with_an_all_zero_mask_are_zero_not_nan(attn_ctx):
+  traces = _traces(attn_ctx)
+  zero = jnp.zeros((B, T))
+  losses = inject.router_losses(traces, load_balance=1.0, z_loss=1.0, mask=zero)
+  assert {k: float(v) for k, v in losses.items()} == {"aux_loss": 0.0, "load_balance": 0.0, "router_z": 0.0}
+  def aux(logits, gates):                                                        # through the traces' arrays
+    rebuilt = [dataclasses.replace(t, logits=l, gates=g) for t, l, g in zip(traces, logits, gates)]
+    return inject.router_losses(rebuilt, load_balance=1.0, z_loss=1.0, mask=zero)["aux_loss"]
+  grads = jax.jit(jax.grad(aux, argnums=(0, 1)))([t.logits for t in traces], [t.gates for t in traces])
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(grads))   # zero, not NaN
+  # A mask of ones is the unmasked loss.
+  ones = inject.router_losses(traces, load_balance=1.0, z_loss=1.0, mask=jnp.ones((B, T)))
+  none = inject.router_losses(traces, load_balance=1.0, z_loss=1.0)
+  np.testing.assert_allclose(ones["aux_loss"], none["aux_loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(B, T, 2), (B - 2, T), (B, T + 1)], ids=["extra_axis", "batch", "tokens"])
+def test_router_losses_refuse_a_mask_that_does_not_fit(attn_ctx, shape):
+  with pytest.raises(ValueError) as error:
+    inject.router_losses(_traces(attn_ctx), load_balance=0.1, mask=jnp.ones(shape))
+  assert _message(error) == (
+      f"mask has shape {shape} but layer 'attn/query' routes inputs with leading axes {(B, T)}: pass weights "
+      "[batch, ...] of this batch that broadcast onto them (e.g. the attention mask [batch, tokens]), without "
+      "extra axes.")
+
+
+def test_routing_diagnostics_refuse_group_ids_beyond_num_groups(attn_ctx):
+  traces = _traces(attn_ctx)
+  groups = jnp.arange(B) % TASKS                                                 # ids 0..2
+  with pytest.raises(ValueError) as error:
+    inject.routing_diagnostics(traces, groups=groups, num_groups=2)
+  assert _message(error) == ("groups holds ids [2] outside 0..1 (num_groups=2): pass num_groups = the number of "
+                             "groups (ids run 0..num_groups-1).")
+  traced = jax.jit(lambda g: inject.routing_diagnostics(traces, groups=g, num_groups=2))(groups)
+  assert bool(jnp.isnan(traced["usage"]).all())                                  # under jit: NaN, not dropped
+  with pytest.raises(ValueError, match=r"groups has shape \(4,\) but layer 'attn/query' routed a batch of 6"):
+    inject.routing_diagnostics(traces, groups=groups[:4], num_groups=3)
+  with pytest.raises(ValueError, match=r"num_groups=0 must be a positive integer"):
+    inject.routing_diagnostics(traces, groups=groups, num_groups=0)
+  usage = inject.routing_diagnostics(traces, groups=groups, num_groups=3)["usage"]   # [layers, 3, routers, E]
+  np.testing.assert_allclose(usage.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_trainable_extras_as_a_list_of_names_like_target_modules():
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, D))
+  task = jnp.arange(B) % TASKS
+  model = _WithHeads()
+  params = model.init(jax.random.PRNGKey(1), x, task)["params"]
+  build = lambda extras: inject.inject(model, params, LORA, x, task, target_modules="body",
+                                       key=jax.random.PRNGKey(2), trainable_extras=extras)
+  by_list, trainable = build(["head_0", "head_2"])
+  by_regex, same = build(r"head_(0|2)")
+  assert by_list.extra_paths == by_regex.extra_paths == ("head_0", "head_2")
+  for a, b in zip(jax.tree_util.tree_leaves(trainable), jax.tree_util.tree_leaves(same)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError) as error:
+    build(["nothing"])
+  assert _message(error).startswith("trainable_extras=('nothing',) matched no module of the params")
+  with pytest.raises(ValueError) as error:
+    build([])
+  assert _message(error) == ("trainable_extras=[] selects nothing: pass None for no trainable extras, or module "
+                             "names (e.g. ['head']).")
+  with pytest.raises(ValueError) as error:
+    build(3)
+  assert _message(error) == ("trainable_extras=3 must be a regex string (e.g. 'head') or a list of module names "
+                             "(e.g. ['head']), like target_modules.")
+
+
+@pytest.mark.parametrize("method", sorted(adapters.ADAPTERS))
+@pytest.mark.parametrize("alpha", [-1, 0, float("nan"), float("inf"), "2"])
+def test_make_refuses_a_non_positive_alpha(method, alpha):
+  spec = {"lora": LORA, "dora": LORA, "melora": {"rank": 2, "num_blocks": 2},
+          "localized_lora": {"rank": 2, "k_y": 2, "k_x": 2}, "blockwise_moe": BLOCKWISE_CTX,
+          "cellwise_moe": CELLWISE_CTX, "per_task_lora": {"rank": 2, "context_dim": TASKS}}[method]
+  spec = dict(spec, method=method, alpha=alpha)
+  with pytest.raises(ValueError) as error:
+    adapters.make(spec, d_in=D, d_out=D)
+  assert _message(error) == (f"alpha={alpha!r} must be a finite number > 0 (the update is scaled by alpha / rank): "
+                             "use e.g. alpha=2 * rank, or alpha=None for a scale of 1.")
+  adapters.make(dict(spec, alpha=4.0), d_in=D, d_out=D)                          # a positive alpha is fine

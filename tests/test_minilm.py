@@ -259,6 +259,23 @@ def test_bad_construction_names_the_field():
                 jnp.zeros((1, 513), jnp.int32), jnp.ones((1, 513), jnp.int32))
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("max_length", 0, "max_length=0 must be an integer in 2..512 ([CLS] and [SEP] count; 512 positions)."),
+    ("max_length", 1, "max_length=1 must be an integer in 2..512 ([CLS] and [SEP] count; 512 positions)."),
+    ("max_length", 2.5, "max_length=2.5 must be an integer in 2..512 ([CLS] and [SEP] count; 512 positions)."),
+    ("batch_size", 2.5, "batch_size=2.5 must be a positive integer (rows per batch, e.g. 64)."),
+    ("batch_size", 0, "batch_size=0 must be a positive integer (rows per batch, e.g. 64)."),
+])
+def test_embed_validates_its_arguments_like_tokenize_before_any_work(field, value, message):
+  class Untouchable:                                   # a backbone that fails if anything reaches it
+    def __getattr__(self, name):
+      raise AssertionError(f"the backbone was used ({name}) before the arguments were checked")
+  untouchable = Untouchable()
+  with pytest.raises(ValueError) as error:
+    minilm.embed(["a sentence"], backbone=(untouchable, untouchable, untouchable), **{field: value})
+  assert str(error.value) == message
+
+
 def test_every_route_failing_says_where_to_put_the_files(tmp_path, monkeypatch):
   failed = lambda command, **kwargs: subprocess.CompletedProcess(command, 1, "", "ERROR: no network")
   monkeypatch.setattr(registry.subprocess, "run", failed)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Initializer = Callable[..., jnp.ndarray]
 Dtype = Any                                     # a jnp dtype, or its name ("float32", "bfloat16")
@@ -78,6 +79,14 @@ def check_rank(rank: int, rows: int, cols: int, where: str, allow_overcomplete: 
         f"rank={rank} is larger than the {rows}x{cols} {where} it factors (max useful rank {limit}): "
         f"use rank <= {limit}, or set allow_overcomplete_rank=True to keep an over-complete factorisation "
         "(the paper's California Housing budgets do this).")
+
+
+def check_alpha(alpha: float | None) -> None:
+  """alpha (the numerator of LoRA's alpha / r, Eq. 1): None (a scale of 1) or a finite number > 0."""
+  number = isinstance(alpha, (int, float, np.integer, np.floating)) and not isinstance(alpha, bool)
+  if alpha is not None and not (number and 0 < float(alpha) < math.inf):
+    raise ValueError(f"alpha={alpha!r} must be a finite number > 0 (the update is scaled by alpha / rank): use "
+                     "e.g. alpha=2 * rank, or alpha=None for a scale of 1.")
 
 
 def scaling(alpha: float | None, rank: int) -> float:

@@ -28,6 +28,7 @@ class LocalizedLoRA(nn.Module):
 
   def __post_init__(self):
     common.check_dtypes(self)
+    common.check_alpha(self.alpha)
     dx = grid.check_divisible(self.d_in, self.k_x, "d_in", "k_x")
     dy = grid.check_divisible(self.d_out, self.k_y, "d_out", "k_y")
     common.check_rank(self.rank, dy, dx, "grid cell", self.allow_overcomplete_rank)

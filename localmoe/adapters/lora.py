@@ -22,6 +22,7 @@ class LoRA(nn.Module):
 
   def __post_init__(self):
     common.check_dtypes(self)
+    common.check_alpha(self.alpha)
     common.check_positive(self.d_in, "d_in")
     common.check_positive(self.d_out, "d_out")
     common.check_rank(self.rank, self.d_out, self.d_in, "weight matrix", self.allow_overcomplete_rank)

@@ -28,6 +28,7 @@ class MELoRA(nn.Module):
 
   def __post_init__(self):
     common.check_dtypes(self)
+    common.check_alpha(self.alpha)
     dx = grid.check_divisible(self.d_in, self.num_blocks, "d_in", "num_blocks")
     dy = grid.check_divisible(self.d_out, self.num_blocks, "d_out", "num_blocks")
     common.check_rank(self.rank, dy, dx, "diagonal block", self.allow_overcomplete_rank)

@@ -65,6 +65,7 @@ class _RoutedGrid(nn.Module):
 
   def __post_init__(self):
     common.check_dtypes(self)
+    common.check_alpha(self.alpha)
     dx = grid.check_divisible(self.d_in, self.k_x, "d_in", "k_x")
     dy = grid.check_divisible(self.d_out, self.k_y, "d_out", "k_y")
     common.check_rank(self.rank, dy, dx, "grid cell", self.allow_overcomplete_rank)
@@ -126,14 +127,20 @@ class _RoutedGrid(nn.Module):
         param_dtype=pd, dtype=common.resolve_dtype(self.dtype, "dtype"))
 
   def _context(self, context) -> jnp.ndarray:
-    """Validates the context and returns it as float [..., D] (integer labels are one-hot encoded)."""
+    """Validates the context and returns it as float [..., D] (integer labels are one-hot encoded).
+
+    Labels outside 0..context_dim-1 are a ValueError when concrete; traced (under jit) they give NaN
+    router inputs, hence NaN outputs, never a silent uniform routing (`routing.one_hot_labels`).
+    """
     if context is None:
       raise ValueError(f"{type(self).__name__} has router_input='context' but was called without a "
                        "context: pass context=<one-hot or embedding [..., context_dim]> (or integer labels), "
                        "or build it with router_input='activation'.")
     context = jnp.asarray(context)
     if jnp.issubdtype(context.dtype, jnp.integer):
-      context = jax.nn.one_hot(context, self.context_dim)
+      context = routing.one_hot_labels(
+          context, self.context_dim, "context", "context_dim",
+          f"pass ids in 0..{self.context_dim - 1}, or set context_dim to the number of tasks")
     if context.shape[-1] != self.context_dim:
       raise ValueError(f"context has {context.shape[-1]} features but context_dim={self.context_dim}.")
     return context

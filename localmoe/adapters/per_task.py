@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from localmoe import routing
 from localmoe.adapters import common
 
 
@@ -34,6 +35,7 @@ class PerTaskLoRA(nn.Module):
 
   def __post_init__(self):
     common.check_dtypes(self)
+    common.check_alpha(self.alpha)
     common.check_positive(self.context_dim, "context_dim")
     common.check_rank(self.rank, self.d_out, self.d_in, "weight matrix", False)
     super().__post_init__()
@@ -44,14 +46,20 @@ class PerTaskLoRA(nn.Module):
     self.B = self.param("B", common.resolve_init(self.b_init, "b_init"), (t, self.d_out, r), pd)
 
   def route(self, x, context=None) -> jnp.ndarray:
-    """One-hot gates [..., T] from labels [...] or a one-hot / scored context [..., T] (its argmax)."""
+    """One-hot gates [..., T] from labels [...] or a one-hot / scored context [..., T] (its argmax).
+
+    Labels outside 0..T-1 are a ValueError when concrete; traced (under jit) their gates are NaN, so their
+    outputs are NaN rather than a silent zero update (`routing.one_hot_labels`).
+    """
     del x
     if context is None:
       raise ValueError("PerTaskLoRA selects a LoRA by the context: pass context=<task ids [...] or one-hot "
                        "[..., context_dim]>.")
     context = jnp.asarray(context)
     if jnp.issubdtype(context.dtype, jnp.integer):
-      return jax.nn.one_hot(context, self.context_dim)
+      return routing.one_hot_labels(
+          context, self.context_dim, "context", "context_dim",
+          f"pass ids in 0..{self.context_dim - 1}, or set context_dim to the number of tasks")
     if context.shape[-1] != self.context_dim:
       raise ValueError(f"context has {context.shape[-1]} features but context_dim={self.context_dim}.")
     return jax.nn.one_hot(jnp.argmax(context, -1), self.context_dim)

@@ -187,11 +187,16 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int = MAX_LENGTH,
   texts = _check_texts(texts)
   if padding not in ("longest", "max_length"):
     raise ValueError(f"padding={padding!r}: use 'longest' or 'max_length'.")
-  if not 2 <= max_length <= 512:
-    raise ValueError(f"max_length={max_length} must be in 2..512 ([CLS] and [SEP] count; 512 positions).")
+  _check_max_length(max_length)
   ids = _encode(tokenizer, texts, max_length)
   width = max_length if padding == "max_length" else max((len(x) for x in ids), default=2)
   return _pad(ids, width)
+
+
+def _check_max_length(max_length) -> None:
+  if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or not 2 <= max_length <= 512:
+    raise ValueError(f"max_length={max_length!r} must be an integer in 2..512 ([CLS] and [SEP] count; 512 "
+                     "positions).")
 
 
 def _check_texts(texts) -> list[str]:
@@ -250,8 +255,9 @@ def embed(texts: Sequence[str], batch_size: int = 64, max_length: int = MAX_LENG
   and kept for later calls.
   """
   texts = _check_texts(texts)
-  if batch_size < 1:
-    raise ValueError(f"batch_size={batch_size} must be at least 1.")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(f"batch_size={batch_size!r} must be a positive integer (rows per batch, e.g. 64).")
+  _check_max_length(max_length)
   model, params, tokenizer = backbone or _default_backbone(num_layers, jnp.dtype(dtype).name)
   ids = _encode(tokenizer, texts, max_length)
   order = np.argsort([-len(x) for x in ids], kind="stable")        # longest first
