@@ -200,3 +200,37 @@ def test_task_separation_has_the_multitask_experiment_definition():
   np.testing.assert_allclose(routing.task_separation(same), 0.0, atol=1e-7)
   disjoint = jnp.broadcast_to(jnp.eye(4)[:, None, :], (4, 5, 4))           # task t only on expert t
   np.testing.assert_allclose(routing.task_separation(disjoint), 1.0, rtol=1e-6)
+
+
+def test_token_weighted_losses_and_group_usage():
+  """Weights [N] (a mask) in the balance and z-losses: 0/1 weights = the kept rows only, all zeros = 0 (not
+  NaN); group_usage = per-group means; one_hot_labels refuses ids outside 0..num-1."""
+  logits = jax.random.normal(jax.random.PRNGKey(0), (12, 3, 4))                # [N, R, E]
+  kept = np.arange(12) % 3 != 0
+  keep = jnp.asarray(kept, jnp.float32)
+
+  @jax.jit
+  def values(logits):
+    gates = jax.nn.softmax(logits)
+    out = {}
+    for pr in (True, False):
+      out[f"keep/{pr}"] = (routing.load_balancing_loss(gates, 2, pr, keep),
+                           routing.load_balancing_loss(gates[kept], 2, pr))
+      out[f"zero/{pr}"] = (routing.load_balancing_loss(gates, 1, pr, jnp.zeros(12)), jnp.zeros(()))
+    out["z/keep"] = (routing.router_z_loss(logits, keep), routing.router_z_loss(logits[kept]))
+    out["z/zero"] = (routing.router_z_loss(logits, jnp.zeros(12)), jnp.zeros(()))
+    usage, entropy = routing.group_usage(gates, jax.nn.one_hot(jnp.arange(12) % 2, 3))   # group 2: no rows
+    out["usage/1"] = (usage[1], routing.expert_usage(gates[1::2]))
+    out["entropy/0"] = (entropy[0], routing.routing_entropy(gates[::2]))
+    out["usage/2"] = (usage[2], jnp.zeros_like(usage[2]))
+    return out
+
+  for name, (got, want) in values(logits).items():
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=name)
+  np.testing.assert_array_equal(routing.one_hot_labels(jnp.array([0, 2]), 3, "groups", "num_groups", "fix"),
+                                jnp.eye(3)[jnp.array([0, 2])])
+  with pytest.raises(ValueError, match=r"^groups holds ids \[-1, 3\] outside 0..2 \(num_groups=3\): fix\.$"):
+    routing.one_hot_labels(jnp.array([0, 3, -1]), 3, "groups", "num_groups", "fix")
+  traced = jax.jit(lambda ids: routing.one_hot_labels(ids, 3, "groups", "num_groups", "fix"))(jnp.array([1, 3]))
+  np.testing.assert_array_equal(traced[0], [0.0, 1.0, 0.0])
+  assert bool(jnp.isnan(traced[1]).all())
