@@ -36,7 +36,11 @@ replace the frozen ones in `apply` and `merge`.
 Context: `apply(..., context=c)` hands a per-example context (one-hot or embedding [batch, D], or integer
 labels [batch]) to every context-routed adapter. The router reads it once per example and its gates are
 broadcast over the remaining leading axes of the layer's input (the tokens). Activation-routed adapters
-route on their own input; both kinds may be mixed in one model (`PerLayer.rules`).
+route on their own input; both kinds may be mixed in one model (`PerLayer.rules`). A float context must be
+[batch, D]: one float vector [n] is refused (ambiguous: n float labels, or one embedding for all examples).
+Integer labels outside 0..context_dim-1 are a ValueError when they are concrete (eager calls, constants
+closed over by a jitted function); traced labels cannot raise, so the outputs of their examples are NaN
+(`routing.one_hot_labels`), never a silent uniform routing.
 
 Adapters come in two kinds, both handled by an `AdapterSet` (init over all matched layers; a per-forward
 `session` that returns Delta for the l-th matched call):
@@ -129,6 +133,7 @@ class RouterTrace:
   gates: jnp.ndarray
   grid: tuple[int, ...]           # () block-wise, (K_y, K_x) cell-wise
   top_k: int | None
+  input_lead: tuple[int, ...] | None = None   # the layer input's leading axes, e.g. (batch, tokens); None: lead
 
 
 class _PerLayerSession:
@@ -146,10 +151,11 @@ class _PerLayerSession:
         raise ValueError(f"layer {layer.path!r} has a context-routed adapter ({type(module).__name__}, "
                          "router_input='context') but apply was called without a context: pass "
                          "context=<labels [batch] or one-hot/embedding [batch, context_dim]>.")
+      _check_float_context(self.context, layer.path)
       gates, state = module.apply(variables, None, self.context, method="route", mutable=["intermediates"])
       lead = x.shape[:-1]
       batch = gates.ndim - (1 if module.router_grid == () else 3)                    # axes of the context
-      self._record(layer, module, state, gates.shape[:batch])
+      self._record(layer, module, state, gates.shape[:batch], lead)
       if tuple(gates.shape[:batch]) != tuple(lead[:batch]):
         raise ValueError(f"layer {layer.path!r}: the context has batch shape {tuple(gates.shape[:batch])} but "
                          f"the layer's input has leading axes {tuple(lead)}: pass one context per example.")
@@ -162,14 +168,30 @@ class _PerLayerSession:
       return out
     return module.apply(variables, x, **extra)
 
-  def _record(self, layer, module, state, lead):
+  def _record(self, layer, module, state, lead, input_lead=None):
     """Keeps the router's sown logits/gates [tokens, R, E] as [*lead, R, E]."""
     if self.capture is None:
       return
+    input_lead = tuple(lead if input_lead is None else input_lead)
     for found in routing.collect_router_outputs(state.get("intermediates", {})):
       shape = tuple(lead) + found.gates.shape[-2:]
       self.capture.append(RouterTrace(layer.path, found.logits.reshape(shape), found.gates.reshape(shape),
-                                      tuple(module.router_grid), getattr(module, "top_k", None)))
+                                      tuple(module.router_grid), getattr(module, "top_k", None), input_lead))
+
+
+def _check_float_context(context, path: str) -> None:
+  """A float context of apply is [batch, D] (one vector per example); one float vector is refused.
+
+  A float [n] is ambiguous: labels of n examples written as floats, or one embedding [D] for every
+  example (when n = context_dim the routers would silently read it as the latter).
+  """
+  shape = np.shape(context)
+  dtype = context.dtype if hasattr(context, "dtype") else np.asarray(context).dtype
+  if len(shape) < 2 and not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f"context has shape {tuple(shape)} and dtype {jnp.dtype(dtype).name} (layer {path!r}): "
+                     "apply takes one context per example, integer labels [batch] (float labels: "
+                     "context.astype(jnp.int32)) or a one-hot/embedding [batch, context_dim] (one vector for "
+                     "all examples: jnp.broadcast_to(c, (batch, context_dim))).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,8 +379,9 @@ class AdaptedModel:
   layers: tuple[LayerInfo, ...]                       # matched layers in call order
   example_args: tuple[Any, ...]                       # shapes used to discover the layers
   target_modules: str | tuple[str, ...]
-  trainable_extras: str | None = None                 # regex over module paths of frozen params to train
+  trainable_extras: str | tuple[str, ...] | None = None   # regex (or names) of frozen-param modules to train
   extra_paths: tuple[str, ...] = ()                   # module paths selected by trainable_extras
+  extra_leaves: tuple[tuple[str, tuple[int, ...], str], ...] = ()   # (path, shape, dtype) of each extra param
 
   @property
   def paths(self) -> tuple[str, ...]:
@@ -566,7 +589,7 @@ def _module_paths(params) -> list[str]:
 
 
 def inject(model: nn.Module, params, adapter, *example_args, target_modules: str | Sequence[str],
-           key: jax.Array, trainable_extras: str | None = None,
+           key: jax.Array, trainable_extras: str | Sequence[str] | None = None,
            example_kwargs: Mapping[str, Any] | None = None) -> tuple[AdaptedModel, dict]:
   """Freezes `params` and attaches `adapter` to every nn.Dense / nn.DenseGeneral matching `target_modules`.
 
@@ -579,8 +602,9 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
     target_modules: a regex that must match the whole path ("hidden_\\d+", ".*attn/(query|value)"), or a
       list of layer names matched as path suffixes (PEFT's list semantics).
     key: PRNG key for the adapter's initialisation.
-    trainable_extras: a regex over module paths of `params` (e.g. "head" or "heads/task_\\d+") whose params
-      stay trainable (PEFT's `modules_to_save`), counted separately from the adapters.
+    trainable_extras: a regex over module paths of `params` (e.g. "head" or "heads/task_\\d+"), or a list of
+      module names matched as path suffixes (["head"], as target_modules), whose params stay trainable
+      (PEFT's `modules_to_save`), counted separately from the adapters.
     example_kwargs: keyword inputs of the model for the discovery pass (e.g. {"attention_mask": ...}).
 
   Returns:
@@ -595,8 +619,9 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
                      "localmoe.inject.dense_paths(model, params, *inputs)).")
   extra_paths: tuple[str, ...] = ()
   if trainable_extras is not None:
-    pattern = re.compile(trainable_extras)
-    extra_paths = tuple(p for p in _module_paths(params) if pattern.fullmatch(p))
+    extras_match = _extras_matcher(trainable_extras)
+    trainable_extras = trainable_extras if isinstance(trainable_extras, str) else tuple(trainable_extras)
+    extra_paths = tuple(p for p in _module_paths(params) if extras_match(p))
     if not extra_paths:
       raise ValueError(f"trainable_extras={trainable_extras!r} matched no module of the params; module paths "
                        f"are e.g. {_module_paths(params)[-5:]}.")
@@ -607,7 +632,24 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
   target = target_modules if isinstance(target_modules, str) else tuple(target_modules)
   adapted = AdaptedModel(model=model, adapter=adapter, layers=layers, example_args=tuple(example_args),
                          target_modules=target, trainable_extras=trainable_extras, extra_paths=extra_paths)
-  return adapted, adapted.init_adapter(key, params)
+  trainable = adapted.init_adapter(key, params)
+  leaves = tuple((f"extras/{path}", tuple(np.shape(leaf)), jnp.dtype(leaf.dtype).name)
+                 for path, leaf in params_lib.leaf_paths(trainable["extras"]))
+  return dataclasses.replace(adapted, extra_leaves=leaves), trainable
+
+
+def _extras_matcher(trainable_extras) -> Callable[[str], bool]:
+  """trainable_extras as target_modules: a regex over the whole module path, or a list of module names
+  (a path equal to a name or ending in "/name")."""
+  if isinstance(trainable_extras, str):
+    return path_matcher(trainable_extras)
+  if not isinstance(trainable_extras, (list, tuple)) or not all(isinstance(n, str) for n in trainable_extras):
+    raise ValueError(f"trainable_extras={trainable_extras!r} must be a regex string (e.g. 'head') or a list of "
+                     "module names (e.g. ['head']), like target_modules.")
+  if not trainable_extras:
+    raise ValueError("trainable_extras=[] selects nothing: pass None for no trainable extras, or module names "
+                     "(e.g. ['head']).")
+  return path_matcher(list(trainable_extras))
 
 
 def dense_paths(model: nn.Module, params, *example_args) -> list[str]:
@@ -624,16 +666,20 @@ def router_losses(traces: Sequence[RouterTrace], load_balance: float = 0.0, z_lo
 
   Balance: per cell for cell-wise routers (each cell's router balanced over its tokens), global for
   block-wise (one router); with top_k routing the dispatch fraction counts the k chosen experts, with soft
-  routing the top-1. mask: optional [batch, ...] weights broadcastable to the activation routers' leading
-  axes (e.g. the attention mask, so padding tokens do not count); context routers run once per example.
+  routing the top-1 (`routing.load_balancing_loss`, `routing.router_z_loss`, token-weighted). mask:
+  optional [batch, ...] weights that broadcast onto each routed layer's input leading axes (e.g. the
+  attention mask [batch, tokens], so padding tokens do not count); context routers run once per example,
+  and an example counts if any of its entries is nonzero. A mask with more axes than a layer's input, or
+  of another batch, is a ValueError naming the layer. An all-zero mask counts no token: both losses are 0
+  (with zero gradient), not NaN.
   Returns {"aux_loss": load_balance * balance + z_loss * z, "load_balance": balance, "router_z": z}.
   """
   balance = jnp.zeros((), jnp.float32)
   z = jnp.zeros((), jnp.float32)
   for trace in traces:
     gates, logits, weights = _flat(trace, mask)
-    balance = balance + _weighted_balance(gates, trace.top_k or 1, weights)
-    z = z + jnp.sum(weights[:, None] * jax.nn.logsumexp(logits, -1) ** 2) / (jnp.sum(weights) * gates.shape[1])
+    balance = balance + routing.load_balancing_loss(gates, trace.top_k or 1, True, weights)
+    z = z + routing.router_z_loss(logits, weights)
   return {"aux_loss": load_balance * balance + z_loss * z, "load_balance": balance, "router_z": z}
 
 
@@ -646,21 +692,20 @@ def _flat(trace: RouterTrace, mask):
     weights = jnp.ones(gates.shape[0], jnp.float32)
   else:
     m = jnp.asarray(mask, jnp.float32)
+    _check_mask(m.shape, trace)
     if m.ndim > len(lead):                     # a per-example router: an example counts if it has any token
       m = m.reshape(m.shape[:len(lead)] + (-1,)).max(-1)
     weights = jnp.broadcast_to(m.reshape(m.shape + (1,) * (len(lead) - m.ndim)), lead).reshape(-1)
   return gates, logits, weights
 
 
-def _weighted_balance(gates, top_k, weights):
-  """E * sum_e f_e P_e per router, averaged over routers (Switch Transformer), rows weighted by `weights`."""
-  num_experts = gates.shape[-1]
-  _, index = jax.lax.top_k(gates, top_k)
-  dispatch = jax.nn.one_hot(index, num_experts).sum(-2) / top_k                     # [N, R, E]
-  total = jnp.sum(weights)
-  f = jnp.einsum("n,nre->re", weights, dispatch) / total
-  p = jnp.einsum("n,nre->re", weights, gates) / total
-  return (num_experts * (f * p).sum(-1)).mean()
+def _check_mask(shape: tuple[int, ...], trace: RouterTrace) -> None:
+  """The mask must broadcast onto the layer input's leading axes, aligned from the batch axis."""
+  lead = tuple(trace.gates.shape[:-2] if trace.input_lead is None else trace.input_lead)
+  if len(shape) > len(lead) or any(m not in (1, n) for m, n in zip(shape, lead)):
+    raise ValueError(f"mask has shape {tuple(shape)} but layer {trace.path!r} routes inputs with leading axes "
+                     f"{lead}: pass weights [batch, ...] of this batch that broadcast onto them (e.g. the "
+                     "attention mask [batch, tokens]), without extra axes.")
 
 
 def routing_diagnostics(traces: Sequence[RouterTrace], groups: jnp.ndarray | None = None,
@@ -671,8 +716,15 @@ def routing_diagnostics(traces: Sequence[RouterTrace], groups: jnp.ndarray | Non
     "usage":   [layers, groups, routers, E], mean gate per router and expert (rows sum to 1 where a group
                has examples, 0 where it has none),
     "entropy": [layers, groups, routers], mean per-token gate entropy in nats (0 = hard routing),
-  with layers in call order of the routed layers. All routed layers must have the same routers and E.
+  with layers in call order of the routed layers (`routing.group_usage`). All routed layers must have the
+  same routers and E. Group ids outside 0..num_groups-1 are a ValueError when concrete; traced (under jit)
+  they make the usage and entropy NaN (`routing.one_hot_labels`), never silently dropped.
   """
+  if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
+    raise ValueError(f"num_groups={num_groups!r} must be a positive integer: the number of groups (e.g. tasks).")
+  if groups is not None and not jnp.issubdtype(jnp.asarray(groups).dtype, jnp.integer):
+    raise ValueError(f"groups has dtype {jnp.asarray(groups).dtype}: pass integer group ids [batch] "
+                     "(e.g. task ids; float ids: groups.astype(jnp.int32)).")
   usage, entropy = [], []
   for trace in traces:
     gates, _, weights = _flat(trace, mask)
@@ -680,14 +732,17 @@ def routing_diagnostics(traces: Sequence[RouterTrace], groups: jnp.ndarray | Non
       onehot = jnp.ones((gates.shape[0], 1), jnp.float32)
     else:
       lead = trace.gates.shape[:-2]
+      if np.shape(groups) != tuple(lead[:1]):
+        raise ValueError(f"groups has shape {np.shape(groups)} but layer {trace.path!r} routed a batch of "
+                         f"{lead[0]}: pass one group id per example, shape ({lead[0]},).")
       g = jnp.asarray(groups).reshape(lead[:1] + (1,) * (len(lead) - 1))
-      onehot = jax.nn.one_hot(jnp.broadcast_to(g, lead).reshape(-1), num_groups)       # [N, G]
+      onehot = routing.one_hot_labels(jnp.broadcast_to(g, lead).reshape(-1), num_groups, "groups",
+                                      "num_groups", "pass num_groups = the number of groups (ids run "
+                                      "0..num_groups-1)")                              # [N, G]
     w = onehot * weights[:, None]                                                      # [N, G]
-    count = jnp.maximum(w.sum(0), 1e-9)                                                # [G]
-    usage.append(jnp.einsum("ng,nre->gre", w, gates) / count[:, None, None])
-    safe = jnp.where(gates > 0, gates, 1.0)
-    ent = -(gates * jnp.log(safe)).sum(-1)                                            # [N, R]
-    entropy.append(jnp.einsum("ng,nr->gr", w, ent) / count[:, None])
+    u, ent = routing.group_usage(gates, w)
+    usage.append(u)
+    entropy.append(ent)
   if not usage:
     return {}
   shapes = {u.shape for u in usage}
