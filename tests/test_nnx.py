@@ -36,20 +36,29 @@ def _routes_on_context(spec):
   return spec.get("router_input") == "context"
 
 
+def _normal(seed, shape, scale=1.0):
+  """N(0, scale^2) from numpy: test data without compiling a JAX random kernel per shape (seconds each)."""
+  return jnp.asarray(scale * np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _np_init(seed=0):
+  """A kernel initializer for the test backbones, N(0, 1/D), drawn by numpy in call order."""
+  rng = np.random.default_rng(seed)
+  return lambda key, shape, dtype=jnp.float32: jnp.asarray(rng.normal(size=shape) / np.sqrt(D), dtype)
+
+
 def _randomize_nnx(model, seed=0, scale=0.3):
   """Random adapter params (B != 0), DoRA magnitudes kept positive."""
   state = nnx.state(model, nnx.All(nnx_inject.AdapterParam, nnx.Not(nnx_inject.ExtraParam)))
   leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  new = [jnp.abs(scale * jax.random.normal(k, l.shape)) + 1.0 if "magnitude" in jax.tree_util.keystr(p)
-         else scale * jax.random.normal(k, l.shape) for k, (p, l) in zip(keys, leaves)]
+  new = [jnp.abs(_normal((seed, i), l.shape, scale)) + 1.0 if "magnitude" in jax.tree_util.keystr(p)
+         else _normal((seed, i), l.shape, scale) for i, (p, l) in enumerate(leaves)]
   nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
 
 
 def _randomize(tree, seed=0, scale=0.3):
   leaves, treedef = jax.tree_util.tree_flatten(tree)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree_util.tree_unflatten(treedef, [scale * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+  return jax.tree_util.tree_unflatten(treedef, [_normal((seed, i), l.shape, scale) for i, l in enumerate(leaves)])
 
 
 # ------------------------------------------------------------------------------------------- adapter math by hand
@@ -80,10 +89,11 @@ class Block(nnx.Module):
   """A plain NNX transformer block: nnx.MultiHeadAttention, an nnx.Linear FFN and a head."""
 
   def __init__(self, rngs, param_dtype=jnp.float32):
+    init = _np_init()                                                  # the same weights for every Block
     self.attn = nnx.MultiHeadAttention(num_heads=HEADS, in_features=D, decode=False, param_dtype=param_dtype,
-                                       rngs=rngs)
-    self.ffn = nnx.Linear(D, D, param_dtype=param_dtype, rngs=rngs)
-    self.head = nnx.Linear(D, 2, param_dtype=param_dtype, rngs=rngs)
+                                       kernel_init=init, rngs=rngs)
+    self.ffn = nnx.Linear(D, D, param_dtype=param_dtype, kernel_init=init, rngs=rngs)
+    self.head = nnx.Linear(D, 2, param_dtype=param_dtype, kernel_init=init, rngs=rngs)
 
   def __call__(self, x):                                               # x: [batch, tokens, D]
     h = x + self.attn(x)
@@ -127,7 +137,7 @@ def _frozen_arrays(model):
 
 @pytest.mark.parametrize("spec", SPECS, ids=_spec_id)
 def test_nnx_block_equals_a_hand_written_model(spec):
-  x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
+  x = _normal(0, (B, T, D))
   labels = jnp.arange(B) % TASKS
   model = Block(nnx.Rngs(1))
   frozen = _frozen_arrays(model)
@@ -164,7 +174,7 @@ class NNXEinsumAttention(nnx.Module):
   def __init__(self, rngs):
     for name, (eq, shape) in EQ.items():
       setattr(self, name, nnx.Einsum(eq, shape, bias_shape=shape[-1:] if name == "out" else shape[1:] if
-                                     name != "key" else (HEADS, HD), rngs=rngs))
+                                     name != "key" else (HEADS, HD), kernel_init=_np_init(), rngs=rngs))
 
   def __call__(self, x):
     q, k, v = self.query(x), self.key(x), self.value(x)
@@ -193,13 +203,13 @@ def _hand_einsum_attention(p, a, spec, x, context):
 
 @pytest.mark.parametrize("spec", [LORA, DORA, LOCALIZED, CELLWISE_CTX], ids=_spec_id)
 def test_einsum_attention_equals_a_hand_written_model_in_linen_and_nnx(spec):
-  x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
+  x = _normal(0, (B, T, D))
   labels = jnp.arange(B) % TASKS
   context = labels if _routes_on_context(spec) else None
   names = ("query", "key", "value", "out")
   # linen
   model = LinenEinsumAttention()
-  params = _randomize(model.init(jax.random.PRNGKey(1), x)["params"], seed=3)
+  params = _randomize(jax.eval_shape(model.init, jax.random.PRNGKey(1), x)["params"], seed=3)   # no init compile
   adapted, trainable = inject.inject(model, params, spec, x[:1], target_modules=r"query|key|value|out",
                                      key=jax.random.PRNGKey(2))
   assert [l.kind for l in adapted.layers] == ["Einsum"] * 4
@@ -237,14 +247,14 @@ def test_einsum_equations_without_a_grid_view_are_refused_naming_layer_and_equat
     def __call__(self, x):                                              # a kernel per batch index
       return nn.Einsum((B, D, 4), "bd,bdf->bf", name="mix")(x)
   x = jnp.ones((B, D))
-  params = PerBatch().init(jax.random.PRNGKey(0), x)["params"]
+  params = _randomize(jax.eval_shape(PerBatch().init, jax.random.PRNGKey(0), x)["params"])
   with pytest.raises(ValueError, match=r"layer 'mix' is an einsum layer with equation 'bd,bdf->bf': axis 'b' is in "
                                        r"the input, the kernel and the output"):
     inject.inject(PerBatch(), params, LORA, x, target_modules="mix", key=jax.random.PRNGKey(0))
 
   class Summed(nnx.Module):
     def __init__(self, rngs):
-      self.proj = nnx.Einsum("btd,dfk->bf", (D, 4, 3), rngs=rngs)      # sums a kernel-only axis
+      self.proj = nnx.Einsum("btd,dfk->bf", (D, 4, 3), kernel_init=_np_init(), rngs=rngs)      # sums a kernel-only axis
     def __call__(self, x):
       return self.proj(x)
   with pytest.raises(ValueError, match=r"layer 'proj' is an einsum layer with equation 'btd,dfk->bf': axis 't' is "
@@ -256,7 +266,7 @@ def test_einsum_equations_without_a_grid_view_are_refused_naming_layer_and_equat
 
 
 def test_context_as_labels_or_one_hot_agree_and_a_missing_context_names_the_layer():
-  x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
+  x = _normal(0, (B, T, D))
   labels = jnp.arange(B) % TASKS
   model = nnx_inject.inject(Block(nnx.Rngs(1)), CELLWISE_CTX, x[:1], target_modules=ATTN,
                             key=jax.random.PRNGKey(2))
@@ -281,7 +291,7 @@ def test_context_as_labels_or_one_hot_agree_and_a_missing_context_names_the_laye
 
 
 def test_router_traces_give_the_same_losses_and_diagnostics_as_linen():
-  x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
+  x = _normal(0, (B, T, D))
   labels = jnp.arange(B) % TASKS
   rules = [(ATTN, CELLWISE_CTX), ("ffn", CELLWISE_ACT)]
   model = nnx_inject.inject(Block(nnx.Rngs(1)), rules, x[:1], target_modules=ATTN + "|ffn",
@@ -303,7 +313,7 @@ def test_router_traces_give_the_same_losses_and_diagnostics_as_linen():
 
 
 def test_nnx_optimizer_over_the_adapter_type_trains_only_the_adapters_and_extras():
-  x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
+  x = _normal(0, (B, T, D))
   labels = jnp.arange(B) % TASKS
   y = (x[:, 0, 0] > 0).astype(jnp.int32)
   model = nnx_inject.inject(Block(nnx.Rngs(1)), CELLWISE_CTX, x[:1], target_modules=ATTN + "|ffn",
@@ -340,7 +350,7 @@ def test_nnx_optimizer_over_the_adapter_type_trains_only_the_adapters_and_extras
 
 @pytest.mark.parametrize("spec", [LORA, DORA, MELORA, LOCALIZED, BLOCKWISE_CTX, CELLWISE_CTX], ids=_spec_id)
 def test_merged_nnx_model_equals_the_adapted_model(spec):
-  x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
+  x = _normal(0, (B, T, D))
   model = nnx_inject.inject(Block(nnx.Rngs(1)), spec, x[:1], target_modules=ATTN + "|ffn", key=jax.random.PRNGKey(2),
                             trainable_extras="head")
   _randomize_nnx(model, scale=0.2)
@@ -385,10 +395,10 @@ def _nnx_block_with(params):
 
 
 def test_adapter_files_round_trip_between_linen_and_nnx(tmp_path):
-  x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
+  x = _normal(0, (B, T, D))
   labels = jnp.arange(B) % TASKS
   linen_model = LinenBlock()
-  params = linen_model.init(jax.random.PRNGKey(1), x)["params"]
+  params = _randomize(jax.eval_shape(linen_model.init, jax.random.PRNGKey(1), x)["params"], seed=1)
   rules = [(ATTN, CELLWISE_CTX), ("ffn", DORA)]
   adapted, trainable = inject.inject(linen_model, params, rules, x[:1], target_modules=ATTN + "|ffn",
                                      key=jax.random.PRNGKey(2), trainable_extras="head")
@@ -412,7 +422,7 @@ def test_adapter_files_round_trip_between_linen_and_nnx(tmp_path):
   class Wider(Block):
     def __init__(self, rngs):
       super().__init__(rngs)
-      self.ffn = nnx.Linear(D, 2 * D, rngs=rngs)
+      self.ffn = nnx.Linear(D, 2 * D, kernel_init=_np_init(), rngs=rngs)
 
     def __call__(self, x):
       h = x + self.attn(x)
@@ -433,7 +443,7 @@ def test_layers_of_nnx_vmap_and_scan_stacks_are_refused_by_name():
       @nnx.split_rngs(splits=3)
       @nnx.vmap(in_axes=(0,), out_axes=0)
       def make(rngs):
-        return nnx.Linear(D, D, rngs=rngs)
+        return nnx.Linear(D, D, kernel_init=_np_init(), rngs=rngs)
       self.blocks = make(rngs)
 
     def __call__(self, x):
@@ -451,7 +461,7 @@ def test_layers_of_nnx_vmap_and_scan_stacks_are_refused_by_name():
 
   class Unrolled(nnx.Module):                                         # the supported form: a list of layers
     def __init__(self, rngs):
-      self.blocks = nnx.List([nnx.Linear(D, D, rngs=rngs) for _ in range(3)])
+      self.blocks = nnx.List([nnx.Linear(D, D, kernel_init=_np_init(), rngs=rngs) for _ in range(3)])
 
     def __call__(self, x):
       for layer in self.blocks:
@@ -465,8 +475,8 @@ def test_layers_of_nnx_vmap_and_scan_stacks_are_refused_by_name():
 @pytest.mark.parametrize("spec", SPECS + [{"method": "per_task_lora", "rank": 2, "context_dim": TASKS}],
                          ids=_spec_id)
 def test_nnx_adapter_modules_have_the_linen_params_and_outputs(spec):
-  x = jax.random.normal(jax.random.PRNGKey(0), (B, D))
-  kernel = jax.random.normal(jax.random.PRNGKey(1), (D, 8))
+  x = _normal(0, (B, D))
+  kernel = _normal(1, (D, 8))
   labels = jnp.arange(B) % TASKS
   adapter = nnx_inject.Adapter(spec, d_in=D, d_out=8, rngs=nnx.Rngs(3), kernel=kernel)
   linen = adapters.make(spec, d_in=D, d_out=8)
@@ -480,14 +490,14 @@ def test_nnx_adapter_modules_have_the_linen_params_and_outputs(spec):
 
 
 def test_bfloat16_nnx_backbone_trains_float32_adapters():
-  x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D)).astype(jnp.bfloat16)
+  x = _normal(0, (B, T, D)).astype(jnp.bfloat16)
   model = nnx_inject.inject(Block(nnx.Rngs(1), param_dtype=jnp.bfloat16), LOCALIZED, x[:1],
                             target_modules="attn/out|ffn", key=jax.random.PRNGKey(2))
   adapter_leaves = jax.tree_util.tree_leaves(nnx.state(model, nnx_inject.AdapterParam))
   assert {v.dtype for v in adapter_leaves} == {jnp.dtype(jnp.float32)}
-  assert model(x).dtype == jnp.bfloat16
-  grads = nnx.grad(lambda m: jnp.sum(m(x).astype(jnp.float32) ** 2),
-                   argnums=nnx.DiffState(0, nnx_inject.AdapterParam))(model)
+  assert jax.eval_shape(lambda: model(x)).dtype == jnp.bfloat16
+  grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x).astype(jnp.float32) ** 2),
+                           argnums=nnx.DiffState(0, nnx_inject.AdapterParam)))(model)
   leaves = jax.tree_util.tree_leaves(grads)
   assert all(g.dtype == jnp.float32 and bool(jnp.isfinite(g).all()) for g in leaves)
   assert any(float(jnp.abs(g).max()) > 0 for g in leaves)             # B = 0 at init: its gradient is not
@@ -508,13 +518,14 @@ def test_public_api_context_routed_cellwise_moe_on_a_plain_nnx_attention_model()
 
   class Classifier(nnx.Module):                                       # a plain NNX model, nothing localmoe
     def __init__(self, rngs):
-      self.attn = nnx.MultiHeadAttention(num_heads=4, in_features=D, decode=False, rngs=rngs)
-      self.head = nnx.Linear(D, 2, rngs=rngs)
+      self.attn = nnx.MultiHeadAttention(num_heads=4, in_features=D, decode=False, kernel_init=_np_init(),
+                                         rngs=rngs)
+      self.head = nnx.Linear(D, 2, kernel_init=_np_init(), rngs=rngs)
 
     def __call__(self, x):
       return self.head(self.attn(x).mean(1))
 
-  x = jax.random.normal(jax.random.PRNGKey(0), (12, T, D))
+  x = _normal(0, (12, T, D))
   task = jnp.arange(12) % TASKS
   y = (x[:, 0, 0] > 0).astype(jnp.int32)
   model = api.inject(Classifier(nnx.Rngs(0)), dict(CELLWISE_CTX, b_init="normal_0.01"), x[:1],
