@@ -54,6 +54,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from localmoe import adapters as adapters_lib
 from localmoe import einsum_layers
 from localmoe import inject as inject_lib
 from localmoe import params as params_lib
@@ -110,7 +111,7 @@ class Adapter(nnx.Module):
       definition = adapter
     else:
       sizes = {k: v for k, v in (("d_in", d_in), ("d_out", d_out)) if v is not None}
-      definition = inject_lib.adapters_lib.make(adapter, **sizes)
+      definition = adapters_lib.make(adapter, **sizes)
     if params is None:
       if rngs is None:
         raise ValueError("Adapter needs rngs=nnx.Rngs(<seed>) to initialise its parameters (or params=).")
@@ -131,8 +132,7 @@ class Adapter(nnx.Module):
   def delta_weight(self, context=None, gates=None, kernel: jnp.ndarray | None = None) -> jnp.ndarray:
     """Dense Delta W [d_out, d_in] for one fixed routing (a single context or fixed gates; Eq. 9)."""
     if hasattr(type(self.definition), "delta_weight"):
-      return inject_lib.adapters_lib.delta_weight(self.definition, {"params": self.linen_params()}, context,
-                                                  gates)
+      return adapters_lib.delta_weight(self.definition, {"params": self.linen_params()}, context, gates)
     eye = jnp.eye(self.definition.d_in, dtype=jnp.float32)                # DoRA: Delta is linear in x
     return self(eye, kernel=kernel).T
 
@@ -517,12 +517,10 @@ def described(model: nnx.Module) -> inject_lib.AdaptedModel:
   extras = trainable(model)["extras"]
   leaves = tuple((f"extras/{path}", tuple(leaf.shape), jnp.dtype(leaf.dtype).name)
                  for path, leaf in params_lib.leaf_paths(extras))
-  fields = {f.name for f in dataclasses.fields(inject_lib.AdaptedModel)}
-  checked = {"extra_leaves": leaves} if "extra_leaves" in fields else {}   # shapes/dtypes save_adapter checks
   return inject_lib.AdaptedModel(model=None, adapter=adapter, layers=layers(model), example_args=(),
                                  target_modules=injection.target_modules,
                                  trainable_extras=injection.trainable_extras, extra_paths=tuple(_extras(model)),
-                                 **checked)
+                                 extra_leaves=leaves)                  # shapes/dtypes save_adapter checks
 
 
 def save_adapter(directory: str, model: nnx.Module) -> None:

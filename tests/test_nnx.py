@@ -487,6 +487,10 @@ def test_nnx_adapter_modules_have_the_linen_params_and_outputs(spec):
   context = labels if spec.get("router_input", "context" if "context_dim" in spec else None) == "context" else None
   np.testing.assert_allclose(adapter(x, context=context, **extra),
                              linen.apply({"params": adapter.linen_params()}, x, context=context, **extra), rtol=1e-6)
+  if spec.get("router_input") != "activation":                          # Delta W of one context (Eq. 9)
+    one = None if context is None else jnp.ones(B, jnp.int32)
+    dense = adapter.delta_weight(context=None if context is None else 1, **extra)       # [d_out, d_in]
+    np.testing.assert_allclose(x @ dense.T, adapter(x, context=one, **extra), rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_nnx_backbone_trains_float32_adapters():
