@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from configs import multitask_text as mt_config          # noqa: E402
 from experiments import multitask_text as mt             # noqa: E402
 from localmoe import train                               # noqa: E402
-from localmoe.models import minilm                       # noqa: E402
+from localmoe.models import bert, minilm                 # noqa: E402
 
 METHODS = ("heads_only", "lora", "localized_lora", "blockwise_moe", "cellwise_moe", "cellwise_moe_activation",
            "per_task_lora")
@@ -47,8 +47,9 @@ TARGET = ("cellwise_moe", 1.15)      # issue target: cell-wise step <= 1.15x the
 SETTLE_S = 0.02
 
 
-def synthetic_corpus(batch: int, tokens: int, seed: int = 0) -> mt.Corpus:
-  """A batch of random word pieces (ids 1000..29999, [CLS]/[SEP] kept) and random tasks and labels."""
+def synthetic_corpus(batch: int, tokens: int, backbone, params, seed: int = 0) -> mt.Corpus:
+  """A batch of random word pieces (ids 1000..29999, [CLS]/[SEP] kept) and random tasks and labels, as the
+  experiment's model takes them: the embeddings' output (every layer carries adapters, frozen_layers=0)."""
   rng = np.random.default_rng(seed)
   ids = rng.integers(1000, 30000, size=(batch, tokens)).astype(np.int32)
   ids[:, 0], ids[:, -1] = 101, 102
@@ -56,13 +57,15 @@ def synthetic_corpus(batch: int, tokens: int, seed: int = 0) -> mt.Corpus:
   label = np.asarray([rng.integers(0, NUM_CLASSES[t]) for t in task], np.int32)
   rows = {"input_ids": ids, "attention_mask": np.ones_like(ids), "task": task,
           "y": np.stack([label, task, np.ones_like(task)], 1)}
+  rows = mt.lower_features(backbone, params, rows, 0)
   return mt.Corpus(tasks=("topic", "spam", "question", "sentiment"), num_classes=NUM_CLASSES, train=rows,
-                   test=rows, counts={})
+                   val=rows, test=rows, counts={})
 
 
 def compiled_step(method: str, config, backbone, frozen, corpus):
   """(jit-compiled step, state, batch args, adapter parameter count) of one method."""
-  task, _, count, _ = mt.build_task(method, config, backbone, frozen, corpus)
+  heads = {k: v for k, v in frozen.items() if k.startswith("head_")}
+  task, _, count, _ = mt.build_task(method, config, bert.Upper(backbone, 0), frozen, corpus, heads)
   tx = train.make_optimizer(train.Settings.from_config(config.optim))
   params = task.init(jax.random.PRNGKey(0), frozen)
   state = train.entry_state(params, tx.init(params))
@@ -105,8 +108,9 @@ def main(argv=None) -> dict:
   config = mt_config.get_config()
   config.model.num_layers = args.layers
   backbone, backbone_params, _ = minilm.load(num_layers=args.layers)
-  corpus = synthetic_corpus(args.batch, args.tokens)
-  frozen = {"backbone": backbone_params, **mt.head_init(jax.random.PRNGKey(0), NUM_CLASSES, 384)}
+  corpus = synthetic_corpus(args.batch, args.tokens, backbone, backbone_params)
+  frozen = {"backbone": bert.upper_params(backbone_params, 0, args.layers),
+            **mt.random_heads(jax.random.PRNGKey(0), NUM_CLASSES)}
   print("model_step: one train.train_step (fwd + bwd + AdamW) of the multi-task MiniLM classifier, one seed")
   print(f"  backend: {jax.default_backend()}  devices: {jax.devices()}  jax {jax.__version__}  "
         f"cpu cores: {os.cpu_count()}  python {platform.python_version()}")

@@ -130,9 +130,7 @@ def validate(config) -> None:
       raise ValueError(f"config.data.scalings: {name!r} is not known; valid: {list(SCALINGS)} (comma-separated).")
   if dc.spectrum not in targets.SPECTRA:
     raise ValueError(f"config.data.spectrum={dc.spectrum!r} is not known; valid: {list(targets.SPECTRA)}.")
-  if config.checkpoint_every_epochs < 0:
-    raise ValueError(f"config.checkpoint_every_epochs={config.checkpoint_every_epochs} must be >= 0 "
-                     "(0: checkpoint only at the end).")
+  checkpoint.every_epochs(config)
   if not dc.clip_z > 0:
     raise ValueError(f"config.data.clip_z={dc.clip_z} must be > 0 (e.g. 5.0).")
   if not 0 < dc.test_fraction < 1:

@@ -23,6 +23,7 @@ sweep share them.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import time
@@ -32,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from localmoe import adapters, checkpoint, configlib, results, train
+from localmoe import adapters, checkpoint, configlib, results, runner, train
+from localmoe.data import cache
 
 D_IN, HIDDEN, CLASSES = 784, 64, 5
 FULL = "full_finetune"
@@ -147,6 +149,16 @@ def _select(images, labels, digits, limit, rng):
   return images[keep].reshape(len(keep), -1), lookup[labels[keep]]
 
 
+def pretrain_policy(data_config: dict, pretrain_config: dict) -> checkpoint.Policy:
+  """Checkpoints of the pretraining fit: `<data dir>/pretrained/mnist_adaptation/<hash of its config>`, shared
+  by every run and sweep entry with the same data and pretraining settings (it resumes, and a finished one is
+  loaded instead of retrained); tied to that config like any other checkpoint."""
+  config = {"data": data_config, "pretrain": pretrain_config}
+  digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+  directory = os.path.join(str(cache.data_dir()), "pretrained", "mnist_adaptation", digest)
+  return checkpoint.Policy(directory, every_epochs=0, config=config)
+
+
 @functools.lru_cache(maxsize=4)
 def _prepared(data_json: str, pretrain_json: str):
   """(adaptation Data with pretrained frozen MLP, pretraining info). Cached: sweep entries share it."""
@@ -165,7 +177,8 @@ def _prepared(data_json: str, pretrain_json: str):
                             weight_decay=pc["weight_decay"])
   t0 = time.perf_counter()
   task = classification_task(lambda key, frozen: init_mlp(key), lambda p, f, inputs: mlp_logits(p, pixels(inputs["x"])))
-  fit = train.fit(task, pre, [pc["seed"]], settings, name="pretrain 0-4", log=print)
+  fit = train.fit(task, pre, [pc["seed"]], settings, name="pretrain 0-4", log=print,
+                  checkpoints=pretrain_policy(dc, pc))
   mlp = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), fit.params)
   info = {"source_test_accuracy": float(fit.final("test", "accuracy")[0]), "epochs": pc["epochs"],
           "train_examples": int(len(sy)), "wall_time_s": time.perf_counter() - t0}
@@ -211,9 +224,7 @@ def validate(config) -> None:
       raise ValueError(f"config.data.{field}={getattr(dc, field)!r} must name {CLASSES} distinct digits 0-9.")
   if not isinstance(config.num_seeds, int) or config.num_seeds < 1:
     raise ValueError(f"config.num_seeds={config.num_seeds!r} must be a positive integer.")
-  if not isinstance(config.checkpoint_every_epochs, int) or config.checkpoint_every_epochs < 0:
-    raise ValueError(f"config.checkpoint_every_epochs={config.checkpoint_every_epochs!r} must be >= 0 "
-                     "(0: checkpoint only at the end).")
+  checkpoint.every_epochs(config)
   train.Settings.from_config(config.optim)
   train.Settings(epochs=config.pretrain.epochs, batch_size=config.pretrain.batch_size,
                  learning_rate=config.pretrain.lr, weight_decay=config.pretrain.weight_decay)
@@ -271,19 +282,26 @@ def run(config, workdir: str) -> dict:
   settings = train.Settings.from_config(config.optim)
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   var_test = label_variance(data.test["y"])
-  methods, histories = {}, {}
   live = results.Live(workdir)
-  for name in configlib.split_names(config.method_names):
+
+  def train_one(method: runner.Method):
+    name = method.name
     module, params = build_method(config, name)
     print(f"[{name}] {params:,} trainable parameters ({100 * params / mlp_params_count():.2f}%), "
           f"{len(seeds)} seed(s), {settings.epochs} epochs", flush=True)
-    task = full_task() if module is None else adapter_task(module)
-    fit = train.fit(task, data, seeds, settings, name=name, checkpoints=checkpoint.policy(config, workdir, name),
-                    on_epoch_end=live.hook(name, seeds, data.splits, task.metric_names))
-    methods[name] = {"method": config.methods[name].method,
-                     **method_summary(params, seeds, settings.learning_rate, fit, var_test),
-                     "paper": _paper(config.methods[name].method)}
-    histories[name] = (seeds, fit)
+    fit = method.fit(full_task() if module is None else adapter_task(module), data, seeds, settings)
+    return fit, {"method": config.methods[name].method,
+                 **method_summary(params, seeds, settings.learning_rate, fit, var_test),
+                 "paper": _paper(config.methods[name].method)}
+
+  def failed(name, reason):
+    return {"method": config.methods[name].method, "params": build_method(config, name)[1], "seeds": seeds,
+            "fraction": build_method(config, name)[1] / mlp_params_count(), "lr": settings.learning_rate,
+            "status": reason, "paper": _paper(config.methods[name].method)}
+
+  methods, fits = runner.run_methods(configlib.split_names(config.method_names), train_one, failed=failed,
+                                     checkpoints=checkpoint.policy(config, workdir), live=live)
+  histories = {name: (seeds, fit) for name, fit in fits.items()}
   wall = time.perf_counter() - start
   write_results(workdir, config, methods, histories, info, wall,
                 "MNIST adaptation 0-4 -> 5-9 (Localized LoRA paper, Experiment 2): one budget", live=live)

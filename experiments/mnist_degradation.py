@@ -177,9 +177,7 @@ def validate(config) -> None:
     value = dc[field]
     if value < 0 or value > limit or 0 < value < 100:
       raise ValueError(f"config.data.{field}={value} must be 0 (all {limit:,}) or between 100 and {limit:,}.")
-  if config.checkpoint_every_epochs < 0:
-    raise ValueError(f"config.checkpoint_every_epochs={config.checkpoint_every_epochs} must be >= 0 "
-                     "(0: checkpoint only at the end).")
+  checkpoint.every_epochs(config)
   if config.eval.num_examples < 1:
     raise ValueError(f"config.eval.num_examples={config.eval.num_examples} must be >= 1 (digits per context in "
                      "the output grid).")

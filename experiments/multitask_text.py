@@ -107,7 +107,7 @@ def adapter_spec(method: str, model_config, router_config, num_tasks: int) -> di
 
 def method_groups(method: str, config) -> list:
   """config.optim.groups of `method`: the anchors' router group first (for ANCHORED), then the config's."""
-  groups = list(config.optim.groups or [])
+  groups = [dataclasses.asdict(rule) for rule in train.parse_groups(config.optim.groups)]
   if method in ANCHORED:
     groups = [dict(name="router", pattern=ROUTER_PATTERN, lr_mult=float(config.router.anchor_lr_mult),
                    weight_decay=float(config.router.anchor_weight_decay))] + groups
@@ -480,8 +480,7 @@ def validate(config) -> train.Settings:
     raise ValueError(f"config.eval.diagnostic_rows={config.eval.diagnostic_rows} must be <= "
                      f"config.optim.eval_batch_size={settings.eval_batch_size} (they are read from one chunk).")
   for name in names:
-    if name in ANCHORED or config.optim.groups:
-      train.parse_groups(method_groups(name, config))
+    train.parse_groups(method_groups(name, config))
   rows = ((d.train_per_task or FULL_TRAIN_ROWS // len(tasks)) + (d.test_per_task or FULL_TEST_ROWS // len(tasks)))
   train.check_memory(estimate_bytes(config, len(tasks), rows * len(tasks)),
                      f"one method (num_seeds={config.num_seeds} x batch {config.optim.batch_size} x "

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from localmoe import checkpoint, configlib, inject, models, results, train
+from localmoe import checkpoint, configlib, inject, models, results, runner, train
 from localmoe import params as params_lib
 from localmoe.data import functions2d as f2
 
@@ -154,9 +154,7 @@ def validate(config) -> None:
                                         - int(round(config.data.source_samples * config.data.source_test_fraction)))
   if not isinstance(config.num_seeds, int) or config.num_seeds < 1:
     raise ValueError(f"config.num_seeds={config.num_seeds!r} must be a positive integer.")
-  if not isinstance(config.checkpoint_every_epochs, int) or config.checkpoint_every_epochs < 0:
-    raise ValueError(f"config.checkpoint_every_epochs={config.checkpoint_every_epochs!r} must be >= 0 "
-                     "(0: checkpoint only at the end).")
+  checkpoint.every_epochs(config)
   model = _backbone(config, configlib.split_names(config.model.inits)[0])
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2))))["params"]
   params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), params)
@@ -295,17 +293,23 @@ def run(config, workdir: str) -> dict:
     frozen = jax.tree_util.tree_map(lambda a: jnp.repeat(a, len(seeds), axis=0), backbones)   # [entries, ...]
     data = train.Data(train=target["train"], test=target["test"], frozen=frozen, per_seed=True)
     example = jax.tree_util.tree_map(lambda a: a[0], backbones)
-    per_function, counts, fits, summaries = {}, {}, {}, {}
-    for m in methods:
+    per_function, counts, fits = {}, {}, {}
+
+    def train_one(method: runner.Method, scheme=scheme, model=model, example=example, data=data):
+      m = method.name
       task, counts[m] = _task(config, m, model, example)
       print(f"-- {m}: {counts[m]:,} trainable params", flush=True)
-      fit = train.fit(task, data, entries_seeds, settings, name=f"{scheme}/{m}",
-                      checkpoints=checkpoint.policy(config, workdir, scheme, m),
-                      on_epoch_end=live.hook(f"{scheme}/{m}", entries_seeds, data.splits, task.metric_names))
+      fit = method.fit(task, data, entries_seeds, settings, name=f"{scheme}/{m}")
       fits[m] = (task, fit)
       per_function[m] = _per_function(fit, names, seeds, info, m, *PAPER_TABLES[config.model.backbone][:2])
-      summaries[m] = results.method_summary(counts[m], entries_seeds, fit, paper={})
-      histories[f"{scheme}/{m}"] = (entries_seeds, fit)
+      return fit, results.method_summary(counts[m], entries_seeds, fit, paper={})
+
+    summaries, done = runner.run_methods(
+        methods, train_one, failed=lambda m, reason: results.failed_summary(counts.get(m, 0), entries_seeds, reason),
+        checkpoints=checkpoint.policy(config, workdir, scheme), live=live)
+    histories.update({f"{scheme}/{m}": (entries_seeds, fit) for m, fit in done.items()})
+    trained = [m for m in methods if m in done]
+    failures = [f"{m}: {summaries[m]['status']}" for m in methods if m not in done]
     table_time = time.perf_counter() - t0
     check_lines = ["| Function | source test MSE (backbone) | constant predictor | ratio |", "|---|---|---|---|"]
     check_lines += [f"| {n} | {check[n]['source_test_mse']:.4g} | {check[n]['constant_test_mse']:.4g} | "
@@ -314,7 +318,8 @@ def run(config, workdir: str) -> dict:
         f"## Backbone init: {scheme}", "",
         f"Backbone check (source task, raw units): learned on {len(learned)}/{len(names)} functions "
         "(ratio < 0.5).", "", *check_lines, "",
-        _tables(per_function, counts, names, methods, config.model.backbone), "",
+        _tables(per_function, counts, names, trained, config.model.backbone), "",
+        *([f"FAILED: {'; '.join(failures)}", ""] if failures else []),
         f"Table wall time: {table_time:.1f} s (pretraining and compilation included)."]))
     print(sections[-1], flush=True)
     variants[scheme] = {"methods": summaries, "per_function": per_function, "params": counts,
@@ -322,7 +327,7 @@ def run(config, workdir: str) -> dict:
     if summary_methods is None:
       summary_methods = summaries
     if config.data.plot_grid:
-      pool = [m for m in LOCALMOE_METHODS if m in methods]
+      pool = [m for m in LOCALMOE_METHODS if m in trained]
       best = min(pool, key=lambda m: np.nanmean([per_function[m][n]["final_test_mse_mean"] or np.inf
                                                  for n in names])) if pool else None
       for f, name in enumerate(names):

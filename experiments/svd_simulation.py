@@ -65,9 +65,7 @@ def validate(config) -> None:
   for name in contexts or ["(empty)"]:
     if name not in targets.TOPOLOGIES:
       raise ValueError(f"config.data.contexts: {name!r} is not a known topology; valid: {sorted(targets.TOPOLOGIES)}.")
-  if config.checkpoint_every_epochs < 0:
-    raise ValueError(f"config.checkpoint_every_epochs={config.checkpoint_every_epochs} must be >= 0 "
-                     "(0: checkpoint only at the end).")
+  checkpoint.every_epochs(config)
   if not isinstance(dc.num_samples, int) or dc.num_samples < 2:
     raise ValueError(f"config.data.num_samples={dc.num_samples!r} must be an integer >= 2 (e.g. 10000).")
   if not isinstance(dc.d, int) or not isinstance(dc.k, int) or dc.d < 1 or dc.k < 1 or dc.d % dc.k:

@@ -97,13 +97,11 @@ def preemption_guard(signals=(signal.SIGTERM, signal.SIGINT)):
 class Policy:
   """How `train.fit` checkpoints one fit."""
   directory: str | None                  # None: no files (a stop request still ends the fit cleanly)
-  every_epochs: int = 10                 # 0: only at the end (and on preemption)
+  every_epochs: int = 10                 # DEFAULT_EVERY_EPOCHS; 0: only at the end (and on preemption)
   config: Mapping[str, Any] | None = None   # the resolved config of the run: stored, compared on resume
 
   def __post_init__(self):
-    if not isinstance(self.every_epochs, int) or self.every_epochs < 0:
-      raise ValueError(f"config.checkpoint_every_epochs={self.every_epochs!r} must be >= 0 (0: checkpoint "
-                       "only at the end).")
+    _check_every(self.every_epochs)
 
   def child(self, name: str) -> "Policy":
     """The same policy for a sub-directory (one per method or variant)."""
@@ -111,11 +109,26 @@ class Policy:
                                else os.path.join(self.directory, name))
 
 
+DEFAULT_EVERY_EPOCHS = 10              # config.checkpoint_every_epochs when a config does not set it
+
+
+def _check_every(every) -> int:
+  if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 0:
+    raise ValueError(f"config.checkpoint_every_epochs={every!r} must be an integer >= 0 (0: checkpoint only at "
+                     "the end).")
+  return int(every)
+
+
+def every_epochs(config) -> int:
+  """config.checkpoint_every_epochs (DEFAULT_EVERY_EPOCHS when absent), validated: the one place it is read."""
+  return _check_every(config.get("checkpoint_every_epochs", DEFAULT_EVERY_EPOCHS))
+
+
 def policy(config, workdir: str | None, *parts: str) -> Policy:
   """The Policy of one run: <workdir>/checkpoints/<parts...>, every config.checkpoint_every_epochs, tied to
   `config` (workdir None: no files)."""
   directory = None if workdir is None else os.path.join(workdir, "checkpoints", *parts)
-  return Policy(directory, int(config.get("checkpoint_every_epochs", 10)), config=config)
+  return Policy(directory, every_epochs(config), config=config)
 
 
 class Checkpointer:
@@ -124,8 +137,7 @@ class Checkpointer:
   def __init__(self, directory: str, every_epochs: int = 10, total_epochs: int = 0,
                config: Mapping[str, Any] | None = None, name: str = "model",
                log: Callable[[str], None] | None = print):
-    if every_epochs < 0:
-      raise ValueError(f"config.checkpoint_every_epochs={every_epochs} must be >= 0 (0: only at the end).")
+    _check_every(every_epochs)
     self.directory = os.path.abspath(directory)
     self.every_epochs, self.total_epochs, self.name = every_epochs, total_epochs, name
     self.config = None if config is None else workdir_lib.comparable(config)

@@ -76,9 +76,7 @@ def validate_common(config, num_train: int, data_bytes: float = 0.0) -> train.Se
     raise ValueError(f"config.seed={config.seed!r} must be >= 0.")
   settings = train.Settings.from_config(config.optim)
   settings.check_batch(num_train)
-  every = config.get("checkpoint_every_epochs", 0)
-  if not isinstance(every, int) or every < 0:
-    raise ValueError(f"config.checkpoint_every_epochs={every!r} must be >= 0 (0: checkpoint only at the end).")
+  checkpoint.every_epochs(config)
   methods = max(1, len(configlib.split_names(config.get("method_names", "")))) if "method_names" in config else 1
   train.check_memory(3 * data_bytes + methods * train.history_bytes(config.num_seeds, settings),
                      f"config.num_seeds={config.num_seeds} x the data ({data_bytes / 2**20:,.0f} MiB) and "

@@ -97,8 +97,9 @@ class Entry:
 # ------------------------------------------------------------------------------------------- expanding
 
 
-def load_get_sweep(config_path: str) -> Callable[[str | None], list]:
-  """`get_sweep` of the config file `path.py[:arg]`, bound to its arg; a ValueError if there is none."""
+def load_get_sweep(config_path: str) -> Callable[[], list]:
+  """`get_sweep` of the config file `path.py[:arg]`, bound to its arg (call it with no argument); a
+  ValueError if there is none."""
   path, _, arg = config_path.partition(":")
   spec = importlib.util.spec_from_file_location(f"_sweep_config_{abs(hash(path))}", path)
   if spec is None or spec.loader is None:
@@ -336,7 +337,7 @@ def run(config, overrides_list: Sequence[Mapping[str, Any]], workdir: str, modul
       row = None if overwrite else _finished_row(entries[i])
       if row is not None:
         finished[i] = row
-  every = int(config.get("checkpoint_every_epochs", 10))
+  every = checkpoint.every_epochs(config)
   rows, done, timed_entries, timed_s = [], 0, 0, 0.0
   for group, members in mine.items():
     todo = [i for i in members if i not in finished]

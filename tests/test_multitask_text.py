@@ -126,7 +126,7 @@ def test_anchored_methods_get_the_router_group_and_others_do_not():
   for method in mt.ANCHORED:
     rules = [dict(r) for r in mt.method_groups(method, config)]
     assert rules[0]["name"] == "router" and rules[0]["lr_mult"] == 100.0 and rules[0]["weight_decay"] == 0.0
-  assert mt.method_groups("cellwise_moe", config) == []
+  assert [r["name"] for r in mt.method_groups("cellwise_moe", config)] == ["heads"]          # LP-FT heads only
   spec = mt.adapter_spec("cellwise_moe_oracle", config.model, config.router, 4)
   assert spec["router_init"] == "task_aligned" and spec["router_init_margin"] == 2.0
   assert mt.adapter_spec("cellwise_moe", config.model, config.router, 4).get("router_init") is None

@@ -9,6 +9,9 @@ of named rules (matched in the order written, which a sweep can then address by 
 
   config.optim.groups = [dict(name="router", pattern=r".*/router/.*", lr_mult=100.0, weight_decay=0.0)]
 
+On the command line (where ml_collections cannot override a list) the field is a string: preset names
+joined by "+" (`--config.optim.groups=poly_router+heads_slow`) or a Python literal list of rules.
+
 Rule fields: `pattern` (required), `name` (default "group<i>"), `lr_mult` (the group's learning rate is the
 entry's rate times this; schedules, warmup and clipping apply as to every parameter), `weight_decay` (absolute,
 replaces the entry's; None keeps it) and `freeze` (the group gets no update). `PRESETS` holds the settings
@@ -17,6 +20,7 @@ the field uses: Poly/MHR routers, task heads, LoRA+.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 import re
@@ -54,6 +58,8 @@ PRESETS: dict[str, tuple[dict, ...]] = {
     "poly_router": (dict(name="router", pattern=r".*/router/.*", lr_mult=100.0, weight_decay=0.0),),
     # Task heads of a multi-task model trained at the adapters' rate but without weight decay.
     "heads_no_decay": (dict(name="heads", pattern=r"extras/.*", weight_decay=0.0),),
+    # LP-FT (Kumar et al. 2022): heads that start from a converged linear probe, fine-tuned at a tenth of the rate.
+    "heads_slow": (dict(name="heads", pattern=r"extras/.*", lr_mult=0.1),),
     # LoRA+ (Hayou et al. 2024): B at 16x the rate of A (their recommended ratio for LoRA).
     "lora_plus": (dict(name="lora_b", pattern=r"adapter/.*/B", lr_mult=16.0),),
 }
@@ -64,8 +70,14 @@ def parse_groups(groups: Any) -> tuple[GroupRule, ...]:
   names) -> GroupRules, in order. Any malformed rule is a ValueError naming it and the fix."""
   if groups is None or (isinstance(groups, (str, list, tuple)) and not groups):
     return ()
+  if isinstance(groups, str) and groups.strip()[:1] in "[({":
+    try:
+      groups = ast.literal_eval(groups.strip())           # rules written on the command line
+    except (ValueError, SyntaxError) as error:
+      raise ValueError(f"config.optim.groups={groups!r} is not a Python literal list of rule dicts ({error}); e.g. "
+                       "\"[{'pattern': '.*/router/.*', 'lr_mult': 100.0}]\".") from None
   if isinstance(groups, str):
-    names = [n for n in groups.replace("+", ",").split(",") if n]
+    names = [n for n in groups.replace("+", ",").split(",") if n.strip()]
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
       raise ValueError(f"config.optim.groups={groups!r}: unknown preset(s) {unknown}; valid: {sorted(PRESETS)}, "

@@ -1,0 +1,43 @@
+"""Every experiment on the same rails (`localmoe.runner`): a method that fails is isolated, the run exits 1
+without results.json, and re-running the same command retrains only the failed method."""
+
+import json
+import os
+import re
+
+import pytest
+
+from tests.test_launch import launch
+
+# (config, a method of its quick variant to fail, the methods that train through train.fit and resume)
+CASES = [
+    ("svd_simulation", "lora", ["melora", "localized_lora", "blockwise_moe", "cellwise_moe"]),
+    ("california_housing", "cellwise_moe", ["melora", "localized_lora", "lora", "blockwise_moe"]),
+    ("mnist_degradation", "melora", ["localized_lora", "lora", "blockwise_moe", "cellwise_moe"]),
+    ("mnist_adaptation", "localized_lora", ["full_finetune"]),
+    ("nonconvex_regression", "queryable_lora", ["lora"]),
+    ("multitask_text", "lora", ["cellwise_moe_anchor"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, failing, others", CASES, ids=[c[0] for c in CASES])
+def test_a_failed_method_is_isolated_and_only_it_is_retrained(config, failing, others, tmp_path, monkeypatch):
+  args = (f"--config=configs/{config}.py:quick", f"--workdir={tmp_path}")
+  monkeypatch.setenv("LOCALMOE_FAIL_METHODS", failing)
+  first = launch(*args)
+  out = first.stdout + first.stderr
+  assert first.returncode == 1, out[-3000:]
+  assert not (tmp_path / "results.json").exists()
+  assert re.search(rf"\[{failing}\] FAILED: ForcedFailure", out), out[-3000:]
+  for name in others:                                             # the others trained to the end
+    assert re.search(rf"\[([\w.-]+/)?{name}\]", out), (name, out[-3000:])
+  monkeypatch.delenv("LOCALMOE_FAIL_METHODS")
+  second = launch(*args)
+  out = second.stdout + second.stderr
+  assert second.returncode == 0, out[-3000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert all(m["status"] == "ok" for m in results["methods"].values())
+  for name in others:                                             # finished methods load their final checkpoint
+    assert re.search(rf"\[([\w.-]+/)?{name}\] resuming from the checkpoint at epoch (\d+)/\2", out), (name, out[-3000:])
+  assert not re.search(rf"\[([\w.-]+/)?{failing}\] resuming", out), out[-3000:]    # the failed one retrains
