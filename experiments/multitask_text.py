@@ -299,13 +299,13 @@ def _subsets(data_config, tasks: Sequence[str]) -> dict:
   return out
 
 
-def load_corpus(data_config, tokenizer) -> Corpus:
+def load_corpus(data_config, tokenizer, loaded: dict | None = None) -> Corpus:
   """Tokenised stream, held-out rows and test set, each interleaved round-robin over the tasks: any prefix of
   a split is a fixed, task-balanced subset (the trainer evaluates the first `config.optim.eval_train_rows`
   training rows; the router diagnostics read the first `eval.diagnostic_rows` test rows). The held-out rows
   are a random `val_per_task` of each task's training rows. y [N, 3] = label, task, counted (all 1)."""
   tasks = tuple(configlib.split_names(data_config.tasks))
-  loaded = _subsets(data_config, tasks)
+  loaded = loaded if loaded is not None else _subsets(data_config, tasks)
   num_classes = tuple(loaded[n].num_classes for n in tasks)
   rng = np.random.default_rng(data_config.seed)
   held = {n: set(rng.permutation(len(loaded[n].train_texts))[:data_config.val_per_task].tolist()) for n in tasks}
@@ -649,8 +649,9 @@ def run(config, workdir: str) -> dict:
   names = configlib.split_names(config.method_names)
   dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
   tasks = tuple(configlib.split_names(config.data.tasks))
+  subsets = _subsets(config.data, tasks)          # subset sizes are checked before the backbone is loaded
   backbone, backbone_params, tokenizer = minilm.load(num_layers=config.model.num_layers, dtype=dtype)
-  corpus = load_corpus(config.data, tokenizer)
+  corpus = load_corpus(config.data, tokenizer, subsets)
   os.makedirs(workdir, exist_ok=True)
   k = config.model.frozen_layers
   upper = bert.Upper(backbone, k)

@@ -19,6 +19,8 @@ What it guarantees, for every experiment alike:
 - Checkpoints: each method's fit saves to and resumes from `<checkpoints.directory>/<method>`; finished
   methods keep their final checkpoint, so re-running the same command retrains only what failed.
 - Live files: history.csv and TensorBoard events are rewritten at every evaluation (`results.Live`).
+- A stop request (SIGTERM/SIGINT) that arrives after a method's last evaluation ends the run before the
+  next method starts (`checkpoint.Preempted`), instead of compiling and training it first.
 - A test hook: the environment variable LOCALMOE_FAIL_METHODS="name,..." makes those methods raise
   `ForcedFailure` before they train (the failure, preemption and resume tests of every experiment use it).
 """
@@ -93,6 +95,8 @@ def run_methods(names: Sequence[str], train_one: Callable[[Method], tuple[Any, M
   not depend on it, each method being its own program). See the module docstring for the guarantees.
   """
   def one(name: str):
+    if checkpoint_lib.stop_requested():          # a stop request between two methods: do not start the next
+      raise checkpoint_lib.Preempted(f"[{name}] stopped before it started (a stop was requested)")
     method = Method(name, None if checkpoints is None else checkpoints.child(name), live, log)
     try:
       check_forced_failure(name)

@@ -41,3 +41,18 @@ def test_a_failed_method_is_isolated_and_only_it_is_retrained(config, failing, o
   for name in others:                                             # finished methods load their final checkpoint
     assert re.search(rf"\[([\w.-]+/)?{name}\] resuming from the checkpoint at epoch (\d+)/\2", out), (name, out[-3000:])
   assert not re.search(rf"\[([\w.-]+/)?{failing}\] resuming", out), out[-3000:]    # the failed one retrains
+
+
+@pytest.mark.slow
+def test_a_diverged_multitask_run_is_flagged_on_the_console_and_in_the_table(tmp_path):
+  proc = launch("--config=configs/multitask_text.py:quick,methods=lora", "--config.optim.lr=1e6",
+                f"--workdir={tmp_path}")
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out[-3000:]                          # a diverged seed is a result, not a failure
+  assert re.search(r"\[lora\] test accuracy .*NOT ALL SEEDS OK: seed \d: diverged at epoch", out), out[-3000:]
+  table = (tmp_path / "results.md").read_text()
+  assert "| LoRA † |" in table and "† LoRA: seed" in table
+  summary = json.loads((tmp_path / "results.json").read_text())["methods"]["lora"]
+  assert "diverged" in summary["status"]
+  bad = [k for k, s in enumerate(summary["accuracy/mean"]["per_seed"]) if s is None]
+  assert bad                                                        # diverged seeds are left out of the means

@@ -76,6 +76,8 @@ def test_one_lora_per_task_is_the_selected_tasks_lora():
     (dict(probe=dict(l2="0,1")), "config.probe.l2"),
     (dict(router=dict(anchor_lr_mult=0.0)), "config.router.anchor_lr_mult=0.0 must be a finite number > 0"),
     (dict(eval=dict(diagnostic_rows=10_000)), "diagnostic_rows=10000 must be <="),
+    (dict(optim=dict(groups="nosuch")), r"config.optim.groups='nosuch': unknown preset\(s\) \['nosuch'\]"),
+    (dict(optim=dict(groups="[{'pattern': 'x', 'lr': 3}]")), r"groups\[0\] has unknown key\(s\) \['lr'\]"),
     (dict(data=dict(tasks="topic,topic")), "config.data.tasks"),
     (dict(model=dict(num_layers=7)), "config.model.num_layers=7"),
     (dict(router=dict(load_balance=-1.0)), "config.router.load_balance"),
@@ -130,3 +132,13 @@ def test_anchored_methods_get_the_router_group_and_others_do_not():
   spec = mt.adapter_spec("cellwise_moe_oracle", config.model, config.router, 4)
   assert spec["router_init"] == "task_aligned" and spec["router_init_margin"] == 2.0
   assert mt.adapter_spec("cellwise_moe", config.model, config.router, 4).get("router_init") is None
+
+
+@pytest.mark.network                       # reads the text tasks (cached in the data directory after one fetch)
+def test_a_subset_larger_than_a_task_names_the_field_the_task_and_the_fix():
+  config = config_module.get_config("cpu")
+  with config.unlocked():
+    config.data.train_per_task = 5000
+  with pytest.raises(ValueError, match=r"config.data.train_per_task=5000 is more than task 'spam' has \(4460 "
+                                       r"train rows\): use at most 4460, or 0 for all of them"):
+    mt._subsets(config.data, ("topic", "spam"))
