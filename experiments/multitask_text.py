@@ -895,15 +895,15 @@ def _layer_name(path: str) -> str:
 def _figures(workdir: str, fits: dict, corpus: Corpus, settings: train.Settings, layer_paths: dict) -> None:
   if fits:
     every = f"every {settings.steps_per_epoch or 'pass'} steps"
-    curves = {m: task_scores(f.history[:, :, 1], corpus.tasks, corpus.num_classes)["accuracy/mean"] * 100
-              for m, f in fits.items()}
+    curves = {m: task_scores(f.history[:, :, 1], corpus.tasks, corpus.num_classes)["accuracy/mean"]
+              for m, f in fits.items()}                                              # fractions: plotted in %
     plots.curves_with_bands(os.path.join(workdir, "accuracy.png"), curves, labels=LABELS,
                             title="mean held-out accuracy over tasks", xlabel=f"evaluation ({every})",
                             ylabel="held-out accuracy (%)")
     losses = {m: f.train_history[:, :, 0] for m, f in fits.items()}
     plots.curves_with_bands(os.path.join(workdir, "loss.png"), losses, labels=LABELS,
                             title="training loss (mean over the steps of each evaluation)",
-                            xlabel=f"evaluation ({every})", ylabel="cross-entropy")
+                            xlabel=f"evaluation ({every})", ylabel="cross-entropy", scale=1.0)
   for method, fit in fits.items():
     if "usage" not in fit.diagnostics:
       continue

@@ -114,7 +114,7 @@ DEFAULT_EVERY_EPOCHS = 10              # config.checkpoint_every_epochs when a c
 
 def _check_every(every) -> int:
   if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 0:
-    raise ValueError(f"config.checkpoint_every_epochs={every!r} must be an integer >= 0 (0: checkpoint only at "
+    raise ValueError(f"config.checkpoint_every_epochs={every!r} must be >= 0, an integer (0: checkpoint only at "
                      "the end).")
   return int(every)
 
