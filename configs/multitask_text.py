@@ -40,10 +40,12 @@ rank/(grid*num_experts) per cell (+ routers); one LoRA per task of rank rank/tas
 
 Variants:
   (default)  all training data, 128 tokens, adapters on all 6 layers, 3 seeds, 10 x 200 steps of 32, all test
-             rows: meant for an accelerator (about 1-2 h per method on one GPU, an estimate; not measured).
+             rows: meant for an accelerator. Its time has not been measured (no accelerator was available):
+             `python benchmarks/model_step.py` times one step at 32 x 128 tokens on the machine at hand;
+             multiply by 3 seeds and 2,000 steps per method.
   :cpu       1,000 training rows per task (80 of them held out), 1,000 test rows per task (stratified),
-             32 tokens, adapters on the upper 2 of 6 layers, 3 seeds, 4 x 40 steps of 32: measured to finish
-             within 30 minutes on 2 idle CPU cores (README).
+             32 tokens, adapters on the upper 2 of 6 layers, 3 seeds, 4 x 40 steps of 32, lr 5e-4: 16 min
+             on 2 CPU cores (README).
   :quick     a 2-layer slice of the real weights (adapters on layer 2), 32 / 16 rows per task, 16 tokens, 2 seeds.
 """
 
