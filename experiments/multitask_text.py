@@ -50,9 +50,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from localmoe import checkpoint, configlib, inject, plots, results, routing, runner, train
+from localmoe import adapters, checkpoint, configlib, inject, plots, results, routing, runner, train
+from localmoe.train import probe
+from localmoe.train.probe import PROBE_TOLERANCE, fit_logistic  # noqa: F401  (the probe's solver)
 from localmoe.data import text
 from localmoe.models import bert, minilm
 
@@ -148,73 +149,36 @@ def random_heads(key, num_classes: Sequence[int], hidden: int = HIDDEN) -> dict:
 # ------------------------------------------------------------------------------------------- linear probe
 
 
-PROBE_TOLERANCE = 1e-5                            # L-BFGS stops when the gradient norm falls below this
-
-
-def _lbfgs(objective, init, max_steps: int):
-  """Minimises objective(params) from `init` with optax's L-BFGS (zoom line search) until the gradient norm
-  is below PROBE_TOLERANCE or `max_steps` iterations. Returns (params, iterations, gradient norm)."""
-  opt = optax.lbfgs()
-  value_and_grad = optax.value_and_grad_from_state(objective)
-
-  def step(carry):
-    params, state, _, count = carry
-    value, grad = value_and_grad(params, state=state)
-    updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=objective)
-    # The line search leaves the gradient at the new params in the state.
-    return (optax.apply_updates(params, updates), state,
-            optax.tree_utils.tree_norm(optax.tree_utils.tree_get(state, "grad")), count + 1)
-
-  def keep_going(carry):
-    _, _, grad_norm, count = carry
-    return (count < max_steps) & (grad_norm >= PROBE_TOLERANCE)
-
-  grad0 = optax.tree_utils.tree_norm(jax.grad(objective)(init))
-  params, _, grad_norm, count = jax.lax.while_loop(keep_going, step, (init, opt.init(init), grad0, 0))
-  return params, count, grad_norm
-
-
-@functools.partial(jax.jit, static_argnames=("classes", "max_steps"))
-def fit_logistic(features, labels, l2, classes: int, max_steps: int):
-  """Multinomial logistic regression: mean cross-entropy + l2 * ||W||^2 (bias not penalised), converged.
-
-  features [n, H], labels [n] in 0..classes-1, l2 []. Returns ({"kernel": [H, classes], "bias": [classes]},
-  iterations, final gradient norm)."""
-  def objective(p):
-    logits = features @ p["kernel"] + p["bias"]                                      # [n, classes]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return ce + l2 * jnp.sum(p["kernel"] ** 2)
-
-  init = {"kernel": jnp.zeros((features.shape[1], classes)), "bias": jnp.zeros((classes,))}
-  return _lbfgs(objective, init, max_steps)
-
-
 def probe_heads(pooled: dict, corpus: "Corpus", l2_grid: Sequence[float], max_steps: int, log=print):
-  """The converged linear probe: per task, the L2 weight with the best accuracy on the held-out rows
-  (ties: the larger weight), refitted on the training rows. Returns (heads {"head_<t>": {"kernel" [H, width],
-  "bias" [width]}} with zero columns for the classes a task lacks, {task: info})."""
+  """The converged linear probe per task (`train.probe.select_l2`: L2 chosen on the held-out rows, refitted on
+  the training rows). Returns (heads {"head_<t>": {"kernel" [H, width], "bias" [width]}} with zero columns for
+  the classes a task lacks, {task: info})."""
   width = max(corpus.num_classes)
   heads, info = {}, {}
   for t, (name, classes) in enumerate(zip(corpus.tasks, corpus.num_classes)):
     rows = {split: getattr(corpus, split)["task"] == t for split in ("train", "val")}
     x = {split: jnp.asarray(pooled[split][rows[split]]) for split in rows}
     y = {split: jnp.asarray(getattr(corpus, split)["y"][rows[split], 0]) for split in rows}
-    scores = []
-    for l2 in l2_grid:
-      p, _, _ = fit_logistic(x["train"], y["train"], jnp.float32(l2), classes, max_steps)
-      pred = jnp.argmax(x["val"] @ p["kernel"] + p["bias"], -1)
-      scores.append(float(jnp.mean(pred == y["val"])))
-    best = max(range(len(l2_grid)), key=lambda i: (scores[i], l2_grid[i]))
-    p, steps, grad_norm = fit_logistic(x["train"], y["train"], jnp.float32(l2_grid[best]), classes, max_steps)
+    p, info[name] = probe.select_l2(x["train"], y["train"], x["val"], y["val"], l2_grid, classes, max_steps)
     heads[f"head_{t}"] = {"kernel": jnp.zeros((HIDDEN, width)).at[:, :classes].set(p["kernel"]),
                           "bias": jnp.zeros((width,)).at[:classes].set(p["bias"])}
-    info[name] = {"l2": float(l2_grid[best]), "val_accuracy": scores, "iterations": int(steps),
-                  "grad_norm": float(grad_norm), "converged": bool(grad_norm < PROBE_TOLERANCE)}
     if log:
-      log(f"  [linear_probe] {name}: L2 {l2_grid[best]:g} (held-out accuracy "
-          + ", ".join(f"{l:g}: {s * 100:.1f}" for l, s in zip(l2_grid, scores))
-          + f"); {int(steps)} L-BFGS steps, gradient norm {float(grad_norm):.1e}")
+      i = info[name]
+      log(f"  [linear_probe] {name}: L2 {i['l2']:g} (held-out accuracy "
+          + ", ".join(f"{l:g}: {s * 100:.1f}" for l, s in zip(l2_grid, i["val_accuracy"]))
+          + f"); {i['iterations']} L-BFGS steps, gradient norm {i['grad_norm']:.1e}")
   return heads, info
+
+
+def head_logits(heads: dict, pooled: np.ndarray, task: np.ndarray, num_classes: Sequence[int]) -> np.ndarray:
+  """Logits [N, width] of each row's task head on pooled features [N, H]; absent classes get NEG."""
+  width = max(num_classes)
+  logits = np.full((len(task), width), NEG, np.float32)
+  for t, classes in enumerate(num_classes):
+    rows = task == t
+    h = heads[f"head_{t}"]
+    logits[rows, :classes] = (pooled[rows] @ np.asarray(h["kernel"]) + np.asarray(h["bias"]))[:, :classes]
+  return logits
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -455,7 +419,6 @@ def validate(config) -> train.Settings:
       raise ValueError(f"config.model.rank={m.rank} does not split at parity for {name} (rank "
                        f"{spec['rank']} per expert/cell): use a rank divisible by grid={m.grid}, grid*num_experts="
                        f"{m.grid * m.num_experts} and the number of tasks ({len(tasks)}).")
-    from localmoe import adapters
     for d_in, d_out in TARGET_SHAPES:
       try:
         adapters.make(spec, d_in=d_in, d_out=d_out)
@@ -560,22 +523,6 @@ def router_diagnostics(adapted, num_tasks: int, rows: int, params, frozen, input
           "task_separation": jnp.mean(routing.task_separation(diag["usage"]))}
 
 
-def step_time(task: train.Task, fit_params, frozen, batch: dict, repeats: int) -> float:
-  """Median seconds of one vmapped training step (all seeds), the trainer's own `train_step`, compiled."""
-  tx = train.make_optimizer()
-  state = jax.vmap(lambda p: train.entry_state(p, tx.init(p)))(fit_params)
-  inputs = {k: jnp.asarray(v) for k, v in batch.items() if k != "y"}
-  y, mask = jnp.asarray(batch["y"]), jnp.ones(batch["y"].shape[0])
-  step = jax.jit(jax.vmap(functools.partial(train.train_step, task, tx), in_axes=(0, None, None, None, None, None)))
-  jax.block_until_ready(step(state, frozen, inputs, y, mask, jnp.asarray(0)))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(step(state, frozen, inputs, y, mask, jnp.asarray(0)))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def _per_seed(values: np.ndarray, ok: np.ndarray) -> dict:
   """{"mean", "std", "per_seed"} over the seeds that did not diverge (None where a seed diverged)."""
   values = np.asarray(values, np.float64)
@@ -672,10 +619,7 @@ def run(config, workdir: str) -> dict:
         "per method", flush=True)
 
   heads0, probe_info = probe_heads(pooled, corpus, probe_grid(config), config.probe.max_steps)
-  probe_logits = np.concatenate([np.asarray(pooled["test"][i:i + 1] @ heads0[f"head_{t}"]["kernel"]
-                                            + heads0[f"head_{t}"]["bias"]) for i, t in enumerate(corpus.test["task"])])
-  valid = np.arange(max(corpus.num_classes))[None, :] < np.asarray(corpus.num_classes)[corpus.test["task"]][:, None]
-  probe_logits = np.where(valid, probe_logits, NEG)
+  probe_logits = head_logits(heads0, pooled["test"], corpus.test["task"], corpus.num_classes)
   head_count = sum(np.size(l) for l in jax.tree_util.tree_leaves(heads0))
   frozen = {"backbone": upper_params, **heads0}
   data = train.Data(train=corpus.train, val=corpus.val, test=corpus.test, frozen=frozen)
@@ -698,7 +642,7 @@ def run(config, workdir: str) -> dict:
       layer_paths[method.name] = adapted.paths
     summary = summarise(method.name, fit, seeds, corpus, count, heads)
     if config.eval.step_time_repeats:
-      step_s[method.name] = step_time(task, fit.params, frozen, batch, config.eval.step_time_repeats)
+      step_s[method.name] = train.step_seconds(task, fit.params, frozen, batch, config.eval.step_time_repeats)
       summary["step_time_s"] = step_s[method.name]
     mean = summary["accuracy/mean"]
     timing = f"; step {step_s[method.name] * 1e3:.0f} ms" if method.name in step_s else ""
@@ -712,7 +656,6 @@ def run(config, workdir: str) -> dict:
 
   summaries, fits = runner.run_methods(names, train_one, failed=failed,
                                        checkpoints=checkpoint.policy(config, workdir), log=print)
-  live.close()
   if "lora" in step_s:
     for method, seconds in step_s.items():
       summaries[method]["step_time_vs_lora"] = seconds / step_s["lora"]
@@ -723,7 +666,7 @@ def run(config, workdir: str) -> dict:
   print(markdown, flush=True)
   results.write_run(workdir, "multitask_text", config, summaries, {}, wall, markdown,
                     extra={"tasks": list(tasks), "counts": corpus.counts, "paired_differences": paired},
-                    history_csv=live.csv_text())
+                    history_csv=live.files.csv_text(), live=live.files)
   print(f"wrote {workdir}/results.json, results.md, history.csv, tb/, accuracy.png, loss.png, routing_*.png "
         f"({time.perf_counter() - start:.0f} s total)", flush=True)
   return {"methods": summaries, "paired_differences": paired}
@@ -740,48 +683,38 @@ def _trainer_log(method: str):
 
 
 class LiveHistory:
-  """history.csv (long format: method, seed, evaluation, split, metric, value) and TensorBoard scalars
-  (tb/<method>: accuracy and macro-F1 per task and split, training loss and aux, router diagnostics),
-  rewritten at every evaluation of every method."""
+  """The per-evaluation rows and scalars of every method (accuracy and macro-F1 per task and split, training
+  loss and aux, router diagnostics), derived from the fit's per-task counts and handed to
+  `results.LiveLong`, which writes history.csv and TensorBoard; also the progress line."""
 
   def __init__(self, workdir: str, corpus: Corpus):
-    self.workdir, self.corpus = workdir, corpus
-    self.rows: dict[str, list[str]] = {}
-    self.writers: dict = {}
+    self.corpus = corpus
+    self.files = results.LiveLong(workdir)
 
   def hook(self, method: str, seeds, settings: train.Settings, train_names: Sequence[str]):
     start = time.perf_counter()
+
+    def rows_of(values, split, name):                                             # values [seeds, evals]
+      return [(seeds[s], ev + 1, split, name, float(values[s, ev])) for s in range(values.shape[0])
+              for ev in range(values.shape[1]) if np.isfinite(values[s, ev])]
 
     def on_epoch_end(fit_state: train.FitState) -> None:
       e = fit_state.epoch - 1
       rows, scalars = [], {}
       for k, split in enumerate(("train", "val", "test")):
         scores = task_scores(fit_state.history[:, :, k], self.corpus.tasks, self.corpus.num_classes)
-        for name, values in scores.items():                                          # [seeds, evals]
-          for s in range(values.shape[0]):
-            for ev in range(values.shape[1]):
-              if np.isfinite(values[s, ev]):
-                rows.append(f"{method},{seeds[s]},{ev + 1},{split},{name},{values[s, ev]:.6f}")
+        for name, values in scores.items():
+          rows += rows_of(values, split, name)
           if np.isfinite(values[:, e]).any():
             scalars[f"{split}/{name}"] = float(np.nanmean(values[:, e]))
       for c, name in enumerate(train_names):
-        values = fit_state.train_history[:, :, c]
-        for s in range(values.shape[0]):
-          for ev in range(values.shape[1]):
-            if np.isfinite(values[s, ev]):
-              rows.append(f"{method},{seeds[s]},{ev + 1},train_stream,{name},{values[s, ev]:.6f}")
-        scalars[f"train_stream/{name}"] = float(np.nanmean(values[:, e]))
+        rows += rows_of(fit_state.train_history[:, :, c], "train_stream", name)
+        scalars[f"train_stream/{name}"] = float(np.nanmean(fit_state.train_history[:, e, c]))
       for name in ("entropy_nats", "task_separation"):
         if name in fit_state.diagnostics:
-          values = fit_state.diagnostics[name]
-          for s in range(values.shape[0]):
-            for ev in range(values.shape[1]):
-              if np.isfinite(values[s, ev]):
-                rows.append(f"{method},{seeds[s]},{ev + 1},routing,{name},{values[s, ev]:.6f}")
-          scalars[f"routing/{name}"] = float(np.nanmean(values[:, e]))
-      self.rows[method] = rows
-      results.atomic_write_text(os.path.join(self.workdir, "history.csv"), self.csv_text())
-      self._tensorboard(method, scalars, fit_state.epoch)
+          rows += rows_of(fit_state.diagnostics[name], "routing", name)
+          scalars[f"routing/{name}"] = float(np.nanmean(fit_state.diagnostics[name][:, e]))
+      self.files.record(method, rows, scalars, fit_state.epoch)
       val = scalars.get("val/accuracy/mean", float("nan"))
       per_task = "  ".join(f"{t} {scalars.get(f'val/accuracy/{t}', float('nan')) * 100:5.1f}"
                            for t in self.corpus.tasks)
@@ -791,27 +724,6 @@ class LiveHistory:
             f"held-out acc {per_task}  mean {val * 100:5.1f}{routed}  ({time.perf_counter() - start:.0f}s)",
             flush=True)
     return on_epoch_end
-
-  def csv_text(self) -> str:
-    return "\n".join(["method,seed,evaluation,split,metric,value"] + [r for rows in self.rows.values() for r in rows]) + "\n"
-
-  def _tensorboard(self, method: str, scalars: dict, step: int) -> None:
-    try:
-      from tensorboardX import SummaryWriter
-    except ImportError:
-      return
-    if method not in self.writers:
-      import shutil
-      shutil.rmtree(os.path.join(self.workdir, "tb", method), ignore_errors=True)
-      self.writers[method] = SummaryWriter(os.path.join(self.workdir, "tb", method))
-    for name, value in scalars.items():
-      self.writers[method].add_scalar(name, value, step)
-    self.writers[method].flush()
-
-  def close(self) -> None:
-    for writer in self.writers.values():
-      writer.close()
-    self.writers.clear()
 
 
 # ------------------------------------------------------------------------------------------- tables, figures

@@ -275,12 +275,64 @@ class Live:
       self._writers.clear()
 
 
+class LiveLong:
+  """history.csv in long format (method, seed, evaluation, split, metric, value) and TensorBoard scalars
+  (tb/<method>), rewritten at every evaluation, for experiments whose per-epoch metrics are derived (e.g.
+  accuracy and macro-F1 per task from per-task counts) rather than the trainer's raw history columns.
+
+    live = results.LiveLong(workdir)
+    live.record("lora", rows, {"val/accuracy/mean": 0.77}, step=epoch)   # from an on_epoch_end hook
+    results.write_run(..., history_csv=live.csv_text(), live=live)      # closes the writers
+
+  rows: (seed, evaluation, split, metric, value) of every evaluation so far of that method (they replace its
+  earlier rows); scalars: {tag: value} of this evaluation. Thread-safe.
+  """
+
+  HEADER = "method,seed,evaluation,split,metric,value"
+
+  def __init__(self, workdir: str | None):
+    self.workdir = workdir
+    self._lock = threading.Lock()
+    self._rows: dict[str, list[str]] = {}
+    self._writers: dict[str, Any] = {}
+
+  def record(self, method: str, rows, scalars: Mapping[str, float], step: int) -> None:
+    with self._lock:
+      self._rows[method] = [f"{method},{seed},{evaluation},{split},{metric},{value:.6f}"
+                            for seed, evaluation, split, metric, value in rows]
+      if self.workdir is None:
+        return
+      atomic_write_text(os.path.join(self.workdir, "history.csv"), self.csv_text())
+      self._write_tb(method, scalars, step)
+
+  def csv_text(self) -> str:
+    return "\n".join([self.HEADER] + [row for rows in self._rows.values() for row in rows]) + "\n"
+
+  def _write_tb(self, method: str, scalars: Mapping[str, float], step: int) -> None:
+    try:
+      from tensorboardX import SummaryWriter
+    except ImportError:
+      return
+    if method not in self._writers:
+      shutil.rmtree(os.path.join(self.workdir, "tb", method), ignore_errors=True)
+      self._writers[method] = SummaryWriter(os.path.join(self.workdir, "tb", method))
+    for tag, value in scalars.items():
+      self._writers[method].add_scalar(tag, float(value), step)
+    self._writers[method].flush()
+
+  def close(self) -> None:
+    with self._lock:
+      for writer in self._writers.values():
+        writer.close()
+      self._writers.clear()
+
+
 # ------------------------------------------------------------------------------------------- one run
 
 
 def write_run(workdir: str, experiment: str, config: Any, methods: Mapping[str, Any],
               histories: Mapping[str, tuple[Sequence[int], train.FitResult]], wall_time_s: float,
-              markdown: str, extra: Mapping[str, Any] | None = None, live: Live | None = None,
+              markdown: str, extra: Mapping[str, Any] | None = None, live: "Live | LiveLong | None" = None,
               history_csv: str | None = None) -> None:
   """Writes results.json, results.md, history.csv and TensorBoard events (tb/) of one run.
 

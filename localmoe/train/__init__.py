@@ -17,6 +17,8 @@ One idea per module:
   memory.py       host-memory estimates that refuse what cannot fit
   loop.py         `fit`: resume, compiled calls, history, progress, checkpoints, preemption
   state.py        `FitState` (what a checkpoint holds) and `FitResult` (the outcome of one fit)
+  probe.py        a converged linear probe (logistic regression, L-BFGS, L2 chosen on held-out rows)
+  timing.py       `step_seconds`: wall time of the compiled step
 
 Everything public is re-exported here: `from localmoe import train; train.fit(task, data, seeds, settings)`.
 """
@@ -32,6 +34,7 @@ from localmoe.train.optimizer import (describe_groups, group_labels, group_of, g
 from localmoe.train.settings import PRESETS, REST, SCHEDULES, GroupRule, Settings, parse_groups
 from localmoe.train.state import FitResult, FitState
 from localmoe.train.step import build_epoch_fn, epoch_batches, loss_and_aux, total_steps, train_step
+from localmoe.train.timing import step_seconds
 from localmoe.train.task import METRICS, SPLITS, Batch, Data, Params, Task
 
 # Names the earlier single-module trainer had (tests and forks use them).
