@@ -48,6 +48,7 @@ def _one_line(error):
 # ------------------------------------------------------------------------------------------- round trips
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extras", ["head", ["head"]], ids=["regex", "list"])
 def test_trainable_extras_are_saved_and_loaded_without_being_named_again(tmp_path, net, extras):
   model, frozen, x, _, _ = net

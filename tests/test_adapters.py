@@ -60,6 +60,7 @@ def build(method, **kw):
 # ------------------------------------------------------------------------- dense formulas, explicit loops
 
 
+@pytest.mark.slow
 def test_lora_matches_eq1():
   m = build("lora", rank=3, alpha=6.0)
   x, _ = inputs()
@@ -72,6 +73,7 @@ def test_lora_matches_eq1():
   np.testing.assert_allclose(m.apply(v, x), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_block_gemms", [False, True])
 def test_melora_is_block_diagonal(per_block_gemms, monkeypatch):
   if per_block_gemms:
@@ -109,6 +111,7 @@ def test_localized_matches_eq4():
   np.testing.assert_allclose(m.apply(v, x), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router_input,top_k,bias,temperature", list(itertools.product(
     ["context", "activation"], [None, 1, 2, E], [False, True], [1.0, 0.5])))
 def test_blockwise_matches_eq6(router_input, top_k, bias, temperature):
@@ -129,6 +132,7 @@ def test_blockwise_matches_eq6(router_input, top_k, bias, temperature):
   np.testing.assert_allclose(m.apply(v, x, ctx), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router_input,top_k,bias,temperature", list(itertools.product(
     ["context", "activation"], [None, 1, 2, E], [False, True], [1.0, 0.5])))
 def test_cellwise_matches_eq8(router_input, top_k, bias, temperature):
@@ -172,6 +176,7 @@ def test_lora_equals_localized_with_one_cell():
   np.testing.assert_allclose(lm.delta_weight(loc, v_loc), lm.delta_weight(lora, v), rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router_input", ["context", "activation"])
 def test_localized_equals_cellwise_with_one_expert(router_input):
   x, ctx = inputs()
@@ -212,6 +217,7 @@ def _cellwise_activation():
   return m, v, x
 
 
+@pytest.mark.slow
 def test_lemma1_routing_jacobian_is_block_diagonal():
   m, v, x = _cellwise_activation()
 
@@ -236,6 +242,7 @@ def test_lemma1_routing_jacobian_is_block_diagonal():
       np.testing.assert_allclose(jac2[i, :, i, j], jac[i, :, i, j], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_lemma1_blockwise_router_couples_every_output_block():
   m = build("blockwise_moe", router_input="activation")
   x, _ = inputs()
@@ -354,6 +361,7 @@ def _max_intermediate_size(jaxpr) -> int:
   return biggest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["blockwise_moe", "cellwise_moe"])
 def test_no_per_example_dense_update_in_forward_or_backward(method, grid_path):
   d, batch, k, e, r = 64, 32, 4, 4, 2
@@ -432,6 +440,7 @@ def _apply_with_kernel(m, params, x, ctx, kernel):
   return m.apply({"params": params}, x, ctx)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,kw", DTYPE_CASES)
 def test_bfloat16_input_with_float32_params(method, kw, grid_path):
   """dtype=None computes in the input's dtype: bf16 in, bf16 out, float32 params and float32 gradients."""
@@ -460,6 +469,7 @@ def test_bfloat16_input_with_float32_params(method, kw, grid_path):
     assert float(jnp.max(jnp.abs(g))) > 0, path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "melora", "localized_lora", "blockwise_moe", "cellwise_moe"])
 def test_dtype_fields_from_strings(method):
   """A config may name dtypes as strings; dtype fixes the compute (and output) dtype, param_dtype storage."""
@@ -544,6 +554,7 @@ def _plain(kw):
 
 
 # The full option grid at LEAD; other batch shapes (none, one, three leading axes) at the plain options.
+@pytest.mark.slow
 @pytest.mark.parametrize("method,kw,lead", [(m, kw, LEAD) for m, kw in ORACLE_CASES] + [
     (m, kw, lead) for m, kw in ORACLE_CASES if _plain(kw) for lead in [(5,), (), (2, 1, 3)]])
 def test_fast_form_equals_einsum_oracle(method, kw, lead, field_gemms):
@@ -560,6 +571,7 @@ def test_fast_form_equals_einsum_oracle(method, kw, lead, field_gemms):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,kw", ORACLE_CASES[:1] + [
     (m, dict(router_input=ri, top_k=2, router_bias=True, temperature=0.5))
     for m in ("blockwise_moe", "cellwise_moe") for ri in ("context", "activation")])
@@ -576,6 +588,7 @@ def test_small_layer_einsum_form_equals_oracle(method, kw):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,kw", [c for c in ORACLE_CASES if _plain(c[1])][:6]
                          + [("cellwise_moe", dict(router_input="activation", top_k=2, router_bias=True))])
 def test_fast_form_equals_oracle_in_bfloat16(method, kw, field_gemms):
@@ -622,6 +635,7 @@ def test_fused_router_sows_the_same_logits_and_gates_as_route(method, field_gemm
   np.testing.assert_allclose(a.gates, b.gates, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_per_task_lora_merges_per_task_and_refuses_a_missing_context():
   module = lm.make({"method": "per_task_lora", "rank": 2, "context_dim": 3}, d_in=D_IN, d_out=D_OUT)
   x, _ = inputs()
@@ -696,6 +710,7 @@ def test_router_init_options(method, router_input):
   assert np.abs(uniform).max() <= 1e-3 and uniform.min() < 0 < uniform.max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ROUTED)
 def test_task_aligned_start_routes_context_t_to_expert_t_mod_e(method, grid_path):
   m = build(method, router_init="task_aligned", router_init_margin=3.0)
@@ -711,6 +726,7 @@ def test_task_aligned_start_routes_context_t_to_expert_t_mod_e(method, grid_path
   np.testing.assert_allclose(gates[np.arange(D_CTX), :, favoured], peak, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,router_input,hard", [
     (m, ri, h) for m, ri in ROUTED_INPUTS for h in ["straight_through", "gumbel"]])
 def test_hard_routing_has_one_nonzero_gate_and_trains_the_router(method, router_input, hard, grid_path):
@@ -740,6 +756,7 @@ def test_gumbel_modes_are_deterministic_without_the_rng(method, grid_path):
   assert not np.allclose(sampled, apply())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,router_input", ROUTED_INPUTS)
 def test_expert_dropout_drops_and_renormalises_only_with_the_rng(method, router_input, grid_path):
   x, ctx = inputs()

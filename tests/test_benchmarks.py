@@ -4,6 +4,8 @@ import pytest
 
 from benchmarks import layer_bench
 
+pytestmark = pytest.mark.slow  # every test here launches processes or trains end to end
+
 
 def test_layer_bench_quick_runs_and_the_baselines_match_the_library(tmp_path):
   result = layer_bench.main(["--quick", "--repeats", "1", "--no-heap-pass", "--json", str(tmp_path / "b.json")])

@@ -9,6 +9,8 @@ import pytest
 
 from tests.test_launch import launch
 
+pytestmark = pytest.mark.slow  # every test here launches processes or trains end to end
+
 # (config, a method of its quick variant to fail, the methods that train through train.fit and resume)
 CASES = [
     ("svd_simulation", "lora", ["melora", "localized_lora", "blockwise_moe", "cellwise_moe"]),

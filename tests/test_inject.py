@@ -29,6 +29,7 @@ def _randomize(tree, seed=0):
   return jax.tree_util.tree_unflatten(treedef, [0.3 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [r"a|sub/c", ["a", "c"]])
 def test_touches_exactly_the_matched_layers(target):
   model, x = _Toy(), jax.random.normal(jax.random.PRNGKey(1), (5, 8))
@@ -78,6 +79,7 @@ def mlp():
   return model, params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_every_adapter_starts_as_the_frozen_model(mlp, name):
   """Zero-init identity (B = 0; DoRA's magnitude = ||W0||_c): adapted == frozen at initialisation."""
@@ -91,6 +93,7 @@ def test_every_adapter_starts_as_the_frozen_model(mlp, name):
                              rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dora_matches_its_dense_formula():
   """W' = m (W0 + s B A^T) / ||W0 + s B A^T||_c, and x W' - x W0 is what the adapter returns."""
   d_in, d_out, r = 6, 5, 2

@@ -58,6 +58,7 @@ def _hand_attention(p, x, deltas):
   return out + deltas["out"](heads.reshape(*heads.shape[:2], -1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", [LORA, CELLWISE_CTX, CELLWISE_ACT, BLOCKWISE_CTX], ids=lambda s: s["method"]
                          + "/" + str(s.get("router_input", "")))
 def test_attention_projections_equal_a_hand_written_model(spec):
@@ -130,6 +131,7 @@ def tiny_bert():
   return model, params, ids, mask
 
 
+@pytest.mark.slow
 def test_bert_encoder_equals_a_hand_written_model_with_mixed_routers(tiny_bert):
   """Context routers on attention, activation routers on the FFN, in one model (PerLayer rules)."""
   model, params, ids, mask = tiny_bert
@@ -156,6 +158,7 @@ def test_bert_encoder_equals_a_hand_written_model_with_mixed_routers(tiny_bert):
     adapted.apply(params, trainable, ids, mask)
 
 
+@pytest.mark.slow
 def test_context_as_labels_one_hot_or_embedding_agree(tiny_bert):
   model, params, ids, mask = tiny_bert
   adapted, trainable = inject.inject(model, params, CELLWISE_CTX, ids[:1], mask[:1],
@@ -193,6 +196,7 @@ class _Remat(nn.Module):
     return block(D, name="b1")(nn.tanh(block(D, name="b0")(x)))
 
 
+@pytest.mark.slow
 def test_scanned_layers_are_refused_by_name_and_remat_layers_adapted():
   x = jnp.ones((2, D))
   scanned = _Scanned()
@@ -221,6 +225,7 @@ class _WithHeads(nn.Module):
     return jnp.take_along_axis(logits, task[:, None, None], 1)[:, 0]
 
 
+@pytest.mark.slow
 def test_trainable_extras_stay_trainable_and_are_counted_apart():
   x = jax.random.normal(jax.random.PRNGKey(0), (B, D))
   task = jnp.arange(B) % TASKS
@@ -249,6 +254,7 @@ def test_trainable_extras_stay_trainable_and_are_counted_apart():
 # ------------------------------------------------------------------------------------------- merge
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", [LORA, {"method": "localized_lora", "k_y": 2, "k_x": 4, "rank": 2},
                                   {"method": "dora", "rank": 2}, CELLWISE_CTX, BLOCKWISE_CTX],
                          ids=lambda s: s["method"])
@@ -319,6 +325,7 @@ def _router_task(adapted, collapse, balance_weight=None):
                         adapted.apply(f, p, inputs["x"], capture_routing=True)[1]))
 
 
+@pytest.mark.slow
 def test_balance_loss_moves_a_collapsed_router_toward_uniform_use():
   x, y, params, adapted, _ = _collapsed_router_problem()
   data = train.Data(train={"x": x, "y": y}, test={"x": x, "y": y}, frozen=params)
@@ -339,6 +346,7 @@ def test_balance_loss_moves_a_collapsed_router_toward_uniform_use():
   assert without.diagnostics["entropy"].shape == (1, 6, 1, 1, 4)
 
 
+@pytest.mark.slow
 def test_router_losses_and_usage_by_group_match_a_hand_count():
   gates = jnp.asarray([[[0.7, 0.3]], [[0.2, 0.8]], [[0.6, 0.4]]])                     # [N=3, R=1, E=2]
   logits = jnp.log(gates)
@@ -355,6 +363,7 @@ def test_router_losses_and_usage_by_group_match_a_hand_count():
 # ------------------------------------------------------------------------------------------- dtype
 
 
+@pytest.mark.slow
 def test_bfloat16_backbone_with_float32_adapters_trains(tiny_bert):
   _, params, ids, mask = tiny_bert
   model = bert.Bert(**TINY, dtype=jnp.bfloat16)
@@ -375,6 +384,7 @@ def test_bfloat16_backbone_with_float32_adapters_trains(tiny_bert):
 # ------------------------------------------------------------------------------------------- save and load
 
 
+@pytest.mark.slow
 def test_saved_adapter_reloads_to_identical_outputs_and_refuses_another_model(tiny_bert, tmp_path):
   from localmoe import adapter_io
   import json
@@ -431,6 +441,7 @@ def _message(error):
   return str(error.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", [CELLWISE_CTX, BLOCKWISE_CTX, {"method": "per_task_lora", "rank": 2,
                                                                  "context_dim": TASKS}], ids=lambda s: s["method"])
 @pytest.mark.parametrize("bad", [7, -1, TASKS])
@@ -457,6 +468,7 @@ def test_task_ids_outside_context_dim_are_an_error(spec, bad):
   assert _message(error) == want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", [CELLWISE_CTX, {"method": "per_task_lora", "rank": 2, "context_dim": TASKS}],
                          ids=lambda s: s["method"])
 def test_traced_task_ids_outside_context_dim_give_nan_not_uniform_routing(spec):
@@ -473,6 +485,7 @@ def test_traced_task_ids_outside_context_dim_give_nan_not_uniform_routing(spec):
   np.testing.assert_array_equal(np.delete(bad, 1, 0), np.delete(good, 1, 0))     # the others: unchanged
 
 
+@pytest.mark.slow
 def test_float_labels_as_one_vector_are_refused(attn_ctx):
   _, params, x, adapted, trainable = attn_ctx
   floats = jnp.arange(TASKS, dtype=jnp.float32)                                  # [0., 1., 2.]: 3 == context_dim
@@ -495,6 +508,7 @@ def _traces(attn_ctx):
   return traces
 
 
+@pytest.mark.slow
 def test_router_losses_with_an_all_zero_mask_are_zero_not_nan(attn_ctx):
   traces = _traces(attn_ctx)
   zero = jnp.zeros((B, T))
@@ -521,6 +535,7 @@ def test_router_losses_refuse_a_mask_that_does_not_fit(attn_ctx, shape):
       "extra axes.")
 
 
+@pytest.mark.slow
 def test_routing_diagnostics_refuse_group_ids_beyond_num_groups(attn_ctx):
   traces = _traces(attn_ctx)
   groups = jnp.arange(B) % TASKS                                                 # ids 0..2

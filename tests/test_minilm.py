@@ -227,6 +227,7 @@ def _numpy_bert(t, ids, mask, model):
   return h
 
 
+@pytest.mark.slow
 def test_key_map_and_forward_pass_match_a_direct_transcription():
   model = bert.Bert(num_layers=2, hidden_size=8, num_heads=2, intermediate_size=16, vocab_size=11,
                     max_position=6, type_vocab_size=2)
@@ -276,6 +277,7 @@ def test_embed_validates_its_arguments_like_tokenize_before_any_work(field, valu
   assert str(error.value) == message
 
 
+@pytest.mark.slow
 def test_every_route_failing_says_where_to_put_the_files(tmp_path, monkeypatch):
   failed = lambda command, **kwargs: subprocess.CompletedProcess(command, 1, "", "ERROR: no network")
   monkeypatch.setattr(registry.subprocess, "run", failed)
@@ -287,6 +289,7 @@ def test_every_route_failing_says_where_to_put_the_files(tmp_path, monkeypatch):
   assert str(tmp_path / minilm.SUBDIR / "model.safetensors") in message and minilm.PATH_ENV_VAR in message
 
 
+@pytest.mark.slow
 def test_model_step_benchmark_smoke(backbone_2_layers, capsys):
   from benchmarks import model_step
   result = model_step.main(["--quick", "--methods", "lora,cellwise_moe", "--repeats", "1"])

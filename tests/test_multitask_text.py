@@ -50,6 +50,7 @@ def test_task_scores_match_a_hand_count():
   np.testing.assert_allclose(scores["accuracy/mean"], (2 / 3 + 1) / 2)
 
 
+@pytest.mark.slow
 def test_one_lora_per_task_is_the_selected_tasks_lora():
   module = adapters.make({"method": "per_task_lora", "rank": 2, "context_dim": 3}, d_in=6, d_out=5)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 6))
@@ -107,6 +108,7 @@ def test_paired_differences_are_per_seed_and_skip_diverged_seeds():
   np.testing.assert_allclose(paired["vs_per_task_lora"]["mean"], np.mean([1.0, -2.0]), atol=1e-9)
 
 
+@pytest.mark.slow
 def test_logistic_probe_converges_to_the_regularised_optimum():
   r = np.random.default_rng(0)
   x = jnp.asarray(r.standard_normal((120, 5)), jnp.float32)

@@ -135,6 +135,7 @@ def _frozen_arrays(model):
   return nnx.to_pure_dict(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx_inject.AdapterParam))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS, ids=_spec_id)
 def test_nnx_block_equals_a_hand_written_model(spec):
   x = _normal(0, (B, T, D))
@@ -201,6 +202,7 @@ def _hand_einsum_attention(p, a, spec, x, context):
   return proj("out", heads, heads.reshape(B, T, D))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", [LORA, DORA, LOCALIZED, CELLWISE_CTX], ids=_spec_id)
 def test_einsum_attention_equals_a_hand_written_model_in_linen_and_nnx(spec):
   x = _normal(0, (B, T, D))
@@ -290,6 +292,7 @@ def test_context_as_labels_or_one_hot_agree_and_a_missing_context_names_the_laye
   np.testing.assert_allclose(second, other, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_router_traces_give_the_same_losses_and_diagnostics_as_linen():
   x = _normal(0, (B, T, D))
   labels = jnp.arange(B) % TASKS
@@ -312,6 +315,7 @@ def test_router_traces_give_the_same_losses_and_diagnostics_as_linen():
 # ------------------------------------------------------------------------------------------- training, merge
 
 
+@pytest.mark.slow
 def test_nnx_optimizer_over_the_adapter_type_trains_only_the_adapters_and_extras():
   x = _normal(0, (B, T, D))
   labels = jnp.arange(B) % TASKS
@@ -472,6 +476,7 @@ def test_layers_of_nnx_vmap_and_scan_stacks_are_refused_by_name():
   assert [l.path for l in nnx_inject.layers(unrolled)] == ["blocks/0", "blocks/1", "blocks/2"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS + [{"method": "per_task_lora", "rank": 2, "context_dim": TASKS}],
                          ids=_spec_id)
 def test_nnx_adapter_modules_have_the_linen_params_and_outputs(spec):
@@ -493,6 +498,7 @@ def test_nnx_adapter_modules_have_the_linen_params_and_outputs(spec):
     np.testing.assert_allclose(x @ dense.T, adapter(x, context=one, **extra), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_nnx_backbone_trains_float32_adapters():
   x = _normal(0, (B, T, D)).astype(jnp.bfloat16)
   model = nnx_inject.inject(Block(nnx.Rngs(1), param_dtype=jnp.bfloat16), LOCALIZED, x[:1],
@@ -516,6 +522,7 @@ def test_queryable_lora_is_refused_on_nnx_models_by_name():
 # ------------------------------------------------------------------------------------------- from outside
 
 
+@pytest.mark.slow
 def test_public_api_context_routed_cellwise_moe_on_a_plain_nnx_attention_model():
   import localmoe
   from localmoe import nnx_inject as api

@@ -8,6 +8,8 @@ from configs import nonconvex_regression as cfg
 from experiments import nonconvex_regression as exp
 from localmoe import models
 
+pytestmark = pytest.mark.slow  # every test here launches processes or trains end to end
+
 
 def test_backbone_shapes_and_names():
   mlp = models.DeepNarrowMLP()

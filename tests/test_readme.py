@@ -1,9 +1,12 @@
+import pytest
 """The README's "Adapting a model" example runs as written and ends with the merged model equal to the adapted one."""
 
 import os
 import re
 import subprocess
 import sys
+
+pytestmark = pytest.mark.slow  # every test here launches processes or trains end to end
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,6 +10,8 @@ from experiments import mnist_approximation as approx
 from experiments import mnist_degradation as deg
 from localmoe import targets
 
+pytestmark = pytest.mark.slow  # every test here launches processes or trains end to end
+
 # --- California Housing ---------------------------------------------------------------------------------
 
 

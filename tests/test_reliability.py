@@ -92,6 +92,7 @@ def test_bad_config_is_one_clear_error_before_compute(path, value, message):
   assert message in str(info.value), str(info.value)
 
 
+@pytest.mark.slow
 def test_config_file_and_arg_errors_are_one_line(tmp_path):
   from localmoe import configlib
   (tmp_path / "broken.py").write_text("def get_config(arg=None):\n  return (\n")
@@ -148,6 +149,7 @@ def test_context_router_called_without_context_is_clear():
     m.init(jax.random.PRNGKey(0), jnp.zeros((1, 8)))
 
 
+@pytest.mark.slow
 def test_cli_error_writes_nothing(tmp_path):
   target = tmp_path / "run"
   proc = run_launch("--config=configs/svd_simulation.py:quick", f"--workdir={target}",
@@ -172,6 +174,7 @@ def test_finished_run_is_not_overwritten(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_second_process_is_refused_and_stale_lock_cleared(tmp_path, capsys):
   sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
   try:
@@ -208,6 +211,7 @@ def test_atomic_write_never_leaves_partial_files(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------- checkpoints and resume
 
 
+@pytest.mark.slow
 def test_checkpointer_round_trip_and_resume_in_process(tmp_path):
   from tests.test_train import make_task, small_problem
   data = small_problem([0, 1])
@@ -240,6 +244,7 @@ def test_checkpointer_round_trip_and_resume_in_process(tmp_path):
     checkpoint.clear_stop()
 
 
+@pytest.mark.slow
 def test_sigterm_mid_run_then_resume_is_bit_identical(tmp_path):
   args = ["--config=configs/svd_simulation.py:quick,methods=lora+cellwise_moe,spectra=gaussian",
           "--config.data.num_samples=6000", "--config.optim.batch_size=8", "--config.optim.epochs=6",
@@ -302,6 +307,7 @@ def test_unfinished_workdir_under_another_config_is_refused_before_compute(tmp_p
   assert json.loads((run / "config.json").read_text())["optim"]["lr"] == 0.1
 
 
+@pytest.mark.slow
 def test_cli_resume_under_another_config_exits_2_with_the_fields(tmp_path):
   run = tmp_path / "run"
   with workdir.guard(str(run), config=svd_config.get_config("quick")):
@@ -341,6 +347,7 @@ def _corrupt(step_dir):
         f.write(b"\x00garbage")
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_falls_back_to_the_previous_step_then_retrains(tmp_path):
   make_task, data, settings, policy = _stopped_fit(tmp_path)
   full = train.fit(make_task(), data, [0], settings, log=None)
@@ -361,6 +368,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_step_then_retrains(tmp_pa
   np.testing.assert_array_equal(again.history, full.history)
 
 
+@pytest.mark.slow
 def test_unusable_checkpoint_dir_and_failed_save_warn_and_keep_training(tmp_path, monkeypatch):
   from tests.test_train import make_task, small_problem
   data = small_problem([0])
@@ -384,6 +392,7 @@ def test_unusable_checkpoint_dir_and_failed_save_warn_and_keep_training(tmp_path
   assert sum("saving the checkpoint at epoch" in line and "No space left" in line for line in lines) == 2
 
 
+@pytest.mark.slow
 def test_failed_method_exits_nonzero_is_not_finished_and_keeps_the_others(tmp_path, monkeypatch, capsys):
   from experiments import svd_simulation
   config = svd_config.get_config("quick,methods=lora+cellwise_moe")
@@ -436,6 +445,7 @@ def _interrupt_then_resume(tmp_path, args, marker_glob):
   return reference, interrupted
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_sweep_with_75_and_the_resume_is_bit_identical(tmp_path):
   args = ["--config=configs/svd_simulation.py:quick", "--sweep", "--config.data.num_samples=2000",
           "--config.optim.batch_size=8", "--config.optim.epochs=4", "--config.checkpoint_every_epochs=1"]
@@ -447,6 +457,7 @@ def test_sigterm_stops_a_sweep_with_75_and_the_resume_is_bit_identical(tmp_path)
   assert all(r["status"] == "ok" for r in got)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_nonconvex_run_with_75_and_the_resume_is_bit_identical(tmp_path):
   args = ["--config=configs/nonconvex_regression.py:quick", "--config.optim.epochs=24",
           "--config.optim.eval_every=2", "--config.checkpoint_every_epochs=2", "--config.data.plot_grid=0"]
@@ -458,6 +469,7 @@ def test_sigterm_stops_the_nonconvex_run_with_75_and_the_resume_is_bit_identical
   assert (resumed / "history.csv").read_text() == (reference / "history.csv").read_text()
 
 
+@pytest.mark.slow
 def test_history_and_tensorboard_stream_during_training_without_duplicates_after_resume(tmp_path):
   from tests.test_train import make_task, small_problem
   data = small_problem([0])

@@ -54,6 +54,7 @@ def test_per_cell_and_global_balance_differ_when_cells_specialise():
   np.testing.assert_allclose(routing.load_balancing_loss(gates, 1, per_router=False), 1.0)
 
 
+@pytest.mark.slow
 def test_z_loss_and_entropies():
   logits = jnp.zeros((10, 3, 4))
   np.testing.assert_allclose(routing.router_z_loss(logits), math.log(4) ** 2, rtol=1e-6)
@@ -65,6 +66,7 @@ def test_z_loss_and_entropies():
   np.testing.assert_allclose(routing.expert_usage(gates).sum(-1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_router_outputs_are_sown_and_collected():
   m = lm.make(dict(method="cellwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=2, num_experts=3,
                    router_input="activation", top_k=2))
@@ -83,6 +85,7 @@ def test_router_outputs_are_sown_and_collected():
 # ------------------------------------------------------------------------- router controls
 
 
+@pytest.mark.slow
 def test_router_initializers():
   key, shape = jax.random.PRNGKey(3), (2, 3, 5, 4)                          # [K_y, K_x, F, E]
   normal = routing.router_initializer("normal")
@@ -167,6 +170,7 @@ def test_gumbel_softmax_approaches_one_hot_as_temperature_goes_to_zero():
   np.testing.assert_allclose(_router_gates(router, u), _router_gates(routing.Router(4, 5), u), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_gate_diagnostics_equal_a_direct_computation():
   rng = np.random.default_rng(0)
   n, r, e, t = 60, 3, 4, 3
@@ -202,6 +206,7 @@ def test_task_separation_has_the_multitask_experiment_definition():
   np.testing.assert_allclose(routing.task_separation(disjoint), 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_token_weighted_losses_and_group_usage():
   """Weights [N] (a mask) in the balance and z-losses: 0/1 weights = the kept rows only, all zeros = 0 (not
   NaN); group_usage = per-group means; one_hot_labels refuses ids outside 0..num-1."""

@@ -13,6 +13,8 @@ import pytest
 
 from localmoe import sharding
 
+pytestmark = pytest.mark.slow  # every test here launches processes or trains end to end
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -15,6 +15,8 @@ sys.path.insert(0, ROOT)
 from configs import svd_simulation as svd_config  # noqa: E402
 from experiments import svd_simulation  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here launches processes or trains end to end
+
 
 def quick_config():
   config = svd_config.get_config("quick")

@@ -92,6 +92,7 @@ def test_made_splits_are_disjoint_and_deterministic(tasks, name):
   assert test[len(task.train_texts):].all() and not test[:len(task.train_texts)].any()  # recomputed: the same
 
 
+@pytest.mark.slow
 @pytest.mark.network
 def test_second_load_reads_the_cache(tasks, monkeypatch):
   monkeypatch.setattr(registry.subprocess, "run", lambda *a, **k: pytest.fail("no download expected"))
@@ -196,6 +197,7 @@ def test_subsample_is_stratified_and_deterministic():
 # --- routes -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unknown_task_and_every_route_failing(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="one of"):
     text.load("poetry")

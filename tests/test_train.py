@@ -38,6 +38,7 @@ def make_task(method="cellwise_moe", d=8):
 SETTINGS = train.Settings(epochs=3, batch_size=32, learning_rate=3e-3, log_every=1)
 
 
+@pytest.mark.slow
 def test_vmapped_seeds_equal_each_seed_alone():
   seeds = [0, 1, 2]
   data = small_problem(seeds)
@@ -50,6 +51,7 @@ def test_vmapped_seeds_equal_each_seed_alone():
     np.testing.assert_allclose(alone.history[0], together.history[k], rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_and_learns():
   data = small_problem([0, 1])
   a = train.fit(make_task(), data, [0, 1], SETTINGS, log=None)
@@ -59,12 +61,14 @@ def test_training_is_deterministic_and_learns():
   assert a.status == ["ok", "ok"]
 
 
+@pytest.mark.slow
 def test_different_seeds_differ():
   data = small_problem([0, 0])
   r = train.fit(make_task(), data, [0, 1], SETTINGS, log=None)
   assert not np.allclose(r.history[0], r.history[1])
 
 
+@pytest.mark.slow
 def test_per_entry_learning_rates():
   data = small_problem([0, 0])
   r = train.fit(make_task(), data, [0, 0], SETTINGS, learning_rate=[1e-3, 1e-2], log=None)
@@ -95,6 +99,7 @@ def test_r2_definition():
   np.testing.assert_allclose(metrics.mse(jnp.asarray(pred), jnp.asarray(y)), sse / y.size, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_chunked_evaluation_equals_whole_split():
   data = small_problem([0])
   task = make_task()
@@ -141,6 +146,7 @@ def _aux_task(weight):
                     diagnostics=lambda p, f, inputs: {"mean_abs_pred": jnp.abs(base.predict(p, f, inputs)).mean(0)})
 
 
+@pytest.mark.slow
 def test_aux_loss_is_added_to_the_objective_and_recorded():
   data = small_problem([0, 1])
   plain = train.fit(make_task("lora"), data, [0, 1], SETTINGS, log=None)
@@ -159,6 +165,7 @@ def test_aux_loss_is_added_to_the_objective_and_recorded():
   assert np.all(np.isfinite(heavy.diagnostics["mean_abs_pred"]))
 
 
+@pytest.mark.slow
 def test_training_loss_is_recorded_without_aux():
   data = small_problem([0])
   fit = train.fit(make_task(), data, [0], SETTINGS, log=None)
@@ -167,6 +174,7 @@ def test_training_loss_is_recorded_without_aux():
   assert np.all(np.isfinite(loss)) and loss[-1] < loss[0]
 
 
+@pytest.mark.slow
 def test_steps_per_epoch_streams_passes_and_resumes_identically():
   data = small_problem([0])            # 200 training rows, batch 32: 7 steps per pass
   stream = dataclasses.replace(SETTINGS, epochs=6, steps_per_epoch=3)
@@ -201,6 +209,7 @@ def test_steps_per_epoch_longer_than_a_pass_is_refused():
 # ------------------------------------------------------------------------- blow-ups, eval_every, optimiser
 
 
+@pytest.mark.slow
 def test_finite_blow_up_is_flagged_as_diverged():
   data = small_problem([0, 1])
   lines = []
@@ -212,6 +221,7 @@ def test_finite_blow_up_is_flagged_as_diverged():
   assert any("seed 1: diverged at epoch 1" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_eval_every_runs_several_epochs_per_call_and_matches_every_epoch():
   data = small_problem([0])
   every = train.fit(make_task(), data, [0], dataclasses.replace(SETTINGS, epochs=4), log=None)
@@ -223,6 +233,7 @@ def test_eval_every_runs_several_epochs_per_call_and_matches_every_epoch():
     dataclasses.replace(SETTINGS, epochs=3, eval_every=2)
 
 
+@pytest.mark.slow
 def test_optimizer_from_config_schedule_and_clipping():
   settings = train.Settings.from_config({"epochs": 2, "batch_size": 32, "lr": 3e-3, "schedule": "cosine",
                                          "warmup_steps": 3, "grad_clip": 0.5})
@@ -258,6 +269,7 @@ def test_train_step_is_module_level_and_replaceable(monkeypatch):
   assert calls                                              # traced once inside the compiled scan
 
 
+@pytest.mark.slow
 def test_eval_train_rows_evaluates_the_training_prefix_only():
   data = small_problem([0, 1])
   full = train.fit(make_task(), data, [0, 1], SETTINGS, log=None)

@@ -71,6 +71,7 @@ def leaves(params, k=0):
           "bias": np.asarray(params["extras"]["head"]["bias"][k])}
 
 
+@pytest.mark.slow
 def test_group_multiplier_and_weight_decay_reach_exactly_their_leaves():
   task, data = tiny_task(), tiny_data()
   fit = train.fit(task, data, [0], settings(groups=train.parse_groups(GROUPS)), log=None)
@@ -86,6 +87,7 @@ def test_group_multiplier_and_weight_decay_reach_exactly_their_leaves():
   assert moved(got["router"]) > 50 * moved(plain["router"])
 
 
+@pytest.mark.slow
 def test_vmapped_entries_with_different_base_rates_keep_their_groups():
   task, data = tiny_task(), tiny_data()
   rates = [1e-3, 3e-4]
@@ -98,6 +100,7 @@ def test_vmapped_entries_with_different_base_rates_keep_their_groups():
       np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7, err_msg=f"entry {k} {name}")
 
 
+@pytest.mark.slow
 def test_frozen_group_and_schedule_and_clipping_work_with_groups():
   task, data = tiny_task(), tiny_data()
   groups = train.parse_groups([dict(name="head", pattern=r"extras/.*", freeze=True)])
@@ -109,6 +112,7 @@ def test_frozen_group_and_schedule_and_clipping_work_with_groups():
   assert fit.status == ["ok"]
 
 
+@pytest.mark.slow
 def test_no_groups_is_bit_identical_to_a_rule_that_changes_nothing():
   task, data = tiny_task(), tiny_data()
   plain = train.fit(task, data, [0, 1], settings(epochs=2), log=None)
@@ -123,6 +127,7 @@ def test_unmatched_rule_is_an_error_naming_it(capsys):
     train.fit(tiny_task(), tiny_data(), [0], settings(groups=groups), log=None)
 
 
+@pytest.mark.slow
 def test_each_group_is_printed_once_with_its_count():
   lines = []
   train.fit(tiny_task(), tiny_data(), [0], settings(epochs=2, groups=train.parse_groups(GROUPS)), log=lines.append)
@@ -207,6 +212,7 @@ def routed_task(d=8, contexts=4):
   return dataclasses.replace(base, diagnostics=diagnostics), module
 
 
+@pytest.mark.slow
 def test_anchors_router_rate_moves_the_routers_and_the_default_does_not():
   data = context_routed_problem()
   task, module = routed_task()
