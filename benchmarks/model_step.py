@@ -13,8 +13,11 @@ Usage:
   python benchmarks/model_step.py --quick                 # 2 layers, 8 x 16 tokens (smoke test)
   python benchmarks/model_step.py --json step.json
   python benchmarks/model_step.py --profile               # also the costliest XLA ops of LoRA's and cell-wise steps
+  python benchmarks/model_step.py --random-weights        # MiniLM's shapes with random weights (no download)
 
-Needs the MiniLM weights (fetched once from the package registry and cached; see `localmoe.models.minilm`).
+Needs the MiniLM weights (fetched once from the package registry and cached; see `localmoe.models.minilm`),
+unless `--random-weights`: a step's time does not depend on the weights' values, so an offline machine
+(an accelerator without the cache) measures the same ratios with MiniLM's shapes and random weights.
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true", help="2 layers, 8 x 16 tokens, 3 repeats")
   p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
   p.add_argument("--profile", action="store_true", help="per-op CPU time of the LoRA and cell-wise steps")
+  p.add_argument("--random-weights", action="store_true",
+                 help="MiniLM's architecture with random weights (no download; same step time)")
   args = p.parse_args(argv)
   if args.quick:
     args.batch, args.tokens, args.layers, args.repeats = 8, 16, 2, 3
@@ -107,7 +112,12 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   config = mt_config.get_config()
   config.model.num_layers = args.layers
-  backbone, backbone_params, _ = minilm.load(num_layers=args.layers)
+  if args.random_weights:
+    backbone = bert.Bert(num_layers=args.layers)
+    ids = jnp.ones((1, 8), jnp.int32)
+    backbone_params = backbone.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids))["params"]
+  else:
+    backbone, backbone_params, _ = minilm.load(num_layers=args.layers)
   corpus = synthetic_corpus(args.batch, args.tokens, backbone, backbone_params)
   frozen = {"backbone": bert.upper_params(backbone_params, 0, args.layers),
             **mt.random_heads(jax.random.PRNGKey(0), NUM_CLASSES)}
@@ -116,7 +126,7 @@ def main(argv=None) -> dict:
         f"cpu cores: {os.cpu_count()}  python {platform.python_version()}")
   if hasattr(os, "getloadavg"):
     print(f"  load average (1, 5, 15 min): {tuple(round(v, 2) for v in os.getloadavg())}")
-  print(f"  MiniLM x{args.layers} layers, batch {args.batch} x {args.tokens} tokens, rank {config.model.rank}, "
+  print(f"  MiniLM x{args.layers} layers{' (random weights)' if args.random_weights else ''}, batch {args.batch} x {args.tokens} tokens, rank {config.model.rank}, "
         f"grid {config.model.grid}, E {config.model.num_experts}; median of {args.repeats} round-robin steps")
   built = {}
   for method in args.methods:
@@ -147,7 +157,7 @@ def main(argv=None) -> dict:
       if method in built:
         layer_bench.profile_compiled(method, built[method][0], built[method][1], calls=3, top=14)
   result = dict(batch=args.batch, tokens=args.tokens, layers=args.layers, backend=jax.default_backend(),
-                rows=rows)
+                random_weights=args.random_weights, rows=rows)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)

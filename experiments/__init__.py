@@ -1,30 +1,41 @@
-"""Experiment drivers. Each module defines `run(config, workdir) -> dict` and holds only what is specific
-to one paper experiment; everything shared lives in `localmoe`.
+"""Experiment drivers. Each module `experiments/<name>.py` defines `run(config, workdir) -> dict` and holds only
+what is specific to one experiment; everything shared lives in `localmoe`.
 
-`REGISTRY` maps `config.experiment` to the driver's module; modules are imported only when used.
+The driver of a config is found from `config.experiment` alone: `config.experiment = "svd_simulation"` runs
+`experiments/svd_simulation.py`. Adding an experiment is one config, one driver and one results page
+(`docs/experiments/<name>.md`); nothing here is edited. Modules are imported only when used.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import re
 from typing import Any, Callable
 
-REGISTRY: dict[str, str] = {
-    "svd_simulation": "experiments.svd_simulation",
-    "mnist_adaptation": "experiments.mnist_adaptation",
-    "nonconvex_regression": "experiments.nonconvex_regression",
-    "california_housing": "experiments.california_housing",
-    "mnist_degradation": "experiments.mnist_degradation",
-    "mnist_approximation": "experiments.mnist_approximation",
-    "multitask_text": "experiments.multitask_text",
-}
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def names() -> list[str]:
+  """Every experiment: the driver modules of this package that define `run`, sorted."""
+  found = []
+  for entry in sorted(os.listdir(_HERE)):
+    stem, ext = os.path.splitext(entry)
+    path = os.path.join(_HERE, entry)
+    if ext != ".py" or stem.startswith("_"):
+      continue
+    with open(path, encoding="utf-8") as f:
+      if re.search(r"^def run\(", f.read(), re.M):
+        found.append(stem)
+  return found
 
 
 def module(name: str):
   """The driver module of experiment `name`, or a ValueError listing the valid names."""
-  if name not in REGISTRY:
-    raise ValueError(f"config.experiment={name!r} is not a known experiment; valid: {sorted(REGISTRY)}.")
-  return importlib.import_module(REGISTRY[name])
+  if not isinstance(name, str) or name not in names():
+    raise ValueError(f"config.experiment={name!r} is not a known experiment (a module experiments/<name>.py "
+                     f"that defines run(config, workdir)); valid: {names()}.")
+  return importlib.import_module(f"{__name__}.{name}")
 
 
 def get(name: str) -> Callable[[Any, str], dict]:
