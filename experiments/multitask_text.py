@@ -546,7 +546,9 @@ def summarise(method: str, fit: train.FitResult, seeds, corpus: Corpus, count: i
       suffix = "_nats" if key == "entropy_nats" else ""
       summary[f"{name}{suffix}"] = float(np.mean(final_v[ok])) if ok.any() else None
       summary[f"{name}_init{suffix}"] = float(np.mean(init_v))
-      summary[f"{name}_per_seed"] = {"init": [float(v) for v in init_v], "final": [float(v) for v in final_v]}
+      summary[f"{name}_per_seed"] = {"init": [float(v) for v in init_v],
+                                     "final": [float(v) if good and np.isfinite(v) else None
+                                               for v, good in zip(final_v, ok)]}
   return summary
 
 
@@ -699,28 +701,39 @@ class LiveHistory:
               for ev in range(values.shape[1]) if np.isfinite(values[s, ev])]
 
     def on_epoch_end(fit_state: train.FitState) -> None:
+      # Scalars are means over the seeds with a finite value; a value no seed has (every seed diverged) is
+      # left out of TensorBoard and history.csv and printed as nan.
       e = fit_state.epoch - 1
       rows, scalars = [], {}
+
+      def put(tag, values) -> None:
+        kept = np.asarray(values, np.float64)
+        kept = kept[np.isfinite(kept)]
+        if kept.size:
+          scalars[tag] = float(kept.mean())
+
       for k, split in enumerate(("train", "val", "test")):
         scores = task_scores(fit_state.history[:, :, k], self.corpus.tasks, self.corpus.num_classes)
         for name, values in scores.items():
           rows += rows_of(values, split, name)
-          if np.isfinite(values[:, e]).any():
-            scalars[f"{split}/{name}"] = float(np.nanmean(values[:, e]))
+          put(f"{split}/{name}", values[:, e])
       for c, name in enumerate(train_names):
         rows += rows_of(fit_state.train_history[:, :, c], "train_stream", name)
-        scalars[f"train_stream/{name}"] = float(np.nanmean(fit_state.train_history[:, e, c]))
+        put(f"train_stream/{name}", fit_state.train_history[:, e, c])
+      routed = False
       for name in ("entropy_nats", "task_separation"):
         if name in fit_state.diagnostics:
+          routed = True
           rows += rows_of(fit_state.diagnostics[name], "routing", name)
-          scalars[f"routing/{name}"] = float(np.nanmean(fit_state.diagnostics[name][:, e]))
+          put(f"routing/{name}", fit_state.diagnostics[name][:, e])
       self.files.record(method, rows, scalars, fit_state.epoch)
-      val = scalars.get("val/accuracy/mean", float("nan"))
-      per_task = "  ".join(f"{t} {scalars.get(f'val/accuracy/{t}', float('nan')) * 100:5.1f}"
-                           for t in self.corpus.tasks)
-      routed = (f"  router H {scalars['routing/entropy_nats']:.3f} sep {scalars['routing/task_separation']:.3f}"
-                if "routing/entropy_nats" in scalars else "")
-      print(f"  [{method}] eval {fit_state.epoch:>2}/{settings.epochs}  loss {scalars['train_stream/loss']:.3f}  "
+      nan = float("nan")
+      val = scalars.get("val/accuracy/mean", nan)
+      per_task = "  ".join(f"{t} {scalars.get(f'val/accuracy/{t}', nan) * 100:5.1f}" for t in self.corpus.tasks)
+      routed = (f"  router H {scalars.get('routing/entropy_nats', nan):.3f} sep "
+                f"{scalars.get('routing/task_separation', nan):.3f}" if routed else "")
+      loss = scalars.get("train_stream/loss", nan)
+      print(f"  [{method}] eval {fit_state.epoch:>2}/{settings.epochs}  loss {loss:.3f}  "
             f"held-out acc {per_task}  mean {val * 100:5.1f}{routed}  ({time.perf_counter() - start:.0f}s)",
             flush=True)
     return on_epoch_end
@@ -733,6 +746,11 @@ def _fmt_pm(entry, scale=100.0) -> str:
   if entry.get("mean") is None:
     return "n/a"
   return f"{entry['mean'] * scale:.2f} ± {entry['std'] * scale:.2f}"
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+  """A number, or "n/a" where there is none (every seed diverged)."""
+  return "n/a" if value is None or not np.isfinite(value) else format(value, spec)
 
 
 def _markdown(config, corpus: Corpus, summaries: dict, paired: dict, wall: float) -> str:
@@ -767,7 +785,8 @@ def _markdown(config, corpus: Corpus, summaries: dict, paired: dict, wall: float
   lines += ["", "Macro-F1 % per task:", "", "| Method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
   for method, s in summaries.items():
     if "macro_f1/mean" in s:
-      lines.append(f"| {LABELS[method]} | " + " | ".join(_fmt_pm(s[f"macro_f1/{t}"]) for t in tasks) + " |")
+      dagger = " †" if s.get("status", "ok") != "ok" else ""
+      lines.append(f"| {LABELS[method]}{dagger} | " + " | ".join(_fmt_pm(s[f"macro_f1/{t}"]) for t in tasks) + " |")
   routed = [(m, s) for m, s in summaries.items() if "routing_entropy_nats" in s]
   if routed:
     lines += ["", f"Routers on the first {config.eval.diagnostic_rows} test rows (seed mean): mean gate entropy in "
@@ -775,8 +794,10 @@ def _markdown(config, corpus: Corpus, summaries: dict, paired: dict, wall: float
               "between two tasks' mean gates, averaged over task pairs, cells and layers; 0: all tasks routed "
               "alike, 1: disjoint experts), at initialisation and after training:", "",
               "| Method | entropy init | entropy end | separation init | separation end |", "|---|---|---|---|---|"]
-    lines += [f"| {LABELS[m]} | {s['routing_entropy_init_nats']:.3f} | {s['routing_entropy_nats']:.3f} | "
-              f"{s['task_separation_init']:.3f} | {s['task_separation']:.3f} |" for m, s in routed]
+    lines += [f"| {LABELS[m]}{' †' if s.get('status', 'ok') != 'ok' else ''} | "
+              + " | ".join(_fmt(s.get(key)) for key in ("routing_entropy_init_nats", "routing_entropy_nats",
+                                                        "task_separation_init", "task_separation")) + " |"
+              for m, s in routed]
   if paired:
     lines += ["", "Paired differences in mean test accuracy (points), per seed (same seed, same test rows): "
               "mean ± std [min, max] over seeds:", "",
@@ -804,15 +825,26 @@ def _layer_name(path: str) -> str:
           .replace("/output/dense", " ffn out"))
 
 
+def _finite_prefix(curves: dict) -> dict:
+  """{name: [seeds, evals]} cut after the last evaluation any seed has a finite value at (the seeds all
+  diverged there); a method with none is left out of the figure."""
+  out = {}
+  for name, values in curves.items():
+    seen = np.flatnonzero(np.isfinite(np.asarray(values, np.float64)).any(axis=0))
+    if seen.size:
+      out[name] = np.asarray(values)[:, :seen[-1] + 1]
+  return out
+
+
 def _figures(workdir: str, fits: dict, corpus: Corpus, settings: train.Settings, layer_paths: dict) -> None:
   if fits:
     every = f"every {settings.steps_per_epoch or 'pass'} steps"
-    curves = {m: task_scores(f.history[:, :, 1], corpus.tasks, corpus.num_classes)["accuracy/mean"]
-              for m, f in fits.items()}                                              # fractions: plotted in %
+    curves = _finite_prefix({m: task_scores(f.history[:, :, 1], corpus.tasks, corpus.num_classes)["accuracy/mean"]
+                             for m, f in fits.items()})                              # fractions: plotted in %
     plots.curves_with_bands(os.path.join(workdir, "accuracy.png"), curves, labels=LABELS,
                             title="mean held-out accuracy over tasks", xlabel=f"evaluation ({every})",
                             ylabel="held-out accuracy (%)")
-    losses = {m: f.train_history[:, :, 0] for m, f in fits.items()}
+    losses = _finite_prefix({m: f.train_history[:, :, 0] for m, f in fits.items()})
     plots.curves_with_bands(os.path.join(workdir, "loss.png"), losses, labels=LABELS,
                             title="training loss (mean over the steps of each evaluation)",
                             xlabel=f"evaluation ({every})", ylabel="cross-entropy", scale=1.0)
