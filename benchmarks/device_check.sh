@@ -4,6 +4,7 @@
 #   bash benchmarks/device_check.sh                # writes runs/device_check/device_check.json and .log
 #   OUT=/some/dir bash benchmarks/device_check.sh  # or into $OUT
 #   QUICK=1 bash benchmarks/device_check.sh        # tiny sizes: a smoke test of the script (CPU, ~2 min)
+#   ONLY=minilm,gemma bash benchmarks/device_check.sh   # some of the steps below
 #
 # It runs, each under its own time limit, with every figure measured in this one run:
 #   layer    benchmarks/layer_bench.py            routed layers vs LoRA: fwd+bwd time, XLA temp memory, FLOPs
@@ -27,6 +28,7 @@ declare -A wall rc
 
 step() {  # step NAME LIMIT_S COMMAND...
   local name=$1 limit=$2; shift 2
+  case ",${ONLY:-$name}," in *",$name,"*) ;; *) return;; esac
   echo "== $name ($limit s limit): $*" | tee -a "$log"
   local start=$(date +%s%N)
   local before=$(wc -l < "$log")
@@ -43,13 +45,14 @@ q() { [ "$quick" = 1 ] && echo "$@"; }   # extra arguments in the QUICK smoke te
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true; } >> "$log"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" >> "$log" 2>&1
 
-step layer 150 python3 benchmarks/layer_bench.py $(q --quick) --json "$work/layer.json"
-step minilm 120 python3 benchmarks/model_step.py --random-weights $(q --quick) --json "$work/minilm.json"
+step layer 60 python3 benchmarks/layer_bench.py $(q --quick) --json "$work/layer.json"
+step minilm 180 python3 benchmarks/model_step.py --random-weights \
+  --methods lora,localized_lora,blockwise_moe,cellwise_moe,per_task_lora $(q --quick) --json "$work/minilm.json"
 if [ -f benchmarks/gemma_step.py ]; then
-  step gemma 150 python3 benchmarks/gemma_step.py --random-weights $(q --quick) --json "$work/gemma.json"
+  step gemma 120 python3 benchmarks/gemma_step.py --random-weights $(q --quick) --json "$work/gemma.json"
 fi
-step sweep 60 python3 benchmarks/sweep_bench.py $(q --epochs 1 --samples 500 --sequential 2)
-step svd 90 python3 launch.py --config "configs/svd_simulation.py$(q :quick)" --workdir "$work/svd"
+step sweep 60 python3 benchmarks/sweep_bench.py --sequential 4 $(q --epochs 1 --samples 500)
+step svd 75 python3 launch.py --config "configs/svd_simulation.py$(q :quick)" --workdir "$work/svd"
 cp "$work/svd/results.md" "$out/svd_results.md" 2>/dev/null || true
 
 python3 - "$work" "$out" <<PY
