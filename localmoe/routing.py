@@ -73,6 +73,36 @@ def _positive_float(value, field: str, fix: str) -> float:
   return number
 
 
+def check_temperature(value, field: str = "temperature"):
+  """A router temperature: a real number > 0 and finite, or a traced scalar (e.g. `temperature_at`).
+
+  Returns it unchanged (a Python float for a concrete number). A concrete value that is 0, negative or
+  non-finite is a ValueError (T = 0 gives NaN gates, T < 0 inverts the routing, T = inf makes every gate
+  uniform); a string, a bool or an array with more than one element is a TypeError (an array would
+  broadcast over the experts). A traced value cannot be checked for its sign: only its shape () and real
+  dtype are.
+  """
+  fix = "pass a real number > 0 such as 1.0, or an annealed routing.temperature_at(step, ...)"
+  if isinstance(value, jax.core.Tracer):
+    if value.shape != () or not jnp.issubdtype(value.dtype, jnp.number) or jnp.issubdtype(value.dtype,
+                                                                                         jnp.complexfloating):
+      raise TypeError(f"{field} is a traced {value.dtype} array of shape {value.shape}: {fix} (one scalar for "
+                      "every expert).")
+    return value
+  if isinstance(value, (bool, np.bool_, str, bytes)) or not isinstance(
+      value, (int, float, np.integer, np.floating, np.ndarray, jax.Array)):
+    raise TypeError(f"{field}={value!r} is not a number: {fix}.")
+  if isinstance(value, (np.ndarray, jax.Array)):
+    if np.shape(value) != () or not np.issubdtype(np.asarray(value).dtype, np.number) or \
+        np.issubdtype(np.asarray(value).dtype, np.complexfloating) or np.asarray(value).dtype == bool:
+      raise TypeError(f"{field} is an array of shape {np.shape(value)} and dtype {np.asarray(value).dtype}: {fix} "
+                      "(one scalar for every expert).")
+  number = float(value)
+  if not (math.isfinite(number) and number > 0):
+    raise ValueError(f"{field}={number!r} must be finite and > 0: {fix}.")
+  return value if isinstance(value, (np.ndarray, jax.Array)) else number
+
+
 def router_initializer(kind: str | Initializer, scale: float | None = None, margin: float = 4.0) -> Initializer:
   """The router kernel initialiser [*grid, F, E] named by `kind` (a callable is returned unchanged).
 
@@ -83,13 +113,22 @@ def router_initializer(kind: str | Initializer, scale: float | None = None, marg
     "task_aligned"  row t of every router's W_g is `margin` at column t mod E and 0 elsewhere, so a one-hot
                     context t gets logit m = margin on expert t mod E, gate e^m / (e^m + E - 1) (the oracle start)
 
-  Errors name the adapter fields `router_init`, `router_init_scale` and `router_init_margin`.
+  Errors name the adapter fields `router_init`, `router_init_scale` and `router_init_margin`. A field that
+  `kind` does not read is refused rather than ignored: `scale` with "zeros", "task_aligned" or a callable,
+  and a `margin` other than the default 4.0 with anything but "task_aligned".
   """
-  if callable(kind):
-    return kind
-  if kind not in ROUTER_INITS:
+  if not callable(kind) and kind not in ROUTER_INITS:
     raise ValueError(f"router_init={kind!r} is not a known router initialiser; use one of {ROUTER_INITS} "
                      "or pass a callable (key, shape, dtype) -> array.")
+  name = "a callable" if callable(kind) else repr(kind)
+  if scale is not None and (callable(kind) or kind not in ("normal", "uniform")):
+    raise ValueError(f"router_init_scale={scale!r} has no effect with router_init={name}: it sets the std of "
+                     "'normal' or the bound of 'uniform'; remove it (None) or use one of those.")
+  if margin != 4.0 and kind != "task_aligned":
+    raise ValueError(f"router_init_margin={margin!r} has no effect with router_init={name}: it sets the lead of "
+                     "'task_aligned'; remove it (4.0, the default) or use router_init='task_aligned'.")
+  if callable(kind):
+    return kind
   if scale is not None:
     scale = _positive_float(scale, "router_init_scale", "the std of 'normal' or the bound s of 'uniform', "
                             "or None for the default (1/sqrt(F), resp. 1e-3)")
@@ -126,8 +165,9 @@ def temperature_at(step, start: float, end: float, steps: int, kind: str = "expo
     raise ValueError(f"kind={kind!r} is not a temperature schedule; use 'exponential' or 'linear'.")
   start = _positive_float(start, "start", "the temperature at step 0")
   end = _positive_float(end, "end", "the temperature after `steps` steps")
-  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+  if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps={steps!r} must be a positive integer (the length of the anneal).")
+  steps = int(steps)
   frac = jnp.clip(jnp.asarray(step, jnp.float32) / steps, 0.0, 1.0)                # []
   if kind == "exponential":
     return start * (end / start) ** frac
@@ -222,6 +262,10 @@ class Router(nn.Module):
   param_dtype: Any = jnp.float32                # storage dtype of the kernel and bias
   dtype: Any = None                             # compute dtype of the logit matmul; None -> u's dtype
 
+  def __post_init__(self):
+    check_temperature(self.temperature)
+    super().__post_init__()
+
   def setup(self):
     pd = jnp.dtype(self.param_dtype)
     self.kernel = self.param("kernel", self.kernel_init, (*self.grid, self.features, self.num_experts), pd)
@@ -248,14 +292,14 @@ class Router(nn.Module):
   def gates(self, logits: jnp.ndarray, dtype: Any, temperature=None) -> jnp.ndarray:
     """Raw logits [..., *grid, E] -> gates [..., *grid, E] in `dtype`; sows logits and gates (float32).
 
-    temperature: overrides the field for this call (a float or a traced scalar, e.g. `temperature_at`).
-    The sown logits are the clean W_g u / T (before expert dropout and Gumbel noise); the sown gates are
+    temperature: overrides the field for this call (a float or a traced scalar, e.g. `temperature_at`),
+    checked by `check_temperature`. The sown logits are the clean W_g u / T (before expert dropout and Gumbel noise); the sown gates are
     the ones used.
     """
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     if self.use_bias:
       logits = logits + self.bias.astype(logits.dtype)
-    temperature = self.temperature if temperature is None else temperature
+    temperature = self.temperature if temperature is None else check_temperature(temperature)
     logits = logits / temperature
     mixed = logits
     if self.dropout > 0 and self.has_rng("dropout"):

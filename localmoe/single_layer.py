@@ -25,20 +25,28 @@ from localmoe import train
 
 
 def layer_task(module, d_in: int, context_dim: int) -> train.Task:
-  """Task for `module` on a frozen layer: frozen = {"w0": [d_out, d_in]}, inputs = {"x", "context"}."""
+  """Task for `module` on a frozen layer: frozen = {"w0": [d_out, d_in]}, inputs = {"x", "context"}.
+
+  A routed adapter whose routing draws noise in training (router_hard "gumbel"/"gumbel_soft", router_dropout
+  > 0: `module.rng_streams`) gets those rngs at every training step, and one with a `temperature_schedule`
+  gets the global step (`train.Task.rngs`, `takes_step`); evaluation is deterministic (no rngs). Any other
+  adapter's task is the plain three-argument one.
+  """
   x0 = jnp.zeros((1, d_in), jnp.float32)
   c0 = jnp.zeros((1, context_dim), jnp.float32)
+  rng_streams = tuple(getattr(module, "rng_streams", ()))
+  takes_step = getattr(module, "temperature_schedule", None) is not None
 
   def init(key, frozen):
     del frozen
     return module.init(key, x0, c0)["params"]
 
-  def predict(params, frozen, inputs):
+  def predict(params, frozen, inputs, rngs=None, **step):
     x = inputs["x"]
     base = jnp.einsum("...d,od->...o", x, frozen["w0"])                  # W0 x
-    return base + module.apply({"params": params}, x, inputs["context"])
+    return base + module.apply({"params": params}, x, inputs["context"], rngs=rngs, **step)
 
-  return train.Task(init=init, predict=predict)
+  return train.Task(init=init, predict=predict, rngs=rng_streams, takes_step=takes_step)
 
 
 def build_methods(specs: Mapping[str, Mapping[str, Any]], names: Sequence[str], d_in: int, d_out: int,

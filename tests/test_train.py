@@ -255,20 +255,6 @@ def test_optimizer_from_config_schedule_and_clipping():
     train.Settings(epochs=1, batch_size=8, learning_rate=1e-3, schedule="cosin")
 
 
-def test_train_step_is_module_level_and_replaceable(monkeypatch):
-  """A fork replaces the step in one place: train.train_step (looked up when a fit compiles)."""
-  calls = []
-  original = train.train_step
-
-  def counting_step(*args):
-    calls.append(1)
-    return original(*args)
-
-  monkeypatch.setattr(train, "train_step", counting_step)
-  train.fit(make_task("lora"), small_problem([0]), [0], dataclasses.replace(SETTINGS, epochs=1), log=None)
-  assert calls                                              # traced once inside the compiled scan
-
-
 @pytest.mark.slow
 def test_eval_train_rows_evaluates_the_training_prefix_only():
   data = small_problem([0, 1])

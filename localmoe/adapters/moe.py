@@ -25,6 +25,13 @@ Router controls (fields; the defaults give Eq. 5 / Eq. 7 exactly, see `localmoe.
   router_dropout       expert dropout probability with rng "dropout" (SMEAR 0.1), renormalised; 0 = off
   temperature          softmax / Gumbel temperature; `__call__(..., temperature=T)` overrides it per call
                        (an annealed `routing.temperature_at(step, ...)`)
+  temperature_schedule None, or (start, end, steps) / (start, end, steps, kind): the temperature anneals as
+                       `routing.temperature_at(step, start, end, steps, kind)` (kind "exponential" by default,
+                       SMEAR: (10.0, 0.5, steps)) over the `step=` given at call time; a call without `step`
+                       uses `end` (the trained temperature). The trainer passes the global step
+                       (`Task.takes_step`; `single_layer.layer_task` does this for an adapter with a schedule).
+  The rng streams a configuration needs in training are `rng_streams` ("gumbel", "dropout"); a trainer draws
+  them per step (`Task.rngs`).
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ class _RoutedGrid(nn.Module):
   router_init_margin: float = 4.0               # "task_aligned": logit of expert t mod E for context t
   router_hard: str | None = None                # None, "straight_through", "gumbel" or "gumbel_soft"
   router_dropout: float = 0.0                   # expert dropout probability (rng "dropout"); 0: off
+  temperature_schedule: tuple | None = None     # None, or (start, end, steps[, kind]): module docstring
   allow_overcomplete_rank: bool = False         # permit rank > cell size
   param_dtype: common.Dtype = jnp.float32       # storage dtype of the experts and the router
   dtype: common.Dtype | None = None             # compute dtype; None -> the input's dtype
@@ -80,9 +88,9 @@ class _RoutedGrid(nn.Module):
     if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
       raise ValueError(f"top_k={self.top_k} must lie in 1..num_experts={self.num_experts} "
                        "(or be None for soft routing).")
-    if not self.temperature > 0:
-      raise ValueError(f"temperature={self.temperature} must be > 0.")
+    routing.check_temperature(self.temperature, "temperature")
     self._check_router_controls()
+    self._check_temperature_schedule()
     super().__post_init__()
 
   def _check_router_controls(self):
@@ -105,6 +113,38 @@ class _RoutedGrid(nn.Module):
     if isinstance(self.router_dropout, bool) or not 0 <= p < 1:
       raise ValueError(f"router_dropout={self.router_dropout!r} must be a probability in [0, 1) (SMEAR uses "
                        "0.1; 0 is off).")
+
+  def _check_temperature_schedule(self):
+    schedule = self.temperature_schedule
+    if schedule is None:
+      return
+    fix = "use (start, end, steps) or (start, end, steps, kind), e.g. (10.0, 0.5, 1000), or None"
+    if isinstance(schedule, str) or not isinstance(schedule, (tuple, list)) or len(schedule) not in (3, 4):
+      raise ValueError(f"temperature_schedule={schedule!r}: {fix}.")
+    try:
+      routing.temperature_at(0, *schedule)
+    except ValueError as error:
+      raise ValueError(f"temperature_schedule={tuple(schedule)!r}: {error}") from None
+    if self.temperature != 1.0:
+      raise ValueError(f"temperature={self.temperature!r} with temperature_schedule={tuple(schedule)!r}: the "
+                       "schedule sets the temperature; leave temperature at 1.0 (or drop the schedule).")
+
+  @property
+  def rng_streams(self) -> tuple[str, ...]:
+    """The flax rng streams this adapter uses in training: "gumbel" (router_hard "gumbel"/"gumbel_soft")
+    and "dropout" (router_dropout > 0); () when its routing is deterministic."""
+    return (("gumbel",) if self.router_hard in ("gumbel", "gumbel_soft") else ()) + (
+        ("dropout",) if float(self.router_dropout) > 0 else ())
+
+  def _temperature(self, temperature, step):
+    """The temperature of one call: the call's own, else the schedule at `step` (its end without a step),
+    else None (the field)."""
+    if temperature is not None or self.temperature_schedule is None:
+      return temperature
+    start, end, steps, *kind = self.temperature_schedule
+    if step is None:
+      return float(end)
+    return routing.temperature_at(step, start, end, steps, *kind)
 
   # Subclasses define: router_grid, router_per_field, _router_features(), _cell_gates(gates),
   # _router_columns(kernel) and _field_logits(columns) (the activation router fused into stage 1).
@@ -159,15 +199,17 @@ class _RoutedGrid(nn.Module):
     return self.router(grid.split_fields(x, self.k_x) if self.router_per_field else x, temperature)
 
   def __call__(self, x: jnp.ndarray, context=None, gates: jnp.ndarray | None = None,
-               temperature=None) -> jnp.ndarray:
+               temperature=None, step=None) -> jnp.ndarray:
     """Eq. 6 / Eq. 8. x: [..., d_in] -> Delta(x): [..., d_out] in the compute dtype.
 
     context: [..., D] (or integer labels [...]) for router_input="context"; ignored otherwise.
     gates: optional fixed gates that bypass the router, [..., E] (block-wise) or [..., K_y, K_x, E].
-    temperature: the router temperature for this call (a float or a traced scalar); None -> the field.
+    temperature: the router temperature for this call (a float or a traced scalar); None -> the schedule at
+    `step` (`temperature_schedule`), else the field.
     Training-time randomness comes from flax rngs: "gumbel" (router_hard="gumbel"/"gumbel_soft") and
     "dropout" (router_dropout > 0), e.g. `apply(v, x, c, rngs={"gumbel": k1, "dropout": k2})`.
     """
+    temperature = self._temperature(temperature, step)
     cd = common.compute_dtype(self.dtype, x, self.param_dtype)
     x = x.astype(cd)
     if not grid.use_field_gemms(x.shape):                                # small layer: the einsum form
@@ -216,7 +258,7 @@ class _RoutedGrid(nn.Module):
       if self.router_input == "activation":
         raise ValueError("activation-routed gates depend on x: pass gates= (a fixed gate) to materialise "
                          "Delta W, or evaluate the adapter on x directly.")
-      gates = self.route(None, context)
+      gates = self.route(None, context, self._temperature(None, None))
     cd = common.compute_dtype(self.dtype, None, self.param_dtype)
     cell_gates = self._cell_gates(jnp.asarray(gates).astype(cd))
     cell_gates = jnp.broadcast_to(cell_gates, (self.k_y, self.k_x, self.num_experts))   # [K_y, K_x, E]

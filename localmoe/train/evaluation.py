@@ -54,11 +54,13 @@ def chunked_means(per_example, predict, params, frozen, split: Batch, chunk: int
   return _chunk_sums(per_example, predict, params, frozen, inputs, y, chunk) / n
 
 
-def evaluate(task: Task, params, frozen, split: Batch, chunk: int) -> jax.Array:
-  """The task's metrics on one split: [len(task.metric_names)]."""
+def evaluate(task: Task, params, frozen, split: Batch, chunk: int, step=None) -> jax.Array:
+  """The task's metrics on one split: [len(task.metric_names)]. Deterministic: no rngs; `step` (the global
+  steps taken) reaches `predict` only when the task declares `takes_step`."""
+  predict = lambda p, f, inputs: task.predictions(p, f, inputs, step)
   if task.per_example_metrics is None:
-    return chunked_metrics(task.predictions, params, frozen, split, chunk)
-  return chunked_means(task.per_example_metrics, task.predictions, params, frozen, split, chunk)
+    return chunked_metrics(predict, params, frozen, split, chunk)
+  return chunked_means(task.per_example_metrics, predict, params, frozen, split, chunk)
 
 
 def diagnostics(task: Task, params, frozen, split: Batch, chunk: int) -> dict[str, jax.Array]:

@@ -16,7 +16,8 @@ from localmoe.train.task import Data, Task
 
 
 def seed_keys(seeds: Sequence[int]) -> jax.Array:
-  """One PRNG key per entry; init uses fold_in(key, 0), shuffling fold_in(key, 1)."""
+  """One PRNG key per entry; init uses fold_in(key, 0), shuffling fold_in(key, 1), a task's rngs
+  fold_in(key, 2)."""
   return jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
 
 

@@ -121,7 +121,8 @@ def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, nam
         resume: FitState | None = None,
         on_epoch_end: Callable[[FitState], None] | None = None,
         log: Callable[[str], None] | None = print,
-        placement: sharding_lib.Placement | None = None) -> FitResult:
+        placement: sharding_lib.Placement | None = None,
+        step_fn: Callable[..., Any] = step.train_step) -> FitResult:
   """Trains every entry (seed, optionally with its own learning rate / weight decay) of one method.
 
   checkpoints: a `checkpoint.Policy` (directory, every_epochs, the run's config): resume from the latest
@@ -134,6 +135,9 @@ def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, nam
   placement: None (default device), `sharding.entries()` (entry axis over the local devices) or
     `sharding.data_parallel()` (every batch split over the devices). FitStates given to on_epoch_end and
     taken by resume never include the padding entries that `entries()` adds.
+  step_fn: the optimiser step, `train_step` by default. A fork passes its own (same signature as
+    `train_step`; it gets a trailing rng argument only for a task with `Task.rngs`); it changes this fit
+    and no other.
   Parameter groups (`settings.groups`): a rule matching no parameter is a ValueError before any compute; the
   groups' parameter counts are logged once.
   Returns the history of all entries.
@@ -164,8 +168,8 @@ def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, nam
   total = entries if placement is None else placement.padded(entries)
   padded_seeds = seeds + [seeds[-1]] * (total - entries)
   data = _place(data, placement, total, entries)
-  epoch_fn, steps = step.build_epoch_fn(task, settings, data.num_train, data.per_seed, placement)
-  keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(initial.seed_keys(padded_seeds))
+  epoch_fn, steps = step.build_epoch_fn(task, settings, data.num_train, data.per_seed, placement, step_fn)
+  keys = initial.seed_keys(padded_seeds)
   if placement is not None:
     keys = jax.device_put(keys, placement.entry_sharding())
   if resume is None:

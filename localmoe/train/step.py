@@ -1,14 +1,14 @@
 """The step: the objective of one batch (`loss_and_aux`), one optimiser step with the divergence guard
-(`train_step`, module level so a fork changes it in one place), the batches of an epoch, and the compiled
-program that runs `Settings.eval_every` epochs and then evaluates (`build_epoch_fn`).
+(`train_step`, the default step; a fork passes its own to `fit(..., step_fn=...)`), the batches of an epoch,
+and the compiled program that runs `Settings.eval_every` epochs and then evaluates (`build_epoch_fn`).
 
 One call of the program runs lax.scan over epochs and lax.scan over steps, each epoch shuffled with key =
-fold_in(seed key, epoch), so a resumed run reproduces the same order; all entries are vmapped.
+fold_in(fold_in(seed key, 1), epoch), so a resumed run reproduces the same order; all entries are vmapped.
+A task that declares rng streams (`Task.rngs`) gets per step the key fold_in(fold_in(seed key, 2), global
+step): a function of the seed and the step alone, so a resumed run draws the same noise.
 """
 
 from __future__ import annotations
-
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,14 +21,16 @@ from localmoe.train.settings import Settings
 from localmoe.train.task import Batch, Task
 
 
-def loss_and_aux(task: Task, params, frozen, inputs: Batch, y: jax.Array, mask: jax.Array):
+def loss_and_aux(task: Task, params, frozen, inputs: Batch, y: jax.Array, mask: jax.Array,
+                 rng: jax.Array | None = None, step=None):
   """The training objective of one batch and its aux outputs.
 
   Returns (objective, aux_vector): objective = masked mean of the per-example task loss (squared error by
   default) + aux["aux_loss"] (if the task returns one); aux_vector [len(task.aux_names)] the aux scalars.
-  mask [batch]: 1 for real rows, 0 for the padding of a pass's last batch.
+  mask [batch]: 1 for real rows, 0 for the padding of a pass's last batch. rng: this step's key, split into
+  the task's rng streams (`Task.rngs`; ignored without them); step: the global step (`Task.takes_step`).
   """
-  out = task.predict(params, frozen, inputs)
+  out = task.call(params, frozen, inputs, rng, step)
   pred, aux = out if task.aux_names else (out, {})
   if task.loss is None:
     per_example = ((pred - y) ** 2).reshape(y.shape[0], -1).mean(-1)               # [batch]
@@ -43,15 +45,17 @@ def loss_and_aux(task: Task, params, frozen, inputs: Batch, y: jax.Array, mask: 
 
 
 def train_step(task: Task, tx: optax.GradientTransformation, state, frozen, inputs: Batch, y: jax.Array,
-               mask: jax.Array, global_step: jax.Array):
+               mask: jax.Array, global_step: jax.Array, rng: jax.Array | None = None):
   """One optimiser step of one entry, with the divergence guard.
 
   state: {"params", "opt_state", "alive", "diverged_step"}. A non-finite objective freezes the entry: its
-  params and optimiser state stop changing and `diverged_step` records the global step.
+  params and optimiser state stop changing and `diverged_step` records the global step. rng: this step's
+  key for the task's rng streams; the trainer passes it only to a task with `Task.rngs`, so a step written
+  without the argument still works for every other task.
   Returns (state, [objective, *aux]) for this step.
   """
   (objective, aux), grads = jax.value_and_grad(
-      lambda p: loss_and_aux(task, p, frozen, inputs, y, mask), has_aux=True)(state["params"])
+      lambda p: loss_and_aux(task, p, frozen, inputs, y, mask, rng, global_step), has_aux=True)(state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   finite = jnp.isfinite(objective)
@@ -98,30 +102,35 @@ def total_steps(settings: Settings, num_train: int) -> int:
 
 
 def build_epoch_fn(task: Task, settings: Settings, num_train: int, per_seed: bool,
-                    placement: sharding_lib.Placement | None = None):
+                    placement: sharding_lib.Placement | None = None, step_fn=train_step):
   """Returns jit(vmap(eval_every epochs, then evaluate)) and the steps per epoch.
 
-  The function: (state, seed_keys, epoch0, frozen, train, test, val) -> (state, outputs), epochs
+  step_fn: the step (default `train_step`; a fork's own, same signature).
+  The function: (state, seed_keys, epoch0, frozen, train, test, val) -> (state, outputs), seed_keys the
+  entries' `initial.seed_keys` (shuffling uses fold_in(key, 1), the task's rngs fold_in(key, 2)), epochs
   epoch0 .. epoch0 + eval_every - 1. outputs: ([entries, splits, metrics] for the splits train, (val, if not
   None), test after the last of them; [entries, eval_every, len(task.train_names)] epoch means of the
   objective and aux outputs; [entries] the objective of the first step; {name: [entries, ...]} diagnostics).
   """
   steps = settings.steps(num_train)
   tx = optimizer.make_optimizer(settings, total_steps(settings, num_train))
-  # The step is looked up on the package when the program is built, so `localmoe.train.train_step = my_step`
-  # (a fork, a test) changes the step of every fit.
-  step_fn = sys.modules["localmoe.train"].train_step
   constrain_batch = placement.constrain_batch if placement is not None else (lambda tree: tree)
 
   def one_entry(state, seed_key, epoch0, frozen, train, test, val):
+    shuffle_key, noise_key = jax.random.fold_in(seed_key, 1), jax.random.fold_in(seed_key, 2)
+
     def one_epoch(state, j):
       epoch = epoch0 + j
-      order, keep = epoch_batches(seed_key, epoch, num_train, settings)             # [steps, batch] each
+      order, keep = epoch_batches(shuffle_key, epoch, num_train, settings)          # [steps, batch] each
 
       def step(state, args):
         rows, mask, step_index = args
         inputs, y = split_inputs(constrain_batch(jax.tree_util.tree_map(lambda a: a[rows], train)))
-        return step_fn(task, tx, state, frozen, inputs, y, mask, epoch * steps + step_index)
+        global_step = epoch * steps + step_index
+        if task.rngs:                                # the task's noise: a function of (seed, global step)
+          return step_fn(task, tx, state, frozen, inputs, y, mask, global_step,
+                         jax.random.fold_in(noise_key, global_step))
+        return step_fn(task, tx, state, frozen, inputs, y, mask, global_step)
 
       state, per_step = jax.lax.scan(step, state, (order, keep, jnp.arange(steps)))  # [steps, 1 + aux]
       return state, (per_step.mean(0), per_step[0, 0])
@@ -129,7 +138,9 @@ def build_epoch_fn(task: Task, settings: Settings, num_train: int, per_seed: boo
     state, (means, first) = jax.lax.scan(one_epoch, state, jnp.arange(settings.eval_every))
     if settings.eval_train_rows:
       train = jax.tree_util.tree_map(lambda a: a[:settings.eval_train_rows], train)
-    evaluate = lambda split: evaluation.evaluate(task, state["params"], frozen, split, settings.eval_batch_size)
+    taken = (epoch0 + settings.eval_every) * steps                                  # global steps taken
+    evaluate = lambda split: evaluation.evaluate(task, state["params"], frozen, split, settings.eval_batch_size,
+                                                 taken)
     evals = [evaluate(train)] + ([] if val is None else [evaluate(val)])
     if settings.test_at_end:                     # the test split at the last evaluation only (NaN before)
       last = epoch0 + settings.eval_every >= settings.epochs

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 
 Params = Any
 Batch = Mapping[str, jax.Array]
@@ -37,6 +38,15 @@ class Task:
   diagnostics(params, frozen, inputs) -> {name: array}: optional, computed at every evaluation on the first
     `eval_batch_size` examples of the test split (e.g. expert usage per layer, cell and task); stored in
     FitResult.diagnostics[name] with shape [entries, epochs, ...].
+  rngs: names of the flax rng streams `predict` uses in training (e.g. ("gumbel", "dropout") for Gumbel
+    routing and expert dropout). When non-empty, the training step calls
+    `predict(params, frozen, inputs, rngs={name: key})` with keys drawn per step and per entry:
+    fold_in(fold_in(seed key, 2), global step), then fold_in(., i) for the i-th name, so a resumed run draws
+    the same keys. Evaluation and diagnostics call `predict` without rngs (deterministic). () (default):
+    `predict` is called as before, with three arguments.
+  takes_step: when True, `predict` also gets `step=` the global optimiser step (an int32 scalar): the
+    step being taken in training, the steps taken so far in evaluation (e.g. for an annealed router
+    temperature, `routing.temperature_at`).
   """
   init: Callable[[jax.Array, Any], Params]
   predict: Callable[[Params, Any, Batch], Any]
@@ -45,8 +55,17 @@ class Task:
   per_example_metrics: Callable[[jax.Array, jax.Array], jax.Array] | None = None
   aux_names: tuple[str, ...] = ()
   diagnostics: Callable[[Params, Any, Batch], Mapping[str, jax.Array]] | None = None
+  rngs: tuple[str, ...] = ()
+  takes_step: bool = False
 
   def __post_init__(self):
+    if isinstance(self.rngs, str) or not all(isinstance(n, str) and n for n in self.rngs) or \
+        len(set(self.rngs)) != len(tuple(self.rngs)):
+      raise TypeError(f"Task.rngs={self.rngs!r} must be a tuple of distinct rng stream names, e.g. "
+                      "('gumbel', 'dropout'), or () for none.")
+    object.__setattr__(self, "rngs", tuple(self.rngs))
+    if not isinstance(self.takes_step, bool):
+      raise TypeError(f"Task.takes_step={self.takes_step!r} must be True or False.")
     if self.per_example_metrics is None and tuple(self.metric_names) != METRICS:
       raise ValueError(f"Task.metric_names={self.metric_names!r} needs Task.per_example_metrics (a function "
                        f"(pred, y) -> [batch, {len(self.metric_names)}]); without it the metrics are {METRICS}.")
@@ -59,9 +78,19 @@ class Task:
     """Columns of FitResult.train_history: the training objective, then every aux output."""
     return ("loss", *self.aux_names)
 
-  def predictions(self, params, frozen, inputs: Batch) -> jax.Array:
-    """`predict` without its aux outputs (what evaluation uses)."""
-    out = self.predict(params, frozen, inputs)
+  def call(self, params, frozen, inputs: Batch, key: jax.Array | None = None, step=None):
+    """`predict` with what the task declares: rngs drawn from `key` (training only; None: no rngs) and the
+    global `step` (when `takes_step`)."""
+    kwargs = {}
+    if self.rngs and key is not None:
+      kwargs["rngs"] = {name: jax.random.fold_in(key, i) for i, name in enumerate(self.rngs)}
+    if self.takes_step:
+      kwargs["step"] = jnp.asarray(0 if step is None else step, jnp.int32)
+    return self.predict(params, frozen, inputs, **kwargs)
+
+  def predictions(self, params, frozen, inputs: Batch, step=None) -> jax.Array:
+    """`predict` without its aux outputs and without rngs (what evaluation uses)."""
+    out = self.call(params, frozen, inputs, None, step)
     return out[0] if self.aux_names else out
 
 

@@ -1,0 +1,66 @@
+"""The trainer seam: a fork passes its step to `fit(step_fn=...)` and `step_seconds(step_fn=...)`; nothing
+is looked up process-wide, so a forked step changes its own fit and no other."""
+
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+import localmoe as lm
+from localmoe import single_layer, train
+from localmoe.train import step as step_lib
+
+SETTINGS = train.Settings(epochs=1, batch_size=32, learning_rate=3e-2)
+
+
+def tiny_problem(n=64, d=4):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((n, d)).astype(np.float32)
+  ctx = np.eye(2, dtype=np.float32)[rng.integers(0, 2, n)]
+  y = (x @ rng.standard_normal((d, d)).astype(np.float32)).astype(np.float32)
+  split = lambda rows: {"x": x[rows], "context": ctx[rows], "y": y[rows]}
+  return train.Data(train=split(slice(0, 48)), test=split(slice(48, None)),
+                    frozen={"w0": np.zeros((d, d), np.float32)})
+
+
+def lora_task(d=4):
+  return single_layer.layer_task(lm.make(dict(method="lora", d_in=d, d_out=d, rank=1, b_init="normal_0.01")), d, 2)
+
+
+def no_update_step(task, tx, state, frozen, inputs, y, mask, global_step):
+  """A fork: computes the objective but never updates the parameters."""
+  _, out = step_lib.train_step(task, tx, state, frozen, inputs, y, mask, global_step)
+  return state, out
+
+
+@pytest.mark.slow
+def test_a_forked_step_changes_its_fit_and_no_other():
+  data = tiny_problem()
+  forked = train.fit(lora_task(), data, [0], SETTINGS, log=None, step_fn=no_update_step)
+  after = train.fit(lora_task(), data, [0], SETTINGS, log=None)                # the default step, same process
+  initial = lora_task().init(jax.random.fold_in(jax.random.PRNGKey(0), 0), None)
+  # The fork trained nothing (the initial state is compiled at a low optimisation level: equal to an ulp).
+  np.testing.assert_allclose(np.asarray(forked.params["B"])[0], initial["B"], rtol=1e-6, atol=1e-7)
+  # The next fit, given no step, trains with `train_step`: B moves by far more than an ulp.
+  assert np.abs(np.asarray(after.params["B"])[0] - initial["B"]).max() > 1e-3
+
+
+def test_step_seconds_times_the_given_step():
+  calls = []
+
+  def counting_step(*args):
+    calls.append(1)
+    return step_lib.train_step(*args)
+
+  task, data = lora_task(), tiny_problem()
+  params = jax.tree_util.tree_map(lambda a: a[None], task.init(jax.random.PRNGKey(0), None))
+  batch = {k: v[:8] for k, v in data.train.items()}
+  assert train.step_seconds(task, params, data.frozen, batch, 1, step_fn=counting_step) > 0
+  assert calls
+
+
+def test_no_process_wide_lookup_in_the_trainer():
+  trainer = pathlib.Path(train.__file__).parent
+  offenders = [p.name for p in trainer.glob("*.py") if "sys.modules" in p.read_text()]
+  assert not offenders
