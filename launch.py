@@ -26,6 +26,7 @@ from localmoe import configlib
 from localmoe import results
 from localmoe import sharding
 from localmoe import sweep
+from localmoe.train import settings as train_settings
 from localmoe import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -57,6 +58,10 @@ def main(argv):
              else contextlib.nullcontext())
     if _SWEEP.value:
       overrides = sweep.load_get_sweep(config_flags.get_config_filename(flags.FLAGS["config"]))()
+      groups = config.optim.get("groups") if "optim" in config else None
+      for index, entry in enumerate(overrides if isinstance(overrides, (list, tuple)) else ()):
+        if isinstance(entry, dict):
+          train_settings.check_group_overrides(entry.get("optim.groups", groups), entry, where=f"sweep entry {index}")
       sweep.check(config, overrides, _WORKDIR.value, experiments.module(config.experiment))   # before writing
       with guard, checkpoint.preemption_guard():
         summary = sweep.run(config, overrides, _WORKDIR.value, experiments.module(config.experiment),

@@ -57,7 +57,10 @@ def get_config(arg=None):
       w0_std=0.01,
   ))
   config.optim = ml_collections.ConfigDict(dict(
-      epochs=15, batch_size=128, lr=5e-3, weight_decay=0.01, eval_batch_size=8192, log_every=0))
+      epochs=15, batch_size=128, lr=5e-3, weight_decay=0.01, eval_batch_size=8192, log_every=0,
+      groups="",                       # parameter groups (localmoe.train.settings): PRESETS names joined by "+", e.g.
+                                       # poly_router, or a literal list of rules; "" none
+  ))
   config.model = ml_collections.ConfigDict(dict(a_init="lora", b_init="zeros"))
   config.model.alpha = ml_collections.config_dict.placeholder(float)
   # The paper's budgets give ranks above the 4x4 (or 8x8) blocks they factor: LoRA r=16 on 8x8, MELoRA r=16

@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from localmoe import checkpoint, configlib, results, single_layer, targets, train
+from localmoe.train import optimizer
 from localmoe.data import california
 
 PAPER = {  # Table 2 (R^2 as a fraction)
@@ -139,9 +140,12 @@ def validate(config) -> None:
     raise ValueError(f"config.data.num_samples={dc.num_samples} must be 0 (all 20,640 rows) or >= 100.")
   n = dc.num_samples or 20_640
   single_layer.check_alpha(config.model)
-  single_layer.validate_common(config, n - int(round(n * dc.test_fraction)), 4.0 * config.num_seeds * n * 20)
-  single_layer.build_methods(config.methods, configlib.split_names(config.method_names), 8, 8,
-                             len(CONTEXT_TOPOLOGIES), shared=config.model)
+  settings = single_layer.validate_common(config, n - int(round(n * dc.test_fraction)), 4.0 * config.num_seeds * n * 20)
+  modules = single_layer.build_methods(config.methods, configlib.split_names(config.method_names), 8, 8,
+                                       len(CONTEXT_TOPOLOGIES), shared=config.model)
+  for name, module in modules.items():       # parameter groups against each method's parameters
+    optimizer.check_groups(settings, single_layer.layer_task(module, 8, len(CONTEXT_TOPOLOGIES)).init,
+                           where=f" (method {name})")
 
 
 def _diagnostics_text(diag) -> str:

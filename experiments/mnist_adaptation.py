@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from localmoe import adapters, checkpoint, configlib, results, runner, train
+from localmoe.train import optimizer
 from localmoe.data import cache
 
 D_IN, HIDDEN, CLASSES = 784, 64, 5
@@ -225,14 +226,17 @@ def validate(config) -> None:
   if not isinstance(config.num_seeds, int) or config.num_seeds < 1:
     raise ValueError(f"config.num_seeds={config.num_seeds!r} must be a positive integer.")
   checkpoint.every_epochs(config)
-  train.Settings.from_config(config.optim)
+  settings = train.Settings.from_config(config.optim)
   train.Settings(epochs=config.pretrain.epochs, batch_size=config.pretrain.batch_size,
                  learning_rate=config.pretrain.lr, weight_decay=config.pretrain.weight_decay)
   names = configlib.split_names(config.method_names)
   if not names:
     raise ValueError("config.method_names is empty: name at least one of config.methods.")
+  mlp = jax.eval_shape(init_mlp, jax.random.PRNGKey(0))          # the pretrained MLP's shapes
   for name in names:
-    build_method(config, name)
+    module, _ = build_method(config, name)
+    task = full_task() if module is None else adapter_task(module)
+    optimizer.check_groups(settings, task.init, mlp, where=f" (method {name})")   # groups against its params
 
 
 def method_summary(params: int, seeds, lr: float, fit: train.FitResult, var_test: float) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from typing import Sequence
@@ -52,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from localmoe import adapters, checkpoint, configlib, inject, plots, results, routing, runner, train
-from localmoe.train import probe
+from localmoe.train import optimizer, probe
 from localmoe.train.probe import PROBE_TOLERANCE, fit_logistic  # noqa: F401  (the probe's solver)
 from localmoe.data import text
 from localmoe.models import bert, minilm
@@ -106,13 +107,68 @@ def adapter_spec(method: str, model_config, router_config, num_tasks: int) -> di
   raise ValueError(f"config.method_names: {method!r} is not a method of this experiment; valid: {METHODS}.")
 
 
+ANCHOR_RULE_NOTE = (f"the _anchor and _oracle methods add their own rule 'router' (pattern {ROUTER_PATTERN!r}, "
+                    "config.router.anchor_lr_mult and anchor_weight_decay) before the config's rules")
+
+
 def method_groups(method: str, config) -> list:
-  """config.optim.groups of `method`: the anchors' router group first (for ANCHORED), then the config's."""
+  """config.optim.groups of `method`: the anchors' router group first (for ANCHORED), then the config's. A
+  config rule named "router" clashes with the anchors' own for ANCHORED: a ValueError saying so."""
   groups = [dataclasses.asdict(rule) for rule in train.parse_groups(config.optim.groups)]
   if method in ANCHORED:
+    if any(rule["name"] == "router" for rule in groups):
+      raise ValueError(f"config.optim.groups={config.optim.groups!r} has a rule named 'router', as has method "
+                       f"{method}: {ANCHOR_RULE_NOTE}. Set the routers' rate with config.router.anchor_lr_mult "
+                       "(drop poly_router), or give your rule another name.")
     groups = [dict(name="router", pattern=ROUTER_PATTERN, lr_mult=float(config.router.anchor_lr_mult),
                    weight_decay=float(config.router.anchor_weight_decay))] + groups
   return groups
+
+
+_SHAPES: dict[str, dict] = {}                     # trainable_shapes' results by what they depend on
+
+
+def trainable_shapes(method: str, config, num_tasks: int) -> dict | None:
+  """The shapes (`jax.ShapeDtypeStruct`) of one entry's trainable params of `method` ({"adapter": ...,
+  "extras": {"head_<t>": ...}}), built as `build_task` builds them but on abstract backbone weights: no
+  weight is read and nothing is computed. None for the linear probe (not trained by the trainer). Task heads
+  are given two classes each: the paths, which is what parameter groups match, do not depend on it."""
+  if method == "linear_probe":
+    return None
+  m = config.model
+  key = json.dumps([method, adapter_spec(method, m, config.router, num_tasks), m.num_layers, m.frozen_layers,
+                    num_tasks, m.heads], sort_keys=True)
+  if key not in _SHAPES:
+    upper = bert.Upper(bert.Bert(num_layers=m.num_layers), m.frozen_layers)
+    classes = (2,) * num_tasks
+    rows = {"hidden": np.zeros((1, 8, HIDDEN), np.float32), "attention_mask": np.ones((1, 8), np.int32),
+            "task": np.zeros((1,), np.int32), "y": np.zeros((1, 3), np.int32)}
+    corpus = Corpus(tuple(f"task{t}" for t in range(num_tasks)), classes, rows, rows, rows, {})
+    model = MultiTaskClassifier(upper, classes)
+    frozen = jax.eval_shape(lambda k: model.init(k, rows["hidden"], rows["attention_mask"], rows["task"]),
+                            jax.random.PRNGKey(0))["params"]
+
+    def init(frozen):
+      heads0 = {name: value for name, value in frozen.items() if name != "backbone"}
+      task = build_task(method, config, upper, frozen, corpus, heads0)[0]
+      return task.init(jax.random.PRNGKey(0), frozen)
+
+    _SHAPES[key] = jax.eval_shape(init, frozen)
+  return _SHAPES[key]
+
+
+def check_method_groups(config, names: Sequence[str], settings: train.Settings, num_tasks: int) -> None:
+  """Every method's parameter groups resolved against its own trainable params (`optimizer.group_sizes`:
+  a rule matching nothing, a shadowed rule, everything frozen), before any data is read: one ValueError."""
+  for name in names:
+    rules = train.parse_groups(method_groups(name, config))
+    shapes = trainable_shapes(name, config, num_tasks) if rules else None
+    if shapes is None:
+      continue
+    added = {"router": f"method {name} adds before the config's rules (config.router.anchor_lr_mult, "
+                       "anchor_weight_decay)"} if name in ANCHORED else None
+    optimizer.group_sizes(dataclasses.replace(settings, groups=rules), shapes, where=f" (method {name})",
+                          added=added)
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -442,13 +498,12 @@ def validate(config) -> train.Settings:
   if config.eval.diagnostic_rows > settings.eval_batch_size:
     raise ValueError(f"config.eval.diagnostic_rows={config.eval.diagnostic_rows} must be <= "
                      f"config.optim.eval_batch_size={settings.eval_batch_size} (they are read from one chunk).")
-  for name in names:
-    train.parse_groups(method_groups(name, config))
   rows = ((d.train_per_task or FULL_TRAIN_ROWS // len(tasks)) + (d.test_per_task or FULL_TEST_ROWS // len(tasks)))
   train.check_memory(estimate_bytes(config, len(tasks), rows * len(tasks)),
                      f"one method (num_seeds={config.num_seeds} x batch {config.optim.batch_size} x "
                      f"{d.max_length} tokens x {m.num_layers - m.frozen_layers} adapted layers)",
                      "lower config.num_seeds, config.optim.batch_size or config.data.max_length")
+  check_method_groups(config, names, settings, len(tasks))
   return settings
 
 

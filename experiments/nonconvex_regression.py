@@ -20,6 +20,7 @@ import numpy as np
 
 from localmoe import checkpoint, configlib, inject, models, results, runner, train
 from localmoe import params as params_lib
+from localmoe.train import optimizer
 from localmoe.data import functions2d as f2
 
 # Paper, App. B.3 (32 x 32 GELU MLP): Table 9 (best target-train MSE) and Table 10 (best held-out MSE).
@@ -159,7 +160,8 @@ def validate(config) -> None:
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2))))["params"]
   params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), params)
   for name in names:
-    _task(config, name, model, params)
+    task, _ = _task(config, name, model, params)
+    optimizer.check_groups(settings, task.init, params, where=f" (method {name})")   # groups against its params
 
 
 # ------------------------------------------------------------------------------------------- reporting

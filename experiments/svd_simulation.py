@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from localmoe import checkpoint, configlib, results, single_layer, targets, train
+from localmoe.train import optimizer
 
 PAPER = {  # Table 1 (R^2 as a fraction)
     "melora": {"params": 2048, "mse": 0.9525, "r2": 0.1000},
@@ -81,9 +82,12 @@ def validate(config) -> None:
     raise ValueError(f"config.data.num_samples={dc.num_samples} leaves no training samples at "
                      f"test_fraction={dc.test_fraction}: use more samples.")
   data_bytes = 4.0 * config.num_seeds * (dc.num_samples * (2 * dc.d + len(contexts)) + dc.d * dc.d)
-  single_layer.validate_common(config, num_train, data_bytes)
-  single_layer.build_methods(config.methods, configlib.split_names(config.method_names), dc.d, dc.d,
-                             len(contexts), shared=config.model)
+  settings = single_layer.validate_common(config, num_train, data_bytes)
+  modules = single_layer.build_methods(config.methods, configlib.split_names(config.method_names), dc.d, dc.d,
+                                       len(contexts), shared=config.model)
+  for name, module in modules.items():       # parameter groups against each method's parameters
+    optimizer.check_groups(settings, single_layer.layer_task(module, dc.d, len(contexts)).init,
+                           where=f" (method {name})")
 
 
 def run(config, workdir: str) -> dict:

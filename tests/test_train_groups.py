@@ -157,8 +157,85 @@ def test_groups_from_config_list_dict_and_presets():
   optim.groups.head = dict(pattern=r"extras/.*", weight_decay=0.0)
   rules = train.Settings.from_config(optim).groups
   assert [r.name for r in rules] == ["router", "head"]                      # the order written, not sorted
-  assert train.parse_groups("poly_router+lora_plus")[0] == train.GroupRule("router", r".*/router/.*", 100.0, 0.0)
+  assert [r.name for r in train.parse_groups("poly_router+lora_plus")] == ["router", "lora_b"]
   assert train.parse_groups([]) == ()
+
+
+# (preset, rule name, lr_mult, weight decay, paths it must take, paths it must leave) over both kinds of tree:
+# one adapter's own params (single-layer experiments) and inject's (adapter/<layer>/..., extras/<module>/...).
+PRESET_CONTENTS = [
+    ("poly_router", "router", 100.0, 0.0, ["router/kernel", "adapter/encoder/layer_0/query/router/kernel"],
+     ["A", "B", "adapter/encoder/layer_0/query/A", "extras/head_0/kernel", "routers/kernel"]),
+    ("heads_slow", "heads", 0.1, None, ["extras/head_0/kernel", "extras/head_1/bias"],
+     ["A", "router/kernel", "adapter/layer/B"]),
+    ("heads_no_decay", "heads", 1.0, 0.0, ["extras/head_0/kernel"], ["A", "adapter/layer/B"]),
+    ("lora_plus", "lora_b", 16.0, None, ["B", "adapter/encoder/layer_0/query/B"],
+     ["A", "adapter/encoder/layer_0/query/A", "router/kernel", "extras/head/B"]),
+]
+
+
+@pytest.mark.parametrize("preset, name, lr_mult, weight_decay, takes, leaves", PRESET_CONTENTS,
+                         ids=[c[0] for c in PRESET_CONTENTS])
+def test_presets_hold_the_anchors_settings_and_match_both_kinds_of_tree(preset, name, lr_mult, weight_decay,
+                                                                        takes, leaves):
+  assert sorted(train.PRESETS) == sorted(c[0] for c in PRESET_CONTENTS)
+  (rule,) = train.parse_groups(preset)
+  assert (rule.name, rule.lr_mult, rule.weight_decay, rule.freeze) == (name, lr_mult, weight_decay, False)
+  for path in takes:
+    assert train.group_of((rule,), path) == name, path
+  for path in leaves:
+    assert train.group_of((rule,), path) == train.REST, path
+
+
+def test_rules_match_the_whole_path_and_the_first_matching_rule_wins():
+  rules = train.parse_groups([dict(name="router", pattern="router"),                 # a substring of the paths
+                              dict(name="first", pattern=r"adapter/.*", lr_mult=2.0),
+                              dict(name="second", pattern=r"adapter/.*/A", lr_mult=3.0)])
+  assert train.group_of(rules, "adapter/layer/router/kernel") == "first"       # not 'router': a full match
+  assert train.group_of(rules, "router") == "router"
+  assert train.group_of(rules, "adapter/layer/A") == "first"                    # both match: the first wins
+  assert train.group_of(rules, "extras/head/bias") == train.REST
+  # The optimiser follows the labels: one AdamW step moves adapter/layer/A at the first rule's rate (x2).
+  params = {"adapter": {"layer": {"A": jnp.ones((3,)), "router": {"kernel": jnp.ones((2,))}}},
+            "extras": {"head": {"bias": jnp.ones((1,))}}}
+  s = settings(groups=rules, weight_decay=0.0)
+  tx = train.make_optimizer(s, total_steps=4)
+  state = tx.init(params)
+  train.set_hyperparams(state, s, 1e-2, 0.0)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, state, params)
+  np.testing.assert_allclose(updates["adapter"]["layer"]["A"], -2e-2, rtol=1e-5)
+  np.testing.assert_allclose(updates["adapter"]["layer"]["router"]["kernel"], -2e-2, rtol=1e-5)
+  np.testing.assert_allclose(updates["extras"]["head"]["bias"], -1e-2, rtol=1e-5)
+
+
+def _updates(s, steps=4):
+  """The updates of `steps` AdamW steps of make_optimizer(s) on a fixed tree with large, changing gradients."""
+  params = {"adapter": {"layer": {"A": jnp.ones((3,)), "router": {"kernel": jnp.ones((2,))}}}}
+  tx = train.make_optimizer(s, total_steps=steps)
+  state = tx.init(params)
+  train.set_hyperparams(state, s, 1e-2, 0.0)
+  out = []
+  for k in range(steps):
+    grads = {"adapter": {"layer": {"A": jnp.asarray([3.0, -4.0, 12.0]) * (k + 1),
+                                   "router": {"kernel": jnp.asarray([0.5, -1.0]) / (k + 1)}}}}
+    updates, state = tx.update(grads, state, params)
+    out.append(np.concatenate([np.ravel(u) for u in jax.tree_util.tree_leaves(updates)]))
+  return np.stack(out)
+
+
+@pytest.mark.parametrize("extra", [dict(grad_clip=0.5), dict(schedule="cosine"), dict(schedule="linear"),
+                                   dict(warmup_steps=2), dict(grad_clip=0.5, schedule="cosine", warmup_steps=1)],
+                         ids=["clip", "cosine", "linear", "warmup", "all"])
+def test_clipping_schedule_and_warmup_still_apply_with_groups(extra):
+  rule = [dict(name="router", pattern=r".*/router/.*")]                          # lr x1: changes nothing
+  with_groups = _updates(settings(weight_decay=0.0, groups=train.parse_groups(rule), **extra))
+  without = _updates(settings(weight_decay=0.0, **extra))
+  bare = _updates(settings(weight_decay=0.0, groups=train.parse_groups(rule)))
+  np.testing.assert_allclose(with_groups, without, rtol=1e-6, atol=1e-9)
+  assert np.abs(with_groups - bare).max() > 1e-4                                  # the option acts
+  if "warmup_steps" in extra:
+    assert np.all(with_groups[0] == 0.0)                                           # warmup starts from 0
 
 
 def test_resuming_under_changed_groups_is_refused(tmp_path):

@@ -14,7 +14,7 @@ first and the schedule multiplier last, as without groups.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -106,25 +106,72 @@ def set_hyperparams(opt_state, settings: Settings, learning_rate, weight_decay) 
               b1=jnp.asarray(settings.b1, jnp.float32), b2=jnp.asarray(settings.b2, jnp.float32))
 
 
-def group_sizes(settings: Settings, params) -> dict[str, int]:
+def _examples(paths: list[str], count: int = 5) -> str:
+  """Up to `count` paths of different kinds (first or last part differs), quoted: what a pattern can match."""
+  picked, kinds = [], set()
+  for path in paths:
+    parts = path.split("/")
+    kind = (parts[0], parts[-1])
+    if kind not in kinds:
+      kinds.add(kind)
+      picked.append(path)
+    if len(picked) == count:
+      break
+  return ", ".join(repr(p) for p in picked)
+
+
+def group_sizes(settings: Settings, params, where: str = "", added: Mapping[str, str] | None = None
+                ) -> dict[str, int]:
   """{group name: parameter count} of one entry's params, rules in order then "rest" (only if non-empty).
 
-  A rule that matches no parameter is a ValueError naming it and showing some paths it could match.
+  Resolving the rules against `params` (arrays or shapes) refuses, with a ValueError naming the rule and the
+  fix: a rule that matches no parameter (showing paths it could match), a rule whose every match an earlier
+  rule already takes (first match wins; naming that rule), and groups that freeze every parameter (nothing
+  would train). `where` names the method in the message, e.g. " (method lora)"; `added`: {rule name: where it
+  comes from} for rules the experiment puts before the config's (named so in the message).
   """
   paths = [(path, leaf) for path, leaf in params_lib.leaf_paths(params)]
   sizes = {rule.name: 0 for rule in settings.groups}
   sizes[REST] = 0
   for path, leaf in paths:
     sizes[group_of(settings.groups, path)] += math.prod(leaf.shape)
-  for rule in settings.groups:
-    if not sizes[rule.name]:
-      examples = ", ".join(repr(p) for p, _ in paths[:3])
-      raise ValueError(f"config.optim.groups: rule {rule.name!r} (pattern {rule.pattern!r}) matches no trainable "
-                       f"parameter (a full match of the '/'-joined path, e.g. {examples}): fix the pattern or "
-                       "remove the rule.")
+  field = f"config.optim.groups{where}"
+  for index, rule in enumerate(settings.groups):
+    if sizes[rule.name]:
+      continue
+    matched = [path for path, _ in paths if rule.matches(path)]
+    if matched:
+      earlier = next(r for r in settings.groups[:index] if r.matches(matched[0]))
+      if earlier.name in (added or {}):
+        fix = f"narrow the pattern of {rule.name!r} or remove it"
+        origin = f"{earlier.name!r}, which {added[earlier.name]} (pattern {earlier.pattern!r}),"
+      else:
+        fix = f"put {rule.name!r} first, narrow the pattern of {earlier.name!r}, or remove one of them"
+        origin = f"{earlier.name!r} (pattern {earlier.pattern!r})"
+      raise ValueError(f"{field}: rule {rule.name!r} (pattern {rule.pattern!r}) matches only parameters that the "
+                       f"earlier rule {origin} already takes, e.g. {matched[0]!r}; the first matching rule wins: "
+                       f"{fix}.")
+    raise ValueError(f"{field}: rule {rule.name!r} (pattern {rule.pattern!r}) matches no trainable parameter "
+                     f"(a full match of the '/'-joined path; the paths here are e.g. "
+                     f"{_examples([path for path, _ in paths])}): fix the pattern or remove the rule.")
+  frozen = [rule.name for rule in settings.groups if rule.freeze and sizes[rule.name]]
+  if frozen and not sizes[REST] and all(rule.freeze for rule in settings.groups if sizes[rule.name]):
+    raise ValueError(f"{field}: every trainable parameter is in a frozen group ({', '.join(map(repr, frozen))}), "
+                     "so nothing would train: set freeze=False on one of them, or narrow its pattern.")
   if not sizes[REST]:
     sizes.pop(REST)
   return sizes
+
+
+def check_groups(settings: Settings, init: Callable[[jax.Array, Any], Any], frozen: Any = None,
+                 where: str = "") -> dict[str, int]:
+  """`group_sizes` of the params `init(key, frozen)` would make, from their shapes alone (`jax.eval_shape`:
+  nothing is computed), so an experiment's `validate` can refuse bad rules for each of its methods before
+  anything is written. `frozen` may hold arrays or `jax.ShapeDtypeStruct`s. {} without groups."""
+  if not settings.groups:
+    return {}
+  shapes = jax.eval_shape(lambda key, frozen: init(key, frozen), jax.random.PRNGKey(0), frozen)
+  return group_sizes(settings, shapes, where)
 
 
 def describe_groups(settings: Settings, sizes: dict[str, int]) -> str:

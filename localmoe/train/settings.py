@@ -50,18 +50,19 @@ class GroupRule:
 
 _RULE_KEYS = tuple(f.name for f in dataclasses.fields(GroupRule))
 
-# Parameter groups as the field writes them (paths of `localmoe.inject`'s trainable tree:
-# adapter/<layer path>/<param>, extras/<module path>/<param>). Use one, or concatenate them.
+# Parameter groups as the field writes them. They match both kinds of trainable tree: one adapter's own params
+# (the single-layer experiments: "A", "B", "router/kernel") and `localmoe.inject`'s (adapter/<layer path>/<param>,
+# extras/<module path>/<param>). Use one, or concatenate them.
 PRESETS: dict[str, tuple[dict, ...]] = {
     # Polytropon / Multi-Head Routing (microsoft/mttl): routing logits at 100x the adapters' rate, no decay.
     # (Their U(-1e-3, 1e-3) router start is an adapter setting: router_init="uniform".)
-    "poly_router": (dict(name="router", pattern=r".*/router/.*", lr_mult=100.0, weight_decay=0.0),),
-    # Task heads of a multi-task model trained at the adapters' rate but without weight decay.
+    "poly_router": (dict(name="router", pattern=r"(?:.*/)?router/.*", lr_mult=100.0, weight_decay=0.0),),
+    # Task heads of a multi-task model (`trainable_extras`) trained at the adapters' rate but without weight decay.
     "heads_no_decay": (dict(name="heads", pattern=r"extras/.*", weight_decay=0.0),),
     # LP-FT (Kumar et al. 2022): heads that start from a converged linear probe, fine-tuned at a tenth of the rate.
     "heads_slow": (dict(name="heads", pattern=r"extras/.*", lr_mult=0.1),),
     # LoRA+ (Hayou et al. 2024): B at 16x the rate of A (their recommended ratio for LoRA).
-    "lora_plus": (dict(name="lora_b", pattern=r"adapter/.*/B", lr_mult=16.0),),
+    "lora_plus": (dict(name="lora_b", pattern=r"(?:adapter/.*/)?B", lr_mult=16.0),),
 }
 
 
@@ -73,9 +74,13 @@ def parse_groups(groups: Any) -> tuple[GroupRule, ...]:
   if isinstance(groups, str) and groups.strip()[:1] in "[({":
     try:
       groups = ast.literal_eval(groups.strip())           # rules written on the command line
-    except (ValueError, SyntaxError) as error:
-      raise ValueError(f"config.optim.groups={groups!r} is not a Python literal list of rule dicts ({error}); e.g. "
-                       "\"[{'pattern': '.*/router/.*', 'lr_mult': 100.0}]\".") from None
+    except SyntaxError as error:
+      raise ValueError(f"config.optim.groups={groups!r} is not a Python literal list of rule dicts (syntax error: "
+                       f"{error.msg}); e.g. \"[{{'pattern': '.*/router/.*', 'lr_mult': 100.0}}]\".") from None
+    except ValueError:                                     # a call or a name, e.g. float('nan'): no value to print
+      raise ValueError(f"config.optim.groups={groups!r} is not a Python literal list of rule dicts: only numbers, "
+                       "strings, True/False/None, lists and dicts may appear (no calls or names such as "
+                       "float('nan')); e.g. \"[{'pattern': '.*/router/.*', 'lr_mult': 100.0}]\".") from None
   if isinstance(groups, str):
     names = [n for n in groups.replace("+", ",").split(",") if n.strip()]
     unknown = [n for n in names if n not in PRESETS]
@@ -124,6 +129,21 @@ def parse_groups(groups: Any) -> tuple[GroupRule, ...]:
 
 
 REST = "rest"                          # the label of parameters no rule matches
+
+
+def check_group_overrides(groups: Any, overrides: Mapping[str, Any], where: str = "sweep entry") -> None:
+  """A sweep's overrides of one rule (`"optim.groups.<name>.<field>"`) need rules written out, as a dict of
+  named rules or a list of rule dicts: over a preset string or a literal list written as a string they are a
+  ValueError saying so (instead of a failed lookup inside a string)."""
+  if not isinstance(groups, str):
+    return
+  for dotted in overrides:
+    if isinstance(dotted, str) and dotted.startswith("optim.groups."):
+      raise ValueError(f"{where}: override {dotted!r} addresses one rule, but config.optim.groups={groups!r} is a "
+                       "string (preset names or a literal list), whose rules cannot be addressed: write the rules "
+                       "out in the config as a dict of named rules, e.g. config.optim.groups = {'router': "
+                       "dict(pattern=r'(?:.*/)?router/.*', lr_mult=100.0)}, or override the whole field "
+                       "('optim.groups': 'poly_router').")
 
 
 def _as_dict(rule: Any) -> dict:
