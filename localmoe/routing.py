@@ -470,6 +470,30 @@ def task_separation(usage: jnp.ndarray) -> jnp.ndarray:
   return tv.sum(axis=(-3, -2)).mean(-1) / (tasks * (tasks - 1))
 
 
+def _check_gates(gates: jnp.ndarray, fix: str) -> jnp.ndarray:
+  """Gates [..., E] as float32, refusing what is not a gate vector (concrete values): a non-finite or
+  negative entry, or a row that does not sum to 1 (tolerance 1e-3 in float32, 2e-2 in 16-bit dtypes).
+  Traced gates cannot be refused: their invalid rows become NaN, which the outputs then carry."""
+  gates = jnp.asarray(gates)
+  if not jnp.issubdtype(gates.dtype, jnp.floating) or gates.ndim < 2:
+    raise ValueError(f"gates has dtype {gates.dtype} and shape {gates.shape}: pass float gates [tokens, ..., E] "
+                     f"(softmax outputs), {fix}.")
+  tol = 2e-2 if jnp.finfo(gates.dtype).bits <= 16 else 1e-3
+  values = gates.astype(jnp.float32)
+  if isinstance(values, jax.core.Tracer):
+    valid = (jnp.all(jnp.isfinite(values) & (values >= 0), -1) & (jnp.abs(values.sum(-1) - 1) <= tol))
+    return jnp.where(valid[..., None], values, jnp.nan)
+  host = np.asarray(values)
+  sums = host.sum(-1)
+  if not np.all(np.isfinite(host)) or (host < 0).any() or np.abs(sums - 1).max(initial=0.0) > tol:
+    worst = "non-finite entries" if not np.all(np.isfinite(host)) else (
+        f"a negative entry ({host.min():.3g})" if (host < 0).any() else
+        f"a row summing to {sums.reshape(-1)[np.argmax(np.abs(sums - 1).reshape(-1))]:.4g}")
+    raise ValueError(f"gates has {worst}: gate vectors are non-negative and sum to 1 over the last axis "
+                     f"(E experts); {fix}.")
+  return values
+
+
 def gate_diagnostics(gates: jnp.ndarray, groups: jnp.ndarray | None = None,
                      num_groups: int | None = None) -> dict[str, jnp.ndarray]:
   """Router diagnostics of one batch of gates (e.g. at initialisation): mean entropy and task separation.
@@ -479,14 +503,30 @@ def gate_diagnostics(gates: jnp.ndarray, groups: jnp.ndarray | None = None,
     "entropy_nats":     [], `gate_entropy` over every token and router,
     "task_separation":  [] (with groups), `task_separation` of the per-group mean gates [G, routers, E],
                         over the pairs of groups that have tokens (NaN with fewer than two such groups).
+  Refused with a ValueError naming the argument (as `localmoe.inject.routing_diagnostics` does): gates
+  that are not gate vectors (logits, negative entries, rows not summing to 1), float group ids, ids outside
+  0..num_groups-1, num_groups that is not a positive integer, groups of another length than the tokens.
+  Under jit (traced values) the invalid gate rows and out-of-range ids give NaN outputs instead.
   """
+  gates = _check_gates(gates, "e.g. the router_gates of `collect_router_outputs`, not its logits")
   out = {"entropy_nats": gate_entropy(gates)}
   if groups is None:
     return out
   if num_groups is None:
     raise ValueError("gate_diagnostics(groups=...) needs num_groups, the number of groups (tasks).")
-  flat = gates.reshape(gates.shape[0], -1, gates.shape[-1]).astype(jnp.float32)   # [N, R, E]
-  onehot = jax.nn.one_hot(jnp.asarray(groups).reshape(-1), num_groups)            # [N, G]
+  if isinstance(num_groups, (bool, np.bool_)) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
+    raise ValueError(f"num_groups={num_groups!r} must be a positive integer: the number of groups (e.g. tasks).")
+  num_groups = int(num_groups)
+  groups = jnp.asarray(groups)
+  if not jnp.issubdtype(groups.dtype, jnp.integer):
+    raise ValueError(f"groups has dtype {groups.dtype}: pass integer group ids [N] (e.g. task ids; float ids: "
+                     "groups.astype(jnp.int32)).")
+  if groups.size != gates.shape[0]:
+    raise ValueError(f"groups has {groups.size} ids but gates has {gates.shape[0]} tokens: pass one group id "
+                     "per token, shape (N,).")
+  flat = gates.reshape(gates.shape[0], -1, gates.shape[-1])                       # [N, R, E]
+  onehot = one_hot_labels(groups.reshape(-1), num_groups, "groups", "num_groups",
+                          "pass num_groups = the number of groups (ids run 0..num_groups-1)")   # [N, G]
   count = onehot.sum(0)                                                           # [G]
   usage = jnp.einsum("ng,nre->gre", onehot, flat) / jnp.maximum(count, 1)[:, None, None]   # [G, R, E]
   tv = 0.5 * jnp.abs(usage[:, None] - usage[None]).sum(-1).mean(-1)              # [G, G]
