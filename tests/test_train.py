@@ -9,6 +9,7 @@ import pytest
 
 import localmoe as lm
 from localmoe import metrics, single_layer, train
+from localmoe.train import evaluation, optimizer
 
 
 def small_problem(seeds=(0, 1, 2), n=256, d=8):
@@ -106,8 +107,8 @@ def test_chunked_evaluation_equals_whole_split():
   params = task.init(jax.random.PRNGKey(0), None)
   split = {k: v[0] for k, v in data.test.items()}
   frozen = {"w0": data.frozen["w0"][0]}
-  whole = train._chunked_metrics(task.predict, params, frozen, split, 10_000)
-  chunked = train._chunked_metrics(task.predict, params, frozen, split, 7)
+  whole = evaluation.chunked_metrics(task.predict, params, frozen, split, 10_000)
+  chunked = evaluation.chunked_metrics(task.predict, params, frozen, split, 7)
   np.testing.assert_allclose(whole, chunked, rtol=1e-5)
 
 
@@ -238,7 +239,7 @@ def test_optimizer_from_config_schedule_and_clipping():
   settings = train.Settings.from_config({"epochs": 2, "batch_size": 32, "lr": 3e-3, "schedule": "cosine",
                                          "warmup_steps": 3, "grad_clip": 0.5})
   assert settings.learning_rate == 3e-3 and settings.schedule == "cosine"
-  multiplier = train.lr_multiplier(settings, 14)
+  multiplier = optimizer.lr_multiplier(settings, 14)
   assert float(multiplier(0)) == 0.0 and float(multiplier(3)) == pytest.approx(1.0)
   assert float(multiplier(14)) == pytest.approx(0.0, abs=1e-6)
   data = small_problem([0])
@@ -265,7 +266,7 @@ def test_eval_train_rows_evaluates_the_training_prefix_only():
   # The prefix's metrics are those of a fit whose training split is evaluated on those 50 rows alone.
   task, params = make_task(), jax.tree_util.tree_map(lambda a: a[0], part.params)
   prefix = {k: v[0, :50] for k, v in data.train.items()}
-  want = train._evaluate(task, params, {"w0": data.frozen["w0"][0]}, prefix, SETTINGS.eval_batch_size)
+  want = evaluation.evaluate(task, params, {"w0": data.frozen["w0"][0]}, prefix, SETTINGS.eval_batch_size)
   np.testing.assert_allclose(part.history[0, -1, 0], want, rtol=1e-5)
   with pytest.raises(ValueError, match=r"eval_train_rows=201 is more than the training set \(200 rows\)"):
     train.fit(make_task(), data, [0], dataclasses.replace(SETTINGS, eval_train_rows=201), log=None)

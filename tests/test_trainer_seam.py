@@ -64,3 +64,9 @@ def test_no_process_wide_lookup_in_the_trainer():
   trainer = pathlib.Path(train.__file__).parent
   offenders = [p.name for p in trainer.glob("*.py") if "sys.modules" in p.read_text()]
   assert not offenders
+
+
+def test_the_package_exports_what_a_driver_uses():
+  assert all(hasattr(train, name) for name in train.__all__) and len(train.__all__) <= 14
+  for gone in ("_chunked_metrics", "_evaluate", "build_epoch_fn", "blowups", "seed_keys", "log_line"):
+    assert not hasattr(train, gone), gone
