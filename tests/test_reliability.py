@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -21,9 +19,47 @@ def launch_cmd(*args):
   return [sys.executable, os.path.join(ROOT, "launch.py"), *args]
 
 
-def run_launch(*args, timeout=300):
-  return subprocess.run(launch_cmd(*args), cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+def run_launch(*args, timeout=300, env=None):
+  return subprocess.run(launch_cmd(*args), cwd=ROOT, env=env or dict(os.environ, PYTHONPATH=ROOT),
                         capture_output=True, text=True, timeout=timeout)
+
+
+# Loaded by the child through a sitecustomize.py on its PYTHONPATH: right after the first checkpoint saved in a
+# directory containing $SIGTERM_AFTER, the process sends itself SIGTERM. The signal arrives mid-run at a fixed
+# point whatever the machine's speed (a parent polling for the checkpoint can be too late on a fast machine).
+_SELF_SIGTERM = """
+import os
+import signal
+
+from localmoe import checkpoint
+
+_save = checkpoint.Checkpointer.save
+_sent = []
+
+
+def _save_then_signal(self, fit_state):
+  saved = _save(self, fit_state)
+  if saved and not _sent and os.environ["SIGTERM_AFTER"] in str(self.directory):
+    _sent.append(fit_state.epoch)
+    os.kill(os.getpid(), signal.SIGTERM)
+  return saved
+
+
+checkpoint.Checkpointer.save = _save_then_signal
+"""
+
+
+def run_launch_with_sigterm(tmp_path, after: str, *args):
+  """launch.py `args`, SIGTERM sent by the child itself after its first checkpoint under a path containing
+  `after`; asserts that the signal was received and the run stopped with the preemption exit code."""
+  hook = tmp_path / "sigterm_hook"
+  hook.mkdir(exist_ok=True)
+  (hook / "sitecustomize.py").write_text(_SELF_SIGTERM)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hook), ROOT]), SIGTERM_AFTER=after)
+  proc = run_launch(*args, env=env)
+  assert "[preemption] SIGTERM received" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert proc.returncode == checkpoint.EXIT_PREEMPTED, proc.stdout[-2000:] + proc.stderr[-2000:]
+  return proc
 
 
 # ------------------------------------------------------------------------- config validation (no compute)
@@ -254,16 +290,7 @@ def test_sigterm_mid_run_then_resume_is_bit_identical(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
 
   interrupted = tmp_path / "interrupted"
-  child = subprocess.Popen(launch_cmd(*args, f"--workdir={interrupted}"), cwd=ROOT,
-                           env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-  marker = interrupted / "checkpoints" / "gaussian" / "lora"
-  deadline = time.time() + 120
-  while time.time() < deadline and not (marker.exists() and any(p.name.isdigit() for p in marker.iterdir())):
-    time.sleep(0.02)
-  child.send_signal(signal.SIGTERM)
-  out, err = child.communicate(timeout=120)
-  assert child.returncode == checkpoint.EXIT_PREEMPTED, err[-2000:]
+  err = run_launch_with_sigterm(tmp_path, os.path.join("gaussian", "lora"), *args, f"--workdir={interrupted}").stderr
   assert "Resume with the same command" in err
   assert not (interrupted / "results.json").exists()
   assert not (interrupted / ".lock").exists()
@@ -421,22 +448,13 @@ def test_failed_method_exits_nonzero_is_not_finished_and_keeps_the_others(tmp_pa
 # ------------------------------------------------------------------------- preemption on every fit path
 
 
-def _interrupt_then_resume(tmp_path, args, marker_glob):
-  """Runs `args` to the end (reference), then again with SIGTERM once a checkpoint matching
-  `marker_glob` exists, then resumes; returns (reference, resumed) workdirs."""
-  import glob
+def _interrupt_then_resume(tmp_path, args, after):
+  """Runs `args` to the end (reference), then again with SIGTERM right after the first checkpoint saved under
+  a path containing `after`, then resumes; returns (reference, resumed) workdirs."""
   reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
   proc = run_launch(*args, f"--workdir={reference}")
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-  child = subprocess.Popen(launch_cmd(*args, f"--workdir={interrupted}"), cwd=ROOT,
-                           env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 240
-  while time.time() < deadline and not glob.glob(str(interrupted / marker_glob)) and child.poll() is None:
-    time.sleep(0.02)
-  child.send_signal(signal.SIGTERM)
-  out, err = child.communicate(timeout=240)
-  assert child.returncode == checkpoint.EXIT_PREEMPTED, out[-2000:] + err[-2000:]
+  err = run_launch_with_sigterm(tmp_path, after, *args, f"--workdir={interrupted}").stderr
   assert "checkpoint saved at epoch" in err and "Resume with the same command" in err
   assert not (interrupted / ".lock").exists()
   proc = run_launch(*args, f"--workdir={interrupted}")
@@ -449,7 +467,7 @@ def _interrupt_then_resume(tmp_path, args, marker_glob):
 def test_sigterm_stops_a_sweep_with_75_and_the_resume_is_bit_identical(tmp_path):
   args = ["--config=configs/svd_simulation.py:quick", "--sweep", "--config.data.num_samples=2000",
           "--config.optim.batch_size=8", "--config.optim.epochs=4", "--config.checkpoint_every_epochs=1"]
-  reference, resumed = _interrupt_then_resume(tmp_path, args, "checkpoints/group_*/[0-9]*")
+  reference, resumed = _interrupt_then_resume(tmp_path, args, "group_")
   drop = lambda row: {k: v for k, v in row.items() if k != "wall_time_s"}
   want = json.loads((reference / "sweep.json").read_text())["entries"]
   got = json.loads((resumed / "sweep.json").read_text())["entries"]
@@ -461,7 +479,7 @@ def test_sigterm_stops_a_sweep_with_75_and_the_resume_is_bit_identical(tmp_path)
 def test_sigterm_stops_the_nonconvex_run_with_75_and_the_resume_is_bit_identical(tmp_path):
   args = ["--config=configs/nonconvex_regression.py:quick", "--config.optim.epochs=24",
           "--config.optim.eval_every=2", "--config.checkpoint_every_epochs=2", "--config.data.plot_grid=0"]
-  reference, resumed = _interrupt_then_resume(tmp_path, args, "checkpoints/*/lora/[0-9]*")
+  reference, resumed = _interrupt_then_resume(tmp_path, args, os.sep + "lora")
   want = json.loads((reference / "results.json").read_text())["variants"]
   got = json.loads((resumed / "results.json").read_text())["variants"]
   for scheme in want:
