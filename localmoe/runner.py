@@ -31,13 +31,14 @@ import concurrent.futures
 import dataclasses
 import os
 import traceback
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from localmoe import checkpoint as checkpoint_lib
 from localmoe import results, train
 from localmoe import workdir as workdir_lib
 
 FAIL_ENV = "LOCALMOE_FAIL_METHODS"
+T = TypeVar("T")
 
 
 class ForcedFailure(RuntimeError):
@@ -49,6 +50,22 @@ def check_forced_failure(name: str) -> None:
   names = [n.strip() for n in os.environ.get(FAIL_ENV, "").split(",") if n.strip()]
   if name in names:
     raise ForcedFailure(f"{name} was asked to fail (${FAIL_ENV}={os.environ[FAIL_ENV]})")
+
+
+def isolated(fn: Callable[[], T], label: str, log: Callable[[str], None] | None = print) -> tuple[T | None, str | None]:
+  """Failure isolation, the one helper for every part of a run that may fail alone (a method, a sweep group,
+  a sweep entry): fn() -> (its value, None), or, when it raises, (None, "failed: <Type>: <message>") after
+  logging "<label> FAILED: <Type>: <message>" and the traceback. A config that disagrees with an existing
+  checkpoint (`workdir.ConfigMismatchError`) and a stop request (`checkpoint.Preempted`, a BaseException)
+  are not failures of one part: they propagate and end the run."""
+  try:
+    return fn(), None
+  except workdir_lib.ConfigMismatchError:
+    raise
+  except Exception as error:  # one broken part must not lose the others' results
+    if log:
+      log(f"{label} FAILED: {type(error).__name__}: {error}\n{traceback.format_exc()}")
+    return None, f"failed: {type(error).__name__}: {error}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,16 +115,15 @@ def run_methods(names: Sequence[str], train_one: Callable[[Method], tuple[Any, M
     if checkpoint_lib.stop_requested():          # a stop request between two methods: do not start the next
       raise checkpoint_lib.Preempted(f"[{name}] stopped before it started (a stop was requested)")
     method = Method(name, None if checkpoints is None else checkpoints.child(name), live, log)
-    try:
+
+    def attempt():
       check_forced_failure(name)
-      fit, summary = train_one(method)
-    except workdir_lib.ConfigMismatchError:
-      raise
-    except Exception as error:  # one broken method must not lose the others' results
-      reason = f"failed: {type(error).__name__}: {error}"
-      if log:
-        log(f"[{name}] FAILED: {type(error).__name__}: {error}\n{traceback.format_exc()}")
+      return train_one(method)
+
+    outcome, reason = isolated(attempt, f"[{name}]", log)
+    if outcome is None:
       return name, None, dict(failed(name, reason))
+    fit, summary = outcome
     return name, fit, dict(summary)
 
   if parallel > 1 and len(names) > 1:

@@ -45,7 +45,6 @@ import math
 import os
 import re
 import time
-import traceback
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -53,6 +52,7 @@ import numpy as np
 
 from localmoe import checkpoint
 from localmoe import results
+from localmoe import runner
 from localmoe import sharding
 from localmoe import train
 from localmoe import workdir as workdir_lib
@@ -244,19 +244,17 @@ def _train_group(jobs: Sequence[Job], entries: Sequence[Entry], group: int, plac
   """One vmapped fit over the group's entries (checkpointed by `policy`), then each entry's files and row."""
   start = time.perf_counter()
   first = jobs[0]
-  try:
+
+  def fit_group():
     data = _stack_data([job.get_data() for job in jobs])
-    fit = train.fit(first.task, data, [job.seed for job in jobs], first.settings, name=first.label or f"group {group}",
-                    learning_rate=[job.learning_rate for job in jobs],
-                    weight_decay=[job.weight_decay for job in jobs], placement=placement, log=log,
-                    checkpoints=policy)
-  except workdir_lib.ConfigMismatchError:
-    raise
-  except Exception as error:  # one broken group must not lose the others
-    log(f"[sweep] group {group} ({first.label}) FAILED: {type(error).__name__}: {error}\n"
-        f"{traceback.format_exc()}")
-    return [_row(e, group, f"failed: {type(error).__name__}: {error}", time.perf_counter() - start, {})
-            for e in entries]
+    return train.fit(first.task, data, [job.seed for job in jobs], first.settings,
+                     name=first.label or f"group {group}", learning_rate=[job.learning_rate for job in jobs],
+                     weight_decay=[job.weight_decay for job in jobs], placement=placement, log=log,
+                     checkpoints=policy)
+
+  fit, reason = runner.isolated(fit_group, f"[sweep] group {group} ({first.label})", log)
+  if fit is None:                                     # one broken group must not lose the others
+    return [_row(e, group, reason, time.perf_counter() - start, {}) for e in entries]
   share = fit.wall_time_s / len(jobs)
   rows = []
   for k, (job, entry) in enumerate(zip(jobs, entries)):
@@ -273,14 +271,14 @@ def _run_alone(module, entry: Entry, group: int, log, overwrite: bool = False) -
   """Fallback for experiments without sweep_job: the entry's own run(config, workdir), which checkpoints
   in the entry's workdir (resumed unless overwrite)."""
   start = time.perf_counter()
-  try:
+
+  def run_entry():
     with workdir_lib.guard(entry.workdir, overwrite=overwrite, config=entry.config):
-      out = module.run(entry.config, entry.workdir)
-  except workdir_lib.ConfigMismatchError:
-    raise
-  except Exception as error:
-    log(f"[sweep] entry {entry.index} ({entry.name}) FAILED: {type(error).__name__}: {error}")
-    return _row(entry, group, f"failed: {type(error).__name__}: {error}", time.perf_counter() - start, {})
+      return module.run(entry.config, entry.workdir) or {}
+
+  out, reason = runner.isolated(run_entry, f"[sweep] entry {entry.index} ({entry.name})", log)
+  if reason is not None:
+    return _row(entry, group, reason, time.perf_counter() - start, {})
   metrics = {}
   for method, summary in (out or {}).get("methods", {}).items():
     for key, value in summary.items():
@@ -493,14 +491,14 @@ def write_summary(workdir: str, summary: dict, config, module=None, log: Callabl
   """sweep.json and sweep.md (plus whatever the experiment's summarize_sweep adds)."""
   extra_md = ""
   hook = getattr(module, "summarize_sweep", None)
-  if hook is not None:
-    try:
-      extra = hook(summary, config, workdir) or {}
+  if hook is not None:                                # the table of entries is written even if it fails
+    extra, reason = runner.isolated(lambda: dict(hook(summary, config, workdir) or {}), "[sweep] summarize_sweep",
+                                    log)
+    if reason is not None:
+      summary["summarize_error"] = reason.removeprefix("failed: ")
+    else:
       extra_md = extra.pop("markdown", "")
       summary.update(extra)
-    except Exception as error:  # the table of entries must still be written
-      log(f"[sweep] summarize_sweep failed: {type(error).__name__}: {error}\n{traceback.format_exc()}")
-      summary["summarize_error"] = f"{type(error).__name__}: {error}"
   results.atomic_write_text(os.path.join(workdir, "sweep.md"),
                             markdown(summary) + ("\n" + extra_md if extra_md else ""))
   results.write_json(os.path.join(workdir, "sweep.json"), summary)

@@ -70,3 +70,21 @@ def test_the_package_exports_what_a_driver_uses():
   assert all(hasattr(train, name) for name in train.__all__) and len(train.__all__) <= 14
   for gone in ("_chunked_metrics", "_evaluate", "build_epoch_fn", "blowups", "seed_keys", "log_line"):
     assert not hasattr(train, gone), gone
+
+
+def test_isolated_reports_a_failure_and_lets_run_enders_through():
+  from localmoe import checkpoint, runner, workdir
+  lines = []
+  assert runner.isolated(lambda: 3, "[a]", lines.append) == (3, None) and not lines
+
+  def broken():
+    raise KeyError("w0")
+
+  assert runner.isolated(broken, "[b]", lines.append) == (None, "failed: KeyError: 'w0'")
+  assert lines[0].startswith("[b] FAILED: KeyError: 'w0'\nTraceback")
+  for stop in (workdir.ConfigMismatchError("other config"), checkpoint.Preempted("stop")):
+    def ends_the_run(stop=stop):
+      raise stop
+    with pytest.raises(type(stop)):
+      runner.isolated(ends_the_run, "[c]", lines.append)
+  assert len(lines) == 1
