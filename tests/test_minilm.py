@@ -70,7 +70,7 @@ def test_embeddings_match_reference(backbone, reference):
   vectors = minilm.embed(reference["sentences"], batch_size=4, backbone=backbone)   # [n, 384]
   assert vectors.shape == (len(reference["sentences"]), 384) and vectors.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), 1.0, atol=1e-5)
-  assert cosines(vectors, reference["embeddings"]).min() >= 0.9999
+  assert cosines(vectors, reference["embeddings"]).min() >= 0.99999                  # the docs' claim
 
 
 @pytest.mark.network
@@ -78,7 +78,7 @@ def test_two_layer_slice_loads_and_matches_reference(backbone_2_layers, referenc
   model, params, _ = backbone_2_layers
   assert model.num_layers == 2 and set(params["encoder"]) == {"layer_0", "layer_1"}
   vectors = minilm.embed(reference["sentences"], backbone=backbone_2_layers)
-  assert cosines(vectors, reference["embeddings_slice"]).min() >= 0.9999
+  assert cosines(vectors, reference["embeddings_slice"]).min() >= 0.99999
 
 
 @pytest.mark.network
@@ -290,12 +290,15 @@ def test_every_route_failing_says_where_to_put_the_files(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_model_step_benchmark_smoke(backbone_2_layers, capsys):
+def test_model_step_benchmark_smoke(capsys):
   from benchmarks import model_step
-  result = model_step.main(["--quick", "--methods", "lora,cellwise_moe", "--repeats", "1"])
+  result = model_step.main(["--quick", "--random-weights", "--methods", "lora,cellwise_moe", "--repeats", "1"])
   rows = {r["method"]: r for r in result["rows"]}
-  assert rows["lora"]["vs_lora"] == 1.0 and np.isfinite(rows["cellwise_moe"]["vs_lora"])
+  ratio = rows["cellwise_moe"]["vs_lora"]                    # cell-wise's median step over LoRA's
+  assert np.isfinite(ratio) and ratio > 0
+  np.testing.assert_allclose(ratio, rows["cellwise_moe"]["step_ms"] / rows["lora"]["step_ms"], rtol=1e-9)
   assert rows["lora"]["params"] == 2 * 8 * (4 * (384 + 384) + 2 * (384 + 1536))     # 2 layers, rank 8
+  assert 0 < rows["cellwise_moe"]["params"] - rows["lora"]["params"] < 0.02 * rows["lora"]["params"]   # parity
   assert "target cellwise_moe / lora <= 1.15x" in capsys.readouterr().out
   with pytest.raises(SystemExit):
     model_step.main(["--methods", "cellwise_moe"])                    # LoRA, the reference, is required

@@ -68,7 +68,8 @@ def test_one_lora_per_task_is_the_selected_tasks_lora():
     (dict(model=dict(rank=6)), "config.model.rank=6 does not split at parity"),
     (dict(model=dict(num_experts=0)), "config.model.num_experts=0 must be a positive integer"),
     (dict(model=dict(grid=0)), "config.model.grid=0 must be a positive integer"),
-    (dict(model=dict(grid=5, rank=20)), r"config.model \(method lora, a 384 -> 1536 layer\)|not divisible by k_x=5"),
+    (dict(model=dict(grid=5, rank=20)), r"^config.model \(method localized_lora, a 384 -> 384 layer\): d_in=384 is "
+                                        r"not divisible by k_x=5: choose k_x among the divisors of 384"),
     (dict(model=dict(alpha=-1.0)), "config.model.alpha=-1.0 must be >= 0"),
     (dict(model=dict(frozen_layers=6)), "config.model.frozen_layers=6 must lie in 0..5"),
     (dict(data=dict(seed=-1)), "config.data.seed=-1 must be an integer >= 0"),
