@@ -187,30 +187,72 @@ def write_history_csv(path: str, rows, metric_names: Sequence[str] = train.METRI
   atomic_write_text(path, buffer.getvalue())
 
 
-def _add_scalars(writer, seeds, history, splits, metric_names, epochs) -> None:
-  for epoch in epochs:
-    for k, split in enumerate(splits):
-      for m, metric in enumerate(metric_names):
-        values = history[:, epoch, k, m]
-        if np.all(np.isnan(values)):
-          continue
-        writer.add_scalar(f"{split}/{metric}", float(np.nanmean(values)), epoch + 1)
-        for seed, value in zip(seeds, values):
-          writer.add_scalar(f"{split}_per_seed/{metric}/seed{seed}", float(value), epoch + 1)
+class ScalarWriter:
+  """The live metric writer, clu `metric_writers` style: `write_scalars(step, {tag: value})` adds one
+  TensorBoard scalar per tag at `step` to the event files in `logdir` (tensorboardX, no TensorFlow);
+  `flush()`, `close()`. No-op when `logdir` is None or tensorboardX is missing (results files are written
+  regardless). The first write removes the directory's earlier event files, so a restarted or resumed run
+  leaves one stream. Non-finite values are left out (a diverged seed has no point at that step) instead of
+  being written as NaN with a warning per value.
+
+    writer = results.ScalarWriter(os.path.join(workdir, "tb", "lora"))
+    writer.write_scalars(epoch, {"test/mse": 0.12, "test/r2": 0.9})
+  """
+
+  def __init__(self, logdir: str | None):
+    self.logdir = logdir
+    self._writer = None
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    if self.logdir is None:
+      return
+    if self._writer is None:
+      try:
+        from tensorboardX import SummaryWriter
+      except ImportError:  # optional
+        self.logdir = None
+        return
+      shutil.rmtree(self.logdir, ignore_errors=True)
+      self._writer = SummaryWriter(self.logdir)
+    for tag, value in scalars.items():
+      if math.isfinite(float(value)):
+        self._writer.add_scalar(tag, float(value), int(step))
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+
+def epoch_scalars(seeds, history, splits, metric_names, epoch: int) -> dict[str, float]:
+  """The TensorBoard scalars of one evaluated epoch of a trainer history [seeds, epochs, splits, metrics]:
+  "<split>/<metric>" the mean over seeds, "<split>_per_seed/<metric>/seed<s>" each seed; a metric no seed
+  has yet (NaN everywhere) is left out."""
+  scalars = {}
+  for k, split in enumerate(splits):
+    for m, metric in enumerate(metric_names):
+      values = history[:, epoch, k, m]
+      if np.all(np.isnan(values)):
+        continue
+      scalars[f"{split}/{metric}"] = float(np.nanmean(values))
+      for seed, value in zip(seeds, values):
+        scalars[f"{split}_per_seed/{metric}/seed{seed}"] = float(value)
+  return scalars
 
 
 def write_tensorboard(logdir: str, method: str, seeds: Sequence[int], fit: train.FitResult) -> None:
-  """TensorBoard scalars per epoch: the mean over seeds and every seed (tensorboardX, no TensorFlow).
+  """TensorBoard scalars per epoch (`epoch_scalars`, steps counted from 1) under logdir/method.
 
   Replaces the method's previous event files (a streamed or resumed run's), so there is one per method.
   """
-  try:
-    from tensorboardX import SummaryWriter
-  except ImportError:  # optional: results files are written regardless
-    return
-  shutil.rmtree(os.path.join(logdir, method), ignore_errors=True)
-  with SummaryWriter(os.path.join(logdir, method)) as writer:
-    _add_scalars(writer, seeds, fit.history, fit.splits, fit.metric_names, range(fit.history.shape[1]))
+  writer = ScalarWriter(os.path.join(logdir, method))
+  for epoch in range(fit.history.shape[1]):
+    writer.write_scalars(epoch + 1, epoch_scalars(seeds, fit.history, fit.splits, fit.metric_names, epoch))
+  writer.close()
 
 
 class Live:
@@ -255,16 +297,12 @@ class Live:
     write_history_csv(os.path.join(self.workdir, "history.csv"), rows, names.pop())
 
   def _write_tb(self, name: str, epoch: int) -> None:
-    try:
-      from tensorboardX import SummaryWriter
-    except ImportError:
-      return
     seeds, history, splits, metric_names = self._histories[name]
-    if name not in self._writers:
-      shutil.rmtree(os.path.join(self.workdir, "tb", name), ignore_errors=True)
-      self._writers[name] = SummaryWriter(os.path.join(self.workdir, "tb", name))
+    if name not in self._writers:                      # a resumed fit rewrites its events from the history
+      self._writers[name] = ScalarWriter(os.path.join(self.workdir, "tb", name))
       self._written[name] = 0
-    _add_scalars(self._writers[name], seeds, history, splits, metric_names, range(self._written[name], epoch))
+    for e in range(self._written[name], epoch):
+      self._writers[name].write_scalars(e + 1, epoch_scalars(seeds, history, splits, metric_names, e))
     self._writers[name].flush()
     self._written[name] = epoch
 
@@ -309,15 +347,9 @@ class LiveLong:
     return "\n".join([self.HEADER] + [row for rows in self._rows.values() for row in rows]) + "\n"
 
   def _write_tb(self, method: str, scalars: Mapping[str, float], step: int) -> None:
-    try:
-      from tensorboardX import SummaryWriter
-    except ImportError:
-      return
     if method not in self._writers:
-      shutil.rmtree(os.path.join(self.workdir, "tb", method), ignore_errors=True)
-      self._writers[method] = SummaryWriter(os.path.join(self.workdir, "tb", method))
-    for tag, value in scalars.items():
-      self._writers[method].add_scalar(tag, float(value), step)
+      self._writers[method] = ScalarWriter(os.path.join(self.workdir, "tb", method))
+    self._writers[method].write_scalars(step, scalars)
     self._writers[method].flush()
 
   def close(self) -> None:

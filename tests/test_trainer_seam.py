@@ -88,3 +88,36 @@ def test_isolated_reports_a_failure_and_lets_run_enders_through():
     with pytest.raises(type(stop)):
       runner.isolated(ends_the_run, "[c]", lines.append)
   assert len(lines) == 1
+
+
+def test_scalar_writer_writes_finite_scalars_once_per_run(tmp_path, monkeypatch):
+  import sys
+  import types
+  from localmoe import results
+  calls = []
+
+  class FakeSummaryWriter:
+    def __init__(self, logdir):
+      calls.append(("open", logdir))
+
+    def add_scalar(self, tag, value, step):
+      calls.append((tag, value, step))
+
+    def flush(self):
+      pass
+
+    def close(self):
+      calls.append(("close",))
+
+  monkeypatch.setitem(sys.modules, "tensorboardX", types.SimpleNamespace(SummaryWriter=FakeSummaryWriter))
+  stale = tmp_path / "tb" / "lora"
+  stale.mkdir(parents=True)
+  (stale / "events.old").write_text("x")
+  writer = results.ScalarWriter(str(stale))
+  writer.write_scalars(1, {"test/mse": 0.5, "test_per_seed/mse/seed1": float("nan")})
+  writer.write_scalars(2, {"test/mse": np.float32(0.25)})
+  writer.close()
+  assert calls == [("open", str(stale)), ("test/mse", 0.5, 1), ("test/mse", 0.25, 2), ("close",)]
+  assert not (stale / "events.old").exists()                     # a rerun replaces the earlier stream
+  results.ScalarWriter(None).write_scalars(1, {"a": 1.0})        # no logdir: nothing
+  assert len(calls) == 4
