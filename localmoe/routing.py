@@ -28,9 +28,13 @@ Router controls (all off by default, so Eq. 5 / Eq. 7 hold unchanged):
                  G ~ Gumbel(0, 1) (straight-through Gumbel-softmax, SMEAR's setting); `hard="gumbel_soft"`
                  keeps the relaxed sample g itself. The noise needs the flax rng collection "gumbel"; without
                  it (evaluation) "gumbel" is the deterministic argmax one-hot and "gumbel_soft" the softmax.
-  temperature    T divides the logits (with Gumbel noise: the Gumbel-softmax temperature). A schedule over
-                 training steps is `temperature_at(step, ...)`, passed at call time (`temperature=`), which
-                 overrides the field.
+                 The trainer draws "gumbel" and "dropout" per step for a task that declares them
+                 (`train.Task.rngs`; `single_layer.layer_task` does for an adapter's `rng_streams`).
+  temperature    T divides the logits (with Gumbel noise: the Gumbel-softmax temperature); a real number > 0
+                 and finite (`check_temperature`). A schedule over training steps is `temperature_at(step,
+                 ...)`, passed at call time (`temperature=`, which overrides the field), or set on a routed
+                 adapter as `temperature_schedule=(start, end, steps[, kind])` (a config's adapter spec), which
+                 the adapter evaluates at the `step=` the trainer passes (`train.Task.takes_step`).
   expert dropout `dropout=p`: with the rng collection "dropout", every expert of every gate vector is dropped
                  with probability p and the gates renormalise over the kept experts (SMEAR: p = 0.1); without
                  that rng (evaluation) nothing is dropped.
