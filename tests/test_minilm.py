@@ -181,6 +181,34 @@ def test_param_shapes_and_byte_estimate():
   assert minilm.param_bytes() == 90_261_504
 
 
+@pytest.mark.slow
+def test_upper_layers_over_cached_lower_layers_are_the_full_encoder():
+  """hidden_after(k) then Upper(k) with upper_params equals the full encoder, for every split point k, with a
+  padded row (the attention mask reaches both halves). Random weights of a narrow 3-layer BERT."""
+  model = bert.Bert(num_layers=3, hidden_size=16, num_heads=2, intermediate_size=32, vocab_size=50,
+                    max_position=16)
+  r = np.random.default_rng(0)
+  ids = jnp.asarray(r.integers(1, 50, (2, 6)), jnp.int32)
+  mask = jnp.asarray([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), ids, mask)["params"]
+  params = jax.tree_util.tree_map(lambda a: a + 0.1 * jnp.asarray(r.standard_normal(a.shape), a.dtype), params)
+  full = np.asarray(jax.jit(model.apply)({"params": params}, ids, mask))                # [B, T, H]
+
+  @jax.jit
+  def split(params, ids, mask):                    # (lower states after k layers, upper layers over them) per k
+    lowers = [bert.hidden_after(model, params, ids, mask, k) for k in range(4)]
+    uppers = [bert.Upper(model, k).apply({"params": bert.upper_params(params, k, 3)}, lowers[k], mask)
+              for k in range(3)]
+    return lowers, uppers
+
+  lowers, uppers = split(params, ids, mask)
+  for k in range(3):
+    assert sorted(bert.upper_params(params, k, 3)["encoder"]) == [f"layer_{i}" for i in range(k, 3)]
+    np.testing.assert_allclose(np.asarray(uppers[k]), full, rtol=1e-5, atol=1e-5, err_msg=f"split after {k} layers")
+  # The cached lower states are the full model's own: after all 3 layers they are its output.
+  np.testing.assert_allclose(np.asarray(lowers[3]), full, rtol=1e-5, atol=1e-5)
+
+
 def _tiny_checkpoint(model: bert.Bert, rng) -> dict[str, np.ndarray]:
   """A random state dict with Hugging Face BertModel key names and torch layouts ([out, in])."""
   h, f = model.hidden_size, model.intermediate_size

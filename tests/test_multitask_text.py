@@ -8,7 +8,8 @@ import pytest
 
 from configs import multitask_text as config_module
 from experiments import multitask_text as mt
-from localmoe import adapters
+from localmoe import adapters, routing, train
+from localmoe import params as params_lib
 
 # MiniLM's adapted layers per block: q, k, v, attention output (384 -> 384), FFN in (384 -> 1536), out (1536 -> 384).
 SHAPES = [(384, 384)] * 4 + [(384, 1536), (1536, 384)]
@@ -145,3 +146,73 @@ def test_a_subset_larger_than_a_task_names_the_field_the_task_and_the_fix():
   with pytest.raises(ValueError, match=r"config.data.train_per_task=5000 is more than task 'spam' has \(4460 "
                                        r"train rows\): use at most 4460, or 0 for all of them"):
     mt._subsets(config.data, ("topic", "spam"))
+
+
+# ------------------------------------------------------------------------------------------- LP-FT and anchors
+
+
+def test_lp_ft_heads_start_from_the_probe_and_train_at_a_tenth_of_the_rate():
+  config = config_module.get_config("quick")
+  assert config.model.heads == "probe" and config.optim.groups == "heads_slow"
+  for method in ("heads_only", "lora", "cellwise_moe_anchor", "per_task_lora"):
+    rules = train.parse_groups(mt.method_groups(method, config))
+    heads = [r for r in rules if r.name == "heads"]
+    assert len(heads) == 1 and heads[0].lr_mult == 0.1 and heads[0].weight_decay is None, method
+    paths = [p for p, _ in params_lib.leaf_paths(mt.trainable_shapes(method, config, 4))]
+    head_paths = [p for p in paths if train.group_of(rules, p) == "heads"]
+    assert head_paths == [f"extras/head_{t}/{leaf}" for t in range(4) for leaf in ("bias", "kernel")], method
+  # The heads every entry starts from are the probe's, whatever the seed; "random" draws them per seed.
+  rows = {"hidden": np.zeros((1, 4, mt.HIDDEN), np.float32), "attention_mask": np.ones((1, 4), np.int32),
+          "task": np.zeros((1,), np.int32), "y": np.zeros((1, 3), np.int32)}
+  corpus = mt.Corpus(("a", "b"), (2, 3), rows, rows, rows, {})
+  probe = mt.random_heads(jax.random.PRNGKey(5), corpus.num_classes)
+  frozen = {"backbone": {}, **probe}
+  task = mt.build_task("heads_only", config, None, frozen, corpus, probe)[0]
+  for seed in (0, 1):
+    start = task.init(jax.random.PRNGKey(seed), frozen)["extras"]
+    for a, b in zip(jax.tree_util.tree_leaves(start), jax.tree_util.tree_leaves(probe)):
+      np.testing.assert_array_equal(a, b)
+  config.model.heads = "random"
+  task = mt.build_task("heads_only", config, None, frozen, corpus, probe)[0]
+  drawn = [task.init(jax.random.PRNGKey(seed), frozen)["extras"]["head_0"]["kernel"] for seed in (0, 1)]
+  assert not np.array_equal(drawn[0], drawn[1]) and not np.array_equal(drawn[0], probe["head_0"]["kernel"])
+
+
+@pytest.mark.slow
+def test_the_probes_l2_is_chosen_on_the_held_out_rows_and_refitted_on_the_training_rows():
+  from localmoe.train import probe
+  r = np.random.default_rng(0)
+  x = r.standard_normal((80, 4)).astype(np.float32)
+  y = (x[:, 0] > 0.6).astype(np.int32)                                  # about 30% class 1, separable
+  grid = [1e-4, 10.0]                                                   # 10: the kernel ~0, majority class only
+  # Held-out rows labelled by the same rule: the weak L2 wins. Held out rows all of class 0: the strong one.
+  x_val = r.standard_normal((40, 4)).astype(np.float32)
+  params, info = probe.select_l2(x, y, x_val, (x_val[:, 0] > 0.6).astype(np.int32), grid, 2, 500)
+  assert info["l2"] == 1e-4 and info["val_accuracy"][0] > info["val_accuracy"][1] and info["converged"]
+  _, majority = probe.select_l2(x, y, x_val, np.zeros(40, np.int32), grid, 2, 500)
+  assert majority["l2"] == 10.0 and majority["val_accuracy"][1] == 1.0
+  refit, _, _ = probe.fit_logistic(jnp.asarray(x), jnp.asarray(y), jnp.float32(1e-4), 2, 500)   # train rows only
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(refit)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_anchors_routers_start_uniform_within_1e_3_and_the_oracle_task_aligned():
+  config = config_module.get_config()
+  spec = mt.adapter_spec("cellwise_moe_anchor", config.model, config.router, 4)
+  module = adapters.make(spec, d_in=16, d_out=16)
+  assert (module.router_init, module.router_init_scale) == ("uniform", 1e-3)
+  init = routing.router_initializer(module.router_init, module.router_init_scale, module.router_init_margin)
+  kernel = np.asarray(init(jax.random.PRNGKey(0), (2, 2, 4, 4)))                      # [K_y, K_x, F, E]
+  assert np.abs(kernel).max() <= 1e-3 and kernel.min() < -5e-4 and kernel.max() > 5e-4     # U(-1e-3, 1e-3)
+  # Task-aligned without a margin: the router's documented default lead of 4.0 on expert t mod E.
+  e = config.model.num_experts
+  aligned = adapters.make(dict(method="cellwise_moe", k_y=2, k_x=2, rank=1, num_experts=e, router_input="context",
+                               context_dim=6, router_init="task_aligned"), d_in=8, d_out=8)
+  assert aligned.router_init_margin == 4.0
+  kernel = np.asarray(routing.router_initializer("task_aligned", None, aligned.router_init_margin)(
+      jax.random.PRNGKey(0), (2, 2, 6, e)))
+  want = np.zeros((6, e))
+  want[np.arange(6), np.arange(6) % e] = 4.0
+  np.testing.assert_array_equal(kernel, np.broadcast_to(want, kernel.shape))
+  oracle = mt.adapter_spec("cellwise_moe_oracle", config.model, config.router, 4)
+  assert (oracle["router_init"], oracle["router_init_margin"]) == ("task_aligned", config.router.oracle_margin)

@@ -309,3 +309,22 @@ def test_anchors_router_rate_moves_the_routers_and_the_default_does_not():
   drop_anchored = start - float(anchored.diagnostics["entropy_nats"][0, -1])
   assert drop_anchored >= 0.1, drop_anchored
   assert drop_default < 0.1, drop_default
+
+
+# ------------------------------------------------------------------------------------------- test_at_end
+
+
+@pytest.mark.slow
+def test_test_at_end_evaluates_the_test_split_once_and_changes_nothing_else():
+  task = tiny_task()
+  data = tiny_data()
+  data = dataclasses.replace(data, val={k: v[:8] for k, v in data.train.items()})
+  every = train.fit(task, data, [0, 1], settings(epochs=3), log=None)
+  at_end = train.fit(task, data, [0, 1], settings(epochs=3, test_at_end=True), log=None)
+  assert at_end.splits == ("train", "val", "test")
+  test = at_end.splits.index("test")
+  assert np.isnan(at_end.history[:, :2, test]).all()                   # no test pass before the last evaluation
+  np.testing.assert_array_equal(at_end.history[:, -1, test], every.history[:, -1, test])   # the same final numbers
+  np.testing.assert_array_equal(at_end.history[:, :, :test], every.history[:, :, :test])   # train / val curves
+  for a, b in zip(jax.tree_util.tree_leaves(at_end.params), jax.tree_util.tree_leaves(every.params)):
+    np.testing.assert_array_equal(a, b)                                 # training unchanged
