@@ -297,8 +297,8 @@ class Router(nn.Module):
     """Raw logits [..., *grid, E] -> gates [..., *grid, E] in `dtype`; sows logits and gates (float32).
 
     temperature: overrides the field for this call (a float or a traced scalar, e.g. `temperature_at`),
-    checked by `check_temperature`. The sown logits are the clean W_g u / T (before expert dropout and Gumbel noise); the sown gates are
-    the ones used.
+    checked by `check_temperature`. The sown logits are the clean W_g u / T (before expert dropout and
+    Gumbel noise); the sown gates are the ones used.
     """
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     if self.use_bias:

@@ -37,7 +37,6 @@ Router controls (fields; the defaults give Eq. 5 / Eq. 7 exactly, see `localmoe.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from localmoe import grid
