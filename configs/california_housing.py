@@ -58,8 +58,8 @@ def get_config(arg=None):
   ))
   config.optim = ml_collections.ConfigDict(dict(
       epochs=15, batch_size=128, lr=5e-3, weight_decay=0.01, eval_batch_size=8192, log_every=0,
-      groups="",                       # parameter groups (localmoe.train.settings): PRESETS names joined by "+", e.g.
-                                       # poly_router, or a literal list of rules; "" none
+      groups=configlib.groups_field(),  # parameter groups (localmoe.train.settings): PRESETS names joined by "+",
+                                       # e.g. poly_router, a list of rules or a dict of named rules; "" none
   ))
   config.model = ml_collections.ConfigDict(dict(a_init="lora", b_init="zeros"))
   config.model.alpha = ml_collections.config_dict.placeholder(float)

@@ -102,8 +102,9 @@ def get_config(arg=None):
       batch_size=32, lr=5e-4, weight_decay=0.01, eval_batch_size=256, log_every=1,
       eval_train_rows=1024,            # training-stream rows evaluated each time (a fixed task-balanced subset)
       test_at_end=True,                # the test split once, after training; curves from the held-out rows
-      groups="heads_slow",             # parameter groups of every method (train.PRESETS names joined by "+", or a
-                                      # literal list of rules); the _anchor methods add their router group first
+      # Parameter groups of every method (train.PRESETS names joined by "+", or rules); the _anchor methods add
+      # their router group first.
+      groups=configlib.groups_field("heads_slow"),
   ))
   config.eval = ml_collections.ConfigDict(dict(
       step_time_repeats=5,             # time this many compiled training steps per method (0: skip)

@@ -72,8 +72,8 @@ def get_config(arg=None):
   config.pretrain = ml_collections.ConfigDict(dict(epochs=300, batch_size=64, lr=3e-3, weight_decay=0.01))
   config.optim = ml_collections.ConfigDict(dict(
       epochs=arg.epochs, batch_size=64, lr=5e-4, weight_decay=0.01, eval_every=10,
-      groups="",                       # parameter groups (localmoe.train.settings): PRESETS names joined by "+", e.g.
-                                       # poly_router, or a literal list of rules; "" none
+      groups=configlib.groups_field(),  # parameter groups (localmoe.train.settings): PRESETS names joined by "+",
+                                       # e.g. poly_router, a list of rules or a dict of named rules; "" none
   ))
   config.methods = ml_collections.ConfigDict({
       "full_finetune": dict(method="full_finetune"),

@@ -45,6 +45,14 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return result
 
 
+def groups_field(default: Any = "") -> ml_collections.FieldReference:
+  """The `config.optim.groups` field (parameter groups, `localmoe.train.settings`): a string on the command line
+  (preset names joined by "+", or a literal list of rules), and in a config file also a list of rule dicts or a
+  dict of named rules (which a sweep can address: "optim.groups.router.lr_mult"). Typed `object`, so a locked
+  config accepts each of these."""
+  return ml_collections.FieldReference(default, field_type=object)
+
+
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 

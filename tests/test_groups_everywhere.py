@@ -4,12 +4,11 @@ against that method's own parameters by the experiment's `validate` (shapes only
 ValueError naming the method before anything is read, written or computed (launch.py: exit 2)."""
 
 import importlib
-import os
 
 import jax
 import pytest
 
-from localmoe import train
+from localmoe import sweep, train
 from localmoe.train import settings as settings_lib
 from tests.test_launch import launch
 
@@ -33,12 +32,64 @@ def config_of(experiment, methods, groups):
   return config, importlib.import_module(f"experiments.{experiment}")
 
 
-def test_every_config_that_trains_has_the_field():
-  trained = {e[0] for e in EXPERIMENTS}
-  for name in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs")):
-    if name.endswith(".py"):
-      config = importlib.import_module(f"configs.{name[:-3]}").get_config("quick")
-      assert ("optim" in config and "groups" in config.optim) == (name[:-3] in trained), name
+# Bad `config.optim.groups` input, one row each of docs/bad_inputs.md (tools/bad_input_table.py prints what each
+# gives now): (case, experiment, method_names, groups, the start of the one-line error).
+BAD_GROUPS = [
+    ("a rule that freezes every parameter", "svd_simulation", "lora", "[{'name': 'all', 'pattern': '.*', "
+     "'freeze': True}]", "config.optim.groups (method lora): every trainable parameter is in a frozen group ('all')"),
+    ("a preset that matches nothing in one of the methods (`poly_router` with LoRA)", "svd_simulation",
+     "cellwise_moe,lora", "poly_router", "config.optim.groups (method lora): rule 'router' (pattern "
+     "'(?:.*/)?router/.*') matches no trainable parameter"),
+    ("a preset for heads in an experiment without heads", "mnist_degradation", "cellwise_moe", "heads_slow",
+     "config.optim.groups (method cellwise_moe): rule 'heads' (pattern 'extras/.*') matches no trainable parameter"),
+    ("a rule every match of which an earlier rule takes", "california_housing", "cellwise_moe",
+     "[{'name': 'all', 'pattern': '.*'}, {'name': 'router', 'pattern': 'router/.*'}]",
+     "config.optim.groups (method cellwise_moe): rule 'router' (pattern 'router/.*') matches only parameters that "
+     "the earlier rule 'all' (pattern '.*') already takes"),
+    ("`poly_router` with an `_anchor` method (which adds its own `router` rule)", "multitask_text",
+     "cellwise_moe_anchor", "poly_router", "config.optim.groups='poly_router' has a rule named 'router', as has "
+     "method cellwise_moe_anchor"),
+    ("a rule the `_anchor` method's own router rule shadows", "multitask_text", "blockwise_moe_anchor",
+     "[{'name': 'mine', 'pattern': '.*/router/kernel'}]", "config.optim.groups (method blockwise_moe_anchor): rule "
+     "'mine' (pattern '.*/router/kernel') matches only parameters that the earlier rule 'router', which method "
+     "blockwise_moe_anchor adds before the config's rules"),
+    ("`lr_mult` NaN on the command line (`float('nan')` in the literal)", "svd_simulation", "lora",
+     "[{'pattern': '.*', 'lr_mult': float('nan')}]", "config.optim.groups=\"[{'pattern': '.*', 'lr_mult': "
+     "float('nan')}]\" is not a Python literal list of rule dicts: only numbers, strings"),
+    ("`lr_mult=nan` in a config file", "nonconvex_regression", "lora", [dict(pattern=".*", lr_mult=float("nan"))],
+     "config.optim.groups[0].lr_mult=nan must be a finite number > 0"),
+    ("an unknown preset", "mnist_adaptation", "lora", "poly_routers", "config.optim.groups='poly_routers': unknown "
+     "preset(s) ['poly_routers']"),
+]
+
+
+def bad_groups_message(experiment, methods, groups) -> str:
+  """The one-line error of the experiment's validate for these groups ("" if it accepts them)."""
+  config, module = config_of(experiment, methods, "")
+  config.optim.groups = groups
+  try:
+    module.validate(config)
+  except ValueError as error:
+    return str(error)
+  return ""
+
+
+@pytest.mark.parametrize("case, experiment, methods, groups, start", BAD_GROUPS, ids=[c[0] for c in BAD_GROUPS])
+def test_bad_groups_are_one_line_naming_the_field(case, experiment, methods, groups, start):
+  message = bad_groups_message(experiment, methods, groups)
+  assert message.startswith(start) and "\n" not in message and "<ast." not in message, (case, message)
+
+
+def test_every_config_that_trains_has_the_field_and_it_takes_strings_lists_and_dicts():
+  for experiment, *_ in EXPERIMENTS:
+    config = importlib.import_module(f"configs.{experiment}").get_config("quick")
+    config.optim.groups = [dict(pattern=".*")]                      # a locked config takes each form
+    config.optim.groups = dict(router=dict(pattern="(?:.*/)?router/.*", lr_mult=10.0))
+    config.optim.groups = "poly_router"
+  assert "optim" not in importlib.import_module("configs.mnist_approximation").get_config("quick")   # no training
+  swept = sweep.apply_overrides(config, {"optim.groups": dict(router=dict(pattern="r", lr_mult=1.0))})
+  swept = sweep.apply_overrides(swept, {"optim.groups.router.lr_mult": 100.0})
+  assert train.parse_groups(swept.optim.groups)[0].lr_mult == 100.0
 
 
 @pytest.mark.parametrize("experiment, routed, with_b, plain", [
