@@ -4,6 +4,7 @@ against that method's own parameters by the experiment's `validate` (shapes only
 ValueError naming the method before anything is read, written or computed (launch.py: exit 2)."""
 
 import importlib
+import os
 
 import jax
 import pytest
@@ -51,8 +52,8 @@ BAD_GROUPS = [
      "method cellwise_moe_anchor"),
     ("a rule the `_anchor` method's own router rule shadows", "multitask_text", "blockwise_moe_anchor",
      "[{'name': 'mine', 'pattern': '.*/router/kernel'}]", "config.optim.groups (method blockwise_moe_anchor): rule "
-     "'mine' (pattern '.*/router/kernel') matches only parameters that the earlier rule 'router', which method "
-     "blockwise_moe_anchor adds before the config's rules"),
+     "'mine' (pattern '.*/router/kernel') matches only parameters that the earlier rule 'router' (pattern "
+     "'adapter/.*/router/.*', which method blockwise_moe_anchor adds before the config's rules"),
     ("`lr_mult` NaN on the command line (`float('nan')` in the literal)", "svd_simulation", "lora",
      "[{'pattern': '.*', 'lr_mult': float('nan')}]", "config.optim.groups=\"[{'pattern': '.*', 'lr_mult': "
      "float('nan')}]\" is not a Python literal list of rule dicts: only numbers, strings"),
@@ -151,9 +152,10 @@ def test_the_anchor_methods_own_router_rule_is_named_when_a_users_rule_clashes()
                                        r"'router' \(pattern 'adapter/\.\*/router/\.\*'"):
     mt.validate(config)
   config.optim.groups = "[{'name': 'mine', 'pattern': '.*/router/kernel'}]"
-  with pytest.raises(ValueError, match=r"rule 'mine' .* matches only parameters that the earlier rule 'router', which "
-                                       r"method cellwise_moe_anchor adds before the config's rules \(config.router."
-                                       r"anchor_lr_mult, anchor_weight_decay\) .*: narrow the pattern of 'mine'"):
+  with pytest.raises(ValueError, match=r"rule 'mine' .* matches only parameters that the earlier rule 'router' "
+                                       r"\(pattern 'adapter/\.\*/router/\.\*', which method cellwise_moe_anchor adds "
+                                       r"before the config's rules \(config.router.anchor_lr_mult, anchor_weight_decay"
+                                       r"\)\) already takes, .*: narrow the pattern of 'mine' or remove it\.$"):
     mt.validate(config)
 
 
@@ -226,3 +228,12 @@ def test_launch_refuses_bad_groups_with_exit_2_before_writing(case, tmp_path):
   assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
   assert proc.stderr.startswith(line) and proc.stderr.count("\n") == 1, proc.stderr
   assert "Traceback" not in proc.stderr and not workdir.exists()
+
+
+def test_the_bad_inputs_page_is_what_the_table_tool_prints_now(capsys, monkeypatch):
+  import runpy
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  monkeypatch.setattr("sys.argv", ["bad_input_table.py", "config"])
+  runpy.run_path(os.path.join(root, "tools", "bad_input_table.py"), run_name="__main__")
+  with open(os.path.join(root, "docs", "bad_inputs.md"), encoding="utf-8") as f:
+    assert capsys.readouterr().out == f.read(), "regenerate: python tools/bad_input_table.py config > docs/bad_inputs.md"

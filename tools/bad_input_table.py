@@ -1,16 +1,20 @@
-"""Prints the markdown table of docs/bad_input_real_model.md: each bad input on the real-model path and what
-it gives now (the first line of the error, or the chosen behaviour), observed by running it.
+"""Prints the markdown tables of bad input: each case and what it gives now (the first line of the error, or
+the chosen behaviour), observed by running it.
 
-  python tools/bad_input_table.py > docs/bad_input_real_model.md
+  python tools/bad_input_table.py > docs/bad_input_real_model.md            # the real-model path
+  python tools/bad_input_table.py config > docs/bad_inputs.md               # the trainer and the experiments
 
-The same cases are asserted by tests/test_inject_models.py (section "bad input"), tests/test_adapter_io.py
-and tests/test_minilm.py; this script only observes them. It runs on CPU in well under a minute.
+The real-model cases are asserted by tests/test_inject_models.py (section "bad input"), tests/test_adapter_io.py
+and tests/test_minilm.py; the config cases are the table `BAD_GROUPS` of tests/test_groups_everywhere.py (which
+asserts them) and the cases of tests/test_multitask_report.py. This script only observes them. Each page is
+printed on CPU in well under a minute, without a download.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 
 import flax.linen as nn
@@ -195,7 +199,53 @@ def cases(tmp: str) -> list[tuple[str, str]]:
   return [(case, result.replace(tmp, "<tmp>")) for case, result in rows]
 
 
+def config_cases() -> list[tuple[str, str]]:
+  """Bad `config.optim.groups` in each experiment (tests/test_groups_everywhere.py BAD_GROUPS), then the
+  behaviours chosen on purpose."""
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests/, configs/
+  from tests import test_groups_everywhere as groups_tests                          # pylint: disable=import-outside-toplevel
+  from localmoe.train import settings                                               # pylint: disable=import-outside-toplevel
+
+  rows = []
+  for case, experiment, methods, groups, _ in groups_tests.BAD_GROUPS:
+    message = groups_tests.bad_groups_message(experiment, methods, groups)
+    rows.append((f"{case}: `{experiment}`, methods `{methods}`, `config.optim.groups={groups!r}`",
+                 f"`ValueError: {message}`" if message else "accepted"))
+  rows.append(("a sweep entry `{'optim.groups.router.lr_mult': 10.0}` while `config.optim.groups='poly_router'`",
+               outcome(lambda: settings.check_group_overrides("poly_router", {"optim.groups.router.lr_mult": 10.0},
+                                                              "sweep entry 0"))))
+  rows.append(("`--config.optim.groups=...` on any config that trains (`svd_simulation`, `california_housing`, "
+               "`mnist_degradation`, `mnist_adaptation`, `nonconvex_regression`, `multitask_text`)",
+               "accepted: a preset string or a literal list on the command line, a list or a dict of named rules in "
+               "a config file or a sweep; every method's rules are resolved against its own parameters before "
+               "anything is read, written or computed (`launch.py`: exit 2)"))
+  rows.append(("a routed method every seed of which diverges in the multi-task run (e.g. "
+               "`configs/multitask_text.py:quick,methods=cellwise_moe_anchor,seeds=1 --config.optim.lr=1e6`)",
+               "exit 0; results.md marks the method with † and prints n/a where no seed has a value (accuracy, "
+               "router diagnostics at the end), results.json holds null there (no NaN); TensorBoard and the "
+               "progress line skip values no seed has (no numpy or tensorboardX warnings); the figures stop at "
+               "the last evaluation any seed reached; a re-run resumes from the final checkpoints "
+               "(tests/test_multitask_report.py)"))
+  return rows
+
+
+CONFIG_INTRO = ("# Bad input to the trainer and the experiments\n\n"
+                "What each bad `config.optim.groups` (and the chosen behaviour of a diverged multi-task run) gives "
+                "now, observed by `python tools/bad_input_table.py config` (which prints this file). The rows of "
+                "errors are the table `BAD_GROUPS` of `tests/test_groups_everywhere.py`, which asserts them; the "
+                "multi-task report is asserted by `tests/test_multitask_report.py`. Each error is one line naming "
+                "the field, the method and the fix, raised by the experiment's `validate` before anything is read, "
+                "written or computed (`launch.py` prints it and exits 2).\n")
+
+
 def main():
+  if sys.argv[1:] == ["config"]:
+    print(CONFIG_INTRO)
+    print("| case | what you get now |")
+    print("|---|---|")
+    for case, result in config_cases():
+      print(f"| {case.replace('|', chr(92) + '|')} | {result.replace('|', chr(92) + '|')} |")
+    return
   with tempfile.TemporaryDirectory() as tmp:
     rows = cases(tmp)
   print("# Bad input on the real-model path\n")

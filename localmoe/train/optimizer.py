@@ -144,7 +144,7 @@ def group_sizes(settings: Settings, params, where: str = "", added: Mapping[str,
       earlier = next(r for r in settings.groups[:index] if r.matches(matched[0]))
       if earlier.name in (added or {}):
         fix = f"narrow the pattern of {rule.name!r} or remove it"
-        origin = f"{earlier.name!r}, which {added[earlier.name]} (pattern {earlier.pattern!r}),"
+        origin = f"{earlier.name!r} (pattern {earlier.pattern!r}, which {added[earlier.name]})"
       else:
         fix = f"put {rule.name!r} first, narrow the pattern of {earlier.name!r}, or remove one of them"
         origin = f"{earlier.name!r} (pattern {earlier.pattern!r})"
