@@ -8,9 +8,11 @@ One idea per module:
 
   settings.py     `Settings` (the `config.optim` block, validated once) and parameter groups (`GroupRule`,
                   `PRESETS`)
-  task.py         `Task` (init, predict, loss, metrics, aux outputs, diagnostics) and `Data` (splits, frozen)
+  task.py         `Task` (init, predict, loss, metrics, aux outputs, diagnostics, the rng streams and global
+                  step its predict takes in training) and `Data` (splits, frozen)
   optimizer.py    `make_optimizer`: AdamW, parameter groups (optax.partition), schedule, warmup, clipping
-  step.py         `loss_and_aux`, `train_step` (the step a fork changes), epoch batches, the compiled epochs
+  step.py         `loss_and_aux`, `train_step` (the default step; a fork passes its own as `step_fn`), epoch
+                  batches, the per-step keys of a task's rngs, the compiled epochs
   evaluation.py   chunked evaluation of whole splits, diagnostics
   initial.py      the vmapped initial train state and the empty histories
   divergence.py   the divergence guard's reading: non-finite losses and finite blow-ups -> status per entry
