@@ -62,7 +62,7 @@ TEXTS = [
 
 
 def sentencepiece_processor(path: Path):
-  """SentencePiece itself, on a BPE model proto built from the GGUF vocabulary (pieces, scores, types).
+  """(processor, BOS id): SentencePiece itself, on a BPE model proto built from the GGUF vocabulary (pieces, scores, types).
 
   Identity normaliser, spaces escaped as U+2581, no dummy prefix, byte fallback; user-defined pieces (stored in
   the GGUF with literal spaces) escaped like the text; `<unk>` typed UNKNOWN, as SentencePiece requires.
@@ -89,7 +89,7 @@ def sentencepiece_processor(path: Path):
     piece.piece = token.replace(" ", "\u2581") if kind == 4 else token
     piece.score = score
     piece.type = 2 if i == field("unknown_token_id") else kind
-  return sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+  return sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString()), field("bos_token_id")
 
 
 def fetch_gguf(dest: Path) -> Path:
@@ -144,8 +144,8 @@ def reference(path: Path) -> dict:
   model.config.layer_types = model.config.layer_types[:SLICE_LAYERS]
   for prompt in prompts:
     prompt["slice"] = describe(model, prompt["ids"], generate=False)
-  sp = sentencepiece_processor(path)
-  texts = [{"text": t, "transformers_ids": tokenizer(t)["input_ids"], "ids": [sp.bos_id()] + sp.encode(t)}
+  sp, bos = sentencepiece_processor(path)
+  texts = [{"text": t, "transformers_ids": tokenizer(t)["input_ids"], "ids": [bos] + sp.encode(t)}
            for t in TEXTS]
   return {
       "source": f"{GGUF_NAME} (sha256 {GGUF_SHA256}) through transformers {transformers.__version__} "
