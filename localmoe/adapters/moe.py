@@ -138,8 +138,10 @@ class _RoutedGrid(nn.Module):
   def _temperature(self, temperature, step):
     """The temperature of one call: the call's own, else the schedule at `step` (its end without a step),
     else None (the field)."""
-    if temperature is not None or self.temperature_schedule is None:
-      return temperature
+    if temperature is not None:
+      return routing.check_temperature(temperature)                    # refused before any compute
+    if self.temperature_schedule is None:
+      return None
     start, end, steps, *kind = self.temperature_schedule
     if step is None:
       return float(end)
@@ -189,6 +191,8 @@ class _RoutedGrid(nn.Module):
 
     temperature: overrides the `temperature` field for this call (e.g. `routing.temperature_at(step, ...)`).
     """
+    if temperature is not None:
+      temperature = routing.check_temperature(temperature)
     cd = common.compute_dtype(self.dtype, x, self.param_dtype)
     if self.router_input == "context":
       return self.router(self._context(context).astype(cd), temperature)
