@@ -121,3 +121,18 @@ def test_scalar_writer_writes_finite_scalars_once_per_run(tmp_path, monkeypatch)
   assert not (stale / "events.old").exists()                     # a rerun replaces the earlier stream
   results.ScalarWriter(None).write_scalars(1, {"a": 1.0})        # no logdir: nothing
   assert len(calls) == 4
+
+
+def test_a_step_or_task_that_cannot_be_called_is_refused_before_compute():
+  task, data = lora_task(), tiny_problem()
+  with pytest.raises(TypeError, match=r"step_fn='train_step' is not callable"):
+    train.fit(task, data, [0], SETTINGS, log=None, step_fn="train_step")
+  with pytest.raises(TypeError, match=r"step_fn=None is not callable"):
+    train.step_seconds(task, None, None, {}, 1, step_fn=None)
+  three = lambda params, frozen, inputs: inputs["x"]
+  with pytest.raises(TypeError, match=r"Task.rngs=\('gumbel',\) but Task.predict takes no 'rngs' keyword"):
+    train.Task(init=task.init, predict=three, rngs=("gumbel",))
+  with pytest.raises(TypeError, match=r"Task.takes_step=True but Task.predict takes no 'step' keyword"):
+    train.Task(init=task.init, predict=three, takes_step=True)
+  train.Task(init=task.init, predict=lambda params, frozen, inputs, **kw: inputs["x"], rngs=("gumbel",),
+             takes_step=True)

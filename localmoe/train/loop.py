@@ -142,6 +142,9 @@ def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, nam
   groups' parameter counts are logged once.
   Returns the history of all entries.
   """
+  if not callable(step_fn):
+    raise TypeError(f"step_fn={step_fn!r} is not callable: pass a step with train_step's signature "
+                    "(task, tx, state, frozen, inputs, y, mask, global_step[, rng]), or leave the default.")
   start = time.perf_counter()
   seeds = list(seeds)
   entries = len(seeds)

@@ -8,6 +8,7 @@ validation split ("train", "val", "test"); FitResult.splits / .metric_names then
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, Mapping
 
 import jax
@@ -66,6 +67,11 @@ class Task:
     object.__setattr__(self, "rngs", tuple(self.rngs))
     if not isinstance(self.takes_step, bool):
       raise TypeError(f"Task.takes_step={self.takes_step!r} must be True or False.")
+    for wanted, needed in (("rngs", bool(self.rngs)), ("step", self.takes_step)):
+      if needed and not _accepts_keyword(self.predict, wanted):
+        field = f"Task.rngs={self.rngs!r}" if wanted == "rngs" else "Task.takes_step=True"
+        raise TypeError(f"{field} but Task.predict takes no '{wanted}' keyword: define predict(params, frozen, "
+                        f"inputs, {wanted}=None), or leave {field.split('=')[0]} at its default.")
     if self.per_example_metrics is None and tuple(self.metric_names) != METRICS:
       raise ValueError(f"Task.metric_names={self.metric_names!r} needs Task.per_example_metrics (a function "
                        f"(pred, y) -> [batch, {len(self.metric_names)}]); without it the metrics are {METRICS}.")
@@ -92,6 +98,15 @@ class Task:
     """`predict` without its aux outputs and without rngs (what evaluation uses)."""
     out = self.call(params, frozen, inputs, None, step)
     return out[0] if self.aux_names else out
+
+
+def _accepts_keyword(fn, name: str) -> bool:
+  """Whether fn can be called with the keyword `name` (True when its signature cannot be read)."""
+  try:
+    parameters = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return True
+  return any(p.kind == p.VAR_KEYWORD or (p.name == name and p.kind != p.POSITIONAL_ONLY) for p in parameters)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,8 @@ def step_seconds(task: Task, params, frozen, batch: dict, repeats: int, step_fn=
   """Median seconds of one compiled, vmapped step (all entries of `params`, leading entry axis) on `batch`
   (a dict with "y"), after one untimed call that compiles it. step_fn: the step `fit` was given (default
   `train_step`); a task with rng streams (`Task.rngs`) gets a fixed key."""
+  if not callable(step_fn):
+    raise TypeError(f"step_fn={step_fn!r} is not callable: pass the step given to fit, or leave the default.")
   tx = make_optimizer()
   state = jax.vmap(lambda p: entry_state(p, tx.init(p)))(params)
   inputs = {k: jnp.asarray(v) for k, v in batch.items() if k != "y"}
