@@ -74,5 +74,5 @@ def split(model: nnx.Module) -> tuple[Functional, dict]:
   adapter = described.adapter if isinstance(described.adapter, inject_lib.PerLayer) else None
   if adapter is None:
     raise ValueError("nnx_functional needs a per-layer adapter set (inject with a spec dict or rules).")
-  frozen = jax.tree_util.tree_map(lambda a: a, rest.to_pure_dict())
+  frozen = nnx.to_pure_dict(rest)
   return Functional(graphdef, adapter, layers, kernel_paths), frozen
