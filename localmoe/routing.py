@@ -320,6 +320,18 @@ class Router(nn.Module):
     return gates.astype(dtype)
 
 
+RNG_STREAMS = ("gumbel", "dropout")             # the flax rng streams routers draw from in training
+
+
+def rng_streams(modules) -> tuple[str, ...]:
+  """The rng streams (of RNG_STREAMS, in that order) that any of `modules` (adapters, or one adapter) uses in
+  training (their `rng_streams`): what a `train.Task` over them declares as `rngs`; () when every routing is
+  deterministic. For adapters injected into a model, pass the per-layer modules."""
+  modules = [modules] if isinstance(modules, nn.Module) else list(modules)
+  used = {name for module in modules for name in getattr(module, "rng_streams", ())}
+  return tuple(name for name in RNG_STREAMS if name in used)
+
+
 def logit_dtype(compute_dtype: Any) -> jnp.dtype:
   """Router logits are float32, or wider when the computation is (float64)."""
   return jnp.promote_types(compute_dtype, jnp.float32)

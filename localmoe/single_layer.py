@@ -20,6 +20,7 @@ from localmoe import adapters
 from localmoe import checkpoint
 from localmoe import configlib
 from localmoe import results
+from localmoe import routing
 from localmoe import runner
 from localmoe import train
 
@@ -34,7 +35,7 @@ def layer_task(module, d_in: int, context_dim: int) -> train.Task:
   """
   x0 = jnp.zeros((1, d_in), jnp.float32)
   c0 = jnp.zeros((1, context_dim), jnp.float32)
-  rng_streams = tuple(getattr(module, "rng_streams", ()))
+  rng_streams = routing.rng_streams(module)
   takes_step = getattr(module, "temperature_schedule", None) is not None
 
   def init(key, frozen):

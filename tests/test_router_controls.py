@@ -97,6 +97,9 @@ def test_plain_tasks_are_called_as_before():
   task = single_layer.layer_task(routed(), D, CTX)
   assert task.rngs == () and not task.takes_step
   assert single_layer.layer_task(routed(router_dropout=0.1), D, CTX).rngs == ("dropout",)
+  assert routing.rng_streams([routed(router_dropout=0.1), routed(router_hard="gumbel"), lm.make(
+      dict(method="lora", d_in=D, d_out=D, rank=1))]) == ("gumbel", "dropout")
+  assert routing.rng_streams(routed(router_hard="straight_through")) == ()
   with pytest.raises(TypeError, match=r"Task.rngs='gumbel' must be a tuple"):
     train.Task(init=task.init, predict=task.predict, rngs="gumbel")
 
