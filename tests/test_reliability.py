@@ -283,7 +283,7 @@ def test_checkpointer_round_trip_and_resume_in_process(tmp_path):
 @pytest.mark.slow
 def test_sigterm_mid_run_then_resume_is_bit_identical(tmp_path):
   args = ["--config=configs/svd_simulation.py:quick,methods=lora+cellwise_moe,spectra=gaussian",
-          "--config.data.num_samples=6000", "--config.optim.batch_size=8", "--config.optim.epochs=6",
+          "--config.data.num_samples=1000", "--config.optim.batch_size=8", "--config.optim.epochs=3",
           "--config.checkpoint_every_epochs=1"]
   reference = tmp_path / "reference"
   proc = run_launch(*args, f"--workdir={reference}")
@@ -465,8 +465,8 @@ def _interrupt_then_resume(tmp_path, args, after):
 
 @pytest.mark.slow
 def test_sigterm_stops_a_sweep_with_75_and_the_resume_is_bit_identical(tmp_path):
-  args = ["--config=configs/svd_simulation.py:quick", "--sweep", "--config.data.num_samples=2000",
-          "--config.optim.batch_size=8", "--config.optim.epochs=4", "--config.checkpoint_every_epochs=1"]
+  args = ["--config=configs/svd_simulation.py:quick", "--sweep", "--config.data.num_samples=600",
+          "--config.optim.batch_size=8", "--config.optim.epochs=3", "--config.checkpoint_every_epochs=1"]
   reference, resumed = _interrupt_then_resume(tmp_path, args, "group_")
   drop = lambda row: {k: v for k, v in row.items() if k != "wall_time_s"}
   want = json.loads((reference / "sweep.json").read_text())["entries"]
@@ -477,7 +477,7 @@ def test_sigterm_stops_a_sweep_with_75_and_the_resume_is_bit_identical(tmp_path)
 
 @pytest.mark.slow
 def test_sigterm_stops_the_nonconvex_run_with_75_and_the_resume_is_bit_identical(tmp_path):
-  args = ["--config=configs/nonconvex_regression.py:quick", "--config.optim.epochs=24",
+  args = ["--config=configs/nonconvex_regression.py:quick", "--config.optim.epochs=6",
           "--config.optim.eval_every=2", "--config.checkpoint_every_epochs=2", "--config.data.plot_grid=0"]
   reference, resumed = _interrupt_then_resume(tmp_path, args, os.sep + "lora")
   want = json.loads((reference / "results.json").read_text())["variants"]
