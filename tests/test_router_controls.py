@@ -247,3 +247,25 @@ def test_injected_adapters_draw_their_noise_from_apply_rngs():
            for k in (1, 2)]
   assert not np.allclose(drawn[0], drawn[1])                              # the noise reaches the adapters
   np.testing.assert_array_equal(plain, adapted.apply(params, trainable, x, context=context))
+
+
+@pytest.mark.slow
+def test_training_keys_are_a_function_of_the_seed_and_the_global_step():
+  """Each step's key is fold_in(fold_in(seed key, 2), global step), stream i fold_in(., i): different per
+  seed under vmap, new at every step of every epoch, the same after a resume."""
+  base = single_layer.layer_task(lm.make(dict(method="lora", d_in=D, d_out=D, rank=1)), D, CTX)
+
+  def predict(params, frozen, inputs, rngs=None):
+    draws = {name: jax.random.uniform(rngs[name]) if rngs else jnp.float32(-1) for name in ("gumbel", "dropout")}
+    return base.predict(params, frozen, inputs), draws
+
+  task = train.Task(init=base.init, predict=predict, aux_names=("gumbel", "dropout"), rngs=("gumbel", "dropout"))
+  data = tiny_problem((0, 1))
+  fit = train.fit(task, data, [3, 4], SETTINGS, log=None)                   # 3 steps of 16 rows per epoch
+  for k, seed in enumerate((3, 4)):
+    noise = jax.random.fold_in(jax.random.PRNGKey(seed), 2)
+    for epoch in range(SETTINGS.epochs):
+      for i, name in enumerate(("gumbel", "dropout")):
+        want = np.mean([jax.random.uniform(jax.random.fold_in(jax.random.fold_in(noise, epoch * 3 + s), i))
+                        for s in range(3)])
+        np.testing.assert_allclose(fit.train_history[k, epoch, 1 + i], want, rtol=1e-6)
