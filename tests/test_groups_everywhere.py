@@ -161,23 +161,24 @@ def test_the_anchor_methods_own_router_rule_is_named_when_a_users_rule_clashes()
 
 @pytest.mark.slow
 def test_multitask_shapes_are_the_trained_trees():
-  """validate's abstract trees have the paths `build_task` gives on real arrays (random weights, tiny sizes)."""
+  """validate's abstract trees have the paths `build_task` gives on real arrays (random weights)."""
   import numpy as np
   from experiments import multitask_text as mt
   from localmoe import params as params_lib
   from localmoe.models import bert
   config, _ = config_of("multitask_text", "cellwise_moe_anchor", "heads_slow")
   shapes = mt.trainable_shapes("cellwise_moe_anchor", config, 4)
-  m = config.model
-  upper = bert.Upper(bert.Bert(num_layers=m.num_layers), m.frozen_layers)
-  rows = {"hidden": np.zeros((1, 8, mt.HIDDEN), np.float32), "attention_mask": np.ones((1, 8), np.int32),
+  m = config.model                                 # the same layers, narrow (the paths do not depend on widths)
+  narrow = bert.Bert(num_layers=m.num_layers, hidden_size=16, num_heads=2, intermediate_size=32)
+  upper = bert.Upper(narrow, m.frozen_layers)
+  rows = {"hidden": np.zeros((1, 8, 16), np.float32), "attention_mask": np.ones((1, 8), np.int32),
           "task": np.zeros((1,), np.int32), "y": np.zeros((1, 3), np.int32)}
   corpus = mt.Corpus(("a", "b", "c", "d"), (2, 3, 2, 4), rows, rows, rows, {})
   model = mt.MultiTaskClassifier(upper, corpus.num_classes)
   frozen = model.init(jax.random.PRNGKey(0), rows["hidden"], rows["attention_mask"], rows["task"])["params"]
   heads0 = {k: v for k, v in frozen.items() if k != "backbone"}
   task = mt.build_task("cellwise_moe_anchor", config, upper, frozen, corpus, heads0)[0]
-  real = task.init(jax.random.PRNGKey(1), frozen)
+  real = jax.eval_shape(task.init, jax.random.PRNGKey(1), frozen)     # the task built on concrete weights
   assert [p for p, _ in params_lib.leaf_paths(shapes)] == [p for p, _ in params_lib.leaf_paths(real)]
 
 
