@@ -343,7 +343,9 @@ def load_corpus(data_config, tokenizer, loaded: dict | None = None) -> Corpus:
     for i in range(max(len(o) for o in orders)):
       for t, ((ts, ls), order) in enumerate(zip(per_task, orders)):
         if i < len(order):
-          texts.append(ts[order[i]]); labels.append(int(ls[order[i]])); task_ids.append(t)
+          texts.append(ts[order[i]])
+          labels.append(int(ls[order[i]]))
+          task_ids.append(t)
     tokens = minilm.tokenize(tokenizer, texts, max_length=data_config.max_length, padding="max_length")
     y = np.stack([np.asarray(labels, np.int32), np.asarray(task_ids, np.int32), np.ones(len(texts), np.int32)], 1)
     return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
