@@ -93,9 +93,12 @@ def test_every_config_that_trains_has_the_field_and_it_takes_strings_lists_and_d
   assert train.parse_groups(swept.optim.groups)[0].lr_mult == 100.0
 
 
-@pytest.mark.parametrize("experiment, routed, with_b, plain", [
-    pytest.param(*e, marks=pytest.mark.slow) if e[0] == "nonconvex_regression" else e   # inject traces 2 s
-    for e in EXPERIMENTS], ids=IDS)
+# nonconvex_regression's validate traces its injected MLP per method (about 2 s): slow.
+SLOW_IF_INJECTED = [pytest.param(*e, marks=pytest.mark.slow) if e[0] == "nonconvex_regression" else e
+                    for e in EXPERIMENTS]
+
+
+@pytest.mark.parametrize("experiment, routed, with_b, plain", SLOW_IF_INJECTED, ids=IDS)
 def test_presets_match_every_experiments_paths(experiment, routed, with_b, plain):
   del plain
   for methods, groups in ((with_b, "lora_plus"), (routed, "poly_router+lora_plus")):
@@ -103,7 +106,7 @@ def test_presets_match_every_experiments_paths(experiment, routed, with_b, plain
     module.validate(config)                                     # every rule matches in every method
 
 
-@pytest.mark.parametrize("experiment, routed, with_b, plain", EXPERIMENTS, ids=IDS)
+@pytest.mark.parametrize("experiment, routed, with_b, plain", SLOW_IF_INJECTED, ids=IDS)
 def test_a_rule_one_method_cannot_match_names_that_method(experiment, routed, with_b, plain):
   del with_b
   config, module = config_of(experiment, f"{routed},{plain}", "poly_router")
@@ -112,9 +115,10 @@ def test_a_rule_one_method_cannot_match_names_that_method(experiment, routed, wi
     module.validate(config)
 
 
-@pytest.mark.parametrize("experiment", IDS)
-def test_freezing_every_parameter_is_refused(experiment):
-  config, module = config_of(experiment, {e[0]: e[3] for e in EXPERIMENTS}[experiment],
+@pytest.mark.parametrize("experiment, routed, with_b, plain", SLOW_IF_INJECTED, ids=IDS)
+def test_freezing_every_parameter_is_refused(experiment, routed, with_b, plain):
+  del routed, with_b
+  config, module = config_of(experiment, plain,
                              "[{'name': 'all', 'pattern': '.*', 'freeze': True}]")
   with pytest.raises(ValueError, match=r"\(method \w+\): every trainable parameter is in a frozen group \('all'\), so "
                                        r"nothing would train: set freeze=False"):
