@@ -49,7 +49,7 @@ Variants:
              18 blocks, 300 training rows per task (60 held out), 200 test rows per task, 40 tokens, 3 seeds,
              4 x 40 steps of 16. Not run in full here (the cores were shared).
   :cpu_small the reduced variant that was run (docs/experiments/multitask_lm.md): as :cpu with the baselines
-             and 3 adapter methods (lora, cellwise_moe_anchor, per_task_lora), 120 training rows per task (40 held
+             and 3 adapter methods (lora, cellwise_moe_anchor, per_task_lora), 140 training rows per task (40 held
              out), 100 test rows per task, 4 x 25 steps of 16, generation on 5 test rows per task.
   :quick     a 2-layer slice of the real weights (adapters on block 2), 24 / 8 rows per task, 24 tokens, 1 seed,
              zero-shot + probe + lora + cellwise_moe_anchor, 2 x 2 steps, generation of 1 row per task.
@@ -124,7 +124,7 @@ def get_config(arg=None):
   if arg.cpu_small:
     if arg.methods == ALL_METHODS:
       config.method_names = "zero_shot,few_shot,linear_probe,lora,cellwise_moe_anchor,per_task_lora"
-    config.data.update(train_per_task=120, val_per_task=40, test_per_task=100)
+    config.data.update(train_per_task=140, val_per_task=40, test_per_task=100)
     config.optim.update(steps_per_epoch=25)
     config.eval.generate_rows = 5
   if arg.quick:

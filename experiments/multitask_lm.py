@@ -93,6 +93,8 @@ def validate(config) -> train.Settings:
   if e.diagnostic_rows > settings.eval_batch_size:
     raise ValueError(f"config.eval.diagnostic_rows={e.diagnostic_rows} must be <= config.optim.eval_batch_size="
                      f"{settings.eval_batch_size} (they are read from one chunk).")
+  if d.train_per_task:                            # steps per evaluation, evaluated rows: within one pass
+    settings.check_batch(len(tasks) * (d.train_per_task - d.val_per_task))
   for name in names:
     if name in BASELINES:
       continue
@@ -207,10 +209,10 @@ def run(config, workdir: str) -> dict:
   data = {s: {key: v[key] for key in ("hidden", "mask", "task", "y")} for s, v in splits.items()}
   upper0 = gemma3_features.Upper(model, k, prompts.answer_ids)
   graph0, state0 = nnx.split(upper0)
-  frozen_fn = jax.jit(lambda st, h, mask: (lambda u: (u.features(h, mask), u(h, mask)))(nnx.merge(graph0, st)))
-  feats = {s: [np.asarray(a) for a in zip(*[frozen_fn(state0, jnp.asarray(d["hidden"][i:i + ev.chunk]), jnp.asarray(
-      d["mask"][i:i + ev.chunk])) for i in range(0, len(d["task"]), ev.chunk)])] for s, d in data.items()}
-  feats = {s: (np.concatenate(f[0]), np.concatenate(f[1])) for s, f in feats.items()}
+  frozen_fn = jax.jit(lambda st, h, mask: (lambda u: jnp.concatenate([u.features(h, mask), u(h, mask)], 1))(
+      nnx.merge(graph0, st)))                                                      # [B, W + A]
+  feats = {s: np.split(gemma3_features.chunked(lambda h, mask: frozen_fn(state0, h, mask), (d["hidden"], d["mask"]),
+                                               ev.chunk), [WIDTH], axis=1) for s, d in data.items()}
   print(f"== multi-task LM: {len(tasks)} tasks ({', '.join(f'{t} {c}' for t, c in prompts.counts.items())}), "
         f"prompts <= {config.data.max_length} tokens, Gemma 3 270M x{m.num_layers} ({m.dtype}), adapters on blocks "
         f"{k + 1}-{m.num_layers} (blocks 1-{k} computed once: {time.perf_counter() - t0:.0f} s), {len(seeds)} seeds, "
@@ -220,7 +222,7 @@ def run(config, workdir: str) -> dict:
   score = lambda logits: multitask.scores_of_logits(logits, y_test, prompts.tasks, prompts.num_classes)
   tile = lambda scores: {key: np.repeat(v, len(seeds)) for key, v in scores.items()}
   ones = [True] * len(seeds)
-  live, fits_done, layer_names = results.LiveLong(workdir), {}, {}
+  live, layer_names = results.LiveLong(workdir), {}
 
   def baseline(name: str) -> dict:
     if name == "zero_shot":
@@ -258,7 +260,6 @@ def run(config, workdir: str) -> dict:
                          multitask.method_groups(method.name, config))),
                      log=lambda line: None if line.startswith(f"  [{method.name}] epoch ") else print(line, flush=True),
                      on_epoch_end=multitask.live_hook(live, method.name, seeds, prompts.tasks, prompts.num_classes))
-    fits_done[method.name] = fit
     ok = [s == "ok" for s in fit.status]
     final = multitask.task_scores(fit.history[:, -1, -1], prompts.tasks, prompts.num_classes)
     trained = fn.model(jax.tree_util.tree_map(lambda a: a[0], fit.params), frozen)

@@ -21,7 +21,6 @@ import dataclasses
 from typing import Any
 
 from flax import nnx
-import jax
 
 from localmoe import inject as inject_lib
 from localmoe import nnx_inject

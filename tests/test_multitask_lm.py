@@ -42,6 +42,7 @@ def _config(arg="quick", **overrides):
     ("eval.generate_rows", -1, "config.eval.generate_rows=-1 must be an integer >= 0"),
     ("eval.diagnostic_rows", 64, "config.eval.diagnostic_rows=64 must be <= config.optim.eval_batch_size=32"),
     ("data.val_per_task", 24, "config.data.val_per_task=24 must be below config.data.train_per_task=24"),
+    ("optim.steps_per_epoch", 9, "config.optim.steps_per_epoch=9 is more than one pass"),
     ("optim.groups", "[{'name': 'router', 'pattern': 'adapter/.*'}]", "has a rule named 'router'"),
 ])
 def test_validate_refuses_bad_overrides_in_one_line(key, value, words, monkeypatch):

@@ -56,7 +56,7 @@ def embed(model: gemma3.Gemma3, tokens):
   return model.embed(tokens) * jnp.asarray(math.sqrt(model.config.width), model.dtype)
 
 
-def _chunked(fn, arrays, chunk: int) -> np.ndarray:
+def chunked(fn, arrays, chunk: int) -> np.ndarray:
   """fn over rows in chunks of `chunk` (the last one padded with repeated rows: one compiled shape)."""
   n = len(arrays[0])
   out = []
@@ -76,7 +76,7 @@ def lower_hidden(model: gemma3.Gemma3, tokens, mask, layers: int, chunk: int = 3
     m = nnx.merge(graphdef, state)
     return run_blocks(list(m.layers)[:layers], 0, m.config, embed(m, tokens), mask)
 
-  return _chunked(lambda t, k: fn(state, t, k), (np.asarray(tokens), np.asarray(mask)), chunk)
+  return chunked(lambda t, k: fn(state, t, k), (np.asarray(tokens), np.asarray(mask)), chunk)
 
 
 class Upper(nnx.Module):
@@ -147,5 +147,5 @@ def few_shot_logits(model: gemma3.Gemma3, prefixes, prefix_mask, tokens, mask, t
     return hidden[:, -1].astype(jnp.float32) @ answers.T
 
   cache = prefill(state)
-  return _chunked(lambda t, k, s: extend(state, cache, t, k, s),
+  return chunked(lambda t, k, s: extend(state, cache, t, k, s),
                   (np.asarray(tokens), np.asarray(mask), np.asarray(task, np.int32)), chunk)
