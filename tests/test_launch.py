@@ -95,11 +95,12 @@ def test_unknown_config_arg_lists_valid_ones(tmp_path):
 def test_compilation_cache_is_filled_then_reused_with_identical_results(tmp_path, monkeypatch):
   cache_dir = tmp_path / "cache"
   monkeypatch.setenv("LOCALMOE_COMPILATION_CACHE", str(cache_dir))
-  cold = launch("--config=configs/svd_simulation.py:quick", f"--workdir={tmp_path / 'cold'}")
+  config = "--config=configs/svd_simulation.py:quick,methods=lora+cellwise_moe,spectra=gaussian"   # 2 programs
+  cold = launch(config, f"--workdir={tmp_path / 'cold'}")
   assert cold.returncode == 0, cold.stderr[-3000:]
   entries = sorted(os.listdir(cache_dir))
   assert entries, "the first run stored no executable"
-  warm = launch("--config=configs/svd_simulation.py:quick", f"--workdir={tmp_path / 'warm'}")
+  warm = launch(config, f"--workdir={tmp_path / 'warm'}")
   assert warm.returncode == 0, warm.stderr[-3000:]
   assert sorted(os.listdir(cache_dir)) == entries                   # every program came from the cache
   metrics = lambda run: {n: m["test_mse"] for n, m in json.loads((tmp_path / run / "results.json").read_text())[
