@@ -107,7 +107,10 @@ def load_tensors(num_layers: int | None = None, data_dir: str | os.PathLike[str]
   folder = cache.data_dir(data_dir) / SUBDIR
   gguf_path = gguf_path if gguf_path is not None else os.environ.get(GGUF_ENV_VAR) or None
   converting = gguf_path is not None or not (folder / MANIFEST_FILE).exists()
-  needed = 4 * param_count(num_layers) + extra_bytes + (4 * NUM_PARAMS + GGUF_BYTES if converting else 0)
+  # float32 tensors, one transient copy of the largest (the embedding) while the model takes them, the caller's
+  # extra, and the conversion's float32 copy of every tensor plus the GGUF when the cache must be built.
+  needed = (4 * (param_count(num_layers) + EMBED_PARAMS) + extra_bytes
+            + (4 * NUM_PARAMS + GGUF_BYTES if converting else 0))
   memory.check_memory(needed, f"Gemma 3 270M ({num_layers or 18} layers"
                       f"{', converting the GGUF' if converting else ''})",
                       "pass num_layers=<fewer layers> or use a machine with more memory")
