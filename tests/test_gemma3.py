@@ -226,6 +226,7 @@ def test_generation_stops_at_eos_and_pads_after(tiny):
     (dict(temperature=-1.0), ValueError, "temperature=-1.0 must be a number >= 0"),
     (dict(top_p=0.0), ValueError, "top_p=0.0 must be in (0, 1]"),
     (dict(context=[0, 1]), ValueError, "context has shape (2,): pass one context per prompt (4"),
+    (dict(prompts=np.array([[2, 5], [2]], dtype=object)), ValueError, "prompts has shape (2,)"),
 ])
 def test_generate_refuses_bad_input_in_one_line(kwargs, error, message):
   class Untouchable:                                   # a model that fails if anything but its config is used
@@ -299,6 +300,8 @@ def test_cellwise_moe_on_tiny_gemma_trains_merges_per_task_and_round_trips(tmp_p
   np.testing.assert_array_equal(loaded, adapted)
   with pytest.raises(ValueError, match="called without a context"):
     fresh(jnp.asarray([[2, 3]]))
+  with pytest.raises(ValueError, match=r"context holds task id 3, outside 0..2 \(the adapters' context_dim\)"):
+    generate_lib.generate(fresh, prompts, 2, context=[0, 1, 3, 0])
 
 
 # --- tokenizer (a tiny SentencePiece-style vocabulary) ----------------------------------------------------------

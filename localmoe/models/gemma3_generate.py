@@ -108,10 +108,7 @@ def generate(model: gemma3.Gemma3, prompts, max_new_tokens: int, *, mask=None, c
     raise ValueError(f"top_p={top_p!r} must be in (0, 1].")
   eos = tuple(_check_int("eos_ids[]", e, 0) for e in eos_ids)
   if context is not None:
-    context = jnp.asarray(context)
-    if context.ndim == 0 or context.shape[0] != len(prompts):
-      raise ValueError(f"context has shape {tuple(context.shape)}: pass one context per prompt ({len(prompts)}: "
-                       "labels [batch] or vectors [batch, D]).")
+    context = _checked_context(model, context, len(prompts))
   width = -(-longest // pad_to_multiple) * pad_to_multiple
   tokens, prompt_mask = left_pad(prompts, width, pad_id)
   graphdef, state = nnx.split(model)
@@ -119,6 +116,23 @@ def generate(model: gemma3.Gemma3, prompts, max_new_tokens: int, *, mask=None, c
                          jax.random.PRNGKey(seed), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                          max_new=max_new_tokens, greedy=temperature == 0, eos=eos, pad_id=int(pad_id))
   return np.asarray(out), np.asarray(lengths)
+
+
+def _checked_context(model, context, batch: int):
+  """The context as an array, refused (one line) unless one per prompt and, as labels, within context_dim."""
+  from localmoe import nnx_inject  # pylint: disable=import-outside-toplevel
+  context = jnp.asarray(context)
+  if context.ndim == 0 or context.shape[0] != batch:
+    raise ValueError(f"context has shape {tuple(context.shape)}: pass one context per prompt ({batch}: labels "
+                     "[batch] or vectors [batch, D]).")
+  if jnp.issubdtype(context.dtype, jnp.integer) and context.ndim == 1:
+    dims = {int(m.adapter.definition.context_dim) for _, m in nnx.iter_modules(model)
+            if isinstance(m, nnx_inject.AdaptedLayer) and m.adapter is not None
+            and getattr(m.adapter.definition, "context_dim", None)}
+    bad = [int(c) for c in np.asarray(context) if not all(0 <= c < d for d in dims)]
+    if bad:
+      raise ValueError(f"context holds task id {bad[0]}, outside 0..{min(dims) - 1} (the adapters' context_dim).")
+  return context
 
 
 def _pick(logits, key, temperature, top_p, greedy: bool):
