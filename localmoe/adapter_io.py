@@ -54,8 +54,12 @@ def _write_pair(directory: str, flat: dict[str, np.ndarray], config: dict) -> No
   from safetensors.numpy import save_file     # pylint: disable=g-import-not-at-top
   directory = os.path.normpath(directory)
   parent, name = os.path.split(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")
+  except OSError as error:
+    raise ValueError(f"save_adapter: cannot create a directory in {parent} ({error.strerror or error}): pass a "
+                     "path on a writable file system (e.g. under your run's work directory).") from None
   old = None
   try:
     save_file(flat, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": FORMAT})
@@ -185,23 +189,9 @@ def read_config(directory: str) -> dict:
   return config
 
 
-def load_adapter(directory: str, model, frozen_params, *example_args, example_kwargs=None,
-                 key: jax.Array | None = None) -> tuple[inject.AdaptedModel, dict]:
-  """Attaches the saved adapter to `model` and returns (adapted, trainable) with the saved arrays.
-
-  The model's matched layers (found with `example_args`) must equal the saved ones, path by path and shape
-  by shape; otherwise a ValueError names the first layer that differs and both shapes, before anything is
-  loaded or applied.
-  """
-  from safetensors.numpy import load_file     # pylint: disable=g-import-not-at-top
-  config = read_config(directory)
-  spec = config["adapter"]
-  adapter = [tuple(rule) for rule in spec] if isinstance(spec, list) else spec
-  target = config["target_modules"]
-  target = target if isinstance(target, str) else tuple(target)
-  layers = inject.find_layers(model, frozen_params, example_args, target, example_kwargs)
+def check_layers(config: Mapping[str, Any], found: Mapping[str, Any], target) -> None:
+  """The model's matched layers `found` ({path: LayerInfo}) must equal the saved ones, path and shape."""
   saved = {layer["path"]: layer for layer in config["layers"]}
-  found = {layer.path: layer for layer in layers}
   for path, layer in saved.items():
     if path not in found:
       raise ValueError(f"the saved adapter has layer {path!r} ({layer['kind']} {layer['in_shape']} -> "
@@ -214,12 +204,22 @@ def load_adapter(directory: str, model, frozen_params, *example_args, example_kw
   if extra:
     raise ValueError(f"this model has layer {extra[0]!r} matching target_modules={target!r} that the saved adapter "
                      f"does not have ({len(extra)} such layers): the adapter was saved from another model.")
-  adapted, template = inject.inject(model, frozen_params, adapter, *example_args, target_modules=target,
-                                    key=jax.random.PRNGKey(0) if key is None else key,
-                                    trainable_extras=config.get("trainable_extras"), example_kwargs=example_kwargs)
+
+
+def spec_and_target(config: Mapping[str, Any]) -> tuple[Any, str | tuple[str, ...]]:
+  """The adapter spec (a dict, or (pattern, spec) rules) and target_modules of a read config."""
+  spec = config["adapter"]
+  target = config["target_modules"]
+  return ([tuple(rule) for rule in spec] if isinstance(spec, list) else spec,
+          target if isinstance(target, str) else tuple(target))
+
+
+def read_tensors(directory: str) -> tuple[str, dict[str, np.ndarray]]:
+  """(path of the weights file, {name: array}); a missing or unreadable file is one ValueError."""
+  from safetensors.numpy import load_file     # pylint: disable=g-import-not-at-top
   weights_path = os.path.join(directory, WEIGHTS_FILE)
   try:
-    arrays = load_file(weights_path)
+    return weights_path, load_file(weights_path)
   except FileNotFoundError:
     raise ValueError(f"{weights_path} does not exist: the directory lacks the weights written by save_adapter; "
                      "re-save the adapter.") from None
@@ -227,24 +227,47 @@ def load_adapter(directory: str, model, frozen_params, *example_args, example_kw
     raise ValueError(f"{weights_path} is not a readable safetensors file ({type(error).__name__}: "
                      f"{str(error).splitlines()[0] if str(error) else 'no detail'}): it is truncated or "
                      "corrupt; re-save the adapter.") from None
-  leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-  values, names = [], set()
-  for key_path, leaf in leaves_with_paths:
-    name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
-    names.add(name)
+
+
+def check_tensors(weights_path: str, arrays: Mapping[str, np.ndarray], expected: Mapping[str, Any],
+                  trainable_extras) -> None:
+  """`arrays` must hold exactly the tensors `expected` ({name: leaf with shape and dtype}), of their shape
+  and dtype; the first that differs is a ValueError naming the file and the tensor."""
+  for name, leaf in expected.items():
     if name not in arrays:
-      raise ValueError(f"{weights_path} lacks {name!r}: the file and "
-                       f"{CONFIG_FILE} disagree; re-save the adapter.")
-    if arrays[name].shape != leaf.shape:
+      raise ValueError(f"{weights_path} lacks {name!r}: the file and {CONFIG_FILE} disagree; re-save the adapter.")
+    if arrays[name].shape != tuple(leaf.shape):
       raise ValueError(f"{name}: saved shape {arrays[name].shape} but this model needs {tuple(leaf.shape)}.")
     if arrays[name].dtype != leaf.dtype:
       raise ValueError(f"{weights_path}: tensor {name!r} is {arrays[name].dtype} but this model needs "
                        f"{jnp.dtype(leaf.dtype).name}: re-save the adapter from params of that dtype (the "
                        "spec's param_dtype), or cast the file's tensors.")
-    values.append(jnp.asarray(arrays[name]))
-  unknown = sorted(set(arrays) - names)
+  unknown = sorted(set(arrays) - set(expected))
   if unknown:
     raise ValueError(f"{weights_path} holds tensor {unknown[0]!r} ({len(unknown)} such) that the adapter of "
-                     f"{CONFIG_FILE} does not have (trainable_extras={config.get('trainable_extras')!r}): the file "
+                     f"{CONFIG_FILE} does not have (trainable_extras={trainable_extras!r}): the file "
                      "and the config disagree; re-save the adapter.")
-  return adapted, jax.tree_util.tree_unflatten(treedef, values)
+
+
+def load_adapter(directory: str, model, frozen_params, *example_args, example_kwargs=None,
+                 key: jax.Array | None = None) -> tuple[inject.AdaptedModel, dict]:
+  """Attaches the saved adapter to `model` and returns (adapted, trainable) with the saved arrays.
+
+  The model's matched layers (found with `example_args`) must equal the saved ones, path by path and shape
+  by shape; otherwise a ValueError names the first layer that differs and both shapes, before anything is
+  loaded or applied.
+  """
+  config = read_config(directory)
+  adapter, target = spec_and_target(config)
+  layers = inject.find_layers(model, frozen_params, example_args, target, example_kwargs)
+  check_layers(config, {layer.path: layer for layer in layers}, target)
+  adapted, template = inject.inject(model, frozen_params, adapter, *example_args, target_modules=target,
+                                    key=jax.random.PRNGKey(0) if key is None else key,
+                                    trainable_extras=config.get("trainable_extras"), example_kwargs=example_kwargs)
+  weights_path, arrays = read_tensors(directory)
+  leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+  names = ["/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
+           for key_path, _ in leaves_with_paths]
+  check_tensors(weights_path, arrays, {n: leaf for n, (_, leaf) in zip(names, leaves_with_paths)},
+                config.get("trainable_extras"))
+  return adapted, jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[n]) for n in names])

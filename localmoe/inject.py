@@ -137,22 +137,27 @@ class RouterTrace:
 
 
 class _PerLayerSession:
-  def __init__(self, modules, params, layers, context, capture: list | None):
+  def __init__(self, modules, params, layers, context, capture: list | None, rngs=None, offset: int = 0):
     self.modules, self.params, self.layers = modules, params, layers
-    self.context, self.capture = context, capture
+    self.context, self.capture, self.rngs = context, capture, rngs
+    self.offset = offset                               # the first layer's index among all adapted layers
 
   def __call__(self, index, x, kernel):
     layer = self.layers[index]
     module = self.modules[layer.path]
     variables = {"params": self.params[layer.path]}
     extra = {"kernel": kernel} if getattr(module, "uses_base_kernel", False) else {}
+    if self.rngs:                                      # each layer its own draw: fold_in(key, call index)
+      extra["rngs"] = {name: jax.random.fold_in(key, self.offset + index) for name, key in self.rngs.items()}
     if routes_on_context(module):
       if self.context is None:
         raise ValueError(f"layer {layer.path!r} has a context-routed adapter ({type(module).__name__}, "
                          "router_input='context') but apply was called without a context: pass "
                          "context=<labels [batch] or one-hot/embedding [batch, context_dim]>.")
       _check_float_context(self.context, layer.path)
-      gates, state = module.apply(variables, None, self.context, method="route", mutable=["intermediates"])
+      rngs = {"rngs": extra.pop("rngs")} if "rngs" in extra else {}
+      gates, state = module.apply(variables, None, self.context, method="route", mutable=["intermediates"],
+                                  **rngs)
       lead = x.shape[:-1]
       batch = gates.ndim - (1 if module.router_grid == () else 3)                    # axes of the context
       self._record(layer, module, state, gates.shape[:batch], lead)
@@ -177,6 +182,51 @@ class _PerLayerSession:
       shape = tuple(lead) + found.gates.shape[-2:]
       self.capture.append(RouterTrace(layer.path, found.logits.reshape(shape), found.gates.reshape(shape),
                                       tuple(module.router_grid), getattr(module, "top_k", None), input_lead))
+
+
+def check_rngs(rngs) -> dict | None:
+  """rngs for the adapters: None, or a dict {stream: PRNG key} over `routing.RNG_STREAMS` ("gumbel", "dropout")."""
+  if rngs is None:
+    return None
+  if not isinstance(rngs, Mapping):
+    raise TypeError(f"rngs={rngs!r} must be a dict of PRNG keys, e.g. rngs={{'gumbel': key, 'dropout': key}}.")
+  unknown = sorted(set(rngs) - set(routing.RNG_STREAMS))
+  if unknown:
+    raise ValueError(f"rngs has stream(s) {unknown}: adapters draw from {list(routing.RNG_STREAMS)} only; "
+                     "drop the others.")
+  for name, key in rngs.items():
+    shape, dtype = np.shape(key), getattr(key, "dtype", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    if not (typed and shape == ()) and not (shape == (2,) and dtype is not None and dtype == jnp.uint32):
+      raise TypeError(f"rngs[{name!r}] is not a PRNG key (shape {shape}, dtype {dtype}): pass "
+                      "jax.random.PRNGKey(seed) or jax.random.key(seed).")
+  return dict(rngs)
+
+
+def check_key(key) -> None:
+  """The adapters' initialisation key must be a PRNG key (None and seeds are refused by name)."""
+  dtype = getattr(key, "dtype", None)
+  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and np.shape(key) == ():
+    return
+  if dtype is not None and dtype == jnp.uint32 and np.shape(key) == (2,):
+    return
+  raise TypeError(f"key={key!r} is not a PRNG key: pass key=jax.random.PRNGKey(seed) (or jax.random.key(seed)) "
+                  "for the adapters' initialisation.")
+
+
+def merge_context(context, module, path: str) -> jnp.ndarray:
+  """The one context a merge is built for: an integer label, or one vector [context_dim]."""
+  c = np.asarray(context) if not isinstance(context, jax.Array) else context
+  integer = jnp.issubdtype(c.dtype, jnp.integer) and not jnp.issubdtype(c.dtype, jnp.bool_)
+  dim = getattr(module, "context_dim", None)
+  if integer and c.ndim == 0:
+    return jnp.asarray(c)
+  if not integer and c.ndim == 1 and jnp.issubdtype(c.dtype, jnp.floating) and (dim is None or c.shape[0] == dim):
+    return jnp.asarray(c)
+  shown = repr(context) if np.ndim(context) == 0 or np.size(context) <= 4 else f"<{c.dtype} array {tuple(c.shape)}>"
+  raise ValueError(f"merge: context={' '.join(shown.split())} (layer {path!r}) is not one context: a merged model stands for "
+                   f"ONE context, an integer label (context=1) or one float vector [context_dim={dim}]; merge once "
+                   "per context for several.")
 
 
 def _check_float_context(context, path: str) -> None:
@@ -236,8 +286,8 @@ class PerLayer:
       params[layer.path] = module.init(jax.random.fold_in(key, i), x0, **extra)["params"]
     return params
 
-  def session(self, params, layers, context=None, capture=None):
-    return _PerLayerSession(self.modules(layers), params, layers, context, capture)
+  def session(self, params, layers, context=None, capture=None, rngs=None):
+    return _PerLayerSession(self.modules(layers), params, layers, context, capture, rngs)
 
   def num_params(self, layers):
     return sum(self.module(layer).num_params() for layer in layers)
@@ -434,17 +484,26 @@ class AdaptedModel:
       return merged
     return overlay(frozen_params, extras)
 
-  def apply(self, frozen_params, trainable, *args, context=None, capture_routing: bool = False, **kwargs):
+  def apply(self, frozen_params, trainable, *args, context=None, capture_routing: bool = False, rngs=None,
+            **kwargs):
     """The adapted forward pass: the backbone with Delta added to every matched layer's output.
 
     context: per-example context for the context-routed adapters (labels [batch] or [batch, D]).
     capture_routing: also return the router traces, [RouterTrace] in call order (for `router_losses` and
       `routing_diagnostics`).
+    rngs: the adapters' training-time randomness, {"gumbel": key, "dropout": key} (`routing.RNG_STREAMS`;
+      router_hard="gumbel"/"gumbel_soft", router_dropout): each adapted layer draws from
+      fold_in(key, its call index). None (evaluation): deterministic routing. The backbone gets no rngs.
     """
+    rngs = check_rngs(rngs)
     params = self._with_extras(jax.lax.stop_gradient(frozen_params), trainable.get("extras"))
     traces: list[RouterTrace] | None = [] if capture_routing else None
     if isinstance(self.adapter, PerLayer):
-      session = self.adapter.session(trainable["adapter"], self.layers, context=context, capture=traces)
+      session = self.adapter.session(trainable["adapter"], self.layers, context=context, capture=traces,
+                                     rngs=rngs)
+    elif rngs:
+      raise ValueError(f"rngs={sorted(rngs)}: {type(self.adapter).__name__} draws no randomness; call apply "
+                       "without rngs.")
     else:
       session = self.adapter.session(trainable["adapter"], self.layers, context=context)
     index = {p: i for i, p in enumerate(self.paths)}
@@ -503,7 +562,7 @@ class AdaptedModel:
       eye = jnp.eye(layer.d_in, dtype=jnp.float32)                                  # Delta is linear in x here
       extra = {"kernel": _kernel_2d(kernel, layer)} if getattr(module, "uses_base_kernel", False) else {}
       if routes_on_context(module):
-        c = jnp.asarray(context)
+        c = merge_context(context, module, layer.path)
         c = jnp.broadcast_to(c, (layer.d_in,) + c.shape)
         extra["context"] = c
       delta = module.apply(variables, eye, **extra)                                  # [d_in, d_out] = Delta W^T
@@ -611,6 +670,7 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
     (adapted, trainable): call `adapted.apply(params, trainable, *inputs, context=...)`; `trainable` is
     {"adapter": adapter params, "extras": the selected frozen params}; `adapted.paths` lists the layers.
   """
+  check_key(key)
   adapter = adapter_set(adapter)
   layers = find_layers(model, params, example_args, target_modules, example_kwargs)
   if not layers:

@@ -45,7 +45,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import threading
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -81,6 +80,13 @@ class RoutingContext(nnx.Variable):
   """The per-example routing context of the current forward pass (labels [batch] or [batch, D]).
 
   Shape (0,) means "no context": set by `routing_context`, never trained.
+  """
+
+
+class RoutingRngs(nnx.Variable):
+  """The adapters' training-time rng keys of the current forward pass, {stream: key} ({}: deterministic).
+
+  Set by `routing_context(model, c, rngs={"gumbel": key, "dropout": key})`, never trained.
   """
 
 
@@ -175,6 +181,7 @@ class AdaptedLayer(nnx.Module):
     self.index = -1                           # call order among the adapted layers
     self.adapter = nnx.data(None)             # an `Adapter`; None until discovered
     self.context = RoutingContext(_no_context())
+    self.rngs = RoutingRngs({})
 
   def __call__(self, x, *args, **kwargs):
     y = self.base(x, *args, **kwargs)
@@ -197,7 +204,7 @@ class AdaptedLayer(nnx.Module):
     captures = _captures()
     session = _PerLayerSession(
         {layer.path: definition}, {layer.path: self.adapter.linen_params()}, [layer], context,
-        captures[-1] if captures else None)
+        captures[-1] if captures else None, rngs=dict(self.rngs.get_value()) or None, offset=self.index)
     flat = _flatten_input(x, layer)                                             # [..., d_in]
     kernel = _kernel_2d(self.base.kernel.get_value(), layer)                    # [d_in, d_out]
     delta = session(0, flat, kernel)                                            # [..., d_out]
@@ -351,7 +358,14 @@ def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequ
                      "which nnx_inject does not thread through an NNX model: use a per-layer method (lora, dora, "
                      "melora, localized_lora, blockwise_moe, cellwise_moe, per_task_lora), or localmoe.inject on "
                      "a linen model.")
+  inject_lib.check_key(key)
   candidates = _candidates(model, target_modules)
+  earlier = [w.path for _, w in _adapted(model)]
+  if earlier:
+    raise ValueError(f"{type(model).__name__} already holds adapters on {earlier[:3]} (an earlier inject): a "
+                     "second inject into other layers is not supported; inject every layer in one call "
+                     "(one target_modules regex, per-layer specs as (pattern, spec) rules), or merge first "
+                     "(nnx_inject.merge(model)) and inject the merged model.")
   if not candidates:
     raise ValueError(f"target_modules={target_modules!r} matched no nnx.Linear / nnx.LinearGeneral / nnx.Einsum "
                      f"layer of {type(model).__name__}: check the module paths (e.g. print them with "
@@ -372,6 +386,11 @@ def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequ
       raise ValueError(f"trainable_extras selects {clash}, which target_modules also adapts: a layer is either "
                        "adapted or trained in full, not both.")
   by_path = {layer.path: (i, layer) for i, layer in enumerate(layers)}
+  unreached = [_path_str(path) for path, _ in candidates if _path_str(path) not in by_path]
+  if unreached:
+    raise ValueError(f"layer(s) {unreached[:3]} match target_modules={target_modules!r} but the example call "
+                     "never reached them, so their input shapes are unknown: pass example inputs (and "
+                     "example_kwargs) that reach them, or narrow target_modules.")
   modules = dict((_path_str(p), m) for p, m in candidates)
   kernels = [_kernel_2d(modules[l.path].kernel.get_value(), l) for l in layers]      # [d_in, d_out] each
   params = adapter.init(key, layers, kernels)
@@ -397,33 +416,42 @@ def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequ
 
 
 @contextlib.contextmanager
-def routing_context(model: nnx.Module, context=None) -> Iterator[list]:
+def routing_context(model: nnx.Module, context=None, rngs=None) -> Iterator[list]:
   """Within the block, calls of `model` route on `context` (labels [batch], or one-hot/embedding [batch, D]).
 
+  rngs: the adapters' training-time randomness for the calls in the block, {"gumbel": key, "dropout": key}
+  (router_hard="gumbel"/"gumbel_soft", router_dropout), as linen's `adapted.apply(..., rngs=...)`: each
+  adapted layer draws from fold_in(key, its call index), so linen and NNX draw the same noise. The keys are
+  model state (`RoutingRngs`), so a jitted step takes a new key per step without retracing. None: no noise
+  (evaluation routes deterministically).
   Yields the list that collects every routed layer's `inject.RouterTrace` (logits and gates, call order),
   for `inject.router_losses` and `inject.routing_diagnostics`. context=None only collects traces.
   """
+  rngs = inject_lib.check_rngs(rngs) or {}
   wrappers = [w for _, w in _adapted(model)]
-  before = [w.context.get_value() for w in wrappers]
+  before = [(w.context.get_value(), w.rngs.get_value()) for w in wrappers]
   value = _no_context() if context is None else jnp.asarray(context)
   for w in wrappers:
     w.context.set_value(value)
+    w.rngs.set_value(dict(rngs))
   traces: list = []
   _captures().append(traces)
   try:
     yield traces
   finally:
     _captures().pop()
-    for w, old in zip(wrappers, before):
+    for w, (old, old_rngs) in zip(wrappers, before):
       w.context.set_value(old)
+      w.rngs.set_value(old_rngs)
 
 
-def call(model: nnx.Module, *args, context=None, capture_routing: bool = False, **kwargs):
-  """model(*args, **kwargs) with a routing context, as linen's `adapted.apply(..., context=c)`.
+def call(model: nnx.Module, *args, context=None, capture_routing: bool = False, rngs=None, **kwargs):
+  """model(*args, **kwargs) with a routing context, as linen's `adapted.apply(..., context=c, rngs=...)`.
 
   capture_routing: also return the RouterTraces, [RouterTrace] in call order.
+  rngs: {"gumbel": key, "dropout": key} for the adapters (`routing_context`).
   """
-  with routing_context(model, context) as traces:
+  with routing_context(model, context, rngs) as traces:
     y = model(*args, **kwargs)
   return (y, traces) if capture_routing else y
 
@@ -487,7 +515,7 @@ def merge(model: nnx.Module, context=None) -> nnx.Module:
       if getattr(definition, "uses_base_kernel", False):
         extra["kernel"] = _kernel_2d(kernel.get_value(), layer)                   # [d_in, d_out]
       if inject_lib.routes_on_context(definition):
-        c = jnp.asarray(context)
+        c = inject_lib.merge_context(context, definition, layer.path)
         extra["context"] = jnp.broadcast_to(c, (layer.d_in,) + c.shape)
       eye = jnp.eye(layer.d_in, dtype=jnp.float32)                             # Delta is linear in x here
       delta = definition.apply({"params": wrapper.adapter.linen_params()}, eye, **extra)   # [d_in, d_out]
@@ -533,45 +561,33 @@ def load_adapter(directory: str, model: nnx.Module, *example_args,
                  example_kwargs: Mapping[str, Any] | None = None) -> nnx.Module:
   """Injects the saved adapter (from a linen or an NNX model) into `model`, in place, with the saved arrays.
 
-  The model's matched layers must equal the saved ones, path by path and shape by shape; otherwise a
-  ValueError names the first layer that differs, before the model is changed.
+  As strict as `adapter_io.load_adapter`, and every check runs before the model is changed: the model's
+  matched layers must equal the saved ones, path by path and shape by shape, and the file must hold exactly
+  the adapter's tensors and trainable extras, each of the shape and dtype the model needs (a float16 or
+  int32 tensor for float32 params is refused, not cast); otherwise a ValueError names the layer or tensor.
   """
-  from safetensors.numpy import load_file     # pylint: disable=g-import-not-at-top
   from localmoe import adapter_io             # pylint: disable=g-import-not-at-top
   config = adapter_io.read_config(directory)
-  spec = config["adapter"]
-  adapter = [tuple(rule) for rule in spec] if isinstance(spec, list) else spec
-  target = config["target_modules"] if isinstance(config["target_modules"], str) else tuple(config["target_modules"])
-  found = {layer.path: layer.to_json() for layer in find_layers(model, example_args, target, example_kwargs)}
-  for layer in config["layers"]:
-    here = found.get(layer["path"])
-    if here is None:
-      raise ValueError(f"the saved adapter has layer {layer['path']!r} ({layer['kind']} {layer['in_shape']} -> "
-                       f"{layer['out_shape']}) but target_modules={target!r} matches no such layer on this model.")
-    if (here["in_shape"], here["out_shape"]) != (layer["in_shape"], layer["out_shape"]):
-      raise ValueError(f"layer {layer['path']!r}: the saved adapter was built for {layer['in_shape']} -> "
-                       f"{layer['out_shape']} but this model's layer is {here['in_shape']} -> {here['out_shape']}.")
-  extra = sorted(set(found) - {layer["path"] for layer in config["layers"]})
-  if extra:
-    raise ValueError(f"this model has layer {extra[0]!r} matching target_modules={target!r} that the saved adapter "
-                     f"does not have ({len(extra)} such layers): the adapter was saved from another model.")
+  adapter, target = adapter_io.spec_and_target(config)
+  found = {layer.path: layer for layer in find_layers(model, example_args, target, example_kwargs)}
+  adapter_io.check_layers(config, found, target)
+  weights_path, arrays = adapter_io.read_tensors(directory)
+  trial = inject(nnx.clone(model), adapter, *example_args, target_modules=target, key=jax.random.PRNGKey(0),
+                 trainable_extras=config.get("trainable_extras"), example_kwargs=example_kwargs)
+  adapter_io.check_tensors(weights_path, arrays, dict(_trainable_variables(trial)), config.get("trainable_extras"))
   inject(model, adapter, *example_args, target_modules=target, key=jax.random.PRNGKey(0),
          trainable_extras=config.get("trainable_extras"), example_kwargs=example_kwargs)
-  arrays = load_file(os.path.join(directory, adapter_io.WEIGHTS_FILE))
-
-  def assign(name: str, var: nnx.Variable) -> None:
-    if name not in arrays:
-      raise ValueError(f"{os.path.join(directory, adapter_io.WEIGHTS_FILE)} lacks {name!r}: the file and "
-                       f"{adapter_io.CONFIG_FILE} disagree; re-save the adapter.")
-    if arrays[name].shape != tuple(var.shape):
-      raise ValueError(f"{name}: saved shape {arrays[name].shape} but this model needs {tuple(var.shape)}.")
+  for name, var in _trainable_variables(model):
     var.set_value(jnp.asarray(arrays[name]))
+  return model
 
+
+def _trainable_variables(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable]]:
+  """("adapter/<layer>/<param path>" or "extras/<module>/<name>", variable) for every trainable array."""
   for _, wrapper in _adapted(model):
     for key_path, var in jax.tree_util.tree_flatten_with_path(
         wrapper.adapter.params, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]:
-      assign("/".join(["adapter", wrapper.path] + [str(k.key) for k in key_path]), var)
+      yield "/".join(["adapter", wrapper.path] + [str(k.key) for k in key_path]), var
   for path, names in _extras(model).items():
     for name, var in names.items():
-      assign(f"extras/{path}/{name}", var)
-  return model
+      yield f"extras/{path}/{name}", var

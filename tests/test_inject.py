@@ -1,5 +1,7 @@
 """localmoe.inject: exactly the matched Dense layers are adapted; zero-init identities (DoRA, Queryable LoRA)."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -125,3 +127,74 @@ def test_queryable_with_closed_gate_is_lora(mlp):
   np.testing.assert_allclose(adapted.apply(params, closed, x), lora.apply(params, lora_params, x), rtol=1e-5, atol=1e-5)
   # With the gate open the routed atoms change the output.
   assert float(jnp.abs(adapted.apply(params, trainable, x) - lora.apply(params, lora_params, x)).max()) > 1e-4
+
+
+# ------------------------------------------------------------------------------------------- partial masks
+
+
+def _trace(seed, lead, path="ffn", routers=2, experts=3):
+  """A RouterTrace of random logits [*lead, routers, experts] and their softmax gates, built in numpy."""
+  logits = np.random.default_rng(seed).normal(size=lead + (routers, experts)).astype(np.float32)
+  gates = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  return inject.RouterTrace(path, jnp.asarray(logits), jnp.asarray(gates), (1, routers), None)
+
+
+def _hand_losses(gates, logits):
+  """Switch balance E * sum_e f_e P_e per router (averaged over routers) and z = mean logsumexp^2, over the
+  rows given (numpy; rows are the tokens that count)."""
+  e = gates.shape[-1]
+  f = np.eye(e)[gates.argmax(-1)].mean(0)                                      # [R, E]
+  balance = (e * (f * gates.mean(0)).sum(-1)).mean()
+  z = (np.log(np.exp(logits).sum(-1)) ** 2).mean()
+  return balance, z
+
+
+@pytest.mark.slow
+def test_router_losses_and_diagnostics_count_only_the_masked_tokens():
+  """A partial attention mask [batch, tokens]: the losses and diagnostics equal a hand count over the kept
+  tokens only (a mask treated as all ones, or any nonzero mask as all ones, fails), and a context router
+  (one routing per example) counts an example when any of its tokens is kept."""
+  tokens = _trace(0, (3, 4))                                                   # an activation router [B, T]
+  examples = dataclasses.replace(_trace(1, (3,), path="attn/query"), input_lead=(3, 4))   # a context router
+  mask = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]], np.float32)    # example 2 is all padding
+  keep = mask.reshape(-1) > 0
+  losses = inject.router_losses([tokens, examples], load_balance=1.0, z_loss=1.0, mask=mask)
+  b1, z1 = _hand_losses(np.asarray(tokens.gates).reshape(-1, 2, 3)[keep], np.asarray(tokens.logits).reshape(-1, 2, 3)[keep])
+  b2, z2 = _hand_losses(np.asarray(examples.gates)[:2], np.asarray(examples.logits)[:2])
+  np.testing.assert_allclose(losses["load_balance"], b1 + b2, rtol=1e-5)
+  np.testing.assert_allclose(losses["router_z"], z1 + z2, rtol=1e-5)
+  groups = np.array([0, 1, 1])
+  diag = inject.routing_diagnostics([tokens], groups=groups, num_groups=2, mask=mask)
+  g = np.asarray(tokens.gates)
+  np.testing.assert_allclose(diag["usage"][0, 0], g[0, :2].mean(0), rtol=1e-5)            # task 0: 2 tokens
+  np.testing.assert_allclose(diag["usage"][0, 1], g[1, 0], rtol=1e-5)                     # task 1: 1 token
+  entropy = -(g[0, :2] * np.log(g[0, :2])).sum(-1).mean(0)
+  np.testing.assert_allclose(diag["entropy"][0, 0], entropy, rtol=1e-5)
+  diag = inject.routing_diagnostics([examples], groups=groups, num_groups=2, mask=mask)
+  np.testing.assert_allclose(diag["usage"][0, 1], np.asarray(examples.gates)[1], rtol=1e-5)  # example 2 out
+
+
+@pytest.mark.slow
+def test_apply_rngs_reach_the_adapters_and_no_rngs_is_deterministic():
+  """rngs={"gumbel": k, "dropout": k} give other gates per key (Gumbel-softmax noise), the same key the same
+  gates, and no rngs the noiseless gates every call (evaluation)."""
+  model, x = _Toy(), jnp.asarray(np.random.default_rng(0).normal(size=(6, 8)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  spec = dict(method="cellwise_moe", rank=1, k_y=2, k_x=2, num_experts=2, router_input="context", context_dim=3,
+              router_hard="gumbel_soft", router_dropout=0.5)
+  adapted, trainable = inject.inject(model, params, spec, x[:1], target_modules="a|b", key=jax.random.PRNGKey(1))
+  context = jnp.arange(6) % 3
+
+  def gates(rngs=None):
+    _, traces = adapted.apply(params, trainable, x, context=context, capture_routing=True, rngs=rngs)
+    return [np.asarray(t.gates) for t in traces]
+
+  plain, again = gates(), gates()
+  np.testing.assert_array_equal(plain[0], again[0])
+  one = gates({"gumbel": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(5)})
+  two = gates({"gumbel": jax.random.PRNGKey(2), "dropout": jax.random.PRNGKey(5)})
+  assert not np.allclose(one[0], two[0]) and not np.allclose(one[0], plain[0])
+  assert not np.allclose(one[0], one[1])                   # each layer its own draw (fold_in of its index)
+  np.testing.assert_array_equal(one[0], gates({"gumbel": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(5)})[0])
+  with pytest.raises(TypeError, match=r"rngs\['gumbel'\] is not a PRNG key"):
+    gates({"gumbel": 3})

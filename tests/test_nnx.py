@@ -2,6 +2,9 @@
 hand-written models, context routing, nnx.Optimizer over the adapter variable type, merge, adapter files shared
 with linen, stacked layers, the NNX adapter modules, dtype."""
 
+import os
+import re
+
 import flax.linen as nn
 from flax import nnx
 import jax
@@ -563,3 +566,165 @@ def test_an_adapted_layer_is_not_adapted_twice():
   for target in ("ffn", ".*"):
     with pytest.raises(ValueError, match="layer 'ffn' is already adapted"):
       nnx_inject.inject(model, LORA, x, target_modules=target, key=jax.random.PRNGKey(0))
+
+
+# ------------------------------------------------------------------------------------------- strict files, bad calls
+
+
+class Tiny(nnx.Module):
+  """Two nnx.Linear layers and a branch the plain call never takes (`use_side`)."""
+
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(4, 8, kernel_init=_np_init(), rngs=rngs)
+    self.head = nnx.Linear(8, 3, kernel_init=_np_init(1), rngs=rngs)
+    self.side = nnx.Linear(4, 8, kernel_init=_np_init(2), rngs=rngs)
+
+  def __call__(self, x, use_side=False):
+    h = self.hidden(x) + (self.side(x) if use_side else 0.0)
+    return self.head(jax.nn.relu(h))
+
+
+TINY_X = _normal(3, (4, 4))
+GUMBEL = dict(CELLWISE_CTX, k_y=2, k_x=2, rank=1, num_experts=2, router_hard="gumbel_soft", router_dropout=0.5,
+              b_init="normal_0.01")
+
+
+def _tiny_saved(tmp_path):
+  model = nnx_inject.inject(Tiny(nnx.Rngs(0)), LORA, TINY_X[:1], target_modules="hidden",
+                            key=jax.random.PRNGKey(1), trainable_extras="head")
+  _randomize_nnx(model)
+  directory = str(tmp_path / "adapter")
+  nnx_inject.save_adapter(directory, model)
+  return directory, os.path.join(directory, adapter_io.WEIGHTS_FILE)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda a: a.update({"adapter/hidden/A": a["adapter/hidden/A"].astype(np.float16)}),
+     r": tensor 'adapter/hidden/A' is float16 but this model needs float32: re-save"),
+    (lambda a: a.update({"adapter/hidden/B": a["adapter/hidden/B"].astype(np.int32)}),
+     r": tensor 'adapter/hidden/B' is int32 but this model needs float32"),
+    (lambda a: a.update({"extras/other/kernel": np.zeros((2, 2), np.float32)}),
+     r" holds tensor 'extras/other/kernel' \(1 such\) that the adapter of adapter_config.json does not have"),
+    (lambda a: a.pop("extras/head/bias"),
+     r" lacks 'extras/head/bias': the file and adapter_config.json disagree"),
+], ids=["float16", "int32", "unknown", "missing"])
+def test_nnx_load_adapter_is_as_strict_as_linen_and_checks_before_changing_the_model(tmp_path, edit, message):
+  from safetensors.numpy import load_file, save_file   # pylint: disable=g-import-not-at-top
+  directory, path = _tiny_saved(tmp_path)
+  arrays = load_file(path)
+  edit(arrays)
+  save_file(arrays, path, metadata={"format": adapter_io.FORMAT})
+  model = Tiny(nnx.Rngs(0))
+  with pytest.raises(ValueError, match=re.escape(path) + message) as error:
+    nnx_inject.load_adapter(directory, model, TINY_X[:1])
+  assert "\n" not in str(error.value)
+  assert type(model.hidden) is nnx.Linear and type(model.head.kernel) is nnx.Param      # unchanged
+
+
+def test_nnx_load_adapter_round_trip_and_adapter_io_agree(tmp_path):
+  directory, _ = _tiny_saved(tmp_path)
+  source = nnx_inject.inject(Tiny(nnx.Rngs(0)), LORA, TINY_X[:1], target_modules="hidden",
+                             key=jax.random.PRNGKey(1), trainable_extras="head")
+  _randomize_nnx(source)
+  loaded = nnx_inject.load_adapter(directory, Tiny(nnx.Rngs(0)), TINY_X[:1])
+  np.testing.assert_array_equal(loaded(TINY_X), source(TINY_X))
+
+
+def test_a_second_inject_into_other_layers_is_refused_in_one_line():
+  model = nnx_inject.inject(Tiny(nnx.Rngs(0)), LORA, TINY_X[:1], target_modules="hidden", key=jax.random.PRNGKey(1))
+  with pytest.raises(ValueError, match=r"^Tiny already holds adapters on \['hidden'\] \(an earlier inject\): a "
+                                       r"second inject into other layers is not supported; inject every layer in "
+                                       r"one call .* or merge first \(nnx_inject.merge\(model\)\)") as error:
+    nnx_inject.inject(model, LORA, TINY_X[:1], target_modules="head", key=jax.random.PRNGKey(1))
+  assert "\n" not in str(error.value) and type(model.head) is nnx.Linear
+  merged = nnx_inject.merge(model)                                     # the fix the message names works
+  again = nnx_inject.inject(merged, LORA, TINY_X[:1], target_modules="head", key=jax.random.PRNGKey(1))
+  assert [layer.path for layer in nnx_inject.layers(again)] == ["head"]
+
+
+def test_a_layer_the_example_call_never_reaches_is_named_at_inject():
+  model = Tiny(nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"layer\(s\) \['side'\] match target_modules='hidden\|side' but the example "
+                                       r"call never reached them.*example_kwargs"):
+    nnx_inject.inject(model, LORA, TINY_X[:1], target_modules="hidden|side", key=jax.random.PRNGKey(1))
+  assert type(model.hidden) is nnx.Linear
+  model = nnx_inject.inject(model, LORA, TINY_X[:1], target_modules="hidden|side", key=jax.random.PRNGKey(1),
+                            example_kwargs={"use_side": True})
+  assert [layer.path for layer in nnx_inject.layers(model)] == ["hidden", "side"]
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (dict(key=None), TypeError, r"key=None is not a PRNG key: pass key=jax.random.PRNGKey\(seed\)"),
+    (dict(key=0), TypeError, r"key=0 is not a PRNG key"),
+])
+def test_a_missing_key_is_refused_by_name_in_both_hosts(bad, error, message):
+  with pytest.raises(error, match=message):
+    nnx_inject.inject(Tiny(nnx.Rngs(0)), LORA, TINY_X[:1], target_modules="hidden", **bad)
+  linen = nn.Dense(3)
+  params = linen.init(jax.random.PRNGKey(0), TINY_X[:1])["params"]
+  with pytest.raises(error, match=message):
+    inject.inject(linen, params, LORA, TINY_X[:1], target_modules=".*", **bad)
+
+
+@pytest.mark.parametrize("context", [1.0, [1, 2], np.zeros((2, TASKS)), np.ones(TASKS + 1, np.float32), True,
+                                     np.arange(20)], ids=["float", "list", "matrix", "wrong-dim", "bool", "long"])
+def test_merge_takes_one_context_and_refuses_others_in_one_line(context):
+  """The check both hosts' merge run per context-routed layer, before any Delta W is computed."""
+  module = adapters.make(CELLWISE_CTX, d_in=4, d_out=8)
+  with pytest.raises(ValueError, match=r"merge: context=.* \(layer 'hidden'\) is not one context: a merged model "
+                                       r"stands for ONE context, an integer label \(context=1\) or one float "
+                                       r"vector \[context_dim=3\]; merge once per context") as error:
+    inject.merge_context(context, module, "hidden")
+  assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_merge_takes_a_label_a_numpy_label_or_one_vector():
+  model = nnx_inject.inject(Tiny(nnx.Rngs(0)), CELLWISE_CTX, TINY_X[:1], target_modules="hidden",
+                            key=jax.random.PRNGKey(1))
+  _randomize_nnx(model)
+  merged = [nnx_inject.merge(model, context=c) for c in (1, np.int64(1), np.eye(TASKS, dtype=np.float32)[1])]
+  for other in merged[1:]:
+    np.testing.assert_allclose(other(TINY_X), merged[0](TINY_X), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=r"^merge: context=1.0 \(layer 'hidden'\) is not one context"):
+    nnx_inject.merge(model, context=1.0)                     # the NNX host runs the check
+  linen = nn.Sequential([nn.Dense(8)])
+  params = linen.init(jax.random.PRNGKey(0), TINY_X[:1])["params"]
+  adapted, trainable = inject.inject(linen, params, CELLWISE_CTX, TINY_X[:1], target_modules=".*",
+                                     key=jax.random.PRNGKey(1))
+  with pytest.raises(ValueError, match=r"^merge: context=\[1, 2\] \(layer 'layers_0'\) is not one context"):
+    adapted.merge(params, trainable, context=[1, 2])         # and the linen host
+
+
+def test_saving_under_proc_is_one_clear_line():
+  model = nnx_inject.inject(Tiny(nnx.Rngs(0)), LORA, TINY_X[:1], target_modules="hidden", key=jax.random.PRNGKey(1))
+  with pytest.raises(ValueError, match=r"^save_adapter: cannot create a directory in /proc/localmoe-test \(.*\): "
+                                       r"pass a path on a writable file system"):
+    nnx_inject.save_adapter("/proc/localmoe-test/adapter", model)
+
+
+@pytest.mark.slow
+def test_routing_rngs_reach_the_nnx_adapters_and_evaluation_stays_deterministic():
+  """routing_context(..., rngs=) draws Gumbel noise / expert dropout: other keys give other gates (also under
+  nnx.jit, where the keys are state), no rngs gives the same gates every call."""
+  model = nnx_inject.inject(Tiny(nnx.Rngs(0)), GUMBEL, TINY_X[:1], target_modules="hidden",
+                            key=jax.random.PRNGKey(1))
+  labels = jnp.arange(4) % TASKS
+
+  def gates(rngs=None):
+    _, traces = nnx_inject.call(model, TINY_X, context=labels, capture_routing=True, rngs=rngs)
+    return np.asarray(traces[0].gates)
+
+  np.testing.assert_array_equal(gates(), gates())
+  one, two = gates({"gumbel": jax.random.key(1)}), gates({"gumbel": jax.random.key(2)})
+  assert not np.allclose(one, two) and not np.allclose(one, gates())
+  np.testing.assert_array_equal(one, gates({"gumbel": jax.random.key(1)}))
+
+  @nnx.jit
+  def forward(model, key):
+    with nnx_inject.routing_context(model, labels, rngs={"gumbel": key, "dropout": key}):
+      return model(TINY_X)
+  assert not np.allclose(forward(model, jax.random.key(1)), forward(model, jax.random.key(2)))
+  with pytest.raises(ValueError, match=r"rngs has stream\(s\) \['params'\]: adapters draw from \['gumbel', "
+                                       r"'dropout'\] only"):
+    gates({"params": jax.random.key(0)})
