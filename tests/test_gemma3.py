@@ -304,6 +304,51 @@ def test_cellwise_moe_on_tiny_gemma_trains_merges_per_task_and_round_trips(tmp_p
     generate_lib.generate(fresh, prompts, 2, context=[0, 1, 3, 0])
 
 
+ALL_SPECS = [
+    {"method": "lora", "rank": 2},
+    {"method": "dora", "rank": 2},
+    {"method": "melora", "num_blocks": 2, "rank": 2},
+    {"method": "localized_lora", "k_y": 2, "k_x": 2, "rank": 2},
+    dict(CELLWISE, method="blockwise_moe"),
+    CELLWISE,
+    dict(CELLWISE, router_input="activation", context_dim=None),
+    {"method": "per_task_lora", "rank": 2, "context_dim": TASKS},
+]
+
+
+_PLAIN_FORWARD = nnx.jit(lambda m, x: m(x))       # one compilation for the plain and every merged tiny model
+
+
+def _randomize_adapters(model, seed=0, scale=0.3):
+  """Random adapter params (B != 0, so Delta W != 0), DoRA magnitudes positive."""
+  state = nnx.state(model, nnx_inject.AdapterParam)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+  rng = np.random.default_rng(seed)
+  new = [jnp.asarray(scale * rng.normal(size=leaf.shape) + ("magnitude" in jax.tree_util.keystr(path)),
+                     jnp.float32) for path, leaf in leaves]
+  nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s["method"] + "/" + str(s.get("router_input", "")))
+def test_every_adapter_acts_on_tiny_gemma_and_merges_into_a_plain_model(spec):
+  model = tiny_model()
+  nnx_inject.inject(model, spec, jnp.zeros((1, 4), jnp.int32), target_modules=gemma3.TARGETS,
+                    key=jax.random.PRNGKey(0))
+  _randomize_adapters(model)
+  ids = jnp.asarray(np.random.default_rng(2).integers(0, TINY.vocab_size, (4, 6)))
+  task = jnp.full(4, 1)
+  adapted = nnx.jit(lambda m, x, c: m(x, context=c))(model, ids, task)              # [4, 6, V]
+  plain = _PLAIN_FORWARD(tiny_model(), ids)
+  assert float(jnp.max(jnp.abs(adapted - plain))) > 1e-3                            # the adapters act
+  if spec.get("router_input") == "activation":
+    with pytest.raises(ValueError, match="routes on its input"):
+      nnx_inject.merge(model, context=1)
+    return
+  merged = nnx_inject.merge(model, context=1)
+  np.testing.assert_allclose(_PLAIN_FORWARD(merged, ids), adapted, atol=2e-4, rtol=2e-4)
+
+
 # --- tokenizer (a tiny SentencePiece-style vocabulary) ----------------------------------------------------------
 
 
