@@ -5,7 +5,7 @@
     ids = tokenizer.encode(["The capital of France is"])      # BOS added
     logits = model(jnp.asarray(ids))                          # [batch, T, 262144] float32
     tokens, lengths = gemma3_generate.generate(model, ids, max_new_tokens=8)
-    gemma3_generate.decode_texts(tokenizer, tokens, lengths)  # [" Paris. ..."]
+    gemma3_generate.decode_texts(tokenizer, tokens, lengths)  # [" the capital of the country"] (a base model)
 
 Architecture (Gemma Team, "Gemma 3 Technical Report", 2025; Hugging Face `Gemma3ForCausalLM`): token embedding
 times sqrt(width), then blocks of
