@@ -3,7 +3,6 @@ seed, reproducible on resume) and never in evaluation; the temperature schedule 
 temperatures, router-init fields and diagnostics inputs refused with one line naming them."""
 
 import dataclasses
-import inspect
 import math
 
 import flax.linen as nn
@@ -226,13 +225,7 @@ class _Mlp(nn.Module):
     return nn.Dense(D, name="out")(nn.relu(nn.Dense(D, name="hidden")(x)))
 
 
-def _inject_takes_rngs() -> bool:
-  return "rngs" in inspect.signature(inject.AdaptedModel.apply).parameters
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(not _inject_takes_rngs(), strict=True,
-                   reason="inject.AdaptedModel.apply(..., rngs=...) does not forward rngs to the adapters yet")
 def test_injected_adapters_draw_their_noise_from_apply_rngs():
   model = _Mlp()
   x = jnp.asarray(np.random.default_rng(0).standard_normal((6, D)), jnp.float32)
@@ -247,6 +240,24 @@ def test_injected_adapters_draw_their_noise_from_apply_rngs():
            for k in (1, 2)]
   assert not np.allclose(drawn[0], drawn[1])                              # the noise reaches the adapters
   np.testing.assert_array_equal(plain, adapted.apply(params, trainable, x, context=context))
+
+  # Trained through train.fit: a Task over the injected model declares the adapters' rng streams.
+  streams = routing.rng_streams(adapted.adapter.modules(adapted.layers).values())
+  assert streams == ("gumbel", "dropout")
+  rows = np.random.default_rng(1)
+  xs = rows.standard_normal((64, D)).astype(np.float32)
+  data = train.Data(train={"x": xs[:48], "context": np.arange(48) % CTX, "y": np.tanh(xs[:48])},
+                    test={"x": xs[48:], "context": np.arange(16) % CTX, "y": np.tanh(xs[48:])}, frozen=params)
+
+  def task(rngs_declared):
+    def predict(trained, frozen, inputs, rngs=None):
+      return adapted.apply(frozen, trained, inputs["x"], context=inputs["context"], rngs=rngs)
+    return train.Task(init=lambda key, frozen: trainable, predict=predict, rngs=rngs_declared)
+
+  one_epoch = train.Settings(epochs=1, batch_size=16, learning_rate=3e-2)
+  noisy = train.fit(task(streams), data, [0], one_epoch, log=None)
+  plain_fit = train.fit(task(()), data, [0], one_epoch, log=None)
+  assert not np.allclose(noisy.history, plain_fit.history, rtol=1e-4)
 
 
 @pytest.mark.slow
