@@ -160,6 +160,7 @@ def main(argv=None) -> dict:
     model = adapted(base, method)
     counts[method] = nnx_inject.num_params(model)
     built[method] = compiled_step(model, ids, task, args.loss_tokens)
+    print(f"  compiled {method} in {built[method][3]:.1f} s", file=sys.stderr, flush=True)
   times = {m: [] for m in args.methods}
   for repeat in range(args.repeats + 1):                                      # round 0: untimed
 
