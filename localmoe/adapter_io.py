@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from localmoe import adapt_core
 from localmoe import inject
 from localmoe import params as params_lib
 
@@ -116,7 +117,7 @@ def adapter_config(adapted: inject.AdaptedModel) -> dict:
   else:
     import dataclasses                         # pylint: disable=g-import-not-at-top
     spec = {"method": "queryable_lora", **dataclasses.asdict(adapted.adapter)}
-    spec = inject._jsonable(spec, "adapter spec")   # pylint: disable=protected-access
+    spec = adapt_core.jsonable(spec, "adapter spec")
   target = adapted.target_modules if isinstance(adapted.target_modules, str) else list(adapted.target_modules)
   return {"format": FORMAT, "localmoe_version": __version__, "adapter": spec, "target_modules": target,
           "trainable_extras": adapted.trainable_extras, "extra_paths": list(adapted.extra_paths),

@@ -26,7 +26,9 @@ prod(features); q/k/v map [..., d] -> [..., heads, head_dim] (d_out = heads * he
 Einsum (`nn.Einsum`, Gemma-style projections): the same flattened view, d_in = prod(contracted axes) and
 d_out = prod(kernel axes kept in the output), both in kernel order (`localmoe.einsum_layers`); equations that
 have no such view (a kernel per batch index, a diagonal, ...) are refused naming the layer and the equation.
-The NNX sibling of this module is `localmoe.nnx_inject`.
+The NNX sibling of this module is `localmoe.nnx_inject`; what both hosts share (geometry, adapter sets,
+refusals, merge) is `localmoe.adapt_core`, and the router losses and diagnostics are
+`localmoe.router_traces` (re-exported here as `inject.router_losses`, `inject.routing_diagnostics`).
 
 Trainable params are {"adapter": <the adapter's params>, "extras": <frozen-model params kept trainable>}:
 `trainable_extras` (PEFT's `modules_to_save`) selects frozen-model modules by path pattern (a task head, one
@@ -59,276 +61,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from localmoe import adapters as adapters_lib
+from localmoe import adapt_core
 from localmoe import einsum_layers
 from localmoe import params as params_lib
-from localmoe import routing
+# The host-independent names, re-exported: `inject.LayerInfo`, `inject.PerLayer`, `inject.router_losses`, ...
+from localmoe.adapt_core import (AdapterSet, LayerInfo, PerLayer, Session, adapter_set, check_key, check_rngs,  # noqa: F401
+                                 merge_context, path_matcher, routes_on_activation, routes_on_context)
+from localmoe.router_traces import RouterTrace, router_losses, routing_diagnostics  # noqa: F401
 
 LINEAR_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerInfo:
-  """One matched linear layer."""
-  path: str                       # module path, "/"-joined, e.g. "hidden_3" or "encoder/layer_0/attention/self/query"
-  d_in: int                       # flattened input width, prod(in_shape)
-  d_out: int                      # flattened output width, prod(out_shape)
-  kind: str = "Dense"             # "Dense", "DenseGeneral" or "Einsum" (NNX: "Linear", "LinearGeneral")
-  in_shape: tuple[int, ...] = ()  # the contracted input axes' sizes, in kernel order (Dense: (d_in,))
-  out_shape: tuple[int, ...] = () # the features (Dense: (d_out,))
-  axis: tuple[int, ...] = (-1,)   # the contracted axes of the layer's input (negative, kernel order)
-  equation: str = ""              # Einsum layers: the equation, e.g. "btd,dnh->btnh" (`localmoe.einsum_layers`)
-
-  def to_json(self) -> dict:
-    out = {"path": self.path, "kind": self.kind, "in_shape": list(self.in_shape),
-           "out_shape": list(self.out_shape), "d_in": self.d_in, "d_out": self.d_out}
-    return dict(out, equation=self.equation) if self.equation else out
-
-
-class Session(Protocol):
-  def __call__(self, index: int, x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-    """Delta for the `index`-th matched layer: x [..., d_in], kernel [d_in, d_out] -> [..., d_out]."""
-
-
-class AdapterSet(Protocol):
-  """What `inject` needs from an adapter: params for all matched layers, and a per-forward session."""
-
-  def init(self, key: jax.Array, layers: Sequence[LayerInfo], kernels: Sequence[jnp.ndarray]) -> Any: ...
-
-  def session(self, params: Any, layers: Sequence[LayerInfo], context=None) -> Session: ...
-
-  def num_params(self, layers: Sequence[LayerInfo]) -> int: ...
-
-
-# ------------------------------------------------------------------------------------------- per-layer
-
-
-def routes_on_context(module: nn.Module) -> bool:
-  """True for a routed adapter whose router reads an external context (the paper's setting)."""
-  return getattr(module, "router_input", None) == "context"
-
-
-def routes_on_activation(module: nn.Module) -> bool:
-  return getattr(module, "router_input", None) == "activation"
-
-
-@dataclasses.dataclass(frozen=True)
-class RouterTrace:
-  """What one routed layer's router produced in a forward pass (`apply(..., capture_routing=True)`).
-
-  logits, gates: [*lead, routers, E], lead = the batch axes the router ran on: [batch] for a context
-  router (one routing per example), the layer's leading axes (e.g. [batch, tokens]) for an activation router.
-  routers = 1 (block-wise) or K_y * K_x (cell-wise, row-major over the grid).
-  """
-  path: str
-  logits: jnp.ndarray
-  gates: jnp.ndarray
-  grid: tuple[int, ...]           # () block-wise, (K_y, K_x) cell-wise
-  top_k: int | None
-  input_lead: tuple[int, ...] | None = None   # the layer input's leading axes, e.g. (batch, tokens); None: lead
-
-
-class _PerLayerSession:
-  def __init__(self, modules, params, layers, context, capture: list | None, rngs=None, offset: int = 0):
-    self.modules, self.params, self.layers = modules, params, layers
-    self.context, self.capture, self.rngs = context, capture, rngs
-    self.offset = offset                               # the first layer's index among all adapted layers
-
-  def __call__(self, index, x, kernel):
-    layer = self.layers[index]
-    module = self.modules[layer.path]
-    variables = {"params": self.params[layer.path]}
-    extra = {"kernel": kernel} if getattr(module, "uses_base_kernel", False) else {}
-    if self.rngs:                                      # each layer its own draw: fold_in(key, call index)
-      extra["rngs"] = {name: jax.random.fold_in(key, self.offset + index) for name, key in self.rngs.items()}
-    if routes_on_context(module):
-      if self.context is None:
-        raise ValueError(f"layer {layer.path!r} has a context-routed adapter ({type(module).__name__}, "
-                         "router_input='context') but apply was called without a context: pass "
-                         "context=<labels [batch] or one-hot/embedding [batch, context_dim]>.")
-      _check_float_context(self.context, layer.path)
-      rngs = {"rngs": extra.pop("rngs")} if "rngs" in extra else {}
-      gates, state = module.apply(variables, None, self.context, method="route", mutable=["intermediates"],
-                                  **rngs)
-      lead = x.shape[:-1]
-      batch = gates.ndim - (1 if module.router_grid == () else 3)                    # axes of the context
-      self._record(layer, module, state, gates.shape[:batch], lead)
-      if tuple(gates.shape[:batch]) != tuple(lead[:batch]):
-        raise ValueError(f"layer {layer.path!r}: the context has batch shape {tuple(gates.shape[:batch])} but "
-                         f"the layer's input has leading axes {tuple(lead)}: pass one context per example.")
-      gates = gates.reshape(gates.shape[:batch] + (1,) * (len(lead) - batch) + gates.shape[batch:])
-      gates = jnp.broadcast_to(gates, lead + gates.shape[len(lead):])
-      return module.apply(variables, x, gates=gates, **extra)
-    if routes_on_activation(module):
-      out, state = module.apply(variables, x, mutable=["intermediates"], **extra)
-      self._record(layer, module, state, x.shape[:-1])
-      return out
-    return module.apply(variables, x, **extra)
-
-  def _record(self, layer, module, state, lead, input_lead=None):
-    """Keeps the router's sown logits/gates [tokens, R, E] as [*lead, R, E]."""
-    if self.capture is None:
-      return
-    input_lead = tuple(lead if input_lead is None else input_lead)
-    for found in routing.collect_router_outputs(state.get("intermediates", {})):
-      shape = tuple(lead) + found.gates.shape[-2:]
-      self.capture.append(RouterTrace(layer.path, found.logits.reshape(shape), found.gates.reshape(shape),
-                                      tuple(module.router_grid), getattr(module, "top_k", None), input_lead))
-
-
-def check_rngs(rngs) -> dict | None:
-  """rngs for the adapters: None, or a dict {stream: PRNG key} over `routing.RNG_STREAMS` ("gumbel", "dropout")."""
-  if rngs is None:
-    return None
-  if not isinstance(rngs, Mapping):
-    raise TypeError(f"rngs={rngs!r} must be a dict of PRNG keys, e.g. rngs={{'gumbel': key, 'dropout': key}}.")
-  unknown = sorted(set(rngs) - set(routing.RNG_STREAMS))
-  if unknown:
-    raise ValueError(f"rngs has stream(s) {unknown}: adapters draw from {list(routing.RNG_STREAMS)} only; "
-                     "drop the others.")
-  for name, key in rngs.items():
-    shape, dtype = np.shape(key), getattr(key, "dtype", None)
-    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
-    if not (typed and shape == ()) and not (shape == (2,) and dtype is not None and dtype == jnp.uint32):
-      raise TypeError(f"rngs[{name!r}] is not a PRNG key (shape {shape}, dtype {dtype}): pass "
-                      "jax.random.PRNGKey(seed) or jax.random.key(seed).")
-  return dict(rngs)
-
-
-def check_key(key) -> None:
-  """The adapters' initialisation key must be a PRNG key (None and seeds are refused by name)."""
-  dtype = getattr(key, "dtype", None)
-  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and np.shape(key) == ():
-    return
-  if dtype is not None and dtype == jnp.uint32 and np.shape(key) == (2,):
-    return
-  raise TypeError(f"key={key!r} is not a PRNG key: pass key=jax.random.PRNGKey(seed) (or jax.random.key(seed)) "
-                  "for the adapters' initialisation.")
-
-
-def merge_context(context, module, path: str) -> jnp.ndarray:
-  """The one context a merge is built for: an integer label, or one vector [context_dim]."""
-  c = np.asarray(context) if not isinstance(context, jax.Array) else context
-  integer = jnp.issubdtype(c.dtype, jnp.integer) and not jnp.issubdtype(c.dtype, jnp.bool_)
-  dim = getattr(module, "context_dim", None)
-  if integer and c.ndim == 0:
-    return jnp.asarray(c)
-  if not integer and c.ndim == 1 and jnp.issubdtype(c.dtype, jnp.floating) and (dim is None or c.shape[0] == dim):
-    return jnp.asarray(c)
-  shown = repr(context) if np.ndim(context) == 0 or np.size(context) <= 4 else f"<{c.dtype} array {tuple(c.shape)}>"
-  raise ValueError(f"merge: context={' '.join(shown.split())} (layer {path!r}) is not one context: a merged model stands for "
-                   f"ONE context, an integer label (context=1) or one float vector [context_dim={dim}]; merge once "
-                   "per context for several.")
-
-
-def _check_float_context(context, path: str) -> None:
-  """A float context of apply is [batch, D] (one vector per example); one float vector is refused.
-
-  A float [n] is ambiguous: labels of n examples written as floats, or one embedding [D] for every
-  example (when n = context_dim the routers would silently read it as the latter).
-  """
-  shape = np.shape(context)
-  dtype = context.dtype if hasattr(context, "dtype") else np.asarray(context).dtype
-  if len(shape) < 2 and not jnp.issubdtype(dtype, jnp.integer):
-    raise ValueError(f"context has shape {tuple(shape)} and dtype {jnp.dtype(dtype).name} (layer {path!r}): "
-                     "apply takes one context per example, integer labels [batch] (float labels: "
-                     "context.astype(jnp.int32)) or a one-hot/embedding [batch, context_dim] (one vector for "
-                     "all examples: jnp.broadcast_to(c, (batch, context_dim))).")
-
-
-@dataclasses.dataclass(frozen=True)
-class PerLayer:
-  """An independent adapter per matched layer.
-
-  build: a spec for `localmoe.adapters.make` ({"method": "lora", "rank": 8, ...}; d_in/d_out are filled in
-    per layer), a sequence of (pattern, spec) rules (the first pattern that fully matches a layer's path
-    chooses its spec; e.g. context routers on attention and activation routers on the FFN), or a callable
-    LayerInfo -> nn.Module.
-  """
-  build: Mapping[str, Any] | Sequence[tuple[str, Mapping[str, Any]]] | Callable[[LayerInfo], nn.Module]
-
-  def spec_for(self, layer: LayerInfo) -> Mapping[str, Any]:
-    if isinstance(self.build, Mapping):
-      return self.build
-    for pattern, spec in self.build:
-      if re.fullmatch(pattern, layer.path):
-        return spec
-    raise ValueError(f"layer {layer.path!r} matches target_modules but none of the adapter rules' patterns "
-                     f"{[p for p, _ in self.build]}: add a rule for it or narrow target_modules.")
-
-  def module(self, layer: LayerInfo) -> nn.Module:
-    if callable(self.build) and not isinstance(self.build, Mapping):
-      return self.build(layer)
-    try:
-      return adapters_lib.make(self.spec_for(layer), d_in=layer.d_in, d_out=layer.d_out)
-    except ValueError as error:
-      raise ValueError(f"adapter for layer {layer.path!r} ({layer.d_in} -> {layer.d_out}): {error}") from None
-
-  def modules(self, layers):
-    return {layer.path: self.module(layer) for layer in layers}
-
-  def init(self, key, layers, kernels):
-    params = {}
-    for i, (layer, kernel) in enumerate(zip(layers, kernels)):
-      module = self.module(layer)
-      x0 = jnp.zeros((1, layer.d_in), jnp.float32)
-      extra = {"kernel": kernel} if getattr(module, "uses_base_kernel", False) else {}
-      if routes_on_context(module):
-        extra["context"] = jnp.zeros((1,), jnp.int32)
-      params[layer.path] = module.init(jax.random.fold_in(key, i), x0, **extra)["params"]
-    return params
-
-  def session(self, params, layers, context=None, capture=None, rngs=None):
-    return _PerLayerSession(self.modules(layers), params, layers, context, capture, rngs)
-
-  def num_params(self, layers):
-    return sum(self.module(layer).num_params() for layer in layers)
-
-  def to_json(self) -> Any:
-    if isinstance(self.build, Mapping):
-      return _jsonable(dict(self.build), "adapter spec")
-    if callable(self.build):
-      raise ValueError("an adapter built by a callable cannot be saved: build it from a spec dict (or (pattern, "
-                       "spec) rules) so adapter_config.json can describe it.")
-    return [[pattern, _jsonable(dict(spec), f"adapter spec for {pattern!r}")] for pattern, spec in self.build]
-
-
-def _jsonable(spec: dict, what: str) -> dict:
-  out = {}
-  for key, value in spec.items():
-    if isinstance(value, (str, int, float, bool, type(None))):
-      out[key] = value
-    elif isinstance(value, (tuple, list)) and all(isinstance(v, (str, int, float, bool)) for v in value):
-      out[key] = list(value)
-    elif hasattr(value, "dtype") or value in (jnp.float32, jnp.bfloat16, jnp.float16):
-      out[key] = jnp.dtype(value).name
-    else:
-      raise ValueError(f"{what}: field {key}={value!r} cannot be written to adapter_config.json; use a name "
-                       "(e.g. a_init='lora') instead of a callable.")
-  return out
-
-
-# ------------------------------------------------------------------------------------------- matching
-
-
-def path_matcher(target_modules: str | Sequence[str]) -> Callable[[str], bool]:
-  """PEFT semantics: a string is a regular expression that must match the whole path; a list of names
-  matches a path equal to a name or ending in "/name"."""
-  if isinstance(target_modules, str):
-    pattern = re.compile(target_modules)
-    return lambda path: pattern.fullmatch(path) is not None
-  names = list(target_modules)
-  if not names:
-    raise ValueError("target_modules is empty: pass a regex string or a non-empty list of layer names.")
-  return lambda path: any(path == n or path.endswith("/" + n) for n in names)
 
 
 def _linear_call(context) -> bool:
@@ -367,44 +115,6 @@ def _layer_geometry(module: nn.Module, x, equation: str = ""
   axis = tuple(int(a) - x.ndim if int(a) >= 0 else int(a) for a in axis)           # negative, kernel order
   features = module.features if isinstance(module.features, Sequence) else (module.features,)
   return "DenseGeneral", tuple(int(x.shape[a]) for a in axis), tuple(int(f) for f in features), axis
-
-
-def _flatten_input(x: jnp.ndarray, layer: LayerInfo) -> jnp.ndarray:
-  """Moves the contracted axes last (kernel order) and flattens them: [..., d_in]."""
-  if layer.kind in ("Dense", "Linear"):
-    return x
-  if layer.kind == "Einsum":
-    return einsum_layers.flatten_input(x, einsum_layers.parse(layer.equation, x.ndim, layer.path))
-  rest = [a for a in range(-x.ndim, 0) if a not in layer.axis]
-  x = jnp.transpose(x, [a % x.ndim for a in (*rest, *layer.axis)])
-  return x.reshape(*x.shape[:len(rest)], layer.d_in)
-
-
-def _kernel_2d(kernel: jnp.ndarray, layer: LayerInfo) -> jnp.ndarray:
-  if layer.kind == "Einsum":                                                          # kernel axes in any order
-    return einsum_layers.kernel_2d(kernel, _einsum_map(layer))
-  return kernel.reshape(layer.d_in, layer.d_out)                                      # [d_in, d_out]
-
-
-def _kernel_nd(w2: jnp.ndarray, layer: LayerInfo, kernel_shape) -> jnp.ndarray:
-  """Inverse of `_kernel_2d`: [d_in, d_out] -> the layer's kernel layout."""
-  if layer.kind == "Einsum":
-    return einsum_layers.kernel_nd(w2, _einsum_map(layer), kernel_shape)
-  return w2.reshape(kernel_shape)
-
-
-def _output_delta(delta: jnp.ndarray, layer: LayerInfo, x_ndim: int, y_shape) -> jnp.ndarray:
-  """Delta [..., d_out] in the layer's output layout y_shape (einsum outputs may interleave the axes)."""
-  if layer.kind == "Einsum":
-    return einsum_layers.unflatten_output(delta, einsum_layers.parse(layer.equation, x_ndim, layer.path),
-                                          layer.out_shape)
-  return delta.reshape(y_shape)
-
-
-def _einsum_map(layer: LayerInfo) -> einsum_layers.EinsumMap:
-  """The equation's letter groups for the kernel; x's rank only matters for an ellipsis (never in the kernel)."""
-  lhs = layer.equation.replace(" ", "").split(",")[0]
-  return einsum_layers.parse(layer.equation, len(lhs) if "..." not in lhs else len(lhs) - 3, layer.path)
 
 
 def _keys(path: str) -> list[str]:
@@ -464,7 +174,7 @@ class AdaptedModel:
 
   def base_kernels(self, frozen_params) -> list[jnp.ndarray]:
     """Frozen kernels [d_in, d_out] (flattened for DenseGeneral) of the matched layers, in call order."""
-    return [_kernel_2d(jnp.asarray(_tree_get(frozen_params, _keys(l.path) + ["kernel"])), l)
+    return [adapt_core.kernel_2d(jnp.asarray(_tree_get(frozen_params, _keys(l.path) + ["kernel"])), l)
             for l in self.layers]
 
   def init_adapter(self, key: jax.Array, frozen_params) -> dict:
@@ -521,10 +231,10 @@ class AdaptedModel:
                          "injected (different input shapes or control flow?): re-run inject with inputs "
                          "that reach it.")
       layer = self.layers[index[path]]
-      x = _flatten_input(_inputs(args, kwargs), layer)                               # [..., d_in]
-      kernel = _kernel_2d(ctx.module.get_variable("params", "kernel"), layer)        # [d_in, d_out]
+      x = adapt_core.flatten_input(_inputs(args, kwargs), layer)                               # [..., d_in]
+      kernel = adapt_core.kernel_2d(ctx.module.get_variable("params", "kernel"), layer)        # [d_in, d_out]
       delta = session(index[path], x, kernel)                                         # [..., d_out]
-      delta = _output_delta(delta, layer, _inputs(args, kwargs).ndim, y.shape)       # y's layout
+      delta = adapt_core.output_delta(delta, layer, _inputs(args, kwargs).ndim, y.shape)       # y's layout
       return y + delta.astype(y.dtype)
 
     with nn.intercept_methods(add_delta):
@@ -544,60 +254,16 @@ class AdaptedModel:
     params = jax.tree_util.tree_map(jnp.asarray, self._with_extras(frozen_params, trainable.get("extras")))
     params = jax.tree_util.tree_map(lambda a: a, params)                              # a copy we may edit
     for layer in self.layers:
-      module = self.adapter.module(layer)
-      if routes_on_activation(module):
-        raise ValueError(f"layer {layer.path!r}: {type(module).__name__} routes on its input "
-                         "(router_input='activation'), so Delta W changes with every x and cannot be merged; "
-                         "use router_input='context' to merge per context, or apply the adapted model.")
-      if routes_on_context(module) and context is None:
-        raise ValueError(f"layer {layer.path!r} is context-routed: merge(..., context=<one label or a [D] "
-                         "vector>) builds the merged model of that one context.")
       keys = _keys(layer.path)
       if not keys:
         raise ValueError("merge needs the adapted layer to be a submodule of the model (its params under a "
                          "name), not the root module itself.")
-      node = _tree_get(params, keys)
-      kernel = node["kernel"]
-      variables = {"params": trainable["adapter"][layer.path]}
-      eye = jnp.eye(layer.d_in, dtype=jnp.float32)                                  # Delta is linear in x here
-      extra = {"kernel": _kernel_2d(kernel, layer)} if getattr(module, "uses_base_kernel", False) else {}
-      if routes_on_context(module):
-        c = merge_context(context, module, layer.path)
-        c = jnp.broadcast_to(c, (layer.d_in,) + c.shape)
-        extra["context"] = c
-      delta = module.apply(variables, eye, **extra)                                  # [d_in, d_out] = Delta W^T
-      node = dict(node)
-      node["kernel"] = kernel + _kernel_nd(delta, layer, kernel.shape).astype(kernel.dtype)
+      node = dict(_tree_get(params, keys))
+      node["kernel"] = adapt_core.merged_kernel(self.adapter.module(layer), trainable["adapter"][layer.path], layer,
+                                                node["kernel"], context)
       parent = _tree_get(params, keys[:-1]) if len(keys) > 1 else params
       parent[keys[-1]] = node
     return params
-
-
-def adapter_set(adapter) -> AdapterSet:
-  """An AdapterSet from a spec: {"method": "queryable_lora", ...} builds `QueryableLoRA`; any other method
-  name is a per-layer adapter of `localmoe.adapters.make` (wrapped in `PerLayer`); a list of (pattern, spec)
-  rules is a `PerLayer` with per-layer specs. AdapterSets pass through."""
-  if isinstance(adapter, (list, tuple)):
-    rules = [(pattern, dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)) for pattern, spec in adapter]
-    for pattern, spec in rules:
-      if spec.get("method") not in adapters_lib.ADAPTERS:
-        raise ValueError(f"adapter rule {pattern!r}: method={spec.get('method')!r} is not a per-layer adapter; "
-                         f"valid: {sorted(adapters_lib.ADAPTERS)}.")
-    return PerLayer(tuple(rules))
-  if not (isinstance(adapter, Mapping) or hasattr(adapter, "to_dict")):
-    return adapter
-  spec = dict(adapter.to_dict() if hasattr(adapter, "to_dict") else adapter)
-  if spec.get("method") == "queryable_lora":
-    from localmoe.queryable import QueryableLoRA        # pylint: disable=g-import-not-at-top
-    fields = {f.name for f in dataclasses.fields(QueryableLoRA)}
-    unknown = sorted(set(spec) - fields - {"method"})
-    if unknown:
-      raise ValueError(f"queryable_lora: unknown field(s) {unknown}; QueryableLoRA takes {sorted(fields)}.")
-    return QueryableLoRA(**{k: v for k, v in spec.items() if k != "method"})
-  if spec.get("method") not in adapters_lib.ADAPTERS:
-    raise ValueError(f"method={spec.get('method')!r} is not a known adapter; valid: "
-                     f"{sorted(adapters_lib.ADAPTERS) + ['queryable_lora']}.")
-  return PerLayer(spec)
 
 
 def find_layers(model: nn.Module, params, example_args: Sequence[Any],
@@ -624,10 +290,8 @@ def find_layers(model: nn.Module, params, example_args: Sequence[Any],
         except (KeyError, TypeError):
           stored = seen
         if stored != seen:
-          raise ValueError(
-              f"layer {path!r} is inside a lifted transform (nn.scan or nn.vmap): its kernel is stored as "
-              f"{stored} but each call sees {seen}, so one adapter per layer cannot be attached; unroll the "
-              "stack (a Python loop over layers, or scan=False) or leave it out of target_modules.")
+          raise adapt_core.stacked_error(path, stored, seen, "inside a lifted transform (nn.scan or nn.vmap)",
+                                         "unroll the stack (a Python loop over layers, or scan=False)")
         found[path] = LayerInfo(path=path, d_in=math.prod(in_shape), d_out=math.prod(out_shape), kind=kind,
                                 in_shape=in_shape, out_shape=out_shape, axis=axis, equation=equation)
     return next_fun(*args, **kwargs)
@@ -674,21 +338,12 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
   adapter = adapter_set(adapter)
   layers = find_layers(model, params, example_args, target_modules, example_kwargs)
   if not layers:
-    raise ValueError(f"target_modules={target_modules!r} matched no nn.Dense / nn.DenseGeneral / nn.Einsum layer of "
-                     f"{type(model).__name__}: check the module paths (e.g. print them with "
-                     "localmoe.inject.dense_paths(model, params, *inputs)).")
+    raise adapt_core.no_match_error(target_modules, "nn.Dense / nn.DenseGeneral / nn.Einsum", model,
+                                    "localmoe.inject.dense_paths(model, params, *inputs)")
   extra_paths: tuple[str, ...] = ()
   if trainable_extras is not None:
-    extras_match = _extras_matcher(trainable_extras)
+    extra_paths = adapt_core.select_extras(trainable_extras, _module_paths(params), [l.path for l in layers])
     trainable_extras = trainable_extras if isinstance(trainable_extras, str) else tuple(trainable_extras)
-    extra_paths = tuple(p for p in _module_paths(params) if extras_match(p))
-    if not extra_paths:
-      raise ValueError(f"trainable_extras={trainable_extras!r} matched no module of the params; module paths "
-                       f"are e.g. {_module_paths(params)[-5:]}.")
-    clash = [p for p in extra_paths if p in {l.path for l in layers}]
-    if clash:
-      raise ValueError(f"trainable_extras selects {clash}, which target_modules also adapts: a layer is either "
-                       "adapted or trained in full, not both.")
   target = target_modules if isinstance(target_modules, str) else tuple(target_modules)
   adapted = AdaptedModel(model=model, adapter=adapter, layers=layers, example_args=tuple(example_args),
                          target_modules=target, trainable_extras=trainable_extras, extra_paths=extra_paths)
@@ -698,114 +353,7 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
   return dataclasses.replace(adapted, extra_leaves=leaves), trainable
 
 
-def _extras_matcher(trainable_extras) -> Callable[[str], bool]:
-  """trainable_extras as target_modules: a regex over the whole module path, or a list of module names
-  (a path equal to a name or ending in "/name")."""
-  if isinstance(trainable_extras, str):
-    return path_matcher(trainable_extras)
-  if not isinstance(trainable_extras, (list, tuple)) or not all(isinstance(n, str) for n in trainable_extras):
-    raise ValueError(f"trainable_extras={trainable_extras!r} must be a regex string (e.g. 'head') or a list of "
-                     "module names (e.g. ['head']), like target_modules.")
-  if not trainable_extras:
-    raise ValueError("trainable_extras=[] selects nothing: pass None for no trainable extras, or module names "
-                     "(e.g. ['head']).")
-  return path_matcher(list(trainable_extras))
-
-
 def dense_paths(model: nn.Module, params, *example_args) -> list[str]:
   """Every nn.Dense / nn.DenseGeneral path of `model`, in call order (to write a target_modules pattern)."""
   return [layer.path for layer in find_layers(model, params, example_args, ".*")]
 
-
-# ------------------------------------------------------------------------------------------- router losses
-
-
-def router_losses(traces: Sequence[RouterTrace], load_balance: float = 0.0, z_loss: float = 0.0,
-                  mask: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
-  """Switch load-balance and ST-MoE z-losses summed over every routed layer, and their weighted sum.
-
-  Balance: per cell for cell-wise routers (each cell's router balanced over its tokens), global for
-  block-wise (one router); with top_k routing the dispatch fraction counts the k chosen experts, with soft
-  routing the top-1 (`routing.load_balancing_loss`, `routing.router_z_loss`, token-weighted). mask:
-  optional [batch, ...] weights that broadcast onto each routed layer's input leading axes (e.g. the
-  attention mask [batch, tokens], so padding tokens do not count); context routers run once per example,
-  and an example counts if any of its entries is nonzero. A mask with more axes than a layer's input, or
-  of another batch, is a ValueError naming the layer. An all-zero mask counts no token: both losses are 0
-  (with zero gradient), not NaN.
-  Returns {"aux_loss": load_balance * balance + z_loss * z, "load_balance": balance, "router_z": z}.
-  """
-  balance = jnp.zeros((), jnp.float32)
-  z = jnp.zeros((), jnp.float32)
-  for trace in traces:
-    gates, logits, weights = _flat(trace, mask)
-    balance = balance + routing.load_balancing_loss(gates, trace.top_k or 1, True, weights)
-    z = z + routing.router_z_loss(logits, weights)
-  return {"aux_loss": load_balance * balance + z_loss * z, "load_balance": balance, "router_z": z}
-
-
-def _flat(trace: RouterTrace, mask):
-  """gates, logits [N, R, E] in float32 and per-row weights [N]."""
-  lead = trace.gates.shape[:-2]
-  gates = trace.gates.astype(jnp.float32).reshape(-1, *trace.gates.shape[-2:])
-  logits = trace.logits.astype(jnp.float32).reshape(-1, *trace.logits.shape[-2:])
-  if mask is None:
-    weights = jnp.ones(gates.shape[0], jnp.float32)
-  else:
-    m = jnp.asarray(mask, jnp.float32)
-    _check_mask(m.shape, trace)
-    if m.ndim > len(lead):                     # a per-example router: an example counts if it has any token
-      m = m.reshape(m.shape[:len(lead)] + (-1,)).max(-1)
-    weights = jnp.broadcast_to(m.reshape(m.shape + (1,) * (len(lead) - m.ndim)), lead).reshape(-1)
-  return gates, logits, weights
-
-
-def _check_mask(shape: tuple[int, ...], trace: RouterTrace) -> None:
-  """The mask must broadcast onto the layer input's leading axes, aligned from the batch axis."""
-  lead = tuple(trace.gates.shape[:-2] if trace.input_lead is None else trace.input_lead)
-  if len(shape) > len(lead) or any(m not in (1, n) for m, n in zip(shape, lead)):
-    raise ValueError(f"mask has shape {tuple(shape)} but layer {trace.path!r} routes inputs with leading axes "
-                     f"{lead}: pass weights [batch, ...] of this batch that broadcast onto them (e.g. the "
-                     "attention mask [batch, tokens]), without extra axes.")
-
-
-def routing_diagnostics(traces: Sequence[RouterTrace], groups: jnp.ndarray | None = None,
-                        num_groups: int = 1, mask: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
-  """Per-layer expert usage and routing entropy, optionally per group (e.g. per task).
-
-  groups: integer labels [batch] (one per example); num_groups: their count. Returns
-    "usage":   [layers, groups, routers, E], mean gate per router and expert (rows sum to 1 where a group
-               has examples, 0 where it has none),
-    "entropy": [layers, groups, routers], mean per-token gate entropy in nats (0 = hard routing),
-  with layers in call order of the routed layers (`routing.group_usage`). All routed layers must have the
-  same routers and E. Group ids outside 0..num_groups-1 are a ValueError when concrete; traced (under jit)
-  they make the usage and entropy NaN (`routing.one_hot_labels`), never silently dropped.
-  """
-  if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
-    raise ValueError(f"num_groups={num_groups!r} must be a positive integer: the number of groups (e.g. tasks).")
-  if groups is not None and not jnp.issubdtype(jnp.asarray(groups).dtype, jnp.integer):
-    raise ValueError(f"groups has dtype {jnp.asarray(groups).dtype}: pass integer group ids [batch] "
-                     "(e.g. task ids; float ids: groups.astype(jnp.int32)).")
-  usage, entropy = [], []
-  for trace in traces:
-    gates, _, weights = _flat(trace, mask)
-    if groups is None:
-      onehot = jnp.ones((gates.shape[0], 1), jnp.float32)
-    else:
-      lead = trace.gates.shape[:-2]
-      if np.shape(groups) != tuple(lead[:1]):
-        raise ValueError(f"groups has shape {np.shape(groups)} but layer {trace.path!r} routed a batch of "
-                         f"{lead[0]}: pass one group id per example, shape ({lead[0]},).")
-      g = jnp.asarray(groups).reshape(lead[:1] + (1,) * (len(lead) - 1))
-      onehot = routing.one_hot_labels(jnp.broadcast_to(g, lead).reshape(-1), num_groups, "groups",
-                                      "num_groups", "pass num_groups = the number of groups (ids run "
-                                      "0..num_groups-1)")                              # [N, G]
-    w = onehot * weights[:, None]                                                      # [N, G]
-    u, ent = routing.group_usage(gates, w)
-    usage.append(u)
-    entropy.append(ent)
-  if not usage:
-    return {}
-  shapes = {u.shape for u in usage}
-  if len(shapes) > 1:
-    raise ValueError(f"routing_diagnostics stacks layers of one router layout; got usage shapes {sorted(shapes)}.")
-  return {"usage": jnp.stack(usage), "entropy": jnp.stack(entropy)}

@@ -53,6 +53,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from localmoe import adapt_core
 from localmoe import adapters as adapters_lib
 from localmoe import einsum_layers
 from localmoe import inject as inject_lib
@@ -60,12 +61,6 @@ from localmoe import params as params_lib
 
 NNX_LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
-# The linen injector's views of a layer (flattened input, kernel [d_in, d_out] and back, output layout) and its
-# per-layer session (context broadcast over tokens, router traces): shared, so both hosts compute the same Delta.
-# pylint: disable=protected-access
-_flatten_input, _kernel_2d, _kernel_nd = inject_lib._flatten_input, inject_lib._kernel_2d, inject_lib._kernel_nd
-_output_delta, _PerLayerSession = inject_lib._output_delta, inject_lib._PerLayerSession
-# pylint: enable=protected-access
 
 
 class AdapterParam(nnx.LoRAParam):
@@ -121,8 +116,8 @@ class Adapter(nnx.Module):
     if params is None:
       if rngs is None:
         raise ValueError("Adapter needs rngs=nnx.Rngs(<seed>) to initialise its parameters (or params=).")
-      info = inject_lib.LayerInfo("adapter", definition.d_in, definition.d_out)
-      params = inject_lib.PerLayer(lambda layer: definition).init(rngs.params(), [info], [kernel])["adapter"]
+      info = adapt_core.LayerInfo("adapter", definition.d_in, definition.d_out)
+      params = adapt_core.PerLayer(lambda layer: definition).init(rngs.params(), [info], [kernel])["adapter"]
     self.definition = definition                 # the linen module: static and hashable
     self.params = nnx.data(jax.tree_util.tree_map(AdapterParam, params))
 
@@ -139,8 +134,8 @@ class Adapter(nnx.Module):
     """Dense Delta W [d_out, d_in] for one fixed routing (a single context or fixed gates; Eq. 9)."""
     if hasattr(type(self.definition), "delta_weight"):
       return adapters_lib.delta_weight(self.definition, {"params": self.linen_params()}, context, gates)
-    eye = jnp.eye(self.definition.d_in, dtype=jnp.float32)                # DoRA: Delta is linear in x
-    return self(eye, kernel=kernel).T
+    info = adapt_core.LayerInfo("adapter", self.definition.d_in, self.definition.d_out)
+    return adapt_core.delta_2d(self.definition, self.linen_params(), info, kernel, context).T   # DoRA
 
   def num_params(self) -> int:
     return int(self.definition.num_params())
@@ -177,7 +172,7 @@ class AdaptedLayer(nnx.Module):
     self.base = base                          # the original nnx.Linear / LinearGeneral / Einsum (frozen)
     self.path = path                          # "/"-joined module path, e.g. "attn/query"
     self.injection = injection
-    self.layer: inject_lib.LayerInfo | None = None      # geometry seen in the discovery pass
+    self.layer: adapt_core.LayerInfo | None = None      # geometry seen in the discovery pass
     self.index = -1                           # call order among the adapted layers
     self.adapter = nnx.data(None)             # an `Adapter`; None until discovered
     self.context = RoutingContext(_no_context())
@@ -196,19 +191,19 @@ class AdaptedLayer(nnx.Module):
     layer, definition = self.layer, self.adapter.definition
     context = self.context.get_value()
     context = None if context.shape == (0,) else context
-    if inject_lib.routes_on_context(definition) and context is None:
+    if adapt_core.routes_on_context(definition) and context is None:
       raise ValueError(f"layer {self.path!r} has a context-routed adapter ({type(definition).__name__}, "
                        "router_input='context') but the model was called without a context: call it inside "
                        "`with localmoe.nnx_inject.routing_context(model, <labels [batch] or one-hot/embedding "
                        "[batch, context_dim]>):` (or nnx_inject.call(model, ..., context=...)).")
     captures = _captures()
-    session = _PerLayerSession(
+    session = adapt_core.LayerSession(
         {layer.path: definition}, {layer.path: self.adapter.linen_params()}, [layer], context,
         captures[-1] if captures else None, rngs=dict(self.rngs.get_value()) or None, offset=self.index)
-    flat = _flatten_input(x, layer)                                             # [..., d_in]
-    kernel = _kernel_2d(self.base.kernel.get_value(), layer)                    # [d_in, d_out]
+    flat = adapt_core.flatten_input(x, layer)                                             # [..., d_in]
+    kernel = adapt_core.kernel_2d(self.base.kernel.get_value(), layer)                    # [d_in, d_out]
     delta = session(0, flat, kernel)                                            # [..., d_out]
-    delta = _output_delta(delta, layer, x.ndim, y.shape)                        # y's layout
+    delta = adapt_core.output_delta(delta, layer, x.ndim, y.shape)                        # y's layout
     return y + delta.astype(y.dtype)
 
 
@@ -228,17 +223,15 @@ def _check_unstacked(module, path: str) -> None:
   """Refuses a layer of an nnx.vmap / nnx.scan stack and a LinearGeneral with batch axes, by name."""
   stored, expected = tuple(module.kernel.shape), _expected_kernel_shape(module)
   if stored != expected:
-    raise ValueError(
-        f"layer {path!r} is part of a stacked layer (nnx.vmap / nnx.scan over layers): its kernel is stored as "
-        f"{stored} but each call sees {expected}, so one adapter per layer cannot be attached; build the stack "
-        "as an nnx.List of layers (a Python loop) or leave it out of target_modules.")
+    raise adapt_core.stacked_error(path, stored, expected, "part of a stacked layer (nnx.vmap / nnx.scan over "
+                                   "layers)", "build the stack as an nnx.List of layers (a Python loop)")
   if isinstance(module, nnx.LinearGeneral) and module.batch_axis:
     raise ValueError(f"layer {path!r} is an nnx.LinearGeneral with batch_axis={dict(module.batch_axis)}: its "
                      "kernel differs per batch index, so one adapter cannot stand for it; leave it out of "
                      "target_modules.")
 
 
-def _geometry(module, path: str, x, args, kwargs) -> inject_lib.LayerInfo:
+def _geometry(module, path: str, x, args, kwargs) -> adapt_core.LayerInfo:
   """The LayerInfo of one call of an NNX linear layer on input x."""
   if isinstance(module, nnx.Linear):
     in_shape, out_shape, axis, kind, equation = (int(x.shape[-1]),), (int(module.out_features),), (-1,), \
@@ -252,7 +245,7 @@ def _geometry(module, path: str, x, args, kwargs) -> inject_lib.LayerInfo:
     equation = (given or module.einsum_str).replace(" ", "")
     in_shape, out_shape = einsum_layers.widths(einsum_layers.parse(equation, x.ndim, path), module.kernel_shape)
     axis, kind = (), "Einsum"
-  return inject_lib.LayerInfo(path=path, d_in=math.prod(in_shape), d_out=math.prod(out_shape), kind=kind,
+  return adapt_core.LayerInfo(path=path, d_in=math.prod(in_shape), d_out=math.prod(out_shape), kind=kind,
                               in_shape=in_shape, out_shape=out_shape, axis=axis, equation=equation)
 
 
@@ -278,7 +271,7 @@ def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
 
 def _candidates(model: nnx.Module, target_modules) -> list[tuple[tuple, nnx.Module]]:
   """Matched NNX linear layers (not already adapted), stacks refused."""
-  matches = inject_lib.path_matcher(target_modules)
+  matches = adapt_core.path_matcher(target_modules)
   modules = list(nnx.iter_modules(model))
   inside = [path for path, module in modules if isinstance(module, AdaptedLayer)]
   found = []
@@ -295,7 +288,7 @@ def _candidates(model: nnx.Module, target_modules) -> list[tuple[tuple, nnx.Modu
 
 
 def find_layers(model: nnx.Module, example_args: Sequence[Any], target_modules: str | Sequence[str],
-                example_kwargs: Mapping[str, Any] | None = None) -> tuple[inject_lib.LayerInfo, ...]:
+                example_kwargs: Mapping[str, Any] | None = None) -> tuple[adapt_core.LayerInfo, ...]:
   """The matched NNX linear layers, in order of their first call (a shape-only pass on a copy of the model)."""
   copy = nnx.clone(model)
   for path, module in _candidates(copy, target_modules):
@@ -352,13 +345,13 @@ def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequ
 
   Returns: the same `model`, adapted. Its adapter params are `AdapterParam`s.
   """
-  adapter = inject_lib.adapter_set(adapter)
-  if not isinstance(adapter, inject_lib.PerLayer):
+  adapter = adapt_core.adapter_set(adapter)
+  if not isinstance(adapter, adapt_core.PerLayer):
     raise ValueError(f"{type(adapter).__name__} carries a state from layer to layer within one forward pass, "
                      "which nnx_inject does not thread through an NNX model: use a per-layer method (lora, dora, "
                      "melora, localized_lora, blockwise_moe, cellwise_moe, per_task_lora), or localmoe.inject on "
                      "a linen model.")
-  inject_lib.check_key(key)
+  adapt_core.check_key(key)
   candidates = _candidates(model, target_modules)
   earlier = [w.path for _, w in _adapted(model)]
   if earlier:
@@ -367,24 +360,16 @@ def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequ
                      "(one target_modules regex, per-layer specs as (pattern, spec) rules), or merge first "
                      "(nnx_inject.merge(model)) and inject the merged model.")
   if not candidates:
-    raise ValueError(f"target_modules={target_modules!r} matched no nnx.Linear / nnx.LinearGeneral / nnx.Einsum "
-                     f"layer of {type(model).__name__}: check the module paths (e.g. print them with "
-                     "localmoe.nnx_inject.linear_paths(model, *inputs)).")
+    raise adapt_core.no_match_error(target_modules, "nnx.Linear / nnx.LinearGeneral / nnx.Einsum", model,
+                                    "localmoe.nnx_inject.linear_paths(model, *inputs)")
   layers = find_layers(model, example_args, target_modules, example_kwargs)
   extras = []
   if trainable_extras is not None:
-    if not isinstance(trainable_extras, str):
-      trainable_extras = tuple(trainable_extras)
-    selected = inject_lib.path_matcher(trainable_extras if isinstance(trainable_extras, str) else
-                                       list(trainable_extras))
-    extras = [(p, m, names) for p, m, names in _param_holders(model) if selected(p)]
-    if not extras:
-      raise ValueError(f"trainable_extras={trainable_extras!r} matched no module with params; module paths "
-                       f"are e.g. {[p for p, _, _ in _param_holders(model)][-5:]}.")
-    clash = [p for p, _, _ in extras if p in {_path_str(path) for path, _ in candidates}]
-    if clash:
-      raise ValueError(f"trainable_extras selects {clash}, which target_modules also adapts: a layer is either "
-                       "adapted or trained in full, not both.")
+    holders = _param_holders(model)
+    selected = adapt_core.select_extras(trainable_extras, [p for p, _, _ in holders],
+                                        [_path_str(path) for path, _ in candidates])
+    extras = [(p, m, names) for p, m, names in holders if p in selected]
+    trainable_extras = trainable_extras if isinstance(trainable_extras, str) else tuple(trainable_extras)
   by_path = {layer.path: (i, layer) for i, layer in enumerate(layers)}
   unreached = [_path_str(path) for path, _ in candidates if _path_str(path) not in by_path]
   if unreached:
@@ -392,7 +377,7 @@ def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequ
                      "never reached them, so their input shapes are unknown: pass example inputs (and "
                      "example_kwargs) that reach them, or narrow target_modules.")
   modules = dict((_path_str(p), m) for p, m in candidates)
-  kernels = [_kernel_2d(modules[l.path].kernel.get_value(), l) for l in layers]      # [d_in, d_out] each
+  kernels = [adapt_core.kernel_2d(modules[l.path].kernel.get_value(), l) for l in layers]      # [d_in, d_out] each
   params = adapter.init(key, layers, kernels)
   try:
     rules = json.dumps(adapter.to_json())
@@ -427,7 +412,7 @@ def routing_context(model: nnx.Module, context=None, rngs=None) -> Iterator[list
   Yields the list that collects every routed layer's `inject.RouterTrace` (logits and gates, call order),
   for `inject.router_losses` and `inject.routing_diagnostics`. context=None only collects traces.
   """
-  rngs = inject_lib.check_rngs(rngs) or {}
+  rngs = adapt_core.check_rngs(rngs) or {}
   wrappers = [w for _, w in _adapted(model)]
   before = [(w.context.get_value(), w.rngs.get_value()) for w in wrappers]
   value = _no_context() if context is None else jnp.asarray(context)
@@ -456,7 +441,7 @@ def call(model: nnx.Module, *args, context=None, capture_routing: bool = False, 
   return (y, traces) if capture_routing else y
 
 
-def layers(model: nnx.Module) -> tuple[inject_lib.LayerInfo, ...]:
+def layers(model: nnx.Module) -> tuple[adapt_core.LayerInfo, ...]:
   """The adapted layers' geometry, in call order."""
   return tuple(w.layer for _, w in _adapted(model) if w.layer is not None)
 
@@ -502,25 +487,9 @@ def merge(model: nnx.Module, context=None) -> nnx.Module:
   merged = nnx.clone(model)
   for path, wrapper in _adapted(merged):
     if wrapper.adapter is not None:
-      layer, definition = wrapper.layer, wrapper.adapter.definition
-      if inject_lib.routes_on_activation(definition):
-        raise ValueError(f"layer {layer.path!r}: {type(definition).__name__} routes on its input "
-                         "(router_input='activation'), so Delta W changes with every x and cannot be merged; "
-                         "use router_input='context' to merge per context, or call the adapted model.")
-      if inject_lib.routes_on_context(definition) and context is None:
-        raise ValueError(f"layer {layer.path!r} is context-routed: merge(model, context=<one label or a [D] "
-                         "vector>) builds the merged model of that one context.")
       kernel = wrapper.base.kernel
-      extra = {}
-      if getattr(definition, "uses_base_kernel", False):
-        extra["kernel"] = _kernel_2d(kernel.get_value(), layer)                   # [d_in, d_out]
-      if inject_lib.routes_on_context(definition):
-        c = inject_lib.merge_context(context, definition, layer.path)
-        extra["context"] = jnp.broadcast_to(c, (layer.d_in,) + c.shape)
-      eye = jnp.eye(layer.d_in, dtype=jnp.float32)                             # Delta is linear in x here
-      delta = definition.apply({"params": wrapper.adapter.linen_params()}, eye, **extra)   # [d_in, d_out]
-      w = kernel.get_value()
-      kernel.set_value(w + _kernel_nd(delta, layer, w.shape).astype(w.dtype))
+      kernel.set_value(adapt_core.merged_kernel(wrapper.adapter.definition, wrapper.adapter.linen_params(),
+                                                wrapper.layer, kernel.get_value(), context, "nnx"))
     _replace(merged, path, wrapper.base)
   for path, module in list(nnx.iter_modules(merged)):
     for name in [k for k, v in vars(module).items() if isinstance(v, ExtraParam)]:
@@ -541,7 +510,7 @@ def described(model: nnx.Module) -> inject_lib.AdaptedModel:
     raise ValueError("an adapter built by a callable cannot be saved: build it from a spec dict (or (pattern, "
                      "spec) rules) so adapter_config.json can describe it.")
   rules = json.loads(injection.rules)
-  adapter = inject_lib.adapter_set([tuple(r) for r in rules] if isinstance(rules, list) else rules)
+  adapter = adapt_core.adapter_set([tuple(r) for r in rules] if isinstance(rules, list) else rules)
   extras = trainable(model)["extras"]
   leaves = tuple((f"extras/{path}", tuple(leaf.shape), jnp.dtype(leaf.dtype).name)
                  for path, leaf in params_lib.leaf_paths(extras))
