@@ -207,10 +207,15 @@ def convert(gguf_file: Path, folder: Path) -> None:
   del reader
   folder.mkdir(parents=True, exist_ok=True)
   (folder / MANIFEST_FILE).unlink(missing_ok=True)          # the cache is incomplete until the manifest is back
-  weights_tmp = folder / f".{WEIGHTS_FILE}.tmp"
-  save_file(tensors, str(weights_tmp), metadata={"source": GGUF_NAME, "gguf_sha256": GGUF_SHA256})
-  os.chmod(weights_tmp, 0o644)                              # readable by all, as cache.atomic_write_bytes does
-  os.replace(weights_tmp, folder / WEIGHTS_FILE)
+  fd, weights_tmp = tempfile.mkstemp(dir=folder, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")  # one per writer
+  os.close(fd)
+  try:
+    save_file(tensors, weights_tmp, metadata={"source": GGUF_NAME, "gguf_sha256": GGUF_SHA256})
+    os.chmod(weights_tmp, 0o644)                            # readable by all, as cache.atomic_write_bytes does
+    os.replace(weights_tmp, folder / WEIGHTS_FILE)
+  except BaseException:
+    Path(weights_tmp).unlink(missing_ok=True)
+    raise
   del tensors
   cache.atomic_write_bytes(folder / VOCAB_FILE, json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
   manifest = {name: cache.sha256_file(folder / name) for name in (WEIGHTS_FILE, VOCAB_FILE)}
