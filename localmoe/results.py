@@ -18,14 +18,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import threading
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from localmoe import train
-from localmoe import workdir as workdir_lib
+from localmoe import atomic, train
 
 # ------------------------------------------------------------------------------------------- atomic files
 
@@ -36,20 +34,7 @@ class RunFailed(RuntimeError):
 
 def atomic_write_text(path: str, text: str) -> None:
   """Writes `text` to `path` via a temp file and os.replace (readers see the old or the new file)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~workdir_lib.current_umask())          # mkstemp makes 0600
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic.write_text(path, text)
 
 
 def _clean(value: Any) -> Any:

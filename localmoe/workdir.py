@@ -25,16 +25,18 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import time
 from typing import Any, Mapping
+
+from localmoe import atomic
 
 RESULT_FILES = ("results.json", "results.md", "history.csv", "sweep.json", "sweep.md", "config.json")
 RESULT_DIRS = ("tb", "checkpoints", "figures", "entries")
 LOCK = ".lock"
 CONFIG_FILE = "config.json"
 RUN_ONLY = ("checkpoint_every_epochs", "optim.log_every")   # may differ between a run and its resume
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = atomic.TMP_PREFIX
+current_umask = atomic.current_umask
 
 
 class WorkdirError(RuntimeError):
@@ -101,8 +103,8 @@ def check_same_config(stored: Any, current: Any, what: str) -> None:
 
 def write_config(path: str, config: Any) -> None:
   """<path>/config.json, atomically (readable by the group, like every results file)."""
-  _atomic_json(os.path.join(path, CONFIG_FILE), comparable(config) if not isinstance(config, dict)
-               else config)
+  atomic.write_json(os.path.join(path, CONFIG_FILE),
+                    comparable(config) if not isinstance(config, dict) else config, sort_keys=True)
 
 
 def read_config(path: str) -> dict | None:
@@ -116,27 +118,6 @@ def read_config(path: str) -> dict | None:
   except (OSError, ValueError) as error:
     raise WorkdirError(f"{target} is unreadable ({error}): it says which config this workdir's checkpoints "
                        "belong to. Pass --overwrite to start over, or choose another --workdir.") from None
-
-
-def _atomic_json(path: str, payload: Any) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(payload, f, indent=2, sort_keys=True)
-      f.write("\n")
-    os.chmod(tmp, 0o666 & ~current_umask())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
-
-
-def current_umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
 
 
 # ------------------------------------------------------------------------------------------- the workdir

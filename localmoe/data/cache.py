@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, TypeVar
+
+from localmoe import atomic
 
 ENV_VAR = "LOCALMOE_DATA_DIR"
 DEFAULT_DATA_DIR = "~/.cache/localmoe"
@@ -122,41 +123,9 @@ def read_verified(path: Path, expected: str) -> bytes:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-  """Writes `data` to `path` so that readers see either the old file or the complete new one.
-
-  The bytes go to a temporary file in the same directory (same filesystem, so the final rename is atomic),
-  are flushed and fsync'ed to disk, and the temporary file is then renamed over `path` with os.replace.
-  On any error the temporary file is removed and `path` is left untouched.
-  """
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp_name, _FILE_MODE)  # mkstemp creates 0o600; cached data is meant to be readable by all
-    os.replace(tmp_name, path)
-  except BaseException:
-    Path(tmp_name).unlink(missing_ok=True)
-    raise
-  _fsync_directory(path.parent)
-  return path
-
-
-def _fsync_directory(directory: Path) -> None:
-  """Best effort: persists the rename itself (POSIX only; a no-op where directories cannot be opened)."""
-  try:
-    fd = os.open(directory, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
+  """Writes `data` to `path` so that readers see either the old file or the complete new one
+  (`localmoe.atomic.write_bytes`), readable by all (cached data is shared)."""
+  return atomic.write_bytes(path, data, mode=_FILE_MODE)
 
 
 def store_in_cache(files: Mapping[str, bytes], directory: Path) -> None:
