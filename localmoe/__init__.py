@@ -10,3 +10,10 @@ from localmoe.routing import (Router, collect_router_outputs, expert_usage, load
                               router_aux_losses, router_z_loss, routing_entropy, usage_entropy)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ADAPTERS", "BlockWiseLoRAMoE", "CellWiseLoRAMoE", "LocalizedLoRA", "LoRA", "MELoRA", "delta_weight", "make",
+    "merge", "register", "load_adapter", "save_adapter", "routing_diagnostics", "AdapterParam", "ExtraParam",
+    "routing_context", "count_params", "trainable_params", "Router", "collect_router_outputs", "expert_usage",
+    "load_balancing_loss", "router_aux_losses", "router_z_loss", "routing_entropy", "usage_entropy",
+]
