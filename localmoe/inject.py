@@ -79,6 +79,26 @@ from localmoe.router_traces import RouterTrace, router_losses, routing_diagnosti
 LINEAR_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 
 
+def _unjitted(fn):
+  """The method under a linen `nn.jit` method decorator (`@nn.jit def __call__`), or None.
+
+  nn.jit caches its trace by the module, not by the method interceptors around the call, so a cached trace
+  would skip the adapters (a silent no-op): the hosts call the method underneath instead (the caller's own
+  jax.jit still compiles the whole step). Recognised by flax's cached-transform wrapper, which keeps the
+  wrapped method as `__wrapped__`.
+  """
+  code = getattr(fn, "__code__", None)
+  if code is not None and code.co_name == "wrapped_fn" and "trafo_fn" in code.co_freevars:
+    return getattr(fn, "__wrapped__", None)
+  return None
+
+
+def _run(model: nn.Module, variables, args, kwargs):
+  """model.apply(variables, *args, **kwargs), through the method under an `nn.jit` decorator on __call__."""
+  method = _unjitted(type(model).__call__)
+  return model.apply(variables, *args, **kwargs, **({"method": method} if method is not None else {}))
+
+
 def _linear_call(context) -> bool:
   return context.method_name == "__call__" and isinstance(context.module, LINEAR_TYPES)
 
@@ -238,7 +258,7 @@ class AdaptedModel:
       return y + delta.astype(y.dtype)
 
     with nn.intercept_methods(add_delta):
-      y = self.model.apply({"params": params}, *args, **kwargs)
+      y = _run(self.model, {"params": params}, args, kwargs)
     return (y, traces) if capture_routing else y
 
   def merge(self, frozen_params, trainable, context=None):
@@ -297,7 +317,7 @@ def find_layers(model: nn.Module, params, example_args: Sequence[Any],
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda p, *a: model.apply({"params": p}, *a, **(example_kwargs or {})), params, *example_args)
+    jax.eval_shape(lambda p, *a: _run(model, {"params": p}, a, example_kwargs or {}), params, *example_args)
   return tuple(found.values())
 
 
@@ -337,9 +357,25 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
   check_key(key)
   adapter = adapter_set(adapter)
   layers = find_layers(model, params, example_args, target_modules, example_kwargs)
+  matches = path_matcher(target_modules)
+  unreached = [p for p, leaf in params_lib.leaf_paths(params) if p.endswith("/kernel") and np.ndim(leaf) >= 2
+               and matches(p[:-len("/kernel")]) and p[:-len("/kernel")] not in {l.path for l in layers}]
+  if unreached:
+    raise ValueError(f"layer(s) {[p[:-len('/kernel')] for p in unreached[:3]]} match target_modules="
+                     f"{target_modules!r} (their params hold a kernel) but no traced call of the model reached "
+                     "them: pass example inputs (and example_kwargs) that reach them, remove an nn.jit on a "
+                     "submodule's method (its cached trace skips the adapters; jit the adapted step instead), "
+                     "or narrow target_modules.")
   if not layers:
     raise adapt_core.no_match_error(target_modules, "nn.Dense / nn.DenseGeneral / nn.Einsum", model,
                                     "localmoe.inject.dense_paths(model, params, *inputs)")
+  again = {layer.path for layer in find_layers(model, params, example_args, target_modules, example_kwargs)}
+  skipped = [layer.path for layer in layers if layer.path not in again]
+  if skipped:
+    raise ValueError(f"layer(s) {skipped[:3]} matched target_modules in the first traced call but a second "
+                     "call did not reach them: a transform caches their trace without the adapters (an nn.jit "
+                     "on a submodule's method), so their adapters would never run; remove that nn.jit (jit the "
+                     "adapted step instead) or leave them out of target_modules.")
   extra_paths: tuple[str, ...] = ()
   if trainable_extras is not None:
     extra_paths = adapt_core.select_extras(trainable_extras, _module_paths(params), [l.path for l in layers])

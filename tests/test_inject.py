@@ -198,3 +198,66 @@ def test_apply_rngs_reach_the_adapters_and_no_rngs_is_deterministic():
   np.testing.assert_array_equal(one[0], gates({"gumbel": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(5)})[0])
   with pytest.raises(TypeError, match=r"rngs\['gumbel'\] is not a PRNG key"):
     gates({"gumbel": 3})
+
+
+# ------------------------------------------------------------------------------------------- never a silent no-op
+
+
+class _JitRoot(nn.Module):
+  """A model whose __call__ is wrapped in nn.jit (as gemma's `Transformer.__call__`)."""
+
+  @nn.jit
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(4, name="proj")(nn.relu(nn.Dense(4, name="a")(x)))
+
+
+class _JitInner(nn.Module):
+  @nn.jit
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(4, name="proj")(x)
+
+
+class _JitChild(nn.Module):
+  """nn.jit on a submodule's method: its cached trace is out of the hosts' reach."""
+
+  @nn.compact
+  def __call__(self, x, skip=False):
+    h = nn.Dense(4, name="a")(x)
+    return h if skip else _JitInner(name="inner")(h)
+
+
+@pytest.mark.slow
+def test_an_nn_jit_wrapped_call_is_unwrapped_and_its_adapters_run():
+  model, x = _JitRoot(), jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  base = model.apply({"params": params}, x)                   # fills nn.jit's cache before inject
+  adapted, trainable = inject.inject(model, params, {"method": "lora", "rank": 2}, x[:1], target_modules="proj",
+                                     key=jax.random.PRNGKey(1))
+  assert adapted.paths == ("proj",)
+  trainable = jax.tree_util.tree_map(lambda a: a + 0.3, trainable)   # B != 0
+  assert float(jnp.abs(adapted.apply(params, trainable, x) - base).max()) > 1e-2
+  grads = jax.jit(jax.grad(lambda t: jnp.sum(adapted.apply(params, t, x) ** 2)))(trainable)
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads["adapter"]))
+  merged = adapted.merge(params, trainable)
+  np.testing.assert_allclose(model.apply({"params": merged}, x), adapted.apply(params, trainable, x), rtol=1e-5,
+                             atol=1e-5)
+
+
+@pytest.mark.slow
+def test_layers_no_traced_call_reaches_are_named_at_inject():
+  """nn.jit on a submodule's method (its cached trace skips the interceptor) and a branch the example call
+  does not take: both refused at inject, naming the layer, never adapted silently in part."""
+  model, x = _JitChild(), jnp.ones((1, 4))
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  model.apply({"params": params}, x)
+  with pytest.raises(ValueError, match=r"^layer\(s\) \['inner/proj'\] match target_modules='a\|inner/proj' \(their "
+                                       r"params hold a kernel\) but no traced call of the model reached them: .*"
+                                       r"remove an nn.jit on a submodule's method"):
+    inject.inject(model, params, {"method": "lora", "rank": 2}, x, target_modules="a|inner/proj",
+                  key=jax.random.PRNGKey(1))
+  with pytest.raises(ValueError, match=r"^layer\(s\) \['inner/proj'\] match .* pass example inputs \(and "
+                                       r"example_kwargs\) that reach them"):
+    inject.inject(model, params, {"method": "lora", "rank": 2}, x, target_modules="a|inner/proj",
+                  key=jax.random.PRNGKey(1), example_kwargs={"skip": True})
