@@ -294,7 +294,7 @@ def _adapt_and_check(model, vocab_size, tmp_path, new_tokens=5, tasks=TASKS):
 @pytest.mark.slow
 def test_cellwise_moe_on_tiny_gemma_trains_merges_per_task_and_round_trips(tmp_path):
   model = tiny_model()
-  adapted, prompts, mixed = _adapt_and_check(model, TINY.vocab_size, tmp_path)
+  adapted, prompts, mixed = _adapt_and_check(model, TINY.vocab_size, tmp_path, tasks=2)
   fresh = nnx_inject.load_adapter(str(tmp_path / "adapter"), tiny_model(), jnp.zeros((1, 4), jnp.int32))
   loaded, _ = generate_lib.generate(fresh, prompts, 5, context=mixed, eos_ids=())
   np.testing.assert_array_equal(loaded, adapted)
