@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 
 from flax import nnx
@@ -26,7 +27,7 @@ import numpy as np
 from localmoe import (adapters, checkpoint, configlib, inject, metrics, multitask, nnx_functional, nnx_inject,
                       plots, results, routing, runner, train)
 from localmoe.data import instructions
-from localmoe.models import gemma3, gemma3_features, gemma3_generate, gemma3_weights
+from localmoe.models import gemma3, gemma3_features, gemma3_weights
 from localmoe.train import optimizer, probe
 
 BASELINES = ("zero_shot", "few_shot", "linear_probe")
@@ -163,34 +164,6 @@ def build_task(name: str, config, upper, prompts, data_example):
   return task, fn, frozen, nnx_inject.num_params(upper)
 
 
-def exact_match(model, tokenizer, prompts, rows: int, max_new: int, upper=None) -> dict | None:
-  """Greedy generation on the first `rows` test rows of each task: {task: fraction whose first output line
-  equals the answer word} (the model's upper blocks replaced by `upper` when given)."""
-  if not rows:
-    return None
-  test = prompts.test
-  pick = np.concatenate([np.flatnonzero(test["task"] == t)[:rows] for t in range(len(prompts.tasks))])
-  ids = [test["tokens"][i][test["mask"][i] > 0].tolist() for i in pick]
-  if upper is None:
-    out, lengths = gemma3_generate.generate(model, ids, max_new, context=test["task"][pick])
-  else:
-    with gemma3_features.swapped_in(model, upper) as swapped:
-      out, lengths = gemma3_generate.generate(swapped, ids, max_new, context=test["task"][pick])
-  texts = gemma3_generate.decode_texts(tokenizer, out, lengths)
-  hits = [texts[j].split("\n")[0].strip().lower() == prompts.words[test["task"][i]][test["y"][i, 0]]
-          for j, i in enumerate(pick)]
-  return {t: float(np.mean([h for h, i in zip(hits, pick) if test["task"][i] == k])) for k, t in
-          enumerate(prompts.tasks)}
-
-
-def summary_of(scores: dict, ok, params: int, extra: dict | None = None) -> dict:
-  """results.json entry: per-task and mean scores over seeds, per-seed mean accuracy (paired differences)."""
-  out = {k: multitask.per_seed(v, ok) for k, v in scores.items()}
-  out.update(adapter_params=params, status="ok" if all(ok) else "diverged seeds",
-             accuracy_per_seed=out["accuracy/mean"]["per_seed"], **(extra or {}))
-  return out
-
-
 def run(config, workdir: str) -> dict:
   settings = validate(config)
   start = time.perf_counter()
@@ -224,17 +197,25 @@ def run(config, workdir: str) -> dict:
   ones = [True] * len(seeds)
   live, layer_names = results.LiveLong(workdir), {}
 
+  def exact_match(upper) -> dict | None:                    # greedy generation, first rows of each task
+    if not ev.generate_rows:
+      return None
+    pick = np.concatenate([np.flatnonzero(task_test == t)[:ev.generate_rows] for t in range(len(tasks))])
+    words = [prompts.words[task_test[i]][y_test[i, 0]] for i in pick]
+    hits = gemma3_features.exact_match(model, tokenizer, splits["test"]["tokens"][pick], splits["test"]["mask"][pick],
+                                       task_test[pick], words, ev.max_new_tokens, upper)
+    return {t: float(np.mean(hits[task_test[pick] == k])) for k, t in enumerate(tasks)}
+
   def baseline(name: str) -> dict:
     if name == "zero_shot":
       logits = instructions.task_logits(jnp.asarray(feats["test"][1]), task_test, prompts.class_index)
-      return summary_of(tile(score(np.asarray(logits))), ones, 0, {"exact_match": exact_match(
-          model, tokenizer, prompts, ev.generate_rows, ev.max_new_tokens)})
+      return multitask.summary(tile(score(np.asarray(logits))), ones, 0, {"exact_match": exact_match(None)})
     if name == "few_shot":
       prefixes, pmask = instructions.few_shot_prefixes(prompts, tokenizer, ev.few_shot_k, config.data.seed)
       answer = gemma3_features.few_shot_logits(model, prefixes, pmask, splits["test"]["tokens"],
                                                splits["test"]["mask"], task_test, prompts.answer_ids, ev.chunk)
       logits = instructions.task_logits(jnp.asarray(answer), task_test, prompts.class_index)
-      return summary_of(tile(score(np.asarray(logits))), ones, 0, {"prefix_tokens": int(prefixes.shape[1])})
+      return multitask.summary(tile(score(np.asarray(logits))), ones, 0, {"prefix_tokens": int(prefixes.shape[1])})
     logits, info = np.full((len(task_test), max(prompts.num_classes)), -1e9, np.float32), {}
     for t, (name_t, classes) in enumerate(zip(prompts.tasks, prompts.num_classes)):
       rows = {s: data[s]["task"] == t for s in ("train", "val", "test")}
@@ -242,7 +223,7 @@ def run(config, workdir: str) -> dict:
           feats["train"][0][rows["train"]], data["train"]["y"][rows["train"], 0], feats["val"][0][rows["val"]],
           data["val"]["y"][rows["val"], 0])), probe_grid(config), classes, config.probe.max_steps)
       logits[rows["test"], :classes] = feats["test"][0][rows["test"]] @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
-    return summary_of(tile(score(logits)), ones, 0, {"probe": info})
+    return multitask.summary(tile(score(logits)), ones, 0, {"probe": info})
 
   def train_one(method: runner.Method):
     if method.name in BASELINES:
@@ -253,7 +234,8 @@ def run(config, workdir: str) -> dict:
     upper = gemma3_features.Upper(model, k, prompts.answer_ids)
     task, fn, frozen, count = build_task(method.name, config, upper, prompts, {key: v[:1] for key, v in
                                                                               data["train"].items()})
-    layer_names[method.name] = [layer.path for layer in fn.layers]
+    layer_names[method.name] = [re.sub(r"^layers/(\d+)/", lambda b: f"block {int(b.group(1)) + k + 1} ", layer.path)
+                                for layer in fn.layers]                         # Upper's layers/0 = block k + 1
     print(f"[{method.name}] {count:,} adapter parameters", flush=True)
     fit = method.fit(task, train.Data(train=data["train"], val=data["val"], test=data["test"], frozen=frozen),
                      seeds, dataclasses.replace(settings, groups=train.parse_groups(
@@ -263,13 +245,13 @@ def run(config, workdir: str) -> dict:
     ok = [s == "ok" for s in fit.status]
     final = multitask.task_scores(fit.history[:, -1, -1], prompts.tasks, prompts.num_classes)
     trained = fn.model(jax.tree_util.tree_map(lambda a: a[0], fit.params), frozen)
-    extra = {"exact_match": exact_match(model, tokenizer, prompts, ev.generate_rows, ev.max_new_tokens, trained),
+    extra = {"exact_match": exact_match(trained),
              "wall_time_s": fit.wall_time_s}
     if "entropy_nats" in fit.diagnostics:
       for key in ("entropy_nats", "task_separation"):
         extra[f"{key}_init"] = float(np.mean(fit.initial_diagnostics[key]))
         extra[f"{key}_end"] = multitask.per_seed(fit.diagnostics[key][:, -1], ok)["mean"]
-    summary = summary_of(final, ok, count, extra)
+    summary = multitask.summary(final, ok, count, extra)
     print(f"  [{method.name}] test accuracy {summary['accuracy/mean']['mean'] * 100:.2f}; {fit.wall_time_s:.0f} s",
           flush=True)
     return fit, summary

@@ -143,6 +143,15 @@ def per_seed(values, ok) -> dict:
           "per_seed": [float(v) if good and np.isfinite(v) else None for v, good in zip(values, ok)]}
 
 
+def summary(scores: dict, ok, params: int, extra: dict | None = None) -> dict:
+  """A results.json entry: every score over the ok seeds (`per_seed`), the adapter parameter count, a status
+  ("ok" or "diverged seeds") and the per-seed mean accuracy under "accuracy_per_seed" (paired differences)."""
+  out = {k: per_seed(v, ok) for k, v in scores.items()}
+  out.update(adapter_params=params, status="ok" if all(ok) else "diverged seeds",
+             accuracy_per_seed=out["accuracy/mean"]["per_seed"], **(extra or {}))
+  return out
+
+
 def live_hook(live, method: str, seeds, tasks, num_classes):
   """history.csv / TensorBoard rows at every evaluation (accuracy per task and split, loss, routing) and a line."""
   begin = time.perf_counter()

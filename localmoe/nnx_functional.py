@@ -6,7 +6,8 @@
     y, traces = fn.apply(params, frozen, *inputs, context=task_ids, capture_routing=True)
 
 `split` separates the model (`nnx.split`) into its graph definition, the adapter parameters (`AdapterParam`,
-trainable) and everything else (`frozen`, a pure dict of arrays). The trainable params use the linen layout of
+trainable), the frozen parameters (`frozen`, a pure dict of arrays) and the remaining state (routing context and
+rng slots, kept in the Functional). The trainable params use the linen layout of
 `nnx_inject.trainable` ({"adapter": {"layers/3/attn/q_proj": {"A", "B", "router": {"kernel"}}}}), so parameter
 groups written for linen models ("adapter/.*/router/.*") match them. `init` draws fresh adapter params from a
 key (the same initialisers as `inject`: one key per layer, `fold_in(key, i)` in call order), so every seed of a
@@ -21,6 +22,7 @@ import dataclasses
 from typing import Any
 
 from flax import nnx
+import jax
 
 from localmoe import inject as inject_lib
 from localmoe import nnx_inject
@@ -37,6 +39,7 @@ class Functional:
   adapter: inject_lib.PerLayer                      # what `inject` attached (its per-layer specs)
   layers: tuple                                     # the adapted layers' LayerInfo, in call order
   kernel_paths: tuple                               # where each adapted layer's frozen kernel sits in `frozen`
+  rest: Any = None                                  # the model's non-parameter state (routing slots), constant
 
   def init(self, key, frozen) -> dict:
     kernels = []
@@ -54,7 +57,8 @@ class Functional:
       for k in _keys(path):
         node = node.setdefault(k, {})
       node["adapter"] = {"params": value}
-    return nnx.merge(self.graphdef, tree, frozen)
+    rest = jax.tree_util.tree_map(lambda a: a, self.rest)     # fresh Variables in the caller's trace
+    return nnx.merge(self.graphdef, tree, frozen, rest)
 
   def apply(self, params, frozen, *args, context=None, capture_routing: bool = False, **kwargs):
     return nnx_inject.call(self.model(params, frozen), *args, context=context, capture_routing=capture_routing,
@@ -66,12 +70,13 @@ def split(model: nnx.Module) -> tuple[Functional, dict]:
   if nnx_inject.num_extra_params(model):
     raise ValueError("the model has trainable extras (inject(..., trainable_extras=...)): nnx_functional trains "
                      "adapters only; inject without trainable_extras.")
-  graphdef, _, rest = nnx.split(model, nnx_inject.AdapterParam, ...)
+  # Params (frozen weights) travel as a pure dict; the rest (routing context and rng slots, empty between calls)
+  # stays an nnx.State in the Functional, so variables whose value holds no array are merged back intact.
+  graphdef, _, weights, rest = nnx.split(model, nnx_inject.AdapterParam, nnx.Param, ...)
   described = nnx_inject.described(model)
   layers = nnx_inject.layers(model)
   kernel_paths = tuple(tuple(_keys(layer.path)) + ("base", "kernel") for layer in layers)
   adapter = described.adapter if isinstance(described.adapter, inject_lib.PerLayer) else None
   if adapter is None:
     raise ValueError("nnx_functional needs a per-layer adapter set (inject with a spec dict or rules).")
-  frozen = nnx.to_pure_dict(rest)
-  return Functional(graphdef, adapter, layers, kernel_paths), frozen
+  return Functional(graphdef, adapter, layers, kernel_paths, rest), nnx.to_pure_dict(weights)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from localmoe.models import gemma3
+from localmoe.models import gemma3_generate
 
 
 def attention_masks(config: gemma3.Config, mask):
@@ -117,6 +118,19 @@ def swapped_in(model: gemma3.Gemma3, upper: Upper) -> Iterator[gemma3.Gemma3]:
   finally:
     for i, block in enumerate(originals):
       model.layers[upper.start + i] = block
+
+
+def exact_match(model: gemma3.Gemma3, tokenizer, tokens, mask, context, answers, max_new_tokens: int,
+                upper: Upper | None = None) -> np.ndarray:
+  """Greedy generation (`gemma3_generate.generate`, routing on `context`) from left-padded prompts: [N] bool,
+  whether the first line of each output, stripped and lower-cased, equals answers[n]. With `upper`, the
+  model's upper blocks are upper's (e.g. adapted and trained) during the generation."""
+  ids = [row[m > 0].tolist() for row, m in zip(np.asarray(tokens), np.asarray(mask))]
+  with contextlib.ExitStack() as stack:
+    host = model if upper is None else stack.enter_context(swapped_in(model, upper))
+    out, lengths = gemma3_generate.generate(host, ids, max_new_tokens, context=np.asarray(context))
+  texts = gemma3_generate.decode_texts(tokenizer, out, lengths)
+  return np.asarray([t.split("\n")[0].strip().lower() == a.lower() for t, a in zip(texts, answers)])
 
 
 def few_shot_logits(model: gemma3.Gemma3, prefixes, prefix_mask, tokens, mask, task, answer_ids,
