@@ -14,6 +14,7 @@ import pytest
 
 from configs import multitask_text as config_module
 from experiments import multitask_text as mt
+from experiments import multitask_text_report as report
 from localmoe import train
 
 TASKS, CLASSES = ("a", "b"), (2, 3)
@@ -53,7 +54,7 @@ def test_a_routed_method_whose_every_seed_diverged_is_marked_in_the_table_not_a_
   json.dumps(summary, allow_nan=False)                        # results.json holds no NaN
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    text = mt._markdown(config, corpus(), {"cellwise_moe_anchor": summary}, mt.paired_differences(
+    text = report.markdown(config, corpus(), {"cellwise_moe_anchor": summary}, mt.paired_differences(
         {"cellwise_moe_anchor": summary}), 1.0)
   label = mt.LABELS["cellwise_moe_anchor"]
   assert f"| {label} † | 100 | n/a | n/a |" in text
@@ -86,10 +87,10 @@ def test_figures_stop_where_every_seed_stopped(tmp_path):
   fit.history[:, 1] = np.nan
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    mt._figures(str(tmp_path), {"cellwise_moe_anchor": fit}, corpus(),
+    report.figures(str(tmp_path), {"cellwise_moe_anchor": fit}, corpus(),
                 train.Settings(epochs=3, batch_size=1, learning_rate=1e-3, steps_per_epoch=1), {})
   assert (tmp_path / "accuracy.png").exists() and (tmp_path / "loss.png").exists()
-  cut = mt._finite_prefix({"m": fit.history[:, :, 1, 0], "none": np.full((2, 3), np.nan)})
+  cut = report.finite_prefix({"m": fit.history[:, :, 1, 0], "none": np.full((2, 3), np.nan)})
   assert list(cut) == ["m"] and cut["m"].shape == (2, 1)
 
 
