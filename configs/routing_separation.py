@@ -33,7 +33,10 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict(dict(
       d=32, k=2, rank=2, num_samples=10_000, num_test=2_000, families="uniform,heterogeneous"))
   config.optim = ml_collections.ConfigDict(dict(
-      epochs=20, batch_size=64, lr=3e-3, weight_decay=0.0, eval_batch_size=4096, log_every=0))
+      epochs=20, batch_size=64, lr=3e-3, weight_decay=0.0, eval_batch_size=4096, log_every=0,
+      groups=configlib.groups_field(),  # parameter groups (localmoe.train.settings): PRESETS names joined by "+",
+                                       # e.g. poly_router, a list of rules or a dict of named rules; "" none
+  ))
   config.model = ml_collections.ConfigDict(dict(a_init="lora", b_init="zeros"))
   config.methods = ml_collections.ConfigDict({
       "lora": dict(method="lora", rank=4),

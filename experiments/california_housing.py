@@ -20,7 +20,6 @@ import time
 import numpy as np
 
 from localmoe import checkpoint, configlib, results, single_layer, targets, train
-from localmoe.train import optimizer
 from localmoe.data import california
 
 PAPER = {  # Table 2 (R^2 as a fraction)
@@ -140,12 +139,8 @@ def validate(config) -> None:
     raise ValueError(f"config.data.num_samples={dc.num_samples} must be 0 (all 20,640 rows) or >= 100.")
   n = dc.num_samples or 20_640
   single_layer.check_alpha(config.model)
-  settings = single_layer.validate_common(config, n - int(round(n * dc.test_fraction)), 4.0 * config.num_seeds * n * 20)
-  modules = single_layer.build_methods(config.methods, configlib.split_names(config.method_names), 8, 8,
-                                       len(CONTEXT_TOPOLOGIES), shared=config.model)
-  for name, module in modules.items():       # parameter groups against each method's parameters
-    optimizer.check_groups(settings, single_layer.layer_task(module, 8, len(CONTEXT_TOPOLOGIES)).init,
-                           where=f" (method {name})")
+  single_layer.validate_methods(config, n - int(round(n * dc.test_fraction)), 4.0 * config.num_seeds * n * 20, 8, 8,
+                                len(CONTEXT_TOPOLOGIES), shared=config.model)
 
 
 def _diagnostics_text(diag) -> str:
@@ -181,27 +176,20 @@ def run(config, workdir: str) -> dict:
   settings = train.Settings.from_config(config.optim)
   scalings = configlib.split_names(config.data.scalings)
   features = load_features(config)
-  variants, histories, sections = {}, {}, []
-  live = results.Live(workdir)
-  for scaling in scalings:
-    t0 = time.perf_counter()
+
+  def data_of(scaling):
     print(f"== California Housing, scaling={scaling}: {len(names)} methods x {len(seeds)} seeds x "
           f"{settings.epochs} epochs", flush=True)
     data, diag = make_data(config, features, seeds, scaling)
-    modules = single_layer.build_methods(config.methods, names, 8, 8, len(CONTEXT_TOPOLOGIES), shared=config.model)
-    summaries, fits = single_layer.run_methods(
-        modules, data, seeds, settings, 8, len(CONTEXT_TOPOLOGIES), PAPER,
-        checkpoints=checkpoint.policy(config, workdir, scaling), live=live, prefix=f"{scaling}/")
-    table_time = time.perf_counter() - t0
-    variants[scaling] = {"methods": summaries, "wall_time_s": table_time,
-                         **{k: [float(v) for v in values] for k, values in diag.items()}}
-    histories.update({f"{scaling}/{n}": (seeds, f) for n, f in fits.items()})
+    return data, len(CONTEXT_TOPOLOGIES), diag
+
+  def report(scaling, summaries, fits, table_time, diag):
     figure = f"figure2_{scaling}.png"
     plots.curves_with_bands(os.path.join(workdir, figure), {n: f.curve("test", "r2") for n, f in fits.items()},
                             labels=LABELS, title=f"California Housing domain shift, scaling={scaling} "
                             f"(mean over {len(seeds)} seeds, band min-max)")
     holds, sentence = results.ordering_check(summaries, ORDERING, LABELS)
-    sections.append("\n".join([
+    section = "\n".join([
         f"## Scaling: {scaling}" + (" (default)" if scaling == scalings[0] else ""),
         "",
         results.markdown_table(summaries, LABELS),
@@ -213,12 +201,14 @@ def run(config, workdir: str) -> dict:
         _diagnostics_text(diag),
         "",
         f"Figure 2: `{figure}`. Table wall time: {table_time:.1f} s (compilation included).",
-    ]))
+    ])
     print(f"== scaling={scaling}: table in {table_time:.1f}s", flush=True)
     print(results.markdown_table(summaries, LABELS), flush=True)
     print(_per_seed_table(summaries, LABELS), flush=True)
     print(_diagnostics_text(diag), flush=True)
+    return {"wall_time_s": table_time, **{k: [float(v) for v in values] for k, values in diag.items()}}, section
 
+  done = single_layer.run_variants(config, workdir, scalings, data_of, report, 8, 8, PAPER, shared=config.model)
   wall = time.perf_counter() - start
   dc = config.data
   header = ("# California Housing domain shift (paper Section 3.2, Table 2, Figure 2)\n\n"
@@ -227,9 +217,7 @@ def run(config, workdir: str) -> dict:
             f"{settings.batch_size}, AdamW lr {settings.learning_rate}, weight decay {settings.weight_decay}. "
             f"Targets: {dc.spectrum} spectrum x {dc.block_scale}. R² = 1 - SSE/SST on the test split, "
             "mean ± std over seeds.\n")
-  markdown = header + "\n" + "\n\n".join(sections) + f"\n\nTotal wall time: {wall:.1f} s.\n"
-  default = variants[scalings[0]]
-  results.write_run(workdir, "california_housing", config, default["methods"], histories, wall, markdown,
-                    extra={"scaling": scalings[0], "variants": variants}, live=live)
+  markdown = header + "\n" + "\n\n".join(done.sections) + f"\n\nTotal wall time: {wall:.1f} s.\n"
+  out = done.write(workdir, "california_housing", config, scalings[0], wall, markdown, extra={"scaling": scalings[0]})
   print(f"wrote {workdir}/results.json, results.md, history.csv, figure2_*.png, tb/ ({wall:.1f}s total)", flush=True)
-  return {"methods": default["methods"], "variants": variants, "wall_time_s": wall}
+  return out

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from localmoe import checkpoint, configlib, results, single_layer, targets, train
-from localmoe.train import optimizer
 from localmoe.data import mnist
 
 PAPER = {  # Table 3 (R^2 as a fraction)
@@ -183,12 +182,9 @@ def validate(config) -> None:
     raise ValueError(f"config.eval.num_examples={config.eval.num_examples} must be >= 1 (digits per context in "
                      "the output grid).")
   single_layer.check_alpha(config.model)
-  settings = single_layer.validate_common(config, dc.num_train or 60_000,
-                                          4.0 * ((dc.num_train or 60_000) + (dc.num_test or 10_000)) * (3 * D + 2))
-  modules = single_layer.build_methods(config.methods, configlib.split_names(config.method_names), D, D, 2,
-                                       shared=config.model)
-  for name, module in modules.items():       # parameter groups against each method's parameters
-    optimizer.check_groups(settings, base_task(module, D, 2).init, where=f" (method {name})")
+  single_layer.validate_methods(config, dc.num_train or 60_000,
+                                4.0 * ((dc.num_train or 60_000) + (dc.num_test or 10_000)) * (3 * D + 2), D, D, 2,
+                                shared=config.model, make_task=base_task)
 
 
 def _output_grid(path, modules, fits, data, extras, num_examples: int, order) -> None:

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from localmoe import checkpoint, configlib, metrics, results, single_layer, train
+from localmoe import configlib, metrics, results, single_layer, train
 
 FAMILIES = {"uniform": [lambda i, j: 0, lambda i, j: 1],
             "heterogeneous": [lambda i, j: 0, lambda i, j: 1, lambda i, j: int(i != j), lambda i, j: int(i == j)]}
@@ -35,26 +35,25 @@ def make_data(config, seeds, family: str) -> train.Data:
   return train.Data(train=stack(0), test=stack(1), frozen={"w0": zeros}, per_seed=True)
 
 
-def run(config, workdir: str) -> dict:
-  start, names = time.perf_counter(), configlib.split_names(config.method_names)
-  seeds = list(range(config.seed, config.seed + config.num_seeds))
-  settings = single_layer.validate_common(config, config.data.num_samples - config.data.num_test)
-  live, variants, histories, sections = results.Live(workdir), {}, {}, []
+def validate(config) -> None:
+  """Every config error before any compute: seeds, memory, and each method and its groups per family."""
   for family in configlib.split_names(config.data.families):
-    contexts = len(FAMILIES[family])
-    modules = single_layer.build_methods(config.methods, names, config.data.d, config.data.d, contexts)
-    summaries, fits = single_layer.run_methods(modules, make_data(config, seeds, family), seeds, settings,
-                                               config.data.d, contexts, {}, live=live, prefix=f"{family}/",
-                                               checkpoints=checkpoint.policy(config, workdir, family))
+    single_layer.validate_methods(config, config.data.num_samples - config.data.num_test, 0.0, config.data.d,
+                                  config.data.d, len(FAMILIES[family]))
+
+
+def run(config, workdir: str) -> dict:
+  start, families = time.perf_counter(), configlib.split_names(config.data.families)
+  seeds = list(range(config.seed, config.seed + config.num_seeds))
+  validate(config)
+  def report(family, summaries, fits, seconds, contexts):
     gap = metrics.paired_difference(summaries, "cellwise_moe", "blockwise_moe", "test_r2")
-    variants[family] = {"methods": summaries, "cellwise_minus_blockwise_r2": gap}
-    histories.update({f"{family}/{n}": (seeds, f) for n, f in fits.items()})
-    sections.append(f"## {family} ({contexts} contexts)\n\n{results.markdown_table(summaries)}\n\n"
-                    f"cell-wise - block-wise test R², paired by seed (points): {metrics.format_difference(gap, 100)}\n")
-    print(sections[-1], flush=True)
-  wall = time.perf_counter() - start
-  markdown = "# Parity and separation of the routers (paper Section 4)\n\n" + "\n".join(sections)
-  first = variants[configlib.split_names(config.data.families)[0]]
-  results.write_run(workdir, "routing_separation", config, first["methods"], histories, wall, markdown,
-                    extra={"variants": variants}, live=live)
-  return {"methods": first["methods"], "variants": variants, "wall_time_s": wall}
+    section = (f"## {family} ({contexts} contexts)\n\n{results.markdown_table(summaries)}\n\n"
+               f"cell-wise - block-wise test R², paired by seed (points): {metrics.format_difference(gap, 100)}\n")
+    print(section, flush=True)
+    return {"cellwise_minus_blockwise_r2": gap}, section
+
+  data_of = lambda family: (make_data(config, seeds, family), len(FAMILIES[family]), len(FAMILIES[family]))
+  done = single_layer.run_variants(config, workdir, families, data_of, report, config.data.d, config.data.d, {})
+  markdown = "# Parity and separation of the routers (paper Section 4)\n\n" + "\n".join(done.sections)
+  return done.write(workdir, "routing_separation", config, families[0], time.perf_counter() - start, markdown)

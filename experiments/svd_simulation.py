@@ -12,7 +12,6 @@ import time
 import numpy as np
 
 from localmoe import checkpoint, configlib, results, single_layer, targets, train
-from localmoe.train import optimizer
 
 PAPER = {  # Table 1 (R^2 as a fraction)
     "melora": {"params": 2048, "mse": 0.9525, "r2": 0.1000},
@@ -82,12 +81,7 @@ def validate(config) -> None:
     raise ValueError(f"config.data.num_samples={dc.num_samples} leaves no training samples at "
                      f"test_fraction={dc.test_fraction}: use more samples.")
   data_bytes = 4.0 * config.num_seeds * (dc.num_samples * (2 * dc.d + len(contexts)) + dc.d * dc.d)
-  settings = single_layer.validate_common(config, num_train, data_bytes)
-  modules = single_layer.build_methods(config.methods, configlib.split_names(config.method_names), dc.d, dc.d,
-                                       len(contexts), shared=config.model)
-  for name, module in modules.items():       # parameter groups against each method's parameters
-    optimizer.check_groups(settings, single_layer.layer_task(module, dc.d, len(contexts)).init,
-                           where=f" (method {name})")
+  single_layer.validate_methods(config, num_train, data_bytes, dc.d, dc.d, len(contexts), shared=config.model)
 
 
 def run(config, workdir: str) -> dict:
@@ -97,23 +91,16 @@ def run(config, workdir: str) -> dict:
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   settings = train.Settings.from_config(config.optim)
   spectra = configlib.split_names(config.data.spectra)
-  variants, histories, sections = {}, {}, []
-  live = results.Live(workdir)
-  for spectrum_name in spectra:
-    t0 = time.perf_counter()
+
+  def data_of(spectrum_name):
     print(f"== SVD simulation, spectrum={spectrum_name}: {len(names)} methods x {len(seeds)} seeds x "
           f"{settings.epochs} epochs", flush=True)
     data, diag, num_contexts = make_data(config, seeds, spectrum_name)
-    modules = single_layer.build_methods(config.methods, names, config.data.d, config.data.d, num_contexts,
-                                         shared=config.model)
-    summaries, fits = single_layer.run_methods(
-        modules, data, seeds, settings, config.data.d, num_contexts, PAPER,
-        checkpoints=checkpoint.policy(config, workdir, spectrum_name), live=live, prefix=f"{spectrum_name}/")
-    table_time = time.perf_counter() - t0
-    variants[spectrum_name] = {"methods": summaries, "wall_time_s": table_time, **diag}
-    histories.update({f"{spectrum_name}/{n}": (seeds, f) for n, f in fits.items()})
+    return data, num_contexts, diag
+
+  def report(spectrum_name, summaries, fits, table_time, diag):
     holds, sentence = results.ordering_check(summaries, ORDERING, LABELS)
-    sections.append("\n".join([
+    section = "\n".join([
         f"## Spectrum: {spectrum_name}" + (" (default)" if spectrum_name == spectra[0] else ""),
         "",
         results.markdown_table(summaries, LABELS),
@@ -125,22 +112,23 @@ def run(config, workdir: str) -> dict:
         f"about {PAPER_IMPLIED_TARGET_VARIANCE:.2f}); variance of the frozen W0 x: {diag['base_var']:.4f}. "
         f"Best static linear map, unlimited rank (least squares): test R² {diag['ceiling'] * 100:.2f}%.",
         f"Table wall time: {table_time:.1f} s (compilation included).",
-    ]))
+    ])
     print(f"== spectrum={spectrum_name}: table in {table_time:.1f}s", flush=True)
     print(results.markdown_table(summaries, LABELS), flush=True)
     print(f"ordering {'holds' if holds else 'does NOT hold'}: {sentence}", flush=True)
+    return {"wall_time_s": table_time, **diag}, section
 
+  done = single_layer.run_variants(config, workdir, spectra, data_of, report, config.data.d, config.data.d, PAPER,
+                                   shared=config.model)
   wall = time.perf_counter() - start
   header = ("# SVD simulation (paper Section 3.1, Table 1)\n\n"
             f"{len(seeds)} seeds (each a full replicate: targets, W0, data, split, init), "
             f"{settings.epochs} epochs, batch {settings.batch_size}, AdamW lr {settings.learning_rate}, "
             f"weight decay {settings.weight_decay}. R² = 1 - SSE/SST on the test split, mean ± std over seeds.\n")
-  markdown = header + "\n" + "\n\n".join(sections) + f"\n\nTotal wall time: {wall:.1f} s.\n"
-  default = variants[spectra[0]]
-  results.write_run(workdir, "svd_simulation", config, default["methods"], histories, wall, markdown,
-                    extra={"spectrum": spectra[0], "variants": variants}, live=live)
+  markdown = header + "\n" + "\n\n".join(done.sections) + f"\n\nTotal wall time: {wall:.1f} s.\n"
+  out = done.write(workdir, "svd_simulation", config, spectra[0], wall, markdown, extra={"spectrum": spectra[0]})
   print(f"wrote {workdir}/results.json, results.md, history.csv, tb/ ({wall:.1f}s total)", flush=True)
-  return {"methods": default["methods"], "variants": variants, "wall_time_s": wall}
+  return out
 
 
 def sweep_job(config):

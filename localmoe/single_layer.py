@@ -4,12 +4,14 @@
 
 `run_methods` trains every requested method on the same data (all seeds vmapped per method) and returns
 results.json entries; a method that fails to build or train is reported with its reason and the others
-carry on.
+carry on. `run_variants` repeats that over an experiment's variants (spectra, scalings, target families);
+`validate_methods` is the config check every such driver shares.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -23,6 +25,7 @@ from localmoe import results
 from localmoe import routing
 from localmoe import runner
 from localmoe import train
+from localmoe.train import optimizer
 
 
 def layer_task(module, d_in: int, context_dim: int) -> train.Task:
@@ -94,6 +97,22 @@ def validate_common(config, num_train: int, data_bytes: float = 0.0) -> train.Se
   return settings
 
 
+def validate_methods(config, num_train: int, data_bytes: float, d_in: int, d_out: int, context_dim: int,
+                     shared: Mapping[str, Any] | None = None,
+                     make_task: Callable[[Any, int, int], train.Task] | None = None) -> train.Settings:
+  """`validate_common`, then every method of config.method_names built (`build_methods`, `shared`: the
+  defaults under each spec, e.g. config.model) and config.optim.groups checked against its parameters
+  (`optimizer.check_groups` on `make_task(module, d_in, context_dim)`, default `layer_task`). Returns the
+  settings."""
+  settings = validate_common(config, num_train, data_bytes)
+  modules = build_methods(config.methods, configlib.split_names(config.method_names), d_in, d_out, context_dim,
+                          shared=shared)
+  make_task = make_task or layer_task
+  for name, module in modules.items():       # parameter groups against each method's parameters
+    optimizer.check_groups(settings, make_task(module, d_in, context_dim).init, where=f" (method {name})")
+  return settings
+
+
 def check_alpha(model) -> None:
   """config.model.alpha: None (scale 1) or a positive, finite number."""
   alpha = model.get("alpha") if hasattr(model, "get") else None
@@ -140,6 +159,52 @@ def run_methods(modules: Mapping[str, Any], data: train.Data, seeds: Sequence[in
 
   return runner.run_methods(list(modules), train_one, failed=failed, checkpoints=checkpoints, live=live,
                             log=log, parallel=parallel)
+
+
+@dataclasses.dataclass
+class Variants:
+  """What `run_variants` collected: results.json entries per variant, histories and markdown sections."""
+  entries: dict                                   # {variant: {"methods": {name: summary}, **report's extras}}
+  histories: dict                                 # {"<variant>/<method>": (seeds, FitResult)}
+  sections: list                                  # one markdown section per variant, in order
+  live: results.Live                              # history.csv / TensorBoard of every variant's methods
+
+  def write(self, workdir: str, experiment: str, config, default: str, wall: float, markdown: str,
+            extra: Mapping[str, Any] | None = None) -> dict:
+    """`results.write_run` with variant `default`'s methods as the run's table and every variant under
+    "variants"; returns {"methods": default's, "variants", "wall_time_s"}."""
+    methods = self.entries[default]["methods"]
+    results.write_run(workdir, experiment, config, methods, self.histories, wall, markdown,
+                      extra={**(extra or {}), "variants": self.entries}, live=self.live)
+    return {"methods": methods, "variants": self.entries, "wall_time_s": wall}
+
+
+def run_variants(config, workdir: str, variants: Sequence[str], make_data: Callable[[str], tuple],
+                 report: Callable[..., tuple[dict, str]], d_in: int, d_out: int,
+                 paper: Mapping[str, Mapping[str, Any]], shared: Mapping[str, Any] | None = None,
+                 live: results.Live | None = None) -> Variants:
+  """Trains every method of config.method_names on each variant's data, in order.
+
+  make_data(variant) -> (train.Data, context_dim, info); report(variant, summaries, fits, seconds, info) ->
+  (extras of the variant's results.json entry, its markdown section); `seconds`: the variant's time from
+  make_data to the end of training. Each variant checkpoints under its own name and streams its methods as
+  "<variant>/<method>" (`live`, default a new `results.Live(workdir)`).
+  """
+  seeds = list(range(config.seed, config.seed + config.num_seeds))
+  settings = train.Settings.from_config(config.optim)
+  names = configlib.split_names(config.method_names)
+  out = Variants({}, {}, [], live if live is not None else results.Live(workdir))
+  for variant in variants:
+    t0 = time.perf_counter()
+    data, context_dim, info = make_data(variant)
+    modules = build_methods(config.methods, names, d_in, d_out, context_dim, shared=shared)
+    summaries, fits = run_methods(modules, data, seeds, settings, d_in, context_dim, paper, live=out.live,
+                                  prefix=f"{variant}/", checkpoints=checkpoint.policy(config, workdir, variant))
+    extras, section = report(variant, summaries, fits, time.perf_counter() - t0, info)
+    out.entries[variant] = {"methods": summaries, **extras}
+    out.histories.update({f"{variant}/{n}": (seeds, f) for n, f in fits.items()})
+    out.sections.append(section)
+  return out
 
 
 def split_train_test(rng: np.random.Generator, n: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
