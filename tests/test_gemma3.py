@@ -472,7 +472,6 @@ def test_memory_is_refused_before_anything_is_read(tmp_path, monkeypatch):
   assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
 def test_every_route_failing_lists_the_routes_and_the_manual_fix(tmp_path, monkeypatch):
   failed = lambda command, **kwargs: subprocess.CompletedProcess(command, 1, "", "ERROR: no network")
   monkeypatch.setattr(registry.subprocess, "run", failed)
