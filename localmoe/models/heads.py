@@ -53,8 +53,9 @@ def random_heads(key, num_classes: Sequence[int], hidden: int = HIDDEN) -> dict:
 
 def probe_heads(pooled: dict, corpus, l2_grid: Sequence[float], max_steps: int, log=print):
   """The converged linear probe per task on pooled features {split: [N, H]} of a `text_corpus.Corpus`
-  (`train.probe.select_l2`: L2 chosen on the held-out rows, refitted on the training rows). Returns (heads {"head_<t>": {"kernel" [H, width], "bias" [width]}} with zero columns for
-  the classes a task lacks, {task: info})."""
+  (`train.probe.select_l2`: L2 chosen on the held-out rows, refitted on the training rows). Returns (heads
+  {"head_<t>": {"kernel" [H, width], "bias" [width]}} with zero columns for the classes a task lacks,
+  {task: info})."""
   width = max(corpus.num_classes)
   heads, info = {}, {}
   for t, (name, classes) in enumerate(zip(corpus.tasks, corpus.num_classes)):
