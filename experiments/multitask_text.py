@@ -36,6 +36,11 @@ seeds that did not diverge. Routed methods also report router diagnostics on `ev
 (round-robin over tasks): mean gate entropy in nats and task separation, at initialisation and at every
 evaluation. The headline: per seed, the paired differences routed - LoRA and routed - one LoRA per task.
 All seeds of a method train in one vmapped program (`localmoe.train.fit`) through `localmoe.runner`.
+
+This file holds the config checks and the run; the pieces live by idea: the classifier and probe heads in
+`localmoe.models.heads`, the corpus and frozen features in `localmoe.data.text_corpus`, metrics and specs in
+`localmoe.multitask`, each method's Task in `multitask_text_methods.py`, results, tables and figures in
+`multitask_text_report.py`.
 """
 
 from __future__ import annotations
