@@ -6,10 +6,11 @@ with a decoder and instructions instead of an encoder and heads: does routing on
 parity, against the frozen model's zero-/few-shot prompting, a converged linear probe, static adapters and one
 LoRA per task? `configs/multitask_lm.py` states the protocol and why.
 
-Pieces from the library: prompts and answer tokens (`localmoe.data.instructions`), the split model (lower blocks
-once, `Upper` with the answer rows: `localmoe.models.gemma3_features`), adapters (`localmoe.nnx_inject`, trained
-functionally through `localmoe.nnx_functional`), methods at parity and per-task metrics (`localmoe.multitask`),
-the probe (`train.probe`), the trainer, runner, results, paired differences (`localmoe.metrics`).
+Pieces from the library: prompts and answer tokens (`localmoe.data.instructions`; the tasks are read by
+text.load), the split model (lower blocks once, `Upper` with the answer rows: `localmoe.models.gemma3_features`),
+adapters (`localmoe.nnx_inject`, trained functionally through `localmoe.nnx_functional`), methods at parity and
+per-task metrics (`localmoe.multitask`), the probe (`train.probe`), the trainer, runner, results, paired
+differences (`localmoe.metrics`).
 """
 
 from __future__ import annotations

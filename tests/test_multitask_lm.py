@@ -163,14 +163,17 @@ def test_quick_config_end_to_end(tmp_path):
     assert len(tokenizer.encode([prefix])[0]) + len(tokenizer.encode([suffix], add_bos=False)[0]) == \
         instructions.TEMPLATE_TOKENS[task]
   workdir = str(tmp_path / "run")
-  out = mt.run(config_module.get_config("quick"), workdir)
+  out = mt.run(config_module.get_config("quick,methods=zero_shot+few_shot+linear_probe+lora+cellwise_moe_anchor"),
+               workdir)
   saved = json.load(open(os.path.join(workdir, "results.json")))
   methods = saved["methods"]
-  assert list(methods) == ["zero_shot", "linear_probe", "lora", "cellwise_moe_anchor"]
+  assert list(methods) == ["zero_shot", "few_shot", "linear_probe", "lora", "cellwise_moe_anchor"]
+  assert config_module.get_config("quick").method_names == "lora,cellwise_moe_anchor"     # CI's 2 methods
   for name, s in methods.items():
     assert s["status"] == "ok" and 0 <= s["accuracy/mean"]["mean"] <= 1, name
   assert methods["lora"]["adapter_params"] == 8 * sum(i + o for i, o in SHAPES)
-  assert set(methods["lora"]["exact_match"]) == set(instructions.TEMPLATES)
+  assert set(methods["lora"]["exact_match"]) == set(methods["zero_shot"]["exact_match"]) == set(instructions.TEMPLATES)
+  assert methods["few_shot"]["prefix_tokens"] > methods["few_shot"]["adapter_params"] == 0
   anchor = methods["cellwise_moe_anchor"]
   assert anchor["entropy_nats_init"] == pytest.approx(np.log(4), abs=1e-2)      # U(-1e-3, 1e-3) start
   assert anchor["task_separation_end"] > anchor["task_separation_init"]          # the routers moved
