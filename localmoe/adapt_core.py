@@ -77,7 +77,9 @@ def routes_on_activation(module: nn.Module) -> bool:
 class LayerSession:
   """Delta of the matched layers for one forward pass: context broadcast over tokens, router traces, rngs."""
 
-  def __init__(self, modules, params, layers, context, capture: list | None, rngs=None, offset: int = 0):
+  def __init__(self, modules, params, layers, context, capture: list | Callable | None, rngs=None, offset: int = 0):
+    """capture: None, a list the RouterTraces are appended to, or a callable each trace is passed to (a host's
+    sink that keeps it as transform-safe state: linen's `sow`, an NNX variable)."""
     self.modules, self.params, self.layers = modules, params, layers
     self.context, self.capture, self.rngs = context, capture, rngs
     self.offset = offset                               # the first layer's index among all adapted layers
@@ -120,8 +122,12 @@ class LayerSession:
     input_lead = tuple(lead if input_lead is None else input_lead)
     for found in routing.collect_router_outputs(state.get("intermediates", {})):
       shape = tuple(lead) + found.gates.shape[-2:]
-      self.capture.append(RouterTrace(layer.path, found.logits.reshape(shape), found.gates.reshape(shape),
-                                      tuple(module.router_grid), getattr(module, "top_k", None), input_lead))
+      trace = RouterTrace(layer.path, found.logits.reshape(shape), found.gates.reshape(shape),
+                          tuple(module.router_grid), getattr(module, "top_k", None), input_lead)
+      if callable(self.capture):
+        self.capture(trace)
+      else:
+        self.capture.append(trace)
 
 
 def check_rngs(rngs) -> dict | None:

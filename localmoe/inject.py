@@ -93,10 +93,15 @@ def _unjitted(fn):
   return None
 
 
-def _run(model: nn.Module, variables, args, kwargs):
+def _run(model: nn.Module, variables, args, kwargs, **apply_kwargs):
   """model.apply(variables, *args, **kwargs), through the method under an `nn.jit` decorator on __call__."""
   method = _unjitted(type(model).__call__)
-  return model.apply(variables, *args, **kwargs, **({"method": method} if method is not None else {}))
+  if method is not None:
+    apply_kwargs["method"] = method
+  return model.apply(variables, *args, **kwargs, **apply_kwargs)
+
+
+TRACES = "router_traces"        # the collection the linen host sows router traces into (remat/scan safe)
 
 
 def _linear_call(context) -> bool:
@@ -227,10 +232,15 @@ class AdaptedModel:
     """
     rngs = check_rngs(rngs)
     params = self._with_extras(jax.lax.stop_gradient(frozen_params), trainable.get("extras"))
-    traces: list[RouterTrace] | None = [] if capture_routing else None
+    calling: list[nn.Module] = []                      # the matched layer being called (sow's scope)
+
+    def sow(trace: RouterTrace) -> None:
+      marker = jnp.zeros(tuple(trace.input_lead) + (0,), jnp.float32)   # the input's leading axes, as a shape
+      calling[-1].sow(TRACES, "trace", (trace.logits, trace.gates, marker))
+
     if isinstance(self.adapter, PerLayer):
-      session = self.adapter.session(trainable["adapter"], self.layers, context=context, capture=traces,
-                                     rngs=rngs)
+      session = self.adapter.session(trainable["adapter"], self.layers, context=context,
+                                     capture=sow if capture_routing else None, rngs=rngs)
     elif rngs:
       raise ValueError(f"rngs={sorted(rngs)}: {type(self.adapter).__name__} draws no randomness; call apply "
                        "without rngs.")
@@ -253,13 +263,34 @@ class AdaptedModel:
       layer = self.layers[index[path]]
       x = adapt_core.flatten_input(_inputs(args, kwargs), layer)                               # [..., d_in]
       kernel = adapt_core.kernel_2d(ctx.module.get_variable("params", "kernel"), layer)        # [d_in, d_out]
-      delta = session(index[path], x, kernel)                                         # [..., d_out]
+      calling.append(ctx.module)
+      try:
+        delta = session(index[path], x, kernel)                                       # [..., d_out]
+      finally:
+        calling.pop()
       delta = adapt_core.output_delta(delta, layer, _inputs(args, kwargs).ndim, y.shape)       # y's layout
       return y + delta.astype(y.dtype)
 
     with nn.intercept_methods(add_delta):
-      y = _run(self.model, {"params": params}, args, kwargs)
-    return (y, traces) if capture_routing else y
+      if not capture_routing:
+        return _run(self.model, {"params": params}, args, kwargs)
+      y, state = _run(self.model, {"params": params}, args, kwargs, mutable=[TRACES])
+    return y, self._traces(state.get(TRACES, {}))
+
+  def _traces(self, sown) -> list[RouterTrace]:
+    """The sown traces as RouterTraces: layers in call order, a layer called twice gives two in a row."""
+    traces = []
+    for layer in self.layers:
+      node = sown
+      for key in _keys(layer.path) + ["trace"]:
+        node = node.get(key, {}) if isinstance(node, Mapping) else {}
+      if not node:
+        continue
+      module = self.adapter.module(layer)
+      for logits, gates, marker in node:
+        traces.append(RouterTrace(layer.path, logits, gates, tuple(module.router_grid),
+                                  getattr(module, "top_k", None), tuple(marker.shape[:-1])))
+    return traces
 
   def merge(self, frozen_params, trainable, context=None):
     """Plain params for `model.apply`: every matched kernel + Delta W (Eq. 9), extras in place.

@@ -261,3 +261,54 @@ def test_layers_no_traced_call_reaches_are_named_at_inject():
                                        r"example_kwargs\) that reach them"):
     inject.inject(model, params, {"method": "lora", "rank": 2}, x, target_modules="a|inner/proj",
                   key=jax.random.PRNGKey(1), example_kwargs={"skip": True})
+
+
+class _RematBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + nn.Dense(8, name="ffn")(nn.relu(nn.Dense(8, name="up")(x)))
+
+
+class _RematStack(nn.Module):
+  remat: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    block = nn.remat(_RematBlock) if self.remat else _RematBlock
+    for i in range(2):
+      x = block(name=f"blocks_{i}")(x)
+    return x
+
+
+@pytest.mark.slow
+def test_router_traces_under_nn_remat_give_the_losses_of_the_same_model_without_remat():
+  """Traces are sown (a flax collection), not appended to a Python list inside the transform: a context-routed
+  and an activation-routed adapter in nn.remat blocks give the same outputs, traces and losses as without."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3, 8)), jnp.float32)
+  labels = jnp.arange(4) % 3
+  cell = dict(method="cellwise_moe", rank=1, k_y=2, k_x=2, num_experts=2, b_init="normal_0.01")
+  rules = [(r".*/up", dict(cell, router_input="context", context_dim=3)), (r".*/ffn", dict(cell, router_input="activation"))]
+  params = _RematStack(remat=False).init(jax.random.PRNGKey(0), x)["params"]
+  results = []
+  for remat in (False, True):
+    model = _RematStack(remat=remat)
+    adapted, trainable = inject.inject(model, params, rules, x[:1], target_modules=r".*/(up|ffn)",
+                                       key=jax.random.PRNGKey(1))
+
+    paths = []
+
+    def loss(t):
+      y, traces = adapted.apply(params, t, x, context=labels, capture_routing=True)
+      paths[:] = [trace.path for trace in traces]
+      aux = inject.router_losses(traces, load_balance=0.1, z_loss=0.01)
+      return jnp.mean(y ** 2) + aux["aux_loss"], aux
+    (value, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(trainable)
+    results.append((value, aux, paths, grads))
+  (v0, a0, p0, g0), (v1, a1, p1, g1) = results
+  assert p0 == p1 == ["blocks_0/up", "blocks_0/ffn", "blocks_1/up", "blocks_1/ffn"]
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  for name in ("load_balance", "router_z"):
+    np.testing.assert_allclose(a1[name], a0[name], rtol=1e-6)
+  assert float(a0["router_z"]) > 0
+  for l0, l1 in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+    np.testing.assert_allclose(l1, l0, rtol=1e-4, atol=1e-6)
