@@ -352,7 +352,8 @@ def test_router_losses_and_usage_by_group_match_a_hand_count():
   logits = jnp.log(gates)
   trace = inject.RouterTrace("layer", logits, gates, (), None)
   losses = inject.router_losses([trace], load_balance=0.5, z_loss=0.25)
-  f = np.array([2 / 3, 1 / 3]); p = np.array([1.5 / 3, 1.5 / 3])
+  f = np.array([2 / 3, 1 / 3])
+  p = np.array([1.5 / 3, 1.5 / 3])
   np.testing.assert_allclose(losses["load_balance"], 2 * (f * p).sum(), rtol=1e-6)
   np.testing.assert_allclose(losses["router_z"], 0.0, atol=1e-6)                     # log-softmax logits: lse = 0
   np.testing.assert_allclose(losses["aux_loss"], 0.5 * losses["load_balance"], rtol=1e-6)
