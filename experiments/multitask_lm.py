@@ -210,13 +210,15 @@ def run(config, workdir: str) -> dict:
   def baseline(name: str) -> dict:
     if name == "zero_shot":
       logits = instructions.task_logits(jnp.asarray(feats["test"][1]), task_test, prompts.class_index)
-      return multitask.summary(tile(score(np.asarray(logits))), ones, 0, {"exact_match": exact_match(None)})
+      return multitask.summary(tile(score(np.asarray(logits))), ones, 0, {"exact_match": exact_match(None)},
+                               seeds=seeds)
     if name == "few_shot":
       prefixes, pmask = instructions.few_shot_prefixes(prompts, tokenizer, ev.few_shot_k, config.data.seed)
       answer = gemma3_features.few_shot_logits(model, prefixes, pmask, splits["test"]["tokens"],
                                                splits["test"]["mask"], task_test, prompts.answer_ids, ev.chunk)
       logits = instructions.task_logits(jnp.asarray(answer), task_test, prompts.class_index)
-      return multitask.summary(tile(score(np.asarray(logits))), ones, 0, {"prefix_tokens": int(prefixes.shape[1])})
+      return multitask.summary(tile(score(np.asarray(logits))), ones, 0,
+                               {"prefix_tokens": int(prefixes.shape[1])}, seeds=seeds)
     logits, info = np.full((len(task_test), max(prompts.num_classes)), -1e9, np.float32), {}
     for t, (name_t, classes) in enumerate(zip(prompts.tasks, prompts.num_classes)):
       rows = {s: data[s]["task"] == t for s in ("train", "val", "test")}
@@ -224,7 +226,7 @@ def run(config, workdir: str) -> dict:
           feats["train"][0][rows["train"]], data["train"]["y"][rows["train"], 0], feats["val"][0][rows["val"]],
           data["val"]["y"][rows["val"], 0])), probe_grid(config), classes, config.probe.max_steps)
       logits[rows["test"], :classes] = feats["test"][0][rows["test"]] @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
-    return multitask.summary(tile(score(logits)), ones, 0, {"probe": info})
+    return multitask.summary(tile(score(logits)), ones, 0, {"probe": info}, seeds=seeds)
 
   def train_one(method: runner.Method):
     if method.name in BASELINES:
@@ -252,7 +254,7 @@ def run(config, workdir: str) -> dict:
       for key in ("entropy_nats", "task_separation"):
         extra[f"{key}_init"] = float(np.mean(fit.initial_diagnostics[key]))
         extra[f"{key}_end"] = multitask.per_seed(fit.diagnostics[key][:, -1], ok)["mean"]
-    summary = multitask.summary(final, ok, count, extra)
+    summary = multitask.summary(final, ok, count, extra, seeds=seeds)
     print(f"  [{method.name}] test accuracy {summary['accuracy/mean']['mean'] * 100:.2f}; {fit.wall_time_s:.0f} s",
           flush=True)
     return fit, summary

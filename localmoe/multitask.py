@@ -143,12 +143,16 @@ def per_seed(values, ok) -> dict:
           "per_seed": [float(v) if good and np.isfinite(v) else None for v, good in zip(values, ok)]}
 
 
-def summary(scores: dict, ok, params: int, extra: dict | None = None) -> dict:
-  """A results.json entry: every score over the ok seeds (`per_seed`), the adapter parameter count, a status
+def summary(scores: dict, ok, params: int, extra: dict | None = None, seeds=None) -> dict:
+  """A results.json entry: every score over the ok seeds (`per_seed`), the trainable parameter count (`params`,
+  0 for a frozen-model baseline), a status
   ("ok" or "diverged seeds") and the per-seed mean accuracy under "accuracy_per_seed" (paired differences)."""
   out = {k: per_seed(v, ok) for k, v in scores.items()}
-  out.update(adapter_params=params, status="ok" if all(ok) else "diverged seeds",
+  out.update(params=int(params), adapter_params=params, status="ok" if all(ok) else "diverged seeds",
              accuracy_per_seed=out["accuracy/mean"]["per_seed"], **(extra or {}))
+  mean = out["accuracy/mean"]                    # the launcher's common schema: test accuracy as a fraction
+  out.update(seeds=[int(s) for s in (seeds if seeds is not None else range(len(mean["per_seed"])))],
+             test_accuracy=mean["per_seed"], test_accuracy_mean=mean["mean"], test_accuracy_std=mean["std"])
   return out
 
 
