@@ -22,7 +22,8 @@ from localmoe import inject, multitask, routing, train
 from localmoe.data.text_corpus import Corpus
 from localmoe.models import bert
 from localmoe.models.heads import BACKBONE_PREFIX, HIDDEN, MultiTaskClassifier, random_heads
-from localmoe.multitask import ANCHORED, ROUTED, ROUTER_PATTERN, metric_names, per_example_metrics
+from localmoe.multitask import (ANCHOR_RULE_NOTE, ANCHORED, ROUTED, ROUTER_PATTERN, method_groups,  # noqa: F401
+                                metric_names, per_example_metrics)
 from localmoe.train import optimizer
 
 METHODS = ("heads_only", "linear_probe", "lora", "localized_lora", "blockwise_moe", "cellwise_moe",
@@ -45,24 +46,6 @@ def parity_rank(method: str, model_config, num_tasks: int) -> int:
   """The rank per expert / cell / task of `method` (rounded down where the rank does not split)."""
   k, e = model_config.grid, model_config.num_experts
   return model_config.rank // {"lora": 1, "localized_lora": k, "per_task_lora": num_tasks}.get(method, k * e)
-
-
-ANCHOR_RULE_NOTE = (f"the _anchor and _oracle methods add their own rule 'router' (pattern {ROUTER_PATTERN!r}, "
-                    "config.router.anchor_lr_mult and anchor_weight_decay) before the config's rules")
-
-
-def method_groups(method: str, config) -> list:
-  """config.optim.groups of `method`: the anchors' router group first (for ANCHORED), then the config's. A
-  config rule named "router" clashes with the anchors' own for ANCHORED: a ValueError saying so."""
-  groups = [dataclasses.asdict(rule) for rule in train.parse_groups(config.optim.groups)]
-  if method in ANCHORED:
-    if any(rule["name"] == "router" for rule in groups):
-      raise ValueError(f"config.optim.groups={config.optim.groups!r} has a rule named 'router', as has method "
-                       f"{method}: {ANCHOR_RULE_NOTE}. Set the routers' rate with config.router.anchor_lr_mult "
-                       "(drop poly_router), or give your rule another name.")
-    groups = [dict(name="router", pattern=ROUTER_PATTERN, lr_mult=float(config.router.anchor_lr_mult),
-                   weight_decay=float(config.router.anchor_weight_decay))] + groups
-  return groups
 
 
 _SHAPES: dict[str, dict] = {}                     # trainable_shapes' results by what they depend on

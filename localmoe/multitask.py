@@ -75,15 +75,19 @@ def adapter_spec(method: str, model_config, router_config, num_tasks: int) -> di
   return spec
 
 
+ANCHOR_RULE_NOTE = (f"the _anchor and _oracle methods add their own rule 'router' (pattern {ROUTER_PATTERN!r}, "
+                    "config.router.anchor_lr_mult and anchor_weight_decay) before the config's rules")
+
+
 def method_groups(method: str, config) -> list:
-  """config.optim.groups of `method`, with the anchors' router group first for ANCHORED methods (a config rule
-  also named "router" clashes with it: a ValueError)."""
+  """config.optim.groups of `method`: the anchors' router group first (for ANCHORED), then the config's. A
+  config rule named "router" clashes with the anchors' own for ANCHORED: a ValueError saying so."""
   groups = [dataclasses.asdict(rule) for rule in train.parse_groups(config.optim.groups)]
   if method in ANCHORED:
     if any(rule["name"] == "router" for rule in groups):
       raise ValueError(f"config.optim.groups={config.optim.groups!r} has a rule named 'router', as has method "
-                       f"{method} (its anchors' router group): set the routers' rate with "
-                       "config.router.anchor_lr_mult, or give your rule another name.")
+                       f"{method}: {ANCHOR_RULE_NOTE}. Set the routers' rate with config.router.anchor_lr_mult "
+                       "(drop poly_router), or give your rule another name.")
     groups = [dict(name="router", pattern=ROUTER_PATTERN, lr_mult=float(config.router.anchor_lr_mult),
                    weight_decay=float(config.router.anchor_weight_decay))] + groups
   return groups
