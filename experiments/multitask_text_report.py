@@ -15,7 +15,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from localmoe import plots, results, train
+from localmoe import metrics, plots, results, train
 from localmoe.data.text_corpus import Corpus
 from localmoe.models.heads import BACKBONE_PREFIX
 from localmoe.multitask import per_example_metrics, task_scores
@@ -70,6 +70,7 @@ def paired_differences(summaries: dict) -> dict:
   """Per seed, mean test accuracy of each adapter method minus LoRA's, minus one-LoRA-per-task's and minus
   the probe's (same seed, same test rows): {method: {"vs_lora": {...}, ...}} in accuracy points."""
   refs = {"vs_lora": "lora", "vs_per_task_lora": "per_task_lora", "vs_linear_probe": "linear_probe"}
+  per_seed = {m: {"accuracy": s["accuracy/mean"]["per_seed"]} for m, s in summaries.items() if "accuracy/mean" in s}
   out = {}
   for method, s in summaries.items():
     if "accuracy/mean" not in s or method in ("linear_probe",):
@@ -78,12 +79,7 @@ def paired_differences(summaries: dict) -> dict:
     for key, ref in refs.items():
       if ref == method or ref not in summaries or "accuracy/mean" not in summaries[ref]:
         continue
-      a, b = s["accuracy/mean"]["per_seed"], summaries[ref]["accuracy/mean"]["per_seed"]
-      diffs = [100 * (x - y) if x is not None and y is not None else None for x, y in zip(a, b)]
-      kept = [v for v in diffs if v is not None]
-      row[key] = {"per_seed": diffs, "mean": float(np.mean(kept)) if kept else None,
-                  "std": float(np.std(kept)) if kept else None,
-                  "min": float(np.min(kept)) if kept else None, "max": float(np.max(kept)) if kept else None}
+      row[key] = metrics.paired_difference(per_seed, method, ref, "accuracy", scale=100.0)
     if row:
       out[method] = row
   return out

@@ -27,8 +27,8 @@ def r2(pred: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
   return 1.0 - jnp.sum((pred - y) ** 2) / sum_squares_total(y)
 
 
-def paired_difference(summaries, method: str, reference: str, key: str) -> dict | None:
-  """Per seed, `summaries[method][key]` minus `summaries[reference][key]` (same seed, same test rows).
+def paired_difference(summaries, method: str, reference: str, key: str, scale: float = 1.0) -> dict | None:
+  """Per seed, scale x (`summaries[method][key]` minus `summaries[reference][key]`) (same seed, same test rows).
 
   summaries: results.json entries ({"<key>": [per-seed value or None], ...}). Returns {"per_seed", "mean",
   "std", "min", "max"} over the seeds where both are finite (a diverged seed is None), or None when either
@@ -37,7 +37,7 @@ def paired_difference(summaries, method: str, reference: str, key: str) -> dict 
   if method not in summaries or reference not in summaries:
     return None
   a, b = summaries[method].get(key) or [], summaries[reference].get(key) or []
-  diffs = [None if x is None or y is None else float(x) - float(y) for x, y in zip(a, b)]
+  diffs = [None if x is None or y is None else scale * (float(x) - float(y)) for x, y in zip(a, b)]
   kept = [v for v in diffs if v is not None]
   stat = lambda fn: float(fn(kept)) if kept else None
   return {"per_seed": diffs, "mean": stat(np.mean), "std": stat(np.std), "min": stat(np.min), "max": stat(np.max)}
