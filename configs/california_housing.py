@@ -61,8 +61,8 @@ def get_config(arg=None):
       groups=configlib.groups_field(),  # parameter groups (localmoe.train.settings): PRESETS names joined by "+",
                                        # e.g. poly_router, a list of rules or a dict of named rules; "" none
   ))
-  config.model = ml_collections.ConfigDict(dict(a_init="lora", b_init="zeros"))
-  config.model.alpha = ml_collections.config_dict.placeholder(float)
+  config.adapter = ml_collections.ConfigDict(dict(a_init="lora", b_init="zeros"))
+  config.adapter.alpha = ml_collections.config_dict.placeholder(float)
   # The paper's budgets give ranks above the 4x4 (or 8x8) blocks they factor: LoRA r=16 on 8x8, MELoRA r=16
   # on 4x4 blocks, Localized r=8 on 4x4 cells. Such over-complete factorisations add parameters but no
   # expressivity; allow_overcomplete_rank=True keeps them so that the counts match the paper's 256.

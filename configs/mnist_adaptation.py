@@ -63,8 +63,8 @@ def get_config(arg=None):
       groups=configlib.groups_field(),  # parameter groups (localmoe.train.settings): PRESETS names joined by "+",
                                        # e.g. poly_router, a list of rules or a dict of named rules; "" none
   ))
-  config.model = ml_collections.ConfigDict(dict(a_init="lora", b_init="zeros"))
-  config.model.alpha = ml_collections.config_dict.placeholder(float)
+  config.adapter = ml_collections.ConfigDict(dict(a_init="lora", b_init="zeros"))
+  config.adapter.alpha = ml_collections.config_dict.placeholder(float)
   # One budget (3,392 adapter parameters = 6.7% of full fine-tuning) for a plain run; sweeps override these.
   config.methods = ml_collections.ConfigDict({
       "full_finetune": dict(method="full_finetune"),

@@ -67,8 +67,8 @@ def get_config(arg=None):
       groups=configlib.groups_field(),  # parameter groups (localmoe.train.settings): PRESETS names joined by "+",
                                        # e.g. poly_router, a list of rules or a dict of named rules; "" none
   ))
-  config.model = ml_collections.ConfigDict(dict(a_init="lora", b_init="zeros"))
-  config.model.alpha = ml_collections.config_dict.placeholder(float)
+  config.adapter = ml_collections.ConfigDict(dict(a_init="lora", b_init="zeros"))
+  config.adapter.alpha = ml_collections.config_dict.placeholder(float)
   config.methods = ml_collections.ConfigDict({
       "lora": dict(method="lora", rank=16),                                               # 25,088
       "melora": dict(method="melora", num_blocks=4, rank=32),                             # 50,176

@@ -37,7 +37,7 @@ def get_config(arg=None):
       groups=configlib.groups_field(),  # parameter groups (localmoe.train.settings): PRESETS names joined by "+",
                                        # e.g. poly_router, a list of rules or a dict of named rules; "" none
   ))
-  config.model = ml_collections.ConfigDict(dict(a_init="lora", b_init="zeros"))
+  config.adapter = ml_collections.ConfigDict(dict(a_init="lora", b_init="zeros"))
   config.methods = ml_collections.ConfigDict({
       "lora": dict(method="lora", rank=4),
       "localized_lora": dict(method="localized_lora", k_y=2, k_x=2, rank=2),

@@ -138,9 +138,8 @@ def validate(config) -> None:
   if dc.num_samples < 0 or 0 < dc.num_samples < 100:
     raise ValueError(f"config.data.num_samples={dc.num_samples} must be 0 (all 20,640 rows) or >= 100.")
   n = dc.num_samples or 20_640
-  single_layer.check_alpha(config.model)
   single_layer.validate_methods(config, n - int(round(n * dc.test_fraction)), 4.0 * config.num_seeds * n * 20, 8, 8,
-                                len(CONTEXT_TOPOLOGIES), shared=config.model)
+                                len(CONTEXT_TOPOLOGIES))
 
 
 def _diagnostics_text(diag) -> str:
@@ -208,7 +207,7 @@ def run(config, workdir: str) -> dict:
     print(_diagnostics_text(diag), flush=True)
     return {"wall_time_s": table_time, **{k: [float(v) for v in values] for k, values in diag.items()}}, section
 
-  done = single_layer.run_variants(config, workdir, scalings, data_of, report, 8, 8, PAPER, shared=config.model)
+  done = single_layer.run_variants(config, workdir, scalings, data_of, report, 8, 8, PAPER)
   wall = time.perf_counter() - start
   dc = config.data
   header = ("# California Housing domain shift (paper Section 3.2, Table 2, Figure 2)\n\n"

@@ -33,12 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from localmoe import adapters, checkpoint, configlib, results, runner, train
+from localmoe import checkpoint, configlib, results, runner, single_layer, train
 from localmoe.train import optimizer
 from localmoe.data import cache
 
 D_IN, HIDDEN, CLASSES = 784, 64, 5
-FULL = "full_finetune"
+FULL = single_layer.FULL_FINETUNE
 PAPER_FULL = {"params": 50_565, "accuracy": 0.9759}     # Figure 2's caption; the other points are only plotted
 LABELS = {FULL: "Full fine-tuning", "lora": "LoRA", "melora": "MELoRA", "localized_lora": "Localized LoRA",
           "blockwise_moe": "Block-wise LoRA-MoE", "cellwise_moe": "Cell-wise LoRA-MoE"}
@@ -112,19 +112,11 @@ def adapter_task(module) -> train.Task:
 
 
 def build_method(config, name: str):
-  """(module or None for full fine-tuning, trainable parameter count) of config.methods[name]."""
-  if name not in config.methods:
-    raise ValueError(f"config.method_names: {name!r} is not among the configured methods; valid: "
-                     f"{sorted(config.methods)}.")
-  spec = dict(config.model.to_dict())
-  spec.update(config.methods[name].to_dict())
-  if spec.get("method") == FULL:
-    return None, mlp_params_count()
-  try:
-    module = adapters.make(spec, d_in=D_IN, d_out=HIDDEN)
-  except ValueError as error:
-    raise ValueError(f"config.methods.{name}: {error}") from None
-  return module, module.num_params()
+  """(module or None for full fine-tuning, trainable parameter count) of config.methods[name]
+  (`single_layer.method_spec` with config.adapter's defaults, `single_layer.build_method`)."""
+  spec = single_layer.method_spec(config.methods, name, config.adapter)
+  module = single_layer.build_method(spec, name, D_IN, HIDDEN)
+  return (None, mlp_params_count()) if module is None else (module, module.num_params())
 
 
 # ------------------------------------------------------------------------------------------- data

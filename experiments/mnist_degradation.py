@@ -181,10 +181,9 @@ def validate(config) -> None:
   if config.eval.num_examples < 1:
     raise ValueError(f"config.eval.num_examples={config.eval.num_examples} must be >= 1 (digits per context in "
                      "the output grid).")
-  single_layer.check_alpha(config.model)
   single_layer.validate_methods(config, dc.num_train or 60_000,
                                 4.0 * ((dc.num_train or 60_000) + (dc.num_test or 10_000)) * (3 * D + 2), D, D, 2,
-                                shared=config.model, make_task=base_task)
+                                make_task=base_task)
 
 
 def _output_grid(path, modules, fits, data, extras, num_examples: int, order) -> None:
@@ -223,7 +222,7 @@ def run(config, workdir: str) -> dict:
     diag.update(ceilings(data))
   print(f"== MNIST sensor degradation: data and targets in {time.perf_counter() - t0:.1f}s; test variance per "
         f"output: target {diag['target_var']:.4f}, W0 x {diag['base_var']:.5f}", flush=True)
-  modules = single_layer.build_methods(config.methods, names, D, D, 2, shared=config.model)
+  modules = single_layer.build_methods(config.methods, names, D, D, 2, shared=config.adapter)
   live = results.Live(workdir)
   summaries, fits = single_layer.run_methods(modules, data, seeds, settings, D, 2, PAPER, parallel=1,
                                              checkpoints=checkpoint.policy(config, workdir),

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from localmoe import checkpoint, configlib, inject, models, results, runner, train
+from localmoe import checkpoint, configlib, inject, models, results, runner, single_layer, train
 from localmoe import params as params_lib
 from localmoe.train import optimizer
 from localmoe.data import functions2d as f2
@@ -103,8 +103,9 @@ def _backbone(config, init_scheme):
 
 
 def _method_spec(config, name):
-  spec = dict(config.methods[name])
-  if spec["method"] != "full_finetune":
+  """config.methods[name] (`single_layer.method_spec`), alpha = config.model.scale x rank for an adapter."""
+  spec = single_layer.method_spec(config.methods, name)
+  if spec["method"] != single_layer.FULL_FINETUNE:
     spec["alpha"] = config.model.scale * spec["rank"]
   return spec
 
@@ -113,7 +114,7 @@ def _task(config, name, model, example_params):
   """(Task, trainable parameter count) of one method."""
   x0 = jnp.zeros((1, 2), jnp.float32)
   spec = _method_spec(config, name)
-  if spec["method"] == "full_finetune":
+  if spec["method"] == single_layer.FULL_FINETUNE:
     task = train.Task(init=lambda key, frozen: frozen,
                       predict=lambda p, frozen, inputs: model.apply({"params": p}, inputs["x"]))
     return task, params_lib.count_params(example_params)

@@ -73,7 +73,6 @@ def validate(config) -> None:
                      f"k x k fields of d/k): choose k among the divisors of {dc.d}.")
   if not dc.spectrum_decay > 0:
     raise ValueError(f"config.data.spectrum_decay={dc.spectrum_decay!r} must be > 0 (e.g. 4.0).")
-  single_layer.check_alpha(config.model)
   if not 0 < dc.test_fraction < 1:
     raise ValueError(f"config.data.test_fraction={dc.test_fraction} must lie in (0, 1).")
   num_train = dc.num_samples - int(round(dc.num_samples * dc.test_fraction))
@@ -81,7 +80,7 @@ def validate(config) -> None:
     raise ValueError(f"config.data.num_samples={dc.num_samples} leaves no training samples at "
                      f"test_fraction={dc.test_fraction}: use more samples.")
   data_bytes = 4.0 * config.num_seeds * (dc.num_samples * (2 * dc.d + len(contexts)) + dc.d * dc.d)
-  single_layer.validate_methods(config, num_train, data_bytes, dc.d, dc.d, len(contexts), shared=config.model)
+  single_layer.validate_methods(config, num_train, data_bytes, dc.d, dc.d, len(contexts))
 
 
 def run(config, workdir: str) -> dict:
@@ -118,8 +117,7 @@ def run(config, workdir: str) -> dict:
     print(f"ordering {'holds' if holds else 'does NOT hold'}: {sentence}", flush=True)
     return {"wall_time_s": table_time, **diag}, section
 
-  done = single_layer.run_variants(config, workdir, spectra, data_of, report, config.data.d, config.data.d, PAPER,
-                                   shared=config.model)
+  done = single_layer.run_variants(config, workdir, spectra, data_of, report, config.data.d, config.data.d, PAPER)
   wall = time.perf_counter() - start
   header = ("# SVD simulation (paper Section 3.1, Table 1)\n\n"
             f"{len(seeds)} seeds (each a full replicate: targets, W0, data, split, init), "
@@ -147,7 +145,7 @@ def sweep_job(config):
   spectrum = configlib.split_names(config.data.spectra)[0]
   contexts = len(configlib.split_names(config.data.contexts))
   module = single_layer.build_methods(config.methods, names, config.data.d, config.data.d, contexts,
-                                      shared=config.model)[name]
+                                      shared=config.adapter)[name]
   settings = train.Settings.from_config(config.optim)
 
   def finish(workdir, fit):

@@ -53,30 +53,57 @@ def layer_task(module, d_in: int, context_dim: int) -> train.Task:
   return train.Task(init=init, predict=predict, rngs=rng_streams, takes_step=takes_step)
 
 
+FULL_FINETUNE = "full_finetune"       # the method name every experiment gives full fine-tuning (no adapter)
+
+
+def method_spec(specs: Mapping[str, Mapping[str, Any]], name: str, shared: Mapping[str, Any] | None = None
+                ) -> dict[str, Any]:
+  """The spec of method `name`: the shared defaults (config.adapter) under specs[name] (config.methods).
+
+  The one place a method name becomes a spec, for every experiment that declares its methods in the config;
+  FULL_FINETUNE is a spec like any other ({"method": "full_finetune"}), built as no adapter.
+  """
+  if name not in specs:
+    raise ValueError(f"config.method_names: {name!r} is not among the configured methods; valid: "
+                     f"{sorted(specs)} (comma-separated).")
+  spec = dict(shared.to_dict() if hasattr(shared, "to_dict") else shared or {})
+  given = specs[name]
+  spec.update(given.to_dict() if hasattr(given, "to_dict") else dict(given))
+  return spec
+
+
+def build_method(spec: Mapping[str, Any], name: str, d_in: int, d_out: int, context_dim: int | None = None):
+  """The adapter of one method's spec for a d_in -> d_out layer (None for FULL_FINETUNE): the widths and,
+  for context-routed adapters, the context width are filled in; a spec that disagrees with them, or that
+  `adapters.make` refuses, is a ValueError naming config.methods.<name>."""
+  spec = dict(spec)
+  if spec.get("method") == FULL_FINETUNE:
+    return None
+  fill = {"d_in": d_in, "d_out": d_out}
+  routed = spec.get("method") in ("blockwise_moe", "cellwise_moe")
+  if routed and spec.get("router_input", "context") == "context" and context_dim is not None:
+    fill["context_dim"] = context_dim
+  for field, value in fill.items():
+    given = spec.pop(field, None)
+    if given is not None and given != value:
+      raise ValueError(f"config.methods.{name}.{field}={given!r} disagrees with the data ({field}={value}): "
+                       f"remove it (it is filled in from the data) or set it to {value}.")
+  try:
+    return adapters.make(spec, **fill)
+  except ValueError as error:
+    raise ValueError(f"config.methods.{name}: {error}") from None
+
+
 def build_methods(specs: Mapping[str, Mapping[str, Any]], names: Sequence[str], d_in: int, d_out: int,
                   context_dim: int, shared: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """Adapters for `names`, filling in the layer's widths and (for routed ones) the context width."""
+  """Adapters for `names` (`method_spec`, then `build_method`)."""
+  if not names:
+    raise ValueError(f"config.method_names: empty; valid: {sorted(specs)} (comma-separated).")
   unknown = [n for n in names if n not in specs]
-  if unknown or not names:
-    raise ValueError(f"config.method_names: {unknown or 'empty'} not among the configured methods; "
+  if unknown:
+    raise ValueError(f"config.method_names: {unknown} not among the configured methods; "
                      f"valid: {sorted(specs)} (comma-separated).")
-  modules = {}
-  for name in names:
-    spec = dict(shared or {})
-    spec.update(dict(specs[name]))
-    fill = {"d_in": d_in, "d_out": d_out}
-    if spec.get("method") in ("blockwise_moe", "cellwise_moe") and spec.get("router_input", "context") == "context":
-      fill["context_dim"] = context_dim
-    for field, value in fill.items():
-      given = spec.pop(field, None)
-      if given is not None and given != value:
-        raise ValueError(f"config.methods.{name}.{field}={given!r} disagrees with the data ({field}={value}): "
-                         f"remove it (it is filled in from the data) or set it to {value}.")
-    try:
-      modules[name] = adapters.make(spec, **fill)
-    except ValueError as error:
-      raise ValueError(f"config.methods.{name}: {error}") from None
-  return modules
+  return {name: build_method(method_spec(specs, name, shared), name, d_in, d_out, context_dim) for name in names}
 
 
 def validate_common(config, num_train: int, data_bytes: float = 0.0) -> train.Settings:
@@ -100,11 +127,13 @@ def validate_common(config, num_train: int, data_bytes: float = 0.0) -> train.Se
 def validate_methods(config, num_train: int, data_bytes: float, d_in: int, d_out: int, context_dim: int,
                      shared: Mapping[str, Any] | None = None,
                      make_task: Callable[[Any, int, int], train.Task] | None = None) -> train.Settings:
-  """`validate_common`, then every method of config.method_names built (`build_methods`, `shared`: the
-  defaults under each spec, e.g. config.model) and config.optim.groups checked against its parameters
-  (`optimizer.check_groups` on `make_task(module, d_in, context_dim)`, default `layer_task`). Returns the
-  settings."""
+  """`validate_common`, then config.adapter.alpha checked, every method of config.method_names built
+  (`build_methods`; `shared`: the defaults under each spec, default config.adapter) and config.optim.groups
+  checked against its parameters (`optimizer.check_groups` on `make_task(module, d_in, context_dim)`, default
+  `layer_task`). Returns the settings."""
   settings = validate_common(config, num_train, data_bytes)
+  shared = config.get("adapter") if shared is None else shared
+  check_alpha(shared)
   modules = build_methods(config.methods, configlib.split_names(config.method_names), d_in, d_out, context_dim,
                           shared=shared)
   make_task = make_task or layer_task
@@ -113,11 +142,11 @@ def validate_methods(config, num_train: int, data_bytes: float, d_in: int, d_out
   return settings
 
 
-def check_alpha(model) -> None:
-  """config.model.alpha: None (scale 1) or a positive, finite number."""
-  alpha = model.get("alpha") if hasattr(model, "get") else None
+def check_alpha(adapter) -> None:
+  """config.adapter.alpha: None (scale 1) or a positive, finite number."""
+  alpha = adapter.get("alpha") if hasattr(adapter, "get") else None
   if alpha is not None and not (isinstance(alpha, (int, float)) and 0 < alpha < float("inf")):
-    raise ValueError(f"config.model.alpha={alpha!r} must be > 0 (the adapter's output is scaled by "
+    raise ValueError(f"config.adapter.alpha={alpha!r} must be > 0 (the adapter's output is scaled by "
                      "alpha / rank), or None for a scale of 1.")
 
 
@@ -185,7 +214,8 @@ def run_variants(config, workdir: str, variants: Sequence[str], make_data: Calla
                  live: results.Live | None = None) -> Variants:
   """Trains every method of config.method_names on each variant's data, in order.
 
-  make_data(variant) -> (train.Data, context_dim, info); report(variant, summaries, fits, seconds, info) ->
+  `shared`: the defaults under each method's spec (default config.adapter). make_data(variant) -> (train.Data,
+  context_dim, info); report(variant, summaries, fits, seconds, info) ->
   (extras of the variant's results.json entry, its markdown section); `seconds`: the variant's time from
   make_data to the end of training. Each variant checkpoints under its own name and streams its methods as
   "<variant>/<method>" (`live`, default a new `results.Live(workdir)`).
@@ -193,6 +223,7 @@ def run_variants(config, workdir: str, variants: Sequence[str], make_data: Calla
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   settings = train.Settings.from_config(config.optim)
   names = configlib.split_names(config.method_names)
+  shared = config.get("adapter") if shared is None else shared
   out = Variants({}, {}, [], live if live is not None else results.Live(workdir))
   for variant in variants:
     t0 = time.perf_counter()

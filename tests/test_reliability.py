@@ -88,7 +88,7 @@ BAD_CONFIGS = [
     ("data.contexts", "block_diagonal,diagonal", "config.data.contexts: 'diagonal' is not a known topology"),
     ("data.test_fraction", 1.5, "config.data.test_fraction=1.5 must lie in (0, 1)"),
     ("checkpoint_every_epochs", -1, "config.checkpoint_every_epochs=-1 must be >= 0"),
-    ("model.alpha", 0.0, "config.model.alpha=0.0 must be > 0"),
+    ("adapter.alpha", 0.0, "config.adapter.alpha=0.0 must be > 0"),
     ("optim.lr", float("inf"), "config.optim.lr=inf must be > 0 and finite"),
     ("optim.eval_every", 0, "config.optim.eval_every=0 must be a positive integer"),
     ("optim.lr_decay", 0.5, "config.optim has unknown key(s) ['lr_decay'] that the trainer would ignore; valid: ["),
