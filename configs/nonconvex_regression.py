@@ -66,7 +66,9 @@ def get_config(arg=None):
       inits=arg.inits,                 # one table per backbone init
       depth=32, width=32,              # MLP; the transformer uses depth=8, width=256 (set below)
       heads=4,
-      target_modules=r"hidden_\d+",    # regex over module paths (PEFT target_modules)
+  ))
+  config.adapter = ml_collections.ConfigDict(dict(    # what every adapter method shares
+      target_modules=r"hidden_\d+",    # regex over the backbone's module paths (PEFT target_modules)
       scale=2.0,                       # alpha / r for every adapter
   ))
   config.pretrain = ml_collections.ConfigDict(dict(epochs=300, batch_size=64, lr=3e-3, weight_decay=0.01))
@@ -88,7 +90,7 @@ def get_config(arg=None):
   })
   if arg.backbone == "transformer":
     config.model.depth, config.model.width = 8, 256
-    config.model.target_modules = r"block_\d+_attn/(query|key|value|out)"
+    config.adapter.target_modules = r"block_\d+_attn/(query|key|value|out)"
     config.model.inits = "lecun"
   if arg.quick:
     config.num_seeds = min(arg.seeds, 2)

@@ -103,10 +103,10 @@ def _backbone(config, init_scheme):
 
 
 def _method_spec(config, name):
-  """config.methods[name] (`single_layer.method_spec`), alpha = config.model.scale x rank for an adapter."""
+  """config.methods[name] (`single_layer.method_spec`), alpha = config.adapter.scale x rank for an adapter."""
   spec = single_layer.method_spec(config.methods, name)
   if spec["method"] != single_layer.FULL_FINETUNE:
-    spec["alpha"] = config.model.scale * spec["rank"]
+    spec["alpha"] = config.adapter.scale * spec["rank"]
   return spec
 
 
@@ -119,7 +119,7 @@ def _task(config, name, model, example_params):
                       predict=lambda p, frozen, inputs: model.apply({"params": p}, inputs["x"]))
     return task, params_lib.count_params(example_params)
   try:
-    adapted, _ = inject.inject(model, example_params, spec, x0, target_modules=config.model.target_modules,
+    adapted, _ = inject.inject(model, example_params, spec, x0, target_modules=config.adapter.target_modules,
                                key=jax.random.PRNGKey(0))
   except ValueError as error:
     raise ValueError(f"config.methods.{name}: {error}") from None
