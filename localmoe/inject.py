@@ -71,6 +71,7 @@ import numpy as np
 from localmoe import adapt_core
 from localmoe import einsum_layers
 from localmoe import params as params_lib
+from localmoe import projections
 # The host-independent names, re-exported: `inject.LayerInfo`, `inject.PerLayer`, `inject.router_losses`, ...
 from localmoe.adapt_core import (AdapterSet, LayerInfo, PerLayer, Session, adapter_set, check_key, check_rngs,  # noqa: F401
                                  merge_context, path_matcher, routes_on_activation, routes_on_context)
@@ -114,6 +115,31 @@ def _path(module: nn.Module) -> str:
 
 def _inputs(args, kwargs):
   return args[0] if args else kwargs["inputs"]
+
+
+def _own_weights(module: nn.Module) -> dict:
+  """The params (ndim >= 2) a module holds directly in its scope (gemma's nn.share_scope: its parent's)."""
+  try:
+    params = module.variables.get("params", {})
+  except (AttributeError, ValueError, TypeError):
+    return {}
+  return {k: v for k, v in params.items() if not isinstance(v, Mapping) and getattr(v, "ndim", 0) >= 2}
+
+
+def _generic_weights(context, matches) -> dict:
+  """The matched weights of a generic module's __call__ (`localmoe.projections`), else {}."""
+  module = context.module
+  if context.method_name != "__call__" or isinstance(module, LINEAR_TYPES) or projections.is_builtin(module):
+    return {}
+  return projections.wanted(_path(module), _own_weights(module), matches)
+
+
+def _trace_name(slot: projections.Slot | None) -> str:
+  """The sow name of a layer's router traces in its module's scope ("trace"; a generic key's suffix after)."""
+  if slot is None or slot.key == slot.module_path:
+    return "trace"
+  suffix = slot.key[len(slot.module_path):].lstrip("/") if slot.module_path else slot.key
+  return "trace:" + suffix.replace("/", ":")
 
 
 def _einsum_equation(module: nn.Module, args, kwargs) -> str:
@@ -167,6 +193,7 @@ class AdaptedModel:
   trainable_extras: str | tuple[str, ...] | None = None   # regex (or names) of frozen-param modules to train
   extra_paths: tuple[str, ...] = ()                   # module paths selected by trainable_extras
   extra_leaves: tuple[tuple[str, tuple[int, ...], str], ...] = ()   # (path, shape, dtype) of each extra param
+  slots: tuple[projections.Slot, ...] = ()            # the layers of generic modules (`localmoe.projections`)
 
   @property
   def paths(self) -> tuple[str, ...]:
@@ -199,8 +226,16 @@ class AdaptedModel:
 
   def base_kernels(self, frozen_params) -> list[jnp.ndarray]:
     """Frozen kernels [d_in, d_out] (flattened for DenseGeneral) of the matched layers, in call order."""
-    return [adapt_core.kernel_2d(jnp.asarray(_tree_get(frozen_params, _keys(l.path) + ["kernel"])), l)
-            for l in self.layers]
+    slots = {slot.key: slot for slot in self.slots}
+    out = []
+    for l in self.layers:
+      slot = slots.get(l.path)
+      if slot is None:
+        out.append(adapt_core.kernel_2d(jnp.asarray(_tree_get(frozen_params, _keys(l.path) + ["kernel"])), l))
+        continue
+      w = jnp.asarray(_tree_get(frozen_params, _keys(slot.module_path) + [slot.param]))
+      out.append(adapt_core.kernel_2d(w if slot.index < 0 else w[slot.index], l))              # [d_in, d_out]
+    return out
 
   def init_adapter(self, key: jax.Array, frozen_params) -> dict:
     """Fresh trainable params {"adapter": ..., "extras": ...} (for a new seed)."""
@@ -232,11 +267,12 @@ class AdaptedModel:
     """
     rngs = check_rngs(rngs)
     params = self._with_extras(jax.lax.stop_gradient(frozen_params), trainable.get("extras"))
-    calling: list[nn.Module] = []                      # the matched layer being called (sow's scope)
+    calling: list[tuple[nn.Module, str]] = []          # the matched layer being called, its traces' sow name
 
     def sow(trace: RouterTrace) -> None:
       marker = jnp.zeros(tuple(trace.input_lead) + (0,), jnp.float32)   # the input's leading axes, as a shape
-      calling[-1].sow(TRACES, "trace", (trace.logits, trace.gates, marker))
+      module, name = calling[-1]
+      module.sow(TRACES, name, (trace.logits, trace.gates, marker))
 
     if isinstance(self.adapter, PerLayer):
       session = self.adapter.session(trainable["adapter"], self.layers, context=context,
@@ -248,11 +284,46 @@ class AdaptedModel:
       session = self.adapter.session(trainable["adapter"], self.layers, context=context)
     index = {p: i for i, p in enumerate(self.paths)}
     matches = path_matcher(self.target_modules)
+    slots = {slot.key: slot for slot in self.slots}
+    generic_keys = set(slots)
+    ran: set[str] = set()
+
+    def generic_call(next_fun, args, kwargs, ctx):
+      module, path = ctx.module, _path(ctx.module)
+      weights = _generic_weights(ctx, generic_keys.__contains__)
+      by_param: dict[str, list] = {}
+      for slot in self.slots:
+        if slot.module_path == path and slot.param in weights:
+          by_param.setdefault(slot.param, []).append(slot)
+
+      def handler(hit, x, w, y):
+        chosen = by_param.get(hit.param, [])
+        if not chosen:
+          return y
+
+        def one(key, flat, kernel):                                   # Delta [..., d_out] of one slot
+          calling.append((module, _trace_name(slots[key])))
+          try:
+            return session(index[key], flat, kernel)
+          finally:
+            calling.pop()
+        ran.update(slot.key for slot in chosen)
+        return projections.delta(chosen, [self.layers[index[s.key]] for s in chosen], hit, x, w, y, one)
+
+      weights = {name: value for name, value in weights.items() if name in by_param}
+      with projections.frame(projections.Frame(path, weights, handler, owner=module)):
+        return next_fun(*args, **kwargs)
 
     def add_delta(next_fun, args, kwargs, ctx):
-      y = next_fun(*args, **kwargs)
+      if projections.is_quiet():                       # the adapters' own math
+        return next_fun(*args, **kwargs)
+      top = projections.top()
       if not _linear_call(ctx):
-        return y
+        if top is not None and top.owner is ctx.module:  # a method of the module being called
+          return next_fun(*args, **kwargs)
+        return generic_call(next_fun, args, kwargs, ctx)
+      with projections.frame(projections.Frame(owner=ctx.module)):
+        y = next_fun(*args, **kwargs)
       path = _path(ctx.module)
       if not matches(path):
         return y
@@ -263,26 +334,35 @@ class AdaptedModel:
       layer = self.layers[index[path]]
       x = adapt_core.flatten_input(_inputs(args, kwargs), layer)                               # [..., d_in]
       kernel = adapt_core.kernel_2d(ctx.module.get_variable("params", "kernel"), layer)        # [d_in, d_out]
-      calling.append(ctx.module)
+      calling.append((ctx.module, "trace"))
       try:
-        delta = session(index[path], x, kernel)                                       # [..., d_out]
+        with projections.quiet():
+          delta = session(index[path], x, kernel)                                     # [..., d_out]
       finally:
         calling.pop()
       delta = adapt_core.output_delta(delta, layer, _inputs(args, kwargs).ndim, y.shape)       # y's layout
       return y + delta.astype(y.dtype)
 
-    with nn.intercept_methods(add_delta):
+    with nn.intercept_methods(add_delta), projections.intercepting():
       if not capture_routing:
-        return _run(self.model, {"params": params}, args, kwargs)
-      y, state = _run(self.model, {"params": params}, args, kwargs, mutable=[TRACES])
-    return y, self._traces(state.get(TRACES, {}))
+        y = _run(self.model, {"params": params}, args, kwargs)
+      else:
+        y, state = _run(self.model, {"params": params}, args, kwargs, mutable=[TRACES])
+    missed = sorted(generic_keys - ran)
+    if missed:
+      raise ValueError(f"layer(s) {missed[:3]} are adapted but this call intercepted no contraction of their "
+                       "weight, so their adapters did not run (a method other than __call__, another code path, "
+                       "or an op localmoe.projections does not intercept): call the model as in inject.")
+    return y if not capture_routing else (y, self._traces(state.get(TRACES, {})))
 
   def _traces(self, sown) -> list[RouterTrace]:
     """The sown traces as RouterTraces: layers in call order, a layer called twice gives two in a row."""
     traces = []
+    slots = {slot.key: slot for slot in self.slots}
     for layer in self.layers:
       node = sown
-      for key in _keys(layer.path) + ["trace"]:
+      slot = slots.get(layer.path)
+      for key in _keys(slot.module_path if slot else layer.path) + [_trace_name(slot)]:
         node = node.get(key, {}) if isinstance(node, Mapping) else {}
       if not node:
         continue
@@ -304,7 +384,23 @@ class AdaptedModel:
                        "on every input, so it has no fixed Delta W to merge; apply the adapted model instead.")
     params = jax.tree_util.tree_map(jnp.asarray, self._with_extras(frozen_params, trainable.get("extras")))
     params = jax.tree_util.tree_map(lambda a: a, params)                              # a copy we may edit
+    slots = {slot.key: slot for slot in self.slots}
+    groups: dict[tuple[str, str], list] = {}
     for layer in self.layers:
+      slot = slots.get(layer.path)
+      if slot is not None:
+        groups.setdefault((slot.module_path, slot.param), []).append(
+            (slot, layer, self.adapter.module(layer), trainable["adapter"][layer.path]))
+    for (module_path, param), parts in groups.items():
+      keys = _keys(module_path)
+      node = dict(_tree_get(params, keys)) if keys else params
+      node[param] = projections.merged_weight(jnp.asarray(node[param]), parts, context)
+      if keys:
+        parent = _tree_get(params, keys[:-1]) if len(keys) > 1 else params
+        parent[keys[-1]] = node
+    for layer in self.layers:
+      if layer.path in slots:
+        continue
       keys = _keys(layer.path)
       if not keys:
         raise ValueError("merge needs the adapted layer to be a submodule of the model (its params under a "
@@ -320,36 +416,80 @@ class AdaptedModel:
 def find_layers(model: nn.Module, params, example_args: Sequence[Any],
                 target_modules: str | Sequence[str], example_kwargs: Mapping[str, Any] | None = None
                 ) -> tuple[LayerInfo, ...]:
-  """The nn.Dense / nn.DenseGeneral layers whose path matches, in order of their first call (shape-only pass).
+  """The matched layers, in order of their first call (shape-only pass): nn.Dense / nn.DenseGeneral /
+  nn.Einsum, and the projections of generic modules (`localmoe.projections`; keys as paths).
 
   A matched layer inside nn.scan / nn.vmap (its kernel in `params` has more axes than the layer sees) is an
   error naming the layer.
   """
+  return _discover(model, params, example_args, target_modules, example_kwargs)[0]
+
+
+def _discover(model: nn.Module, params, example_args: Sequence[Any], target_modules: str | Sequence[str],
+              example_kwargs: Mapping[str, Any] | None = None
+              ) -> tuple[tuple[LayerInfo, ...], tuple[projections.Slot, ...], list[str]]:
+  """(layers in call order, the generic layers' slots, one error text per matched generic weight that cannot
+  be adapted: stacked experts, a refused equation, no intercepted contraction)."""
   matches = path_matcher(target_modules)
   found: dict[str, LayerInfo] = {}
+  slots: dict[str, projections.Slot] = {}
+  hit_keys: set[tuple[str, str]] = set()
+  frames: list[projections.Frame] = []
+  failures: list[str] = []
+
+  def on_hit(frame, hit):
+    hit_keys.add((frame.module_path, hit.param))
+    try:
+      pairs = projections.layers_of(hit, frame.module_path, matches)
+    except ValueError as error:
+      failures.append(str(error))
+      return
+    for slot, info in pairs:
+      if slot.key not in found:
+        found[slot.key], slots[slot.key] = info, slot
 
   def record(next_fun, args, kwargs, context):
-    if _linear_call(context):
-      path = _path(context.module)
-      if matches(path) and path not in found:
-        x = _inputs(args, kwargs)
-        equation = _einsum_equation(context.module, args, kwargs)
-        kind, in_shape, out_shape, axis = _layer_geometry(context.module, x, equation)
-        seen = tuple(context.module.get_variable("params", "kernel").shape)
-        try:
-          stored = tuple(np.shape(_tree_get(params, [str(p) for p in context.module.path] + ["kernel"])))
-        except (KeyError, TypeError):
-          stored = seen
-        if stored != seen:
-          raise adapt_core.stacked_error(path, stored, seen, "inside a lifted transform (nn.scan or nn.vmap)",
-                                         "unroll the stack (a Python loop over layers, or scan=False)")
-        found[path] = LayerInfo(path=path, d_in=math.prod(in_shape), d_out=math.prod(out_shape), kind=kind,
-                                in_shape=in_shape, out_shape=out_shape, axis=axis, equation=equation)
-    return next_fun(*args, **kwargs)
+    if projections.is_quiet():
+      return next_fun(*args, **kwargs)
+    if not _linear_call(context):
+      top = projections.top()
+      if top is not None and top.owner is context.module:
+        return next_fun(*args, **kwargs)
+      weights = _generic_weights(context, matches)
+      frame = projections.Frame(_path(context.module), weights, owner=context.module, on_hit=on_hit)
+      if weights:
+        frames.append(frame)
+      with projections.frame(frame):
+        return next_fun(*args, **kwargs)
+    path = _path(context.module)
+    if matches(path) and path not in found:
+      x = _inputs(args, kwargs)
+      equation = _einsum_equation(context.module, args, kwargs)
+      kind, in_shape, out_shape, axis = _layer_geometry(context.module, x, equation)
+      seen = tuple(context.module.get_variable("params", "kernel").shape)
+      try:
+        stored = tuple(np.shape(_tree_get(params, [str(p) for p in context.module.path] + ["kernel"])))
+      except (KeyError, TypeError):
+        stored = seen
+      if stored != seen:
+        raise adapt_core.stacked_error(path, stored, seen, "inside a lifted transform (nn.scan or nn.vmap)",
+                                       "unroll the stack (a Python loop over layers, or scan=False)")
+      found[path] = LayerInfo(path=path, d_in=math.prod(in_shape), d_out=math.prod(out_shape), kind=kind,
+                              in_shape=in_shape, out_shape=out_shape, axis=axis, equation=equation)
+    with projections.frame(projections.Frame(owner=context.module)):
+      return next_fun(*args, **kwargs)
 
-  with nn.intercept_methods(record):
+  with nn.intercept_methods(record), projections.intercepting():
     jax.eval_shape(lambda p, *a: _run(model, {"params": p}, a, example_kwargs or {}), params, *example_args)
-  return tuple(found.values())
+  problems, seen_keys = list(failures), set()
+  for frame in frames:                                 # matched weights whose contraction no frame adapted
+    for name, value in frame.weights.items():
+      if (frame.module_path, name) in hit_keys or (frame.module_path, name) in seen_keys:
+        continue
+      seen_keys.add((frame.module_path, name))
+      problems.append(projections.problem(frame.module_path, name, value.shape, frame.problems.get(name),
+                                          name in frame.slices))
+  return tuple(found.values()), tuple(slots.values()), problems
 
 
 def _module_paths(params) -> list[str]:
@@ -387,7 +527,9 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
   """
   check_key(key)
   adapter = adapter_set(adapter)
-  layers = find_layers(model, params, example_args, target_modules, example_kwargs)
+  layers, slots, problems = _discover(model, params, example_args, target_modules, example_kwargs)
+  if problems:
+    raise ValueError(problems[0] + (f" ({len(problems) - 1} more such layer(s))" if len(problems) > 1 else ""))
   matches = path_matcher(target_modules)
   unreached = [p for p, leaf in params_lib.leaf_paths(params) if p.endswith("/kernel") and np.ndim(leaf) >= 2
                and matches(p[:-len("/kernel")]) and p[:-len("/kernel")] not in {l.path for l in layers}]
@@ -398,7 +540,7 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
                      "submodule's method (its cached trace skips the adapters; jit the adapted step instead), "
                      "or narrow target_modules.")
   if not layers:
-    raise adapt_core.no_match_error(target_modules, "nn.Dense / nn.DenseGeneral / nn.Einsum", model,
+    raise adapt_core.no_match_error(target_modules, "nn.Dense / nn.DenseGeneral / nn.Einsum / projection", model,
                                     "localmoe.inject.dense_paths(model, params, *inputs)")
   again = {layer.path for layer in find_layers(model, params, example_args, target_modules, example_kwargs)}
   skipped = [layer.path for layer in layers if layer.path not in again]
@@ -413,7 +555,8 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
     trainable_extras = trainable_extras if isinstance(trainable_extras, str) else tuple(trainable_extras)
   target = target_modules if isinstance(target_modules, str) else tuple(target_modules)
   adapted = AdaptedModel(model=model, adapter=adapter, layers=layers, example_args=tuple(example_args),
-                         target_modules=target, trainable_extras=trainable_extras, extra_paths=extra_paths)
+                         target_modules=target, trainable_extras=trainable_extras, extra_paths=extra_paths,
+                         slots=slots)
   trainable = adapted.init_adapter(key, params)
   leaves = tuple((f"extras/{path}", tuple(np.shape(leaf)), jnp.dtype(leaf.dtype).name)
                  for path, leaf in params_lib.leaf_paths(trainable["extras"]))
@@ -421,6 +564,7 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
 
 
 def dense_paths(model: nn.Module, params, *example_args) -> list[str]:
-  """Every nn.Dense / nn.DenseGeneral path of `model`, in call order (to write a target_modules pattern)."""
+  """Every nn.Dense / nn.DenseGeneral / nn.Einsum path and generic projection key of `model` (`localmoe.
+  projections`), in call order (to write a target_modules pattern)."""
   return [layer.path for layer in find_layers(model, params, example_args, ".*")]
 

@@ -58,6 +58,7 @@ from localmoe import adapters as adapters_lib
 from localmoe import einsum_layers
 from localmoe import inject as inject_lib
 from localmoe import params as params_lib
+from localmoe import projections
 
 NNX_LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
@@ -153,6 +154,7 @@ class _Injection:
 
 
 _STATE = threading.local()                    # .probe: {path: LayerInfo} or None; .captures: [traces lists]
+                                              # .slots: {key: Slot}, .problems: [str], .called: {paths} (probe)
 
 
 def _probe() -> dict | None:
@@ -166,9 +168,14 @@ def _captures() -> list:
 
 
 class AdaptedLayer(nnx.Module):
-  """A matched layer with its adapter: y = base(x) + Delta(x) (Eq. 9), Delta from the flattened x [..., d_in]."""
+  """A matched layer with its adapter: y = base(x) + Delta(x) (Eq. 9), Delta from the flattened x [..., d_in].
 
-  def __init__(self, base: nnx.Module, path: str, injection: _Injection):
+  A generic module (`localmoe.projections`: not a Flax class, own params with ndim >= 2) is wrapped the same
+  way with one adapter per projection (`slots`): its call runs inside the interception of its weights'
+  contractions, and attribute reads the model makes (`.shape`, `.einsum_str`, ...) pass through to `.base`.
+  """
+
+  def __init__(self, base: nnx.Module, path: str, injection: _Injection, wanted: tuple[str, ...] = ()):
     self.base = base                          # the original nnx.Linear / LinearGeneral / Einsum (frozen)
     self.path = path                          # "/"-joined module path, e.g. "attn/query"
     self.injection = injection
@@ -177,8 +184,104 @@ class AdaptedLayer(nnx.Module):
     self.adapter = nnx.data(None)             # an `Adapter`; None until discovered
     self.context = RoutingContext(_no_context())
     self.rngs = RoutingRngs({})
+    self.generic = bool(wanted)               # a generic module: its matched weights' names are `wanted`
+    if wanted:
+      self.wanted = tuple(wanted)
+      self.slots: tuple[projections.Slot, ...] = ()      # one per adapted projection, in call order
+      self.infos: tuple[adapt_core.LayerInfo, ...] = ()
+      self.indices: tuple[int, ...] = ()
+      self.adapters = nnx.List([])
 
-  def __call__(self, x, *args, **kwargs):
+  def __getattr__(self, name: str):
+    """Reads the host model makes of its own layer (`attn_vec_einsum.shape[1]`) pass through to `.base`."""
+    base = vars(self).get("base")
+    if name.startswith("_") or base is None:
+      raise AttributeError(name)
+    return getattr(base, name)
+
+  def entries(self) -> list[tuple[int, adapt_core.LayerInfo, Adapter, projections.Slot | None]]:
+    """(call index, geometry, adapter, generic slot or None) of every adapted projection of this layer."""
+    if self.generic:
+      return list(zip(self.indices, self.infos, self.adapters, self.slots))
+    if self.adapter is None or self.layer is None:
+      return []
+    return [(self.index, self.layer, self.adapter, None)]
+
+  def __call__(self, *args, **kwargs):
+    if self.generic:
+      return self._generic_call(args, kwargs)
+    with projections.frame(projections.Frame(owner=self.base)):           # the layer's ops are its own
+      return self._linear_call(*args, **kwargs)
+
+  def _context(self, definitions) -> Any:
+    context = self.context.get_value()
+    context = None if context.shape == (0,) else context
+    for definition in definitions:
+      if adapt_core.routes_on_context(definition) and context is None:
+        raise ValueError(f"layer {self.path!r} has a context-routed adapter ({type(definition).__name__}, "
+                         "router_input='context') but the model was called without a context: call it inside "
+                         "`with localmoe.nnx_inject.routing_context(model, <labels [batch] or one-hot/embedding "
+                         "[batch, context_dim]>):` (or nnx_inject.call(model, ..., context=...)).")
+    return context
+
+  def _generic_call(self, args, kwargs):
+    base = self.base
+    foreign = frozenset(id(v.get_value()) for p, m in nnx.iter_modules(base) if p
+                        for v in vars(m).values() if isinstance(v, nnx.Variable))
+    probe = _probe()
+    if probe is not None:                     # discovery pass: record the projections, add nothing
+      matches = adapt_core.path_matcher(self.injection.target_modules)
+      weights = {name: getattr(base, name).get_value() for name in self.wanted}
+
+      def on_hit(frame, hit):
+        try:
+          pairs = projections.layers_of(hit, self.path, matches)
+        except ValueError as error:
+          _STATE.problems.append(str(error))
+          return
+        for slot, info in pairs:
+          if slot.key not in probe:
+            probe[slot.key], _STATE.slots[slot.key] = info, slot
+
+      frame = projections.Frame(self.path, weights, owner=base, foreign=foreign, on_hit=on_hit)
+      with projections.frame(frame):
+        y = base(*args, **kwargs)
+      _STATE.called.add(self.path)
+      for name, value in weights.items():
+        if name not in frame.hits:
+          _STATE.problems.append(projections.problem(self.path, name, value.shape, frame.problems.get(name),
+                                                     name in frame.slices))
+      return y
+    if not self.slots:
+      raise ValueError(f"layer {self.path!r} matches target_modules but was not called when the model was "
+                       "injected (other input shapes or control flow?): re-run inject with inputs that reach it.")
+    context = self._context(a.definition for a in self.adapters)
+    captures = _captures()
+    rngs = dict(self.rngs.get_value()) or None
+    sessions = {
+        info.path: adapt_core.LayerSession({info.path: adapter.definition}, {info.path: adapter.linen_params()},
+                                           [info], context, captures[-1] if captures else None, rngs=rngs,
+                                           offset=index)
+        for index, info, adapter, _ in self.entries()}
+    infos = {info.path: info for info in self.infos}
+
+    def handler(hit, x, w, y):
+      chosen = [slot for slot in self.slots if slot.param == hit.param]
+      return projections.delta(chosen, [infos[s.key] for s in chosen], hit, x, w, y,
+                               lambda key, flat, kernel: sessions[key](0, flat, kernel))
+
+    weights = {slot.param: getattr(base, slot.param).get_value() for slot in self.slots}
+    frame = projections.Frame(self.path, weights, handler, owner=base, foreign=foreign)
+    with projections.intercepting(), projections.frame(frame):
+      y = base(*args, **kwargs)
+    missed = [slot.key for slot in self.slots if slot.param not in frame.hits]
+    if missed:
+      raise ValueError(f"layer(s) {missed[:3]} are adapted but this call of {self.path!r} intercepted no "
+                       "contraction of their weight, so their adapters did not run (another code path, or an op "
+                       "localmoe.projections does not intercept): call the model as in inject.")
+    return y
+
+  def _linear_call(self, x, *args, **kwargs):
     y = self.base(x, *args, **kwargs)
     probe = _probe()
     if probe is not None:                     # discovery pass: record the geometry, add nothing
@@ -189,20 +292,15 @@ class AdaptedLayer(nnx.Module):
       raise ValueError(f"layer {self.path!r} matches target_modules but was not called when the model was "
                        "injected (other input shapes or control flow?): re-run inject with inputs that reach it.")
     layer, definition = self.layer, self.adapter.definition
-    context = self.context.get_value()
-    context = None if context.shape == (0,) else context
-    if adapt_core.routes_on_context(definition) and context is None:
-      raise ValueError(f"layer {self.path!r} has a context-routed adapter ({type(definition).__name__}, "
-                       "router_input='context') but the model was called without a context: call it inside "
-                       "`with localmoe.nnx_inject.routing_context(model, <labels [batch] or one-hot/embedding "
-                       "[batch, context_dim]>):` (or nnx_inject.call(model, ..., context=...)).")
+    context = self._context([definition])
     captures = _captures()
     session = adapt_core.LayerSession(
         {layer.path: definition}, {layer.path: self.adapter.linen_params()}, [layer], context,
         captures[-1] if captures else None, rngs=dict(self.rngs.get_value()) or None, offset=self.index)
     flat = adapt_core.flatten_input(x, layer)                                             # [..., d_in]
     kernel = adapt_core.kernel_2d(self.base.kernel.get_value(), layer)                    # [d_in, d_out]
-    delta = session(0, flat, kernel)                                            # [..., d_out]
+    with projections.quiet():
+      delta = session(0, flat, kernel)                                                    # [..., d_out]
     delta = adapt_core.output_delta(delta, layer, x.ndim, y.shape)                        # y's layout
     return y + delta.astype(y.dtype)
 
@@ -255,6 +353,27 @@ def _adapted(model: nnx.Module) -> list[tuple[tuple, AdaptedLayer]]:
   return sorted(found, key=lambda item: (item[1].index < 0, item[1].index))
 
 
+def _entries(model: nnx.Module) -> list[tuple[int, adapt_core.LayerInfo, Adapter, Any, AdaptedLayer]]:
+  """(call index, geometry, adapter, generic slot or None, wrapper) of every adapted projection, call order."""
+  out = [(*entry, wrapper) for _, wrapper in _adapted(model) for entry in wrapper.entries()]
+  return sorted(out, key=lambda item: item[0])
+
+
+def _own_weights(module: nnx.Module) -> dict[str, Any]:
+  """The frozen nnx.Params (ndim >= 2) a module holds directly, by attribute name."""
+  return {k: v.get_value() for k, v in vars(module).items()
+          if isinstance(v, nnx.Param) and not isinstance(v, AdapterParam) and getattr(v.get_value(), "ndim", 0) >= 2}
+
+
+def _generic_wanted(module: nnx.Module, path: str, matches) -> tuple[str, ...]:
+  """The matched weights of a generic module (`localmoe.projections`), else ()."""
+  if isinstance(module, (AdaptedLayer, Adapter, *NNX_LINEAR_TYPES)) or projections.is_builtin(module):
+    return ()
+  if not callable(getattr(type(module), "__call__", None)):
+    return ()
+  return tuple(projections.wanted(path, _own_weights(module), matches))
+
+
 def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
   if not path:
     raise ValueError("the root module itself matches target_modules: adapt a model that holds the layer as "
@@ -269,41 +388,68 @@ def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
     setattr(parent, key, new)
 
 
-def _candidates(model: nnx.Module, target_modules) -> list[tuple[tuple, nnx.Module]]:
-  """Matched NNX linear layers (not already adapted), stacks refused."""
+def _candidates(model: nnx.Module, target_modules) -> list[tuple[tuple, nnx.Module, tuple[str, ...]]]:
+  """Matched NNX linear layers and generic modules (not already adapted), stacks refused: (path, module,
+  the generic module's matched weight names or ()), deepest first (a nested candidate is wrapped first)."""
   matches = adapt_core.path_matcher(target_modules)
   modules = list(nnx.iter_modules(model))
   inside = [path for path, module in modules if isinstance(module, AdaptedLayer)]
   found = []
   for path, module in modules:
     adapted = isinstance(module, AdaptedLayer)
-    if not (adapted or isinstance(module, NNX_LINEAR_TYPES)) or not matches(_path_str(path)):
+    name = _path_str(path)
+    wanted = () if adapted or isinstance(module, NNX_LINEAR_TYPES) else _generic_wanted(module, name, matches)
+    if adapted:
+      hit = matches(name) or (module.generic and _generic_wanted(module.base, name, matches))
+    else:
+      hit = (isinstance(module, NNX_LINEAR_TYPES) and matches(name)) or bool(wanted)
+    if not hit:
       continue
     if adapted or any(path[:len(p)] == p for p in inside):
       raise ValueError(f"layer {_path_str(path if adapted else path[:-1])!r} is already adapted: inject a model "
                        "once (merge it first to adapt the merged model again).")
-    _check_unstacked(module, _path_str(path))
-    found.append((path, module))
-  return found
+    if not wanted:
+      _check_unstacked(module, name)
+    found.append((path, module, wanted))
+  return sorted(found, key=lambda item: -len(item[0]))
+
+
+def _wrap_all(model: nnx.Module, candidates, injection: _Injection) -> list[AdaptedLayer]:
+  wrappers = []
+  for path, module, wanted in candidates:                # deepest first
+    wrapper = AdaptedLayer(module, _path_str(path), injection, wanted)
+    _replace(model, path, wrapper)
+    wrappers.append(wrapper)
+  return wrappers
 
 
 def find_layers(model: nnx.Module, example_args: Sequence[Any], target_modules: str | Sequence[str],
                 example_kwargs: Mapping[str, Any] | None = None) -> tuple[adapt_core.LayerInfo, ...]:
-  """The matched NNX linear layers, in order of their first call (a shape-only pass on a copy of the model)."""
+  """The matched layers, in order of their first call (a shape-only pass on a copy of the model):
+  nnx.Linear / LinearGeneral / Einsum, and the projections of generic modules (`localmoe.projections`)."""
+  return _discover(model, example_args, target_modules, example_kwargs)[0]
+
+
+def _discover(model: nnx.Module, example_args: Sequence[Any], target_modules: str | Sequence[str],
+              example_kwargs: Mapping[str, Any] | None = None):
+  """(layers in call order, {key: Slot} of the generic ones, error texts of matched generic weights that
+  cannot be adapted, paths of the generic modules called)."""
   copy = nnx.clone(model)
-  for path, module in _candidates(copy, target_modules):
-    _replace(copy, path, AdaptedLayer(module, _path_str(path), _Injection(None, "", None)))
+  target = target_modules if isinstance(target_modules, str) else tuple(target_modules)
+  _wrap_all(copy, _candidates(copy, target_modules), _Injection(None, target, None))
   graphdef, state = nnx.split(copy)
-  _STATE.probe = {}
+  _STATE.probe, _STATE.slots, _STATE.problems, _STATE.called = {}, {}, [], set()
   try:
-    jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*example_args, **(example_kwargs or {})), state)
-    return tuple(_STATE.probe.values())
+    with projections.intercepting():
+      jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*example_args, **(example_kwargs or {})), state)
+    return tuple(_STATE.probe.values()), dict(_STATE.slots), list(_STATE.problems), set(_STATE.called)
   finally:
     _STATE.probe = None
 
 
 def linear_paths(model: nnx.Module, *example_args) -> list[str]:
-  """Every nnx.Linear / LinearGeneral / Einsum path of `model`, in call order (to write target_modules)."""
+  """Every nnx.Linear / LinearGeneral / Einsum path and generic projection key of `model`, in call order (to
+  write target_modules)."""
   return [layer.path for layer in find_layers(model, example_args, ".*")]
 
 
@@ -360,24 +506,34 @@ def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequ
                      "(one target_modules regex, per-layer specs as (pattern, spec) rules), or merge first "
                      "(nnx_inject.merge(model)) and inject the merged model.")
   if not candidates:
-    raise adapt_core.no_match_error(target_modules, "nnx.Linear / nnx.LinearGeneral / nnx.Einsum", model,
-                                    "localmoe.nnx_inject.linear_paths(model, *inputs)")
-  layers = find_layers(model, example_args, target_modules, example_kwargs)
+    raise adapt_core.no_match_error(target_modules, "nnx.Linear / nnx.LinearGeneral / nnx.Einsum / projection",
+                                    model, "localmoe.nnx_inject.linear_paths(model, *inputs)")
+  layers, slots, problems, called = _discover(model, example_args, target_modules, example_kwargs)
+  if problems:
+    raise ValueError(problems[0] + (f" ({len(problems) - 1} more such layer(s))" if len(problems) > 1 else ""))
   extras = []
   if trainable_extras is not None:
     holders = _param_holders(model)
     selected = adapt_core.select_extras(trainable_extras, [p for p, _, _ in holders],
-                                        [_path_str(path) for path, _ in candidates])
+                                        [_path_str(path) for path, _, _ in candidates])
     extras = [(p, m, names) for p, m, names in holders if p in selected]
     trainable_extras = trainable_extras if isinstance(trainable_extras, str) else tuple(trainable_extras)
   by_path = {layer.path: (i, layer) for i, layer in enumerate(layers)}
-  unreached = [_path_str(path) for path, _ in candidates if _path_str(path) not in by_path]
+  unreached = [_path_str(path) for path, _, wanted in candidates
+               if _path_str(path) not in (called if wanted else by_path)]
   if unreached:
     raise ValueError(f"layer(s) {unreached[:3]} match target_modules={target_modules!r} but the example call "
                      "never reached them, so their input shapes are unknown: pass example inputs (and "
                      "example_kwargs) that reach them, or narrow target_modules.")
-  modules = dict((_path_str(p), m) for p, m in candidates)
-  kernels = [adapt_core.kernel_2d(modules[l.path].kernel.get_value(), l) for l in layers]      # [d_in, d_out] each
+  modules = dict((_path_str(p), m) for p, m, _ in candidates)
+  kernels = []
+  for layer in layers:                                                          # [d_in, d_out] each
+    slot = slots.get(layer.path)
+    if slot is None:
+      kernels.append(adapt_core.kernel_2d(modules[layer.path].kernel.get_value(), layer))
+      continue
+    w = getattr(modules[slot.module_path], slot.param).get_value()
+    kernels.append(adapt_core.kernel_2d(w if slot.index < 0 else w[slot.index], layer))
   params = adapter.init(key, layers, kernels)
   try:
     rules = json.dumps(adapter.to_json())
@@ -385,12 +541,19 @@ def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequ
     rules = None                                # a callable build: usable, not savable
   target = target_modules if isinstance(target_modules, str) else tuple(target_modules)
   injection = _Injection(rules, target, trainable_extras)
-  for path, module in candidates:
-    wrapper = AdaptedLayer(module, _path_str(path), injection)
-    if wrapper.path in by_path:
+  for wrapper in _wrap_all(model, candidates, injection):
+    if wrapper.generic:
+      mine = [(by_path[key][0], slot) for key, slot in slots.items() if slot.module_path == wrapper.path]
+      mine.sort(key=lambda item: item[0])
+      wrapper.slots = tuple(slot for _, slot in mine)
+      wrapper.indices = tuple(i for i, _ in mine)
+      wrapper.infos = tuple(by_path[slot.key][1] for slot in wrapper.slots)
+      wrapper.index = min(wrapper.indices, default=-1)
+      wrapper.adapters = nnx.List([Adapter(adapter.module(info), params=params[info.path])
+                                   for info in wrapper.infos])
+    elif wrapper.path in by_path:
       wrapper.index, wrapper.layer = by_path[wrapper.path]
       wrapper.adapter = Adapter(adapter.module(wrapper.layer), params=params[wrapper.path])
-    _replace(model, path, wrapper)
   for _, module, names in extras:
     for name in names:
       _retype(module, name, ExtraParam)
@@ -443,12 +606,12 @@ def call(model: nnx.Module, *args, context=None, capture_routing: bool = False, 
 
 def layers(model: nnx.Module) -> tuple[adapt_core.LayerInfo, ...]:
   """The adapted layers' geometry, in call order."""
-  return tuple(w.layer for _, w in _adapted(model) if w.layer is not None)
+  return tuple(info for _, info, _, _, _ in _entries(model))
 
 
 def num_params(model: nnx.Module) -> int:
   """Trainable adapter parameters (without the trainable extras); equals linen's `adapted.num_params()`."""
-  return sum(w.adapter.num_params() for _, w in _adapted(model) if w.adapter is not None)
+  return sum(adapter.num_params() for _, _, adapter, _, _ in _entries(model))
 
 
 def _extras(model: nnx.Module) -> dict[str, dict[str, Any]]:
@@ -467,7 +630,7 @@ def num_extra_params(model: nnx.Module) -> int:
 
 def trainable(model: nnx.Module) -> dict:
   """The trainable arrays in linen's layout, {"adapter": {layer path: params}, "extras": {nested params}}."""
-  adapter = {w.path: w.adapter.linen_params() for _, w in _adapted(model) if w.adapter is not None}
+  adapter = {info.path: a.linen_params() for _, info, a, _, _ in _entries(model)}
   extras: dict = {}
   for path, names in _extras(model).items():
     node = extras
@@ -485,8 +648,15 @@ def merge(model: nnx.Module, context=None) -> nnx.Module:
   layer. `model` itself is left unchanged.
   """
   merged = nnx.clone(model)
-  for path, wrapper in _adapted(merged):
-    if wrapper.adapter is not None:
+  for path, wrapper in sorted(_adapted(merged), key=lambda item: -len(item[0])):     # nested ones first
+    if wrapper.generic:
+      groups: dict[str, list] = {}
+      for _, info, adapter, slot in wrapper.entries():
+        groups.setdefault(slot.param, []).append((slot, info, adapter.definition, adapter.linen_params()))
+      for param, parts in groups.items():
+        weight = getattr(wrapper.base, param)
+        weight.set_value(projections.merged_weight(weight.get_value(), parts, context, "nnx"))
+    elif wrapper.adapter is not None:
       kernel = wrapper.base.kernel
       kernel.set_value(adapt_core.merged_kernel(wrapper.adapter.definition, wrapper.adapter.linen_params(),
                                                 wrapper.layer, kernel.get_value(), context, "nnx"))
@@ -553,10 +723,10 @@ def load_adapter(directory: str, model: nnx.Module, *example_args,
 
 def _trainable_variables(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable]]:
   """("adapter/<layer>/<param path>" or "extras/<module>/<name>", variable) for every trainable array."""
-  for _, wrapper in _adapted(model):
+  for _, info, adapter, _, _ in _entries(model):
     for key_path, var in jax.tree_util.tree_flatten_with_path(
-        wrapper.adapter.params, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]:
-      yield "/".join(["adapter", wrapper.path] + [str(k.key) for k in key_path]), var
+        adapter.params, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]:
+      yield "/".join(["adapter", info.path] + [str(k.key) for k in key_path]), var
   for path, names in _extras(model).items():
     for name, var in names.items():
       yield f"extras/{path}/{name}", var

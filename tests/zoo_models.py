@@ -1,0 +1,211 @@
+"""Minimal replicas of projection classes that real model code brings (for tests/test_zoo.py).
+
+Each class is written from reading the cited source file and keeps what matters to adapters: the param names
+and layouts, how the weight reaches its contraction (jnp.einsum / jax.lax.dot_general, a dtype cast,
+nn.share_scope, nn.jit on __call__). Everything else (sharding, RoPE, caches, quantisation) is left out.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+# ------------------------------------------------------------------------------------------- gemma (linen)
+# Source: google-deepmind/gemma, gemma/gm/nn/_layers.py (Einsum) and gemma/gm/nn/_modules.py (Attention,
+# FeedForward, Block) and gemma/gm/nn/_transformer.py (Transformer, __call__ under nn.jit).
+
+
+class Einsum(nn.Module):
+  """gemma's `_layers.Einsum`: called as `module(eqn, x)`, its weight named by `weight_name`."""
+  shape: tuple[int, ...]
+  weight_name: str = "w"
+
+  @nn.compact
+  def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+    w = self.param(self.weight_name, nn.initializers.normal(0.3), self.shape)
+    return jnp.einsum(eqn, x, w)
+
+
+class Embedder(nn.Module):
+  """gemma's Embedder: a [vocab, d] table, looked up by `encode` and tied to the logits by `decode`."""
+  vocab_size: int
+  embed_dim: int
+
+  def setup(self):
+    self.input_embedding = self.param("input_embedding", nn.initializers.normal(), (self.vocab_size,
+                                                                                    self.embed_dim))
+
+  def encode(self, tokens: jax.Array) -> jax.Array:
+    return self.input_embedding[(tokens,)] * jnp.sqrt(self.embed_dim)       # [B, T, D]
+
+  def decode(self, x: jax.Array) -> jax.Array:
+    return jnp.dot(x, self.input_embedding.T)                               # [B, T, vocab]
+
+
+class Attention(nn.Module):
+  """gemma's Attention: fused `qkv_einsum` (num_heads == num_kv_heads) or `q_einsum` + `kv_einsum`."""
+  num_heads: int
+  num_kv_heads: int
+  features: int
+  head_dim: int
+
+  @property
+  def use_qkv_einsum(self) -> bool:
+    return self.num_kv_heads == self.num_heads
+
+  def setup(self):
+    self.attn_vec_einsum = Einsum(shape=(self.num_heads, self.head_dim, self.features))
+    if self.use_qkv_einsum:
+      self.qkv_einsum = Einsum(shape=(3, self.num_heads, self.features, self.head_dim))
+    else:
+      self.q_einsum = Einsum(shape=(self.num_heads, self.features, self.head_dim))
+      self.kv_einsum = Einsum(shape=(2, self.num_kv_heads, self.features, self.head_dim))
+
+  def __call__(self, x: jax.Array) -> jax.Array:                           # x: [B, T, D]
+    if self.use_qkv_einsum:
+      q, k, v = self.qkv_einsum("BTD,SNDH->SBTNH", x)                     # each [B, T, N, H]
+    else:
+      q = self.q_einsum("BTD,NDH->BTNH", x)
+      k, v = self.kv_einsum("BSD,CKDH->CBSKH", x)
+      reps = self.num_heads // self.num_kv_heads
+      k, v = jnp.repeat(k, reps, axis=2), jnp.repeat(v, reps, axis=2)
+    logits = jnp.einsum("BTNH,BSNH->BTNS", q * self.head_dim ** -0.5, k)
+    t = x.shape[1]
+    logits = jnp.where(jnp.tril(jnp.ones((t, t), bool))[None, :, None, :], logits, -1e9)
+    encoded = jnp.einsum("BTNS,BSNH->BTNH", jax.nn.softmax(logits, axis=-1), v)
+    return self.attn_vec_einsum("BTNH,NHD->BTD", encoded)                 # [B, T, D]
+
+
+class FeedForward(nn.Module):
+  """gemma's FeedForward: both Einsums share this module's scope (`nn.share_scope`)."""
+  features: int
+  hidden_dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:                           # x: [B, T, F]
+    gating = Einsum(shape=(2, self.hidden_dim, self.features), weight_name="gating_einsum")
+    nn.share_scope(self, gating)
+    gate = gating("...F,NHF->...NH", x)                                    # [B, T, 2, H]
+    activations = nn.gelu(gate[..., 0, :]) * gate[..., 1, :]               # [B, T, H]
+    linear = Einsum(shape=(self.hidden_dim, self.features), weight_name="linear")
+    nn.share_scope(self, linear)
+    return linear("...H,HF->...F", activations)                            # [B, T, F]
+
+
+class Block(nn.Module):
+  num_heads: int
+  num_kv_heads: int
+  embed_dim: int
+  head_dim: int
+  hidden_dim: int
+
+  def setup(self):
+    self.attn = Attention(self.num_heads, self.num_kv_heads, self.embed_dim, self.head_dim)
+    self.mlp = FeedForward(self.embed_dim, self.hidden_dim)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.attn(x)
+    return x + self.mlp(x)
+
+
+class Transformer(nn.Module):
+  """gemma's Transformer: embedder, blocks `layer_<i>`, tied logits; `__call__` under `nn.jit`."""
+  vocab_size: int = 11
+  embed_dim: int = 8
+  num_heads: int = 2
+  num_kv_heads: int = 2
+  head_dim: int = 4
+  hidden_dim: int = 12
+  num_layers: int = 2
+
+  def setup(self):
+    self.embedder = Embedder(self.vocab_size, self.embed_dim)
+    self.blocks = [Block(self.num_heads, self.num_kv_heads, self.embed_dim, self.head_dim, self.hidden_dim,
+                         name=f"layer_{i}") for i in range(self.num_layers)]
+
+  @nn.jit
+  def __call__(self, tokens: jax.Array) -> jax.Array:                      # tokens: [B, T] -> logits [B, T, V]
+    x = self.embedder.encode(tokens)
+    for block in self.blocks:
+      x = block(x)
+    return self.embedder.decode(x)
+
+
+# ------------------------------------------------------------------------------------------- MaxText (NNX)
+# Source: AI-Hypercomputer/maxtext, MaxText/layers/linears.py (DenseGeneral, compute_dot_general_nnx).
+
+
+def _canonical(x) -> tuple[int, ...]:
+  return tuple(x) if isinstance(x, Sequence) else (x,)
+
+
+class DenseGeneral(nnx.Module):
+  """MaxText's DenseGeneral: kernel [*in, *out], inputs and kernel cast to `dtype`, then lax.dot_general."""
+
+  def __init__(self, in_features_shape, out_features_shape, axis=-1, weight_dtype=jnp.float32,
+               dtype=jnp.float32, use_bias: bool = False, *, rngs: nnx.Rngs):
+    self.in_features_shape = _canonical(in_features_shape)
+    self.out_features_shape = _canonical(out_features_shape)
+    self.axis = _canonical(axis)
+    self.dtype = dtype
+    shape = self.in_features_shape + self.out_features_shape
+    self.kernel = nnx.Param(nnx.initializers.normal(0.3)(rngs.params(), shape, weight_dtype))
+    self.bias = nnx.Param(jnp.zeros(self.out_features_shape, weight_dtype)) if use_bias else None
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    inputs = jnp.asarray(inputs, self.dtype)
+    axis = tuple(a % inputs.ndim for a in self.axis)
+    kernel = jnp.asarray(self.kernel[...], self.dtype)
+    contract = tuple(range(len(axis)))
+    output = jax.lax.dot_general(inputs, kernel, ((axis, contract), ((), ())))
+    if self.bias is not None:
+      output = output + jnp.asarray(self.bias[...], self.dtype)
+    return output
+
+
+class MaxTextMlpAttention(nnx.Module):
+  """A block built from MaxText DenseGenerals: q/k/v [B, T, D] -> [B, T, N, H], out [B, T, N, H] -> [B, T, D],
+  an MLP wi [B, T, D] -> [B, T, F] and wo back."""
+
+  def __init__(self, d: int = 8, heads: int = 2, head_dim: int = 4, hidden: int = 12, *, rngs: nnx.Rngs):
+    self.query = DenseGeneral(d, (heads, head_dim), rngs=rngs)
+    self.key = DenseGeneral(d, (heads, head_dim), rngs=rngs)
+    self.value = DenseGeneral(d, (heads, head_dim), rngs=rngs)
+    self.out = DenseGeneral((heads, head_dim), d, axis=(-2, -1), rngs=rngs)
+    self.wi = DenseGeneral(d, hidden, use_bias=True, rngs=rngs)
+    self.wo = DenseGeneral(hidden, d, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:                           # x: [B, T, D]
+    q, k, v = self.query(x), self.key(x), self.value(x)                     # [B, T, N, H]
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k) / 2.0
+    h = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, -1), v)
+    x = x + self.out(h)
+    return x + self.wo(nnx.gelu(self.wi(x)))
+
+
+# ------------------------------------------------------------------------------------------- refusals
+
+
+_bound_dot_general = jax.lax.dot_general          # a module that imported dot_general by name
+
+
+class BoundDotGeneral(nnx.Module):
+  """A projection whose op is bound at import time, so no interception can see it."""
+
+  def __init__(self, d: int, f: int, *, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(nnx.initializers.normal()(rngs.params(), (d, f)))
+
+  def __call__(self, x):
+    return _bound_dot_general(x, self.kernel[...], (((x.ndim - 1,), (0,)), ((), ())))
+
+
+class BoundNet(nnx.Module):
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.proj = BoundDotGeneral(8, 8, rngs=rngs)
+
+  def __call__(self, x):
+    return self.proj(x)
