@@ -65,21 +65,26 @@ DEFAULTS = dict(d=1024, tokens=4096, k=4, experts=4, r_lora=64, repeats=10, dens
 QUICK = dict(d=64, tokens=256, k=2, experts=2, r_lora=8, repeats=3, dense_tokens=8)
 
 # Methods timed again at the small token count of the dense per-example variant.
-DENSE_SUITE = ("lora", "blockwise_moe", "cellwise_moe", "blockwise_moe [dense per-example dW]",
-               "cellwise_moe [dense per-example dW]")
+DENSE_SUITE = (
+  "lora",
+  "blockwise_moe",
+  "cellwise_moe",
+  "blockwise_moe [dense per-example dW]",
+  "cellwise_moe [dense per-example dW]",
+)
 
 # Methods broken down op by op with --profile.
 PROFILED = ("lora", "localized_lora", "blockwise_moe", "cellwise_moe")
 
-SETTLE_S = 0.02             # untimed pause after every timed call
+SETTLE_S = 0.02  # untimed pause after every timed call
 
 # Targets, as ratios to LoRA at the same parameter budget: forward+backward time and XLA temp memory.
 TARGETS = {"blockwise_moe / lora": 1.3, "cellwise_moe / lora": 1.3, "localized_lora / lora": 1.15}
 GPU_TARGETS = {"blockwise_moe / lora": 1.1, "cellwise_moe / lora": 1.1, "localized_lora / lora": 1.1}
 TARGET_TEMP_RATIO = 2.0
-F32 = 4                     # bytes per float32
+F32 = 4  # bytes per float32
 PAGE_BYTES = resource.getpagesize()
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # glibc mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters
 
 ApplyFn = Callable[[Any, jnp.ndarray], jnp.ndarray]
 
@@ -92,12 +97,13 @@ ApplyFn = Callable[[Any, jnp.ndarray], jnp.ndarray]
 @dataclasses.dataclass(frozen=True)
 class Sizes:
   """Layer and budget sizes of one run."""
-  d: int              # d_in = d_out
-  tokens: int         # batch of token vectors
-  k: int              # K = K_y = K_x grid cells per side
-  experts: int        # E
-  r_lora: int         # LoRA rank; fixes the parameter budget 2 d r_lora
-  dense_tokens: int   # token count of the dense per-example variant
+
+  d: int  # d_in = d_out
+  tokens: int  # batch of token vectors
+  k: int  # K = K_y = K_x grid cells per side
+  experts: int  # E
+  r_lora: int  # LoRA rank; fixes the parameter budget 2 d r_lora
+  dense_tokens: int  # token count of the dense per-example variant
 
   @property
   def r_block(self) -> int:
@@ -117,8 +123,9 @@ def check_sizes(s: Sizes) -> None:
   step = s.experts * s.k
   if s.r_lora % step or s.r_lora < step:
     raise ValueError(
-        f"--r-lora {s.r_lora}: the equal-budget per-cell rank r_b = r_lora / (E*K) = {s.r_lora}/{step} must "
-        f"be an integer >= 1; use a multiple of {step}, e.g. --r-lora {max(step, s.r_lora // step * step)}.")
+      f"--r-lora {s.r_lora}: the equal-budget per-cell rank r_b = r_lora / (E*K) = {s.r_lora}/{step} must "
+      f"be an integer >= 1; use a multiple of {step}, e.g. --r-lora {max(step, s.r_lora // step * step)}."
+    )
   if s.r_block > s.d // s.k:
     raise ValueError(f"r_b={s.r_block} exceeds the cell size d/K={s.d // s.k}.")
 
@@ -155,16 +162,16 @@ def routed_naive_loop(module, params, x: jnp.ndarray) -> jnp.ndarray:
   dy = b.shape[3]
   cellwise = isinstance(module, localmoe.CellWiseLoRAMoE)
   if not cellwise:
-    gates = jax.nn.softmax(x @ kernel, axis=-1)                            # [N, E], one global router
+    gates = jax.nn.softmax(x @ kernel, axis=-1)  # [N, E], one global router
   segments = []
   for i in range(k_y):
     h_i = jnp.zeros((x.shape[0], dy), x.dtype)
     for j in range(k_x):
-      x_j = x[:, j * dx:(j + 1) * dx]
+      x_j = x[:, j * dx : (j + 1) * dx]
       if cellwise:
-        gates = jax.nn.softmax(x_j @ kernel[i, j], axis=-1)                # router of cell (i, j)
+        gates = jax.nn.softmax(x_j @ kernel[i, j], axis=-1)  # router of cell (i, j)
       for e in range(num_e):
-        h_i = h_i + gates[:, e:e + 1] * ((x_j @ a[e, i, j]) @ b[e, i, j].T)
+        h_i = h_i + gates[:, e : e + 1] * ((x_j @ a[e, i, j]) @ b[e, i, j].T)
     segments.append(h_i)
   return common.scaling(module.alpha, module.rank) * jnp.concatenate(segments, axis=-1)
 
@@ -178,11 +185,11 @@ def routed_dense_per_example(module, params, x: jnp.ndarray) -> jnp.ndarray:
   a, b, kernel = params["A"], params["B"], params["router"]["kernel"]
   num_e, k_y, k_x, _, _ = a.shape
   if isinstance(module, localmoe.CellWiseLoRAMoE):
-    gates = _gates_cellwise(kernel, x, k_x)                                # [N, K_y, K_x, E]
+    gates = _gates_cellwise(kernel, x, k_x)  # [N, K_y, K_x, E]
   else:
     gates = jnp.broadcast_to(_gates_blockwise(kernel, x)[:, None, None, :], (x.shape[0], k_y, k_x, num_e))
-  expert_blocks = jnp.einsum("eijor,eijdr->eijod", b, a)                   # [E, K_y, K_x, o, d]
-  blocks = jnp.einsum("nije,eijod->nijod", gates, expert_blocks)           # [N, K_y, K_x, o, d]
+  expert_blocks = jnp.einsum("eijor,eijdr->eijod", b, a)  # [E, K_y, K_x, o, d]
+  blocks = jnp.einsum("nije,eijod->nijod", gates, expert_blocks)  # [N, K_y, K_x, o, d]
   n, _, _, o, dx = blocks.shape
   delta_w = blocks.transpose(0, 1, 3, 2, 4).reshape(n, k_y * o, k_x * dx)  # [N, d_out, d_in]
   return common.scaling(module.alpha, module.rank) * jnp.einsum("nod,nd->no", delta_w, x)
@@ -196,11 +203,12 @@ def routed_dense_per_example(module, params, x: jnp.ndarray) -> jnp.ndarray:
 @dataclasses.dataclass
 class Method:
   """One benchmarked forward function with its parameters."""
+
   name: str
-  module: Any                                  # the library module (parameter layout, analytic count)
-  apply: ApplyFn                               # (params, x) -> [N, d_out]
+  module: Any  # the library module (parameter layout, analytic count)
+  apply: ApplyFn  # (params, x) -> [N, d_out]
   params: Any
-  reference: str | None = None                 # method whose loss and gradients this one must reproduce
+  reference: str | None = None  # method whose loss and gradients this one must reproduce
 
 
 def library_apply(module) -> ApplyFn:
@@ -213,11 +221,11 @@ def adapter_specs(s: Sizes) -> dict[str, dict]:
   grid = dict(d_in=s.d, d_out=s.d, k_y=s.k, k_x=s.k)
   routed = dict(grid, rank=s.r_block, num_experts=s.experts, router_input="activation")
   return {
-      "lora": dict(method="lora", d_in=s.d, d_out=s.d, rank=s.r_lora),
-      "melora": dict(method="melora", d_in=s.d, d_out=s.d, num_blocks=s.k, rank=s.r_lora),
-      "localized_lora": dict(method="localized_lora", rank=s.r_localized, **grid),
-      "blockwise_moe": dict(method="blockwise_moe", **routed),
-      "cellwise_moe": dict(method="cellwise_moe", **routed),
+    "lora": dict(method="lora", d_in=s.d, d_out=s.d, rank=s.r_lora),
+    "melora": dict(method="melora", d_in=s.d, d_out=s.d, num_blocks=s.k, rank=s.r_lora),
+    "localized_lora": dict(method="localized_lora", rank=s.r_localized, **grid),
+    "blockwise_moe": dict(method="blockwise_moe", **routed),
+    "cellwise_moe": dict(method="cellwise_moe", **routed),
   }
 
 
@@ -254,8 +262,7 @@ def build_methods(s: Sizes) -> list[Method]:
       return lambda p, x: fn(module, p, x)
 
     methods.append(Method(f"{name} [naive loop]", module, bind(routed_naive_loop), params, name))
-    methods.append(Method(f"{name} [dense per-example dW]", module, bind(routed_dense_per_example), params,
-                          name))
+    methods.append(Method(f"{name} [dense per-example dW]", module, bind(routed_dense_per_example), params, name))
   return methods
 
 
@@ -279,13 +286,14 @@ def _flops(compiled) -> float:
 
 def _layout_ops(hlo_text: str) -> int:
   """Top-level transposes / copies / concatenates / slices in the optimised entry computation."""
-  entry = hlo_text[hlo_text.find("ENTRY"):]
-  entry = entry[:entry.find("\n}")]
+  entry = hlo_text[hlo_text.find("ENTRY") :]
+  entry = entry[: entry.find("\n}")]
   pattern = re.compile(r"^\s*(?:ROOT )?%(\S+) = \S+ (\w[\w-]*)\(", re.M)
   count = 0
   for name, opcode in pattern.findall(entry):
     if opcode in ("transpose", "copy", "concatenate", "slice") or (
-        opcode == "fusion" and re.search(r"transpose|copy|concatenate|slice", name)):
+      opcode == "fusion" and re.search(r"transpose|copy|concatenate|slice", name)
+    ):
       count += 1
   return count
 
@@ -296,23 +304,30 @@ def compile_method(m: Method, x: jnp.ndarray) -> dict:
   compiled = jax.jit(loss_and_grad(m.apply)).lower(m.params, x).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  loss, grads = jax.block_until_ready(compiled(m.params, x))              # warm-up, kept for the check
+  loss, grads = jax.block_until_ready(compiled(m.params, x))  # warm-up, kept for the check
   return dict(
-      compiled=compiled, loss=loss, grads=grads, compile_s=compile_s, flops=_flops(compiled),
-      temp_bytes=int(mem.temp_size_in_bytes), argument_bytes=int(mem.argument_size_in_bytes),
-      output_bytes=int(mem.output_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
-      layout_ops=_layout_ops(compiled.as_text()))
+    compiled=compiled,
+    loss=loss,
+    grads=grads,
+    compile_s=compile_s,
+    flops=_flops(compiled),
+    temp_bytes=int(mem.temp_size_in_bytes),
+    argument_bytes=int(mem.argument_size_in_bytes),
+    output_bytes=int(mem.output_size_in_bytes),
+    alias_bytes=int(mem.alias_size_in_bytes),
+    layout_ops=_layout_ops(compiled.as_text()),
+  )
 
 
 def relative_error(got: dict, want: dict) -> float:
   """Largest relative difference of the loss and of every gradient leaf (max |diff| / max |want|)."""
-  pairs = [(got["loss"], want["loss"])] + list(zip(jax.tree_util.tree_leaves(got["grads"]),
-                                                   jax.tree_util.tree_leaves(want["grads"])))
+  pairs = [(got["loss"], want["loss"])] + list(
+    zip(jax.tree_util.tree_leaves(got["grads"]), jax.tree_util.tree_leaves(want["grads"]))
+  )
   return max(float(jnp.max(jnp.abs(g - w)) / (jnp.max(jnp.abs(w)) + 1e-30)) for g, w in pairs)
 
 
-def time_round_robin(methods: list[Method], info: dict[str, dict], x: jnp.ndarray,
-                     repeats: int) -> dict[str, dict]:
+def time_round_robin(methods: list[Method], info: dict[str, dict], x: jnp.ndarray, repeats: int) -> dict[str, dict]:
   """Times one call of every method per repeat, round-robin.
 
   Returns, per method, the median and minimum milliseconds per call and the memory newly faulted in per
@@ -329,10 +344,15 @@ def time_round_robin(methods: list[Method], info: dict[str, dict], x: jnp.ndarra
       jax.block_until_ready(fn(m.params, x))
       times[m.name].append(time.perf_counter() - t0)
       faults[m.name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
-      time.sleep(SETTLE_S)      # let the runtime release this call's buffers before the next method starts
-  return {name: dict(time_ms=1e3 * statistics.median(t), time_min_ms=1e3 * min(t),
-                     faulted_mb=faults[name] * PAGE_BYTES / repeats / 2**20)
-          for name, t in times.items()}
+      time.sleep(SETTLE_S)  # let the runtime release this call's buffers before the next method starts
+  return {
+    name: dict(
+      time_ms=1e3 * statistics.median(t),
+      time_min_ms=1e3 * min(t),
+      faulted_mb=faults[name] * PAGE_BYTES / repeats / 2**20,
+    )
+    for name, t in times.items()
+  }
 
 
 def compile_all(methods: list[Method], x: jnp.ndarray) -> dict[str, dict]:
@@ -344,17 +364,26 @@ def compile_all(methods: list[Method], x: jnp.ndarray) -> dict[str, dict]:
   return info
 
 
-def result_rows(methods: list[Method], info: dict[str, dict], timing: dict[str, dict],
-                x: jnp.ndarray) -> list[dict]:
+def result_rows(methods: list[Method], info: dict[str, dict], timing: dict[str, dict], x: jnp.ndarray) -> list[dict]:
   """One JSON-friendly result row per method."""
   rows = []
   for m in methods:
     r = info[m.name]
-    rows.append(dict(
-        method=m.name, params=int(m.module.num_params()), tokens=int(x.shape[0]), **timing[m.name],
-        compile_s=r["compile_s"], gflops=r["flops"] / 1e9, temp_mb=r["temp_bytes"] / 2**20,
-        argument_mb=r["argument_bytes"] / 2**20, output_mb=r["output_bytes"] / 2**20,
-        layout_ops=r["layout_ops"], rel_error_vs_library=r["rel_error"]))
+    rows.append(
+      dict(
+        method=m.name,
+        params=int(m.module.num_params()),
+        tokens=int(x.shape[0]),
+        **timing[m.name],
+        compile_s=r["compile_s"],
+        gflops=r["flops"] / 1e9,
+        temp_mb=r["temp_bytes"] / 2**20,
+        argument_mb=r["argument_bytes"] / 2**20,
+        output_mb=r["output_bytes"] / 2**20,
+        layout_ops=r["layout_ops"],
+        rel_error_vs_library=r["rel_error"],
+      )
+    )
   return rows
 
 
@@ -424,39 +453,49 @@ def print_table(rows: list[dict], title: str) -> None:
   """The per-method table: median and min time, both as a ratio to LoRA, memory, FLOPs and checks."""
   lora = next(r for r in rows if r["method"] == "lora")
   print(f"\n{title}")
-  header = (f"  {'method':38s} {'params':>7s} {'fwd+bwd ms':>10s} {'x LoRA':>6s} {'min ms':>7s} "
-            f"{'x LoRA':>6s} {'faulted MB':>10s} {'temp MB':>7s} {'GFLOPs':>6s} {'layout ops':>10s} "
-            f"{'compile s':>9s} {'rel.err':>7s}")
+  header = (
+    f"  {'method':38s} {'params':>7s} {'fwd+bwd ms':>10s} {'x LoRA':>6s} {'min ms':>7s} "
+    f"{'x LoRA':>6s} {'faulted MB':>10s} {'temp MB':>7s} {'GFLOPs':>6s} {'layout ops':>10s} "
+    f"{'compile s':>9s} {'rel.err':>7s}"
+  )
   print(header)
   print("  " + "-" * (len(header) - 2))
   for r in rows:
     err = "" if r["rel_error_vs_library"] is None else f"{r['rel_error_vs_library']:.0e}"
-    print(f"  {r['method']:38s} {r['params']:7d} {r['time_ms']:10.1f} {r['time_ms'] / lora['time_ms']:6.2f} "
-          f"{r['time_min_ms']:7.1f} {r['time_min_ms'] / lora['time_min_ms']:6.2f} {r['faulted_mb']:10.1f} "
-          f"{r['temp_mb']:7.1f} {r['gflops']:6.2f} {r['layout_ops']:10d} {r['compile_s']:9.2f} {err:>7s}")
+    print(
+      f"  {r['method']:38s} {r['params']:7d} {r['time_ms']:10.1f} {r['time_ms'] / lora['time_ms']:6.2f} "
+      f"{r['time_min_ms']:7.1f} {r['time_min_ms'] / lora['time_min_ms']:6.2f} {r['faulted_mb']:10.1f} "
+      f"{r['temp_mb']:7.1f} {r['gflops']:6.2f} {r['layout_ops']:10d} {r['compile_s']:9.2f} {err:>7s}"
+    )
 
 
 def print_heap_table(rows: list[dict]) -> None:
   """The second timing pass, with freed memory kept by malloc (no page faults on temp buffers <= 64 MB)."""
   lora = next(r for r in rows if r["method"] == "lora")
-  print("\nallocator effect: the same executables after mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1), "
-        "so freed temp buffers are reused instead of page-faulted in again")
-  header = (f"  {'method':38s} {'fwd+bwd ms':>10s} {'x LoRA':>6s} {'min ms':>7s} {'x LoRA':>6s} "
-            f"{'faulted MB':>10s}")
+  print(
+    "\nallocator effect: the same executables after mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1), "
+    "so freed temp buffers are reused instead of page-faulted in again"
+  )
+  header = f"  {'method':38s} {'fwd+bwd ms':>10s} {'x LoRA':>6s} {'min ms':>7s} {'x LoRA':>6s} {'faulted MB':>10s}"
   print(header)
   print("  " + "-" * (len(header) - 2))
   for r in rows:
     if "kept_time_ms" in r:
-      print(f"  {r['method']:38s} {r['kept_time_ms']:10.1f} {r['kept_time_ms'] / lora['kept_time_ms']:6.2f} "
-            f"{r['kept_time_min_ms']:7.1f} {r['kept_time_min_ms'] / lora['kept_time_min_ms']:6.2f} "
-            f"{r['kept_faulted_mb']:10.1f}")
+      print(
+        f"  {r['method']:38s} {r['kept_time_ms']:10.1f} {r['kept_time_ms'] / lora['kept_time_ms']:6.2f} "
+        f"{r['kept_time_min_ms']:7.1f} {r['kept_time_min_ms'] / lora['kept_time_min_ms']:6.2f} "
+        f"{r['kept_faulted_mb']:10.1f}"
+      )
 
 
 def ratios(rows: list[dict], key: str = "time_ms") -> dict[str, float]:
   """Headline ratios of `key` times: library adapters / LoRA, naive loop / library."""
   t = {r["method"]: r[key] for r in rows if key in r}
-  out = {f"{name} / lora": t[name] / t["lora"] for name in ("melora", "localized_lora", "blockwise_moe",
-                                                            "cellwise_moe") if name in t}
+  out = {
+    f"{name} / lora": t[name] / t["lora"]
+    for name in ("melora", "localized_lora", "blockwise_moe", "cellwise_moe")
+    if name in t
+  }
   for name in ("blockwise_moe", "cellwise_moe"):
     if f"{name} [naive loop]" in t:
       out[f"{name} [naive loop] / {name}"] = t[f"{name} [naive loop]"] / t[name]
@@ -472,23 +511,31 @@ def temp_ratios(rows: list[dict]) -> dict[str, float]:
 def print_header(s: Sizes, repeats: int) -> None:
   """Device, library versions and the sizes of the run."""
   print("layer_bench: forward+backward = jit(value_and_grad(sum(adapter(x)^2))) w.r.t. the adapter params")
-  print(f"  devices: {jax.devices()}  backend: {jax.default_backend()}  jax {jax.__version__}  "
-        f"cpu cores: {os.cpu_count()}  python {platform.python_version()}")
+  print(
+    f"  devices: {jax.devices()}  backend: {jax.default_backend()}  jax {jax.__version__}  "
+    f"cpu cores: {os.cpu_count()}  python {platform.python_version()}"
+  )
   print(f"  load average (1, 5, 15 min): {os.getloadavg()} -- other processes on the machine skew timings")
-  print(f"  sizes: d_in = d_out = {s.d}, tokens = {s.tokens}, K_y = K_x = {s.k}, E = {s.experts}, "
-        f"repeats = {repeats} (median, round-robin), float32")
-  print(f"  budget: LoRA rank {s.r_lora} -> {2 * s.d * s.r_lora} params; routed per-cell rank "
-        f"r_b = r_lora / (E*K) = {s.r_block} (+ router params); localized per-cell rank r_lora / K = "
-        f"{s.r_localized}")
+  print(
+    f"  sizes: d_in = d_out = {s.d}, tokens = {s.tokens}, K_y = K_x = {s.k}, E = {s.experts}, "
+    f"repeats = {repeats} (median, round-robin), float32"
+  )
+  print(
+    f"  budget: LoRA rank {s.r_lora} -> {2 * s.d * s.r_lora} params; routed per-cell rank "
+    f"r_b = r_lora / (E*K) = {s.r_block} (+ router params); localized per-cell rank r_lora / K = "
+    f"{s.r_localized}"
+  )
 
 
 def print_memory_model(s: Sizes, tokens: int) -> dict:
   """Analytic activation sizes: rank-space gate mixing versus a per-example dense routed update."""
   rank_space = tokens * s.experts * s.k * s.k * s.r_block * F32
   dense = tokens * s.d * s.d * F32
-  print(f"  analytic routed activation at {tokens} tokens: rank space N*E*K*K*r_b*4 = "
-        f"{rank_space / 2**20:.3f} MB  vs  per-example dense update N*d*d*4 = {dense / 2**20:.1f} MB "
-        f"({dense / rank_space:.0f}x)")
+  print(
+    f"  analytic routed activation at {tokens} tokens: rank space N*E*K*K*r_b*4 = "
+    f"{rank_space / 2**20:.3f} MB  vs  per-example dense update N*d*d*4 = {dense / 2**20:.1f} MB "
+    f"({dense / rank_space:.0f}x)"
+  )
   return dict(tokens=tokens, rank_space_bytes=rank_space, dense_per_example_bytes=dense)
 
 
@@ -512,8 +559,10 @@ def print_ratios(tables: dict[str, dict[str, float]], temp: dict[str, float]) ->
     verdicts = [f"{n} {tables[n][key]:.2f}x {'MET' if tables[n][key] <= target else 'NOT met'}" for n in names]
     print(f"  target {key} <= {target}x -- " + "; ".join(verdicts))
   for key, value in temp.items():
-    print(f"  target temp {key} <= {TARGET_TEMP_RATIO}x -- {value:.2f}x "
-          f"{'MET' if value <= TARGET_TEMP_RATIO else 'NOT met'}")
+    print(
+      f"  target temp {key} <= {TARGET_TEMP_RATIO}x -- {value:.2f}x "
+      f"{'MET' if value <= TARGET_TEMP_RATIO else 'NOT met'}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -529,12 +578,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--experts", type=int, help=f"experts per cell E (default {DEFAULTS['experts']})")
   p.add_argument("--r-lora", type=int, help=f"LoRA rank, sets the budget (default {DEFAULTS['r_lora']})")
   p.add_argument("--repeats", type=int, help=f"timed calls per method (default {DEFAULTS['repeats']})")
-  p.add_argument("--dense-tokens", type=int,
-                 help="tokens for the dense per-example variant, 0 to skip "
-                      f"(default {DEFAULTS['dense_tokens']})")
+  p.add_argument(
+    "--dense-tokens",
+    type=int,
+    help=f"tokens for the dense per-example variant, 0 to skip (default {DEFAULTS['dense_tokens']})",
+  )
   p.add_argument("--quick", action="store_true", help=f"tiny sizes for a smoke test: {QUICK}")
-  p.add_argument("--no-heap-pass", action="store_true",
-                 help="skip the second timing pass with glibc told to keep freed memory")
+  p.add_argument(
+    "--no-heap-pass", action="store_true", help="skip the second timing pass with glibc told to keep freed memory"
+  )
   p.add_argument("--profile", action="store_true", help="print per-op CPU time of LoRA and routed layers")
   p.add_argument("--json", metavar="PATH", help="write the results as JSON")
   return p.parse_args(argv)
@@ -544,8 +596,14 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   base = QUICK if args.quick else DEFAULTS
   pick = lambda name: base[name] if getattr(args, name) is None else getattr(args, name)
-  s = Sizes(d=pick("d"), tokens=pick("tokens"), k=pick("k"), experts=pick("experts"),
-            r_lora=pick("r_lora"), dense_tokens=pick("dense_tokens"))
+  s = Sizes(
+    d=pick("d"),
+    tokens=pick("tokens"),
+    k=pick("k"),
+    experts=pick("experts"),
+    r_lora=pick("r_lora"),
+    dense_tokens=pick("dense_tokens"),
+  )
   repeats = pick("repeats")
   check_sizes(s)
   start = time.perf_counter()
@@ -566,10 +624,11 @@ def main(argv=None) -> dict:
   # The small-batch suite with the dense per-example update (its activations are N * d * d floats).
   dense_rows, dense_methods = [], [m for m in methods if m.name in DENSE_SUITE]
   if s.dense_tokens > 0:
-    x_small = x[:s.dense_tokens]
+    x_small = x[: s.dense_tokens]
     dense_info = compile_all(dense_methods, x_small)
-    dense_rows = result_rows(dense_methods, dense_info,
-                             time_round_robin(dense_methods, dense_info, x_small, repeats), x_small)
+    dense_rows = result_rows(
+      dense_methods, dense_info, time_round_robin(dense_methods, dense_info, x_small, repeats), x_small
+    )
 
   # Second pass with freed memory kept by malloc: what the methods cost without re-faulting temp buffers.
   # Host malloc only matters where XLA's temp buffers live in host memory (the CPU backend).
@@ -582,10 +641,12 @@ def main(argv=None) -> dict:
         row.update({f"kept_{key}": value for key, value in timing[row["method"]].items()})
 
   print_table(rows, f"main suite: {s.tokens} tokens x d={s.d}")
-  print("  fwd+bwd ms: median; faulted MB: memory page-faulted in per call (minor faults); temp MB: XLA temp "
-        "(activation) buffer;\n  layout ops: top-level transposes/copies/concats/slices in the optimised HLO;"
-        " "
-        "rel.err: loss and gradients vs the library")
+  print(
+    "  fwd+bwd ms: median; faulted MB: memory page-faulted in per call (minor faults); temp MB: XLA temp "
+    "(activation) buffer;\n  layout ops: top-level transposes/copies/concats/slices in the optimised HLO;"
+    " "
+    "rel.err: loss and gradients vs the library"
+  )
   memory_model = [print_memory_model(s, s.tokens)]
   if kept:
     print_heap_table(rows)
@@ -594,8 +655,11 @@ def main(argv=None) -> dict:
     memory_model.append(print_memory_model(s, s.dense_tokens))
 
   if args.profile:
-    print("\nper-op profile (op CPU time summed over threads; kernel page-fault time is not attributed to ops"
-          + ("; taken after the heap-kept pass" if kept else "") + ")")
+    print(
+      "\nper-op profile (op CPU time summed over threads; kernel page-fault time is not attributed to ops"
+      + ("; taken after the heap-kept pass" if kept else "")
+      + ")"
+    )
     for m in main_methods:
       if m.name in PROFILED:
         profile_ops(m, x)
@@ -604,11 +668,21 @@ def main(argv=None) -> dict:
   tables = {"median": ratios(rows), "min": ratios(rows, "time_min_ms")}
   if kept:
     tables["heap kept, median"] = ratios(rows, "kept_time_ms")
-  results = dict(sizes=dataclasses.asdict(s) | dict(r_block=s.r_block, r_localized=s.r_localized),
-                 repeats=repeats, devices=[str(d) for d in jax.devices()], jax_version=jax.__version__,
-                 load_average=os.getloadavg(), main=rows, dense=dense_rows, memory_model=memory_model,
-                 ratios=tables, temp_ratios=temp_ratios(rows), targets=targets(),
-                 target_temp_ratio=TARGET_TEMP_RATIO, elapsed_s=elapsed)
+  results = dict(
+    sizes=dataclasses.asdict(s) | dict(r_block=s.r_block, r_localized=s.r_localized),
+    repeats=repeats,
+    devices=[str(d) for d in jax.devices()],
+    jax_version=jax.__version__,
+    load_average=os.getloadavg(),
+    main=rows,
+    dense=dense_rows,
+    memory_model=memory_model,
+    ratios=tables,
+    temp_ratios=temp_ratios(rows),
+    targets=targets(),
+    target_temp_ratio=TARGET_TEMP_RATIO,
+    elapsed_s=elapsed,
+  )
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=2)

@@ -39,15 +39,22 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from configs import multitask_text as mt_config          # noqa: E402
-from experiments import multitask_text as mt             # noqa: E402
-from localmoe import train                               # noqa: E402
-from localmoe.models import bert, minilm                 # noqa: E402
+from configs import multitask_text as mt_config  # noqa: E402
+from experiments import multitask_text as mt  # noqa: E402
+from localmoe import train  # noqa: E402
+from localmoe.models import bert, minilm  # noqa: E402
 
-METHODS = ("heads_only", "lora", "localized_lora", "blockwise_moe", "cellwise_moe", "cellwise_moe_activation",
-           "per_task_lora")
-NUM_CLASSES = (20, 2, 6, 2)          # topic, spam, question, sentiment (the experiment's four tasks)
-TARGET = ("cellwise_moe", 1.15)      # issue target: cell-wise step <= 1.15x the LoRA step
+METHODS = (
+  "heads_only",
+  "lora",
+  "localized_lora",
+  "blockwise_moe",
+  "cellwise_moe",
+  "cellwise_moe_activation",
+  "per_task_lora",
+)
+NUM_CLASSES = (20, 2, 6, 2)  # topic, spam, question, sentiment (the experiment's four tasks)
+TARGET = ("cellwise_moe", 1.15)  # issue target: cell-wise step <= 1.15x the LoRA step
 SETTLE_S = 0.02
 
 
@@ -59,11 +66,21 @@ def synthetic_corpus(batch: int, tokens: int, backbone, params, seed: int = 0) -
   ids[:, 0], ids[:, -1] = 101, 102
   task = rng.integers(0, len(NUM_CLASSES), size=batch).astype(np.int32)
   label = np.asarray([rng.integers(0, NUM_CLASSES[t]) for t in task], np.int32)
-  rows = {"input_ids": ids, "attention_mask": np.ones_like(ids), "task": task,
-          "y": np.stack([label, task, np.ones_like(task)], 1)}
+  rows = {
+    "input_ids": ids,
+    "attention_mask": np.ones_like(ids),
+    "task": task,
+    "y": np.stack([label, task, np.ones_like(task)], 1),
+  }
   rows = mt.lower_features(backbone, params, rows, 0)
-  return mt.Corpus(tasks=("topic", "spam", "question", "sentiment"), num_classes=NUM_CLASSES, train=rows,
-                   val=rows, test=rows, counts={})
+  return mt.Corpus(
+    tasks=("topic", "spam", "question", "sentiment"),
+    num_classes=NUM_CLASSES,
+    train=rows,
+    val=rows,
+    test=rows,
+    counts={},
+  )
 
 
 def compiled_step(method: str, config, backbone, frozen, corpus):
@@ -85,8 +102,10 @@ def compiled_step(method: str, config, backbone, frozen, corpus):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              epilog="--model gemma (first) runs benchmarks/gemma_step.py with the options after it")
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0],
+    epilog="--model gemma (first) runs benchmarks/gemma_step.py with the options after it",
+  )
   p.add_argument("--batch", type=int, default=32, help="examples per step (default 32, the full config's)")
   p.add_argument("--tokens", type=int, default=128, help="word pieces per example (default 128)")
   p.add_argument("--layers", type=int, default=6, help="MiniLM layers (default 6)")
@@ -95,8 +114,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true", help="2 layers, 8 x 16 tokens, 3 repeats")
   p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
   p.add_argument("--profile", action="store_true", help="per-op CPU time of the LoRA and cell-wise steps")
-  p.add_argument("--random-weights", action="store_true",
-                 help="MiniLM's architecture with random weights (no download; same step time)")
+  p.add_argument(
+    "--random-weights",
+    action="store_true",
+    help="MiniLM's architecture with random weights (no download; same step time)",
+  )
   args = p.parse_args(argv)
   if args.quick:
     args.batch, args.tokens, args.layers, args.repeats = 8, 16, 2, 3
@@ -113,10 +135,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:2] == ["--model", "gemma"] or argv[:1] == ["--model=gemma"]:
-    import gemma_step                                     # pylint: disable=g-import-not-at-top
-    return gemma_step.main(argv[2 if argv[0] == "--model" else 1:])
+    import gemma_step  # pylint: disable=g-import-not-at-top
+
+    return gemma_step.main(argv[2 if argv[0] == "--model" else 1 :])
   if argv[:2] == ["--model", "minilm"] or argv[:1] == ["--model=minilm"]:
-    argv = argv[2 if argv[0] == "--model" else 1:]
+    argv = argv[2 if argv[0] == "--model" else 1 :]
   args = parse_args(argv)
   config = mt_config.get_config()
   config.model.num_layers = args.layers
@@ -127,15 +150,21 @@ def main(argv=None) -> dict:
   else:
     backbone, backbone_params, _ = minilm.load(num_layers=args.layers)
   corpus = synthetic_corpus(args.batch, args.tokens, backbone, backbone_params)
-  frozen = {"backbone": bert.upper_params(backbone_params, 0, args.layers),
-            **mt.random_heads(jax.random.PRNGKey(0), NUM_CLASSES)}
+  frozen = {
+    "backbone": bert.upper_params(backbone_params, 0, args.layers),
+    **mt.random_heads(jax.random.PRNGKey(0), NUM_CLASSES),
+  }
   print("model_step: one train.train_step (fwd + bwd + AdamW) of the multi-task MiniLM classifier, one seed")
-  print(f"  backend: {jax.default_backend()}  devices: {jax.devices()}  jax {jax.__version__}  "
-        f"cpu cores: {os.cpu_count()}  python {platform.python_version()}")
+  print(
+    f"  backend: {jax.default_backend()}  devices: {jax.devices()}  jax {jax.__version__}  "
+    f"cpu cores: {os.cpu_count()}  python {platform.python_version()}"
+  )
   if hasattr(os, "getloadavg"):
     print(f"  load average (1, 5, 15 min): {tuple(round(v, 2) for v in os.getloadavg())}")
-  print(f"  MiniLM x{args.layers} layers{' (random weights)' if args.random_weights else ''}, batch {args.batch} x {args.tokens} tokens, rank {config.model.rank}, "
-        f"grid {config.model.grid}, E {config.model.num_experts}; median of {args.repeats} round-robin steps")
+  print(
+    f"  MiniLM x{args.layers} layers{' (random weights)' if args.random_weights else ''}, batch {args.batch} x {args.tokens} tokens, rank {config.model.rank}, "
+    f"grid {config.model.grid}, E {config.model.num_experts}; median of {args.repeats} round-robin steps"
+  )
   built = {}
   for method in args.methods:
     built[method] = compiled_step(method, config, backbone, frozen, corpus)
@@ -151,21 +180,38 @@ def main(argv=None) -> dict:
   print(f"\n  {'method':26s} {'adapter params':>14s} {'step ms':>8s} {'x LoRA':>7s} {'min ms':>7s} {'compile s':>9s}")
   for method, (_, _, count, compile_s) in built.items():
     med = statistics.median(times[method])
-    rows.append(dict(method=method, params=int(count), step_ms=1e3 * med, step_min_ms=1e3 * min(times[method]),
-                     vs_lora=med / lora, compile_s=compile_s))
-    print(f"  {method:26s} {count:14,d} {1e3 * med:8.1f} {med / lora:6.2f}x {1e3 * min(times[method]):7.1f} "
-          f"{compile_s:9.1f}")
+    rows.append(
+      dict(
+        method=method,
+        params=int(count),
+        step_ms=1e3 * med,
+        step_min_ms=1e3 * min(times[method]),
+        vs_lora=med / lora,
+        compile_s=compile_s,
+      )
+    )
+    print(
+      f"  {method:26s} {count:14,d} {1e3 * med:8.1f} {med / lora:6.2f}x {1e3 * min(times[method]):7.1f} "
+      f"{compile_s:9.1f}"
+    )
   name, target = TARGET
   if name in times:
     ratio = statistics.median(times[name]) / lora
     print(f"\n  target {name} / lora <= {target}x -- {ratio:.2f}x {'MET' if ratio <= target else 'NOT met'}")
   if args.profile:
-    import layer_bench                                   # noqa: E402  (its per-op profiler)
+    import layer_bench  # noqa: E402  (its per-op profiler)
+
     for method in ("lora", "cellwise_moe"):
       if method in built:
         layer_bench.profile_compiled(method, built[method][0], built[method][1], calls=3, top=14)
-  result = dict(batch=args.batch, tokens=args.tokens, layers=args.layers, backend=jax.default_backend(),
-                random_weights=args.random_weights, rows=rows)
+  result = dict(
+    batch=args.batch,
+    tokens=args.tokens,
+    layers=args.layers,
+    backend=jax.default_backend(),
+    random_weights=args.random_weights,
+    rows=rows,
+  )
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)

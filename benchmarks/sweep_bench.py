@@ -36,8 +36,11 @@ def jobs_and_data(method: str, epochs: int, samples: int):
   base = svd_config.get_config(None)
   base.optim.epochs = epochs
   base.data.num_samples = samples
-  overrides = [{"method_names": method, "num_seeds": 1, "seed": s, "optim.lr": lr, "data.spectra": "gaussian"}
-               for lr in (3e-4, 1e-3, 2e-3, 3e-3) for s in range(8)]
+  overrides = [
+    {"method_names": method, "num_seeds": 1, "seed": s, "optim.lr": lr, "data.spectra": "gaussian"}
+    for lr in (3e-4, 1e-3, 2e-3, 3e-3)
+    for s in range(8)
+  ]
   entries = sweep.expand(base, overrides, "/unused")
   jobs = [svd_simulation.sweep_job(e.config) for e in entries]
   assert len({j.key for j in jobs}) == 1, "the benchmark sweep must be one shape group"
@@ -48,9 +51,17 @@ def fit(jobs, datas, placement=None, epoch_times=None):
   """One train.fit over `jobs`; appends the wall clock after every epoch to `epoch_times` if given."""
   data = sweep._stack_data(datas)
   hook = None if epoch_times is None else (lambda fs: epoch_times.append(time.perf_counter()))
-  result = train.fit(jobs[0].task, data, [j.seed for j in jobs], jobs[0].settings,
-                     learning_rate=[j.learning_rate for j in jobs], weight_decay=[j.weight_decay for j in jobs],
-                     placement=placement, log=None, on_epoch_end=hook)
+  result = train.fit(
+    jobs[0].task,
+    data,
+    [j.seed for j in jobs],
+    jobs[0].settings,
+    learning_rate=[j.learning_rate for j in jobs],
+    weight_decay=[j.weight_decay for j in jobs],
+    placement=placement,
+    log=None,
+    on_epoch_end=hook,
+  )
   jax.block_until_ready(result.params)
   return result
 
@@ -72,16 +83,22 @@ def main():
   jobs, datas = jobs_and_data(args.method, args.epochs, args.samples)
   n = len(jobs)
   devices = jax.local_devices()
-  print(f"{n}-entry SVD sweep ({args.method}, {args.samples} samples, {args.epochs} epochs); "
-        f"{len(devices)} {devices[0].platform} device(s): {devices[0].device_kind}", flush=True)
+  print(
+    f"{n}-entry SVD sweep ({args.method}, {args.samples} samples, {args.epochs} epochs); "
+    f"{len(devices)} {devices[0].platform} device(s): {devices[0].device_kind}",
+    flush=True,
+  )
 
   t = time.perf_counter()
   vec_epochs = []
   vec = fit(jobs, datas, sharding.entries(devices[:1]), vec_epochs)
   vec_s = time.perf_counter() - t
   vec_epoch = steady_epoch_s(vec_epochs)
-  print(f"vectorised, 1 device: {vec_s:.2f} s total, {vec_s / n * 1e3:.1f} ms per entry "
-        f"(compiled epochs: {vec_epoch / n * 1e3:.1f} ms per entry-epoch)", flush=True)
+  print(
+    f"vectorised, 1 device: {vec_s:.2f} s total, {vec_s / n * 1e3:.1f} ms per entry "
+    f"(compiled epochs: {vec_epoch / n * 1e3:.1f} ms per entry-epoch)",
+    flush=True,
+  )
 
   k = min(args.sequential, n)
   t = time.perf_counter()
@@ -98,12 +115,14 @@ def main():
       epoch_times = []
       fit([jobs[i]], [datas[i]], None, epoch_times)
       warm.append(steady_epoch_s(epoch_times))
-    print(f"compiled epochs only: sequential {np.mean(warm) * 1e3:.1f} ms per entry-epoch vs vectorised "
-          f"{vec_epoch / n * 1e3:.1f} -> {np.mean(warm) / (vec_epoch / n):.2f}x (settings.epochs={settings.epochs})",
-          flush=True)
+    print(
+      f"compiled epochs only: sequential {np.mean(warm) * 1e3:.1f} ms per entry-epoch vs vectorised "
+      f"{vec_epoch / n * 1e3:.1f} -> {np.mean(warm) / (vec_epoch / n):.2f}x (settings.epochs={settings.epochs})",
+      flush=True,
+    )
 
   if len(devices) > 1:
-    fit(jobs, datas, sharding.entries())                 # compile once, then time
+    fit(jobs, datas, sharding.entries())  # compile once, then time
     t = time.perf_counter()
     many = fit(jobs, datas, sharding.entries())
     many_s = time.perf_counter() - t
@@ -111,8 +130,11 @@ def main():
     fit(jobs, datas, sharding.entries(devices[:1]))
     one_s = time.perf_counter() - t
     np.testing.assert_allclose(many.history, vec.history, rtol=1e-4, atol=1e-6)
-    print(f"{len(devices)} devices vs 1 (compiled, vectorised): {many_s:.2f} s vs {one_s:.2f} s -> "
-          f"{one_s / many_s:.2f}x throughput ({n / many_s:.1f} vs {n / one_s:.1f} entries/s)", flush=True)
+    print(
+      f"{len(devices)} devices vs 1 (compiled, vectorised): {many_s:.2f} s vs {one_s:.2f} s -> "
+      f"{one_s / many_s:.2f}x throughput ({n / many_s:.1f} vs {n / one_s:.1f} entries/s)",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -43,41 +43,50 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.experiment = "california_housing"
   config.method_names = arg.methods
-  config.seed = 0                      # seeds are seed, seed+1, ..., seed+num_seeds-1
+  config.seed = 0  # seeds are seed, seed+1, ..., seed+num_seeds-1
   config.num_seeds = arg.seeds
-  config.checkpoint_every_epochs = 5   # orbax checkpoints in <workdir>/checkpoints; re-running resumes
+  config.checkpoint_every_epochs = 5  # orbax checkpoints in <workdir>/checkpoints; re-running resumes
 
-  config.data = ml_collections.ConfigDict(dict(
-      num_samples=0,                   # 0: all 20,640 rows; n > 0: a random subset of n rows (quick mode)
+  config.data = ml_collections.ConfigDict(
+    dict(
+      num_samples=0,  # 0: all 20,640 rows; n > 0: a random subset of n rows (quick mode)
       test_fraction=0.2,
-      scalings=arg.scalings,           # "standard", "clip", "robust"; the first is the default
-      clip_z=5.0,                      # "clip": |z| is capped here before re-standardising
-      spectrum="gaussian",             # singular values of each 4x4 block (mean square 1)
-      block_scale=0.5,                 # the paper's "scaled by 0.5"
+      scalings=arg.scalings,  # "standard", "clip", "robust"; the first is the default
+      clip_z=5.0,  # "clip": |z| is capped here before re-standardising
+      spectrum="gaussian",  # singular values of each 4x4 block (mean square 1)
+      block_scale=0.5,  # the paper's "scaled by 0.5"
       w0_std=0.01,
-  ))
-  config.optim = ml_collections.ConfigDict(dict(
-      epochs=15, batch_size=128, lr=5e-3, weight_decay=0.01, eval_batch_size=8192, log_every=0,
+    )
+  )
+  config.optim = ml_collections.ConfigDict(
+    dict(
+      epochs=15,
+      batch_size=128,
+      lr=5e-3,
+      weight_decay=0.01,
+      eval_batch_size=8192,
+      log_every=0,
       groups=configlib.groups_field(),  # parameter groups (localmoe.train.settings): PRESETS names joined by "+",
-                                       # e.g. poly_router, a list of rules or a dict of named rules; "" none
-  ))
+      # e.g. poly_router, a list of rules or a dict of named rules; "" none
+    )
+  )
   config.adapter = ml_collections.ConfigDict(dict(a_init="lora", b_init="zeros"))
   config.adapter.alpha = ml_collections.config_dict.placeholder(float)
   # The paper's budgets give ranks above the 4x4 (or 8x8) blocks they factor: LoRA r=16 on 8x8, MELoRA r=16
   # on 4x4 blocks, Localized r=8 on 4x4 cells. Such over-complete factorisations add parameters but no
   # expressivity; allow_overcomplete_rank=True keeps them so that the counts match the paper's 256.
-  config.methods = ml_collections.ConfigDict({
+  config.methods = ml_collections.ConfigDict(
+    {
       "lora": dict(method="lora", rank=16, allow_overcomplete_rank=True),
       "melora": dict(method="melora", num_blocks=2, rank=16, allow_overcomplete_rank=True),
       "localized_lora": dict(method="localized_lora", k_y=2, k_x=2, rank=8, allow_overcomplete_rank=True),
-      "blockwise_moe": dict(method="blockwise_moe", k_y=2, k_x=2, rank=4, num_experts=2,
-                            router_input="context"),
-      "cellwise_moe": dict(method="cellwise_moe", k_y=2, k_x=2, rank=4, num_experts=2,
-                           router_input="context"),
-  })
+      "blockwise_moe": dict(method="blockwise_moe", k_y=2, k_x=2, rank=4, num_experts=2, router_input="context"),
+      "cellwise_moe": dict(method="cellwise_moe", k_y=2, k_x=2, rank=4, num_experts=2, router_input="context"),
+    }
+  )
   if arg.quick:
     config.num_seeds = min(arg.seeds, 2)
     config.data.num_samples = 2000
-    config.data.scalings = arg.scalings.split(",")[0]    # one table: CI time is mostly compilation
+    config.data.scalings = arg.scalings.split(",")[0]  # one table: CI time is mostly compilation
     config.optim.epochs = 2
   return config

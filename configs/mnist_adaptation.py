@@ -47,39 +47,56 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.experiment = "mnist_adaptation"
   config.method_names = arg.methods
-  config.seed = 0                      # seeds are seed, ..., seed+num_seeds-1 (a sweep entry: one seed)
+  config.seed = 0  # seeds are seed, ..., seed+num_seeds-1 (a sweep entry: one seed)
   config.num_seeds = arg.seeds
-  config.sharding = "entries"          # sweeps only: entry axis over the local devices ("data": batch axis; "none")
-  config.checkpoint_every_epochs = 5   # orbax checkpoints in <workdir>/checkpoints; re-running resumes
+  config.sharding = "entries"  # sweeps only: entry axis over the local devices ("data": batch axis; "none")
+  config.checkpoint_every_epochs = 5  # orbax checkpoints in <workdir>/checkpoints; re-running resumes
 
-  config.data = ml_collections.ConfigDict(dict(
-      source_digits="0,1,2,3,4", target_digits="5,6,7,8,9",
-      val_fraction=0.1,                # of the target digits' training images
-      max_train=0, max_test=0,         # per domain; 0: all images
-      split_seed=0))
+  config.data = ml_collections.ConfigDict(
+    dict(
+      source_digits="0,1,2,3,4",
+      target_digits="5,6,7,8,9",
+      val_fraction=0.1,  # of the target digits' training images
+      max_train=0,
+      max_test=0,  # per domain; 0: all images
+      split_seed=0,
+    )
+  )
   config.pretrain = ml_collections.ConfigDict(dict(epochs=5, batch_size=128, lr=1e-3, weight_decay=0.0, seed=0))
-  config.optim = ml_collections.ConfigDict(dict(
-      epochs=10, batch_size=64, lr=2e-4, weight_decay=0.01, eval_batch_size=8192, log_every=0,
+  config.optim = ml_collections.ConfigDict(
+    dict(
+      epochs=10,
+      batch_size=64,
+      lr=2e-4,
+      weight_decay=0.01,
+      eval_batch_size=8192,
+      log_every=0,
       groups=configlib.groups_field(),  # parameter groups (localmoe.train.settings): PRESETS names joined by "+",
-                                       # e.g. poly_router, a list of rules or a dict of named rules; "" none
-  ))
+      # e.g. poly_router, a list of rules or a dict of named rules; "" none
+    )
+  )
   config.adapter = ml_collections.ConfigDict(dict(a_init="lora", b_init="zeros"))
   config.adapter.alpha = ml_collections.config_dict.placeholder(float)
   # One budget (3,392 adapter parameters = 6.7% of full fine-tuning) for a plain run; sweeps override these.
-  config.methods = ml_collections.ConfigDict({
+  config.methods = ml_collections.ConfigDict(
+    {
       "full_finetune": dict(method="full_finetune"),
       "lora": dict(method="lora", rank=4),
       "melora": dict(method="melora", num_blocks=4, rank=4),
       "localized_lora": dict(method="localized_lora", k_y=2, k_x=2, rank=2),
-      "blockwise_moe": dict(method="blockwise_moe", k_y=2, k_x=2, rank=1, num_experts=2,
-                            router_input="activation"),
-      "cellwise_moe": dict(method="cellwise_moe", k_y=2, k_x=2, rank=1, num_experts=2,
-                           router_input="activation"),
-  })
+      "blockwise_moe": dict(method="blockwise_moe", k_y=2, k_x=2, rank=1, num_experts=2, router_input="activation"),
+      "cellwise_moe": dict(method="cellwise_moe", k_y=2, k_x=2, rank=1, num_experts=2, router_input="activation"),
+    }
+  )
   # Sweep summary: best entry per (method, budget) on validation loss.
-  config.sweep = ml_collections.ConfigDict(dict(
-      select="val_loss", mode="min", group_by="method,params",
-      columns="rank,blocks,experts,fraction,lr,seed,val_loss,val_accuracy,test_accuracy"))
+  config.sweep = ml_collections.ConfigDict(
+    dict(
+      select="val_loss",
+      mode="min",
+      group_by="method,params",
+      columns="rank,blocks,experts,fraction,lr,seed,val_loss,val_accuracy,test_accuracy",
+    )
+  )
   if arg.cpu:
     config.data.max_train = 12_000
     config.optim.epochs = 5
@@ -97,11 +114,11 @@ def grid():
   """(method, {field: value}) of the paper's grid plus the LoRA-MoE grids; ranks below the block size."""
   out = [("full_finetune", {})]
   out += [("lora", {"rank": r}) for r in (2, 4, 8, 16, 32)]
-  out += [("melora", {"rank": r, "num_blocks": n}) for n in (2, 4, 8, 16) for r in (2, 4, 8, 16, 32)
-          if r < HIDDEN // n]
-  out += [("localized_lora", {"rank": r, "k_y": k, "k_x": k}) for k in (2, 4, 8, 16) for r in (2, 4, 8, 16)
-          if r < HIDDEN // k]
-  for moe in ("blockwise_moe", "cellwise_moe"):      # E=2 experts of rank r/2: Localized LoRA's expert budget
+  out += [("melora", {"rank": r, "num_blocks": n}) for n in (2, 4, 8, 16) for r in (2, 4, 8, 16, 32) if r < HIDDEN // n]
+  out += [
+    ("localized_lora", {"rank": r, "k_y": k, "k_x": k}) for k in (2, 4, 8, 16) for r in (2, 4, 8, 16) if r < HIDDEN // k
+  ]
+  for moe in ("blockwise_moe", "cellwise_moe"):  # E=2 experts of rank r/2: Localized LoRA's expert budget
     out += [(moe, {"rank": r, "k_y": k, "k_x": k}) for k in (2, 4) for r in (1, 2, 4, 8) if r < HIDDEN // k]
   return out
 
@@ -112,8 +129,12 @@ def get_sweep(arg=None):
   methods, lrs, configs = configlib.split_names(arg.methods), LRS, grid()
   if arg.quick:
     lrs = (2e-4, 5e-4)
-    configs = [("full_finetune", {}), ("lora", {"rank": 2}), ("lora", {"rank": 4}),
-               ("localized_lora", {"rank": 2, "k_y": 2, "k_x": 2})]
+    configs = [
+      ("full_finetune", {}),
+      ("lora", {"rank": 2}),
+      ("lora", {"rank": 4}),
+      ("localized_lora", {"rank": 2, "k_y": 2, "k_x": 2}),
+    ]
   entries = []
   for method, fields in configs:
     if method not in methods:

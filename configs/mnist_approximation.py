@@ -23,14 +23,18 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.experiment = "mnist_approximation"
   config.method_names = arg.methods
-  config.data = ml_collections.ConfigDict(dict(
-      digit=2,                         # which digit
-      occurrence=0,                    # 0: its first image in the official test order
-  ))
-  config.methods = ml_collections.ConfigDict({
-      "lora": dict(rank=4),                            # 4 * (28 + 28)       = 224
-      "melora": dict(num_blocks=4, rank=4),            # 4 * 4 * (7 + 7)     = 224
-      "localized_lora": dict(k=2, rank=2),             # 2 * 2 * 2 * (14 + 14) = 224
-  })
-  config.quick = arg.quick             # the full run already takes well under a second
+  config.data = ml_collections.ConfigDict(
+    dict(
+      digit=2,  # which digit
+      occurrence=0,  # 0: its first image in the official test order
+    )
+  )
+  config.methods = ml_collections.ConfigDict(
+    {
+      "lora": dict(rank=4),  # 4 * (28 + 28)       = 224
+      "melora": dict(num_blocks=4, rank=4),  # 4 * 4 * (7 + 7)     = 224
+      "localized_lora": dict(k=2, rank=2),  # 2 * 2 * 2 * (14 + 14) = 224
+    }
+  )
+  config.quick = arg.quick  # the full run already takes well under a second
   return config

@@ -49,39 +49,64 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.experiment = "mnist_degradation"
   config.method_names = arg.methods
-  config.seed = 0                      # seeds are seed, seed+1, ..., seed+num_seeds-1 (init and batch order)
+  config.seed = 0  # seeds are seed, seed+1, ..., seed+num_seeds-1 (init and batch order)
   config.num_seeds = arg.seeds
-  config.checkpoint_every_epochs = 5   # orbax checkpoints in <workdir>/checkpoints; re-running resumes
+  config.checkpoint_every_epochs = 5  # orbax checkpoints in <workdir>/checkpoints; re-running resumes
 
-  config.data = ml_collections.ConfigDict(dict(
-      seed=0,                          # fixes the targets, W0 and the contexts (shared by all seeds)
-      num_train=0,                     # 0: all 60,000 training images; n: the first n (quick mode)
-      num_test=0,                      # 0: all 10,000 test images
+  config.data = ml_collections.ConfigDict(
+    dict(
+      seed=0,  # fixes the targets, W0 and the contexts (shared by all seeds)
+      num_train=0,  # 0: all 60,000 training images; n: the first n (quick mode)
+      num_test=0,  # 0: all 10,000 test images
       degraded_cells="1-3,3-1,2-1,4-3",  # context 1 active cells (i-j, 1-indexed); never column 4
       spectrum="gaussian",
-      block_scale=1.4,                 # test target variance ~0.17 per output, as the paper's Table 3 implies
+      block_scale=1.4,  # test target variance ~0.17 per output, as the paper's Table 3 implies
       w0_std=0.01,
-  ))
-  config.optim = ml_collections.ConfigDict(dict(
-      epochs=10, batch_size=128, lr=1e-3, weight_decay=0.01, eval_batch_size=4096, log_every=0,
+    )
+  )
+  config.optim = ml_collections.ConfigDict(
+    dict(
+      epochs=10,
+      batch_size=128,
+      lr=1e-3,
+      weight_decay=0.01,
+      eval_batch_size=4096,
+      log_every=0,
       groups=configlib.groups_field(),  # parameter groups (localmoe.train.settings): PRESETS names joined by "+",
-                                       # e.g. poly_router, a list of rules or a dict of named rules; "" none
-  ))
+      # e.g. poly_router, a list of rules or a dict of named rules; "" none
+    )
+  )
   config.adapter = ml_collections.ConfigDict(dict(a_init="lora", b_init="zeros"))
   config.adapter.alpha = ml_collections.config_dict.placeholder(float)
-  config.methods = ml_collections.ConfigDict({
-      "lora": dict(method="lora", rank=16),                                               # 25,088
-      "melora": dict(method="melora", num_blocks=4, rank=32),                             # 50,176
-      "localized_lora": dict(method="localized_lora", k_y=4, k_x=4, rank=4),              # 25,088
-      "blockwise_moe": dict(method="blockwise_moe", k_y=4, k_x=4, rank=2, num_experts=2,  # 25,092
-                            router_input="context"),
-      "cellwise_moe": dict(method="cellwise_moe", k_y=4, k_x=4, rank=2, num_experts=2,   # 25,152
-                           router_input="context"),
-  })
-  config.eval = ml_collections.ConfigDict(dict(
-      ceilings=True,                   # least-squares ceilings (static / per context) in results.md
-      num_examples=3,                  # test digits per context in outputs.png
-  ))
+  config.methods = ml_collections.ConfigDict(
+    {
+      "lora": dict(method="lora", rank=16),  # 25,088
+      "melora": dict(method="melora", num_blocks=4, rank=32),  # 50,176
+      "localized_lora": dict(method="localized_lora", k_y=4, k_x=4, rank=4),  # 25,088
+      "blockwise_moe": dict(
+        method="blockwise_moe",
+        k_y=4,
+        k_x=4,
+        rank=2,
+        num_experts=2,  # 25,092
+        router_input="context",
+      ),
+      "cellwise_moe": dict(
+        method="cellwise_moe",
+        k_y=4,
+        k_x=4,
+        rank=2,
+        num_experts=2,  # 25,152
+        router_input="context",
+      ),
+    }
+  )
+  config.eval = ml_collections.ConfigDict(
+    dict(
+      ceilings=True,  # least-squares ceilings (static / per context) in results.md
+      num_examples=3,  # test digits per context in outputs.png
+    )
+  )
   if arg.quick:
     config.num_seeds = min(arg.seeds, 2)
     config.data.num_train = 2000

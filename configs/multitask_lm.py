@@ -60,8 +60,10 @@ import ml_collections
 
 from localmoe import configlib
 
-ALL_METHODS = ("zero_shot,few_shot,linear_probe,lora,localized_lora,blockwise_moe_anchor,cellwise_moe_anchor,"
-               "cellwise_moe_oracle,cellwise_moe_activation,per_task_lora")
+ALL_METHODS = (
+  "zero_shot,few_shot,linear_probe,lora,localized_lora,blockwise_moe_anchor,cellwise_moe_anchor,"
+  "cellwise_moe_oracle,cellwise_moe_activation,per_task_lora"
+)
 
 
 def get_config(arg=None):
@@ -69,54 +71,71 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.experiment = "multitask_lm"
   config.method_names = arg.methods
-  config.seed = 0                      # seeds are seed, ..., seed + num_seeds - 1 (adapter inits, batch order)
+  config.seed = 0  # seeds are seed, ..., seed + num_seeds - 1 (adapter inits, batch order)
   config.num_seeds = arg.seeds
-  config.checkpoint_every_epochs = 1   # orbax checkpoints in <workdir>/checkpoints/<method>; re-running resumes
+  config.checkpoint_every_epochs = 1  # orbax checkpoints in <workdir>/checkpoints/<method>; re-running resumes
 
-  config.data = ml_collections.ConfigDict(dict(
+  config.data = ml_collections.ConfigDict(
+    dict(
       tasks="topic,spam,question,sentiment",
-      train_per_task=1000,             # stratified training rows per task (0: all)
-      val_per_task=100,                # training rows held out per task (probe regularisation, curves)
-      test_per_task=500,               # stratified test rows per task (0: all)
-      max_length=64,                   # prompt tokens at most (BOS + template + text, the text cut to fit)
-      seed=0,                          # subsets, held-out rows, row order, few-shot demonstrations
-  ))
-  config.model = ml_collections.ConfigDict(dict(
-      num_layers=18,                   # the first n blocks of Gemma 3 270M (quick: 2)
-      frozen_layers=12,                # lower blocks without adapters, computed once per example
-      dtype="float32",                 # compute dtype: float32 or bfloat16 (adapters keep float32 params)
-      rank=8,                          # the LoRA rank every method matches in parameters
-      grid=2,                          # K: a K x K grid for the localized methods
-      num_experts=4,                   # E per cell (routed methods)
-      alpha=0.0,                       # LoRA alpha; 0: alpha = r (scale 1)
-  ))
-  config.router = ml_collections.ConfigDict(dict(
-      load_balance=0.0,                # weight of the Switch load-balance loss
-      z_loss=0.0,                      # weight of the router z-loss
-      anchor_lr_mult=100.0,            # _anchor/_oracle methods: router learning rate / the adapters' (Poly/MHR)
-      anchor_weight_decay=0.0,         # their router weight decay (Poly/MHR: none)
-      anchor_init_scale=1e-3,          # their router start U(-s, s) (Poly/MHR)
-      oracle_margin=2.0,               # _oracle: task t starts with logit margin m on expert t mod E
-  ))
-  config.probe = ml_collections.ConfigDict(dict(
-      l2="1e-4,1e-3,1e-2,1e-1,1",     # candidate L2 weights; the best on held-out rows wins
-      max_steps=2000,                  # L-BFGS iterations at most (it stops when the gradient norm < 1e-5)
-  ))
-  config.optim = ml_collections.ConfigDict(dict(
-      epochs=10, steps_per_epoch=100, batch_size=32, lr=5e-4, weight_decay=0.01, eval_batch_size=64,
+      train_per_task=1000,  # stratified training rows per task (0: all)
+      val_per_task=100,  # training rows held out per task (probe regularisation, curves)
+      test_per_task=500,  # stratified test rows per task (0: all)
+      max_length=64,  # prompt tokens at most (BOS + template + text, the text cut to fit)
+      seed=0,  # subsets, held-out rows, row order, few-shot demonstrations
+    )
+  )
+  config.model = ml_collections.ConfigDict(
+    dict(
+      num_layers=18,  # the first n blocks of Gemma 3 270M (quick: 2)
+      frozen_layers=12,  # lower blocks without adapters, computed once per example
+      dtype="float32",  # compute dtype: float32 or bfloat16 (adapters keep float32 params)
+      rank=8,  # the LoRA rank every method matches in parameters
+      grid=2,  # K: a K x K grid for the localized methods
+      num_experts=4,  # E per cell (routed methods)
+      alpha=0.0,  # LoRA alpha; 0: alpha = r (scale 1)
+    )
+  )
+  config.router = ml_collections.ConfigDict(
+    dict(
+      load_balance=0.0,  # weight of the Switch load-balance loss
+      z_loss=0.0,  # weight of the router z-loss
+      anchor_lr_mult=100.0,  # _anchor/_oracle methods: router learning rate / the adapters' (Poly/MHR)
+      anchor_weight_decay=0.0,  # their router weight decay (Poly/MHR: none)
+      anchor_init_scale=1e-3,  # their router start U(-s, s) (Poly/MHR)
+      oracle_margin=2.0,  # _oracle: task t starts with logit margin m on expert t mod E
+    )
+  )
+  config.probe = ml_collections.ConfigDict(
+    dict(
+      l2="1e-4,1e-3,1e-2,1e-1,1",  # candidate L2 weights; the best on held-out rows wins
+      max_steps=2000,  # L-BFGS iterations at most (it stops when the gradient norm < 1e-5)
+    )
+  )
+  config.optim = ml_collections.ConfigDict(
+    dict(
+      epochs=10,
+      steps_per_epoch=100,
+      batch_size=32,
+      lr=5e-4,
+      weight_decay=0.01,
+      eval_batch_size=64,
       log_every=1,
-      eval_train_rows=256,             # training-stream rows evaluated each time (a fixed task-balanced subset)
-      test_at_end=True,                # the test split once, after training; curves from the held-out rows
-      groups="",                       # parameter groups (train.PRESETS names or rules); the _anchor/_oracle
-                                       # methods add their router group first
-  ))
-  config.eval = ml_collections.ConfigDict(dict(
-      few_shot_k=1,                    # demonstrations per class in the few-shot prompt
-      diagnostic_rows=64,              # test rows (round-robin over tasks) of the router diagnostics
-      generate_rows=25,                # test rows per task generated greedily (exact match, seed 0); 0: skip
-      max_new_tokens=6,                # tokens generated per row at most
-      chunk=32,                        # rows per compiled call of the frozen passes (lower blocks, baselines)
-  ))
+      eval_train_rows=256,  # training-stream rows evaluated each time (a fixed task-balanced subset)
+      test_at_end=True,  # the test split once, after training; curves from the held-out rows
+      groups="",  # parameter groups (train.PRESETS names or rules); the _anchor/_oracle
+      # methods add their router group first
+    )
+  )
+  config.eval = ml_collections.ConfigDict(
+    dict(
+      few_shot_k=1,  # demonstrations per class in the few-shot prompt
+      diagnostic_rows=64,  # test rows (round-robin over tasks) of the router diagnostics
+      generate_rows=25,  # test rows per task generated greedily (exact match, seed 0); 0: skip
+      max_new_tokens=6,  # tokens generated per row at most
+      chunk=32,  # rows per compiled call of the frozen passes (lower blocks, baselines)
+    )
+  )
   if arg.cpu or arg.cpu_small:
     config.data.update(train_per_task=300, val_per_task=60, test_per_task=200, max_length=40)
     config.model.frozen_layers = 16

@@ -53,8 +53,10 @@ import ml_collections
 
 from localmoe import configlib
 
-ALL_METHODS = ("heads_only,linear_probe,lora,localized_lora,blockwise_moe,cellwise_moe,blockwise_moe_anchor,"
-               "cellwise_moe_anchor,cellwise_moe_oracle,cellwise_moe_activation,per_task_lora")
+ALL_METHODS = (
+  "heads_only,linear_probe,lora,localized_lora,blockwise_moe,cellwise_moe,blockwise_moe_anchor,"
+  "cellwise_moe_anchor,cellwise_moe_oracle,cellwise_moe_activation,per_task_lora"
+)
 
 
 def get_config(arg=None):
@@ -62,54 +64,70 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.experiment = "multitask_text"
   config.method_names = arg.methods
-  config.seed = 0                      # seeds are seed, ..., seed + num_seeds - 1 (adapter inits, batch order)
+  config.seed = 0  # seeds are seed, ..., seed + num_seeds - 1 (adapter inits, batch order)
   config.num_seeds = arg.seeds
-  config.checkpoint_every_epochs = 1   # orbax checkpoints in <workdir>/checkpoints/<method>; re-running resumes
+  config.checkpoint_every_epochs = 1  # orbax checkpoints in <workdir>/checkpoints/<method>; re-running resumes
 
-  config.data = ml_collections.ConfigDict(dict(
+  config.data = ml_collections.ConfigDict(
+    dict(
       tasks="topic,spam,question,sentiment",
-      train_per_task=0,                # 0: every training row; n: a stratified subset of n per task
-      val_per_task=100,                # training rows held out per task (probe regularisation, curves)
-      test_per_task=0,                 # 0: every test row; n: a stratified subset of n per task
-      max_length=128,                  # word pieces per input ([CLS] and [SEP] included); sentence-transformers' 128
-      seed=0,                          # subsets, held-out rows and the order of the evaluated rows
-  ))
-  config.model = ml_collections.ConfigDict(dict(
-      num_layers=6,                    # the first n layers of MiniLM-L6 (quick: 2)
-      frozen_layers=0,                 # lower layers without adapters, computed once per example
-      dtype="float32",                 # backbone compute dtype: float32 or bfloat16 (adapters keep float32 params)
-      rank=8,                          # the LoRA rank every method matches in parameters
-      grid=2,                          # K: a K x K grid for the localized methods
-      num_experts=4,                   # E per cell (routed methods)
-      alpha=0.0,                       # LoRA alpha; 0: alpha = r (scale 1)
-      heads="probe",                   # task heads start from the linear probe ("probe", LP-FT) or N(0, 0.02^2)
-  ))
-  config.router = ml_collections.ConfigDict(dict(
-      load_balance=0.0,                # weight of the Switch load-balance loss (per cell; global for block-wise)
-      z_loss=0.0,                      # weight of the router z-loss
-      anchor_lr_mult=100.0,            # _anchor/_oracle methods: router learning rate / the adapters' (Poly/MHR)
-      anchor_weight_decay=0.0,         # their router weight decay (Poly/MHR: none)
-      anchor_init_scale=1e-3,          # their router start U(-s, s) (Poly/MHR)
-      oracle_margin=2.0,               # _oracle: task t starts with logit margin m on expert t mod E
-  ))
-  config.probe = ml_collections.ConfigDict(dict(
-      l2="1e-4,1e-3,1e-2,1e-1,1",     # candidate L2 weights (on the mean loss); the best on held-out rows wins
-      max_steps=2000,                  # L-BFGS iterations at most (it stops when the gradient norm < 1e-5)
-  ))
-  config.optim = ml_collections.ConfigDict(dict(
-      epochs=10,                       # evaluations; each after steps_per_epoch steps
+      train_per_task=0,  # 0: every training row; n: a stratified subset of n per task
+      val_per_task=100,  # training rows held out per task (probe regularisation, curves)
+      test_per_task=0,  # 0: every test row; n: a stratified subset of n per task
+      max_length=128,  # word pieces per input ([CLS] and [SEP] included); sentence-transformers' 128
+      seed=0,  # subsets, held-out rows and the order of the evaluated rows
+    )
+  )
+  config.model = ml_collections.ConfigDict(
+    dict(
+      num_layers=6,  # the first n layers of MiniLM-L6 (quick: 2)
+      frozen_layers=0,  # lower layers without adapters, computed once per example
+      dtype="float32",  # backbone compute dtype: float32 or bfloat16 (adapters keep float32 params)
+      rank=8,  # the LoRA rank every method matches in parameters
+      grid=2,  # K: a K x K grid for the localized methods
+      num_experts=4,  # E per cell (routed methods)
+      alpha=0.0,  # LoRA alpha; 0: alpha = r (scale 1)
+      heads="probe",  # task heads start from the linear probe ("probe", LP-FT) or N(0, 0.02^2)
+    )
+  )
+  config.router = ml_collections.ConfigDict(
+    dict(
+      load_balance=0.0,  # weight of the Switch load-balance loss (per cell; global for block-wise)
+      z_loss=0.0,  # weight of the router z-loss
+      anchor_lr_mult=100.0,  # _anchor/_oracle methods: router learning rate / the adapters' (Poly/MHR)
+      anchor_weight_decay=0.0,  # their router weight decay (Poly/MHR: none)
+      anchor_init_scale=1e-3,  # their router start U(-s, s) (Poly/MHR)
+      oracle_margin=2.0,  # _oracle: task t starts with logit margin m on expert t mod E
+    )
+  )
+  config.probe = ml_collections.ConfigDict(
+    dict(
+      l2="1e-4,1e-3,1e-2,1e-1,1",  # candidate L2 weights (on the mean loss); the best on held-out rows wins
+      max_steps=2000,  # L-BFGS iterations at most (it stops when the gradient norm < 1e-5)
+    )
+  )
+  config.optim = ml_collections.ConfigDict(
+    dict(
+      epochs=10,  # evaluations; each after steps_per_epoch steps
       steps_per_epoch=200,
-      batch_size=32, lr=5e-4, weight_decay=0.01, eval_batch_size=256, log_every=1,
-      eval_train_rows=1024,            # training-stream rows evaluated each time (a fixed task-balanced subset)
-      test_at_end=True,                # the test split once, after training; curves from the held-out rows
+      batch_size=32,
+      lr=5e-4,
+      weight_decay=0.01,
+      eval_batch_size=256,
+      log_every=1,
+      eval_train_rows=1024,  # training-stream rows evaluated each time (a fixed task-balanced subset)
+      test_at_end=True,  # the test split once, after training; curves from the held-out rows
       # Parameter groups of every method (train.PRESETS names joined by "+", or rules); the _anchor methods add
       # their router group first.
       groups=configlib.groups_field("heads_slow"),
-  ))
-  config.eval = ml_collections.ConfigDict(dict(
-      step_time_repeats=5,             # time this many compiled training steps per method (0: skip)
-      diagnostic_rows=256,             # test rows (round-robin over tasks) of the router diagnostics
-  ))
+    )
+  )
+  config.eval = ml_collections.ConfigDict(
+    dict(
+      step_time_repeats=5,  # time this many compiled training steps per method (0: skip)
+      diagnostic_rows=256,  # test rows (round-robin over tasks) of the router diagnostics
+    )
+  )
   if arg.cpu:
     config.data.train_per_task = 1000
     config.data.val_per_task = 80
@@ -119,10 +137,9 @@ def get_config(arg=None):
     config.optim.epochs = 4
     config.optim.steps_per_epoch = 40
     config.optim.eval_train_rows = 256
-    config.eval.step_time_repeats = 0    # step times: benchmarks/model_step.py (a timed step compiles once more)
+    config.eval.step_time_repeats = 0  # step times: benchmarks/model_step.py (a timed step compiles once more)
   if arg.quick:
-    config.method_names = (arg.methods if arg.methods != ALL_METHODS else
-                           "linear_probe,lora,cellwise_moe_anchor")
+    config.method_names = arg.methods if arg.methods != ALL_METHODS else "linear_probe,lora,cellwise_moe_anchor"
     config.num_seeds = min(arg.seeds, 2)
     config.model.num_layers = 2
     config.model.frozen_layers = 1

@@ -40,54 +40,71 @@ import ml_collections
 from localmoe import configlib
 
 ALL_METHODS = "full_finetune,lora,dora,localized_lora,blockwise_moe,cellwise_moe,queryable_lora"
-QUICK_METHODS = "lora,queryable_lora"    # quick: compile time (every adapter is covered by tests/test_inject.py)
+QUICK_METHODS = "lora,queryable_lora"  # quick: compile time (every adapter is covered by tests/test_inject.py)
 ALL_FUNCTIONS = "ackley,dropwave,langermann,levy,matyas,michalewicz,rastrigin,sincos,styblinski_tang"
 
 
 def get_config(arg=None):
-  arg = configlib.parse_arg(arg, quick=False, methods="", functions=ALL_FUNCTIONS, seeds=5,
-                            epochs=5000, backbone="mlp", inits="torch,he")
+  arg = configlib.parse_arg(
+    arg, quick=False, methods="", functions=ALL_FUNCTIONS, seeds=5, epochs=5000, backbone="mlp", inits="torch,he"
+  )
   config = ml_collections.ConfigDict()
   config.experiment = "nonconvex_regression"
   config.method_names = arg.methods or (QUICK_METHODS if arg.quick else ALL_METHODS)
-  config.seed = 0                      # shift seed; runs use seeds seed .. seed + num_seeds - 1
+  config.seed = 0  # shift seed; runs use seeds seed .. seed + num_seeds - 1
   config.checkpoint_every_epochs = 500  # orbax checkpoints in <workdir>/checkpoints; re-running resumes
   config.num_seeds = arg.seeds
 
-  config.data = ml_collections.ConfigDict(dict(
-      functions=arg.functions, noise_sd=0.05,
-      source_samples=3000, source_test_fraction=0.2,
-      target_samples=1200, target_train=400,
+  config.data = ml_collections.ConfigDict(
+    dict(
+      functions=arg.functions,
+      noise_sd=0.05,
+      source_samples=3000,
+      source_test_fraction=0.2,
+      target_samples=1200,
+      target_train=400,
       shift_scale=1.0,
-      plot_grid=60,                    # PNG resolution per axis (0: no PNGs)
-  ))
-  config.model = ml_collections.ConfigDict(dict(
-      backbone=arg.backbone,           # "mlp" (App. B.3) or "transformer" (Sec. 4.1)
-      inits=arg.inits,                 # one table per backbone init
-      depth=32, width=32,              # MLP; the transformer uses depth=8, width=256 (set below)
+      plot_grid=60,  # PNG resolution per axis (0: no PNGs)
+    )
+  )
+  config.model = ml_collections.ConfigDict(
+    dict(
+      backbone=arg.backbone,  # "mlp" (App. B.3) or "transformer" (Sec. 4.1)
+      inits=arg.inits,  # one table per backbone init
+      depth=32,
+      width=32,  # MLP; the transformer uses depth=8, width=256 (set below)
       heads=4,
-  ))
-  config.adapter = ml_collections.ConfigDict(dict(    # what every adapter method shares
-      target_modules=r"hidden_\d+",    # regex over the backbone's module paths (PEFT target_modules)
-      scale=2.0,                       # alpha / r for every adapter
-  ))
+    )
+  )
+  config.adapter = ml_collections.ConfigDict(
+    dict(  # what every adapter method shares
+      target_modules=r"hidden_\d+",  # regex over the backbone's module paths (PEFT target_modules)
+      scale=2.0,  # alpha / r for every adapter
+    )
+  )
   config.pretrain = ml_collections.ConfigDict(dict(epochs=300, batch_size=64, lr=3e-3, weight_decay=0.01))
-  config.optim = ml_collections.ConfigDict(dict(
-      epochs=arg.epochs, batch_size=64, lr=5e-4, weight_decay=0.01, eval_every=10,
+  config.optim = ml_collections.ConfigDict(
+    dict(
+      epochs=arg.epochs,
+      batch_size=64,
+      lr=5e-4,
+      weight_decay=0.01,
+      eval_every=10,
       groups=configlib.groups_field(),  # parameter groups (localmoe.train.settings): PRESETS names joined by "+",
-                                       # e.g. poly_router, a list of rules or a dict of named rules; "" none
-  ))
-  config.methods = ml_collections.ConfigDict({
+      # e.g. poly_router, a list of rules or a dict of named rules; "" none
+    )
+  )
+  config.methods = ml_collections.ConfigDict(
+    {
       "full_finetune": dict(method="full_finetune"),
       "lora": dict(method="lora", rank=8),
       "dora": dict(method="dora", rank=8),
       "localized_lora": dict(method="localized_lora", k_y=2, k_x=2, rank=4),
-      "blockwise_moe": dict(method="blockwise_moe", k_y=2, k_x=2, rank=1, num_experts=3,
-                            router_input="activation"),
-      "cellwise_moe": dict(method="cellwise_moe", k_y=2, k_x=2, rank=1, num_experts=3,
-                           router_input="activation"),
+      "blockwise_moe": dict(method="blockwise_moe", k_y=2, k_x=2, rank=1, num_experts=3, router_input="activation"),
+      "cellwise_moe": dict(method="cellwise_moe", k_y=2, k_x=2, rank=1, num_experts=3, router_input="activation"),
       "queryable_lora": dict(method="queryable_lora", rank=8, num_atoms=8, num_blocks=4, top_k=2),
-  })
+    }
+  )
   if arg.backbone == "transformer":
     config.model.depth, config.model.width = 8, 256
     config.adapter.target_modules = r"block_\d+_attn/(query|key|value|out)"
@@ -104,5 +121,5 @@ def get_config(arg=None):
       config.model.depth, config.model.width = 2, 32
     else:
       config.model.depth = 2
-    config.methods.queryable_lora.num_blocks = 2             # one layer per block at depth 2
+    config.methods.queryable_lora.num_blocks = 2  # one layer per block at depth 2
   return config

@@ -30,20 +30,30 @@ def get_config(arg=None):
   config.seed = 0
   config.num_seeds = arg.seeds
   config.checkpoint_every_epochs = 10
-  config.data = ml_collections.ConfigDict(dict(
-      d=32, k=2, rank=2, num_samples=10_000, num_test=2_000, families="uniform,heterogeneous"))
-  config.optim = ml_collections.ConfigDict(dict(
-      epochs=20, batch_size=64, lr=3e-3, weight_decay=0.0, eval_batch_size=4096, log_every=0,
+  config.data = ml_collections.ConfigDict(
+    dict(d=32, k=2, rank=2, num_samples=10_000, num_test=2_000, families="uniform,heterogeneous")
+  )
+  config.optim = ml_collections.ConfigDict(
+    dict(
+      epochs=20,
+      batch_size=64,
+      lr=3e-3,
+      weight_decay=0.0,
+      eval_batch_size=4096,
+      log_every=0,
       groups=configlib.groups_field(),  # parameter groups (localmoe.train.settings): PRESETS names joined by "+",
-                                       # e.g. poly_router, a list of rules or a dict of named rules; "" none
-  ))
+      # e.g. poly_router, a list of rules or a dict of named rules; "" none
+    )
+  )
   config.adapter = ml_collections.ConfigDict(dict(a_init="lora", b_init="zeros"))
-  config.methods = ml_collections.ConfigDict({
+  config.methods = ml_collections.ConfigDict(
+    {
       "lora": dict(method="lora", rank=4),
       "localized_lora": dict(method="localized_lora", k_y=2, k_x=2, rank=2),
       "blockwise_moe": dict(method="blockwise_moe", k_y=2, k_x=2, rank=2, num_experts=2, router_input="context"),
       "cellwise_moe": dict(method="cellwise_moe", k_y=2, k_x=2, rank=2, num_experts=2, router_input="context"),
-  })
+    }
+  )
   if arg.quick:
     config.num_seeds = min(arg.seeds, 2)
     config.data.num_samples, config.data.num_test = 1_000, 200

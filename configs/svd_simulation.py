@@ -45,35 +45,47 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.experiment = "svd_simulation"
   config.method_names = arg.methods
-  config.seed = 0                      # seeds are seed, seed+1, ..., seed+num_seeds-1
+  config.seed = 0  # seeds are seed, seed+1, ..., seed+num_seeds-1
   config.num_seeds = arg.seeds
   config.checkpoint_every_epochs = 10  # orbax checkpoints in <workdir>/checkpoints; re-running resumes
 
-  config.data = ml_collections.ConfigDict(dict(
-      d=64, k=4, num_samples=10_000, test_fraction=0.2,
+  config.data = ml_collections.ConfigDict(
+    dict(
+      d=64,
+      k=4,
+      num_samples=10_000,
+      test_fraction=0.2,
       contexts="block_diagonal,checkerboard,upper_shift",
-      spectra=arg.spectra,             # the first one is the default reported in results.json "methods"
-      spectrum_decay=4.0,              # "decaying": s_k ~ exp(-(k-1)/spectrum_decay)
-      block_scale=1.0,                 # multiplies every target block
+      spectra=arg.spectra,  # the first one is the default reported in results.json "methods"
+      spectrum_decay=4.0,  # "decaying": s_k ~ exp(-(k-1)/spectrum_decay)
+      block_scale=1.0,  # multiplies every target block
       share_blocks=False,
       w0_std=0.01,
-  ))
-  config.optim = ml_collections.ConfigDict(dict(
-      epochs=30, batch_size=64, lr=1e-3, weight_decay=0.01, eval_batch_size=8192, log_every=0,
+    )
+  )
+  config.optim = ml_collections.ConfigDict(
+    dict(
+      epochs=30,
+      batch_size=64,
+      lr=1e-3,
+      weight_decay=0.01,
+      eval_batch_size=8192,
+      log_every=0,
       groups=configlib.groups_field(),  # parameter groups (localmoe.train.settings): PRESETS names joined by "+",
-                                       # e.g. poly_router, a list of rules or a dict of named rules; "" none
-  ))
+      # e.g. poly_router, a list of rules or a dict of named rules; "" none
+    )
+  )
   config.adapter = ml_collections.ConfigDict(dict(a_init="lora", b_init="zeros", alpha=None))
   config.adapter.alpha = ml_collections.config_dict.placeholder(float)
-  config.methods = ml_collections.ConfigDict({
+  config.methods = ml_collections.ConfigDict(
+    {
       "lora": dict(method="lora", rank=16),
       "melora": dict(method="melora", num_blocks=4, rank=16),
       "localized_lora": dict(method="localized_lora", k_y=4, k_x=4, rank=4),
-      "blockwise_moe": dict(method="blockwise_moe", k_y=4, k_x=4, rank=2, num_experts=2,
-                            router_input="context"),
-      "cellwise_moe": dict(method="cellwise_moe", k_y=4, k_x=4, rank=2, num_experts=2,
-                           router_input="context"),
-  })
+      "blockwise_moe": dict(method="blockwise_moe", k_y=4, k_x=4, rank=2, num_experts=2, router_input="context"),
+      "cellwise_moe": dict(method="cellwise_moe", k_y=4, k_x=4, rank=2, num_experts=2, router_input="context"),
+    }
+  )
   if arg.quick:
     config.num_seeds = min(arg.seeds, 2)
     config.data.num_samples = 1000
@@ -95,6 +107,15 @@ def get_sweep(arg=None):
   methods, lrs, seeds = configlib.split_names(arg.methods), [3e-4, 1e-3, 3e-3], range(arg.seeds)
   if arg.quick:
     methods, lrs, seeds = ["lora", "cellwise_moe"], [1e-3, 3e-3], range(2)
-  return [{"method_names": m, "num_seeds": 1, "seed": s, "optim.lr": lr,
-           "data.spectra": configlib.split_names(arg.spectra)[0]}
-          for m in methods for lr in lrs for s in seeds]
+  return [
+    {
+      "method_names": m,
+      "num_seeds": 1,
+      "seed": s,
+      "optim.lr": lr,
+      "data.spectra": configlib.split_names(arg.spectra)[0],
+    }
+    for m in methods
+    for lr in lrs
+    for s in seeds
+  ]

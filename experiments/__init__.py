@@ -33,8 +33,10 @@ def names() -> list[str]:
 def module(name: str):
   """The driver module of experiment `name`, or a ValueError listing the valid names."""
   if not isinstance(name, str) or name not in names():
-    raise ValueError(f"config.experiment={name!r} is not a known experiment (a module experiments/<name>.py "
-                     f"that defines run(config, workdir)); valid: {names()}.")
+    raise ValueError(
+      f"config.experiment={name!r} is not a known experiment (a module experiments/<name>.py "
+      f"that defines run(config, workdir)); valid: {names()}."
+    )
   return importlib.import_module(f"{__name__}.{name}")
 
 
@@ -52,8 +54,10 @@ def validate(config) -> None:
   Also checks the fields every experiment may carry: `sharding` (used by sweeps).
   """
   if "sharding" in config and config.sharding not in SHARDING:
-    raise ValueError(f"config.sharding={config.sharding!r} is not known; valid: 'entries' (sweep entries over "
-                     "devices), 'data' (batch axis over devices) or 'none'.")
+    raise ValueError(
+      f"config.sharding={config.sharding!r} is not known; valid: 'entries' (sweep entries over "
+      "devices), 'data' (batch axis over devices) or 'none'."
+    )
   check = getattr(module(config.experiment), "validate", None)
   if check is not None:
     check(config)

@@ -39,9 +39,15 @@ from localmoe.data import cache
 
 D_IN, HIDDEN, CLASSES = 784, 64, 5
 FULL = single_layer.FULL_FINETUNE
-PAPER_FULL = {"params": 50_565, "accuracy": 0.9759}     # Figure 2's caption; the other points are only plotted
-LABELS = {FULL: "Full fine-tuning", "lora": "LoRA", "melora": "MELoRA", "localized_lora": "Localized LoRA",
-          "blockwise_moe": "Block-wise LoRA-MoE", "cellwise_moe": "Cell-wise LoRA-MoE"}
+PAPER_FULL = {"params": 50_565, "accuracy": 0.9759}  # Figure 2's caption; the other points are only plotted
+LABELS = {
+  FULL: "Full fine-tuning",
+  "lora": "LoRA",
+  "melora": "MELoRA",
+  "localized_lora": "Localized LoRA",
+  "blockwise_moe": "Block-wise LoRA-MoE",
+  "cellwise_moe": "Cell-wise LoRA-MoE",
+}
 METRIC_NAMES = ("loss", "accuracy", "mse")
 
 
@@ -49,15 +55,19 @@ METRIC_NAMES = ("loss", "accuracy", "mse")
 
 
 def mlp_params_count() -> int:
-  return D_IN * HIDDEN + HIDDEN + HIDDEN * CLASSES + CLASSES        # 50,565
+  return D_IN * HIDDEN + HIDDEN + HIDDEN * CLASSES + CLASSES  # 50,565
 
 
 def init_mlp(key: jax.Array) -> dict[str, jax.Array]:
   """PyTorch nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
   k1, k2, k3, k4 = jax.random.split(key, 4)
   u = lambda k, shape, fan_in: jax.random.uniform(k, shape, jnp.float32, -1.0, 1.0) / np.sqrt(fan_in)
-  return {"w1": u(k1, (D_IN, HIDDEN), D_IN), "b1": u(k2, (HIDDEN,), D_IN),
-          "w2": u(k3, (HIDDEN, CLASSES), HIDDEN), "b2": u(k4, (CLASSES,), HIDDEN)}
+  return {
+    "w1": u(k1, (D_IN, HIDDEN), D_IN),
+    "b1": u(k2, (HIDDEN,), D_IN),
+    "w2": u(k3, (HIDDEN, CLASSES), HIDDEN),
+    "b2": u(k4, (CLASSES,), HIDDEN),
+  }
 
 
 def pixels(x: jax.Array) -> jax.Array:
@@ -67,8 +77,8 @@ def pixels(x: jax.Array) -> jax.Array:
 
 def mlp_logits(mlp: Mapping[str, jax.Array], x: jax.Array, delta: jax.Array | float = 0.0) -> jax.Array:
   """[batch, 784] floats -> logits [batch, 5]; `delta` [batch, 64] is added before the ReLU."""
-  h = jax.nn.relu(x @ mlp["w1"] + mlp["b1"] + delta)                   # [batch, 64]
-  return h @ mlp["w2"] + mlp["b2"]                                      # [batch, 5]
+  h = jax.nn.relu(x @ mlp["w1"] + mlp["b1"] + delta)  # [batch, 64]
+  return h @ mlp["w2"] + mlp["b2"]  # [batch, 5]
 
 
 def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
@@ -86,14 +96,21 @@ def classification_metrics(logits: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def classification_task(init, predict) -> train.Task:
-  return train.Task(init=init, predict=predict, loss=cross_entropy, metric_names=METRIC_NAMES,
-                    per_example_metrics=classification_metrics)
+  return train.Task(
+    init=init,
+    predict=predict,
+    loss=cross_entropy,
+    metric_names=METRIC_NAMES,
+    per_example_metrics=classification_metrics,
+  )
 
 
 def full_task() -> train.Task:
   """Every MLP parameter trainable, initialised from the pretrained (frozen) copy."""
-  return classification_task(lambda key, frozen: jax.tree_util.tree_map(jnp.array, frozen),
-                             lambda params, frozen, inputs: mlp_logits(params, pixels(inputs["x"])))
+  return classification_task(
+    lambda key, frozen: jax.tree_util.tree_map(jnp.array, frozen),
+    lambda params, frozen, inputs: mlp_logits(params, pixels(inputs["x"])),
+  )
 
 
 def adapter_task(module) -> train.Task:
@@ -129,6 +146,7 @@ def _digits(text: str) -> list[int]:
 @functools.lru_cache(maxsize=4)
 def _images():
   from localmoe.data.mnist import load_mnist
+
   return load_mnist()
 
 
@@ -166,15 +184,21 @@ def _prepared(data_json: str, pretrain_json: str):
   sx, sy = _select(raw["train_images"], raw["train_labels"], source, dc["max_train"], rng)
   tx_, ty_ = _select(raw["test_images"], raw["test_labels"], source, dc["max_test"], rng)
   pre = train.Data(train={"x": sx, "y": sy}, test={"x": tx_, "y": ty_})
-  settings = train.Settings(epochs=pc["epochs"], batch_size=pc["batch_size"], learning_rate=pc["lr"],
-                            weight_decay=pc["weight_decay"])
+  settings = train.Settings(
+    epochs=pc["epochs"], batch_size=pc["batch_size"], learning_rate=pc["lr"], weight_decay=pc["weight_decay"]
+  )
   t0 = time.perf_counter()
   task = classification_task(lambda key, frozen: init_mlp(key), lambda p, f, inputs: mlp_logits(p, pixels(inputs["x"])))
-  fit = train.fit(task, pre, [pc["seed"]], settings, name="pretrain 0-4", log=print,
-                  checkpoints=pretrain_policy(dc, pc))
+  fit = train.fit(
+    task, pre, [pc["seed"]], settings, name="pretrain 0-4", log=print, checkpoints=pretrain_policy(dc, pc)
+  )
   mlp = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), fit.params)
-  info = {"source_test_accuracy": float(fit.final("test", "accuracy")[0]), "epochs": pc["epochs"],
-          "train_examples": int(len(sy)), "wall_time_s": time.perf_counter() - t0}
+  info = {
+    "source_test_accuracy": float(fit.final("test", "accuracy")[0]),
+    "epochs": pc["epochs"],
+    "train_examples": int(len(sy)),
+    "wall_time_s": time.perf_counter() - t0,
+  }
 
   # Adaptation data: MNIST train digits 5-9 split into train / validation, MNIST test digits 5-9.
   ax, ay = _select(raw["train_images"], raw["train_labels"], target, dc["max_train"], rng)
@@ -182,19 +206,24 @@ def _prepared(data_json: str, pretrain_json: str):
   n_val = int(round(len(ay) * dc["val_fraction"]))
   val, tr = order[:n_val], order[n_val:]
   ex, ey = _select(raw["test_images"], raw["test_labels"], target, dc["max_test"], rng)
-  data = train.Data(train={"x": ax[tr], "y": ay[tr]}, val={"x": ax[val], "y": ay[val]},
-                    test={"x": ex, "y": ey}, frozen=mlp)
+  data = train.Data(
+    train={"x": ax[tr], "y": ay[tr]}, val={"x": ax[val], "y": ay[val]}, test={"x": ex, "y": ey}, frozen=mlp
+  )
   before = np.argmax(np.asarray(mlp_logits(mlp, pixels(jnp.asarray(ex)))), -1) == ey
   info["target_test_accuracy_before"] = float(np.mean(before))
   info.update(train_examples_target=int(len(tr)), val_examples=int(n_val), test_examples=int(len(ey)))
-  print(f"[mnist] pretrained on digits {source}: test accuracy {info['source_test_accuracy']:.4f}; frozen "
-        f"model on digits {target} before adaptation: {info['target_test_accuracy_before']:.4f}", flush=True)
+  print(
+    f"[mnist] pretrained on digits {source}: test accuracy {info['source_test_accuracy']:.4f}; frozen "
+    f"model on digits {target} before adaptation: {info['target_test_accuracy_before']:.4f}",
+    flush=True,
+  )
   return data, info
 
 
 def prepared(config):
-  return _prepared(json.dumps(config.data.to_dict(), sort_keys=True),
-                   json.dumps(config.pretrain.to_dict(), sort_keys=True))
+  return _prepared(
+    json.dumps(config.data.to_dict(), sort_keys=True), json.dumps(config.pretrain.to_dict(), sort_keys=True)
+  )
 
 
 def label_variance(y: np.ndarray) -> float:
@@ -219,48 +248,71 @@ def validate(config) -> None:
     raise ValueError(f"config.num_seeds={config.num_seeds!r} must be a positive integer.")
   checkpoint.every_epochs(config)
   settings = train.Settings.from_config(config.optim)
-  train.Settings(epochs=config.pretrain.epochs, batch_size=config.pretrain.batch_size,
-                 learning_rate=config.pretrain.lr, weight_decay=config.pretrain.weight_decay)
+  train.Settings(
+    epochs=config.pretrain.epochs,
+    batch_size=config.pretrain.batch_size,
+    learning_rate=config.pretrain.lr,
+    weight_decay=config.pretrain.weight_decay,
+  )
   names = configlib.split_names(config.method_names)
   if not names:
     raise ValueError("config.method_names is empty: name at least one of config.methods.")
-  mlp = jax.eval_shape(init_mlp, jax.random.PRNGKey(0))          # the pretrained MLP's shapes
+  mlp = jax.eval_shape(init_mlp, jax.random.PRNGKey(0))  # the pretrained MLP's shapes
   for name in names:
     module, _ = build_method(config, name)
     task = full_task() if module is None else adapter_task(module)
-    optimizer.check_groups(settings, task.init, mlp, where=f" (method {name})")   # groups against its params
+    optimizer.check_groups(settings, task.init, mlp, where=f" (method {name})")  # groups against its params
 
 
 def method_summary(params: int, seeds, lr: float, fit: train.FitResult, var_test: float) -> dict[str, Any]:
   """results.json entry: accuracies, losses, Brier MSE and the probabilities' R^2 (fractions)."""
-  out = results.method_summary(params, seeds, fit, extra={
-      "train_loss": fit.final("train", "loss"), "test_r2": 1.0 - fit.final("test", "mse") / var_test})
+  out = results.method_summary(
+    params,
+    seeds,
+    fit,
+    extra={"train_loss": fit.final("train", "loss"), "test_r2": 1.0 - fit.final("test", "mse") / var_test},
+  )
   out.pop("paper")
   out.update(fraction=params / mlp_params_count(), lr=float(lr))
   return out
 
 
 def _table(methods: Mapping[str, Mapping[str, Any]]) -> str:
-  lines = ["| Method | Params | Fraction | lr | Val loss | Test accuracy % (ours) | Test accuracy % (paper) | Status |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "| Method | Params | Fraction | lr | Val loss | Test accuracy % (ours) | Test accuracy % (paper) | Status |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   pct = lambda m, k: "n/a" if m.get(f"{k}_mean") is None else f"{100 * m[f'{k}_mean']:.2f} ± {100 * m[f'{k}_std']:.2f}"
   for name, m in methods.items():
     paper = m.get("paper") or {}
     paper_acc = f"{100 * paper['accuracy']:.2f}" if paper.get("accuracy") else "(plot only)"
     val = "n/a" if m.get("val_loss_mean") is None else f"{m['val_loss_mean']:.4f}"
-    lines.append(f"| {LABELS.get(m.get('method', name), name)} | {m['params']:,} | {100 * m['fraction']:.2f}% "
-                 f"| {m['lr']:g} | {val} | {pct(m, 'test_accuracy')} | {paper_acc} | {m['status']} |")
+    lines.append(
+      f"| {LABELS.get(m.get('method', name), name)} | {m['params']:,} | {100 * m['fraction']:.2f}% "
+      f"| {m['lr']:g} | {val} | {pct(m, 'test_accuracy')} | {paper_acc} | {m['status']} |"
+    )
   return "\n".join(lines)
 
 
-def write_results(workdir: str, config, methods: Mapping[str, Any], histories, info: Mapping[str, Any],
-                  wall: float, title: str, live: results.Live | None = None) -> None:
-  markdown = (f"# {title}\n\nPretrained MLP: test accuracy {100 * info['source_test_accuracy']:.2f}% on the "
-              f"source digits, {100 * info['target_test_accuracy_before']:.2f}% on the target digits before "
-              f"adaptation. {info['train_examples_target']} train / {info['val_examples']} validation / "
-              f"{info['test_examples']} test examples.\n\n" + _table(methods) + "\n")
-  results.write_run(workdir, "mnist_adaptation", config, methods, histories, wall, markdown,
-                    extra={"pretrain": dict(info)}, live=live)
+def write_results(
+  workdir: str,
+  config,
+  methods: Mapping[str, Any],
+  histories,
+  info: Mapping[str, Any],
+  wall: float,
+  title: str,
+  live: results.Live | None = None,
+) -> None:
+  markdown = (
+    f"# {title}\n\nPretrained MLP: test accuracy {100 * info['source_test_accuracy']:.2f}% on the "
+    f"source digits, {100 * info['target_test_accuracy_before']:.2f}% on the target digits before "
+    f"adaptation. {info['train_examples_target']} train / {info['val_examples']} validation / "
+    f"{info['test_examples']} test examples.\n\n" + _table(methods) + "\n"
+  )
+  results.write_run(
+    workdir, "mnist_adaptation", config, methods, histories, wall, markdown, extra={"pretrain": dict(info)}, live=live
+  )
 
 
 def _paper(name_method: str) -> dict[str, Any]:
@@ -283,24 +335,48 @@ def run(config, workdir: str) -> dict:
   def train_one(method: runner.Method):
     name = method.name
     module, params = build_method(config, name)
-    print(f"[{name}] {params:,} trainable parameters ({100 * params / mlp_params_count():.2f}%), "
-          f"{len(seeds)} seed(s), {settings.epochs} epochs", flush=True)
+    print(
+      f"[{name}] {params:,} trainable parameters ({100 * params / mlp_params_count():.2f}%), "
+      f"{len(seeds)} seed(s), {settings.epochs} epochs",
+      flush=True,
+    )
     fit = method.fit(full_task() if module is None else adapter_task(module), data, seeds, settings)
-    return fit, {"method": config.methods[name].method,
-                 **method_summary(params, seeds, settings.learning_rate, fit, var_test),
-                 "paper": _paper(config.methods[name].method)}
+    return fit, {
+      "method": config.methods[name].method,
+      **method_summary(params, seeds, settings.learning_rate, fit, var_test),
+      "paper": _paper(config.methods[name].method),
+    }
 
   def failed(name, reason):
-    return {"method": config.methods[name].method, "params": build_method(config, name)[1], "seeds": seeds,
-            "fraction": build_method(config, name)[1] / mlp_params_count(), "lr": settings.learning_rate,
-            "status": reason, "paper": _paper(config.methods[name].method)}
+    return {
+      "method": config.methods[name].method,
+      "params": build_method(config, name)[1],
+      "seeds": seeds,
+      "fraction": build_method(config, name)[1] / mlp_params_count(),
+      "lr": settings.learning_rate,
+      "status": reason,
+      "paper": _paper(config.methods[name].method),
+    }
 
-  methods, fits = runner.run_methods(configlib.split_names(config.method_names), train_one, failed=failed,
-                                     checkpoints=checkpoint.policy(config, workdir), live=live)
+  methods, fits = runner.run_methods(
+    configlib.split_names(config.method_names),
+    train_one,
+    failed=failed,
+    checkpoints=checkpoint.policy(config, workdir),
+    live=live,
+  )
   histories = {name: (seeds, fit) for name, fit in fits.items()}
   wall = time.perf_counter() - start
-  write_results(workdir, config, methods, histories, info, wall,
-                "MNIST adaptation 0-4 -> 5-9 (Localized LoRA paper, Experiment 2): one budget", live=live)
+  write_results(
+    workdir,
+    config,
+    methods,
+    histories,
+    info,
+    wall,
+    "MNIST adaptation 0-4 -> 5-9 (Localized LoRA paper, Experiment 2): one budget",
+    live=live,
+  )
   print(_table(methods), flush=True)
   print(f"wrote {workdir}/results.json, results.md, history.csv, tb/ ({wall:.1f}s)", flush=True)
   return {"methods": methods, "wall_time_s": wall}
@@ -311,8 +387,11 @@ def run(config, workdir: str) -> dict:
 
 def _shape_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
   """rank / blocks (MELoRA's N, the grid's K) / experts of a method spec, for the sweep table."""
-  return {"rank": spec.get("rank"), "blocks": spec.get("num_blocks", spec.get("k_x")),
-          "experts": spec.get("num_experts")}
+  return {
+    "rank": spec.get("rank"),
+    "blocks": spec.get("num_blocks", spec.get("k_x")),
+    "experts": spec.get("num_experts"),
+  }
 
 
 def sweep_job(config):
@@ -321,8 +400,10 @@ def sweep_job(config):
 
   names = configlib.split_names(config.method_names)
   if len(names) != 1 or config.num_seeds != 1:
-    raise ValueError(f"sweep entry: method_names={config.method_names!r}, num_seeds={config.num_seeds}: a sweep "
-                     "entry trains one method and one seed; sweep over 'method_names' and 'seed' instead.")
+    raise ValueError(
+      f"sweep entry: method_names={config.method_names!r}, num_seeds={config.num_seeds}: a sweep "
+      "entry trains one method and one seed; sweep over 'method_names' and 'seed' instead."
+    )
   name, seed = names[0], int(config.seed)
   module, params = build_method(config, name)
   settings = train.Settings.from_config(config.optim)
@@ -332,20 +413,40 @@ def sweep_job(config):
 
   def finish(workdir, fit):
     data, info = prepared(config)
-    summary = {"method": spec["method"], **method_summary(params, [seed], settings.learning_rate, fit,
-                                                          label_variance(data.test["y"])),
-               "paper": _paper(spec["method"])}
-    write_results(workdir, config, {name: summary}, {name: ([seed], fit)}, info, fit.wall_time_s,
-                  f"MNIST adaptation sweep entry: {label}, lr {settings.learning_rate:g}, seed {seed}")
-    return {"method": spec["method"], **shape, "params": params, "fraction": params / mlp_params_count(),
-            "lr": settings.learning_rate, "seed": seed,
-            **{k: summary[f"{k}_mean"] for k in ("val_loss", "val_accuracy", "test_accuracy", "test_loss",
-                                                  "train_loss")}}
+    summary = {
+      "method": spec["method"],
+      **method_summary(params, [seed], settings.learning_rate, fit, label_variance(data.test["y"])),
+      "paper": _paper(spec["method"]),
+    }
+    write_results(
+      workdir,
+      config,
+      {name: summary},
+      {name: ([seed], fit)},
+      info,
+      fit.wall_time_s,
+      f"MNIST adaptation sweep entry: {label}, lr {settings.learning_rate:g}, seed {seed}",
+    )
+    return {
+      "method": spec["method"],
+      **shape,
+      "params": params,
+      "fraction": params / mlp_params_count(),
+      "lr": settings.learning_rate,
+      "seed": seed,
+      **{k: summary[f"{k}_mean"] for k in ("val_loss", "val_accuracy", "test_accuracy", "test_loss", "train_loss")},
+    }
 
-  return sweep.Job(task=full_task() if module is None else adapter_task(module),
-                   data=lambda: prepared(config)[0], settings=settings, seed=seed,
-                   learning_rate=settings.learning_rate, weight_decay=settings.weight_decay, finish=finish,
-                   label=label)
+  return sweep.Job(
+    task=full_task() if module is None else adapter_task(module),
+    data=lambda: prepared(config)[0],
+    settings=settings,
+    seed=seed,
+    learning_rate=settings.learning_rate,
+    weight_decay=settings.weight_decay,
+    finish=finish,
+    label=label,
+  )
 
 
 def best_per_budget(rows) -> tuple[dict | None, dict[str, list[dict]]]:
@@ -380,6 +481,7 @@ def best_per_budget(rows) -> tuple[dict | None, dict[str, list[dict]]]:
 
 def _plot(path: str, full: dict, curves: Mapping[str, list[dict]]) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -409,28 +511,53 @@ def summarize_sweep(summary: Mapping[str, Any], config, workdir: str) -> dict[st
   full, curves = best_per_budget(summary["entries"])
   lines = ["## Figure 2: best configuration per parameter budget (selected on validation loss)", ""]
   if full is None:
-    return {"markdown": "\n".join(lines + ["No finished full fine-tuning entry: Figure 2 needs it as the "
-                                            "reference. Add method_names=full_finetune entries."]) + "\n"}
-  lines += [f"Full fine-tuning (ours): {full['params']:,} parameters, lr {full['lr']:g}, test accuracy "
-            f"{100 * full['test_accuracy']:.2f}% (paper: {PAPER_FULL['params']:,} parameters, "
-            f"{100 * PAPER_FULL['accuracy']:.2f}%).", "",
-            "| Method | Params | Fraction | Best config | lr | Val loss | Test accuracy % | Drop vs our full FT (points) |",
-            "|---|---|---|---|---|---|---|---|"]
+    return {
+      "markdown": "\n".join(
+        lines
+        + [
+          "No finished full fine-tuning entry: Figure 2 needs it as the "
+          "reference. Add method_names=full_finetune entries."
+        ]
+      )
+      + "\n"
+    }
+  lines += [
+    f"Full fine-tuning (ours): {full['params']:,} parameters, lr {full['lr']:g}, test accuracy "
+    f"{100 * full['test_accuracy']:.2f}% (paper: {PAPER_FULL['params']:,} parameters, "
+    f"{100 * PAPER_FULL['accuracy']:.2f}%).",
+    "",
+    "| Method | Params | Fraction | Best config | lr | Val loss | Test accuracy % | Drop vs our full FT (points) |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   table = []
   for method, rows in curves.items():
     for r in rows:
       shape = ", ".join(f"{k}={r[k]}" for k in ("rank", "blocks", "experts") if r.get(k) is not None)
       drop = 100 * (full["test_accuracy"] - r["test_accuracy"])
-      table.append({"method": method, "params": r["params"], "fraction": r["fraction"], "config": shape,
-                    "lr": r["lr"], "val_loss": r["val_loss"], "test_accuracy": r["test_accuracy"],
-                    "drop_points": drop, "entry": r["index"]})
-      lines.append(f"| {LABELS.get(method, method)} | {r['params']:,} | {100 * r['fraction']:.2f}% | {shape} "
-                   f"| {r['lr']:g} | {r['val_loss']:.4f} | {100 * r['test_accuracy']:.2f} | {drop:+.2f} |")
+      table.append(
+        {
+          "method": method,
+          "params": r["params"],
+          "fraction": r["fraction"],
+          "config": shape,
+          "lr": r["lr"],
+          "val_loss": r["val_loss"],
+          "test_accuracy": r["test_accuracy"],
+          "drop_points": drop,
+          "entry": r["index"],
+        }
+      )
+      lines.append(
+        f"| {LABELS.get(method, method)} | {r['params']:,} | {100 * r['fraction']:.2f}% | {shape} "
+        f"| {r['lr']:g} | {r['val_loss']:.4f} | {100 * r['test_accuracy']:.2f} | {drop:+.2f} |"
+      )
   figure = os.path.join(workdir, "figures", "figure2_accuracy_drop.png")
   _plot(figure, full, curves)
   lines += ["", _paper_claims(curves), "", f"Figure: `figures/{os.path.basename(figure)}`."]
-  return {"markdown": "\n".join(lines) + "\n", "figure2": {"full_finetune": full, "points": table,
-                                                           "figure": os.path.relpath(figure, workdir)}}
+  return {
+    "markdown": "\n".join(lines) + "\n",
+    "figure2": {"full_finetune": full, "points": table, "figure": os.path.relpath(figure, workdir)},
+  }
 
 
 def _paper_claims(curves: Mapping[str, list[dict]]) -> str:
@@ -443,5 +570,8 @@ def _paper_claims(curves: Mapping[str, list[dict]]) -> str:
     if shared:
       wins = sum(local[p] >= by[other][p] for p in shared)
       parts.append(f"Localized LoRA >= {LABELS[other]} at {wins} of {len(shared)} shared budgets")
-  return ("Paper's claim (Localized LoRA has the lowest drop across budgets), checked on test accuracy: "
-          + ("; ".join(parts) if parts else "no shared budgets in this sweep") + ".")
+  return (
+    "Paper's claim (Localized LoRA has the lowest drop across budgets), checked on test accuracy: "
+    + ("; ".join(parts) if parts else "no shared budgets in this sweep")
+    + "."
+  )

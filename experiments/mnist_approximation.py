@@ -20,9 +20,9 @@ from localmoe import configlib, grid, results
 from localmoe.data import mnist
 
 PAPER = {  # Table I: normalised Frobenius error
-    "lora": {"params": 224, "error": 0.2313},
-    "melora": {"params": 224, "error": 0.9071},
-    "localized_lora": {"params": 224, "error": 0.2119},
+  "lora": {"params": 224, "error": 0.2313},
+  "melora": {"params": 224, "error": 0.9071},
+  "localized_lora": {"params": 224, "error": 0.2119},
 }
 LABELS = {"lora": "LoRA (Global)", "melora": "MELoRA", "localized_lora": "Localized LoRA"}
 METHODS = tuple(PAPER)
@@ -39,23 +39,23 @@ def grid_approximation(matrix: np.ndarray, k: int, rank: int, diagonal_only: boo
 
   diagonal_only=True keeps only the diagonal cells (MELoRA) and sets the others to zero.
   """
-  cells = np.asarray(grid.disassemble(matrix, k, k))                  # [k, k, m/k, n/k]
+  cells = np.asarray(grid.disassemble(matrix, k, k))  # [k, k, m/k, n/k]
   out = np.zeros_like(cells)
   for i in range(k):
     for j in range(k):
       if diagonal_only and i != j:
         continue
       out[i, j] = truncated_svd(cells[i, j], rank)
-  return np.asarray(grid.assemble(out))                               # [m, n]
+  return np.asarray(grid.assemble(out))  # [m, n]
 
 
 def method_params(name: str, spec, m: int, n: int) -> int:
   """Factor parameters of one approximation: rank * (rows + cols) per factorised block."""
   if name == "lora":
     return spec.rank * (m + n)
-  if name == "melora":                                  # N diagonal blocks of (m/N) x (n/N)
+  if name == "melora":  # N diagonal blocks of (m/N) x (n/N)
     return spec.num_blocks * spec.rank * (m // spec.num_blocks + n // spec.num_blocks)
-  return spec.k * spec.k * spec.rank * (m // spec.k + n // spec.k)   # k x k cells of (m/k) x (n/k)
+  return spec.k * spec.k * spec.rank * (m // spec.k + n // spec.k)  # k x k cells of (m/k) x (n/k)
 
 
 def approximate(name: str, spec, matrix: np.ndarray) -> np.ndarray:
@@ -104,31 +104,44 @@ def run(config, workdir: str) -> dict:
   from localmoe import plots  # pylint: disable=import-outside-toplevel  -- matplotlib only when drawing
 
   names = configlib.split_names(config.method_names)
-  image, index = pick_image(config)                                    # [28, 28]
+  image, index = pick_image(config)  # [28, 28]
   approximations, methods = {}, {}
   for name in names:
     spec = config.methods[name]
     approx = approximate(name, spec, image)
     approximations[name] = approx
-    methods[name] = {"params": method_params(name, spec, *image.shape), "rank": int(spec.rank),
-                     "error": relative_error(image, approx), "paper": PAPER[name], "status": "ok"}
-  plots.image_grid(os.path.join(workdir, "figure1.png"),
-                   np.stack([image] + [approximations[n] for n in names])[None],
-                   col_labels=["original"] + [f"{LABELS[n]}\nerror {methods[n]['error']:.4f}" for n in names],
-                   title=f"MNIST test image {index} (digit {config.data.digit}), {methods[names[0]]['params']} "
-                   "parameters each", shared_scale="row")
-  lines = [f"# Truncated-SVD approximation of MNIST test image {index} (digit {config.data.digit})",
-           "", "Localized LoRA paper, Table I / Figure 1. Normalised Frobenius error ||W - W_approx||_F / ||W||_F.",
-           "", "| Method | Rank | Params (ours / paper) | Error (ours) | Error (paper) |", "|---|---|---|---|---|"]
+    methods[name] = {
+      "params": method_params(name, spec, *image.shape),
+      "rank": int(spec.rank),
+      "error": relative_error(image, approx),
+      "paper": PAPER[name],
+      "status": "ok",
+    }
+  plots.image_grid(
+    os.path.join(workdir, "figure1.png"),
+    np.stack([image] + [approximations[n] for n in names])[None],
+    col_labels=["original"] + [f"{LABELS[n]}\nerror {methods[n]['error']:.4f}" for n in names],
+    title=f"MNIST test image {index} (digit {config.data.digit}), {methods[names[0]]['params']} parameters each",
+    shared_scale="row",
+  )
+  lines = [
+    f"# Truncated-SVD approximation of MNIST test image {index} (digit {config.data.digit})",
+    "",
+    "Localized LoRA paper, Table I / Figure 1. Normalised Frobenius error ||W - W_approx||_F / ||W||_F.",
+    "",
+    "| Method | Rank | Params (ours / paper) | Error (ours) | Error (paper) |",
+    "|---|---|---|---|---|",
+  ]
   for name in names:
     m = methods[name]
-    lines.append(f"| {LABELS[name]} | {m['rank']} | {m['params']} / {PAPER[name]['params']} | {m['error']:.4f} "
-                 f"| {PAPER[name]['error']:.4f} |")
+    lines.append(
+      f"| {LABELS[name]} | {m['rank']} | {m['params']} / {PAPER[name]['params']} | {m['error']:.4f} "
+      f"| {PAPER[name]['error']:.4f} |"
+    )
   wall = time.perf_counter() - start
   lines += ["", "Figure 1: `figure1.png`.", "", f"Total wall time: {wall:.2f} s.", ""]
   markdown = "\n".join(lines)
   print(markdown, flush=True)
-  results.write_run(workdir, "mnist_approximation", config, methods, {}, wall, markdown,
-                    extra={"image_index": index})
+  results.write_run(workdir, "mnist_approximation", config, methods, {}, wall, markdown, extra={"image_index": index})
   print(f"wrote {workdir}/results.json, results.md, figure1.png ({wall:.2f}s total)", flush=True)
   return {"methods": methods, "wall_time_s": wall}

@@ -27,22 +27,27 @@ from localmoe import checkpoint, configlib, results, single_layer, targets, trai
 from localmoe.data import mnist
 
 PAPER = {  # Table 3 (R^2 as a fraction)
-    "melora": {"params": 50176, "mse": 0.1281, "r2": 0.2356},
-    "localized_lora": {"params": 25088, "mse": 0.1077, "r2": 0.3574},
-    "lora": {"params": 25088, "mse": 0.1066, "r2": 0.3642},
-    "blockwise_moe": {"params": 25092, "mse": 0.0553, "r2": 0.6667},
-    "cellwise_moe": {"params": 25152, "mse": 0.0542, "r2": 0.6699},
+  "melora": {"params": 50176, "mse": 0.1281, "r2": 0.2356},
+  "localized_lora": {"params": 25088, "mse": 0.1077, "r2": 0.3574},
+  "lora": {"params": 25088, "mse": 0.1066, "r2": 0.3642},
+  "blockwise_moe": {"params": 25092, "mse": 0.0553, "r2": 0.6667},
+  "cellwise_moe": {"params": 25152, "mse": 0.0542, "r2": 0.6699},
 }
-LABELS = {"melora": "MELoRA", "localized_lora": "Localized LoRA (Static)", "lora": "LoRA",
-          "blockwise_moe": "Proposed (Global Router)", "cellwise_moe": "Proposed (Cell-Wise)"}
+LABELS = {
+  "melora": "MELoRA",
+  "localized_lora": "Localized LoRA (Static)",
+  "lora": "LoRA",
+  "blockwise_moe": "Proposed (Global Router)",
+  "cellwise_moe": "Proposed (Cell-Wise)",
+}
 ORDERING = [["cellwise_moe", "blockwise_moe"], ["lora", "localized_lora"], ["melora"]]
 # MSE / (1 - R^2) of the paper's rows: the test SST per output coordinate that Table 3 implies (~0.167).
 PAPER_IMPLIED_TARGET_VARIANCE = float(np.mean([p["mse"] / (1 - p["r2"]) for p in PAPER.values()]))
 
-SIDE, HALF, K = 28, 14, 4                 # image side, quadrant side, quadrants (fields)
-D = SIDE * SIDE                           # 784
-FAILED_QUADRANT = 4                       # x4 (bottom-right) fails in context 1
-NOMINAL_TOPOLOGY = "anti_diagonal"        # context 0: cells (1,4), (2,3), (3,2), (4,1)
+SIDE, HALF, K = 28, 14, 4  # image side, quadrant side, quadrants (fields)
+D = SIDE * SIDE  # 784
+FAILED_QUADRANT = 4  # x4 (bottom-right) fails in context 1
+NOMINAL_TOPOLOGY = "anti_diagonal"  # context 0: cells (1,4), (2,3), (3,2), (4,1)
 
 
 def to_quadrants(images: np.ndarray) -> np.ndarray:
@@ -62,7 +67,7 @@ def degrade(x: np.ndarray, context: np.ndarray) -> np.ndarray:
   size = HALF * HALF
   lo = (FAILED_QUADRANT - 1) * size
   x = x.copy()
-  x[context == 1, lo:lo + size] = 0.0
+  x[context == 1, lo : lo + size] = 0.0
   return x
 
 
@@ -103,22 +108,28 @@ def make_data(config):
   dc = config.data
   raw = mnist.load_mnist()
   rng = np.random.default_rng(dc.seed)
-  w_target = targets.block_targets(rng, context_masks(parse_cells(dc.degraded_cells)), D, D, dc.spectrum,
-                                   dc.block_scale)                                       # [2, 784, 784]
-  w0 = (dc.w0_std * rng.standard_normal((D, D))).astype(np.float32)                     # [784, 784]
+  w_target = targets.block_targets(
+    rng, context_masks(parse_cells(dc.degraded_cells)), D, D, dc.spectrum, dc.block_scale
+  )  # [2, 784, 784]
+  w0 = (dc.w0_std * rng.standard_normal((D, D))).astype(np.float32)  # [784, 784]
   splits, extras = {}, {}
-  for split, images, labels, n in (("train", raw["train_images"], raw["train_labels"], dc.num_train),
-                                   ("test", raw["test_images"], raw["test_labels"], dc.num_test)):
-    images, labels = images[:n or None], labels[:n or None]
-    x = to_quadrants(images.astype(np.float32) / 255.0)                                 # [n, 784] in [0, 1]
-    ctx = rng.integers(0, 2, x.shape[0])                                                 # [n]
+  for split, images, labels, n in (
+    ("train", raw["train_images"], raw["train_labels"], dc.num_train),
+    ("test", raw["test_images"], raw["test_labels"], dc.num_test),
+  ):
+    images, labels = images[: n or None], labels[: n or None]
+    x = to_quadrants(images.astype(np.float32) / 255.0)  # [n, 784] in [0, 1]
+    ctx = rng.integers(0, 2, x.shape[0])  # [n]
     x = degrade(x, ctx)
-    y = apply_targets(w_target, x, ctx).astype(np.float32)                               # [n, 784]
+    y = apply_targets(w_target, x, ctx).astype(np.float32)  # [n, 784]
     splits[split] = {"x": x, "context": np.eye(2, dtype=np.float32)[ctx], "base": x @ w0.T, "y": y}
     extras[split] = {"labels": labels, "context": ctx}
   te = splits["test"]
-  diag = {"target_var": float(te["y"].var(0).mean()), "base_var": float(te["base"].var(0).mean()),
-          "input_var": float(te["x"].var(0).mean())}
+  diag = {
+    "target_var": float(te["y"].var(0).mean()),
+    "base_var": float(te["base"].var(0).mean()),
+    "input_var": float(te["x"].var(0).mean()),
+  }
   data = train.Data(train=splits["train"], test=splits["test"], frozen={"w0": w0}, per_seed=False)
   return data, diag, extras
 
@@ -126,7 +137,7 @@ def make_data(config):
 def ceilings(data: train.Data) -> dict:
   """Best unlimited-rank linear maps fitted on train: static, and one per context (routed)."""
   tr, te = data.train, data.test
-  resid = lambda split: split["y"] - split["base"]          # what the adapter must add to W0 x
+  resid = lambda split: split["y"] - split["base"]  # what the adapter must add to W0 x
   sst = np.sum((te["y"] - te["y"].mean(0)) ** 2)
   static = ridge_r2(tr["x"], resid(tr), te["x"], resid(te))
   # Routed: per-context maps, i.e. the static fit on [x * (c == 0), x * (c == 1)], solved context by context.
@@ -152,7 +163,7 @@ def base_task(module, d_in: int, context_dim: int) -> train.Task:
 
   def predict(params, frozen, inputs):
     del frozen
-    return inputs["base"] + module.apply({"params": params}, inputs["x"], inputs["context"])   # [batch, 784]
+    return inputs["base"] + module.apply({"params": params}, inputs["x"], inputs["context"])  # [batch, 784]
 
   return train.Task(init=init, predict=predict)
 
@@ -165,25 +176,36 @@ def validate(config) -> None:
   try:
     cells = parse_cells(dc.degraded_cells)
   except ValueError:
-    raise ValueError(f"config.data.degraded_cells={dc.degraded_cells!r}: write cells as 'i-j' pairs, 1-indexed, "
-                     "comma-separated, e.g. '1-3,3-1,2-1,4-3'.") from None
+    raise ValueError(
+      f"config.data.degraded_cells={dc.degraded_cells!r}: write cells as 'i-j' pairs, 1-indexed, "
+      "comma-separated, e.g. '1-3,3-1,2-1,4-3'."
+    ) from None
   for i, j in cells or [(0, 0)]:
     if not (1 <= i <= K and 1 <= j <= K):
       raise ValueError(f"config.data.degraded_cells: cell ({i},{j}) is outside the 4x4 grid (1-indexed).")
     if j == FAILED_QUADRANT:
-      raise ValueError(f"config.data.degraded_cells: cell ({i},{j}) reads the failed quadrant x4; context 1 "
-                       "targets must never read x4 (use columns 1-3).")
+      raise ValueError(
+        f"config.data.degraded_cells: cell ({i},{j}) reads the failed quadrant x4; context 1 "
+        "targets must never read x4 (use columns 1-3)."
+      )
   for field, limit in (("num_train", 60_000), ("num_test", 10_000)):
     value = dc[field]
     if value < 0 or value > limit or 0 < value < 100:
       raise ValueError(f"config.data.{field}={value} must be 0 (all {limit:,}) or between 100 and {limit:,}.")
   checkpoint.every_epochs(config)
   if config.eval.num_examples < 1:
-    raise ValueError(f"config.eval.num_examples={config.eval.num_examples} must be >= 1 (digits per context in "
-                     "the output grid).")
-  single_layer.validate_methods(config, dc.num_train or 60_000,
-                                4.0 * ((dc.num_train or 60_000) + (dc.num_test or 10_000)) * (3 * D + 2), D, D, 2,
-                                make_task=base_task)
+    raise ValueError(
+      f"config.eval.num_examples={config.eval.num_examples} must be >= 1 (digits per context in the output grid)."
+    )
+  single_layer.validate_methods(
+    config,
+    dc.num_train or 60_000,
+    4.0 * ((dc.num_train or 60_000) + (dc.num_test or 10_000)) * (3 * D + 2),
+    D,
+    D,
+    2,
+    make_task=base_task,
+  )
 
 
 def _output_grid(path, modules, fits, data, extras, num_examples: int, order) -> None:
@@ -191,21 +213,26 @@ def _output_grid(path, modules, fits, data, extras, num_examples: int, order) ->
   from localmoe import plots  # pylint: disable=import-outside-toplevel
 
   ctx = extras["test"]["context"]
-  rows = np.concatenate([np.flatnonzero(ctx == c)[:num_examples] for c in (0, 1)])      # [2 * num_examples]
+  rows = np.concatenate([np.flatnonzero(ctx == c)[:num_examples] for c in (0, 1)])  # [2 * num_examples]
   sample = {k: jnp.asarray(v[rows]) for k, v in data.test.items() if k != "y"}
   columns = [from_quadrants(np.asarray(data.test["x"][rows])), from_quadrants(np.asarray(data.test["y"][rows]))]
   names = [n for n in order if n in fits]
   for name in names:
-    params = jax.tree_util.tree_map(lambda a: a[0], fits[name].params)                # seed 0
+    params = jax.tree_util.tree_map(lambda a: a[0], fits[name].params)  # seed 0
     pred = base_task(modules[name], D, 2).predict(params, None, sample)
     columns.append(from_quadrants(np.asarray(pred)))
-  images = np.stack(columns, axis=1)                                                    # [rows, cols, 28, 28]
+  images = np.stack(columns, axis=1)  # [rows, cols, 28, 28]
   labels = extras["test"]["labels"][rows]
   row_labels = [f"c={c} digit {d}" for c, d in zip(ctx[rows], labels)]
-  plots.image_grid(path, images, row_labels=row_labels,
-                   col_labels=["input x", "target y"] + [LABELS.get(n, n) for n in names],
-                   title="MNIST sensor degradation: input, target, outputs (seed 0); target and outputs of a row "
-                   "share one colour scale", own_scale_cols=(0,))
+  plots.image_grid(
+    path,
+    images,
+    row_labels=row_labels,
+    col_labels=["input x", "target y"] + [LABELS.get(n, n) for n in names],
+    title="MNIST sensor degradation: input, target, outputs (seed 0); target and outputs of a row "
+    "share one colour scale",
+    own_scale_cols=(0,),
+  )
 
 
 def run(config, workdir: str) -> dict:
@@ -220,50 +247,87 @@ def run(config, workdir: str) -> dict:
   data, diag, extras = make_data(config)
   if config.eval.ceilings:
     diag.update(ceilings(data))
-  print(f"== MNIST sensor degradation: data and targets in {time.perf_counter() - t0:.1f}s; test variance per "
-        f"output: target {diag['target_var']:.4f}, W0 x {diag['base_var']:.5f}", flush=True)
+  print(
+    f"== MNIST sensor degradation: data and targets in {time.perf_counter() - t0:.1f}s; test variance per "
+    f"output: target {diag['target_var']:.4f}, W0 x {diag['base_var']:.5f}",
+    flush=True,
+  )
   modules = single_layer.build_methods(config.methods, names, D, D, 2, shared=config.adapter)
   live = results.Live(workdir)
-  summaries, fits = single_layer.run_methods(modules, data, seeds, settings, D, 2, PAPER, parallel=1,
-                                             checkpoints=checkpoint.policy(config, workdir),
-                                             make_task=base_task, live=live)
+  summaries, fits = single_layer.run_methods(
+    modules,
+    data,
+    seeds,
+    settings,
+    D,
+    2,
+    PAPER,
+    parallel=1,
+    checkpoints=checkpoint.policy(config, workdir),
+    make_task=base_task,
+    live=live,
+  )
 
-  plots.bar_chart(os.path.join(workdir, "figure3.png"), names, {n: s["test_r2"] for n, s in summaries.items()},
-                  labels=LABELS, paper={n: PAPER[n]["r2"] for n in names if n in PAPER},
-                  title=f"MNIST sensor degradation: test R² (mean ± std over {len(seeds)} seeds; ticks: paper)")
+  plots.bar_chart(
+    os.path.join(workdir, "figure3.png"),
+    names,
+    {n: s["test_r2"] for n, s in summaries.items()},
+    labels=LABELS,
+    paper={n: PAPER[n]["r2"] for n in names if n in PAPER},
+    title=f"MNIST sensor degradation: test R² (mean ± std over {len(seeds)} seeds; ticks: paper)",
+  )
   _output_grid(os.path.join(workdir, "outputs.png"), modules, fits, data, extras, config.eval.num_examples, names)
   holds, sentence = results.ordering_check(summaries, ORDERING, LABELS)
   table = results.markdown_table(summaries, LABELS)
   wall = time.perf_counter() - start
   dc = config.data
   lines = [
-      "# MNIST sensor degradation (paper Section 3.3, Table 3, Figure 3)",
-      "",
-      f"{len(seeds)} seeds (shared data and targets, data seed {dc.seed}; seeds vary initialisation and batch "
-      f"order), {data.num_train:,} train / {data.test['y'].shape[0]:,} test images, {settings.epochs} epochs, "
-      f"batch {settings.batch_size}, AdamW lr {settings.learning_rate}, weight decay {settings.weight_decay}. "
-      f"Targets: {dc.spectrum} spectrum x {dc.block_scale}; context 1 cells {dc.degraded_cells}. "
-      "R² = 1 - SSE/SST on the test images, mean ± std over seeds.",
-      "",
-      table,
-      "",
-      f"Paper's ordering (routed > static > MELoRA) {'holds' if holds else 'does NOT hold'}: {sentence}.",
-      "",
-      f"- Variance per output coordinate on the test images: target y {diag['target_var']:.4f} (the paper's "
-      f"Table 3 implies about {PAPER_IMPLIED_TARGET_VARIANCE:.3f}); frozen W0 x {diag['base_var']:.5f} "
-      f"({100 * diag['base_var'] / diag['target_var']:.1f}% of the target's); input pixels {diag['input_var']:.4f}.",
+    "# MNIST sensor degradation (paper Section 3.3, Table 3, Figure 3)",
+    "",
+    f"{len(seeds)} seeds (shared data and targets, data seed {dc.seed}; seeds vary initialisation and batch "
+    f"order), {data.num_train:,} train / {data.test['y'].shape[0]:,} test images, {settings.epochs} epochs, "
+    f"batch {settings.batch_size}, AdamW lr {settings.learning_rate}, weight decay {settings.weight_decay}. "
+    f"Targets: {dc.spectrum} spectrum x {dc.block_scale}; context 1 cells {dc.degraded_cells}. "
+    "R² = 1 - SSE/SST on the test images, mean ± std over seeds.",
+    "",
+    table,
+    "",
+    f"Paper's ordering (routed > static > MELoRA) {'holds' if holds else 'does NOT hold'}: {sentence}.",
+    "",
+    f"- Variance per output coordinate on the test images: target y {diag['target_var']:.4f} (the paper's "
+    f"Table 3 implies about {PAPER_IMPLIED_TARGET_VARIANCE:.3f}); frozen W0 x {diag['base_var']:.5f} "
+    f"({100 * diag['base_var'] / diag['target_var']:.1f}% of the target's); input pixels {diag['input_var']:.4f}.",
   ]
   if "static_ceiling" in diag:
-    lines.append(f"- Best linear maps, unlimited rank, fitted on train (least squares): static "
-                 f"{100 * diag['static_ceiling']:.2f}%, one per context (routed) {100 * diag['routed_ceiling']:.2f}% "
-                 "test R².")
-  lines += ["", "Figures: `figure3.png` (R² per method, seed error bars), `outputs.png` (input, target and every "
-            "method's output for test digits in each context).", "", f"Total wall time: {wall:.1f} s.", ""]
+    lines.append(
+      f"- Best linear maps, unlimited rank, fitted on train (least squares): static "
+      f"{100 * diag['static_ceiling']:.2f}%, one per context (routed) {100 * diag['routed_ceiling']:.2f}% "
+      "test R²."
+    )
+  lines += [
+    "",
+    "Figures: `figure3.png` (R² per method, seed error bars), `outputs.png` (input, target and every "
+    "method's output for test digits in each context).",
+    "",
+    f"Total wall time: {wall:.1f} s.",
+    "",
+  ]
   markdown = "\n".join(lines)
   print(table, flush=True)
   print(f"ordering {'holds' if holds else 'does NOT hold'}: {sentence}", flush=True)
-  results.write_run(workdir, "mnist_degradation", config, summaries, {n: (seeds, f) for n, f in fits.items()},
-                    wall, markdown, extra={"diagnostics": diag}, live=live)
-  print(f"wrote {workdir}/results.json, results.md, history.csv, figure3.png, outputs.png, tb/ ({wall:.1f}s total)",
-        flush=True)
+  results.write_run(
+    workdir,
+    "mnist_degradation",
+    config,
+    summaries,
+    {n: (seeds, f) for n, f in fits.items()},
+    wall,
+    markdown,
+    extra={"diagnostics": diag},
+    live=live,
+  )
+  print(
+    f"wrote {workdir}/results.json, results.md, history.csv, figure3.png, outputs.png, tb/ ({wall:.1f}s total)",
+    flush=True,
+  )
   return {"methods": summaries, "wall_time_s": wall, "diagnostics": diag}

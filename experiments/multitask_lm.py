@@ -25,16 +25,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from localmoe import (adapters, checkpoint, configlib, inject, metrics, multitask, nnx_functional, nnx_inject,
-                      plots, results, routing, runner, train)
+from localmoe import (
+  adapters,
+  checkpoint,
+  configlib,
+  inject,
+  metrics,
+  multitask,
+  nnx_functional,
+  nnx_inject,
+  plots,
+  results,
+  routing,
+  runner,
+  train,
+)
 from localmoe.data import instructions
 from localmoe.models import gemma3, gemma3_features, gemma3_weights
 from localmoe.train import optimizer, probe
 
 BASELINES = ("zero_shot", "few_shot", "linear_probe")
 METHODS = BASELINES + multitask.ADAPTER_METHODS
-LABELS = {"zero_shot": "Frozen model, zero-shot", "few_shot": "Frozen model, few-shot",
-          "linear_probe": "Linear probe (converged)", **multitask.LABELS}
+LABELS = {
+  "zero_shot": "Frozen model, zero-shot",
+  "few_shot": "Frozen model, few-shot",
+  "linear_probe": "Linear probe (converged)",
+  **multitask.LABELS,
+}
 WIDTH, HEADS_DIM, FFN = 640, 1024, 2048
 TARGET_SHAPES = ((WIDTH, HEADS_DIM), (WIDTH, 256), (HEADS_DIM, WIDTH), (WIDTH, FFN), (FFN, WIDTH))
 
@@ -56,46 +73,71 @@ def validate(config) -> train.Settings:
     _int(d[field], f"config.data.{field}", 0, "0 means all rows" if field != "seed" else "e.g. 0")
   _int(d.val_per_task, "config.data.val_per_task", 1, "held-out training rows per task, e.g. 100")
   if d.train_per_task and d.val_per_task >= d.train_per_task:
-    raise ValueError(f"config.data.val_per_task={d.val_per_task} must be below config.data.train_per_task="
-                     f"{d.train_per_task} (the held-out rows come out of the training rows).")
+    raise ValueError(
+      f"config.data.val_per_task={d.val_per_task} must be below config.data.train_per_task="
+      f"{d.train_per_task} (the held-out rows come out of the training rows)."
+    )
   shortest = instructions.min_length(tasks)
   if isinstance(d.max_length, bool) or not isinstance(d.max_length, int) or not shortest <= d.max_length <= 512:
-    raise ValueError(f"config.data.max_length={d.max_length!r} must lie in {shortest}..512: the longest template "
-                     f"of these tasks takes {shortest - instructions.MIN_TEXT_TOKENS} tokens and a prompt keeps at "
-                     f"least {instructions.MIN_TEXT_TOKENS} tokens of its text.")
+    raise ValueError(
+      f"config.data.max_length={d.max_length!r} must lie in {shortest}..512: the longest template "
+      f"of these tasks takes {shortest - instructions.MIN_TEXT_TOKENS} tokens and a prompt keeps at "
+      f"least {instructions.MIN_TEXT_TOKENS} tokens of its text."
+    )
   if isinstance(m.num_layers, bool) or not isinstance(m.num_layers, int) or not 1 <= m.num_layers <= 18:
     raise ValueError(f"config.model.num_layers={m.num_layers!r} must lie in 1..18 (Gemma 3 270M has 18 blocks).")
-  if isinstance(m.frozen_layers, bool) or not isinstance(m.frozen_layers, int) or \
-      not 0 <= m.frozen_layers < m.num_layers:
-    raise ValueError(f"config.model.frozen_layers={m.frozen_layers!r} must lie in 0..{m.num_layers - 1} (at "
-                     "least one block carries adapters).")
+  if (
+    isinstance(m.frozen_layers, bool) or not isinstance(m.frozen_layers, int) or not 0 <= m.frozen_layers < m.num_layers
+  ):
+    raise ValueError(
+      f"config.model.frozen_layers={m.frozen_layers!r} must lie in 0..{m.num_layers - 1} (at "
+      "least one block carries adapters)."
+    )
   if m.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'.")
   for field in ("rank", "grid", "num_experts"):
     _int(m[field], f"config.model.{field}", 1, "e.g. 8, 2 and 4")
   if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)) or not (m.alpha >= 0 and np.isfinite(m.alpha)):
     raise ValueError(f"config.model.alpha={m.alpha!r} must be >= 0 (0: alpha = rank, a scale of 1).")
-  for field in ("load_balance", "z_loss", "anchor_weight_decay", "anchor_lr_mult", "anchor_init_scale",
-                "oracle_margin"):
-    value, low = config.router[field], ("> 0" if field in ("anchor_lr_mult", "anchor_init_scale",
-                                                           "oracle_margin") else ">= 0")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or \
-        not (value > 0 if low == "> 0" else value >= 0):
+  for field in (
+    "load_balance",
+    "z_loss",
+    "anchor_weight_decay",
+    "anchor_lr_mult",
+    "anchor_init_scale",
+    "oracle_margin",
+  ):
+    value, low = (
+      config.router[field],
+      ("> 0" if field in ("anchor_lr_mult", "anchor_init_scale", "oracle_margin") else ">= 0"),
+    )
+    if (
+      isinstance(value, bool)
+      or not isinstance(value, (int, float))
+      or not np.isfinite(value)
+      or not (value > 0 if low == "> 0" else value >= 0)
+    ):
       raise ValueError(f"config.router.{field}={value!r} must be a finite number {low}.")
   grid = probe_grid(config)
   del grid
   _int(config.probe.max_steps, "config.probe.max_steps", 1, "L-BFGS iterations at most, e.g. 2000")
   _int(config.num_seeds, "config.num_seeds", 1, "e.g. 3")
   _int(config.seed, "config.seed", 0, "e.g. 0")
-  for field, low, fix in (("few_shot_k", 1, "demonstrations per class, e.g. 1"), ("diagnostic_rows", 1, "e.g. 64"),
-                          ("generate_rows", 0, "0 skips generation"), ("max_new_tokens", 1, "e.g. 6"),
-                          ("chunk", 1, "rows per compiled call, e.g. 32")):
+  for field, low, fix in (
+    ("few_shot_k", 1, "demonstrations per class, e.g. 1"),
+    ("diagnostic_rows", 1, "e.g. 64"),
+    ("generate_rows", 0, "0 skips generation"),
+    ("max_new_tokens", 1, "e.g. 6"),
+    ("chunk", 1, "rows per compiled call, e.g. 32"),
+  ):
     _int(e[field], f"config.eval.{field}", low, fix)
   settings = train.Settings.from_config(config.optim)
   if e.diagnostic_rows > settings.eval_batch_size:
-    raise ValueError(f"config.eval.diagnostic_rows={e.diagnostic_rows} must be <= config.optim.eval_batch_size="
-                     f"{settings.eval_batch_size} (they are read from one chunk).")
-  if d.train_per_task:                            # steps per evaluation, evaluated rows: within one pass
+    raise ValueError(
+      f"config.eval.diagnostic_rows={e.diagnostic_rows} must be <= config.optim.eval_batch_size="
+      f"{settings.eval_batch_size} (they are read from one chunk)."
+    )
+  if d.train_per_task:  # steps per evaluation, evaluated rows: within one pass
     settings.check_batch(len(tasks) * (d.train_per_task - d.val_per_task))
   for name in names:
     if name in BASELINES:
@@ -107,16 +149,22 @@ def validate(config) -> train.Settings:
         adapters.make(spec, d_in=layer.d_in, d_out=layer.d_out)
       except ValueError as error:
         raise ValueError(f"config.model (method {name}, a {layer.d_in} -> {layer.d_out} layer): {error}") from None
-    shapes = jax.eval_shape(lambda k, s=spec, ls=layers: {"adapter": inject.PerLayer(s).init(
-        k, ls, [jnp.zeros((l.d_in, l.d_out)) for l in ls])}, jax.random.PRNGKey(0))
+    shapes = jax.eval_shape(
+      lambda k, s=spec, ls=layers: {
+        "adapter": inject.PerLayer(s).init(k, ls, [jnp.zeros((l.d_in, l.d_out)) for l in ls])
+      },
+      jax.random.PRNGKey(0),
+    )
     rules = train.parse_groups(multitask.method_groups(name, config))
     if rules:
       optimizer.group_sizes(dataclasses.replace(settings, groups=rules), shapes, where=f" (method {name})")
   rows = len(tasks) * ((d.train_per_task or 3000) + (d.test_per_task or 3000))
-  train.check_memory(4 * (gemma3_weights.param_count(m.num_layers) * 2 + rows * d.max_length * WIDTH)
-                     + config.num_seeds * settings.batch_size * d.max_length * FFN * 40 *
-                     (m.num_layers - m.frozen_layers), "this run", "lower data.train_per_task, data.max_length, "
-                     "optim.batch_size or num_seeds")
+  train.check_memory(
+    4 * (gemma3_weights.param_count(m.num_layers) * 2 + rows * d.max_length * WIDTH)
+    + config.num_seeds * settings.batch_size * d.max_length * FFN * 40 * (m.num_layers - m.frozen_layers),
+    "this run",
+    "lower data.train_per_task, data.max_length, optim.batch_size or num_seeds",
+  )
   return settings
 
 
@@ -133,14 +181,14 @@ def probe_grid(config) -> list[float]:
 def build_task(name: str, config, upper, prompts, data_example):
   """(train.Task, nnx_functional.Functional, frozen dict, adapter parameter count) of one adapter method."""
   spec = multitask.adapter_spec(name, config.model, config.router, len(prompts.tasks))
-  nnx_inject.inject(upper, spec, data_example["hidden"], data_example["mask"], target_modules=gemma3.TARGETS,
-                    key=jax.random.PRNGKey(0))
+  nnx_inject.inject(
+    upper, spec, data_example["hidden"], data_example["mask"], target_modules=gemma3.TARGETS, key=jax.random.PRNGKey(0)
+  )
   fn, frozen = nnx_functional.split(upper)
   routed, w = name in multitask.ROUTED, config.router
 
   def predict(p, frozen, inputs):
-    logits, traces = fn.apply(p, frozen, inputs["hidden"], inputs["mask"], context=inputs["task"],
-                              capture_routing=True)
+    logits, traces = fn.apply(p, frozen, inputs["hidden"], inputs["mask"], context=inputs["task"], capture_routing=True)
     logits = instructions.task_logits(logits, inputs["task"], prompts.class_index)
     if not routed:
       return logits
@@ -148,20 +196,27 @@ def build_task(name: str, config, upper, prompts, data_example):
     return logits, {k: losses[k] for k in ("aux_loss", "load_balance", "router_z")}
 
   def diagnostics(p, frozen, inputs):
-    rows = {k: v[:config.eval.diagnostic_rows] for k, v in inputs.items()}
+    rows = {k: v[: config.eval.diagnostic_rows] for k, v in inputs.items()}
     _, traces = fn.apply(p, frozen, rows["hidden"], rows["mask"], context=rows["task"], capture_routing=True)
     diag = inject.routing_diagnostics(traces, groups=rows["task"], num_groups=len(prompts.tasks), mask=rows["mask"])
-    return {"usage": diag["usage"], "entropy_nats": jnp.mean(diag["entropy"]),
-            "task_separation": jnp.mean(routing.task_separation(diag["usage"]))}
+    return {
+      "usage": diag["usage"],
+      "entropy_nats": jnp.mean(diag["entropy"]),
+      "task_separation": jnp.mean(routing.task_separation(diag["usage"])),
+    }
 
   def loss(logits, y):
     return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), y[:, :1], axis=-1)[:, 0]
 
-  task = train.Task(init=fn.init, predict=predict, loss=loss,
-                    metric_names=multitask.metric_names(prompts.tasks, prompts.num_classes),
-                    per_example_metrics=multitask.per_example_metrics(prompts.num_classes),
-                    aux_names=("load_balance", "router_z") if routed else (),
-                    diagnostics=diagnostics if routed else None)
+  task = train.Task(
+    init=fn.init,
+    predict=predict,
+    loss=loss,
+    metric_names=multitask.metric_names(prompts.tasks, prompts.num_classes),
+    per_example_metrics=multitask.per_example_metrics(prompts.num_classes),
+    aux_names=("load_balance", "router_z") if routed else (),
+    diagnostics=diagnostics if routed else None,
+  )
   return task, fn, frozen, nnx_inject.num_params(upper)
 
 
@@ -183,94 +238,167 @@ def run(config, workdir: str) -> dict:
   data = {s: {key: v[key] for key in ("hidden", "mask", "task", "y")} for s, v in splits.items()}
   upper0 = gemma3_features.Upper(model, k, prompts.answer_ids)
   graph0, state0 = nnx.split(upper0)
-  frozen_fn = jax.jit(lambda st, h, mask: (lambda u: jnp.concatenate([u.features(h, mask), u(h, mask)], 1))(
-      nnx.merge(graph0, st)))                                                      # [B, W + A]
-  feats = {s: np.split(gemma3_features.chunked(lambda h, mask: frozen_fn(state0, h, mask), (d["hidden"], d["mask"]),
-                                               ev.chunk), [WIDTH], axis=1) for s, d in data.items()}
-  print(f"== multi-task LM: {len(tasks)} tasks ({', '.join(f'{t} {c}' for t, c in prompts.counts.items())}), "
-        f"prompts <= {config.data.max_length} tokens, Gemma 3 270M x{m.num_layers} ({m.dtype}), adapters on blocks "
-        f"{k + 1}-{m.num_layers} (blocks 1-{k} computed once: {time.perf_counter() - t0:.0f} s), {len(seeds)} seeds, "
-        f"{settings.epochs} evaluations x {settings.steps(len(data['train']['task']))} steps of "
-        f"{settings.batch_size}", flush=True)
+  frozen_fn = jax.jit(
+    lambda st, h, mask: (lambda u: jnp.concatenate([u.features(h, mask), u(h, mask)], 1))(nnx.merge(graph0, st))
+  )  # [B, W + A]
+  feats = {
+    s: np.split(
+      gemma3_features.chunked(lambda h, mask: frozen_fn(state0, h, mask), (d["hidden"], d["mask"]), ev.chunk),
+      [WIDTH],
+      axis=1,
+    )
+    for s, d in data.items()
+  }
+  print(
+    f"== multi-task LM: {len(tasks)} tasks ({', '.join(f'{t} {c}' for t, c in prompts.counts.items())}), "
+    f"prompts <= {config.data.max_length} tokens, Gemma 3 270M x{m.num_layers} ({m.dtype}), adapters on blocks "
+    f"{k + 1}-{m.num_layers} (blocks 1-{k} computed once: {time.perf_counter() - t0:.0f} s), {len(seeds)} seeds, "
+    f"{settings.epochs} evaluations x {settings.steps(len(data['train']['task']))} steps of "
+    f"{settings.batch_size}",
+    flush=True,
+  )
   y_test, task_test = data["test"]["y"], data["test"]["task"]
   score = lambda logits: multitask.scores_of_logits(logits, y_test, prompts.tasks, prompts.num_classes)
   tile = lambda scores: {key: np.repeat(v, len(seeds)) for key, v in scores.items()}
   ones = [True] * len(seeds)
   live, layer_names = results.LiveLong(workdir), {}
 
-  def exact_match(upper) -> dict | None:                    # greedy generation, first rows of each task
+  def exact_match(upper) -> dict | None:  # greedy generation, first rows of each task
     if not ev.generate_rows:
       return None
-    pick = np.concatenate([np.flatnonzero(task_test == t)[:ev.generate_rows] for t in range(len(tasks))])
+    pick = np.concatenate([np.flatnonzero(task_test == t)[: ev.generate_rows] for t in range(len(tasks))])
     words = [prompts.words[task_test[i]][y_test[i, 0]] for i in pick]
-    hits = gemma3_features.exact_match(model, tokenizer, splits["test"]["tokens"][pick], splits["test"]["mask"][pick],
-                                       task_test[pick], words, ev.max_new_tokens, upper)
+    hits = gemma3_features.exact_match(
+      model,
+      tokenizer,
+      splits["test"]["tokens"][pick],
+      splits["test"]["mask"][pick],
+      task_test[pick],
+      words,
+      ev.max_new_tokens,
+      upper,
+    )
     return {t: float(np.mean(hits[task_test[pick] == k])) for k, t in enumerate(tasks)}
 
   def baseline(name: str) -> dict:
     if name == "zero_shot":
       logits = instructions.task_logits(jnp.asarray(feats["test"][1]), task_test, prompts.class_index)
-      return multitask.summary(tile(score(np.asarray(logits))), ones, 0, {"exact_match": exact_match(None)},
-                               seeds=seeds)
+      return multitask.summary(
+        tile(score(np.asarray(logits))), ones, 0, {"exact_match": exact_match(None)}, seeds=seeds
+      )
     if name == "few_shot":
       prefixes, pmask = instructions.few_shot_prefixes(prompts, tokenizer, ev.few_shot_k, config.data.seed)
-      answer = gemma3_features.few_shot_logits(model, prefixes, pmask, splits["test"]["tokens"],
-                                               splits["test"]["mask"], task_test, prompts.answer_ids, ev.chunk)
+      answer = gemma3_features.few_shot_logits(
+        model,
+        prefixes,
+        pmask,
+        splits["test"]["tokens"],
+        splits["test"]["mask"],
+        task_test,
+        prompts.answer_ids,
+        ev.chunk,
+      )
       logits = instructions.task_logits(jnp.asarray(answer), task_test, prompts.class_index)
-      return multitask.summary(tile(score(np.asarray(logits))), ones, 0,
-                               {"prefix_tokens": int(prefixes.shape[1])}, seeds=seeds)
+      return multitask.summary(
+        tile(score(np.asarray(logits))), ones, 0, {"prefix_tokens": int(prefixes.shape[1])}, seeds=seeds
+      )
     logits, info = np.full((len(task_test), max(prompts.num_classes)), -1e9, np.float32), {}
     for t, (name_t, classes) in enumerate(zip(prompts.tasks, prompts.num_classes)):
       rows = {s: data[s]["task"] == t for s in ("train", "val", "test")}
-      p, info[name_t] = probe.select_l2(*(jnp.asarray(a) for a in (
-          feats["train"][0][rows["train"]], data["train"]["y"][rows["train"], 0], feats["val"][0][rows["val"]],
-          data["val"]["y"][rows["val"], 0])), probe_grid(config), classes, config.probe.max_steps)
+      p, info[name_t] = probe.select_l2(
+        *(
+          jnp.asarray(a)
+          for a in (
+            feats["train"][0][rows["train"]],
+            data["train"]["y"][rows["train"], 0],
+            feats["val"][0][rows["val"]],
+            data["val"]["y"][rows["val"], 0],
+          )
+        ),
+        probe_grid(config),
+        classes,
+        config.probe.max_steps,
+      )
       logits[rows["test"], :classes] = feats["test"][0][rows["test"]] @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
     return multitask.summary(tile(score(logits)), ones, 0, {"probe": info}, seeds=seeds)
 
   def train_one(method: runner.Method):
     if method.name in BASELINES:
       summary = baseline(method.name)
-      print(f"  [{method.name}] test accuracy {summary['accuracy/mean']['mean'] * 100:.2f} (" + ", ".join(
-          f"{t} {summary[f'accuracy/{t}']['mean'] * 100:.1f}" for t in tasks) + ")", flush=True)
+      print(
+        f"  [{method.name}] test accuracy {summary['accuracy/mean']['mean'] * 100:.2f} ("
+        + ", ".join(f"{t} {summary[f'accuracy/{t}']['mean'] * 100:.1f}" for t in tasks)
+        + ")",
+        flush=True,
+      )
       return None, summary
     upper = gemma3_features.Upper(model, k, prompts.answer_ids)
-    task, fn, frozen, count = build_task(method.name, config, upper, prompts, {key: v[:1] for key, v in
-                                                                              data["train"].items()})
-    layer_names[method.name] = [re.sub(r"^layers/(\d+)/", lambda b: f"block {int(b.group(1)) + k + 1} ", layer.path)
-                                for layer in fn.layers]                         # Upper's layers/0 = block k + 1
+    task, fn, frozen, count = build_task(
+      method.name, config, upper, prompts, {key: v[:1] for key, v in data["train"].items()}
+    )
+    layer_names[method.name] = [
+      re.sub(r"^layers/(\d+)/", lambda b: f"block {int(b.group(1)) + k + 1} ", layer.path) for layer in fn.layers
+    ]  # Upper's layers/0 = block k + 1
     print(f"[{method.name}] {count:,} adapter parameters", flush=True)
-    fit = method.fit(task, train.Data(train=data["train"], val=data["val"], test=data["test"], frozen=frozen),
-                     seeds, dataclasses.replace(settings, groups=train.parse_groups(
-                         multitask.method_groups(method.name, config))),
-                     log=lambda line: None if line.startswith(f"  [{method.name}] epoch ") else print(line, flush=True),
-                     on_epoch_end=multitask.live_hook(live, method.name, seeds, prompts.tasks, prompts.num_classes))
+    fit = method.fit(
+      task,
+      train.Data(train=data["train"], val=data["val"], test=data["test"], frozen=frozen),
+      seeds,
+      dataclasses.replace(settings, groups=train.parse_groups(multitask.method_groups(method.name, config))),
+      log=lambda line: None if line.startswith(f"  [{method.name}] epoch ") else print(line, flush=True),
+      on_epoch_end=multitask.live_hook(live, method.name, seeds, prompts.tasks, prompts.num_classes),
+    )
     ok = [s == "ok" for s in fit.status]
     final = multitask.task_scores(fit.history[:, -1, -1], prompts.tasks, prompts.num_classes)
     trained = fn.model(jax.tree_util.tree_map(lambda a: a[0], fit.params), frozen)
-    extra = {"exact_match": exact_match(trained),
-             "wall_time_s": fit.wall_time_s}
+    extra = {"exact_match": exact_match(trained), "wall_time_s": fit.wall_time_s}
     if "entropy_nats" in fit.diagnostics:
       for key in ("entropy_nats", "task_separation"):
         extra[f"{key}_init"] = float(np.mean(fit.initial_diagnostics[key]))
         extra[f"{key}_end"] = multitask.per_seed(fit.diagnostics[key][:, -1], ok)["mean"]
     summary = multitask.summary(final, ok, count, extra, seeds=seeds)
-    print(f"  [{method.name}] test accuracy {summary['accuracy/mean']['mean'] * 100:.2f}; {fit.wall_time_s:.0f} s",
-          flush=True)
+    print(
+      f"  [{method.name}] test accuracy {summary['accuracy/mean']['mean'] * 100:.2f}; {fit.wall_time_s:.0f} s",
+      flush=True,
+    )
     return fit, summary
 
-  summaries, fits = runner.run_methods(names, train_one, checkpoints=checkpoint.policy(config, workdir), log=print,
-                                       failed=lambda name, reason: {"status": reason, "accuracy_per_seed": None})
-  paired = {mth: {f"vs_{ref}": metrics.paired_difference(summaries, mth, ref, "accuracy_per_seed")
-                  for ref in ("lora", "per_task_lora", "linear_probe", "zero_shot") if ref != mth}
-            for mth in summaries if mth not in BASELINES}
+  summaries, fits = runner.run_methods(
+    names,
+    train_one,
+    checkpoints=checkpoint.policy(config, workdir),
+    log=print,
+    failed=lambda name, reason: {"status": reason, "accuracy_per_seed": None},
+  )
+  paired = {
+    mth: {
+      f"vs_{ref}": metrics.paired_difference(summaries, mth, ref, "accuracy_per_seed")
+      for ref in ("lora", "per_task_lora", "linear_probe", "zero_shot")
+      if ref != mth
+    }
+    for mth in summaries
+    if mth not in BASELINES
+  }
   markdown = _markdown(config, prompts, summaries, paired, time.perf_counter() - start)
   _figures(workdir, fits, prompts, layer_names)
   print(markdown, flush=True)
-  results.write_run(workdir, "multitask_lm", config, summaries, {}, time.perf_counter() - start, markdown,
-                    extra={"tasks": list(tasks), "counts": prompts.counts, "paired_differences": paired,
-                           "answer_words": [list(w) for w in prompts.words]},
-                    history_csv=live.csv_text(), live=live)
+  results.write_run(
+    workdir,
+    "multitask_lm",
+    config,
+    summaries,
+    {},
+    time.perf_counter() - start,
+    markdown,
+    extra={
+      "tasks": list(tasks),
+      "counts": prompts.counts,
+      "paired_differences": paired,
+      "answer_words": [list(w) for w in prompts.words],
+    },
+    history_csv=live.csv_text(),
+    live=live,
+  )
   return {"methods": summaries, "paired_differences": paired}
 
 
@@ -280,54 +408,94 @@ def _pm(entry) -> str:
 
 def _markdown(config, prompts, summaries: dict, paired: dict, wall: float) -> str:
   tasks, m, o = prompts.tasks, config.model, config.optim
-  lines = [f"# Multi-task instruction stream on Gemma 3 270M ({m.num_layers} blocks, frozen; adapters on blocks "
-           f"{m.frozen_layers + 1}-{m.num_layers})", "",
-           "Rows per task (train / held-out / test): " + ", ".join(f"{t} {c['train']} / {c['val']} / {c['test']}"
-                                                                  for t, c in prompts.counts.items())
-           + f". Prompts <= {config.data.max_length} tokens, {config.num_seeds} seeds, {o.epochs} x "
-           f"{o.steps_per_epoch} steps of {o.batch_size}, lr {o.lr}, rank {m.rank} parity (grid {m.grid}, "
-           f"{m.num_experts} experts); anchors' router lr x{config.router.anchor_lr_mult:g}.", "",
-           "Test accuracy % (restricted choice among the task's answer words) per task, mean over tasks, mean "
-           "macro-F1 % (mean ± std over seeds), exact match % of greedy generation (seed 0):", "",
-           "| Method | Adapter params | " + " | ".join(tasks) + " | mean acc | mean macro-F1 | exact match |",
-           "|---|---|" + "---|" * len(tasks) + "---|---|---|"]
+  lines = [
+    f"# Multi-task instruction stream on Gemma 3 270M ({m.num_layers} blocks, frozen; adapters on blocks "
+    f"{m.frozen_layers + 1}-{m.num_layers})",
+    "",
+    "Rows per task (train / held-out / test): "
+    + ", ".join(f"{t} {c['train']} / {c['val']} / {c['test']}" for t, c in prompts.counts.items())
+    + f". Prompts <= {config.data.max_length} tokens, {config.num_seeds} seeds, {o.epochs} x "
+    f"{o.steps_per_epoch} steps of {o.batch_size}, lr {o.lr}, rank {m.rank} parity (grid {m.grid}, "
+    f"{m.num_experts} experts); anchors' router lr x{config.router.anchor_lr_mult:g}.",
+    "",
+    "Test accuracy % (restricted choice among the task's answer words) per task, mean over tasks, mean "
+    "macro-F1 % (mean ± std over seeds), exact match % of greedy generation (seed 0):",
+    "",
+    "| Method | Adapter params | " + " | ".join(tasks) + " | mean acc | mean macro-F1 | exact match |",
+    "|---|---|" + "---|" * len(tasks) + "---|---|---|",
+  ]
   for name, s in summaries.items():
     if "accuracy/mean" not in s:
       lines.append(f"| {LABELS[name]} | - | " + " | ".join("-" for _ in tasks) + f" | {s['status']} | | |")
       continue
     em = s.get("exact_match")
-    lines.append(f"| {LABELS[name]}{'' if s['status'] == 'ok' else ' †'} | {s['adapter_params']:,} | "
-                 + " | ".join(_pm(s[f"accuracy/{t}"]) for t in tasks) + f" | {_pm(s['accuracy/mean'])} | "
-                 f"{_pm(s['macro_f1/mean'])} | "
-                 + ("-" if not em else f"{100 * np.mean(list(em.values())):.0f}") + " |")
+    lines.append(
+      f"| {LABELS[name]}{'' if s['status'] == 'ok' else ' †'} | {s['adapter_params']:,} | "
+      + " | ".join(_pm(s[f"accuracy/{t}"]) for t in tasks)
+      + f" | {_pm(s['accuracy/mean'])} | "
+      f"{_pm(s['macro_f1/mean'])} | " + ("-" if not em else f"{100 * np.mean(list(em.values())):.0f}") + " |"
+    )
   routed = [(n, s) for n, s in summaries.items() if "entropy_nats_init" in s]
   if routed:
-    lines += ["", f"Routers on {config.eval.diagnostic_rows} test rows: mean gate entropy (nats; uniform = "
-              f"{np.log(m.num_experts):.3f}) and task separation (0: all tasks alike, 1: disjoint experts):", "",
-              "| Method | entropy init | entropy end | separation init | separation end |", "|---|---|---|---|---|"]
-    lines += [f"| {LABELS[n]} | " + " | ".join("n/a" if s.get(k) is None else f"{s[k]:.3f}" for k in (
-        "entropy_nats_init", "entropy_nats_end", "task_separation_init", "task_separation_end")) + " |"
-              for n, s in routed]
+    lines += [
+      "",
+      f"Routers on {config.eval.diagnostic_rows} test rows: mean gate entropy (nats; uniform = "
+      f"{np.log(m.num_experts):.3f}) and task separation (0: all tasks alike, 1: disjoint experts):",
+      "",
+      "| Method | entropy init | entropy end | separation init | separation end |",
+      "|---|---|---|---|---|",
+    ]
+    lines += [
+      f"| {LABELS[n]} | "
+      + " | ".join(
+        "n/a" if s.get(k) is None else f"{s[k]:.3f}"
+        for k in ("entropy_nats_init", "entropy_nats_end", "task_separation_init", "task_separation_end")
+      )
+      + " |"
+      for n, s in routed
+    ]
   if paired:
     refs = ("lora", "per_task_lora", "linear_probe", "zero_shot")
-    lines += ["", "Paired differences in mean test accuracy (points; same seed, same rows): mean ± std [min, max]:",
-              "", "| Method | " + " | ".join(f"− {LABELS[r]}" for r in refs) + " |", "|---|" + "---|" * len(refs)]
-    lines += [f"| {LABELS[n]} | " + " | ".join(metrics.format_difference(row.get(f"vs_{r}"), 100) for r in refs)
-              + " |" for n, row in paired.items()]
+    lines += [
+      "",
+      "Paired differences in mean test accuracy (points; same seed, same rows): mean ± std [min, max]:",
+      "",
+      "| Method | " + " | ".join(f"− {LABELS[r]}" for r in refs) + " |",
+      "|---|" + "---|" * len(refs),
+    ]
+    lines += [
+      f"| {LABELS[n]} | " + " | ".join(metrics.format_difference(row.get(f"vs_{r}"), 100) for r in refs) + " |"
+      for n, row in paired.items()
+    ]
   if "few_shot" in summaries and "prefix_tokens" in summaries["few_shot"]:
-    lines += ["", f"Few-shot: {config.eval.few_shot_k} demonstration(s) per class, prefixes of up to "
-              f"{summaries['few_shot']['prefix_tokens']} tokens."]
+    lines += [
+      "",
+      f"Few-shot: {config.eval.few_shot_k} demonstration(s) per class, prefixes of up to "
+      f"{summaries['few_shot']['prefix_tokens']} tokens.",
+    ]
   return "\n".join(lines + ["", f"Run time {wall:.0f} s."]) + "\n"
 
 
 def _figures(workdir: str, fits: dict, prompts, layer_names: dict) -> None:
   if fits:
-    curves = {n: multitask.task_scores(f.history[:, :, 1], prompts.tasks, prompts.num_classes)["accuracy/mean"]
-              for n, f in fits.items()}
-    plots.curves_with_bands(os.path.join(workdir, "accuracy.png"), curves, labels=LABELS, ylabel="held-out accuracy (%)",
-                            title="mean held-out accuracy over tasks", xlabel="evaluation")
+    curves = {
+      n: multitask.task_scores(f.history[:, :, 1], prompts.tasks, prompts.num_classes)["accuracy/mean"]
+      for n, f in fits.items()
+    }
+    plots.curves_with_bands(
+      os.path.join(workdir, "accuracy.png"),
+      curves,
+      labels=LABELS,
+      ylabel="held-out accuracy (%)",
+      title="mean held-out accuracy over tasks",
+      xlabel="evaluation",
+    )
   for name, fit in fits.items():
     if "usage" in fit.diagnostics:
-      plots.routing_heatmaps(os.path.join(workdir, f"routing_{name}.png"), fit.diagnostics["usage"][0, -1],
-                             prompts.tasks, layer_names=layer_names.get(name, ()),
-                             title=f"{LABELS[name]}: expert usage per layer, cell and task (seed 0, test rows)")
+      plots.routing_heatmaps(
+        os.path.join(workdir, f"routing_{name}.png"),
+        fit.diagnostics["usage"][0, -1],
+        prompts.tasks,
+        layer_names=layer_names.get(name, ()),
+        title=f"{LABELS[name]}: expert usage per layer, cell and task (seed 0, test rows)",
+      )

@@ -62,11 +62,27 @@ from localmoe.models.heads import HIDDEN, NEG, MultiTaskClassifier, head_logits,
 from localmoe.multitask import metric_names, per_example_metrics, task_scores  # noqa: F401
 from localmoe.train.probe import PROBE_TOLERANCE, fit_logistic  # noqa: F401  (the probe's solver)
 
-from experiments.multitask_text_methods import (ANCHORED, LABELS, METHODS, ROUTED, adapter_spec,  # noqa: F401
-                                                build_task, check_method_groups, method_groups, parity_rank,
-                                                trainable_shapes)
-from experiments.multitask_text_report import (LiveHistory, figures, fmt_pm, markdown,  # noqa: F401
-                                               paired_differences, probe_summary, summarise)
+from experiments.multitask_text_methods import (
+  ANCHORED,  # noqa: F401
+  LABELS,  # noqa: F401
+  METHODS,
+  ROUTED,  # noqa: F401
+  adapter_spec,  # noqa: F401
+  build_task,
+  check_method_groups,
+  method_groups,
+  parity_rank,
+  trainable_shapes,  # noqa: F401
+)
+from experiments.multitask_text_report import (
+  LiveHistory,
+  figures,
+  fmt_pm,
+  markdown,  # noqa: F401
+  paired_differences,
+  probe_summary,
+  summarise,
+)
 
 
 def estimate_bytes(config, num_tasks: int, rows: int) -> int:
@@ -78,16 +94,16 @@ def estimate_bytes(config, num_tasks: int, rows: int) -> int:
   h, f, heads = HIDDEN, 1536, 12
   act_bytes = 2 if m.dtype == "bfloat16" else 4
   tokens = config.optim.batch_size * d.max_length
-  per_layer = tokens * (10 * h + 3 * f) + config.optim.batch_size * heads * d.max_length ** 2 * 3
+  per_layer = tokens * (10 * h + 3 * f) + config.optim.batch_size * heads * d.max_length**2 * 3
   activations = config.num_seeds * layers * per_layer * act_bytes
   eval_acts = config.num_seeds * config.optim.eval_batch_size * d.max_length * (4 * h + f) * act_bytes * 2
   cached = rows * d.max_length * h * act_bytes
-  adapter = config.num_seeds * 4 * 6 * layers * 6912 * max(m.rank, 8) * 4       # params + Adam moments + grads
+  adapter = config.num_seeds * 4 * 6 * layers * 6912 * max(m.rank, 8) * 4  # params + Adam moments + grads
   return int(minilm.param_bytes(m.num_layers) * 2 + activations * 2 + eval_acts + adapter + 2 * cached)
 
 
-TARGET_SHAPES = ((HIDDEN, HIDDEN), (HIDDEN, 1536), (1536, HIDDEN))   # (d_in, d_out) of the adapted layers
-FULL_TRAIN_ROWS, FULL_TEST_ROWS = 31_000, 12_300                     # upper bounds of all four tasks
+TARGET_SHAPES = ((HIDDEN, HIDDEN), (HIDDEN, 1536), (1536, HIDDEN))  # (d_in, d_out) of the adapted layers
+FULL_TRAIN_ROWS, FULL_TEST_ROWS = 31_000, 12_300  # upper bounds of all four tasks
 
 
 def _positive_int(value, field: str, fix: str) -> None:
@@ -106,8 +122,9 @@ def probe_grid(config) -> list[float]:
   except ValueError:
     grid = []
   if not grid or any(not (v > 0 and np.isfinite(v)) for v in grid):
-    raise ValueError(f"config.probe.l2={config.probe.l2!r} must be a comma-separated list of L2 weights > 0, "
-                     "e.g. '1e-4,1e-3,1e-2'.")
+    raise ValueError(
+      f"config.probe.l2={config.probe.l2!r} must be a comma-separated list of L2 weights > 0, e.g. '1e-4,1e-3,1e-2'."
+    )
   return grid
 
 
@@ -127,25 +144,35 @@ def validate(config) -> train.Settings:
   d, m = config.data, config.model
   for field in ("train_per_task", "test_per_task", "seed"):
     _non_negative_int(d[field], f"config.data.{field}", "0 means all rows" if field != "seed" else "e.g. 0")
-  _positive_int(d.val_per_task, "config.data.val_per_task", "the held-out training rows per task (probe "
-                "regularisation and curves), e.g. 100")
+  _positive_int(
+    d.val_per_task,
+    "config.data.val_per_task",
+    "the held-out training rows per task (probe regularisation and curves), e.g. 100",
+  )
   if d.train_per_task and d.val_per_task >= d.train_per_task:
-    raise ValueError(f"config.data.val_per_task={d.val_per_task} must be below config.data.train_per_task="
-                     f"{d.train_per_task} (the held-out rows come out of the training rows).")
+    raise ValueError(
+      f"config.data.val_per_task={d.val_per_task} must be below config.data.train_per_task="
+      f"{d.train_per_task} (the held-out rows come out of the training rows)."
+    )
   if not isinstance(d.max_length, int) or not 8 <= d.max_length <= minilm.MAX_LENGTH:
     raise ValueError(f"config.data.max_length={d.max_length!r} must lie in 8..{minilm.MAX_LENGTH}.")
   if not isinstance(m.num_layers, int) or not 1 <= m.num_layers <= 6:
     raise ValueError(f"config.model.num_layers={m.num_layers!r} must lie in 1..6 (MiniLM-L6 has 6 layers).")
   if not isinstance(m.frozen_layers, int) or not 0 <= m.frozen_layers < m.num_layers:
-    raise ValueError(f"config.model.frozen_layers={m.frozen_layers!r} must lie in 0..{m.num_layers - 1} (at "
-                     "least one layer carries adapters).")
+    raise ValueError(
+      f"config.model.frozen_layers={m.frozen_layers!r} must lie in 0..{m.num_layers - 1} (at "
+      "least one layer carries adapters)."
+    )
   if m.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'.")
   if m.heads not in ("probe", "random"):
     raise ValueError(f"config.model.heads={m.heads!r}: use 'probe' (heads start from the linear probe) or 'random'.")
   for field in ("rank", "grid", "num_experts"):
-    _positive_int(m[field], f"config.model.{field}", {"rank": "e.g. 8", "grid": "K of a K x K grid, e.g. 2",
-                                                      "num_experts": "experts per cell, e.g. 4"}[field])
+    _positive_int(
+      m[field],
+      f"config.model.{field}",
+      {"rank": "e.g. 8", "grid": "K of a K x K grid, e.g. 2", "num_experts": "experts per cell, e.g. 4"}[field],
+    )
   if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)) or not (m.alpha >= 0 and np.isfinite(m.alpha)):
     raise ValueError(f"config.model.alpha={m.alpha!r} must be >= 0 (0: alpha = rank, a scale of 1).")
   for name in names:
@@ -153,9 +180,11 @@ def validate(config) -> train.Settings:
       continue
     rank = parity_rank(name, m, len(tasks))
     if rank < 1 or m.rank % (m.grid * m.num_experts) or m.rank % len(tasks) or m.rank % m.grid:
-      raise ValueError(f"config.model.rank={m.rank} does not split at parity for {name} (rank "
-                       f"{rank} per expert/cell): use a rank divisible by grid={m.grid}, grid*num_experts="
-                       f"{m.grid * m.num_experts} and the number of tasks ({len(tasks)}).")
+      raise ValueError(
+        f"config.model.rank={m.rank} does not split at parity for {name} (rank "
+        f"{rank} per expert/cell): use a rank divisible by grid={m.grid}, grid*num_experts="
+        f"{m.grid * m.num_experts} and the number of tasks ({len(tasks)})."
+      )
     spec = adapter_spec(name, m, config.router, len(tasks))
     for d_in, d_out in TARGET_SHAPES:
       try:
@@ -178,13 +207,17 @@ def validate(config) -> train.Settings:
   _positive_int(config.eval.diagnostic_rows, "config.eval.diagnostic_rows", "e.g. 256")
   settings = train.Settings.from_config(config.optim)
   if config.eval.diagnostic_rows > settings.eval_batch_size:
-    raise ValueError(f"config.eval.diagnostic_rows={config.eval.diagnostic_rows} must be <= "
-                     f"config.optim.eval_batch_size={settings.eval_batch_size} (they are read from one chunk).")
-  rows = ((d.train_per_task or FULL_TRAIN_ROWS // len(tasks)) + (d.test_per_task or FULL_TEST_ROWS // len(tasks)))
-  train.check_memory(estimate_bytes(config, len(tasks), rows * len(tasks)),
-                     f"one method (num_seeds={config.num_seeds} x batch {config.optim.batch_size} x "
-                     f"{d.max_length} tokens x {m.num_layers - m.frozen_layers} adapted layers)",
-                     "lower config.num_seeds, config.optim.batch_size or config.data.max_length")
+    raise ValueError(
+      f"config.eval.diagnostic_rows={config.eval.diagnostic_rows} must be <= "
+      f"config.optim.eval_batch_size={settings.eval_batch_size} (they are read from one chunk)."
+    )
+  rows = (d.train_per_task or FULL_TRAIN_ROWS // len(tasks)) + (d.test_per_task or FULL_TEST_ROWS // len(tasks))
+  train.check_memory(
+    estimate_bytes(config, len(tasks), rows * len(tasks)),
+    f"one method (num_seeds={config.num_seeds} x batch {config.optim.batch_size} x "
+    f"{d.max_length} tokens x {m.num_layers - m.frozen_layers} adapted layers)",
+    "lower config.num_seeds, config.optim.batch_size or config.data.max_length",
+  )
   check_method_groups(config, names, settings, len(tasks))
   return settings
 
@@ -195,7 +228,7 @@ def run(config, workdir: str) -> dict:
   names = configlib.split_names(config.method_names)
   dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
   tasks = tuple(configlib.split_names(config.data.tasks))
-  subsets = _subsets(config.data, tasks)          # subset sizes are checked before the backbone is loaded
+  subsets = _subsets(config.data, tasks)  # subset sizes are checked before the backbone is loaded
   backbone, backbone_params, tokenizer = minilm.load(num_layers=config.model.num_layers, dtype=dtype)
   corpus = load_corpus(config.data, tokenizer, subsets)
   os.makedirs(workdir, exist_ok=True)
@@ -209,34 +242,49 @@ def run(config, workdir: str) -> dict:
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   n_train = corpus.train["task"].shape[0]
   sizes = ", ".join(f"{t} {c['train']}/{c['val']}/{c['test']}" for t, c in corpus.counts.items())
-  print(f"== multi-task text: {len(tasks)} tasks ({sizes} train/held-out/test), {n_train} training rows, "
-        f"{config.data.max_length} tokens, MiniLM x{config.model.num_layers} ({config.model.dtype}), adapters on "
-        f"layers {k + 1}-{config.model.num_layers} (layers 1-{k} computed once, {time.perf_counter() - t0:.0f} s), "
-        f"{len(seeds)} seeds, {settings.epochs} evaluations x {settings.steps(n_train)} steps of "
-        f"{settings.batch_size}", flush=True)
-  print(f"   memory estimate {estimate_bytes(config, len(tasks), n_train + len(corpus.test['task'])) / 2**30:.1f} GiB "
-        "per method", flush=True)
+  print(
+    f"== multi-task text: {len(tasks)} tasks ({sizes} train/held-out/test), {n_train} training rows, "
+    f"{config.data.max_length} tokens, MiniLM x{config.model.num_layers} ({config.model.dtype}), adapters on "
+    f"layers {k + 1}-{config.model.num_layers} (layers 1-{k} computed once, {time.perf_counter() - t0:.0f} s), "
+    f"{len(seeds)} seeds, {settings.epochs} evaluations x {settings.steps(n_train)} steps of "
+    f"{settings.batch_size}",
+    flush=True,
+  )
+  print(
+    f"   memory estimate {estimate_bytes(config, len(tasks), n_train + len(corpus.test['task'])) / 2**30:.1f} GiB "
+    "per method",
+    flush=True,
+  )
 
   heads0, probe_info = probe_heads(pooled, corpus, probe_grid(config), config.probe.max_steps)
   probe_logits = head_logits(heads0, pooled["test"], corpus.test["task"], corpus.num_classes)
   head_count = sum(np.size(l) for l in jax.tree_util.tree_leaves(heads0))
   frozen = {"backbone": upper_params, **heads0}
   data = train.Data(train=corpus.train, val=corpus.val, test=corpus.test, frozen=frozen)
-  batch = {key: v[:settings.batch_size] for key, v in corpus.train.items()}
+  batch = {key: v[: settings.batch_size] for key, v in corpus.train.items()}
   live = LiveHistory(workdir, corpus)
   step_s, layer_paths = {}, {}
 
   def train_one(method: runner.Method):
     if method.name == "linear_probe":
       summary = probe_summary(probe_logits, corpus, seeds, probe_info, head_count)
-      print(f"  [linear_probe] test accuracy {summary['accuracy/mean']['mean'] * 100:.2f} (converged: "
-            f"{all(i['converged'] for i in probe_info.values())})", flush=True)
+      print(
+        f"  [linear_probe] test accuracy {summary['accuracy/mean']['mean'] * 100:.2f} (converged: "
+        f"{all(i['converged'] for i in probe_info.values())})",
+        flush=True,
+      )
       return None, summary
     task, adapted, count, heads = build_task(method.name, config, upper, frozen, corpus, heads0)
     method_settings = dataclasses.replace(settings, groups=train.parse_groups(method_groups(method.name, config)))
     print(f"[{method.name}] {count:,} adapter parameters + {heads:,} head parameters", flush=True)
-    fit = method.fit(task, data, seeds, method_settings, log=_trainer_log(method.name),
-                     on_epoch_end=live.hook(method.name, seeds, settings, task.train_names))
+    fit = method.fit(
+      task,
+      data,
+      seeds,
+      method_settings,
+      log=_trainer_log(method.name),
+      on_epoch_end=live.hook(method.name, seeds, settings, task.train_names),
+    )
     if adapted is not None:
       layer_paths[method.name] = adapted.paths
     summary = summarise(method.name, fit, seeds, corpus, count, heads)
@@ -245,16 +293,20 @@ def run(config, workdir: str) -> dict:
       summary["step_time_s"] = step_s[method.name]
     mean = summary["accuracy/mean"]
     timing = f"; step {step_s[method.name] * 1e3:.0f} ms" if method.name in step_s else ""
-    print(f"  [{method.name}] test accuracy {fmt_pm(mean)}, macro-F1 {fmt_pm(summary['macro_f1/mean'])}"
-          f"{timing}; {fit.wall_time_s:.0f} s" + ("" if fit.status == ["ok"] * len(seeds) else
-                                                 f"; NOT ALL SEEDS OK: {summary['status']}"), flush=True)
+    print(
+      f"  [{method.name}] test accuracy {fmt_pm(mean)}, macro-F1 {fmt_pm(summary['macro_f1/mean'])}"
+      f"{timing}; {fit.wall_time_s:.0f} s"
+      + ("" if fit.status == ["ok"] * len(seeds) else f"; NOT ALL SEEDS OK: {summary['status']}"),
+      flush=True,
+    )
     return fit, summary
 
   def failed(name, reason):
     return {"status": reason, "params": None, "adapter_params": None, "head_params": head_count, "seeds": seeds}
 
-  summaries, fits = runner.run_methods(names, train_one, failed=failed,
-                                       checkpoints=checkpoint.policy(config, workdir), log=print)
+  summaries, fits = runner.run_methods(
+    names, train_one, failed=failed, checkpoints=checkpoint.policy(config, workdir), log=print
+  )
   if "lora" in step_s:
     for method, seconds in step_s.items():
       summaries[method]["step_time_vs_lora"] = seconds / step_s["lora"]
@@ -263,11 +315,23 @@ def run(config, workdir: str) -> dict:
   text_md = markdown(config, corpus, summaries, paired, wall)
   figures(workdir, fits, corpus, settings, layer_paths)
   print(text_md, flush=True)
-  results.write_run(workdir, "multitask_text", config, summaries, {}, wall, text_md,
-                    extra={"tasks": list(tasks), "counts": corpus.counts, "paired_differences": paired},
-                    history_csv=live.files.csv_text(), live=live.files)
-  print(f"wrote {workdir}/results.json, results.md, history.csv, tb/, accuracy.png, loss.png, routing_*.png "
-        f"({time.perf_counter() - start:.0f} s total)", flush=True)
+  results.write_run(
+    workdir,
+    "multitask_text",
+    config,
+    summaries,
+    {},
+    wall,
+    text_md,
+    extra={"tasks": list(tasks), "counts": corpus.counts, "paired_differences": paired},
+    history_csv=live.files.csv_text(),
+    live=live.files,
+  )
+  print(
+    f"wrote {workdir}/results.json, results.md, history.csv, tb/, accuracy.png, loss.png, routing_*.png "
+    f"({time.perf_counter() - start:.0f} s total)",
+    flush=True,
+  )
   return {"methods": summaries, "paired_differences": paired}
 
 
@@ -276,4 +340,3 @@ def _trainer_log(method: str):
   history prints a readable one (the raw metrics are per-task counts)."""
   prefix = f"  [{method}] epoch "
   return lambda line: None if line.startswith(prefix) else print(line, flush=True)
-

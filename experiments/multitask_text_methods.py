@@ -22,15 +22,31 @@ from localmoe import inject, multitask, routing, train
 from localmoe.data.text_corpus import Corpus
 from localmoe.models import bert
 from localmoe.models.heads import BACKBONE_PREFIX, HIDDEN, MultiTaskClassifier, random_heads
-from localmoe.multitask import (ANCHOR_RULE_NOTE, ANCHORED, ROUTED, ROUTER_PATTERN, method_groups,  # noqa: F401
-                                metric_names, per_example_metrics)
+from localmoe.multitask import (
+  ANCHOR_RULE_NOTE,  # noqa: F401
+  ANCHORED,
+  ROUTED,
+  ROUTER_PATTERN,  # noqa: F401
+  method_groups,  # noqa: F401
+  metric_names,
+  per_example_metrics,
+)
 from localmoe.train import optimizer
 
-METHODS = ("heads_only", "linear_probe", "lora", "localized_lora", "blockwise_moe", "cellwise_moe",
-           "blockwise_moe_anchor", "cellwise_moe_anchor", "cellwise_moe_oracle", "cellwise_moe_activation",
-           "per_task_lora")
-LABELS = {"heads_only": "Frozen backbone, heads only", "linear_probe": "Linear probe (converged)",
-          **multitask.LABELS}
+METHODS = (
+  "heads_only",
+  "linear_probe",
+  "lora",
+  "localized_lora",
+  "blockwise_moe",
+  "cellwise_moe",
+  "blockwise_moe_anchor",
+  "cellwise_moe_anchor",
+  "cellwise_moe_oracle",
+  "cellwise_moe_activation",
+  "per_task_lora",
+)
+LABELS = {"heads_only": "Frozen backbone, heads only", "linear_probe": "Linear probe (converged)", **multitask.LABELS}
 
 
 def adapter_spec(method: str, model_config, router_config, num_tasks: int) -> dict | None:
@@ -48,7 +64,7 @@ def parity_rank(method: str, model_config, num_tasks: int) -> int:
   return model_config.rank // {"lora": 1, "localized_lora": k, "per_task_lora": num_tasks}.get(method, k * e)
 
 
-_SHAPES: dict[str, dict] = {}                     # trainable_shapes' results by what they depend on
+_SHAPES: dict[str, dict] = {}  # trainable_shapes' results by what they depend on
 
 
 def trainable_shapes(method: str, config, num_tasks: int) -> dict | None:
@@ -59,17 +75,24 @@ def trainable_shapes(method: str, config, num_tasks: int) -> dict | None:
   if method == "linear_probe":
     return None
   m = config.model
-  key = json.dumps([method, adapter_spec(method, m, config.router, num_tasks), m.num_layers, m.frozen_layers,
-                    num_tasks, m.heads], sort_keys=True)
+  key = json.dumps(
+    [method, adapter_spec(method, m, config.router, num_tasks), m.num_layers, m.frozen_layers, num_tasks, m.heads],
+    sort_keys=True,
+  )
   if key not in _SHAPES:
     upper = bert.Upper(bert.Bert(num_layers=m.num_layers), m.frozen_layers)
     classes = (2,) * num_tasks
-    rows = {"hidden": np.zeros((1, 8, HIDDEN), np.float32), "attention_mask": np.ones((1, 8), np.int32),
-            "task": np.zeros((1,), np.int32), "y": np.zeros((1, 3), np.int32)}
+    rows = {
+      "hidden": np.zeros((1, 8, HIDDEN), np.float32),
+      "attention_mask": np.ones((1, 8), np.int32),
+      "task": np.zeros((1,), np.int32),
+      "y": np.zeros((1, 3), np.int32),
+    }
     corpus = Corpus(tuple(f"task{t}" for t in range(num_tasks)), classes, rows, rows, rows, {})
     model = MultiTaskClassifier(upper, classes)
-    frozen = jax.eval_shape(lambda k: model.init(k, rows["hidden"], rows["attention_mask"], rows["task"]),
-                            jax.random.PRNGKey(0))["params"]
+    frozen = jax.eval_shape(
+      lambda k: model.init(k, rows["hidden"], rows["attention_mask"], rows["task"]), jax.random.PRNGKey(0)
+    )["params"]
 
     def init(frozen):
       heads0 = {name: value for name, value in frozen.items() if name != "backbone"}
@@ -88,10 +111,12 @@ def check_method_groups(config, names: Sequence[str], settings: train.Settings, 
     shapes = trainable_shapes(name, config, num_tasks) if rules else None
     if shapes is None:
       continue
-    added = {"router": f"method {name} adds before the config's rules (config.router.anchor_lr_mult, "
-                       "anchor_weight_decay)"} if name in ANCHORED else None
-    optimizer.group_sizes(dataclasses.replace(settings, groups=rules), shapes, where=f" (method {name})",
-                          added=added)
+    added = (
+      {"router": f"method {name} adds before the config's rules (config.router.anchor_lr_mult, anchor_weight_decay)"}
+      if name in ANCHORED
+      else None
+    )
+    optimizer.group_sizes(dataclasses.replace(settings, groups=rules), shapes, where=f" (method {name})", added=added)
 
 
 def build_task(method: str, config, upper: bert.Upper, frozen_example, corpus: Corpus, heads0: dict):
@@ -112,16 +137,26 @@ def build_task(method: str, config, upper: bert.Upper, frozen_example, corpus: C
     return heads0 if config.model.heads == "probe" else random_heads(jax.random.fold_in(key, 7), num_classes)
 
   if spec is None:
+
     def init(key, frozen):
       return {"extras": start_heads(key)}
 
-    def predict(p, frozen, inputs):                     # only the heads are differentiated (p)
-      return model.apply({"params": {**frozen, **p["extras"]}}, inputs["hidden"], inputs["attention_mask"],
-                         inputs["task"])
+    def predict(p, frozen, inputs):  # only the heads are differentiated (p)
+      return model.apply(
+        {"params": {**frozen, **p["extras"]}}, inputs["hidden"], inputs["attention_mask"], inputs["task"]
+      )
+
     adapted, count, aux_names, diagnostics = None, 0, (), None
   else:
-    adapted, _ = inject.inject(model, frozen_example, spec, *args, target_modules=BACKBONE_PREFIX + bert.ADAPTER_TARGETS,
-                               key=jax.random.PRNGKey(0), trainable_extras=r"head_\d+")
+    adapted, _ = inject.inject(
+      model,
+      frozen_example,
+      spec,
+      *args,
+      target_modules=BACKBONE_PREFIX + bert.ADAPTER_TARGETS,
+      key=jax.random.PRNGKey(0),
+      trainable_extras=r"head_\d+",
+    )
     count = adapted.num_params()
 
     def init(key, frozen):
@@ -130,23 +165,41 @@ def build_task(method: str, config, upper: bert.Upper, frozen_example, corpus: C
       return trainable
 
     def predict(p, frozen, inputs):
-      logits, traces = adapted.apply(frozen, p, inputs["hidden"], inputs["attention_mask"], inputs["task"],
-                                     context=inputs["task"], capture_routing=True)
+      logits, traces = adapted.apply(
+        frozen,
+        p,
+        inputs["hidden"],
+        inputs["attention_mask"],
+        inputs["task"],
+        context=inputs["task"],
+        capture_routing=True,
+      )
       if not routed:
         return logits
-      losses = inject.router_losses(traces, load_balance=weights.load_balance, z_loss=weights.z_loss,
-                                    mask=inputs["attention_mask"])
-      return logits, {"aux_loss": losses["aux_loss"], "load_balance": losses["load_balance"],
-                      "router_z": losses["router_z"]}
+      losses = inject.router_losses(
+        traces, load_balance=weights.load_balance, z_loss=weights.z_loss, mask=inputs["attention_mask"]
+      )
+      return logits, {
+        "aux_loss": losses["aux_loss"],
+        "load_balance": losses["load_balance"],
+        "router_z": losses["router_z"],
+      }
+
     aux_names = ("load_balance", "router_z") if routed else ()
-    diagnostics = (functools.partial(router_diagnostics, adapted, len(tasks), diag_rows) if routed else None)
+    diagnostics = functools.partial(router_diagnostics, adapted, len(tasks), diag_rows) if routed else None
 
   def loss(logits, y):
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), y[:, :1], axis=-1)[:, 0]   # [B]
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), y[:, :1], axis=-1)[:, 0]  # [B]
 
-  task = train.Task(init=init, predict=predict, loss=loss,
-                    metric_names=metric_names(tasks, num_classes), per_example_metrics=per_example_metrics(num_classes),
-                    aux_names=aux_names, diagnostics=diagnostics)
+  task = train.Task(
+    init=init,
+    predict=predict,
+    loss=loss,
+    metric_names=metric_names(tasks, num_classes),
+    per_example_metrics=per_example_metrics(num_classes),
+    aux_names=aux_names,
+    diagnostics=diagnostics,
+  )
   return task, adapted, count, heads
 
 
@@ -155,8 +208,12 @@ def router_diagnostics(adapted, num_tasks: int, rows: int, params, frozen, input
   "entropy_nats" [] (mean per-token gate entropy, averaged over layers, tasks and routers; log E = uniform)
   and "task_separation" [] (`routing.task_separation`, averaged over layers)."""
   rows = {k: v[:rows] for k, v in inputs.items()}
-  _, traces = adapted.apply(frozen, params, rows["hidden"], rows["attention_mask"], rows["task"],
-                            context=rows["task"], capture_routing=True)
+  _, traces = adapted.apply(
+    frozen, params, rows["hidden"], rows["attention_mask"], rows["task"], context=rows["task"], capture_routing=True
+  )
   diag = inject.routing_diagnostics(traces, groups=rows["task"], num_groups=num_tasks, mask=rows["attention_mask"])
-  return {"usage": diag["usage"], "entropy_nats": jnp.mean(diag["entropy"]),
-          "task_separation": jnp.mean(routing.task_separation(diag["usage"]))}
+  return {
+    "usage": diag["usage"],
+    "entropy_nats": jnp.mean(diag["entropy"]),
+    "task_separation": jnp.mean(routing.task_separation(diag["usage"])),
+  }

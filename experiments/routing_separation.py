@@ -13,43 +13,43 @@ import numpy as np
 
 from localmoe import configlib, metrics, results, single_layer, train
 
-FAMILIES = {"uniform": [lambda i, j: 0, lambda i, j: 1],
-            "heterogeneous": [lambda i, j: 0, lambda i, j: 1, lambda i, j: int(i != j), lambda i, j: int(i == j)]}
+UNIFORM = [lambda i, j: 0, lambda i, j: 1]  # the candidate each context picks at cell (i, j)
+FAMILIES = {"uniform": UNIFORM, "heterogeneous": UNIFORM + [lambda i, j: int(i != j), lambda i, j: int(i == j)]}
 
 
 def make_data(config, seeds, family: str) -> train.Data:
-  dc, patterns, split = config.data, FAMILIES[family], []
-  b = dc.d // dc.k
+  dc, patterns, split, b = config.data, FAMILIES[family], [], config.data.d // config.data.k
   for seed in seeds:
     rng = np.random.default_rng(seed)
     cand = rng.standard_normal((2, dc.k, dc.k, b, dc.rank)) @ rng.standard_normal((2, dc.k, dc.k, dc.rank, b))
-    cand /= np.sqrt(dc.rank * b)                                                    # [2, K, K, b, b]
+    cand /= np.sqrt(dc.rank * b)  # [2, K, K, b, b]
     w = np.stack([np.block([[cand[p(i, j), i, j] for j in range(dc.k)] for i in range(dc.k)]) for p in patterns])
     x = rng.standard_normal((dc.num_samples, dc.d)).astype(np.float32)
     ctx = rng.integers(0, len(patterns), dc.num_samples)
-    rows = {"x": x, "context": np.eye(len(patterns), dtype=np.float32)[ctx],
-            "y": np.einsum("nod,nd->no", w[ctx], x).astype(np.float32)}
-    split.append({k: (v[:-dc.num_test], v[-dc.num_test:]) for k, v in rows.items()})
+    y = np.einsum("nod,nd->no", w[ctx], x).astype(np.float32)  # [n, d]: context ctx's map applied to x
+    rows = {"x": x, "context": np.eye(len(patterns), dtype=np.float32)[ctx], "y": y}
+    split.append({k: (v[: -dc.num_test], v[-dc.num_test :]) for k, v in rows.items()})
   stack = lambda part: {k: np.stack([s[k][part] for s in split]) for k in split[0]}
-  zeros = np.zeros((len(seeds), dc.d, dc.d), np.float32)                           # the frozen W0
-  return train.Data(train=stack(0), test=stack(1), frozen={"w0": zeros}, per_seed=True)
+  w0 = np.zeros((len(seeds), dc.d, dc.d), np.float32)  # the frozen W0
+  return train.Data(train=stack(0), test=stack(1), frozen={"w0": w0}, per_seed=True)
 
 
 def validate(config) -> None:
   """Every config error before any compute: seeds, memory, and each method and its groups per family."""
-  for family in configlib.split_names(config.data.families):
-    single_layer.validate_methods(config, config.data.num_samples - config.data.num_test, 0.0, config.data.d,
-                                  config.data.d, len(FAMILIES[family]))
+  dc = config.data
+  for family in configlib.split_names(dc.families):
+    single_layer.validate_methods(config, dc.num_samples - dc.num_test, 0.0, dc.d, dc.d, len(FAMILIES[family]))
 
 
 def run(config, workdir: str) -> dict:
   start, families = time.perf_counter(), configlib.split_names(config.data.families)
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   validate(config)
+
   def report(family, summaries, fits, seconds, contexts):
     gap = metrics.paired_difference(summaries, "cellwise_moe", "blockwise_moe", "test_r2")
-    section = (f"## {family} ({contexts} contexts)\n\n{results.markdown_table(summaries)}\n\n"
-               f"cell-wise - block-wise test R², paired by seed (points): {metrics.format_difference(gap, 100)}\n")
+    section = f"## {family} ({contexts} contexts)\n\n{results.markdown_table(summaries)}\n\n"
+    section += f"cell-wise - block-wise test R², paired by seed (points): {metrics.format_difference(gap, 100)}\n"
     print(section, flush=True)
     return {"cellwise_minus_blockwise_r2": gap}, section
 

@@ -34,7 +34,7 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = No
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
-    os.chmod(tmp, (0o666 & ~current_umask()) if mode is None else mode)        # mkstemp makes 0o600
+    os.chmod(tmp, (0o666 & ~current_umask()) if mode is None else mode)  # mkstemp makes 0o600
     os.replace(tmp, path)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)

@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 
 from localmoe import workdir as workdir_lib
 
-EXIT_PREEMPTED = 75          # EX_TEMPFAIL: "try again"; schedulers can requeue on it
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; schedulers can requeue on it
 CONFIG_FILE = "config.json"  # the config a checkpoint directory belongs to
 
 
@@ -76,11 +76,14 @@ def preemption_guard(signals=(signal.SIGTERM, signal.SIGINT)):
 
   def handler(signum, frame):
     del frame
-    if _STOP.is_set():                      # second signal: give up waiting
+    if _STOP.is_set():  # second signal: give up waiting
       signal.signal(signum, previous.get(signum, signal.SIG_DFL))
       raise KeyboardInterrupt
-    print(f"\n[preemption] {signal.Signals(signum).name} received: saving checkpoints at the next "
-          "evaluation, then exiting.", flush=True)
+    print(
+      f"\n[preemption] {signal.Signals(signum).name} received: saving checkpoints at the next "
+      "evaluation, then exiting.",
+      flush=True,
+    )
     request_stop(signal.Signals(signum).name)
 
   if threading.current_thread() is threading.main_thread():
@@ -96,26 +99,27 @@ def preemption_guard(signals=(signal.SIGTERM, signal.SIGINT)):
 @dataclasses.dataclass(frozen=True)
 class Policy:
   """How `train.fit` checkpoints one fit."""
-  directory: str | None                  # None: no files (a stop request still ends the fit cleanly)
-  every_epochs: int = 10                 # DEFAULT_EVERY_EPOCHS; 0: only at the end (and on preemption)
-  config: Mapping[str, Any] | None = None   # the resolved config of the run: stored, compared on resume
+
+  directory: str | None  # None: no files (a stop request still ends the fit cleanly)
+  every_epochs: int = 10  # DEFAULT_EVERY_EPOCHS; 0: only at the end (and on preemption)
+  config: Mapping[str, Any] | None = None  # the resolved config of the run: stored, compared on resume
 
   def __post_init__(self):
     _check_every(self.every_epochs)
 
   def child(self, name: str) -> "Policy":
     """The same policy for a sub-directory (one per method or variant)."""
-    return dataclasses.replace(self, directory=None if self.directory is None
-                               else os.path.join(self.directory, name))
+    return dataclasses.replace(self, directory=None if self.directory is None else os.path.join(self.directory, name))
 
 
-DEFAULT_EVERY_EPOCHS = 10              # config.checkpoint_every_epochs when a config does not set it
+DEFAULT_EVERY_EPOCHS = 10  # config.checkpoint_every_epochs when a config does not set it
 
 
 def _check_every(every) -> int:
   if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 0:
-    raise ValueError(f"config.checkpoint_every_epochs={every!r} must be >= 0, an integer (0: checkpoint only at "
-                     "the end).")
+    raise ValueError(
+      f"config.checkpoint_every_epochs={every!r} must be >= 0, an integer (0: checkpoint only at the end)."
+    )
   return int(every)
 
 
@@ -134,9 +138,15 @@ def policy(config, workdir: str | None, *parts: str) -> Policy:
 class Checkpointer:
   """Saves and restores one fit's `FitState` under `directory` (one orbax step per saved epoch)."""
 
-  def __init__(self, directory: str, every_epochs: int = 10, total_epochs: int = 0,
-               config: Mapping[str, Any] | None = None, name: str = "model",
-               log: Callable[[str], None] | None = print):
+  def __init__(
+    self,
+    directory: str,
+    every_epochs: int = 10,
+    total_epochs: int = 0,
+    config: Mapping[str, Any] | None = None,
+    name: str = "model",
+    log: Callable[[str], None] | None = print,
+  ):
     _check_every(every_epochs)
     self.directory = os.path.abspath(directory)
     self.every_epochs, self.total_epochs, self.name = every_epochs, total_epochs, name
@@ -145,24 +155,29 @@ class Checkpointer:
     self._config_written = False
     os.makedirs(self.directory, exist_ok=True)
     options = {}
-    if jax.process_count() > 1:      # each process checkpoints its own fits (its slice of a sweep) alone
+    if jax.process_count() > 1:  # each process checkpoints its own fits (its slice of a sweep) alone
       me = jax.process_index()
       options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
-          primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process{me}")
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process{me}"
+      )
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False,
-                                                             create=False, **options))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False, create=False, **options),
+    )
 
   @classmethod
-  def open(cls, policy: Policy, total_epochs: int, name: str = "model",
-           log: Callable[[str], None] | None = print) -> "Checkpointer | None":
+  def open(
+    cls, policy: Policy, total_epochs: int, name: str = "model", log: Callable[[str], None] | None = print
+  ) -> "Checkpointer | None":
     """A Checkpointer for `policy`, or None (with a warning) when its directory cannot be used."""
     try:
       return cls(policy.directory, policy.every_epochs, total_epochs, policy.config, name, log)
     except OSError as error:
       if log:
-        log(f"  [{name}] WARNING: cannot use checkpoint directory {policy.directory} ({type(error).__name__}: "
-            f"{error}); training on without checkpoints (a preemption will lose this fit's progress).")
+        log(
+          f"  [{name}] WARNING: cannot use checkpoint directory {policy.directory} ({type(error).__name__}: "
+          f"{error}); training on without checkpoints (a preemption will lose this fit's progress)."
+        )
       return None
 
   def latest_epoch(self) -> int | None:
@@ -195,18 +210,27 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.StandardRestore(_payload(like)))
       except Exception as error:  # a torn or corrupt step: fall back, never crash the run
         path = os.path.join(self.directory, str(step))
-        fallback = (f"falling back to the checkpoint at epoch {steps[k + 1]}" if k + 1 < len(steps)
-                    else "retraining this fit from epoch 0")
-        self._log(f"  [{self.name}] WARNING: checkpoint {path} is unreadable ({type(error).__name__}: "
-                  f"{str(error)[:200]}); removed it, {fallback}.")
+        fallback = (
+          f"falling back to the checkpoint at epoch {steps[k + 1]}"
+          if k + 1 < len(steps)
+          else "retraining this fit from epoch 0"
+        )
+        self._log(
+          f"  [{self.name}] WARNING: checkpoint {path} is unreadable ({type(error).__name__}: "
+          f"{str(error)[:200]}); removed it, {fallback}."
+        )
         shutil.rmtree(path, ignore_errors=True)
         self._manager.reload()
         continue
       return dataclasses.replace(
-          like, state=restored["state"], epoch=int(restored["epoch"]), history=np.asarray(restored["history"]),
-          train_history=np.asarray(restored["train_history"]),
-          diagnostics={k: np.asarray(v) for k, v in restored.get("diagnostics", {}).items()},
-          initial_loss=np.asarray(restored["initial_loss"]))
+        like,
+        state=restored["state"],
+        epoch=int(restored["epoch"]),
+        history=np.asarray(restored["history"]),
+        train_history=np.asarray(restored["train_history"]),
+        diagnostics={k: np.asarray(v) for k, v in restored.get("diagnostics", {}).items()},
+        initial_loss=np.asarray(restored["initial_loss"]),
+      )
     return None
 
   def save(self, fit_state) -> bool:
@@ -219,15 +243,22 @@ class Checkpointer:
       self._manager.wait_until_finished()
       return True
     except Exception as error:  # disk full, permissions, a vanished directory: keep training
-      self._log(f"  [{self.name}] WARNING: saving the checkpoint at epoch {fit_state.epoch} in {self.directory} "
-                f"failed ({type(error).__name__}: {str(error)[:200]}); training goes on.")
+      self._log(
+        f"  [{self.name}] WARNING: saving the checkpoint at epoch {fit_state.epoch} in {self.directory} "
+        f"failed ({type(error).__name__}: {str(error)[:200]}); training goes on."
+      )
       return False
 
 
 def _payload(fit_state) -> dict:
   """What a checkpoint holds: the train state, the histories so far, the epoch and the initial loss."""
-  payload = {"state": fit_state.state, "history": fit_state.history, "train_history": fit_state.train_history,
-             "epoch": np.asarray(fit_state.epoch), "initial_loss": np.asarray(fit_state.initial_loss)}
+  payload = {
+    "state": fit_state.state,
+    "history": fit_state.history,
+    "train_history": fit_state.train_history,
+    "epoch": np.asarray(fit_state.epoch),
+    "initial_loss": np.asarray(fit_state.initial_loss),
+  }
   if fit_state.diagnostics:
     payload["diagnostics"] = dict(fit_state.diagnostics)
   return payload

@@ -20,8 +20,8 @@ from localmoe.data import cache
 
 ENV_VAR = "LOCALMOE_COMPILATION_CACHE"
 SUBDIR = "jax_compilation_cache"
-MIN_COMPILE_SECONDS = 0.0            # store every program: what is stored must not depend on machine load
-MAX_BYTES = 2 << 30                    # least recently used entries are evicted beyond this
+MIN_COMPILE_SECONDS = 0.0  # store every program: what is stored must not depend on machine load
+MAX_BYTES = 2 << 30  # least recently used entries are evicted beyond this
 _OFF = ("off", "0", "false", "no", "none")
 
 

@@ -31,15 +31,18 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       result[key] = True
     elif isinstance(default, bool):
       if raw.lower() not in _TRUE + _FALSE:
-        raise ValueError(f"config arg {key}={raw!r} is not a boolean: use {key}=true or {key}=false "
-                         f"(or the bare word '{key}').")
+        raise ValueError(
+          f"config arg {key}={raw!r} is not a boolean: use {key}=true or {key}=false (or the bare word '{key}')."
+        )
       result[key] = raw.lower() in _TRUE
     elif isinstance(default, (int, float)):
       try:
         result[key] = type(default)(raw)
       except ValueError:
-        raise ValueError(f"config arg {key}={raw!r} is not {'an integer' if isinstance(default, int) else 'a number'} "
-                         f"(default {default!r}).") from None
+        raise ValueError(
+          f"config arg {key}={raw!r} is not {'an integer' if isinstance(default, int) else 'a number'} "
+          f"(default {default!r})."
+        ) from None
     else:
       result[key] = raw.replace("+", ",")
   return result
@@ -74,8 +77,7 @@ def load_config_module(path: str, name: str = "_config_check"):
   import os
 
   if not os.path.isfile(path):
-    raise ValueError(f"--config={path}: no such file (give the path of a config file, e.g. "
-                     "configs/svd_simulation.py).")
+    raise ValueError(f"--config={path}: no such file (give the path of a config file, e.g. configs/svd_simulation.py).")
   module_spec = importlib.util.spec_from_file_location(name, path)
   if module_spec is None or module_spec.loader is None:
     raise ValueError(f"--config={path}: not a Python file.")
@@ -126,16 +128,18 @@ def explain_bad_override(argv: list[str]) -> str | None:
   except ValueError:
     return None
   for arg in argv:
-    if not arg.startswith("--config.") or arg.startswith("--config=") :
+    if not arg.startswith("--config.") or arg.startswith("--config="):
       continue
-    dotted = arg[len("--config."):].split("=", 1)[0]
+    dotted = arg[len("--config.") :].split("=", 1)[0]
     node, walked = config, "config"
     for part in dotted.split("."):
       keys = list(node.keys()) if hasattr(node, "keys") else []
       if part not in keys:
         close = [k for k in keys if part.lower()[:3] in k.lower() or k.lower()[:3] in part.lower()]
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        return (f"--config.{dotted}: {walked} has no field {part!r} (configs are locked, so a typo cannot "
-                f"add one). Fields of {walked}: {sorted(keys)}.{hint}")
+        return (
+          f"--config.{dotted}: {walked} has no field {part!r} (configs are locked, so a typo cannot "
+          f"add one). Fields of {walked}: {sorted(keys)}.{hint}"
+        )
       node, walked = node[part], f"{walked}.{part}"
   return None

@@ -65,8 +65,9 @@ def check_divisible(dim: int, parts: int, dim_name: str, parts_name: str) -> int
     raise ValueError(f"{parts_name}={parts} must be >= 1.")
   if dim % parts:
     raise ValueError(
-        f"{dim_name}={dim} is not divisible by {parts_name}={parts}: choose {parts_name} among the "
-        f"divisors of {dim} ({_divisors(dim)}) or pad the layer.")
+      f"{dim_name}={dim} is not divisible by {parts_name}={parts}: choose {parts_name} among the "
+      f"divisors of {dim} ({_divisors(dim)}) or pad the layer."
+    )
   return dim // parts
 
 
@@ -105,9 +106,10 @@ def field_matmuls(x: jnp.ndarray, weights: jnp.ndarray, out_dtype=None) -> jnp.n
   (None: the operands' dtype).
   """
   k_x, d, _ = weights.shape
-  outs = [jnp.matmul(x[:, j * d:(j + 1) * d], weights[j], preferred_element_type=out_dtype)
-          for j in range(k_x)]                                           # K_x x [N, F]
-  return jnp.stack(outs, axis=1)                                         # [N, K_x, F]
+  outs = [
+    jnp.matmul(x[:, j * d : (j + 1) * d], weights[j], preferred_element_type=out_dtype) for j in range(k_x)
+  ]  # K_x x [N, F]
+  return jnp.stack(outs, axis=1)  # [N, K_x, F]
 
 
 def segment_matmuls(z: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
@@ -117,15 +119,15 @@ def segment_matmuls(z: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
   Returns h [N, d_out] with h_i = sum_{j, e} B_ij^(e) z_ije, i.e. z[:, i] [N, K_x*E*r] @ B_i [K_x*E*r, o].
   """
   n, k_y = z.shape[0], z.shape[1]
-  rows = b.transpose(1, 2, 0, 4, 3).reshape(k_y, -1, b.shape[3])         # [K_y, (j, e, r), o]
-  return jnp.concatenate([z[:, i].reshape(n, -1) @ rows[i] for i in range(k_y)], axis=-1)   # [N, d_out]
+  rows = b.transpose(1, 2, 0, 4, 3).reshape(k_y, -1, b.shape[3])  # [K_y, (j, e, r), o]
+  return jnp.concatenate([z[:, i].reshape(n, -1) @ rows[i] for i in range(k_y)], axis=-1)  # [N, d_out]
 
 
 def expert_columns(a: jnp.ndarray) -> jnp.ndarray:
   """Experts A [E, K_y, K_x, d, r] as stage-1 weights [K_x, d, (i, e, r)]: field j's GEMM codes every cell
   (i, j) and expert e of column j at once."""
   e, k_y, k_x, d, r = a.shape
-  return a.transpose(2, 3, 1, 0, 4).reshape(k_x, d, k_y * e * r)         # [K_x, d, K_y*E*r]
+  return a.transpose(2, 3, 1, 0, 4).reshape(k_x, d, k_y * e * r)  # [K_x, d, K_y*E*r]
 
 
 def codes_by_cell(columns: jnp.ndarray, k_y: int, e: int) -> jnp.ndarray:

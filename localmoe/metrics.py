@@ -48,5 +48,7 @@ def format_difference(diff: dict | None, scale: float = 1.0) -> str:
   if not diff or diff["mean"] is None:
     return "n/a"
   n = sum(v is not None for v in diff["per_seed"])
-  return (f"{diff['mean'] * scale:+.2f} ± {diff['std'] * scale:.2f} [{diff['min'] * scale:+.2f}, "
-          f"{diff['max'] * scale:+.2f}] over {n} seed{'s' if n != 1 else ''}")
+  return (
+    f"{diff['mean'] * scale:+.2f} ± {diff['std'] * scale:.2f} [{diff['min'] * scale:+.2f}, "
+    f"{diff['max'] * scale:+.2f}] over {n} seed{'s' if n != 1 else ''}"
+  )

@@ -30,19 +30,38 @@ import numpy as np
 
 from localmoe import train
 
-ADAPTER_METHODS = ("lora", "localized_lora", "blockwise_moe", "cellwise_moe", "blockwise_moe_anchor",
-                   "cellwise_moe_anchor", "cellwise_moe_oracle", "cellwise_moe_activation", "per_task_lora")
-ROUTED = ("blockwise_moe", "cellwise_moe", "blockwise_moe_anchor", "cellwise_moe_anchor", "cellwise_moe_oracle",
-          "cellwise_moe_activation")
+ADAPTER_METHODS = (
+  "lora",
+  "localized_lora",
+  "blockwise_moe",
+  "cellwise_moe",
+  "blockwise_moe_anchor",
+  "cellwise_moe_anchor",
+  "cellwise_moe_oracle",
+  "cellwise_moe_activation",
+  "per_task_lora",
+)
+ROUTED = (
+  "blockwise_moe",
+  "cellwise_moe",
+  "blockwise_moe_anchor",
+  "cellwise_moe_anchor",
+  "cellwise_moe_oracle",
+  "cellwise_moe_activation",
+)
 ANCHORED = ("blockwise_moe_anchor", "cellwise_moe_anchor", "cellwise_moe_oracle")
-ROUTER_PATTERN = r"adapter/.*/router/.*"          # the routers' params in a {"adapter": {layer: ...}} tree
-LABELS = {"lora": "LoRA", "localized_lora": "Localized LoRA",
-          "blockwise_moe": "Block-wise LoRA-MoE (task id)", "cellwise_moe": "Cell-wise LoRA-MoE (task id)",
-          "blockwise_moe_anchor": "Block-wise LoRA-MoE (task id, anchors' router)",
-          "cellwise_moe_anchor": "Cell-wise LoRA-MoE (task id, anchors' router)",
-          "cellwise_moe_oracle": "Cell-wise LoRA-MoE (task id, task-aligned start)",
-          "cellwise_moe_activation": "Cell-wise LoRA-MoE (activations, no id)",
-          "per_task_lora": "One LoRA per task (hard routing)"}
+ROUTER_PATTERN = r"adapter/.*/router/.*"  # the routers' params in a {"adapter": {layer: ...}} tree
+LABELS = {
+  "lora": "LoRA",
+  "localized_lora": "Localized LoRA",
+  "blockwise_moe": "Block-wise LoRA-MoE (task id)",
+  "cellwise_moe": "Cell-wise LoRA-MoE (task id)",
+  "blockwise_moe_anchor": "Block-wise LoRA-MoE (task id, anchors' router)",
+  "cellwise_moe_anchor": "Cell-wise LoRA-MoE (task id, anchors' router)",
+  "cellwise_moe_oracle": "Cell-wise LoRA-MoE (task id, task-aligned start)",
+  "cellwise_moe_activation": "Cell-wise LoRA-MoE (activations, no id)",
+  "per_task_lora": "One LoRA per task (hard routing)",
+}
 
 
 def adapter_spec(method: str, model_config, router_config, num_tasks: int) -> dict:
@@ -53,8 +72,10 @@ def adapter_spec(method: str, model_config, router_config, num_tasks: int) -> di
     raise ValueError(f"config.method_names: {method!r} is not an adapter method; valid: {ADAPTER_METHODS}.")
   divisor = {"lora": 1, "localized_lora": k, "per_task_lora": num_tasks}.get(method, k * e)
   if r % divisor:
-    raise ValueError(f"config.model.rank={r} does not split at parity for {method}: use a rank divisible by "
-                     f"{divisor} (grid={k}, num_experts={e}, {num_tasks} tasks).")
+    raise ValueError(
+      f"config.model.rank={r} does not split at parity for {method}: use a rank divisible by "
+      f"{divisor} (grid={k}, num_experts={e}, {num_tasks} tasks)."
+    )
   common = {"alpha": float(model_config.alpha) if model_config.alpha else None}
   grid = {"k_y": k, "k_x": k}
   if method == "lora":
@@ -63,8 +84,13 @@ def adapter_spec(method: str, model_config, router_config, num_tasks: int) -> di
     return {"method": "localized_lora", "rank": r // k, **grid, **common}
   if method == "per_task_lora":
     return {"method": "per_task_lora", "rank": r // num_tasks, "context_dim": num_tasks, **common}
-  spec = {"method": "cellwise_moe" if method.startswith("cellwise") else "blockwise_moe",
-          "rank": r // (k * e), "num_experts": e, **grid, **common}
+  spec = {
+    "method": "cellwise_moe" if method.startswith("cellwise") else "blockwise_moe",
+    "rank": r // (k * e),
+    "num_experts": e,
+    **grid,
+    **common,
+  }
   if method == "cellwise_moe_activation":
     return {**spec, "router_input": "activation"}
   spec.update(router_input="context", context_dim=num_tasks)
@@ -75,8 +101,10 @@ def adapter_spec(method: str, model_config, router_config, num_tasks: int) -> di
   return spec
 
 
-ANCHOR_RULE_NOTE = (f"the _anchor and _oracle methods add their own rule 'router' (pattern {ROUTER_PATTERN!r}, "
-                    "config.router.anchor_lr_mult and anchor_weight_decay) before the config's rules")
+ANCHOR_RULE_NOTE = (
+  f"the _anchor and _oracle methods add their own rule 'router' (pattern {ROUTER_PATTERN!r}, "
+  "config.router.anchor_lr_mult and anchor_weight_decay) before the config's rules"
+)
 
 
 def method_groups(method: str, config) -> list:
@@ -85,11 +113,19 @@ def method_groups(method: str, config) -> list:
   groups = [dataclasses.asdict(rule) for rule in train.parse_groups(config.optim.groups)]
   if method in ANCHORED:
     if any(rule["name"] == "router" for rule in groups):
-      raise ValueError(f"config.optim.groups={config.optim.groups!r} has a rule named 'router', as has method "
-                       f"{method}: {ANCHOR_RULE_NOTE}. Set the routers' rate with config.router.anchor_lr_mult "
-                       "(drop poly_router), or give your rule another name.")
-    groups = [dict(name="router", pattern=ROUTER_PATTERN, lr_mult=float(config.router.anchor_lr_mult),
-                   weight_decay=float(config.router.anchor_weight_decay))] + groups
+      raise ValueError(
+        f"config.optim.groups={config.optim.groups!r} has a rule named 'router', as has method "
+        f"{method}: {ANCHOR_RULE_NOTE}. Set the routers' rate with config.router.anchor_lr_mult "
+        "(drop poly_router), or give your rule another name."
+      )
+    groups = [
+      dict(
+        name="router",
+        pattern=ROUTER_PATTERN,
+        lr_mult=float(config.router.anchor_lr_mult),
+        weight_decay=float(config.router.anchor_weight_decay),
+      )
+    ] + groups
   return groups
 
 
@@ -103,16 +139,18 @@ def metric_names(tasks: Sequence[str], num_classes: Sequence[int]) -> tuple[str,
 
 def per_example_metrics(num_classes: Sequence[int]):
   """(logits [B, C], y [B, 3] = label, task, counted) -> [B, len(metric_names)] indicators."""
+
   def fn(logits, y):
     label, task, counted = y[:, 0], y[:, 1], y[:, 2].astype(jnp.float32)
     pred = jnp.argmax(logits, -1)
-    in_task = jax.nn.one_hot(task, len(num_classes)) * counted[:, None]              # [B, tasks]
+    in_task = jax.nn.one_hot(task, len(num_classes)) * counted[:, None]  # [B, tasks]
     cols = [in_task, in_task * (pred == label)[:, None]]
     for t, c in enumerate(num_classes):
-      mine = in_task[:, t:t + 1]
-      p, l = jax.nn.one_hot(pred, c) * mine, jax.nn.one_hot(label, c) * mine          # [B, c]
+      mine = in_task[:, t : t + 1]
+      p, l = jax.nn.one_hot(pred, c) * mine, jax.nn.one_hot(label, c) * mine  # [B, c]
       cols += [p * l, p, l]
     return jnp.concatenate(cols, axis=1)
+
   return fn
 
 
@@ -143,8 +181,11 @@ def per_seed(values, ok) -> dict:
   """{"mean", "std", "per_seed"} over the seeds that did not diverge (None where one did)."""
   values, ok = np.asarray(values, np.float64), np.asarray(ok, bool)
   kept = values[ok & np.isfinite(values)]
-  return {"mean": float(kept.mean()) if kept.size else None, "std": float(kept.std()) if kept.size else None,
-          "per_seed": [float(v) if good and np.isfinite(v) else None for v, good in zip(values, ok)]}
+  return {
+    "mean": float(kept.mean()) if kept.size else None,
+    "std": float(kept.std()) if kept.size else None,
+    "per_seed": [float(v) if good and np.isfinite(v) else None for v, good in zip(values, ok)],
+  }
 
 
 def summary(scores: dict, ok, params: int, extra: dict | None = None, seeds=None) -> dict:
@@ -152,11 +193,20 @@ def summary(scores: dict, ok, params: int, extra: dict | None = None, seeds=None
   0 for a frozen-model baseline), a status
   ("ok" or "diverged seeds") and the per-seed mean accuracy under "accuracy_per_seed" (paired differences)."""
   out = {k: per_seed(v, ok) for k, v in scores.items()}
-  out.update(params=int(params), adapter_params=params, status="ok" if all(ok) else "diverged seeds",
-             accuracy_per_seed=out["accuracy/mean"]["per_seed"], **(extra or {}))
-  mean = out["accuracy/mean"]                    # the launcher's common schema: test accuracy as a fraction
-  out.update(seeds=[int(s) for s in (seeds if seeds is not None else range(len(mean["per_seed"])))],
-             test_accuracy=mean["per_seed"], test_accuracy_mean=mean["mean"], test_accuracy_std=mean["std"])
+  out.update(
+    params=int(params),
+    adapter_params=params,
+    status="ok" if all(ok) else "diverged seeds",
+    accuracy_per_seed=out["accuracy/mean"]["per_seed"],
+    **(extra or {}),
+  )
+  mean = out["accuracy/mean"]  # the launcher's common schema: test accuracy as a fraction
+  out.update(
+    seeds=[int(s) for s in (seeds if seeds is not None else range(len(mean["per_seed"])))],
+    test_accuracy=mean["per_seed"],
+    test_accuracy_mean=mean["mean"],
+    test_accuracy_std=mean["std"],
+  )
   return out
 
 
@@ -174,15 +224,26 @@ def live_hook(live, method: str, seeds, tasks, num_classes):
     series.update({f"routing/{key}": v for key, v in state.diagnostics.items() if key != "usage"})
     for tag, v in series.items():
       split, metric = tag.split("/", 1)
-      rows += [(seeds[s], j + 1, split, metric, float(v[s, j])) for s in range(v.shape[0])
-               for j in range(e + 1) if np.isfinite(v[s, j])]
+      rows += [
+        (seeds[s], j + 1, split, metric, float(v[s, j]))
+        for s in range(v.shape[0])
+        for j in range(e + 1)
+        if np.isfinite(v[s, j])
+      ]
       if np.isfinite(v[:, e]).any():
         scalars[tag] = float(np.nanmean(v[:, e]))
     live.record(method, rows, scalars, state.epoch)
     nan = float("nan")
-    routed = "" if "routing/entropy_nats" not in scalars else (
-        f"  router H {scalars['routing/entropy_nats']:.3f} sep {scalars.get('routing/task_separation', nan):.3f}")
-    print(f"  [{method}] eval {state.epoch}  loss {scalars.get('train_stream/loss', nan):.3f}  held-out acc "
-          + "  ".join(f"{t} {scalars.get(f'val/accuracy/{t}', nan) * 100:.1f}" for t in tasks)
-          + f"{routed}  ({time.perf_counter() - begin:.0f}s)", flush=True)
+    routed = (
+      ""
+      if "routing/entropy_nats" not in scalars
+      else (f"  router H {scalars['routing/entropy_nats']:.3f} sep {scalars.get('routing/task_separation', nan):.3f}")
+    )
+    print(
+      f"  [{method}] eval {state.epoch}  loss {scalars.get('train_stream/loss', nan):.3f}  held-out acc "
+      + "  ".join(f"{t} {scalars.get(f'val/accuracy/{t}', nan) * 100:.1f}" for t in tasks)
+      + f"{routed}  ({time.perf_counter() - begin:.0f}s)",
+      flush=True,
+    )
+
   return on_epoch_end

@@ -35,11 +35,12 @@ def _keys(path: str) -> list:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Functional:
   """init / apply of one adapted NNX model (see the module docstring)."""
+
   graphdef: Any
-  adapter: inject_lib.PerLayer                      # what `inject` attached (its per-layer specs)
-  layers: tuple                                     # the adapted layers' LayerInfo, in call order
-  kernel_paths: tuple                               # where each adapted layer's frozen kernel sits in `frozen`
-  rest: Any = None                                  # the model's non-parameter state (routing slots), constant
+  adapter: inject_lib.PerLayer  # what `inject` attached (its per-layer specs)
+  layers: tuple  # the adapted layers' LayerInfo, in call order
+  kernel_paths: tuple  # where each adapted layer's frozen kernel sits in `frozen`
+  rest: Any = None  # the model's non-parameter state (routing slots), constant
 
   def init(self, key, frozen) -> dict:
     kernels = []
@@ -57,19 +58,22 @@ class Functional:
       for k in _keys(path):
         node = node.setdefault(k, {})
       node["adapter"] = {"params": value}
-    rest = jax.tree_util.tree_map(lambda a: a, self.rest)     # fresh Variables in the caller's trace
+    rest = jax.tree_util.tree_map(lambda a: a, self.rest)  # fresh Variables in the caller's trace
     return nnx.merge(self.graphdef, tree, frozen, rest)
 
   def apply(self, params, frozen, *args, context=None, capture_routing: bool = False, **kwargs):
-    return nnx_inject.call(self.model(params, frozen), *args, context=context, capture_routing=capture_routing,
-                           **kwargs)
+    return nnx_inject.call(
+      self.model(params, frozen), *args, context=context, capture_routing=capture_routing, **kwargs
+    )
 
 
 def split(model: nnx.Module) -> tuple[Functional, dict]:
   """(Functional, frozen pure dict) of a model adapted by `nnx_inject.inject` (the model is not changed)."""
   if nnx_inject.num_extra_params(model):
-    raise ValueError("the model has trainable extras (inject(..., trainable_extras=...)): nnx_functional trains "
-                     "adapters only; inject without trainable_extras.")
+    raise ValueError(
+      "the model has trainable extras (inject(..., trainable_extras=...)): nnx_functional trains "
+      "adapters only; inject without trainable_extras."
+    )
   # Params (frozen weights) travel as a pure dict; the rest (routing context and rng slots, empty between calls)
   # stays an nnx.State in the Functional, so variables whose value holds no array are merged back intact.
   graphdef, _, weights, rest = nnx.split(model, nnx_inject.AdapterParam, nnx.Param, ...)

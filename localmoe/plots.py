@@ -23,9 +23,17 @@ def _save(fig, path: str) -> str:
   return path
 
 
-def curves_with_bands(path: str, curves: Mapping[str, np.ndarray], *, labels: Mapping[str, str] | None = None,
-                      title: str = "", xlabel: str = "epoch", ylabel: str = "test R² (%)", scale: float = 100.0,
-                      ylim: tuple[float, float] | None = None) -> str:
+def curves_with_bands(
+  path: str,
+  curves: Mapping[str, np.ndarray],
+  *,
+  labels: Mapping[str, str] | None = None,
+  title: str = "",
+  xlabel: str = "epoch",
+  ylabel: str = "test R² (%)",
+  scale: float = 100.0,
+  ylim: tuple[float, float] | None = None,
+) -> str:
   """One line per method: the mean over seeds, with a band from the min to the max seed.
 
   curves: {name: [seeds, epochs]} (NaN entries, e.g. diverged seeds, are ignored); epochs count from 1.
@@ -33,13 +41,14 @@ def curves_with_bands(path: str, curves: Mapping[str, np.ndarray], *, labels: Ma
   labels = labels or {}
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for name, values in curves.items():
-    values = np.asarray(values, float) * scale                         # [seeds, epochs]
+    values = np.asarray(values, float) * scale  # [seeds, epochs]
     epochs = np.arange(1, values.shape[1] + 1)
     mean = np.nanmean(values, axis=0)
-    line, = ax.plot(epochs, mean, marker="o", markersize=3, label=labels.get(name, name))
+    (line,) = ax.plot(epochs, mean, marker="o", markersize=3, label=labels.get(name, name))
     if values.shape[0] > 1:
-      ax.fill_between(epochs, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=line.get_color(),
-                      alpha=0.2, linewidth=0)
+      ax.fill_between(
+        epochs, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=line.get_color(), alpha=0.2, linewidth=0
+      )
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   if ylim is not None:
@@ -50,9 +59,17 @@ def curves_with_bands(path: str, curves: Mapping[str, np.ndarray], *, labels: Ma
   return _save(fig, path)
 
 
-def bar_chart(path: str, names: Sequence[str], values: Mapping[str, Sequence[float]], *,
-              labels: Mapping[str, str] | None = None, paper: Mapping[str, float] | None = None,
-              title: str = "", ylabel: str = "test R² (%)", scale: float = 100.0) -> str:
+def bar_chart(
+  path: str,
+  names: Sequence[str],
+  values: Mapping[str, Sequence[float]],
+  *,
+  labels: Mapping[str, str] | None = None,
+  paper: Mapping[str, float] | None = None,
+  title: str = "",
+  ylabel: str = "test R² (%)",
+  scale: float = 100.0,
+) -> str:
   """One bar per method at the mean over seeds, error bar = std over seeds, every seed as a dot.
 
   values: {name: per-seed values}; paper: {name: the paper's value} drawn as a black tick beside the bar.
@@ -65,13 +82,14 @@ def bar_chart(path: str, names: Sequence[str], values: Mapping[str, Sequence[flo
     if seeds.size == 0:
       continue
     ax.bar(k, seeds.mean(), yerr=seeds.std() if seeds.size > 1 else None, capsize=5, color=f"C{k}", alpha=0.8)
-    ax.scatter(np.full(seeds.size, k) + np.linspace(-0.15, 0.15, seeds.size), seeds, s=10, color="black",
-               zorder=3)
-    ax.annotate(f"{seeds.mean():.1f}", (k, seeds.mean()), textcoords="offset points", xytext=(0, 6),
-                ha="center", fontsize=8)
+    ax.scatter(np.full(seeds.size, k) + np.linspace(-0.15, 0.15, seeds.size), seeds, s=10, color="black", zorder=3)
+    ax.annotate(
+      f"{seeds.mean():.1f}", (k, seeds.mean()), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
+    )
     if paper and paper.get(name) is not None:
-      ax.plot([k + 0.3, k + 0.5], [paper[name] * scale] * 2, color="black", linewidth=2,
-              label="paper" if k == 0 else None)
+      ax.plot(
+        [k + 0.3, k + 0.5], [paper[name] * scale] * 2, color="black", linewidth=2, label="paper" if k == 0 else None
+      )
   if paper:
     ax.legend(fontsize=8)
   ax.set_xticks(positions, [labels.get(n, n) for n in names], rotation=20, ha="right", fontsize=8)
@@ -81,9 +99,17 @@ def bar_chart(path: str, names: Sequence[str], values: Mapping[str, Sequence[flo
   return _save(fig, path)
 
 
-def image_grid(path: str, images: np.ndarray, *, row_labels: Sequence[str] = (), col_labels: Sequence[str] = (),
-               title: str = "", cmap: str = "gray", shared_scale: str = "row",
-               own_scale_cols: Sequence[int] = ()) -> str:
+def image_grid(
+  path: str,
+  images: np.ndarray,
+  *,
+  row_labels: Sequence[str] = (),
+  col_labels: Sequence[str] = (),
+  title: str = "",
+  cmap: str = "gray",
+  shared_scale: str = "row",
+  own_scale_cols: Sequence[int] = (),
+) -> str:
   """A grid of images [rows, cols, h, w] (NaN-filled cells are left blank).
 
   shared_scale: "row" uses one colour range per row (so a target and the methods' outputs are comparable),
@@ -116,8 +142,15 @@ def image_grid(path: str, images: np.ndarray, *, row_labels: Sequence[str] = (),
   return _save(fig, path)
 
 
-def routing_heatmaps(path: str, usage: np.ndarray, groups: Sequence[str], *, layer_names: Sequence[str] = (),
-                     columns: int = 6, title: str = "") -> str:
+def routing_heatmaps(
+  path: str,
+  usage: np.ndarray,
+  groups: Sequence[str],
+  *,
+  layer_names: Sequence[str] = (),
+  columns: int = 6,
+  title: str = "",
+) -> str:
   """One heatmap per routed layer: rows = groups (tasks), columns = (router cell, expert), colour = mean gate.
 
   usage: [layers, groups, routers, E] (rows of each router sum to 1 over E). Cells are separated by white lines,
@@ -126,8 +159,9 @@ def routing_heatmaps(path: str, usage: np.ndarray, groups: Sequence[str], *, lay
   usage = np.asarray(usage, float)
   layers, num_groups, routers, experts = usage.shape
   rows = int(np.ceil(layers / columns))
-  fig, axes = plt.subplots(rows, min(columns, layers), figsize=(2.3 * min(columns, layers), 1.0 + 0.9 * rows),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    rows, min(columns, layers), figsize=(2.3 * min(columns, layers), 1.0 + 0.9 * rows), squeeze=False
+  )
   for index in range(rows * min(columns, layers)):
     ax = axes[index // min(columns, layers)][index % min(columns, layers)]
     ax.set_xticks([])
@@ -135,7 +169,7 @@ def routing_heatmaps(path: str, usage: np.ndarray, groups: Sequence[str], *, lay
     if index >= layers:
       ax.axis("off")
       continue
-    image = usage[index].reshape(num_groups, routers * experts)                  # [groups, routers * E]
+    image = usage[index].reshape(num_groups, routers * experts)  # [groups, routers * E]
     shown = ax.imshow(image, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
     for r in range(1, routers):
       ax.axvline(r * experts - 0.5, color="white", linewidth=1)

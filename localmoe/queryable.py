@@ -46,16 +46,17 @@ def blocks_of(num_layers: int, num_blocks: int) -> list[np.ndarray]:
 @dataclasses.dataclass(frozen=True)
 class QueryableLoRA:
   """Model-wide adapter for `localmoe.inject` (an AdapterSet). Every matched layer gets A, B, eta."""
-  rank: int = 8                                 # r
-  num_atoms: int = 8                            # M
-  num_blocks: int = 4                           # B
-  top_k: int = 2                                # atoms mixed per block query
-  query_dim: int | None = None                  # d_k; None -> r
-  alpha: float | None = None                    # scale alpha / r; None -> 1
-  t_attn: float = 1.0                           # T_attn
-  t_dep: float = 1.0                            # T_dep
-  atom_std: float | None = None                 # atoms C_m ~ N(0, atom_std^2); None -> 1 / r
-  eta_init: float = 0.0                         # g = sigmoid(eta) = 0.5 at init
+
+  rank: int = 8  # r
+  num_atoms: int = 8  # M
+  num_blocks: int = 4  # B
+  top_k: int = 2  # atoms mixed per block query
+  query_dim: int | None = None  # d_k; None -> r
+  alpha: float | None = None  # scale alpha / r; None -> 1
+  t_attn: float = 1.0  # T_attn
+  t_dep: float = 1.0  # T_dep
+  atom_std: float | None = None  # atoms C_m ~ N(0, atom_std^2); None -> 1 / r
+  eta_init: float = 0.0  # g = sigmoid(eta) = 0.5 at init
 
   def __post_init__(self):
     for field in ("rank", "num_atoms", "num_blocks", "top_k"):
@@ -70,8 +71,10 @@ class QueryableLoRA:
 
   def _check_layers(self, layers):
     if len(layers) < self.num_blocks:
-      raise ValueError(f"num_blocks={self.num_blocks} is larger than the number of adapted layers "
-                       f"({len(layers)}): use num_blocks <= {len(layers)}.")
+      raise ValueError(
+        f"num_blocks={self.num_blocks} is larger than the number of adapted layers "
+        f"({len(layers)}): use num_blocks <= {len(layers)}."
+      )
     for layer in layers:
       common.check_rank(self.rank, layer.d_out, layer.d_in, f"layer {layer.path!r}", False)
 
@@ -83,20 +86,22 @@ class QueryableLoRA:
     per_layer = {}
     for i, layer in enumerate(layers):
       k = jax.random.fold_in(key, i)
-      per_layer[layer.path] = {"A": common.lora_a_init(k, (layer.d_in, r)),
-                               "B": jnp.zeros((layer.d_out, r)),
-                               "eta": jnp.asarray(self.eta_init, jnp.float32)}
+      per_layer[layer.path] = {
+        "A": common.lora_a_init(k, (layer.d_in, r)),
+        "B": jnp.zeros((layer.d_out, r)),
+        "eta": jnp.asarray(self.eta_init, jnp.float32),
+      }
     ks = jax.random.split(jax.random.fold_in(key, len(layers)), 7)
     normal = lambda k, shape, fan_in: jax.random.normal(k, shape) / math.sqrt(fan_in)
     atom_std = self.atom_std if self.atom_std is not None else 1.0 / r
     shared = {
-        "atoms": atom_std * jax.random.normal(ks[0], (m, r, r)),           # C_m
-        "keys": jax.random.normal(ks[1], (m, dk)),                         # k_m
-        "block_prior": normal(ks[2], (self.num_blocks, dk), dk),           # w_{l_b}
-        "q_cur": normal(ks[3], (r, dk), r),                                # Q_cur
-        "q_dep": normal(ks[4], (r, dk), r),                                # Q_dep
-        "q_dep_q": normal(ks[5], (dk, dk), dk),                            # Q_dep,q
-        "q_dep_k": normal(ks[6], (r, dk), r),                              # Q_dep,k
+      "atoms": atom_std * jax.random.normal(ks[0], (m, r, r)),  # C_m
+      "keys": jax.random.normal(ks[1], (m, dk)),  # k_m
+      "block_prior": normal(ks[2], (self.num_blocks, dk), dk),  # w_{l_b}
+      "q_cur": normal(ks[3], (r, dk), r),  # Q_cur
+      "q_dep": normal(ks[4], (r, dk), r),  # Q_dep
+      "q_dep_q": normal(ks[5], (dk, dk), dk),  # Q_dep,q
+      "q_dep_k": normal(ks[6], (r, dk), r),  # Q_dep,k
     }
     return {"layers": per_layer, "shared": shared}
 
@@ -110,24 +115,24 @@ class QueryableLoRA:
 
   def route(self, shared, block: int, s_entry: jnp.ndarray, summaries: list[jnp.ndarray]):
     """Algorithm 2 lines 5-25: the block operator S_b [..., r, r] and the routing weights [..., M]."""
-    q0 = shared["block_prior"][block] + s_entry @ shared["q_cur"]                  # [..., d_k]
+    q0 = shared["block_prior"][block] + s_entry @ shared["q_cur"]  # [..., d_k]
     if summaries:
-      sbar = jnp.stack(summaries, axis=-2)                                         # [..., b-1, r]
-      query = rms_norm(q0 @ shared["q_dep_q"])                                     # [..., d_k]
-      keys = rms_norm(sbar @ shared["q_dep_k"])                                    # [..., b-1, d_k]
+      sbar = jnp.stack(summaries, axis=-2)  # [..., b-1, r]
+      query = rms_norm(q0 @ shared["q_dep_q"])  # [..., d_k]
+      keys = rms_norm(sbar @ shared["q_dep_k"])  # [..., b-1, d_k]
       xi = jnp.einsum("...k,...ik->...i", query, keys) / math.sqrt(self.d_k * self.t_dep)
-      beta = jax.nn.softmax(xi, axis=-1)                                           # [..., b-1]
-      u_att = jnp.einsum("...i,...ir->...r", beta, sbar)                           # [..., r]
+      beta = jax.nn.softmax(xi, axis=-1)  # [..., b-1]
+      u_att = jnp.einsum("...i,...ir->...r", beta, sbar)  # [..., r]
       q = q0 + u_att @ shared["q_dep"]
     else:
       q = q0
     zeta = jnp.einsum("...k,mk->...m", rms_norm(q), rms_norm(shared["keys"]))
-    zeta = zeta / math.sqrt(self.d_k * self.t_attn)                                # [..., M]
-    weights = routing.gates_from_logits(zeta, self.top_k)                          # [..., M]
+    zeta = zeta / math.sqrt(self.d_k * self.t_attn)  # [..., M]
+    weights = routing.gates_from_logits(zeta, self.top_k)  # [..., M]
     return jnp.einsum("...m,mrs->...rs", weights, shared["atoms"]), weights
 
   def session(self, params, layers, context=None):
-    del context                                          # Queryable LoRA routes on its own activations
+    del context  # Queryable LoRA routes on its own activations
     return _QueryableSession(self, params, layers)
 
 
@@ -154,13 +159,15 @@ class _QueryableSession:
   def __call__(self, index: int, x: jnp.ndarray, kernel=None) -> jnp.ndarray:
     del kernel
     if index != self.expected % len(self.layers):
-      raise ValueError(f"QueryableLoRA expects the adapted layers in call order; got layer {index} "
-                       f"({self.layers[index].path!r}) when layer {self.expected} was next.")
-    if index == 0:                                       # a new forward pass
+      raise ValueError(
+        f"QueryableLoRA expects the adapted layers in call order; got layer {index} "
+        f"({self.layers[index].path!r}) when layer {self.expected} was next."
+      )
+    if index == 0:  # a new forward pass
       self.summaries, self.operator = [], None
     self.expected += 1
     layer = self.params["layers"][self.layers[index].path]
-    s = jnp.einsum("...d,dr->...r", x, layer["A"])                                 # [..., r]
+    s = jnp.einsum("...d,dr->...r", x, layer["A"])  # [..., r]
     if index in self.first:
       self.operator, _ = self.adapter.route(self.params["shared"], self.block_of[index], s, self.summaries)
       self.block_sum, self.block_count = jnp.zeros_like(s), 0
@@ -169,4 +176,4 @@ class _QueryableSession:
     if index in self.last:
       self.summaries.append(self.block_sum / self.block_count)
     scale = common.scaling(self.adapter.alpha, self.adapter.rank)
-    return scale * jnp.einsum("...r,or->...o", t, layer["B"])                      # [..., d_out]
+    return scale * jnp.einsum("...r,or->...o", t, layer["B"])  # [..., d_out]

@@ -60,9 +60,14 @@ def write_json(path: str, payload: Mapping[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------- summaries
 
 
-def method_summary(params: int, seeds: Sequence[int], fit: train.FitResult,
-                   paper: Mapping[str, Any] | None = None, splits: Sequence[str] | None = None,
-                   extra: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+def method_summary(
+  params: int,
+  seeds: Sequence[int],
+  fit: train.FitResult,
+  paper: Mapping[str, Any] | None = None,
+  splits: Sequence[str] | None = None,
+  extra: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
   """One method's entry of results.json, over the fit's own metric names (R^2 and accuracy as fractions).
 
   For every split in `splits` (None: the fit's splits but "train"; () for none) and metric in fit.metric_names:
@@ -70,29 +75,42 @@ def method_summary(params: int, seeds: Sequence[int], fit: train.FitResult,
   seeds are None and left out). extra: more per-seed values summarised the same way ({"train_loss": ...}).
   """
   ok = np.array([s == "ok" for s in fit.status])
-  values = {f"{split}_{metric}": fit.final(split, metric)
-            for split in (splits if splits is not None else [s for s in fit.splits if s != "train"])
-            for metric in fit.metric_names}
+  values = {
+    f"{split}_{metric}": fit.final(split, metric)
+    for split in (splits if splits is not None else [s for s in fit.splits if s != "train"])
+    for metric in fit.metric_names
+  }
   values.update(extra or {})
   out: dict[str, Any] = {"params": int(params), "seeds": [int(s) for s in seeds]}
   values = {key: np.asarray(v, np.float64) for key, v in values.items()}
-  for key, v in values.items():                   # per-seed lists first, then the summaries (key order)
+  for key, v in values.items():  # per-seed lists first, then the summaries (key order)
     out[key] = [float(a) if good else None for a, good in zip(v, ok)]
   for key, v in values.items():
     out[f"{key}_mean"] = float(np.mean(v[ok])) if ok.any() else None
     out[f"{key}_std"] = float(np.std(v[ok])) if ok.any() else None
   failed = [f"seed {seed}: {status}" for seed, status in zip(seeds, fit.status) if status != "ok"]
-  out.update({"paper": dict(paper or {}), "status": "ok" if not failed else "; ".join(failed),
-              "wall_time_s": fit.wall_time_s})
+  out.update(
+    {"paper": dict(paper or {}), "status": "ok" if not failed else "; ".join(failed), "wall_time_s": fit.wall_time_s}
+  )
   return out
 
 
-def failed_summary(params: int, seeds: Sequence[int], reason: str,
-                   paper: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def failed_summary(
+  params: int, seeds: Sequence[int], reason: str, paper: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
   """Entry for a method that could not run at all (the table shows the reason)."""
-  return {"params": int(params), "seeds": [int(s) for s in seeds], "test_r2": [], "test_mse": [],
-          "test_r2_mean": None, "test_r2_std": None, "test_mse_mean": None, "test_mse_std": None,
-          "paper": dict(paper or {}), "status": reason}
+  return {
+    "params": int(params),
+    "seeds": [int(s) for s in seeds],
+    "test_r2": [],
+    "test_mse": [],
+    "test_r2_mean": None,
+    "test_r2_std": None,
+    "test_mse_mean": None,
+    "test_mse_std": None,
+    "paper": dict(paper or {}),
+    "status": reason,
+  }
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -113,20 +131,24 @@ def _fmt(value, fmt: str, scale: float = 1.0) -> str:
 def markdown_table(methods: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str] | None = None) -> str:
   """Paper-vs-ours table: params, test MSE and R^2 (mean ± std over seeds, R^2 in %)."""
   labels = labels or {}
-  lines = ["| Method | Params (ours / paper) | Test MSE (ours) | MSE (paper) | R² % (ours) | R² % (paper) | Status |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+    "| Method | Params (ours / paper) | Test MSE (ours) | MSE (paper) | R² % (ours) | R² % (paper) | Status |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for name, m in methods.items():
     paper = m.get("paper") or {}
     lines.append(
-        f"| {labels.get(name, name)} | {m['params']:,} / {_fmt(paper.get('params'), ',')} "
-        f"| {_pm(m['test_mse_mean'], m['test_mse_std'])} | {_fmt(paper.get('mse'), '.4f')} "
-        f"| {_pm(m['test_r2_mean'], m['test_r2_std'], 100.0, 2)} | {_fmt(paper.get('r2'), '.2f', 100.0)} "
-        f"| {m['status']} |")
+      f"| {labels.get(name, name)} | {m['params']:,} / {_fmt(paper.get('params'), ',')} "
+      f"| {_pm(m['test_mse_mean'], m['test_mse_std'])} | {_fmt(paper.get('mse'), '.4f')} "
+      f"| {_pm(m['test_r2_mean'], m['test_r2_std'], 100.0, 2)} | {_fmt(paper.get('r2'), '.2f', 100.0)} "
+      f"| {m['status']} |"
+    )
   return "\n".join(lines)
 
 
-def ordering_check(methods: Mapping[str, Mapping[str, Any]], groups: Sequence[Sequence[str]],
-                   labels: Mapping[str, str] | None = None) -> tuple[bool, str]:
+def ordering_check(
+  methods: Mapping[str, Mapping[str, Any]], groups: Sequence[Sequence[str]], labels: Mapping[str, str] | None = None
+) -> tuple[bool, str]:
   """Does mean test R^2 fall group by group (every member of a group above every member of the next)?
 
   groups: e.g. [["cellwise_moe"], ["blockwise_moe"], ["lora", "localized_lora"], ["melora"]].
@@ -142,8 +164,10 @@ def ordering_check(methods: Mapping[str, Mapping[str, Any]], groups: Sequence[Se
       continue
     margin = min(r2[n] for n in upper) - max(r2[n] for n in lower)
     holds &= margin > 0
-    parts.append(f"{'/'.join(labels.get(n, n) for n in upper)} {'>' if margin > 0 else 'NOT >'} "
-                 f"{'/'.join(labels.get(n, n) for n in lower)} by {margin * 100:+.2f} R² points")
+    parts.append(
+      f"{'/'.join(labels.get(n, n) for n in upper)} {'>' if margin > 0 else 'NOT >'} "
+      f"{'/'.join(labels.get(n, n) for n in lower)} by {margin * 100:+.2f} R² points"
+    )
   if not parts:
     return False, "not checked (the run lacks methods from at least two of the groups)"
   return holds, "; ".join(parts)
@@ -261,6 +285,7 @@ class Live:
 
   def hook(self, name: str, seeds: Sequence[int], splits: Sequence[str], metric_names: Sequence[str]):
     """An on_epoch_end callable for the fit of method `name`."""
+
     def on_epoch_end(fit_state) -> None:
       if self.workdir is None:
         return
@@ -268,6 +293,7 @@ class Live:
         self._histories[name] = (list(seeds), fit_state.history, tuple(splits), tuple(metric_names))
         self._write_csv()
         self._write_tb(name, fit_state.epoch)
+
     return on_epoch_end
 
   def _write_csv(self) -> None:
@@ -276,14 +302,21 @@ class Live:
       return
     rows = []
     for name, (seeds, history, splits, metric_names) in self._histories.items():
-      fit = train.FitResult(params=None, history=history, status=[], diverged_step=np.zeros(0), wall_time_s=0.0,
-                            splits=splits, metric_names=metric_names)
+      fit = train.FitResult(
+        params=None,
+        history=history,
+        status=[],
+        diverged_step=np.zeros(0),
+        wall_time_s=0.0,
+        splits=splits,
+        metric_names=metric_names,
+      )
       rows += list(history_rows(name, seeds, fit))
     write_history_csv(os.path.join(self.workdir, "history.csv"), rows, names.pop())
 
   def _write_tb(self, name: str, epoch: int) -> None:
     seeds, history, splits, metric_names = self._histories[name]
-    if name not in self._writers:                      # a resumed fit rewrites its events from the history
+    if name not in self._writers:  # a resumed fit rewrites its events from the history
       self._writers[name] = ScalarWriter(os.path.join(self.workdir, "tb", name))
       self._written[name] = 0
     for e in range(self._written[name], epoch):
@@ -321,8 +354,9 @@ class LiveLong:
 
   def record(self, method: str, rows, scalars: Mapping[str, float], step: int) -> None:
     with self._lock:
-      self._rows[method] = [f"{method},{seed},{evaluation},{split},{metric},{value:.6f}"
-                            for seed, evaluation, split, metric, value in rows]
+      self._rows[method] = [
+        f"{method},{seed},{evaluation},{split},{metric},{value:.6f}" for seed, evaluation, split, metric, value in rows
+      ]
       if self.workdir is None:
         return
       atomic_write_text(os.path.join(self.workdir, "history.csv"), self.csv_text())
@@ -347,10 +381,18 @@ class LiveLong:
 # ------------------------------------------------------------------------------------------- one run
 
 
-def write_run(workdir: str, experiment: str, config: Any, methods: Mapping[str, Any],
-              histories: Mapping[str, tuple[Sequence[int], train.FitResult]], wall_time_s: float,
-              markdown: str, extra: Mapping[str, Any] | None = None, live: "Live | LiveLong | None" = None,
-              history_csv: str | None = None) -> None:
+def write_run(
+  workdir: str,
+  experiment: str,
+  config: Any,
+  methods: Mapping[str, Any],
+  histories: Mapping[str, tuple[Sequence[int], train.FitResult]],
+  wall_time_s: float,
+  markdown: str,
+  extra: Mapping[str, Any] | None = None,
+  live: "Live | LiveLong | None" = None,
+  history_csv: str | None = None,
+) -> None:
   """Writes results.json, results.md, history.csv and TensorBoard events (tb/) of one run.
 
   histories: {name: (seeds, FitResult)}; a name may carry a variant prefix ("decaying/lora"). live: the
@@ -361,8 +403,7 @@ def write_run(workdir: str, experiment: str, config: Any, methods: Mapping[str, 
   if live is not None:
     live.close()
   config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  payload = {"experiment": experiment, "config": config_dict, "wall_time_s": float(wall_time_s),
-             "methods": methods}
+  payload = {"experiment": experiment, "config": config_dict, "wall_time_s": float(wall_time_s), "methods": methods}
   payload.update(extra or {})
   metric_names = {tuple(fit.metric_names) for _, fit in histories.values()} or {train.METRICS}
   if len(metric_names) > 1:
@@ -377,13 +418,18 @@ def write_run(workdir: str, experiment: str, config: Any, methods: Mapping[str, 
   atomic_write_text(os.path.join(workdir, "results.md"), markdown)
   failed = failed_methods(methods)
   if failed:
-    raise RunFailed(f"{len(failed)} of {len(methods)} method(s) failed ({'; '.join(failed)}); see "
-                    f"{os.path.join(workdir, 'results.md')}. The run is not marked finished: fix the cause and "
-                    "re-run the same command (finished methods resume from their final checkpoints).")
-  write_json(os.path.join(workdir, "results.json"), payload)   # last: its presence marks a finished run
+    raise RunFailed(
+      f"{len(failed)} of {len(methods)} method(s) failed ({'; '.join(failed)}); see "
+      f"{os.path.join(workdir, 'results.md')}. The run is not marked finished: fix the cause and "
+      "re-run the same command (finished methods resume from their final checkpoints)."
+    )
+  write_json(os.path.join(workdir, "results.json"), payload)  # last: its presence marks a finished run
 
 
 def failed_methods(methods: Mapping[str, Any]) -> list[str]:
   """'name: reason' for every method whose status says it failed (diverged seeds are results, not failures)."""
-  return [f"{name}: {m.get('status')}" for name, m in methods.items()
-          if isinstance(m, Mapping) and str(m.get("status", "")).startswith("failed")]
+  return [
+    f"{name}: {m.get('status')}"
+    for name, m in methods.items()
+    if isinstance(m, Mapping) and str(m.get("status", "")).startswith("failed")
+  ]

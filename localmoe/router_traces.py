@@ -24,16 +24,18 @@ class RouterTrace:
   router (one routing per example), the layer's leading axes (e.g. [batch, tokens]) for an activation router.
   routers = 1 (block-wise) or K_y * K_x (cell-wise, row-major over the grid).
   """
+
   path: str
   logits: jnp.ndarray
   gates: jnp.ndarray
-  grid: tuple[int, ...]           # () block-wise, (K_y, K_x) cell-wise
+  grid: tuple[int, ...]  # () block-wise, (K_y, K_x) cell-wise
   top_k: int | None
-  input_lead: tuple[int, ...] | None = None   # the layer input's leading axes, e.g. (batch, tokens); None: lead
+  input_lead: tuple[int, ...] | None = None  # the layer input's leading axes, e.g. (batch, tokens); None: lead
 
 
-def router_losses(traces: Sequence[RouterTrace], load_balance: float = 0.0, z_loss: float = 0.0,
-                  mask: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
+def router_losses(
+  traces: Sequence[RouterTrace], load_balance: float = 0.0, z_loss: float = 0.0, mask: jnp.ndarray | None = None
+) -> dict[str, jnp.ndarray]:
   """Switch load-balance and ST-MoE z-losses summed over every routed layer, and their weighted sum.
 
   Balance: per cell for cell-wise routers (each cell's router balanced over its tokens), global for
@@ -65,8 +67,8 @@ def _flat(trace: RouterTrace, mask):
   else:
     m = jnp.asarray(mask, jnp.float32)
     _check_mask(m.shape, trace)
-    if m.ndim > len(lead):                     # a per-example router: an example counts if it has any token
-      m = m.reshape(m.shape[:len(lead)] + (-1,)).max(-1)
+    if m.ndim > len(lead):  # a per-example router: an example counts if it has any token
+      m = m.reshape(m.shape[: len(lead)] + (-1,)).max(-1)
     weights = jnp.broadcast_to(m.reshape(m.shape + (1,) * (len(lead) - m.ndim)), lead).reshape(-1)
   return gates, logits, weights
 
@@ -75,13 +77,16 @@ def _check_mask(shape: tuple[int, ...], trace: RouterTrace) -> None:
   """The mask must broadcast onto the layer input's leading axes, aligned from the batch axis."""
   lead = tuple(trace.gates.shape[:-2] if trace.input_lead is None else trace.input_lead)
   if len(shape) > len(lead) or any(m not in (1, n) for m, n in zip(shape, lead)):
-    raise ValueError(f"mask has shape {tuple(shape)} but layer {trace.path!r} routes inputs with leading axes "
-                     f"{lead}: pass weights [batch, ...] of this batch that broadcast onto them (e.g. the "
-                     "attention mask [batch, tokens]), without extra axes.")
+    raise ValueError(
+      f"mask has shape {tuple(shape)} but layer {trace.path!r} routes inputs with leading axes "
+      f"{lead}: pass weights [batch, ...] of this batch that broadcast onto them (e.g. the "
+      "attention mask [batch, tokens]), without extra axes."
+    )
 
 
-def routing_diagnostics(traces: Sequence[RouterTrace], groups: jnp.ndarray | None = None,
-                        num_groups: int = 1, mask: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
+def routing_diagnostics(
+  traces: Sequence[RouterTrace], groups: jnp.ndarray | None = None, num_groups: int = 1, mask: jnp.ndarray | None = None
+) -> dict[str, jnp.ndarray]:
   """Per-layer expert usage and routing entropy, optionally per group (e.g. per task).
 
   groups: integer labels [batch] (one per example); num_groups: their count. Returns
@@ -95,8 +100,10 @@ def routing_diagnostics(traces: Sequence[RouterTrace], groups: jnp.ndarray | Non
   if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
     raise ValueError(f"num_groups={num_groups!r} must be a positive integer: the number of groups (e.g. tasks).")
   if groups is not None and not jnp.issubdtype(jnp.asarray(groups).dtype, jnp.integer):
-    raise ValueError(f"groups has dtype {jnp.asarray(groups).dtype}: pass integer group ids [batch] "
-                     "(e.g. task ids; float ids: groups.astype(jnp.int32)).")
+    raise ValueError(
+      f"groups has dtype {jnp.asarray(groups).dtype}: pass integer group ids [batch] "
+      "(e.g. task ids; float ids: groups.astype(jnp.int32))."
+    )
   usage, entropy = [], []
   for trace in traces:
     gates, _, weights = _flat(trace, mask)
@@ -105,13 +112,19 @@ def routing_diagnostics(traces: Sequence[RouterTrace], groups: jnp.ndarray | Non
     else:
       lead = trace.gates.shape[:-2]
       if np.shape(groups) != tuple(lead[:1]):
-        raise ValueError(f"groups has shape {np.shape(groups)} but layer {trace.path!r} routed a batch of "
-                         f"{lead[0]}: pass one group id per example, shape ({lead[0]},).")
+        raise ValueError(
+          f"groups has shape {np.shape(groups)} but layer {trace.path!r} routed a batch of "
+          f"{lead[0]}: pass one group id per example, shape ({lead[0]},)."
+        )
       g = jnp.asarray(groups).reshape(lead[:1] + (1,) * (len(lead) - 1))
-      onehot = routing.one_hot_labels(jnp.broadcast_to(g, lead).reshape(-1), num_groups, "groups",
-                                      "num_groups", "pass num_groups = the number of groups (ids run "
-                                      "0..num_groups-1)")                              # [N, G]
-    w = onehot * weights[:, None]                                                      # [N, G]
+      onehot = routing.one_hot_labels(
+        jnp.broadcast_to(g, lead).reshape(-1),
+        num_groups,
+        "groups",
+        "num_groups",
+        "pass num_groups = the number of groups (ids run 0..num_groups-1)",
+      )  # [N, G]
+    w = onehot * weights[:, None]  # [N, G]
     u, ent = routing.group_usage(gates, w)
     usage.append(u)
     entropy.append(ent)

@@ -64,7 +64,7 @@ def router_kernel_init(key, shape, dtype=jnp.float32):
 
 ROUTER_INITS = ("normal", "uniform", "zeros", "task_aligned")
 ROUTER_HARD = ("straight_through", "gumbel", "gumbel_soft")
-UNIFORM_ROUTER_SCALE = 1e-3                     # Poly/MHR's U(-1e-3, 1e-3)
+UNIFORM_ROUTER_SCALE = 1e-3  # Poly/MHR's U(-1e-3, 1e-3)
 
 
 def _positive_float(value, field: str, fix: str) -> float:
@@ -88,19 +88,30 @@ def check_temperature(value, field: str = "temperature"):
   """
   fix = "pass a real number > 0 such as 1.0, or an annealed routing.temperature_at(step, ...)"
   if isinstance(value, jax.core.Tracer):
-    if value.shape != () or not jnp.issubdtype(value.dtype, jnp.number) or jnp.issubdtype(value.dtype,
-                                                                                         jnp.complexfloating):
-      raise TypeError(f"{field} is a traced {value.dtype} array of shape {value.shape}: {fix} (one scalar for "
-                      "every expert).")
+    if (
+      value.shape != ()
+      or not jnp.issubdtype(value.dtype, jnp.number)
+      or jnp.issubdtype(value.dtype, jnp.complexfloating)
+    ):
+      raise TypeError(
+        f"{field} is a traced {value.dtype} array of shape {value.shape}: {fix} (one scalar for every expert)."
+      )
     return value
   if isinstance(value, (bool, np.bool_, str, bytes)) or not isinstance(
-      value, (int, float, np.integer, np.floating, np.ndarray, jax.Array)):
+    value, (int, float, np.integer, np.floating, np.ndarray, jax.Array)
+  ):
     raise TypeError(f"{field}={value!r} is not a number: {fix}.")
   if isinstance(value, (np.ndarray, jax.Array)):
-    if np.shape(value) != () or not np.issubdtype(np.asarray(value).dtype, np.number) or \
-        np.issubdtype(np.asarray(value).dtype, np.complexfloating) or np.asarray(value).dtype == bool:
-      raise TypeError(f"{field} is an array of shape {np.shape(value)} and dtype {np.asarray(value).dtype}: {fix} "
-                      "(one scalar for every expert).")
+    if (
+      np.shape(value) != ()
+      or not np.issubdtype(np.asarray(value).dtype, np.number)
+      or np.issubdtype(np.asarray(value).dtype, np.complexfloating)
+      or np.asarray(value).dtype == bool
+    ):
+      raise TypeError(
+        f"{field} is an array of shape {np.shape(value)} and dtype {np.asarray(value).dtype}: {fix} "
+        "(one scalar for every expert)."
+      )
   number = float(value)
   if not (math.isfinite(number) and number > 0):
     raise ValueError(f"{field}={number!r} must be finite and > 0: {fix}.")
@@ -122,22 +133,34 @@ def router_initializer(kind: str | Initializer, scale: float | None = None, marg
   and a `margin` other than the default 4.0 with anything but "task_aligned".
   """
   if not callable(kind) and kind not in ROUTER_INITS:
-    raise ValueError(f"router_init={kind!r} is not a known router initialiser; use one of {ROUTER_INITS} "
-                     "or pass a callable (key, shape, dtype) -> array.")
+    raise ValueError(
+      f"router_init={kind!r} is not a known router initialiser; use one of {ROUTER_INITS} "
+      "or pass a callable (key, shape, dtype) -> array."
+    )
   name = "a callable" if callable(kind) else repr(kind)
   if scale is not None and (callable(kind) or kind not in ("normal", "uniform")):
-    raise ValueError(f"router_init_scale={scale!r} has no effect with router_init={name}: it sets the std of "
-                     "'normal' or the bound of 'uniform'; remove it (None) or use one of those.")
+    raise ValueError(
+      f"router_init_scale={scale!r} has no effect with router_init={name}: it sets the std of "
+      "'normal' or the bound of 'uniform'; remove it (None) or use one of those."
+    )
   if margin != 4.0 and kind != "task_aligned":
-    raise ValueError(f"router_init_margin={margin!r} has no effect with router_init={name}: it sets the lead of "
-                     "'task_aligned'; remove it (4.0, the default) or use router_init='task_aligned'.")
+    raise ValueError(
+      f"router_init_margin={margin!r} has no effect with router_init={name}: it sets the lead of "
+      "'task_aligned'; remove it (4.0, the default) or use router_init='task_aligned'."
+    )
   if callable(kind):
     return kind
   if scale is not None:
-    scale = _positive_float(scale, "router_init_scale", "the std of 'normal' or the bound s of 'uniform', "
-                            "or None for the default (1/sqrt(F), resp. 1e-3)")
-  margin = _positive_float(margin, "router_init_margin", "the logit lead of expert t mod E for context t "
-                           "(e.g. 4.0); use router_init='zeros' for no lead")
+    scale = _positive_float(
+      scale,
+      "router_init_scale",
+      "the std of 'normal' or the bound s of 'uniform', or None for the default (1/sqrt(F), resp. 1e-3)",
+    )
+  margin = _positive_float(
+    margin,
+    "router_init_margin",
+    "the logit lead of expert t mod E for context t (e.g. 4.0); use router_init='zeros' for no lead",
+  )
   if kind == "normal":
     if scale is None:
       return router_kernel_init
@@ -151,8 +174,9 @@ def router_initializer(kind: str | Initializer, scale: float | None = None, marg
   def task_aligned(key, shape, dtype=jnp.float32):
     del key
     features, experts = shape[-2:]
-    rows = margin * jax.nn.one_hot(jnp.arange(features) % experts, experts, dtype=dtype)   # [F, E]
-    return jnp.broadcast_to(rows, shape).astype(dtype)                                     # [*grid, F, E]
+    rows = margin * jax.nn.one_hot(jnp.arange(features) % experts, experts, dtype=dtype)  # [F, E]
+    return jnp.broadcast_to(rows, shape).astype(dtype)  # [*grid, F, E]
+
   return task_aligned
 
 
@@ -172,7 +196,7 @@ def temperature_at(step, start: float, end: float, steps: int, kind: str = "expo
   if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps={steps!r} must be a positive integer (the length of the anneal).")
   steps = int(steps)
-  frac = jnp.clip(jnp.asarray(step, jnp.float32) / steps, 0.0, 1.0)                # []
+  frac = jnp.clip(jnp.asarray(step, jnp.float32) / steps, 0.0, 1.0)  # []
   if kind == "exponential":
     return start * (end / start) ** frac
   return start + (end - start) * frac
@@ -191,7 +215,7 @@ def drop_experts(key: jax.Array, logits: jnp.ndarray, rate: float) -> jnp.ndarra
   """Expert dropout on logits [..., E]: each expert of each gate vector is dropped with probability `rate`
   (its logit set to -inf, so the softmax renormalises over the kept experts). A gate vector that would lose
   every expert keeps them all."""
-  keep = jax.random.bernoulli(key, 1.0 - rate, logits.shape)                      # [..., E]
+  keep = jax.random.bernoulli(key, 1.0 - rate, logits.shape)  # [..., E]
   keep = jnp.where(keep.any(axis=-1, keepdims=True), keep, True)
   return jnp.where(keep, logits, -jnp.inf)
 
@@ -205,8 +229,8 @@ def gates_from_logits(logits: jnp.ndarray, top_k: int | None) -> jnp.ndarray:
   num_experts = logits.shape[-1]
   if top_k is None or top_k == num_experts:
     return jax.nn.softmax(logits, axis=-1)
-  _, index = jax.lax.top_k(logits, top_k)                               # [..., k]
-  keep = jax.nn.one_hot(index, num_experts, dtype=bool).any(axis=-2)    # [..., E]
+  _, index = jax.lax.top_k(logits, top_k)  # [..., k]
+  keep = jax.nn.one_hot(index, num_experts, dtype=bool).any(axis=-2)  # [..., E]
   masked = jnp.where(keep, logits, -jnp.inf)
   return jax.nn.softmax(masked, axis=-1)
 
@@ -229,7 +253,7 @@ def one_hot_labels(labels: jnp.ndarray, num: int, field: str, num_field: str, fi
       shown = ", ".join(str(v) for v in np.unique(bad)[:5])
       raise ValueError(f"{field} holds ids [{shown}] outside 0..{num - 1} ({num_field}={num}): {fix}.")
     return jax.nn.one_hot(labels, num)
-  onehot = jax.nn.one_hot(labels, num)                                               # [..., num]
+  onehot = jax.nn.one_hot(labels, num)  # [..., num]
   valid = (labels >= 0) & (labels < num)
   return jnp.where(valid[..., None], onehot, jnp.nan)
 
@@ -253,18 +277,19 @@ class Router(nn.Module):
   Hard routing (`hard`), Gumbel noise (rng "gumbel") and expert dropout (`dropout`, rng "dropout") act on
   the logits after bias and temperature, as described in the module docstring.
   """
-  num_experts: int                              # E
-  features: int                                 # F, width of the router input u (D, d_in or d_in/K_x)
-  grid: tuple[int, ...] = ()                    # () global router; (K_y, K_x) one router per cell
-  per_field: bool = False                       # router (i, j) reads u[..., j, :] (needs grid=(K_y, K_x))
-  use_bias: bool = False                        # the paper's routers have no bias
-  temperature: float = 1.0                      # logits are divided by this before the softmax
-  top_k: int | None = None                      # None: soft routing; k: exactly k nonzero gates
+
+  num_experts: int  # E
+  features: int  # F, width of the router input u (D, d_in or d_in/K_x)
+  grid: tuple[int, ...] = ()  # () global router; (K_y, K_x) one router per cell
+  per_field: bool = False  # router (i, j) reads u[..., j, :] (needs grid=(K_y, K_x))
+  use_bias: bool = False  # the paper's routers have no bias
+  temperature: float = 1.0  # logits are divided by this before the softmax
+  top_k: int | None = None  # None: soft routing; k: exactly k nonzero gates
   kernel_init: Initializer = router_kernel_init
-  hard: str | None = None                       # None, or one of ROUTER_HARD (module docstring); needs top_k=None
-  dropout: float = 0.0                          # expert dropout probability (rng "dropout"); 0: off
-  param_dtype: Any = jnp.float32                # storage dtype of the kernel and bias
-  dtype: Any = None                             # compute dtype of the logit matmul; None -> u's dtype
+  hard: str | None = None  # None, or one of ROUTER_HARD (module docstring); needs top_k=None
+  dropout: float = 0.0  # expert dropout probability (rng "dropout"); 0: off
+  param_dtype: Any = jnp.float32  # storage dtype of the kernel and bias
+  dtype: Any = None  # compute dtype of the logit matmul; None -> u's dtype
 
   def __post_init__(self):
     check_temperature(self.temperature)
@@ -283,15 +308,16 @@ class Router(nn.Module):
   def logits(self, u: jnp.ndarray) -> jnp.ndarray:
     """The raw logits u W_g (before bias and temperature), float32: [..., *grid, E]."""
     if u.shape[-1] != self.features:
-      raise ValueError(f"the router input has {u.shape[-1]} features but the router was built with "
-                       f"features={self.features}.")
+      raise ValueError(
+        f"the router input has {u.shape[-1]} features but the router was built with features={self.features}."
+      )
     cd = jnp.dtype(u.dtype if self.dtype is None else self.dtype)
     u, kernel, acc = u.astype(cd), self.kernel.astype(cd), logit_dtype(cd)
     if not self.grid:
-      return jnp.einsum("...c,ce->...e", u, kernel, preferred_element_type=acc)      # [..., E]
+      return jnp.einsum("...c,ce->...e", u, kernel, preferred_element_type=acc)  # [..., E]
     if self.per_field:
       return jnp.einsum("...jd,ijde->...ije", u, kernel, preferred_element_type=acc)  # [..., K_y, K_x, E]
-    return jnp.einsum("...c,ijce->...ije", u, kernel, preferred_element_type=acc)     # [..., K_y, K_x, E]
+    return jnp.einsum("...c,ijce->...ije", u, kernel, preferred_element_type=acc)  # [..., K_y, K_x, E]
 
   def gates(self, logits: jnp.ndarray, dtype: Any, temperature=None) -> jnp.ndarray:
     """Raw logits [..., *grid, E] -> gates [..., *grid, E] in `dtype`; sows logits and gates (float32).
@@ -309,8 +335,8 @@ class Router(nn.Module):
     if self.dropout > 0 and self.has_rng("dropout"):
       mixed = drop_experts(self.make_rng("dropout"), mixed, self.dropout)
     if self.hard in ("gumbel", "gumbel_soft") and self.has_rng("gumbel"):
-      noise = jax.random.gumbel(self.make_rng("gumbel"), mixed.shape, mixed.dtype)    # [..., *grid, E]
-      mixed = mixed + noise / jnp.asarray(temperature, mixed.dtype)                  # (W_g u + G) / T
+      noise = jax.random.gumbel(self.make_rng("gumbel"), mixed.shape, mixed.dtype)  # [..., *grid, E]
+      mixed = mixed + noise / jnp.asarray(temperature, mixed.dtype)  # (W_g u + G) / T
     gates = gates_from_logits(mixed, self.top_k)
     if self.hard in ("straight_through", "gumbel"):
       gates = straight_through(gates)
@@ -320,7 +346,7 @@ class Router(nn.Module):
     return gates.astype(dtype)
 
 
-RNG_STREAMS = ("gumbel", "dropout")             # the flax rng streams routers draw from in training
+RNG_STREAMS = ("gumbel", "dropout")  # the flax rng streams routers draw from in training
 
 
 def rng_streams(modules) -> tuple[str, ...]:
@@ -350,6 +376,7 @@ def num_router_params(num_experts: int, grid: Sequence[int], features: int, use_
 @dataclasses.dataclass(frozen=True)
 class RouterOutputs:
   """Logits and gates of one router grid, each [tokens, routers, E]."""
+
   logits: jnp.ndarray
   gates: jnp.ndarray
 
@@ -377,8 +404,9 @@ def _dispatch_fraction(gates: jnp.ndarray, top_k: int) -> jnp.ndarray:
   return jax.nn.one_hot(index, gates.shape[-1]).sum(axis=-2) / top_k
 
 
-def load_balancing_loss(gates: jnp.ndarray, top_k: int = 1, per_router: bool = True,
-                        weights: jnp.ndarray | None = None) -> jnp.ndarray:
+def load_balancing_loss(
+  gates: jnp.ndarray, top_k: int = 1, per_router: bool = True, weights: jnp.ndarray | None = None
+) -> jnp.ndarray:
   """Switch-Transformer load-balancing loss, E * sum_e f_e * P_e (minimum 1 at uniform use).
 
   gates: [N, R, E]. f_e is the fraction of tokens dispatched to expert e (top-k indicator / k), P_e the
@@ -389,17 +417,17 @@ def load_balancing_loss(gates: jnp.ndarray, top_k: int = 1, per_router: bool = T
   """
   num_experts = gates.shape[-1]
   if weights is not None:
-    if not per_router:                                                 # one router over all (token, router) rows
+    if not per_router:  # one router over all (token, router) rows
       weights = jnp.repeat(weights, gates.shape[1])
       gates = gates.reshape(-1, 1, num_experts)
     return _weighted_balance(gates, top_k, weights)
   dispatch = _dispatch_fraction(gates, top_k)
   if per_router:
-    f = dispatch.mean(axis=0)                                          # [R, E]
-    p = gates.mean(axis=0)                                             # [R, E]
+    f = dispatch.mean(axis=0)  # [R, E]
+    p = gates.mean(axis=0)  # [R, E]
     return (num_experts * (f * p).sum(-1)).mean()
-  f = dispatch.reshape(-1, num_experts).mean(axis=0)                   # [E]
-  p = gates.reshape(-1, num_experts).mean(axis=0)                      # [E]
+  f = dispatch.reshape(-1, num_experts).mean(axis=0)  # [E]
+  p = gates.reshape(-1, num_experts).mean(axis=0)  # [E]
   return num_experts * (f * p).sum()
 
 
@@ -412,7 +440,7 @@ def _weight_total(weights: jnp.ndarray) -> jnp.ndarray:
 def _weighted_balance(gates: jnp.ndarray, top_k: int, weights: jnp.ndarray) -> jnp.ndarray:
   """E * sum_e f_e P_e per router, averaged over routers, rows of gates [N, R, E] weighted by weights [N]."""
   num_experts = gates.shape[-1]
-  dispatch = _dispatch_fraction(gates, top_k)                          # [N, R, E]
+  dispatch = _dispatch_fraction(gates, top_k)  # [N, R, E]
   total = _weight_total(weights)
   f = jnp.einsum("n,nre->re", weights, dispatch) / total
   p = jnp.einsum("n,nre->re", weights, gates) / total
@@ -427,7 +455,7 @@ def router_z_loss(logits: jnp.ndarray, weights: jnp.ndarray | None = None) -> jn
   """
   if weights is None:
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
-  z = jax.nn.logsumexp(logits, -1) ** 2                                # [N, R]
+  z = jax.nn.logsumexp(logits, -1) ** 2  # [N, R]
   return jnp.sum(weights[:, None] * z) / (_weight_total(weights) * logits.shape[1])
 
 
@@ -451,7 +479,7 @@ def group_usage(gates: jnp.ndarray, group_weights: jnp.ndarray) -> tuple[jnp.nda
   """Expert usage and routing entropy per group: gates [N, R, E], group_weights [N, G] (a token's weight in
   each group, e.g. one-hot task ids times a mask) -> (usage [G, R, E], entropy [G, R]), weighted means over
   each group's tokens; a group without tokens gets 0."""
-  count = jnp.maximum(group_weights.sum(0), 1e-9)                                   # [G]
+  count = jnp.maximum(group_weights.sum(0), 1e-9)  # [G]
   usage = jnp.einsum("ng,nre->gre", group_weights, gates) / count[:, None, None]
   entropy = jnp.einsum("ng,nr->gr", group_weights, token_entropy(gates)) / count[:, None]
   return usage, entropy
@@ -479,10 +507,11 @@ def task_separation(usage: jnp.ndarray) -> jnp.ndarray:
   """
   tasks = usage.shape[-3]
   if tasks < 2:
-    raise ValueError(f"task_separation needs usage [..., tasks, routers, E] with at least 2 tasks; got shape "
-                     f"{tuple(usage.shape)}.")
-  diff = usage[..., :, None, :, :] - usage[..., None, :, :, :]               # [..., T, T, R, E]
-  tv = 0.5 * jnp.abs(diff).sum(-1)                                           # [..., T, T, R], 0 on the diagonal
+    raise ValueError(
+      f"task_separation needs usage [..., tasks, routers, E] with at least 2 tasks; got shape {tuple(usage.shape)}."
+    )
+  diff = usage[..., :, None, :, :] - usage[..., None, :, :, :]  # [..., T, T, R, E]
+  tv = 0.5 * jnp.abs(diff).sum(-1)  # [..., T, T, R], 0 on the diagonal
   return tv.sum(axis=(-3, -2)).mean(-1) / (tasks * (tasks - 1))
 
 
@@ -492,26 +521,36 @@ def _check_gates(gates: jnp.ndarray, fix: str) -> jnp.ndarray:
   Traced gates cannot be refused: their invalid rows become NaN, which the outputs then carry."""
   gates = jnp.asarray(gates)
   if not jnp.issubdtype(gates.dtype, jnp.floating) or gates.ndim < 2:
-    raise ValueError(f"gates has dtype {gates.dtype} and shape {gates.shape}: pass float gates [tokens, ..., E] "
-                     f"(softmax outputs), {fix}.")
+    raise ValueError(
+      f"gates has dtype {gates.dtype} and shape {gates.shape}: pass float gates [tokens, ..., E] "
+      f"(softmax outputs), {fix}."
+    )
   tol = 2e-2 if jnp.finfo(gates.dtype).bits <= 16 else 1e-3
   values = gates.astype(jnp.float32)
   if isinstance(values, jax.core.Tracer):
-    valid = (jnp.all(jnp.isfinite(values) & (values >= 0), -1) & (jnp.abs(values.sum(-1) - 1) <= tol))
+    valid = jnp.all(jnp.isfinite(values) & (values >= 0), -1) & (jnp.abs(values.sum(-1) - 1) <= tol)
     return jnp.where(valid[..., None], values, jnp.nan)
   host = np.asarray(values)
   sums = host.sum(-1)
   if not np.all(np.isfinite(host)) or (host < 0).any() or np.abs(sums - 1).max(initial=0.0) > tol:
-    worst = "non-finite entries" if not np.all(np.isfinite(host)) else (
-        f"a negative entry ({host.min():.3g})" if (host < 0).any() else
-        f"a row summing to {sums.reshape(-1)[np.argmax(np.abs(sums - 1).reshape(-1))]:.4g}")
-    raise ValueError(f"gates has {worst}: gate vectors are non-negative and sum to 1 over the last axis "
-                     f"(E experts); {fix}.")
+    worst = (
+      "non-finite entries"
+      if not np.all(np.isfinite(host))
+      else (
+        f"a negative entry ({host.min():.3g})"
+        if (host < 0).any()
+        else f"a row summing to {sums.reshape(-1)[np.argmax(np.abs(sums - 1).reshape(-1))]:.4g}"
+      )
+    )
+    raise ValueError(
+      f"gates has {worst}: gate vectors are non-negative and sum to 1 over the last axis (E experts); {fix}."
+    )
   return values
 
 
-def gate_diagnostics(gates: jnp.ndarray, groups: jnp.ndarray | None = None,
-                     num_groups: int | None = None) -> dict[str, jnp.ndarray]:
+def gate_diagnostics(
+  gates: jnp.ndarray, groups: jnp.ndarray | None = None, num_groups: int | None = None
+) -> dict[str, jnp.ndarray]:
   """Router diagnostics of one batch of gates (e.g. at initialisation): mean entropy and task separation.
 
   gates: [N, *routers, E] (tokens first; stack layers on the router axes, e.g. [N, layers * routers, E]);
@@ -535,17 +574,25 @@ def gate_diagnostics(gates: jnp.ndarray, groups: jnp.ndarray | None = None,
   num_groups = int(num_groups)
   groups = jnp.asarray(groups)
   if not jnp.issubdtype(groups.dtype, jnp.integer):
-    raise ValueError(f"groups has dtype {groups.dtype}: pass integer group ids [N] (e.g. task ids; float ids: "
-                     "groups.astype(jnp.int32)).")
+    raise ValueError(
+      f"groups has dtype {groups.dtype}: pass integer group ids [N] (e.g. task ids; float ids: "
+      "groups.astype(jnp.int32))."
+    )
   if groups.size != gates.shape[0]:
-    raise ValueError(f"groups has {groups.size} ids but gates has {gates.shape[0]} tokens: pass one group id "
-                     "per token, shape (N,).")
-  flat = gates.reshape(gates.shape[0], -1, gates.shape[-1])                       # [N, R, E]
-  onehot = one_hot_labels(groups.reshape(-1), num_groups, "groups", "num_groups",
-                          "pass num_groups = the number of groups (ids run 0..num_groups-1)")   # [N, G]
-  count = onehot.sum(0)                                                           # [G]
-  usage = jnp.einsum("ng,nre->gre", onehot, flat) / jnp.maximum(count, 1)[:, None, None]   # [G, R, E]
-  tv = 0.5 * jnp.abs(usage[:, None] - usage[None]).sum(-1).mean(-1)              # [G, G]
+    raise ValueError(
+      f"groups has {groups.size} ids but gates has {gates.shape[0]} tokens: pass one group id per token, shape (N,)."
+    )
+  flat = gates.reshape(gates.shape[0], -1, gates.shape[-1])  # [N, R, E]
+  onehot = one_hot_labels(
+    groups.reshape(-1),
+    num_groups,
+    "groups",
+    "num_groups",
+    "pass num_groups = the number of groups (ids run 0..num_groups-1)",
+  )  # [N, G]
+  count = onehot.sum(0)  # [G]
+  usage = jnp.einsum("ng,nre->gre", onehot, flat) / jnp.maximum(count, 1)[:, None, None]  # [G, R, E]
+  tv = 0.5 * jnp.abs(usage[:, None] - usage[None]).sum(-1).mean(-1)  # [G, G]
   present = count > 0
   pairs = present[:, None] & present[None, :] & ~jnp.eye(num_groups, dtype=bool)  # [G, G]
   out["task_separation"] = jnp.where(pairs.any(), (tv * pairs).sum() / jnp.maximum(pairs.sum(), 1), jnp.nan)
@@ -557,7 +604,7 @@ def router_aux_losses(intermediates: Any, top_k: int = 1) -> dict[str, jnp.ndarr
   outputs = collect_router_outputs(intermediates)
   zero = jnp.zeros(())
   return {
-      "load_balance_per_cell": sum((load_balancing_loss(o.gates, top_k, True) for o in outputs), zero),
-      "load_balance_global": sum((load_balancing_loss(o.gates, top_k, False) for o in outputs), zero),
-      "router_z": sum((router_z_loss(o.logits) for o in outputs), zero),
+    "load_balance_per_cell": sum((load_balancing_loss(o.gates, top_k, True) for o in outputs), zero),
+    "load_balance_global": sum((load_balancing_loss(o.gates, top_k, False) for o in outputs), zero),
+    "router_z": sum((router_z_loss(o.logits) for o in outputs), zero),
   }

@@ -71,23 +71,38 @@ def isolated(fn: Callable[[], T], label: str, log: Callable[[str], None] | None 
 @dataclasses.dataclass(frozen=True)
 class Method:
   """What the runner hands one method's training function: its name, checkpoint policy, live files, log."""
+
   name: str
   checkpoints: checkpoint_lib.Policy | None = None
   live: results.Live | None = None
   log: Callable[[str], None] | None = print
 
-  def fit(self, task: train.Task, data: train.Data, seeds: Sequence[int], settings: train.Settings, *,
-          name: str | None = None, live_name: str | None = None,
-          on_epoch_end: Callable[[train.FitState], None] | None = None, checkpoint_name: str | None = None,
-          **kwargs) -> train.FitResult:
+  def fit(
+    self,
+    task: train.Task,
+    data: train.Data,
+    seeds: Sequence[int],
+    settings: train.Settings,
+    *,
+    name: str | None = None,
+    live_name: str | None = None,
+    on_epoch_end: Callable[[train.FitState], None] | None = None,
+    checkpoint_name: str | None = None,
+    **kwargs,
+  ) -> train.FitResult:
     """`train.fit` with this method's checkpoints and live history. name: the fit's name in progress lines
     (default the method's); live_name: its name in history.csv / TensorBoard (default `name`);
     checkpoint_name: a sub-directory of the method's checkpoints, for a method that trains several fits."""
     name = name or self.name
     live_name = live_name or name
-    hooks = [hook for hook in (None if self.live is None else self.live.hook(live_name, seeds, data.splits,
-                                                                               task.metric_names),
-                               on_epoch_end) if hook is not None]
+    hooks = [
+      hook
+      for hook in (
+        None if self.live is None else self.live.hook(live_name, seeds, data.splits, task.metric_names),
+        on_epoch_end,
+      )
+      if hook is not None
+    ]
 
     def on_epoch(fit_state):
       for hook in hooks:
@@ -97,22 +112,38 @@ class Method:
     if policy is not None and checkpoint_name:
       policy = policy.child(checkpoint_name)
     log = kwargs.pop("log", self.log)
-    return train.fit(task, data, seeds, settings, name=name, log=log, checkpoints=policy,
-                     on_epoch_end=on_epoch if hooks else None, **kwargs)
+    return train.fit(
+      task,
+      data,
+      seeds,
+      settings,
+      name=name,
+      log=log,
+      checkpoints=policy,
+      on_epoch_end=on_epoch if hooks else None,
+      **kwargs,
+    )
 
 
-def run_methods(names: Sequence[str], train_one: Callable[[Method], tuple[Any, Mapping[str, Any]]], *,
-                failed: Callable[[str, str], Mapping[str, Any]],
-                checkpoints: checkpoint_lib.Policy | None = None, live: results.Live | None = None,
-                log: Callable[[str], None] = print, parallel: int = 1) -> tuple[dict, dict]:
+def run_methods(
+  names: Sequence[str],
+  train_one: Callable[[Method], tuple[Any, Mapping[str, Any]]],
+  *,
+  failed: Callable[[str, str], Mapping[str, Any]],
+  checkpoints: checkpoint_lib.Policy | None = None,
+  live: results.Live | None = None,
+  log: Callable[[str], None] = print,
+  parallel: int = 1,
+) -> tuple[dict, dict]:
   """Runs `train_one(Method)` -> (fit, summary) for every name; returns ({name: summary}, {name: fit}).
 
   failed(name, reason) -> the summary of a method that raised (reason: "failed: <type>: <message>"); it has
   no fit. `parallel` methods train at once in threads (XLA compiles and runs outside the GIL; results do
   not depend on it, each method being its own program). See the module docstring for the guarantees.
   """
+
   def one(name: str):
-    if checkpoint_lib.stop_requested():          # a stop request between two methods: do not start the next
+    if checkpoint_lib.stop_requested():  # a stop request between two methods: do not start the next
       raise checkpoint_lib.Preempted(f"[{name}] stopped before it started (a stop was requested)")
     method = Method(name, None if checkpoints is None else checkpoints.child(name), live, log)
 

@@ -48,8 +48,9 @@ def local_mesh(axis_name: str, devices: Sequence[jax.Device] | None = None) -> M
 @dataclasses.dataclass(frozen=True)
 class Placement:
   """Where the trainer puts the entry axis and the batch axis. Build it with `entries()` / `data_parallel()`."""
-  mesh: Mesh                                    # 1-D, axis ENTRY_AXIS or DATA_AXIS
-  mode: str                                     # "entries" or "data"
+
+  mesh: Mesh  # 1-D, axis ENTRY_AXIS or DATA_AXIS
+  mode: str  # "entries" or "data"
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -76,16 +77,20 @@ class Placement:
 
   def check_batch(self, batch_size: int) -> None:
     if self.mode == "data" and batch_size % self.size:
-      raise ValueError(f"config.optim.batch_size={batch_size} must be divisible by the {self.size} devices of "
-                       f"data-parallel training: use a multiple of {self.size}.")
+      raise ValueError(
+        f"config.optim.batch_size={batch_size} must be divisible by the {self.size} devices of "
+        f"data-parallel training: use a multiple of {self.size}."
+      )
 
   def place_data(self, data):
     """Puts a `train.Data` on the mesh: per-entry arrays split like the entries, shared ones replicated."""
     per_entry = self.entry_sharding() if data.per_seed else self.replicated()
-    put = lambda tree: None if tree is None else jax.device_put(
-        dict(tree) if hasattr(tree, "keys") else tree, per_entry)
-    return dataclasses.replace(data, train=put(data.train), test=put(data.test), val=put(data.val),
-                               frozen=put(data.frozen))
+    put = lambda tree: (
+      None if tree is None else jax.device_put(dict(tree) if hasattr(tree, "keys") else tree, per_entry)
+    )
+    return dataclasses.replace(
+      data, train=put(data.train), test=put(data.test), val=put(data.val), frozen=put(data.frozen)
+    )
 
   def constrain_batch(self, tree: Any) -> Any:
     """Inside the (vmapped) step: splits the batch axis of every leaf over the devices ("data" mode)."""
@@ -113,8 +118,10 @@ def from_config(mode: str | None) -> Placement | None:
     return entries()
   if mode == "data":
     return data_parallel()
-  raise ValueError(f"config.sharding={mode!r} is not known; valid: 'entries' (sweep entries over devices), "
-                   "'data' (batch axis over devices, one large run) or 'none'.")
+  raise ValueError(
+    f"config.sharding={mode!r} is not known; valid: 'entries' (sweep entries over devices), "
+    "'data' (batch axis over devices, one large run) or 'none'."
+  )
 
 
 # ------------------------------------------------------------------------------------------- multi-host
@@ -178,11 +185,12 @@ def allgather_json(obj: Any) -> list[Any]:
   if jax.process_count() == 1:
     return [obj]
   from jax.experimental import multihost_utils
+
   payload = np.frombuffer(json.dumps(obj).encode(), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int32))).reshape(-1)
   padded = np.zeros(int(sizes.max()), np.uint8)
-  padded[:payload.size] = payload
-  gathered = np.asarray(multihost_utils.process_allgather(padded))       # [processes, max_bytes]
+  padded[: payload.size] = payload
+  gathered = np.asarray(multihost_utils.process_allgather(padded))  # [processes, max_bytes]
   return [json.loads(bytes(row[:size]).decode()) for row, size in zip(gathered, sizes)]
 
 
@@ -190,4 +198,5 @@ def barrier(name: str) -> None:
   """Waits until every process reaches `name` (no-op for one process)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)

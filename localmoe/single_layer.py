@@ -47,25 +47,27 @@ def layer_task(module, d_in: int, context_dim: int) -> train.Task:
 
   def predict(params, frozen, inputs, rngs=None, **step):
     x = inputs["x"]
-    base = jnp.einsum("...d,od->...o", x, frozen["w0"])                  # W0 x
+    base = jnp.einsum("...d,od->...o", x, frozen["w0"])  # W0 x
     return base + module.apply({"params": params}, x, inputs["context"], rngs=rngs, **step)
 
   return train.Task(init=init, predict=predict, rngs=rng_streams, takes_step=takes_step)
 
 
-FULL_FINETUNE = "full_finetune"       # the method name every experiment gives full fine-tuning (no adapter)
+FULL_FINETUNE = "full_finetune"  # the method name every experiment gives full fine-tuning (no adapter)
 
 
-def method_spec(specs: Mapping[str, Mapping[str, Any]], name: str, shared: Mapping[str, Any] | None = None
-                ) -> dict[str, Any]:
+def method_spec(
+  specs: Mapping[str, Mapping[str, Any]], name: str, shared: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
   """The spec of method `name`: the shared defaults (config.adapter) under specs[name] (config.methods).
 
   The one place a method name becomes a spec, for every experiment that declares its methods in the config;
   FULL_FINETUNE is a spec like any other ({"method": "full_finetune"}), built as no adapter.
   """
   if name not in specs:
-    raise ValueError(f"config.method_names: {name!r} is not among the configured methods; valid: "
-                     f"{sorted(specs)} (comma-separated).")
+    raise ValueError(
+      f"config.method_names: {name!r} is not among the configured methods; valid: {sorted(specs)} (comma-separated)."
+    )
   spec = dict(shared.to_dict() if hasattr(shared, "to_dict") else shared or {})
   given = specs[name]
   spec.update(given.to_dict() if hasattr(given, "to_dict") else dict(given))
@@ -86,23 +88,32 @@ def build_method(spec: Mapping[str, Any], name: str, d_in: int, d_out: int, cont
   for field, value in fill.items():
     given = spec.pop(field, None)
     if given is not None and given != value:
-      raise ValueError(f"config.methods.{name}.{field}={given!r} disagrees with the data ({field}={value}): "
-                       f"remove it (it is filled in from the data) or set it to {value}.")
+      raise ValueError(
+        f"config.methods.{name}.{field}={given!r} disagrees with the data ({field}={value}): "
+        f"remove it (it is filled in from the data) or set it to {value}."
+      )
   try:
     return adapters.make(spec, **fill)
   except ValueError as error:
     raise ValueError(f"config.methods.{name}: {error}") from None
 
 
-def build_methods(specs: Mapping[str, Mapping[str, Any]], names: Sequence[str], d_in: int, d_out: int,
-                  context_dim: int, shared: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def build_methods(
+  specs: Mapping[str, Mapping[str, Any]],
+  names: Sequence[str],
+  d_in: int,
+  d_out: int,
+  context_dim: int,
+  shared: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   """Adapters for `names` (`method_spec`, then `build_method`)."""
   if not names:
     raise ValueError(f"config.method_names: empty; valid: {sorted(specs)} (comma-separated).")
   unknown = [n for n in names if n not in specs]
   if unknown:
-    raise ValueError(f"config.method_names: {unknown} not among the configured methods; "
-                     f"valid: {sorted(specs)} (comma-separated).")
+    raise ValueError(
+      f"config.method_names: {unknown} not among the configured methods; valid: {sorted(specs)} (comma-separated)."
+    )
   return {name: build_method(method_spec(specs, name, shared), name, d_in, d_out, context_dim) for name in names}
 
 
@@ -117,16 +128,25 @@ def validate_common(config, num_train: int, data_bytes: float = 0.0) -> train.Se
   settings.check_batch(num_train)
   checkpoint.every_epochs(config)
   methods = max(1, len(configlib.split_names(config.get("method_names", "")))) if "method_names" in config else 1
-  train.check_memory(3 * data_bytes + methods * train.history_bytes(config.num_seeds, settings),
-                     f"config.num_seeds={config.num_seeds} x the data ({data_bytes / 2**20:,.0f} MiB) and "
-                     f"{settings.epochs:,} epochs of history",
-                     "use fewer seeds, fewer samples or fewer epochs")
+  train.check_memory(
+    3 * data_bytes + methods * train.history_bytes(config.num_seeds, settings),
+    f"config.num_seeds={config.num_seeds} x the data ({data_bytes / 2**20:,.0f} MiB) and "
+    f"{settings.epochs:,} epochs of history",
+    "use fewer seeds, fewer samples or fewer epochs",
+  )
   return settings
 
 
-def validate_methods(config, num_train: int, data_bytes: float, d_in: int, d_out: int, context_dim: int,
-                     shared: Mapping[str, Any] | None = None,
-                     make_task: Callable[[Any, int, int], train.Task] | None = None) -> train.Settings:
+def validate_methods(
+  config,
+  num_train: int,
+  data_bytes: float,
+  d_in: int,
+  d_out: int,
+  context_dim: int,
+  shared: Mapping[str, Any] | None = None,
+  make_task: Callable[[Any, int, int], train.Task] | None = None,
+) -> train.Settings:
   """`validate_common`, then config.adapter.alpha checked, every method of config.method_names built
   (`build_methods`; `shared`: the defaults under each spec, default config.adapter) and config.optim.groups
   checked against its parameters (`optimizer.check_groups` on `make_task(module, d_in, context_dim)`, default
@@ -134,10 +154,11 @@ def validate_methods(config, num_train: int, data_bytes: float, d_in: int, d_out
   settings = validate_common(config, num_train, data_bytes)
   shared = config.get("adapter") if shared is None else shared
   check_alpha(shared)
-  modules = build_methods(config.methods, configlib.split_names(config.method_names), d_in, d_out, context_dim,
-                          shared=shared)
+  modules = build_methods(
+    config.methods, configlib.split_names(config.method_names), d_in, d_out, context_dim, shared=shared
+  )
   make_task = make_task or layer_task
-  for name, module in modules.items():       # parameter groups against each method's parameters
+  for name, module in modules.items():  # parameter groups against each method's parameters
     optimizer.check_groups(settings, make_task(module, d_in, context_dim).init, where=f" (method {name})")
   return settings
 
@@ -146,22 +167,37 @@ def check_alpha(adapter) -> None:
   """config.adapter.alpha: None (scale 1) or a positive, finite number."""
   alpha = adapter.get("alpha") if hasattr(adapter, "get") else None
   if alpha is not None and not (isinstance(alpha, (int, float)) and 0 < alpha < float("inf")):
-    raise ValueError(f"config.adapter.alpha={alpha!r} must be > 0 (the adapter's output is scaled by "
-                     "alpha / rank), or None for a scale of 1.")
+    raise ValueError(
+      f"config.adapter.alpha={alpha!r} must be > 0 (the adapter's output is scaled by "
+      "alpha / rank), or None for a scale of 1."
+    )
 
 
 def device_data(data: train.Data) -> train.Data:
   """Moves every array to the default device once, so epochs don't re-transfer them."""
-  return dataclasses.replace(data, train=jax.device_put(dict(data.train)), test=jax.device_put(dict(data.test)),
-                             frozen=jax.device_put(data.frozen))
+  return dataclasses.replace(
+    data,
+    train=jax.device_put(dict(data.train)),
+    test=jax.device_put(dict(data.test)),
+    frozen=jax.device_put(data.frozen),
+  )
 
 
-def run_methods(modules: Mapping[str, Any], data: train.Data, seeds: Sequence[int], settings: train.Settings,
-                d_in: int, context_dim: int, paper: Mapping[str, Mapping[str, Any]],
-                log: Callable[[str], None] = print, parallel: int = 2,
-                checkpoints: checkpoint.Policy | None = None,
-                make_task: Callable[[Any, int, int], train.Task] | None = None,
-                live: results.Live | None = None, prefix: str = ""):
+def run_methods(
+  modules: Mapping[str, Any],
+  data: train.Data,
+  seeds: Sequence[int],
+  settings: train.Settings,
+  d_in: int,
+  context_dim: int,
+  paper: Mapping[str, Mapping[str, Any]],
+  log: Callable[[str], None] = print,
+  parallel: int = 2,
+  checkpoints: checkpoint.Policy | None = None,
+  make_task: Callable[[Any, int, int], train.Task] | None = None,
+  live: results.Live | None = None,
+  prefix: str = "",
+):
   """Trains each module on `data` for all seeds. Returns ({name: results.json entry}, {name: FitResult}).
 
   checkpoints: each method saves to / resumes from <checkpoints.directory>/<name> (`train.fit` with that
@@ -186,32 +222,59 @@ def run_methods(modules: Mapping[str, Any], data: train.Data, seeds: Sequence[in
   def failed(name, reason):
     return results.failed_summary(modules[name].num_params(), seeds, reason, paper.get(name))
 
-  return runner.run_methods(list(modules), train_one, failed=failed, checkpoints=checkpoints, live=live,
-                            log=log, parallel=parallel)
+  return runner.run_methods(
+    list(modules), train_one, failed=failed, checkpoints=checkpoints, live=live, log=log, parallel=parallel
+  )
 
 
 @dataclasses.dataclass
 class Variants:
   """What `run_variants` collected: results.json entries per variant, histories and markdown sections."""
-  entries: dict                                   # {variant: {"methods": {name: summary}, **report's extras}}
-  histories: dict                                 # {"<variant>/<method>": (seeds, FitResult)}
-  sections: list                                  # one markdown section per variant, in order
-  live: results.Live                              # history.csv / TensorBoard of every variant's methods
 
-  def write(self, workdir: str, experiment: str, config, default: str, wall: float, markdown: str,
-            extra: Mapping[str, Any] | None = None) -> dict:
+  entries: dict  # {variant: {"methods": {name: summary}, **report's extras}}
+  histories: dict  # {"<variant>/<method>": (seeds, FitResult)}
+  sections: list  # one markdown section per variant, in order
+  live: results.Live  # history.csv / TensorBoard of every variant's methods
+
+  def write(
+    self,
+    workdir: str,
+    experiment: str,
+    config,
+    default: str,
+    wall: float,
+    markdown: str,
+    extra: Mapping[str, Any] | None = None,
+  ) -> dict:
     """`results.write_run` with variant `default`'s methods as the run's table and every variant under
     "variants"; returns {"methods": default's, "variants", "wall_time_s"}."""
     methods = self.entries[default]["methods"]
-    results.write_run(workdir, experiment, config, methods, self.histories, wall, markdown,
-                      extra={**(extra or {}), "variants": self.entries}, live=self.live)
+    results.write_run(
+      workdir,
+      experiment,
+      config,
+      methods,
+      self.histories,
+      wall,
+      markdown,
+      extra={**(extra or {}), "variants": self.entries},
+      live=self.live,
+    )
     return {"methods": methods, "variants": self.entries, "wall_time_s": wall}
 
 
-def run_variants(config, workdir: str, variants: Sequence[str], make_data: Callable[[str], tuple],
-                 report: Callable[..., tuple[dict, str]], d_in: int, d_out: int,
-                 paper: Mapping[str, Mapping[str, Any]], shared: Mapping[str, Any] | None = None,
-                 live: results.Live | None = None) -> Variants:
+def run_variants(
+  config,
+  workdir: str,
+  variants: Sequence[str],
+  make_data: Callable[[str], tuple],
+  report: Callable[..., tuple[dict, str]],
+  d_in: int,
+  d_out: int,
+  paper: Mapping[str, Mapping[str, Any]],
+  shared: Mapping[str, Any] | None = None,
+  live: results.Live | None = None,
+) -> Variants:
   """Trains every method of config.method_names on each variant's data, in order.
 
   `shared`: the defaults under each method's spec (default config.adapter). make_data(variant) -> (train.Data,
@@ -229,8 +292,18 @@ def run_variants(config, workdir: str, variants: Sequence[str], make_data: Calla
     t0 = time.perf_counter()
     data, context_dim, info = make_data(variant)
     modules = build_methods(config.methods, names, d_in, d_out, context_dim, shared=shared)
-    summaries, fits = run_methods(modules, data, seeds, settings, d_in, context_dim, paper, live=out.live,
-                                  prefix=f"{variant}/", checkpoints=checkpoint.policy(config, workdir, variant))
+    summaries, fits = run_methods(
+      modules,
+      data,
+      seeds,
+      settings,
+      d_in,
+      context_dim,
+      paper,
+      live=out.live,
+      prefix=f"{variant}/",
+      checkpoints=checkpoint.policy(config, workdir, variant),
+    )
     extras, section = report(variant, summaries, fits, time.perf_counter() - t0, info)
     out.entries[variant] = {"methods": summaries, **extras}
     out.histories.update({f"{variant}/{n}": (seeds, f) for n, f in fits.items()})

@@ -59,8 +59,8 @@ from localmoe import workdir as workdir_lib
 
 ENTRY_FILE = "sweep_entry.json"
 ENTRIES_DIR = "entries"
-ROW_FIELDS = ("index", "name", "group", "status", "wall_time_s")    # every row has these, then metrics
-GROUP_FREE = ("seed", "optim.lr", "optim.weight_decay")   # config fields that may differ inside one group
+ROW_FIELDS = ("index", "name", "group", "status", "wall_time_s")  # every row has these, then metrics
+GROUP_FREE = ("seed", "optim.lr", "optim.weight_decay")  # config fields that may differ inside one group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,15 +70,16 @@ class Job:
   Entries are grouped by `group_key(entry config)` (not by anything in the Job), so a Job says only what
   one entry trains and how its files are written.
   """
+
   task: train.Task
-  data: train.Data | Callable[[], train.Data]         # per_seed=True: leading entry axis of size 1
+  data: train.Data | Callable[[], train.Data]  # per_seed=True: leading entry axis of size 1
   settings: train.Settings
   seed: int
   learning_rate: float
   weight_decay: float
-  finish: Callable[[str, train.FitResult], Mapping[str, Any]]   # (entry workdir, its FitResult) -> row
-  label: str = ""                                     # short name of the group for progress lines
-  key: str = ""                                       # unused (groups come from group_key); kept for forks
+  finish: Callable[[str, train.FitResult], Mapping[str, Any]]  # (entry workdir, its FitResult) -> row
+  label: str = ""  # short name of the group for progress lines
+  key: str = ""  # unused (groups come from group_key); kept for forks
 
   def get_data(self) -> train.Data:
     return self.data() if callable(self.data) else self.data
@@ -87,11 +88,12 @@ class Job:
 @dataclasses.dataclass
 class Entry:
   """One expanded sweep entry."""
-  index: int                                          # position in get_sweep's list
-  name: str                                           # from "_name" or the overrides
-  overrides: dict[str, Any]                           # dotted config keys -> values
-  config: Any                                         # base config with the overrides applied
-  workdir: str                                        # <sweep workdir>/entries/<index>_<slug>
+
+  index: int  # position in get_sweep's list
+  name: str  # from "_name" or the overrides
+  overrides: dict[str, Any]  # dotted config keys -> values
+  config: Any  # base config with the overrides applied
+  workdir: str  # <sweep workdir>/entries/<index>_<slug>
 
 
 # ------------------------------------------------------------------------------------------- expanding
@@ -107,8 +109,10 @@ def load_get_sweep(config_path: str) -> Callable[[], list]:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_sweep"):
-    raise ValueError(f"--sweep: {path} has no get_sweep(arg); add one returning a list of override dicts "
-                     "(e.g. [{'optim.lr': 1e-3, 'seed': 0}, ...]) or run without --sweep.")
+    raise ValueError(
+      f"--sweep: {path} has no get_sweep(arg); add one returning a list of override dicts "
+      "(e.g. [{'optim.lr': 1e-3, 'seed': 0}, ...]) or run without --sweep."
+    )
   return lambda: module.get_sweep(arg or None)
 
 
@@ -127,8 +131,10 @@ def apply_overrides(config, overrides: Mapping[str, Any], where: str = "sweep en
         raise KeyError(leaf)
       node[leaf] = value
     except (KeyError, AttributeError, TypeError) as error:
-      raise ValueError(f"{where}: override {dotted!r}={value!r} does not fit the config ({error}); "
-                       "use an existing dotted field, e.g. 'optim.lr'.") from None
+      raise ValueError(
+        f"{where}: override {dotted!r}={value!r} does not fit the config ({error}); "
+        "use an existing dotted field, e.g. 'optim.lr'."
+      ) from None
   return config
 
 
@@ -191,9 +197,13 @@ def _stack_data(datas: Sequence[train.Data]) -> train.Data:
     return first
   cat = lambda *xs: np.concatenate([np.asarray(x) for x in xs], axis=0)
   tree = lambda get: None if get(first) is None else jax.tree_util.tree_map(cat, *[get(d) for d in datas])
-  return train.Data(train=tree(lambda d: dict(d.train)), test=tree(lambda d: dict(d.test)),
-                    frozen=tree(lambda d: d.frozen), per_seed=True,
-                    val=tree(lambda d: None if d.val is None else dict(d.val)))
+  return train.Data(
+    train=tree(lambda d: dict(d.train)),
+    test=tree(lambda d: dict(d.test)),
+    frozen=tree(lambda d: d.frozen),
+    per_seed=True,
+    val=tree(lambda d: None if d.val is None else dict(d.val)),
+  )
 
 
 def _row(entry: Entry, group: int, status: str, wall: float, metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -218,12 +228,15 @@ def _finished_row(entry: Entry) -> dict | None:
     with open(os.path.join(entry.workdir, "results.json")) as f:
       stored = json.load(f).get("config")
   except (OSError, ValueError) as error:
-    raise workdir_lib.WorkdirError(f"sweep entry {entry.index} ({entry.name}): {path} or its results.json is "
-                                   f"truncated or unreadable ({error}). Delete {entry.workdir} to retrain that "
-                                   "entry, or pass --overwrite to re-run the sweep.") from None
+    raise workdir_lib.WorkdirError(
+      f"sweep entry {entry.index} ({entry.name}): {path} or its results.json is "
+      f"truncated or unreadable ({error}). Delete {entry.workdir} to retrain that "
+      "entry, or pass --overwrite to re-run the sweep."
+    ) from None
   if stored is not None:
-    workdir_lib.check_same_config(stored, entry.config,
-                                  f"the finished sweep entry {entry.index} ({entry.name}) in {entry.workdir}")
+    workdir_lib.check_same_config(
+      stored, entry.config, f"the finished sweep entry {entry.index} ({entry.name}) in {entry.workdir}"
+    )
   return row
 
 
@@ -239,21 +252,30 @@ def group_policy(entries: Sequence[Entry], workdir: str | None, every_epochs: in
   return checkpoint.Policy(directory, every_epochs, config={"entries": configs})
 
 
-def _train_group(jobs: Sequence[Job], entries: Sequence[Entry], group: int, placement, log,
-                 policy: checkpoint.Policy | None = None) -> list[dict]:
+def _train_group(
+  jobs: Sequence[Job], entries: Sequence[Entry], group: int, placement, log, policy: checkpoint.Policy | None = None
+) -> list[dict]:
   """One vmapped fit over the group's entries (checkpointed by `policy`), then each entry's files and row."""
   start = time.perf_counter()
   first = jobs[0]
 
   def fit_group():
     data = _stack_data([job.get_data() for job in jobs])
-    return train.fit(first.task, data, [job.seed for job in jobs], first.settings,
-                     name=first.label or f"group {group}", learning_rate=[job.learning_rate for job in jobs],
-                     weight_decay=[job.weight_decay for job in jobs], placement=placement, log=log,
-                     checkpoints=policy)
+    return train.fit(
+      first.task,
+      data,
+      [job.seed for job in jobs],
+      first.settings,
+      name=first.label or f"group {group}",
+      learning_rate=[job.learning_rate for job in jobs],
+      weight_decay=[job.weight_decay for job in jobs],
+      placement=placement,
+      log=log,
+      checkpoints=policy,
+    )
 
   fit, reason = runner.isolated(fit_group, f"[sweep] group {group} ({first.label})", log)
-  if fit is None:                                     # one broken group must not lose the others
+  if fit is None:  # one broken group must not lose the others
     return [_row(e, group, reason, time.perf_counter() - start, {}) for e in entries]
   share = fit.wall_time_s / len(jobs)
   rows = []
@@ -302,8 +324,16 @@ def check(config, overrides_list: Sequence[Mapping[str, Any]], workdir: str, mod
   return entries
 
 
-def run(config, overrides_list: Sequence[Mapping[str, Any]], workdir: str, module, *, overwrite: bool = False,
-        placement: sharding.Placement | None | str = "auto", log: Callable[[str], None] = print) -> dict:
+def run(
+  config,
+  overrides_list: Sequence[Mapping[str, Any]],
+  workdir: str,
+  module,
+  *,
+  overwrite: bool = False,
+  placement: sharding.Placement | None | str = "auto",
+  log: Callable[[str], None] = print,
+) -> dict:
   """Runs every entry of a sweep (this process's slice of it) and, on process 0, writes the summary.
 
   module: the experiment's driver module (its `validate`, `sweep_job` or `run`, optional `summarize_sweep`).
@@ -322,14 +352,17 @@ def run(config, overrides_list: Sequence[Mapping[str, Any]], workdir: str, modul
   for entry in entries:
     groups.setdefault(group_key(entry.config) if make_job else f"entry{entry.index}", []).append(entry.index)
   me, processes = sharding.process_index(), sharding.process_count()
-  mine = {g: [members[i] for i in sharding.owned(len(members), me, processes)]
-          for g, members in enumerate(groups.values())}
+  mine = {
+    g: [members[i] for i in sharding.owned(len(members), me, processes)] for g, members in enumerate(groups.values())
+  }
   total_mine = sum(len(v) for v in mine.values())
   devices = placement.size if placement is not None else 1
-  log(f"[sweep] {len(entries)} entries in {len(groups)} compiled group(s); process {me} of {processes} runs "
-      f"{total_mine} of them on {devices} local device(s) ({'entry axis sharded' if placement and placement.mode == 'entries' else placement.mode + ' parallel' if placement else 'one device'})")
+  log(
+    f"[sweep] {len(entries)} entries in {len(groups)} compiled group(s); process {me} of {processes} runs "
+    f"{total_mine} of them on {devices} local device(s) ({'entry axis sharded' if placement and placement.mode == 'entries' else placement.mode + ' parallel' if placement else 'one device'})"
+  )
 
-  finished = {}                                          # every finished entry checked before any compute
+  finished = {}  # every finished entry checked before any compute
   for members in mine.values():
     for i in members:
       row = None if overwrite else _finished_row(entries[i])
@@ -345,8 +378,9 @@ def run(config, overrides_list: Sequence[Mapping[str, Any]], workdir: str, modul
       t0 = time.perf_counter()
       if make_job:
         group_entries = [entries[i] for i in todo]
-        rows += _train_group([jobs[i] for i in todo], group_entries, group, placement, log,
-                             group_policy(group_entries, workdir, every))
+        rows += _train_group(
+          [jobs[i] for i in todo], group_entries, group, placement, log, group_policy(group_entries, workdir, every)
+        )
       else:
         rows += [_run_alone(module, entries[i], group, log, overwrite) for i in todo]
       timed_entries += len(todo)
@@ -356,13 +390,16 @@ def run(config, overrides_list: Sequence[Mapping[str, Any]], workdir: str, modul
       left = total_mine - done
       eta = timed_s / max(timed_entries, 1) * left
       label = (jobs[members[0]].label if make_job else entries[members[0]].name) or f"group {group}"
-      log(f"[sweep] {done}/{total_mine} entries done (group {group + 1}/{len(groups)}: {label}, "
-          f"{len(todo)} trained, {len(members) - len(todo)} already finished); "
-          f"{_format_s(time.perf_counter() - start)} elapsed, about {_format_s(eta)} left")
+      log(
+        f"[sweep] {done}/{total_mine} entries done (group {group + 1}/{len(groups)}: {label}, "
+        f"{len(todo)} trained, {len(members) - len(todo)} already finished); "
+        f"{_format_s(time.perf_counter() - start)} elapsed, about {_format_s(eta)} left"
+      )
 
   all_rows = sorted((r for part in sharding.allgather_json(rows) for r in part), key=lambda r: r["index"])
-  summary = summarize(all_rows, config, wall_time_s=time.perf_counter() - start, processes=processes,
-                      devices_per_process=devices)
+  summary = summarize(
+    all_rows, config, wall_time_s=time.perf_counter() - start, processes=processes, devices_per_process=devices
+  )
   if sharding.is_main():
     write_summary(workdir, summary, config, module, log)
   sharding.barrier("sweep_summary_written")
@@ -418,8 +455,9 @@ def sort_rows(rows: Sequence[Mapping[str, Any]], metric: str, descending: bool =
   return sorted(known, key=lambda r: r[metric], reverse=descending) + missing
 
 
-def best_per_group(rows: Sequence[Mapping[str, Any]], select: str, group_by: Sequence[str],
-                   mode: str = "max") -> list[Mapping[str, Any]]:
+def best_per_group(
+  rows: Sequence[Mapping[str, Any]], select: str, group_by: Sequence[str], mode: str = "max"
+) -> list[Mapping[str, Any]]:
   """For each distinct value of the `group_by` fields, the ok row with the best `select` metric."""
   best: dict[tuple, Mapping[str, Any]] = {}
   for row in rows:
@@ -433,16 +471,24 @@ def best_per_group(rows: Sequence[Mapping[str, Any]], select: str, group_by: Seq
   return [best[k] for k in sorted(best, key=lambda k: [json.loads(v) if v != "null" else "" for v in k])]
 
 
-def summarize(rows: Sequence[Mapping[str, Any]], config, *, wall_time_s: float, processes: int = 1,
-              devices_per_process: int = 1) -> dict[str, Any]:
+def summarize(
+  rows: Sequence[Mapping[str, Any]], config, *, wall_time_s: float, processes: int = 1, devices_per_process: int = 1
+) -> dict[str, Any]:
   options = sweep_options(config)
-  summary = {"experiment": config.experiment, "entries": list(rows), "metrics": metric_names(rows),
-             "options": options, "wall_time_s": float(wall_time_s), "processes": processes,
-             "devices_per_process": devices_per_process,
-             "failed": [r["index"] for r in rows if r.get("status") != "ok"]}
+  summary = {
+    "experiment": config.experiment,
+    "entries": list(rows),
+    "metrics": metric_names(rows),
+    "options": options,
+    "wall_time_s": float(wall_time_s),
+    "processes": processes,
+    "devices_per_process": devices_per_process,
+    "failed": [r["index"] for r in rows if r.get("status") != "ok"],
+  }
   if options.get("select") and options.get("group_by"):
-    summary["best"] = [r["index"] for r in best_per_group(rows, options["select"], options["group_by"],
-                                                          options["mode"])]
+    summary["best"] = [
+      r["index"] for r in best_per_group(rows, options["select"], options["group_by"], options["mode"])
+    ]
   return summary
 
 
@@ -460,28 +506,43 @@ def markdown_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> 
   return "\n".join(lines)
 
 
-def markdown(summary: Mapping[str, Any], sort_by: str | None = None, descending: bool | None = None,
-             top: int | None = None) -> str:
+def markdown(
+  summary: Mapping[str, Any], sort_by: str | None = None, descending: bool | None = None, top: int | None = None
+) -> str:
   """sweep.md: every entry sorted by a metric, then the best entry per group if the config asked."""
   options = summary["options"]
   rows, metrics = summary["entries"], summary["metrics"]
   sort_by = sort_by or options.get("sort_by") or options.get("select") or default_sort(metrics)
   if descending is None:
     descending = options.get("mode", "max") == "max"
-  columns = ["index", "name", *options.get("group_by", []),
-             *[m for m in (options.get("columns") or field_names(rows)) if m not in options.get("group_by", [])],
-             "status", "wall_time_s"]
+  columns = [
+    "index",
+    "name",
+    *options.get("group_by", []),
+    *[m for m in (options.get("columns") or field_names(rows)) if m not in options.get("group_by", [])],
+    "status",
+    "wall_time_s",
+  ]
   ordered = sort_rows(rows, sort_by, descending)[:top]
-  text = [f"# Sweep: {summary['experiment']}", "",
-          f"{len(rows)} entries, {summary['processes']} process(es) x {summary['devices_per_process']} "
-          f"device(s), {summary['wall_time_s']:.1f} s. Sorted by {sort_by} "
-          f"({'descending' if descending else 'ascending'}); re-sort with "
-          f"`python -m localmoe.sweep <workdir> --sort <metric>`. wall_time_s is the entry's share of its "
-          "group's vmapped fit.", "", markdown_rows(ordered, columns)]
+  text = [
+    f"# Sweep: {summary['experiment']}",
+    "",
+    f"{len(rows)} entries, {summary['processes']} process(es) x {summary['devices_per_process']} "
+    f"device(s), {summary['wall_time_s']:.1f} s. Sorted by {sort_by} "
+    f"({'descending' if descending else 'ascending'}); re-sort with "
+    f"`python -m localmoe.sweep <workdir> --sort <metric>`. wall_time_s is the entry's share of its "
+    "group's vmapped fit.",
+    "",
+    markdown_rows(ordered, columns),
+  ]
   if summary.get("best"):
     by_index = {r["index"]: r for r in rows}
-    text += ["", f"## Best entry per {' x '.join(options['group_by'])} (by {options['select']}, "
-                 f"{options['mode']})", "", markdown_rows([by_index[i] for i in summary["best"]], columns)]
+    text += [
+      "",
+      f"## Best entry per {' x '.join(options['group_by'])} (by {options['select']}, {options['mode']})",
+      "",
+      markdown_rows([by_index[i] for i in summary["best"]], columns),
+    ]
   if summary.get("failed"):
     text += ["", f"Failed entries: {summary['failed']} (see their status above)."]
   return "\n".join(text) + "\n"
@@ -491,19 +552,21 @@ def write_summary(workdir: str, summary: dict, config, module=None, log: Callabl
   """sweep.json and sweep.md (plus whatever the experiment's summarize_sweep adds)."""
   extra_md = ""
   hook = getattr(module, "summarize_sweep", None)
-  if hook is not None:                                # the table of entries is written even if it fails
-    extra, reason = runner.isolated(lambda: dict(hook(summary, config, workdir) or {}), "[sweep] summarize_sweep",
-                                    log)
+  if hook is not None:  # the table of entries is written even if it fails
+    extra, reason = runner.isolated(lambda: dict(hook(summary, config, workdir) or {}), "[sweep] summarize_sweep", log)
     if reason is not None:
       summary["summarize_error"] = reason.removeprefix("failed: ")
     else:
       extra_md = extra.pop("markdown", "")
       summary.update(extra)
-  results.atomic_write_text(os.path.join(workdir, "sweep.md"),
-                            markdown(summary) + ("\n" + extra_md if extra_md else ""))
+  results.atomic_write_text(
+    os.path.join(workdir, "sweep.md"), markdown(summary) + ("\n" + extra_md if extra_md else "")
+  )
   results.write_json(os.path.join(workdir, "sweep.json"), summary)
-  log(f"[sweep] wrote {os.path.join(workdir, 'sweep.json')} and sweep.md "
-      f"({len(summary['entries'])} entries, {len(summary['failed'])} failed)")
+  log(
+    f"[sweep] wrote {os.path.join(workdir, 'sweep.json')} and sweep.md "
+    f"({len(summary['entries'])} entries, {len(summary['failed'])} failed)"
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -14,11 +14,11 @@ from localmoe import grid
 
 # Topologies: which cells (i, j) (0-indexed) are active, for a K x K grid.
 TOPOLOGIES: dict[str, Callable[[int, int, int], bool]] = {
-    "block_diagonal": lambda i, j, k: i == j,              # Eq. 13 / Eq. 19
-    "checkerboard": lambda i, j, k: (i + j) % 2 == 1,      # Eq. 14 (odd coordinate sums)
-    "upper_shift": lambda i, j, k: j == i + 1,             # Eq. 15: cells (i, i+1)
-    "off_diagonal": lambda i, j, k: i != j,                # Eq. 20
-    "anti_diagonal": lambda i, j, k: i + j == k - 1,       # MNIST context 0: opposite corners
+  "block_diagonal": lambda i, j, k: i == j,  # Eq. 13 / Eq. 19
+  "checkerboard": lambda i, j, k: (i + j) % 2 == 1,  # Eq. 14 (odd coordinate sums)
+  "upper_shift": lambda i, j, k: j == i + 1,  # Eq. 15: cells (i, i+1)
+  "off_diagonal": lambda i, j, k: i != j,  # Eq. 20
+  "anti_diagonal": lambda i, j, k: i + j == k - 1,  # MNIST context 0: opposite corners
 }
 
 
@@ -66,11 +66,10 @@ def spectrum(name: str, n: int, rng: np.random.Generator | None = None, decay: f
     s = np.exp(-np.arange(n) / decay)
   else:
     raise ValueError(f"spectrum={name!r} is not known; use one of {SPECTRA}.")
-  return s / np.sqrt(np.mean(s ** 2))
+  return s / np.sqrt(np.mean(s**2))
 
 
-def svd_block(rng: np.random.Generator, rows: int, cols: int, singular_values: np.ndarray,
-              scale: float) -> np.ndarray:
+def svd_block(rng: np.random.Generator, rows: int, cols: int, singular_values: np.ndarray, scale: float) -> np.ndarray:
   """U diag(s) V^T * scale with Haar U [rows, rows], V [cols, cols] (Eq. 12): [rows, cols]."""
   u = haar_orthogonal(rng, rows)
   v = haar_orthogonal(rng, cols)
@@ -78,9 +77,16 @@ def svd_block(rng: np.random.Generator, rows: int, cols: int, singular_values: n
   return scale * (u[:, :m] * singular_values[:m][None, :]) @ v[:, :m].T
 
 
-def block_targets(rng: np.random.Generator, masks: np.ndarray, d_out: int, d_in: int,
-                  spectrum_name: str, scale: float = 1.0, share_blocks: bool = False,
-                  decay: float = 4.0) -> np.ndarray:
+def block_targets(
+  rng: np.random.Generator,
+  masks: np.ndarray,
+  d_out: int,
+  d_in: int,
+  spectrum_name: str,
+  scale: float = 1.0,
+  share_blocks: bool = False,
+  decay: float = 4.0,
+) -> np.ndarray:
   """Dense targets [D, d_out, d_in] from per-context masks [D, K_y, K_x].
 
   share_blocks=False: every active block of every context is drawn independently.

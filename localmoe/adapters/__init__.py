@@ -9,5 +9,19 @@ from localmoe.adapters.melora import MELoRA
 from localmoe.adapters.moe import BlockWiseLoRAMoE, CellWiseLoRAMoE
 from localmoe.adapters.per_task import PerTaskLoRA
 
-__all__ = ["INITIALIZERS", "lora_a_init", "zeros_init", "delta_weight", "merge", "ADAPTERS", "make", "register",
-           "LocalizedLoRA", "LoRA", "MELoRA", "BlockWiseLoRAMoE", "CellWiseLoRAMoE", "PerTaskLoRA"]
+__all__ = [
+  "INITIALIZERS",
+  "lora_a_init",
+  "zeros_init",
+  "delta_weight",
+  "merge",
+  "ADAPTERS",
+  "make",
+  "register",
+  "LocalizedLoRA",
+  "LoRA",
+  "MELoRA",
+  "BlockWiseLoRAMoE",
+  "CellWiseLoRAMoE",
+  "PerTaskLoRA",
+]

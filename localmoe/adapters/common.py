@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Initializer = Callable[..., jnp.ndarray]
-Dtype = Any                                     # a jnp dtype, or its name ("float32", "bfloat16")
+Dtype = Any  # a jnp dtype, or its name ("float32", "bfloat16")
 
 
 def lora_a_init(key, shape, dtype=jnp.float32):
@@ -42,16 +42,18 @@ def zeros_init(key, shape, dtype=jnp.float32):
 
 def small_normal_init(stddev: float = 0.01) -> Initializer:
   """N(0, stddev^2); useful for B when a nonzero start is wanted."""
+
   def init(key, shape, dtype=jnp.float32):
     return stddev * jax.random.normal(key, shape, dtype)
+
   return init
 
 
 INITIALIZERS: dict[str, Initializer] = {
-    "lora": lora_a_init,
-    "gaussian": gaussian_a_init,
-    "zeros": zeros_init,
-    "normal_0.01": small_normal_init(0.01),
+  "lora": lora_a_init,
+  "gaussian": gaussian_a_init,
+  "zeros": zeros_init,
+  "normal_0.01": small_normal_init(0.01),
 }
 
 
@@ -60,8 +62,10 @@ def resolve_init(init: str | Initializer, field: str) -> Initializer:
   if callable(init):
     return init
   if init not in INITIALIZERS:
-    raise ValueError(f"{field}={init!r} is not a known initialiser; use one of {sorted(INITIALIZERS)} "
-                     "or pass a callable (key, shape, dtype) -> array.")
+    raise ValueError(
+      f"{field}={init!r} is not a known initialiser; use one of {sorted(INITIALIZERS)} "
+      "or pass a callable (key, shape, dtype) -> array."
+    )
   return INITIALIZERS[init]
 
 
@@ -76,17 +80,20 @@ def check_rank(rank: int, rows: int, cols: int, where: str, allow_overcomplete: 
   limit = min(rows, cols)
   if rank > limit and not allow_overcomplete:
     raise ValueError(
-        f"rank={rank} is larger than the {rows}x{cols} {where} it factors (max useful rank {limit}): "
-        f"use rank <= {limit}, or set allow_overcomplete_rank=True to keep an over-complete factorisation "
-        "(the paper's California Housing budgets do this).")
+      f"rank={rank} is larger than the {rows}x{cols} {where} it factors (max useful rank {limit}): "
+      f"use rank <= {limit}, or set allow_overcomplete_rank=True to keep an over-complete factorisation "
+      "(the paper's California Housing budgets do this)."
+    )
 
 
 def check_alpha(alpha: float | None) -> None:
   """alpha (the numerator of LoRA's alpha / r, Eq. 1): None (a scale of 1) or a finite number > 0."""
   number = isinstance(alpha, (int, float, np.integer, np.floating)) and not isinstance(alpha, bool)
   if alpha is not None and not (number and 0 < float(alpha) < math.inf):
-    raise ValueError(f"alpha={alpha!r} must be a finite number > 0 (the update is scaled by alpha / rank): use "
-                     "e.g. alpha=2 * rank, or alpha=None for a scale of 1.")
+    raise ValueError(
+      f"alpha={alpha!r} must be a finite number > 0 (the update is scaled by alpha / rank): use "
+      "e.g. alpha=2 * rank, or alpha=None for a scale of 1."
+    )
 
 
 def scaling(alpha: float | None, rank: int) -> float:
@@ -103,8 +110,10 @@ def resolve_dtype(value: Dtype | None, field: str) -> jnp.dtype | None:
   except TypeError:
     dtype = None
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"{field}={value!r} is not a floating-point dtype: use e.g. 'float32', 'bfloat16', "
-                     "'float16' or a jnp dtype such as jnp.bfloat16.")
+    raise ValueError(
+      f"{field}={value!r} is not a floating-point dtype: use e.g. 'float32', 'bfloat16', "
+      "'float16' or a jnp dtype such as jnp.bfloat16."
+    )
   return dtype
 
 

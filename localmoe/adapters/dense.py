@@ -25,6 +25,8 @@ def merge(w0: jnp.ndarray, module: nn.Module, variables: Any, context=None, gate
   """
   delta = delta_weight(module, variables, context=context, gates=gates)
   if w0.shape != delta.shape:
-    raise ValueError(f"w0 has shape {w0.shape} but the adapter's Delta W is {delta.shape} ([d_out, d_in]); "
-                     "a Flax Dense kernel is [d_in, d_out]: pass kernel.T.")
+    raise ValueError(
+      f"w0 has shape {w0.shape} but the adapter's Delta W is {delta.shape} ([d_out, d_in]); "
+      "a Flax Dense kernel is [d_in, d_out]: pass kernel.T."
+    )
   return w0 + delta.astype(w0.dtype)

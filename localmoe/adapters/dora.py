@@ -23,17 +23,18 @@ from localmoe.adapters import common
 
 class DoRA(nn.Module):
   """Parameters: A [d_in, r], B [d_out, r], magnitude m [d_out]. Needs the frozen kernel W0 [d_in, d_out]."""
-  d_in: int                                     # input width of the adapted layer
-  d_out: int                                    # output width of the adapted layer
-  rank: int                                     # r
-  alpha: float | None = None                    # scale alpha / r; None -> 1
+
+  d_in: int  # input width of the adapted layer
+  d_out: int  # output width of the adapted layer
+  rank: int  # r
+  alpha: float | None = None  # scale alpha / r; None -> 1
   a_init: common.Initializer | str = "lora"
   b_init: common.Initializer | str = "zeros"
   allow_overcomplete_rank: bool = False
-  param_dtype: common.Dtype = jnp.float32       # storage dtype of A, B and the magnitude
-  dtype: common.Dtype | None = None             # compute dtype; None -> the input's dtype
+  param_dtype: common.Dtype = jnp.float32  # storage dtype of A, B and the magnitude
+  dtype: common.Dtype | None = None  # compute dtype; None -> the input's dtype
 
-  uses_base_kernel = True                       # `localmoe.inject` passes kernel=W0 [d_in, d_out]
+  uses_base_kernel = True  # `localmoe.inject` passes kernel=W0 [d_in, d_out]
 
   def __post_init__(self):
     common.check_dtypes(self)
@@ -44,30 +45,36 @@ class DoRA(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, kernel: jnp.ndarray | None = None, context=None,
-               gates=None) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, kernel: jnp.ndarray | None = None, context=None, gates=None) -> jnp.ndarray:
     """x [..., d_in], kernel W0 [d_in, d_out] -> Delta(x) [..., d_out]."""
     del context, gates
     if kernel is None:
-      raise ValueError("DoRA needs the frozen weight: call it with kernel=W0 [d_in, d_out] "
-                       "(localmoe.inject does this for you).")
+      raise ValueError(
+        "DoRA needs the frozen weight: call it with kernel=W0 [d_in, d_out] (localmoe.inject does this for you)."
+      )
     if kernel.shape != (self.d_in, self.d_out):
-      raise ValueError(f"kernel has shape {kernel.shape}; DoRA(d_in={self.d_in}, d_out={self.d_out}) "
-                       f"needs [d_in, d_out] = {(self.d_in, self.d_out)}.")
+      raise ValueError(
+        f"kernel has shape {kernel.shape}; DoRA(d_in={self.d_in}, d_out={self.d_out}) "
+        f"needs [d_in, d_out] = {(self.d_in, self.d_out)}."
+      )
     pd = common.resolve_dtype(self.param_dtype, "param_dtype")
     cd = common.compute_dtype(self.dtype, x, pd)
-    wide = jnp.promote_types(pd, jnp.float32)                          # weight-side dtype (the norm)
+    wide = jnp.promote_types(pd, jnp.float32)  # weight-side dtype (the norm)
     a = self.param("A", common.resolve_init(self.a_init, "a_init"), (self.d_in, self.rank), pd)
     b = self.param("B", common.resolve_init(self.b_init, "b_init"), (self.d_out, self.rank), pd)
-    m = self.param("magnitude", lambda key, shape, dtype: jnp.linalg.norm(kernel.astype(wide), axis=0)
-                   .astype(dtype), (self.d_out,), pd)
+    m = self.param(
+      "magnitude",
+      lambda key, shape, dtype: jnp.linalg.norm(kernel.astype(wide), axis=0).astype(dtype),
+      (self.d_out,),
+      pd,
+    )
     s = common.scaling(self.alpha, self.rank)
-    merged = kernel.astype(wide) + s * a.astype(wide) @ b.astype(wide).T   # [d_in, d_out]
-    ratio = m.astype(wide) / jnp.linalg.norm(merged, axis=0)           # [d_out]
-    x, gain, ratio = x.astype(cd), (ratio - 1).astype(cd), ratio.astype(cd)   # m/n - 1 before rounding
-    base = jnp.einsum("...d,do->...o", x, kernel.astype(cd))           # x W0: [..., d_out]
-    z = jnp.einsum("...d,dr->...r", x, a.astype(cd))                   # [..., r]
-    low_rank = s * jnp.einsum("...r,or->...o", z, b.astype(cd))        # [..., d_out]
+    merged = kernel.astype(wide) + s * a.astype(wide) @ b.astype(wide).T  # [d_in, d_out]
+    ratio = m.astype(wide) / jnp.linalg.norm(merged, axis=0)  # [d_out]
+    x, gain, ratio = x.astype(cd), (ratio - 1).astype(cd), ratio.astype(cd)  # m/n - 1 before rounding
+    base = jnp.einsum("...d,do->...o", x, kernel.astype(cd))  # x W0: [..., d_out]
+    z = jnp.einsum("...d,dr->...r", x, a.astype(cd))  # [..., r]
+    low_rank = s * jnp.einsum("...r,or->...o", z, b.astype(cd))  # [..., d_out]
     return (gain * base + ratio * low_rank).astype(cd)
 
   def num_params(self) -> int:

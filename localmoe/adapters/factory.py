@@ -17,13 +17,13 @@ from localmoe.adapters.per_task import PerTaskLoRA
 
 # Method names are the same everywhere: results keys, configs, tables.
 ADAPTERS: dict[str, type[nn.Module]] = {
-    "lora": LoRA,
-    "dora": DoRA,
-    "melora": MELoRA,
-    "localized_lora": LocalizedLoRA,
-    "blockwise_moe": BlockWiseLoRAMoE,
-    "cellwise_moe": CellWiseLoRAMoE,
-    "per_task_lora": PerTaskLoRA,
+  "lora": LoRA,
+  "dora": DoRA,
+  "melora": MELoRA,
+  "localized_lora": LocalizedLoRA,
+  "blockwise_moe": BlockWiseLoRAMoE,
+  "cellwise_moe": CellWiseLoRAMoE,
+  "per_task_lora": PerTaskLoRA,
 }
 
 # Flax's own dataclass fields, not adapter hyperparameters.
@@ -56,7 +56,7 @@ def make(spec: Mapping[str, Any], **overrides) -> nn.Module:
   if unknown:
     raise ValueError(f"{method}: unknown field(s) {unknown}; {cls.__name__} takes {valid}.")
   module = cls(**spec)
-  for field in ("a_init", "b_init"):                      # fail at construction, not at first init
+  for field in ("a_init", "b_init"):  # fail at construction, not at first init
     if hasattr(module, field):
       common.resolve_init(getattr(module, field), field)
   return module

@@ -10,15 +10,16 @@ from localmoe.adapters import common
 
 class LoRA(nn.Module):
   """Global low-rank update. Parameters: A [d_in, r], B [d_out, r]; 2 * d * r of them when square."""
-  d_in: int                                     # input width of the adapted layer
-  d_out: int                                    # output width of the adapted layer
-  rank: int                                     # r
-  alpha: float | None = None                    # scale alpha / r; None -> alpha = r (scale 1)
-  a_init: common.Initializer | str = "lora"     # A: U(-1/sqrt(d_in), 1/sqrt(d_in)) (standard LoRA)
-  b_init: common.Initializer | str = "zeros"    # B: zeros, so Delta = 0 at init
-  allow_overcomplete_rank: bool = False         # permit rank > min(d_in, d_out)
-  param_dtype: common.Dtype = jnp.float32       # storage dtype of A and B
-  dtype: common.Dtype | None = None             # compute dtype; None -> the input's dtype
+
+  d_in: int  # input width of the adapted layer
+  d_out: int  # output width of the adapted layer
+  rank: int  # r
+  alpha: float | None = None  # scale alpha / r; None -> alpha = r (scale 1)
+  a_init: common.Initializer | str = "lora"  # A: U(-1/sqrt(d_in), 1/sqrt(d_in)) (standard LoRA)
+  b_init: common.Initializer | str = "zeros"  # B: zeros, so Delta = 0 at init
+  allow_overcomplete_rank: bool = False  # permit rank > min(d_in, d_out)
+  param_dtype: common.Dtype = jnp.float32  # storage dtype of A and B
+  dtype: common.Dtype | None = None  # compute dtype; None -> the input's dtype
 
   def __post_init__(self):
     common.check_dtypes(self)
@@ -40,9 +41,9 @@ class LoRA(nn.Module):
     # Tokens flattened to one axis, so both products are plain 2-D GEMMs: on XLA:CPU the einsum form over
     # [batch, seq, d] lets layout assignment pick a transposed layout for the backward's d x contribution,
     # which then costs a full transposing copy of the layer's input gradient.
-    x2 = x.astype(cd).reshape(-1, self.d_in)                             # [N, d_in]
-    z = x2 @ self.A.astype(cd)                                           # [N, r]
-    h = (z @ self.B.astype(cd).T).reshape(*x.shape[:-1], self.d_out)     # [..., d_out]
+    x2 = x.astype(cd).reshape(-1, self.d_in)  # [N, d_in]
+    z = x2 @ self.A.astype(cd)  # [N, r]
+    h = (z @ self.B.astype(cd).T).reshape(*x.shape[:-1], self.d_out)  # [..., d_out]
     return (common.scaling(self.alpha, self.rank) * h).astype(cd)
 
   def delta_weight(self, context=None, gates=None) -> jnp.ndarray:

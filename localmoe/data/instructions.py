@@ -27,25 +27,49 @@ from localmoe import configlib
 from localmoe.data import text
 
 # (prefix, suffix) around the text of each task.
-TEMPLATES = {"topic": ("Newsgroup post: ", "\nNewsgroup:"), "spam": ("Text message: ", "\nSpam or normal:"),
-             "question": ("Question: ", "\nAnswer type:"), "sentiment": ("Movie review: ", "\nSentiment:")}
+TEMPLATES = {
+  "topic": ("Newsgroup post: ", "\nNewsgroup:"),
+  "spam": ("Text message: ", "\nSpam or normal:"),
+  "question": ("Question: ", "\nAnswer type:"),
+  "sentiment": ("Movie review: ", "\nSentiment:"),
+}
 # BOS + prefix + suffix tokens of each template (Gemma 3 tokenizer).
 TEMPLATE_TOKENS = {"topic": 10, "spam": 11, "question": 8, "sentiment": 8}
-MIN_TEXT_TOKENS = 4                                 # a prompt keeps at least this many tokens of its text
+MIN_TEXT_TOKENS = 4  # a prompt keeps at least this many tokens of its text
 # The answer word of every class, in `text.load(task).class_names` order.
 ANSWERS = {
-    "topic": {"alt.atheism": "atheism", "comp.graphics": "graphics", "comp.os.ms-windows.misc": "windows",
-              "comp.sys.ibm.pc.hardware": "pc hardware", "comp.sys.mac.hardware": "mac hardware",
-              "comp.windows.x": "x window", "misc.forsale": "for sale", "rec.autos": "cars",
-              "rec.motorcycles": "motorcycles", "rec.sport.baseball": "baseball", "rec.sport.hockey": "hockey",
-              "sci.crypt": "cryptography", "sci.electronics": "electronics", "sci.med": "medicine",
-              "sci.space": "space", "soc.religion.christian": "christianity", "talk.politics.guns": "guns",
-              "talk.politics.mideast": "middle east", "talk.politics.misc": "politics",
-              "talk.religion.misc": "religion"},
-    "spam": {"ham": "normal", "spam": "spam"},
-    "question": {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "person",
-                 "LOC": "location", "NUM": "number"},
-    "sentiment": {"rotten": "negative", "fresh": "positive"},
+  "topic": {
+    "alt.atheism": "atheism",
+    "comp.graphics": "graphics",
+    "comp.os.ms-windows.misc": "windows",
+    "comp.sys.ibm.pc.hardware": "pc hardware",
+    "comp.sys.mac.hardware": "mac hardware",
+    "comp.windows.x": "x window",
+    "misc.forsale": "for sale",
+    "rec.autos": "cars",
+    "rec.motorcycles": "motorcycles",
+    "rec.sport.baseball": "baseball",
+    "rec.sport.hockey": "hockey",
+    "sci.crypt": "cryptography",
+    "sci.electronics": "electronics",
+    "sci.med": "medicine",
+    "sci.space": "space",
+    "soc.religion.christian": "christianity",
+    "talk.politics.guns": "guns",
+    "talk.politics.mideast": "middle east",
+    "talk.politics.misc": "politics",
+    "talk.religion.misc": "religion",
+  },
+  "spam": {"ham": "normal", "spam": "spam"},
+  "question": {
+    "ABBR": "abbreviation",
+    "DESC": "description",
+    "ENTY": "entity",
+    "HUM": "person",
+    "LOC": "location",
+    "NUM": "number",
+  },
+  "sentiment": {"rotten": "negative", "fresh": "positive"},
 }
 
 
@@ -58,13 +82,13 @@ def min_length(tasks: Sequence[str]) -> int:
 class Prompts:
   tasks: tuple[str, ...]
   num_classes: tuple[int, ...]
-  words: tuple[tuple[str, ...], ...]               # answer words per task
-  answer_ids: np.ndarray                           # [A] first token of each answer, task after task
-  class_index: np.ndarray                          # [tasks, max classes] into answer_ids (-1: no such class)
-  train: dict                                      # tokens/mask [N, L], task [N], y [N, 3], text_ids (lists)
-  val: dict                                        # held-out training rows (same keys)
+  words: tuple[tuple[str, ...], ...]  # answer words per task
+  answer_ids: np.ndarray  # [A] first token of each answer, task after task
+  class_index: np.ndarray  # [tasks, max classes] into answer_ids (-1: no such class)
+  train: dict  # tokens/mask [N, L], task [N], y [N, 3], text_ids (lists)
+  val: dict  # held-out training rows (same keys)
   test: dict
-  counts: dict                                     # per task: train / val / test rows
+  counts: dict  # per task: train / val / test rows
 
 
 def subsets(data_config, tasks: Sequence[str]) -> dict:
@@ -73,17 +97,24 @@ def subsets(data_config, tasks: Sequence[str]) -> dict:
   out = {}
   for name in tasks:
     task = text.load(name)
-    for field, value, available in (("train_per_task", data_config.train_per_task, len(task.train_texts)),
-                                    ("test_per_task", data_config.test_per_task, len(task.test_texts))):
+    for field, value, available in (
+      ("train_per_task", data_config.train_per_task, len(task.train_texts)),
+      ("test_per_task", data_config.test_per_task, len(task.test_texts)),
+    ):
       if value > available:
-        raise ValueError(f"config.data.{field}={value} is more than task {name!r} has ({available} rows): use at "
-                         f"most {available}, or 0 for all of them.")
+        raise ValueError(
+          f"config.data.{field}={value} is more than task {name!r} has ({available} rows): use at "
+          f"most {available}, or 0 for all of them."
+        )
     if data_config.train_per_task or data_config.test_per_task:
-      task = text.subsample(task, data_config.train_per_task or None, data_config.test_per_task or None,
-                            seed=data_config.seed)
+      task = text.subsample(
+        task, data_config.train_per_task or None, data_config.test_per_task or None, seed=data_config.seed
+      )
     if data_config.val_per_task >= len(task.train_texts):
-      raise ValueError(f"config.data.val_per_task={data_config.val_per_task} leaves no training rows of task "
-                       f"{name!r} ({len(task.train_texts)} in all): use at most {len(task.train_texts) - 1}.")
+      raise ValueError(
+        f"config.data.val_per_task={data_config.val_per_task} leaves no training rows of task "
+        f"{name!r} ({len(task.train_texts)} in all): use at most {len(task.train_texts) - 1}."
+      )
     out[name] = task
   return out
 
@@ -96,14 +127,16 @@ def answer_tokens(tokenizer, tasks: Sequence[str], loaded: Mapping) -> tuple[tup
     mine = tuple(ANSWERS[name][c] for c in loaded[name].class_names)
     first = [e[0] for e in tokenizer.encode([" " + w for w in mine], add_bos=False)]
     if len(set(first)) != len(first):
-      raise ValueError(f"ANSWERS[{name!r}]: two answer words start with the same token ({mine}); choose words "
-                       "whose first tokens differ.")
+      raise ValueError(
+        f"ANSWERS[{name!r}]: two answer words start with the same token ({mine}); choose words "
+        "whose first tokens differ."
+      )
     words.append(mine)
     ids += first
   index = np.full((len(tasks), max(len(w) for w in words)), -1, np.int32)
   start = 0
   for t, mine in enumerate(words):
-    index[t, :len(mine)] = np.arange(start, start + len(mine))
+    index[t, : len(mine)] = np.arange(start, start + len(mine))
     start += len(mine)
   return tuple(words), np.asarray(ids, np.int32), index
 
@@ -114,16 +147,17 @@ def prompt_ids(tokenizer, task: str, text_ids: Sequence[int], max_length: int) -
   head = tokenizer.encode([prefix])[0]
   tail = tokenizer.encode([suffix], add_bos=False)[0]
   if len(head) + len(tail) != TEMPLATE_TOKENS[task]:
-    raise ValueError(f"TEMPLATE_TOKENS[{task!r}]={TEMPLATE_TOKENS[task]} but the tokenizer gives "
-                     f"{len(head) + len(tail)}: update it.")
-  return head + list(text_ids)[:max_length - len(head) - len(tail)] + tail
+    raise ValueError(
+      f"TEMPLATE_TOKENS[{task!r}]={TEMPLATE_TOKENS[task]} but the tokenizer gives {len(head) + len(tail)}: update it."
+    )
+  return head + list(text_ids)[: max_length - len(head) - len(tail)] + tail
 
 
 def left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
   tokens, mask = np.full((len(rows), width), pad_id, np.int32), np.zeros((len(rows), width), np.int32)
   for i, r in enumerate(rows):
     if r:
-      tokens[i, -len(r):], mask[i, -len(r):] = r, 1
+      tokens[i, -len(r) :], mask[i, -len(r) :] = r, 1
   return tokens, mask
 
 
@@ -142,8 +176,12 @@ def build(loaded: Mapping, tokenizer, max_length: int, val_per_task: int, seed: 
       rows = [i for i in range(len(texts)) if keep(name, i)]
       per_task.append(([texts[i] for i in rows], labels[rows]))
     orders = [rng.permutation(len(t)) for t, _ in per_task]
-    picked = [(t, per_task[t][0][o[i]], int(per_task[t][1][o[i]])) for i in range(max(map(len, orders)))
-              for t, o in enumerate(orders) if i < len(o)]
+    picked = [
+      (t, per_task[t][0][o[i]], int(per_task[t][1][o[i]]))
+      for i in range(max(map(len, orders)))
+      for t, o in enumerate(orders)
+      if i < len(o)
+    ]
     text_ids = tokenizer.encode([p[1] for p in picked], add_bos=False)
     ids = [prompt_ids(tokenizer, tasks[t], tid, max_length) for (t, _, _), tid in zip(picked, text_ids)]
     tokens, mask = left_pad(ids, max_length)
@@ -154,8 +192,10 @@ def build(loaded: Mapping, tokenizer, max_length: int, val_per_task: int, seed: 
   train = split("train", lambda n, i: i not in held[n])
   val = split("train", lambda n, i: i in held[n])
   test = split("test", lambda n, i: True)
-  counts = {n: {"train": len(loaded[n].train_texts) - len(held[n]), "val": len(held[n]),
-                "test": len(loaded[n].test_texts)} for n in tasks}
+  counts = {
+    n: {"train": len(loaded[n].train_texts) - len(held[n]), "val": len(held[n]), "test": len(loaded[n].test_texts)}
+    for n in tasks
+  }
   return Prompts(tasks, tuple(len(w) for w in words), words, answer_ids, class_index, train, val, test, counts)
 
 
@@ -166,13 +206,14 @@ def few_shot_prefixes(prompts: Prompts, tokenizer, k: int, seed: int) -> tuple[n
   train = prompts.train
   rows = []
   for t, words in enumerate(prompts.words):
-    picks = [rng.permutation(np.flatnonzero((train["task"] == t) & (train["y"][:, 0] == c)))[:k]
-             for c in range(len(words))]
+    picks = [
+      rng.permutation(np.flatnonzero((train["task"] == t) & (train["y"][:, 0] == c)))[:k] for c in range(len(words))
+    ]
     ids = [tokenizer.bos_id]
     for j in range(k):
       for c, pick in enumerate(picks):
         if j < len(pick):
-          row = train["tokens"][pick[j]][train["mask"][pick[j]] > 0][1:].tolist()          # without BOS
+          row = train["tokens"][pick[j]][train["mask"][pick[j]] > 0][1:].tolist()  # without BOS
           ids += row + tokenizer.encode([" " + words[c] + "\n\n"], add_bos=False)[0]
     rows.append(ids)
   return left_pad(rows, max(map(len, rows)))
@@ -181,7 +222,8 @@ def few_shot_prefixes(prompts: Prompts, tokenizer, k: int, seed: int) -> tuple[n
 def task_logits(answer_logits, task, class_index, neg: float = -1e9):
   """[B, A] logits of every answer token -> [B, max classes] of each row's task (absent classes: neg)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  index = jnp.asarray(class_index)[task]                                              # [B, max classes]
+
+  index = jnp.asarray(class_index)[task]  # [B, max classes]
   picked = jnp.take_along_axis(answer_logits, jnp.maximum(index, 0), axis=1)
   return jnp.where(index >= 0, picked, neg)
 

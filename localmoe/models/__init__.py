@@ -8,7 +8,6 @@ The nonconvex names are re-exported here, so `from localmoe import models; model
 `bert` and `minilm` are imported on use (`from localmoe.models import minilm`).
 """
 
-from localmoe.models.nonconvex import (BACKBONES, KERNEL_INITS, DeepNarrowMLP, SmallTransformer, bias_init,
-                                       kernel_init)
+from localmoe.models.nonconvex import BACKBONES, KERNEL_INITS, DeepNarrowMLP, SmallTransformer, bias_init, kernel_init
 
 __all__ = ["BACKBONES", "KERNEL_INITS", "DeepNarrowMLP", "SmallTransformer", "bias_init", "kernel_init"]

@@ -43,12 +43,15 @@ import jax.numpy as jnp
 import numpy as np
 
 # q, k, v, attention output, FFN in and FFN out of every layer (fullmatch on the "/"-joined module path).
-ADAPTER_TARGETS = (r"encoder/layer_\d+/(attention/self/(query|key|value)|attention/output/dense"
-                   r"|intermediate/dense|output/dense)")
+ADAPTER_TARGETS = (
+  r"encoder/layer_\d+/(attention/self/(query|key|value)|attention/output/dense"
+  r"|intermediate/dense|output/dense)"
+)
 
 
 class Embeddings(nn.Module):
   """Word + position + token-type embeddings, then LayerNorm (BertEmbeddings)."""
+
   vocab_size: int
   hidden_size: int
   max_position: int
@@ -60,15 +63,16 @@ class Embeddings(nn.Module):
   def __call__(self, input_ids, token_type_ids):
     seq_len = input_ids.shape[-1]
     embed = lambda n, name: nn.Embed(n, self.hidden_size, dtype=self.dtype, name=name)
-    words = embed(self.vocab_size, "word_embeddings")(input_ids)                       # [B, T, H]
+    words = embed(self.vocab_size, "word_embeddings")(input_ids)  # [B, T, H]
     positions = embed(self.max_position, "position_embeddings")(jnp.arange(seq_len))  # [T, H]
-    types = embed(self.type_vocab_size, "token_type_embeddings")(token_type_ids)      # [B, T, H]
-    h = words + positions[None] + types                                                # [B, T, H]
+    types = embed(self.type_vocab_size, "token_type_embeddings")(token_type_ids)  # [B, T, H]
+    h = words + positions[None] + types  # [B, T, H]
     return nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(h)
 
 
 class SelfAttention(nn.Module):
   """Scaled dot-product attention over the unpadded keys (BertSelfAttention); returns per-head context."""
+
   num_heads: int
   head_dim: int
   dtype: Any
@@ -76,19 +80,20 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, h, attention_mask):
     proj = lambda name: nn.DenseGeneral((self.num_heads, self.head_dim), axis=-1, dtype=self.dtype, name=name)
-    q = proj("query")(h)                                                  # [B, T, heads, head_dim]
-    k = proj("key")(h)                                                    # [B, T, heads, head_dim]
-    v = proj("value")(h)                                                  # [B, T, heads, head_dim]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)      # [B, heads, T, T]
+    q = proj("query")(h)  # [B, T, heads, head_dim]
+    k = proj("key")(h)  # [B, T, heads, head_dim]
+    v = proj("value")(h)  # [B, T, heads, head_dim]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)  # [B, heads, T, T]
     scores = scores / np.sqrt(self.head_dim).astype(np.float32)
-    keep = attention_mask[:, None, None, :].astype(bool)                  # [B, 1, 1, T]
+    keep = attention_mask[:, None, None, :].astype(bool)  # [B, 1, 1, T]
     scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
-    weights = nn.softmax(scores, axis=-1).astype(self.dtype)              # [B, heads, T, T]
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)                      # [B, T, heads, head_dim]
+    weights = nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, heads, T, T]
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # [B, T, heads, head_dim]
 
 
 class AttentionOutput(nn.Module):
   """Merge heads, project, residual, LayerNorm (BertSelfOutput)."""
+
   hidden_size: int
   layer_norm_eps: float
   dtype: Any
@@ -101,6 +106,7 @@ class AttentionOutput(nn.Module):
 
 class Attention(nn.Module):
   """BertAttention: `self` (q, k, v and the weighting) then `output` (projection, residual, LayerNorm)."""
+
   hidden_size: int
   num_heads: int
   layer_norm_eps: float
@@ -108,13 +114,15 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, h, attention_mask):
-    context = SelfAttention(self.num_heads, self.hidden_size // self.num_heads, self.dtype,
-                            name="self")(h, attention_mask)             # [B, T, heads, head_dim]
+    context = SelfAttention(self.num_heads, self.hidden_size // self.num_heads, self.dtype, name="self")(
+      h, attention_mask
+    )  # [B, T, heads, head_dim]
     return AttentionOutput(self.hidden_size, self.layer_norm_eps, self.dtype, name="output")(context, h)
 
 
 class Intermediate(nn.Module):
   """FFN up-projection and BERT's exact (erf) GELU."""
+
   intermediate_size: int
   dtype: Any
 
@@ -125,18 +133,20 @@ class Intermediate(nn.Module):
 
 class Output(nn.Module):
   """FFN down-projection, residual, LayerNorm (BertOutput)."""
+
   hidden_size: int
   layer_norm_eps: float
   dtype: Any
 
   @nn.compact
   def __call__(self, x, residual):
-    out = nn.Dense(self.hidden_size, dtype=self.dtype, name="dense")(x)                      # [B, T, H]
+    out = nn.Dense(self.hidden_size, dtype=self.dtype, name="dense")(x)  # [B, T, H]
     return nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(out + residual)
 
 
 class Layer(nn.Module):
   """One post-LayerNorm transformer block (BertLayer)."""
+
   hidden_size: int
   num_heads: int
   intermediate_size: int
@@ -145,27 +155,30 @@ class Layer(nn.Module):
 
   @nn.compact
   def __call__(self, h, attention_mask):
-    h = Attention(self.hidden_size, self.num_heads, self.layer_norm_eps, self.dtype,
-                  name="attention")(h, attention_mask)                   # [B, T, H]
-    ffn = Intermediate(self.intermediate_size, self.dtype, name="intermediate")(h)   # [B, T, FFN]
+    h = Attention(self.hidden_size, self.num_heads, self.layer_norm_eps, self.dtype, name="attention")(
+      h, attention_mask
+    )  # [B, T, H]
+    ffn = Intermediate(self.intermediate_size, self.dtype, name="intermediate")(h)  # [B, T, FFN]
     return Output(self.hidden_size, self.layer_norm_eps, self.dtype, name="output")(ffn, h)
 
 
 class Encoder(nn.Module):
   """The stack of layers, named `layer_0` ... `layer_{n-1}` (from `layer_{first_layer}` when set)."""
+
   num_layers: int
   hidden_size: int
   num_heads: int
   intermediate_size: int
   layer_norm_eps: float
   dtype: Any
-  first_layer: int = 0                # run layers first_layer .. num_layers - 1 only (see `Upper`)
+  first_layer: int = 0  # run layers first_layer .. num_layers - 1 only (see `Upper`)
 
   @nn.compact
   def __call__(self, h, attention_mask):
     for i in range(self.first_layer, self.num_layers):
-      h = Layer(self.hidden_size, self.num_heads, self.intermediate_size, self.layer_norm_eps, self.dtype,
-                name=f"layer_{i}")(h, attention_mask)                   # [B, T, H]
+      h = Layer(
+        self.hidden_size, self.num_heads, self.intermediate_size, self.layer_norm_eps, self.dtype, name=f"layer_{i}"
+      )(h, attention_mask)  # [B, T, H]
     return h
 
 
@@ -175,22 +188,25 @@ class Bert(nn.Module):
   Defaults are all-MiniLM-L6-v2's sizes. `num_layers` may be smaller than the checkpoint's (the first
   layers are loaded; see `params_from_checkpoint`).
   """
-  num_layers: int = 6                 # encoder layers
-  hidden_size: int = 384              # H
-  num_heads: int = 12                 # attention heads; head_dim = H / heads
-  intermediate_size: int = 1536       # FFN width
+
+  num_layers: int = 6  # encoder layers
+  hidden_size: int = 384  # H
+  num_heads: int = 12  # attention heads; head_dim = H / heads
+  intermediate_size: int = 1536  # FFN width
   vocab_size: int = 30522
-  max_position: int = 512             # longest sequence the position table covers
+  max_position: int = 512  # longest sequence the position table covers
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
-  dtype: Any = jnp.float32            # compute dtype; params stay float32
+  dtype: Any = jnp.float32  # compute dtype; params stay float32
 
   def __post_init__(self):
     if self.num_layers < 1:
       raise ValueError(f"num_layers={self.num_layers} must be at least 1.")
     if self.hidden_size % self.num_heads:
-      raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
-                       "pick a head count that divides it.")
+      raise ValueError(
+        f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+        "pick a head count that divides it."
+      )
     if jnp.dtype(self.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
       raise ValueError(f"dtype={self.dtype} is not supported; use jnp.float32 (default) or jnp.bfloat16.")
     super().__post_init__()
@@ -198,14 +214,30 @@ class Bert(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None):
     if input_ids.shape[-1] > self.max_position:
-      raise ValueError(f"input_ids has {input_ids.shape[-1]} tokens, more than max_position="
-                       f"{self.max_position}; truncate the input (tokenize(..., max_length=...)).")
+      raise ValueError(
+        f"input_ids has {input_ids.shape[-1]} tokens, more than max_position="
+        f"{self.max_position}; truncate the input (tokenize(..., max_length=...))."
+      )
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    h = Embeddings(self.vocab_size, self.hidden_size, self.max_position, self.type_vocab_size,
-                   self.layer_norm_eps, self.dtype, name="embeddings")(input_ids, token_type_ids)  # [B, T, H]
-    return Encoder(self.num_layers, self.hidden_size, self.num_heads, self.intermediate_size,
-                   self.layer_norm_eps, self.dtype, name="encoder")(h, attention_mask)        # [B, T, H]
+    h = Embeddings(
+      self.vocab_size,
+      self.hidden_size,
+      self.max_position,
+      self.type_vocab_size,
+      self.layer_norm_eps,
+      self.dtype,
+      name="embeddings",
+    )(input_ids, token_type_ids)  # [B, T, H]
+    return Encoder(
+      self.num_layers,
+      self.hidden_size,
+      self.num_heads,
+      self.intermediate_size,
+      self.layer_norm_eps,
+      self.dtype,
+      name="encoder",
+    )(h, attention_mask)  # [B, T, H]
 
 
 class Upper(nn.Module):
@@ -217,20 +249,31 @@ class Upper(nn.Module):
   (`encoder/layer_{i}/...`), so its params are `{"encoder": {f"layer_{i}": ...}}` of the checkpoint's
   (`upper_params`) and `ADAPTER_TARGETS` matches its layers.
   """
-  model: Bert                         # the full model's sizes
-  first_layer: int                    # 0 .. model.num_layers - 1
+
+  model: Bert  # the full model's sizes
+  first_layer: int  # 0 .. model.num_layers - 1
 
   def __post_init__(self):
     if not 0 <= self.first_layer < self.model.num_layers:
-      raise ValueError(f"first_layer={self.first_layer} must lie in 0..{self.model.num_layers - 1} (the model has "
-                       f"{self.model.num_layers} layers).")
+      raise ValueError(
+        f"first_layer={self.first_layer} must lie in 0..{self.model.num_layers - 1} (the model has "
+        f"{self.model.num_layers} layers)."
+      )
     super().__post_init__()
 
   @nn.compact
   def __call__(self, hidden, attention_mask):
     m = self.model
-    return Encoder(m.num_layers, m.hidden_size, m.num_heads, m.intermediate_size, m.layer_norm_eps, m.dtype,
-                   first_layer=self.first_layer, name="encoder")(hidden.astype(m.dtype), attention_mask)
+    return Encoder(
+      m.num_layers,
+      m.hidden_size,
+      m.num_heads,
+      m.intermediate_size,
+      m.layer_norm_eps,
+      m.dtype,
+      first_layer=self.first_layer,
+      name="encoder",
+    )(hidden.astype(m.dtype), attention_mask)
 
 
 def upper_params(params: Mapping[str, Any], first_layer: int, num_layers: int) -> dict:
@@ -240,32 +283,46 @@ def upper_params(params: Mapping[str, Any], first_layer: int, num_layers: int) -
 
 def hidden_after(model: Bert, params, input_ids, attention_mask, layers: int):
   """Hidden states after the first `layers` encoder layers (0: the embeddings' output): [B, T, H]."""
-  lower = Bert(**{**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-                     if f.name not in ("parent", "name")}, "num_layers": max(layers, 1)})
+  lower = Bert(
+    **{
+      **{f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in ("parent", "name")},
+      "num_layers": max(layers, 1),
+    }
+  )
   if layers == 0:
-    embeddings = Embeddings(model.vocab_size, model.hidden_size, model.max_position, model.type_vocab_size,
-                            model.layer_norm_eps, model.dtype)
+    embeddings = Embeddings(
+      model.vocab_size, model.hidden_size, model.max_position, model.type_vocab_size, model.layer_norm_eps, model.dtype
+    )
     return embeddings.apply({"params": params["embeddings"]}, input_ids, jnp.zeros_like(input_ids))
-  lower_params = {"embeddings": params["embeddings"],
-                  "encoder": {f"layer_{i}": params["encoder"][f"layer_{i}"] for i in range(layers)}}
+  lower_params = {
+    "embeddings": params["embeddings"],
+    "encoder": {f"layer_{i}": params["encoder"][f"layer_{i}"] for i in range(layers)},
+  }
   return lower.apply({"params": lower_params}, input_ids, attention_mask)
 
 
 def from_hf_config(config: Mapping[str, Any], num_layers: int | None = None, dtype: Any = jnp.float32) -> Bert:
   """A `Bert` with the sizes of a Hugging Face BERT `config.json` (first `num_layers` layers if given)."""
-  if config.get("hidden_act", "gelu") != "gelu" or config.get("position_embedding_type",
-                                                                  "absolute") != "absolute":
-    raise ValueError(f"config.json has hidden_act={config.get('hidden_act')!r}, position_embedding_type="
-                     f"{config.get('position_embedding_type')!r}; only 'gelu' and 'absolute' are supported.")
+  if config.get("hidden_act", "gelu") != "gelu" or config.get("position_embedding_type", "absolute") != "absolute":
+    raise ValueError(
+      f"config.json has hidden_act={config.get('hidden_act')!r}, position_embedding_type="
+      f"{config.get('position_embedding_type')!r}; only 'gelu' and 'absolute' are supported."
+    )
   total = int(config["num_hidden_layers"])
   num_layers = total if num_layers is None else num_layers
   if not 1 <= num_layers <= total:
     raise ValueError(f"num_layers={num_layers}: the checkpoint has {total} layers; use 1..{total} or None.")
-  return Bert(num_layers=num_layers, hidden_size=int(config["hidden_size"]),
-              num_heads=int(config["num_attention_heads"]), intermediate_size=int(config["intermediate_size"]),
-              vocab_size=int(config["vocab_size"]), max_position=int(config["max_position_embeddings"]),
-              type_vocab_size=int(config["type_vocab_size"]), layer_norm_eps=float(config["layer_norm_eps"]),
-              dtype=dtype)
+  return Bert(
+    num_layers=num_layers,
+    hidden_size=int(config["hidden_size"]),
+    num_heads=int(config["num_attention_heads"]),
+    intermediate_size=int(config["intermediate_size"]),
+    vocab_size=int(config["vocab_size"]),
+    max_position=int(config["max_position_embeddings"]),
+    type_vocab_size=int(config["type_vocab_size"]),
+    layer_norm_eps=float(config["layer_norm_eps"]),
+    dtype=dtype,
+  )
 
 
 # --- checkpoint (Hugging Face BertModel names) -> linen params --------------------------------------
@@ -299,13 +356,13 @@ def params_from_checkpoint(tensors: Mapping[str, np.ndarray], model: Bert) -> di
     elif leaf == "weight" and name.endswith("_embeddings"):
       leaf = "embedding"
     elif leaf == "weight":
-      leaf, value = "kernel", value.T                                    # [in, out]
+      leaf, value = "kernel", value.T  # [in, out]
       if name in ("query", "key", "value"):
-        value = value.reshape(-1, heads, head_dim)                       # [H, heads, head_dim]
+        value = value.reshape(-1, heads, head_dim)  # [H, heads, head_dim]
       elif modules[-2:] == ["output", "dense"] and modules[-3] == "attention":
-        value = value.reshape(heads, head_dim, -1)                       # [heads, head_dim, H]
+        value = value.reshape(heads, head_dim, -1)  # [heads, head_dim, H]
     elif leaf == "bias" and name in ("query", "key", "value"):
-      value = value.reshape(heads, head_dim)                             # [heads, head_dim]
+      value = value.reshape(heads, head_dim)  # [heads, head_dim]
     elif leaf != "bias":
       raise ValueError(f"checkpoint key {key!r}: unknown parameter {leaf!r} (expected weight or bias).")
     node = params
@@ -320,25 +377,28 @@ def _check_against_model(params: dict, model: Bert) -> None:
   """Raises ValueError if `params` lacks a param of `model` or has one of another shape."""
   ids = jnp.zeros((1, 1), jnp.int32)
   expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids)))["params"]
-  want = {"/".join(str(k.key) for k in path): leaf.shape
-          for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
-  got = {"/".join(str(k.key) for k in path): np.shape(leaf)
-         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  want = {
+    "/".join(str(k.key) for k in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]
+  }
+  got = {
+    "/".join(str(k.key) for k in path): np.shape(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   missing = sorted(set(want) - set(got))
   extra = sorted(set(got) - set(want))
-  wrong = [f"{p}: checkpoint {got[p]}, model {want[p]}"
-           for p in sorted(set(want) & set(got)) if got[p] != want[p]]
+  wrong = [f"{p}: checkpoint {got[p]}, model {want[p]}" for p in sorted(set(want) & set(got)) if got[p] != want[p]]
   if missing or extra or wrong:
-    raise ValueError(f"checkpoint does not fit Bert(num_layers={model.num_layers}, hidden_size="
-                     f"{model.hidden_size}, ...): missing {missing[:5]}, unexpected {extra[:5]}, "
-                     f"shape mismatches {wrong[:5]}. Check that config.json belongs to the weights.")
+    raise ValueError(
+      f"checkpoint does not fit Bert(num_layers={model.num_layers}, hidden_size="
+      f"{model.hidden_size}, ...): missing {missing[:5]}, unexpected {extra[:5]}, "
+      f"shape mismatches {wrong[:5]}. Check that config.json belongs to the weights."
+    )
 
 
 def num_params(model: Bert) -> int:
   """Parameter count of `model`, computed from its sizes (no weights needed)."""
   h, f = model.hidden_size, model.intermediate_size
   embeddings = (model.vocab_size + model.max_position + model.type_vocab_size) * h + 2 * h
-  layer = 4 * (h * h + h) + 2 * 2 * h + (h * f + f) + (f * h + h)   # q, k, v, out; 2 LayerNorms; FFN
+  layer = 4 * (h * h + h) + 2 * 2 * h + (h * f + f) + (f * h + h)  # q, k, v, out; 2 LayerNorms; FFN
   return embeddings + model.num_layers * layer
 
 
@@ -348,6 +408,6 @@ def mean_pool(hidden, mask):
   A row with no valid position returns zeros (the sum is divided by max(count, 1e-9), as in
   sentence-transformers).
   """
-  mask = mask.astype(jnp.float32)[..., None]                                    # [B, T, 1]
-  summed = jnp.sum(hidden.astype(jnp.float32) * mask, axis=-2)                  # [B, H]
-  return summed / jnp.maximum(jnp.sum(mask, axis=-2), 1e-9)                     # [B, H]
+  mask = mask.astype(jnp.float32)[..., None]  # [B, T, 1]
+  summed = jnp.sum(hidden.astype(jnp.float32) * mask, axis=-2)  # [B, H]
+  return summed / jnp.maximum(jnp.sum(mask, axis=-2), 1e-9)  # [B, H]

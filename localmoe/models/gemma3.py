@@ -60,23 +60,34 @@ _MASKED = -1e30  # score of a masked key (finite: a fully padded query row stays
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Gemma 3 270M's hyper-parameters (the GGUF's `gemma3.*` metadata plus the conventions above)."""
-  num_layers: int = 18                      # decoder blocks (fewer = a slice of the first blocks)
-  width: int = 640                          # residual width
-  ffn_width: int = 2048                     # GeGLU hidden width
-  num_heads: int = 4                        # query heads
-  num_kv_heads: int = 1                     # key/value heads (grouped-query attention)
+
+  num_layers: int = 18  # decoder blocks (fewer = a slice of the first blocks)
+  width: int = 640  # residual width
+  ffn_width: int = 2048  # GeGLU hidden width
+  num_heads: int = 4  # query heads
+  num_kv_heads: int = 1  # key/value heads (grouped-query attention)
   head_dim: int = 256
   vocab_size: int = 262_144
   rms_eps: float = 1e-6
-  sliding_window: int = 512                 # local layers attend to keys with q_pos - k_pos < window
+  sliding_window: int = 512  # local layers attend to keys with q_pos - k_pos < window
   local_rope_base: float = 10_000.0
   global_rope_base: float = 1_000_000.0
-  global_every: int = 6                     # block i is global when (i + 1) % global_every == 0
-  max_context: int = 32_768                 # positions the model was trained for
+  global_every: int = 6  # block i is global when (i + 1) % global_every == 0
+  max_context: int = 32_768  # positions the model was trained for
 
   def __post_init__(self):
-    for name in ("num_layers", "width", "ffn_width", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
-                 "sliding_window", "global_every", "max_context"):
+    for name in (
+      "num_layers",
+      "width",
+      "ffn_width",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+      "vocab_size",
+      "sliding_window",
+      "global_every",
+      "max_context",
+    ):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "num_layers" else 1):
         raise ValueError(f"Config.{name}={value!r} must be a positive integer.")
@@ -92,13 +103,20 @@ class Config:
 # (model path, GGUF name, transpose): the whole key map. GGUF matrices are [out, in] in numpy order; nnx.Linear
 # kernels are [in, out]. Norms are stored as 1 + w (see the module docstring).
 _LAYER_NAMES = (
-    ("pre_attn_norm/scale", "attn_norm", False), ("attn/q_proj/kernel", "attn_q", True),
-    ("attn/k_proj/kernel", "attn_k", True), ("attn/v_proj/kernel", "attn_v", True),
-    ("attn/q_norm/scale", "attn_q_norm", False), ("attn/k_norm/scale", "attn_k_norm", False),
-    ("attn/o_proj/kernel", "attn_output", True), ("post_attn_norm/scale", "post_attention_norm", False),
-    ("pre_ffn_norm/scale", "ffn_norm", False), ("mlp/gate_proj/kernel", "ffn_gate", True),
-    ("mlp/up_proj/kernel", "ffn_up", True), ("mlp/down_proj/kernel", "ffn_down", True),
-    ("post_ffn_norm/scale", "post_ffw_norm", False))
+  ("pre_attn_norm/scale", "attn_norm", False),
+  ("attn/q_proj/kernel", "attn_q", True),
+  ("attn/k_proj/kernel", "attn_k", True),
+  ("attn/v_proj/kernel", "attn_v", True),
+  ("attn/q_norm/scale", "attn_q_norm", False),
+  ("attn/k_norm/scale", "attn_k_norm", False),
+  ("attn/o_proj/kernel", "attn_output", True),
+  ("post_attn_norm/scale", "post_attention_norm", False),
+  ("pre_ffn_norm/scale", "ffn_norm", False),
+  ("mlp/gate_proj/kernel", "ffn_gate", True),
+  ("mlp/up_proj/kernel", "ffn_up", True),
+  ("mlp/down_proj/kernel", "ffn_down", True),
+  ("post_ffn_norm/scale", "post_ffw_norm", False),
+)
 
 
 def gguf_names(num_layers: int) -> list[tuple[str, str, bool]]:
@@ -116,6 +134,7 @@ class Cache:
   k, v: one [batch, slots, kv_heads, head_dim] per block; valid [batch, slots] bool; positions [batch, slots]
   int32 (RoPE position of the token in each slot); index: int32 scalar, the next slot to write.
   """
+
   k: tuple
   v: tuple
   valid: jnp.ndarray
@@ -126,8 +145,13 @@ class Cache:
   def empty(cls, config: Config, batch: int, slots: int, dtype: Any = jnp.float32) -> "Cache":
     shape = (batch, slots, config.num_kv_heads, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-    return cls(k=zeros, v=zeros, valid=jnp.zeros((batch, slots), bool),
-               positions=jnp.zeros((batch, slots), jnp.int32), index=jnp.zeros((), jnp.int32))
+    return cls(
+      k=zeros,
+      v=zeros,
+      valid=jnp.zeros((batch, slots), bool),
+      positions=jnp.zeros((batch, slots), jnp.int32),
+      index=jnp.zeros((), jnp.int32),
+    )
 
 
 class RMSNorm(nnx.Module):
@@ -146,9 +170,9 @@ class RMSNorm(nnx.Module):
 def rope(x, positions, base: float):
   """Rotates the two halves of each head (x [B, T, N, D]) by angles positions [B, T] * base^(-2i/D)."""
   half = x.shape[-1] // 2
-  inv_freq = base ** (-np.arange(half, dtype=np.float32) * 2.0 / x.shape[-1])       # [D/2]
-  angle = positions.astype(jnp.float32)[..., None] * inv_freq                        # [B, T, D/2]
-  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]            # [B, T, 1, D/2]
+  inv_freq = base ** (-np.arange(half, dtype=np.float32) * 2.0 / x.shape[-1])  # [D/2]
+  angle = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]  # [B, T, 1, D/2]
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -172,17 +196,18 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, allowed, cache_kv=None, index=None):
     """x [B, T, W]; allowed [B, T, S] bool; cache_kv (k, v) [B, S, K, D] each -> (out [B, T, W], (k, v))."""
     b, t, _ = x.shape
-    q = self.q_norm(self.q_proj(x).reshape(b, t, self.heads, self.head_dim))        # [B, T, H, D]
-    k = self.k_norm(self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim))     # [B, T, K, D]
-    v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)                  # [B, T, K, D]
+    q = self.q_norm(self.q_proj(x).reshape(b, t, self.heads, self.head_dim))  # [B, T, H, D]
+    k = self.k_norm(self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim))  # [B, T, K, D]
+    v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)  # [B, T, K, D]
     q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
     if cache_kv is not None:
       k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, index, 0, 0))  # [B, S, K, D]
       v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, index, 0, 0))
     groups = self.heads // self.kv_heads
-    q = q.reshape(b, t, self.kv_heads, groups, self.head_dim) * jnp.asarray(self.head_dim ** -0.5, q.dtype)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32)                          # [B, K, G, T, S]
+    q = q.reshape(b, t, self.kv_heads, groups, self.head_dim) * jnp.asarray(self.head_dim**-0.5, q.dtype)
+    scores = jnp.einsum(
+      "btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+    )  # [B, K, G, T, S]
     scores = jnp.where(allowed[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype)).reshape(b, t, -1)  # [B, T, H * D]
@@ -224,13 +249,15 @@ class Gemma3(nnx.Module):
   dtype is the compute dtype (float32 or bfloat16); param_dtype the stored one.
   """
 
-  def __init__(self, config: Config = Config(), *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, config: Config = Config(), *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs
+  ):
     self.config = config
     self.dtype = jnp.dtype(dtype)
     self.embed = nnx.Embed(config.vocab_size, config.width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.layers = nnx.List([Block(config, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                            for i in range(config.num_layers)])
+    self.layers = nnx.List(
+      [Block(config, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for i in range(config.num_layers)]
+    )
     self.final_norm = RMSNorm(config.width, config.rms_eps, param_dtype=param_dtype)
 
   def __call__(self, tokens, mask=None, *, cache: Cache | None = None, context=None, return_hidden: bool = False):
@@ -245,6 +272,7 @@ class Gemma3(nnx.Module):
     """
     if context is not None:
       from localmoe import nnx_inject  # pylint: disable=import-outside-toplevel  -- avoids an import cycle
+
       with nnx_inject.routing_context(self, context):
         return self(tokens, mask, cache=cache, return_hidden=return_hidden)
     c = self.config
@@ -252,19 +280,19 @@ class Gemma3(nnx.Module):
     b, t = tokens.shape
     mask = jnp.ones((b, t), bool) if mask is None else jnp.asarray(mask).astype(bool)
     if cache is None:
-      positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)                        # [B, T]
+      positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, T]
       key_valid, key_positions, query_slots = mask, positions, jnp.arange(t)
       key_slots = jnp.arange(t)
     else:
-      seen = jnp.sum(cache.valid, axis=1, keepdims=True)                              # [B, 1]
-      positions = jnp.maximum(seen + jnp.cumsum(mask, axis=1) - 1, 0)                 # [B, T]
-      key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))   # [B, S]
+      seen = jnp.sum(cache.valid, axis=1, keepdims=True)  # [B, 1]
+      positions = jnp.maximum(seen + jnp.cumsum(mask, axis=1) - 1, 0)  # [B, T]
+      key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))  # [B, S]
       key_positions = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index))
       query_slots = cache.index + jnp.arange(t)
       key_slots = jnp.arange(cache.valid.shape[1])
-    causal = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])   # [B, T, S]
-    near = (positions[:, :, None] - key_positions[:, None, :]) < c.sliding_window              # [B, T, S]
-    x = self.embed(tokens) * jnp.asarray(math.sqrt(c.width), self.dtype)              # [B, T, W]
+    causal = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
+    near = (positions[:, :, None] - key_positions[:, None, :]) < c.sliding_window  # [B, T, S]
+    x = self.embed(tokens) * jnp.asarray(math.sqrt(c.width), self.dtype)  # [B, T, W]
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):
       allowed = causal if c.is_global(i) else causal & near
@@ -276,8 +304,7 @@ class Gemma3(nnx.Module):
     out = x if return_hidden else self.logits(x)
     if cache is None:
       return out
-    return out, Cache(k=tuple(new_k), v=tuple(new_v), valid=key_valid, positions=key_positions,
-                      index=cache.index + t)
+    return out, Cache(k=tuple(new_k), v=tuple(new_v), valid=key_valid, positions=key_positions, index=cache.index + t)
 
   def logits(self, hidden):
     """Final hidden states [..., W] -> float32 logits [..., vocab] against the tied embedding."""
@@ -287,8 +314,9 @@ class Gemma3(nnx.Module):
 # --- loading ------------------------------------------------------------------------------------------------
 
 
-def from_tensors(tensors: dict[str, np.ndarray], config: Config = Config(), dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32) -> Gemma3:
+def from_tensors(
+  tensors: dict[str, np.ndarray], config: Config = Config(), dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
+) -> Gemma3:
   """A Gemma3 holding the GGUF tensors (float32, numpy [out, in]); `tensors` is emptied as it is read."""
   abstract = nnx.eval_shape(lambda: Gemma3(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
@@ -306,9 +334,14 @@ def from_tensors(tensors: dict[str, np.ndarray], config: Config = Config(), dtyp
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def load(num_layers: int | None = None, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-         data_dir: str | os.PathLike[str] | None = None, routes: str | Sequence[str] = gemma3_weights.ROUTES,
-         gguf_path: str | os.PathLike[str] | None = None):
+def load(
+  num_layers: int | None = None,
+  dtype: Any = jnp.float32,
+  param_dtype: Any = jnp.float32,
+  data_dir: str | os.PathLike[str] | None = None,
+  routes: str | Sequence[str] = gemma3_weights.ROUTES,
+  gguf_path: str | os.PathLike[str] | None = None,
+):
   """Loads Gemma 3 270M: `(model, tokenizer)` (`gemma3_weights` says where the weights come from).
 
   Args:
@@ -317,8 +350,10 @@ def load(num_layers: int | None = None, dtype: Any = jnp.float32, param_dtype: A
     data_dir, routes, gguf_path: as for `gemma3_weights.load_tensors`.
   """
   from localmoe.models import gemma3_tokenizer  # pylint: disable=import-outside-toplevel  -- avoids a cycle
-  if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer))
-                                 or not 1 <= num_layers <= 18):
+
+  if num_layers is not None and (
+    isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or not 1 <= num_layers <= 18
+  ):
     raise ValueError(f"num_layers={num_layers!r} must be an integer in 1..18 (or None for all 18).")
   for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
     if jnp.dtype(value) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):

@@ -38,7 +38,7 @@ def attention_masks(config: gemma3.Config, mask):
   sliding window), as `gemma3.Gemma3.__call__` builds them for a call without a cache."""
   mask = jnp.asarray(mask).astype(bool)
   t = mask.shape[1]
-  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)                              # [B, T]
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, T]
   causal = mask[:, None, :] & (jnp.arange(t)[None, None, :] <= jnp.arange(t)[None, :, None])
   near = (positions[:, :, None] - positions[:, None, :]) < config.sliding_window
   return positions, causal, causal & near
@@ -63,7 +63,7 @@ def chunked(fn, arrays, chunk: int) -> np.ndarray:
   out = []
   for s in range(0, n, chunk):
     index = np.minimum(np.arange(s, s + chunk), n - 1)
-    out.append(np.asarray(fn(*(a[index] for a in arrays)))[:min(chunk, n - s)])
+    out.append(np.asarray(fn(*(a[index] for a in arrays)))[: min(chunk, n - s)])
   return np.concatenate(out)
 
 
@@ -96,21 +96,21 @@ class Upper(nnx.Module):
     self.layers = nnx.List([nnx.clone(block) for block in list(model.layers)[start:]])
     self.final_norm = nnx.clone(model.final_norm)
     rows = model.embed.embedding.get_value()[jnp.asarray(np.asarray(answer_ids, np.int32))]
-    self.answers = nnx.Param(rows)                                                     # [A, W]
+    self.answers = nnx.Param(rows)  # [A, W]
 
   def features(self, hidden, mask):
     x = run_blocks(list(self.layers), self.start, self.config, hidden, mask)
-    return self.final_norm(x[:, -1]).astype(jnp.float32)                             # [B, W]
+    return self.final_norm(x[:, -1]).astype(jnp.float32)  # [B, W]
 
   def __call__(self, hidden, mask):
-    return self.features(hidden, mask) @ self.answers.get_value().astype(jnp.float32).T   # [B, A]
+    return self.features(hidden, mask) @ self.answers.get_value().astype(jnp.float32).T  # [B, A]
 
 
 @contextlib.contextmanager
 def swapped_in(model: gemma3.Gemma3, upper: Upper) -> Iterator[gemma3.Gemma3]:
   """Within the block, `model`'s blocks start.. are `upper`'s (e.g. adapted and trained): the whole model
   computes with them (generation); the original blocks are put back on exit."""
-  originals = list(model.layers)[upper.start:]
+  originals = list(model.layers)[upper.start :]
   try:
     for i, block in enumerate(upper.layers):
       model.layers[upper.start + i] = block
@@ -120,8 +120,9 @@ def swapped_in(model: gemma3.Gemma3, upper: Upper) -> Iterator[gemma3.Gemma3]:
       model.layers[upper.start + i] = block
 
 
-def exact_match(model: gemma3.Gemma3, tokenizer, tokens, mask, context, answers, max_new_tokens: int,
-                upper: Upper | None = None) -> np.ndarray:
+def exact_match(
+  model: gemma3.Gemma3, tokenizer, tokens, mask, context, answers, max_new_tokens: int, upper: Upper | None = None
+) -> np.ndarray:
   """Greedy generation (`gemma3_generate.generate`, routing on `context`) from left-padded prompts: [N] bool,
   whether the first line of each output, stripped and lower-cased, equals answers[n]. With `upper`, the
   model's upper blocks are upper's (e.g. adapted and trained) during the generation."""
@@ -133,8 +134,9 @@ def exact_match(model: gemma3.Gemma3, tokenizer, tokens, mask, context, answers,
   return np.asarray([t.split("\n")[0].strip().lower() == a.lower() for t, a in zip(texts, answers)])
 
 
-def few_shot_logits(model: gemma3.Gemma3, prefixes, prefix_mask, tokens, mask, task, answer_ids,
-                    chunk: int = 16) -> np.ndarray:
+def few_shot_logits(
+  model: gemma3.Gemma3, prefixes, prefix_mask, tokens, mask, task, answer_ids, chunk: int = 16
+) -> np.ndarray:
   """Answer logits [N, A] of the frozen model at the last token of prefixes[task[n]] + tokens[n].
 
   prefixes [P, S] (left-padded, prefix_mask [P, S]): one demonstration prefix per task, run once into a KV
@@ -154,12 +156,20 @@ def few_shot_logits(model: gemma3.Gemma3, prefixes, prefix_mask, tokens, mask, t
   @jax.jit
   def extend(state, cache, tokens, mask, task):
     m = nnx.merge(graphdef, state)
-    mine = gemma3.Cache(k=tuple(k[task] for k in cache.k), v=tuple(v[task] for v in cache.v),
-                        valid=cache.valid[task], positions=cache.positions[task], index=cache.index)
-    hidden, _ = m(tokens, mask, cache=mine, return_hidden=True)                       # [B, T, W]
-    answers = m.embed.embedding.get_value()[rows].astype(jnp.float32)                # [A, W]
+    mine = gemma3.Cache(
+      k=tuple(k[task] for k in cache.k),
+      v=tuple(v[task] for v in cache.v),
+      valid=cache.valid[task],
+      positions=cache.positions[task],
+      index=cache.index,
+    )
+    hidden, _ = m(tokens, mask, cache=mine, return_hidden=True)  # [B, T, W]
+    answers = m.embed.embedding.get_value()[rows].astype(jnp.float32)  # [A, W]
     return hidden[:, -1].astype(jnp.float32) @ answers.T
 
   cache = prefill(state)
-  return chunked(lambda t, k, s: extend(state, cache, t, k, s),
-                  (np.asarray(tokens), np.asarray(mask), np.asarray(task, np.int32)), chunk)
+  return chunked(
+    lambda t, k, s: extend(state, cache, t, k, s),
+    (np.asarray(tokens), np.asarray(mask), np.asarray(task, np.int32)),
+    chunk,
+  )

@@ -30,7 +30,7 @@ import numpy as np
 
 from localmoe.models import gemma3
 
-EOS_IDS = (1, 106)        # <eos>, <end_of_turn>
+EOS_IDS = (1, 106)  # <eos>, <end_of_turn>
 PAD_ID = 0
 
 
@@ -45,8 +45,10 @@ def prompt_lists(prompts, mask=None) -> list[list[int]]:
   if isinstance(prompts, (np.ndarray, jax.Array)):
     array = np.asarray(prompts)
     if array.ndim != 2:
-      raise ValueError(f"prompts has shape {array.shape}: pass a 2-D [batch, T] array (with mask= when padded) "
-                       "or a list of token-id lists of any lengths.")
+      raise ValueError(
+        f"prompts has shape {array.shape}: pass a 2-D [batch, T] array (with mask= when padded) "
+        "or a list of token-id lists of any lengths."
+      )
     keep = np.ones(array.shape, bool) if mask is None else np.asarray(mask).astype(bool)
     if keep.shape != array.shape:
       raise ValueError(f"mask has shape {keep.shape} but prompts has {array.shape}.")
@@ -68,14 +70,25 @@ def left_pad(prompts: list[list[int]], width: int, pad_id: int = PAD_ID) -> tupl
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   mask = np.zeros((len(prompts), width), np.int32)
   for i, p in enumerate(prompts):
-    tokens[i, width - len(p):] = p
-    mask[i, width - len(p):] = 1
+    tokens[i, width - len(p) :] = p
+    mask[i, width - len(p) :] = 1
   return tokens, mask
 
 
-def generate(model: gemma3.Gemma3, prompts, max_new_tokens: int, *, mask=None, context=None,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_ids: Sequence[int] = EOS_IDS,
-             pad_id: int = PAD_ID, pad_to_multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def generate(
+  model: gemma3.Gemma3,
+  prompts,
+  max_new_tokens: int,
+  *,
+  mask=None,
+  context=None,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  eos_ids: Sequence[int] = EOS_IDS,
+  pad_id: int = PAD_ID,
+  pad_to_multiple: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
   """New tokens [B, max_new_tokens] int32 (pad_id after a stop) and their counts [B] (EOS included).
 
   Args:
@@ -100,8 +113,10 @@ def generate(model: gemma3.Gemma3, prompts, max_new_tokens: int, *, mask=None, c
       raise ValueError(f"prompts[{i}] holds token id {bad[0]}, outside the vocabulary 0..{config.vocab_size - 1}.")
   longest = max(len(p) for p in prompts)
   if longest + max_new_tokens > config.max_context:
-    raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context "
-                     f"of {config.max_context} tokens: shorten the prompt or generate fewer tokens.")
+    raise ValueError(
+      f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context "
+      f"of {config.max_context} tokens: shorten the prompt or generate fewer tokens."
+    )
   if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)) or not temperature >= 0:
     raise ValueError(f"temperature={temperature!r} must be a number >= 0 (0 = greedy).")
   if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.number)) or not 0 < top_p <= 1:
@@ -112,23 +127,41 @@ def generate(model: gemma3.Gemma3, prompts, max_new_tokens: int, *, mask=None, c
   width = -(-longest // pad_to_multiple) * pad_to_multiple
   tokens, prompt_mask = left_pad(prompts, width, pad_id)
   graphdef, state = nnx.split(model)
-  out, lengths = _decode(graphdef, state, jnp.asarray(tokens), jnp.asarray(prompt_mask), context,
-                         jax.random.PRNGKey(seed), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
-                         max_new=max_new_tokens, greedy=temperature == 0, eos=eos, pad_id=int(pad_id))
+  out, lengths = _decode(
+    graphdef,
+    state,
+    jnp.asarray(tokens),
+    jnp.asarray(prompt_mask),
+    context,
+    jax.random.PRNGKey(seed),
+    jnp.float32(max(temperature, 1e-6)),
+    jnp.float32(top_p),
+    max_new=max_new_tokens,
+    greedy=temperature == 0,
+    eos=eos,
+    pad_id=int(pad_id),
+  )
   return np.asarray(out), np.asarray(lengths)
 
 
 def _checked_context(model, context, batch: int):
   """The context as an array, refused (one line) unless one per prompt and, as labels, within context_dim."""
   from localmoe import nnx_inject  # pylint: disable=import-outside-toplevel
+
   context = jnp.asarray(context)
   if context.ndim == 0 or context.shape[0] != batch:
-    raise ValueError(f"context has shape {tuple(context.shape)}: pass one context per prompt ({batch}: labels "
-                     "[batch] or vectors [batch, D]).")
+    raise ValueError(
+      f"context has shape {tuple(context.shape)}: pass one context per prompt ({batch}: labels "
+      "[batch] or vectors [batch, D])."
+    )
   if jnp.issubdtype(context.dtype, jnp.integer) and context.ndim == 1:
-    dims = {int(m.adapter.definition.context_dim) for _, m in nnx.iter_modules(model)
-            if isinstance(m, nnx_inject.AdaptedLayer) and m.adapter is not None
-            and getattr(m.adapter.definition, "context_dim", None)}
+    dims = {
+      int(m.adapter.definition.context_dim)
+      for _, m in nnx.iter_modules(model)
+      if isinstance(m, nnx_inject.AdaptedLayer)
+      and m.adapter is not None
+      and getattr(m.adapter.definition, "context_dim", None)
+    }
     bad = [int(c) for c in np.asarray(context) if not all(0 <= c < d for d in dims)]
     if bad:
       raise ValueError(f"context holds task id {bad[0]}, outside 0..{min(dims) - 1} (the adapters' context_dim).")
@@ -140,10 +173,10 @@ def _pick(logits, key, temperature, top_p, greedy: bool):
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / temperature
-  ordered = jnp.sort(logits, axis=-1)[:, ::-1]                                       # [B, V] descending
+  ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
   probs = jax.nn.softmax(ordered, axis=-1)
-  inside = (jnp.cumsum(probs, axis=-1) - probs) < top_p                               # mass before < top_p
-  cutoff = jnp.min(jnp.where(inside, ordered, jnp.inf), axis=-1, keepdims=True)       # [B, 1]
+  inside = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # mass before < top_p
+  cutoff = jnp.min(jnp.where(inside, ordered, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
   logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
@@ -157,7 +190,7 @@ def _decode(graphdef, state, tokens, mask, context, key, temperature, top_p, *, 
 
   def run():
     cache = gemma3.Cache.empty(model.config, batch, width + max_new, model.dtype)
-    hidden, cache = model(tokens, mask, cache=cache, return_hidden=True)             # [B, P, W]
+    hidden, cache = model(tokens, mask, cache=cache, return_hidden=True)  # [B, P, W]
     first = _pick(model.logits(hidden[:, -1]), jax.random.fold_in(key, 0), temperature, top_p, greedy)
     out = jnp.full((batch, max_new), pad_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos_arr)
@@ -168,7 +201,7 @@ def _decode(graphdef, state, tokens, mask, context, key, temperature, top_p, *, 
 
     def body(carry):
       step, prev, done, cache, out = carry
-      hidden, cache = model(prev[:, None], (~done)[:, None], cache=cache, return_hidden=True)   # [B, 1, W]
+      hidden, cache = model(prev[:, None], (~done)[:, None], cache=cache, return_hidden=True)  # [B, 1, W]
       nxt = _pick(model.logits(hidden[:, 0]), jax.random.fold_in(key, step), temperature, top_p, greedy)
       nxt = jnp.where(done, pad_id, nxt)
       out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
@@ -182,6 +215,7 @@ def _decode(graphdef, state, tokens, mask, context, key, temperature, top_p, *, 
   if context is None:
     return run()
   from localmoe import nnx_inject  # pylint: disable=import-outside-toplevel
+
   with nnx_inject.routing_context(model, context):
     return run()
 

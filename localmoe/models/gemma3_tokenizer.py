@@ -26,8 +26,8 @@ import numpy as np
 from localmoe.data import cache
 from localmoe.models import gemma3_weights
 
-SPACE = "\u2581"                   # SentencePiece's whitespace symbol
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6   # llama.cpp's token types
+SPACE = "\u2581"  # SentencePiece's whitespace symbol
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama.cpp's token types
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -48,15 +48,25 @@ def build(vocab: dict):
       if left in mergeable and right in mergeable:
         merges.append((-scores[i], i, mergeable[left], mergeable[right], left, right))
   merges.sort()
-  model = models.BPE(vocab=ids, merges=[(m[4], m[5]) for m in merges], unk_token=tokens[vocab["unk_id"]],
-                     byte_fallback=True, fuse_unk=True)
+  model = models.BPE(
+    vocab=ids,
+    merges=[(m[4], m[5]) for m in merges],
+    unk_token=tokens[vocab["unk_id"]],
+    byte_fallback=True,
+    fuse_unk=True,
+  )
   tokenizer = HFTokenizer(model)
   tokenizer.normalizer = normalizers.Replace(" ", SPACE)
   if vocab.get("add_space_prefix"):
     tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
   tokenizer.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
-  tokenizer.add_tokens([AddedToken(pieces[i], normalized=True, special=False, single_word=False)
-                        for i, k in enumerate(types) if k == USER_DEFINED])
+  tokenizer.add_tokens(
+    [
+      AddedToken(pieces[i], normalized=True, special=False, single_word=False)
+      for i, k in enumerate(types)
+      if k == USER_DEFINED
+    ]
+  )
   return tokenizer
 
 
@@ -64,7 +74,7 @@ class Tokenizer:
   """Text <-> Gemma 3 token ids: `encode` (BOS first, as the GGUF asks), `decode`, special ids by name."""
 
   def __init__(self, hf_tokenizer, vocab: dict):
-    self.hf = hf_tokenizer                                     # the `tokenizers.Tokenizer`
+    self.hf = hf_tokenizer  # the `tokenizers.Tokenizer`
     self.vocab_size = len(vocab["tokens"])
     self.bos_id, self.eos_id = int(vocab["bos_id"]), int(vocab["eos_id"])
     self.pad_id, self.unk_id = int(vocab["pad_id"]), int(vocab["unk_id"])
@@ -78,6 +88,7 @@ class Tokenizer:
   def from_vocab(cls, vocab: dict | None = None, data_dir: str | os.PathLike[str] | None = None) -> "Tokenizer":
     """Builds the tokenizer (or reads it from `tokenizer.json` in the weights' cache folder)."""
     from tokenizers import Tokenizer as HFTokenizer  # pylint: disable=import-outside-toplevel
+
     vocab = gemma3_weights.read_vocab(data_dir) if vocab is None else vocab
     path = cache.data_dir(data_dir) / gemma3_weights.SUBDIR / TOKENIZER_FILE
     hf = None
@@ -96,8 +107,10 @@ class Tokenizer:
   def token_id(self, token: str) -> int:
     """The id of a control or user-defined token by its text, e.g. "<start_of_turn>" -> 105."""
     if token not in self._by_name:
-      raise ValueError(f"token={token!r} is not a control or user-defined token of the vocabulary (e.g. "
-                       "'<start_of_turn>', '<end_of_turn>', '<eos>').")
+      raise ValueError(
+        f"token={token!r} is not a control or user-defined token of the vocabulary (e.g. "
+        "'<start_of_turn>', '<end_of_turn>', '<eos>')."
+      )
     return self._by_name[token]
 
   def encode(self, texts: Sequence[str], add_bos: bool | None = None) -> list[list[int]]:

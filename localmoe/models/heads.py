@@ -21,24 +21,25 @@ import numpy as np
 from localmoe.models import bert
 from localmoe.train import probe
 
-NEG = -1e9                                        # logit of a class the example's task does not have
-HIDDEN = 384                                      # MiniLM-L6's width
-BACKBONE_PREFIX = "backbone/"                     # the encoder's params inside the classifier's tree
+NEG = -1e9  # logit of a class the example's task does not have
+HIDDEN = 384  # MiniLM-L6's width
+BACKBONE_PREFIX = "backbone/"  # the encoder's params inside the classifier's tree
 
 
 class MultiTaskClassifier(nn.Module):
   """Upper layers -> mean pool over real tokens -> the example's task head. Logits [B, max classes]; the
   classes a task does not have get a large negative logit."""
+
   backbone: bert.Upper
-  num_classes: tuple[int, ...]                    # classes per task
+  num_classes: tuple[int, ...]  # classes per task
 
   @nn.compact
   def __call__(self, hidden, attention_mask, task):
-    hidden = self.backbone(hidden, attention_mask)                                    # [B, T, H]
-    pooled = bert.mean_pool(hidden, attention_mask).astype(jnp.float32)               # [B, H]
+    hidden = self.backbone(hidden, attention_mask)  # [B, T, H]
+    pooled = bert.mean_pool(hidden, attention_mask).astype(jnp.float32)  # [B, H]
     width = max(self.num_classes)
     logits = jnp.stack([nn.Dense(width, name=f"head_{t}")(pooled) for t in range(len(self.num_classes))], 1)
-    logits = jnp.take_along_axis(logits, task[:, None, None], axis=1)[:, 0]          # [B, width]
+    logits = jnp.take_along_axis(logits, task[:, None, None], axis=1)[:, 0]  # [B, width]
     valid = jnp.arange(width)[None, :] < jnp.asarray(self.num_classes)[task][:, None]
     return jnp.where(valid, logits, NEG)
 
@@ -47,8 +48,10 @@ def random_heads(key, num_classes: Sequence[int], hidden: int = HIDDEN) -> dict:
   """Fresh task heads: N(0, 0.02^2) kernels, zero biases (BERT's classifier init)."""
   width = max(num_classes)
   keys = jax.random.split(key, len(num_classes))
-  return {f"head_{t}": {"kernel": 0.02 * jax.random.normal(keys[t], (hidden, width)),
-                        "bias": jnp.zeros((width,))} for t in range(len(num_classes))}
+  return {
+    f"head_{t}": {"kernel": 0.02 * jax.random.normal(keys[t], (hidden, width)), "bias": jnp.zeros((width,))}
+    for t in range(len(num_classes))
+  }
 
 
 def probe_heads(pooled: dict, corpus, l2_grid: Sequence[float], max_steps: int, log=print):
@@ -63,13 +66,17 @@ def probe_heads(pooled: dict, corpus, l2_grid: Sequence[float], max_steps: int, 
     x = {split: jnp.asarray(pooled[split][rows[split]]) for split in rows}
     y = {split: jnp.asarray(getattr(corpus, split)["y"][rows[split], 0]) for split in rows}
     p, info[name] = probe.select_l2(x["train"], y["train"], x["val"], y["val"], l2_grid, classes, max_steps)
-    heads[f"head_{t}"] = {"kernel": jnp.zeros((HIDDEN, width)).at[:, :classes].set(p["kernel"]),
-                          "bias": jnp.zeros((width,)).at[:classes].set(p["bias"])}
+    heads[f"head_{t}"] = {
+      "kernel": jnp.zeros((HIDDEN, width)).at[:, :classes].set(p["kernel"]),
+      "bias": jnp.zeros((width,)).at[:classes].set(p["bias"]),
+    }
     if log:
       i = info[name]
-      log(f"  [linear_probe] {name}: L2 {i['l2']:g} (held-out accuracy "
-          + ", ".join(f"{l:g}: {s * 100:.1f}" for l, s in zip(l2_grid, i["val_accuracy"]))
-          + f"); {i['iterations']} L-BFGS steps, gradient norm {i['grad_norm']:.1e}")
+      log(
+        f"  [linear_probe] {name}: L2 {i['l2']:g} (held-out accuracy "
+        + ", ".join(f"{l:g}: {s * 100:.1f}" for l, s in zip(l2_grid, i["val_accuracy"]))
+        + f"); {i['iterations']} L-BFGS steps, gradient norm {i['grad_norm']:.1e}"
+      )
   return heads, info
 
 

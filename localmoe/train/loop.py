@@ -30,12 +30,14 @@ from localmoe.train.task import METRICS, SPLITS, Data, Task
 
 def pad_entries(tree: Any, total: int) -> Any:
   """Repeats the last entry along axis 0 until every leaf has `total` entries (numpy or jax arrays)."""
+
   def pad(a):
     n = a.shape[0]
     if n == total:
       return a
     index = np.minimum(np.arange(total), n - 1)
     return a[index] if isinstance(a, jax.Array) else np.asarray(a)[index]
+
   return jax.tree_util.tree_map(pad, tree)
 
 
@@ -54,12 +56,18 @@ def log_line(name, history, epoch, settings, splits, metric_names, elapsed) -> s
   """One progress line: the mean (and for the last metric, the std) over entries of this epoch."""
   if tuple(metric_names) == METRICS and tuple(splits) == SPLITS:
     test_r2 = history[:, epoch, 1, 1]
-    return (f"  [{name}] epoch {epoch + 1:>3}/{settings.epochs}  train mse {np.nanmean(history[:, epoch, 0, 0]):.4f}"
-            f"  test mse {np.nanmean(history[:, epoch, 1, 0]):.4f}  test R2 {np.nanmean(test_r2):+.4f}"
-            f" +- {np.nanstd(test_r2):.4f}  ({elapsed:.1f}s)")
-  parts = [f"{split} {metric} {_nanmean(history[:, epoch, k, m]):.4f}"
-           for k, split in enumerate(splits) if split != "train" or k == 0
-           for m, metric in enumerate(metric_names) if split != "train" or m == 0]
+    return (
+      f"  [{name}] epoch {epoch + 1:>3}/{settings.epochs}  train mse {np.nanmean(history[:, epoch, 0, 0]):.4f}"
+      f"  test mse {np.nanmean(history[:, epoch, 1, 0]):.4f}  test R2 {np.nanmean(test_r2):+.4f}"
+      f" +- {np.nanstd(test_r2):.4f}  ({elapsed:.1f}s)"
+    )
+  parts = [
+    f"{split} {metric} {_nanmean(history[:, epoch, k, m]):.4f}"
+    for k, split in enumerate(splits)
+    if split != "train" or k == 0
+    for m, metric in enumerate(metric_names)
+    if split != "train" or m == 0
+  ]
   return f"  [{name}] epoch {epoch + 1:>3}/{settings.epochs}  " + "  ".join(parts) + f"  ({elapsed:.1f}s)"
 
 
@@ -69,26 +77,30 @@ def _place(data: Data, placement, total: int, entries: int) -> Data:
     return data
   if total != entries and data.per_seed:
     data = dataclasses.replace(
-        data, train=pad_entries(dict(data.train), total), test=pad_entries(dict(data.test), total),
-        val=None if data.val is None else pad_entries(dict(data.val), total), frozen=pad_entries(data.frozen, total))
+      data,
+      train=pad_entries(dict(data.train), total),
+      test=pad_entries(dict(data.test), total),
+      val=None if data.val is None else pad_entries(dict(data.val), total),
+      frozen=pad_entries(data.frozen, total),
+    )
   return placement.place_data(data)
 
 
-def _record(fit_state: FitState, outputs, epoch0: int, epoch: int, entries: int, settings: Settings,
-            state) -> FitState:
+def _record(fit_state: FitState, outputs, epoch0: int, epoch: int, entries: int, settings: Settings, state) -> FitState:
   """The FitState after one compiled call that ran epochs epoch0..epoch (its outputs copied to the host)."""
   evals, train_means, first, diagnostics = outputs
   history = fit_state.history.copy()
   history[:, epoch] = np.asarray(evals)[:entries]
   train_history = fit_state.train_history.copy()
-  train_history[:, epoch0:epoch + 1] = np.asarray(train_means)[:entries]
+  train_history[:, epoch0 : epoch + 1] = np.asarray(train_means)[:entries]
   initial_loss = fit_state.initial_loss if epoch0 else np.asarray(first, np.float32)[:entries]
   recorded = {}
   for key, value in diagnostics.items():
-    value = np.asarray(value, np.float32)[:entries]                                 # [entries, ...]
+    value = np.asarray(value, np.float32)[:entries]  # [entries, ...]
     previous = fit_state.diagnostics.get(key)
-    recorded[key] = (np.full((entries, settings.epochs, *value.shape[1:]), np.nan, np.float32)
-                     if previous is None else previous.copy())
+    recorded[key] = (
+      np.full((entries, settings.epochs, *value.shape[1:]), np.nan, np.float32) if previous is None else previous.copy()
+    )
     recorded[key][:, epoch] = value
   return FitState(state, epoch + 1, history, train_history, recorded, initial_loss)
 
@@ -110,19 +122,27 @@ def _initial_diagnostics(task: Task, data: Data, seeds: Sequence[int], settings:
     return evaluation.diagnostics(task, params, frozen, test, settings.eval_batch_size)
 
   out = jax.jit(jax.vmap(one_entry, in_axes=(0, frozen_axis, frozen_axis)))(
-      initial.seed_keys(seeds), data.frozen, dict(data.test))
+    initial.seed_keys(seeds), data.frozen, dict(data.test)
+  )
   return {name: np.asarray(value, np.float32) for name, value in out.items()}
 
 
-def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, name: str = "model",
-        learning_rate: Sequence[float] | float | None = None,
-        weight_decay: Sequence[float] | float | None = None,
-        checkpoints: "checkpoint_lib.Policy | None" = None,
-        resume: FitState | None = None,
-        on_epoch_end: Callable[[FitState], None] | None = None,
-        log: Callable[[str], None] | None = print,
-        placement: sharding_lib.Placement | None = None,
-        step_fn: Callable[..., Any] = step.train_step) -> FitResult:
+def fit(
+  task: Task,
+  data: Data,
+  seeds: Sequence[int],
+  settings: Settings,
+  *,
+  name: str = "model",
+  learning_rate: Sequence[float] | float | None = None,
+  weight_decay: Sequence[float] | float | None = None,
+  checkpoints: "checkpoint_lib.Policy | None" = None,
+  resume: FitState | None = None,
+  on_epoch_end: Callable[[FitState], None] | None = None,
+  log: Callable[[str], None] | None = print,
+  placement: sharding_lib.Placement | None = None,
+  step_fn: Callable[..., Any] = step.train_step,
+) -> FitResult:
   """Trains every entry (seed, optionally with its own learning rate / weight decay) of one method.
 
   checkpoints: a `checkpoint.Policy` (directory, every_epochs, the run's config): resume from the latest
@@ -143,8 +163,10 @@ def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, nam
   Returns the history of all entries.
   """
   if not callable(step_fn):
-    raise TypeError(f"step_fn={step_fn!r} is not callable: pass a step with train_step's signature "
-                    "(task, tx, state, frozen, inputs, y, mask, global_step[, rng]), or leave the default.")
+    raise TypeError(
+      f"step_fn={step_fn!r} is not callable: pass a step with train_step's signature "
+      "(task, tx, state, frozen, inputs, y, mask, global_step[, rng]), or leave the default."
+    )
   start = time.perf_counter()
   seeds = list(seeds)
   entries = len(seeds)
@@ -162,8 +184,9 @@ def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, nam
     ckpt = checkpoint_lib.Checkpointer.open(checkpoints, settings.epochs, name=name, log=log)
   if resume is None and ckpt is not None:
     unplaced = data
-    resume = ckpt.restore(lambda: initial.initial_fit_state(task, unplaced, seeds, settings, learning_rate,
-                                                            weight_decay))
+    resume = ckpt.restore(
+      lambda: initial.initial_fit_state(task, unplaced, seeds, settings, learning_rate, weight_decay)
+    )
     if resume is not None and log:
       log(f"  [{name}] resuming from the checkpoint at epoch {resume.epoch}/{settings.epochs}")
   initial_diagnostics = _initial_diagnostics(task, data, seeds, settings)
@@ -176,49 +199,70 @@ def fit(task: Task, data: Data, seeds: Sequence[int], settings: Settings, *, nam
   if placement is not None:
     keys = jax.device_put(keys, placement.entry_sharding())
   if resume is None:
-    fit_state = FitState(initial.init_state(task, data, padded_seeds, pad_entries(lr, total), pad_entries(wd, total),
-                                            settings, placement), 0,
-                         initial.empty_history(task, data, entries, settings))
+    fit_state = FitState(
+      initial.init_state(task, data, padded_seeds, pad_entries(lr, total), pad_entries(wd, total), settings, placement),
+      0,
+      initial.empty_history(task, data, entries, settings),
+    )
   else:
     state = resume.state
     if placement is not None:
       state = jax.device_put(pad_entries(state, total), placement.entry_sharding())
     fit_state = dataclasses.replace(resume, state=state)
   fit_state = dataclasses.replace(
-      fit_state, diagnostics=fit_state.diagnostics or {},
-      train_history=(initial.empty_train_history(task, entries, settings) if fit_state.train_history is None
-                     else fit_state.train_history),
-      initial_loss=(np.full((entries,), np.nan, np.float32) if fit_state.initial_loss is None
-                    else fit_state.initial_loss))
+    fit_state,
+    diagnostics=fit_state.diagnostics or {},
+    train_history=(
+      initial.empty_train_history(task, entries, settings)
+      if fit_state.train_history is None
+      else fit_state.train_history
+    ),
+    initial_loss=(
+      np.full((entries,), np.nan, np.float32) if fit_state.initial_loss is None else fit_state.initial_loss
+    ),
+  )
   log_every = settings.log_every or max(1, settings.epochs // 5)
-  unpadded = (lambda fs: fs) if total == entries else (
-      lambda fs: dataclasses.replace(fs, state=take_entries(fs.state, entries)))
+  unpadded = (
+    (lambda fs: fs) if total == entries else (lambda fs: dataclasses.replace(fs, state=take_entries(fs.state, entries)))
+  )
   every = checkpoints.every_epochs if checkpoints is not None else 0
 
   while fit_state.epoch < settings.epochs:
     epoch0 = fit_state.epoch
-    epoch = epoch0 + settings.eval_every - 1                                         # the evaluated epoch
+    epoch = epoch0 + settings.eval_every - 1  # the evaluated epoch
     state, outputs = epoch_fn(fit_state.state, keys, epoch0, data.frozen, data.train, data.test, data.val)
     fit_state = _record(fit_state, outputs, epoch0, epoch, entries, settings, state)
     if log and (_crossed(epoch0, epoch, log_every) or epoch + 1 == settings.epochs or epoch0 == 0):
-      log(log_line(name, fit_state.history, epoch, settings, data.splits, task.metric_names,
-                   time.perf_counter() - start))
+      log(
+        log_line(name, fit_state.history, epoch, settings, data.splits, task.metric_names, time.perf_counter() - start)
+      )
     if on_epoch_end is not None:
       on_epoch_end(unpadded(fit_state))
     last = fit_state.epoch == settings.epochs
     stop = checkpoint_lib.stop_requested() and not last
     saved = ckpt is not None and (last or stop or _crossed(epoch0, epoch, every)) and ckpt.save(unpadded(fit_state))
     if stop:
-      where = (f"checkpoint saved at epoch {fit_state.epoch} in {ckpt.directory}" if saved else
-               f"stopped at epoch {fit_state.epoch}, nothing saved" + (" (the checkpoint save failed)" if ckpt
-                                                                      else " (no checkpoint directory)"))
+      where = (
+        f"checkpoint saved at epoch {fit_state.epoch} in {ckpt.directory}"
+        if saved
+        else f"stopped at epoch {fit_state.epoch}, nothing saved"
+        + (" (the checkpoint save failed)" if ckpt else " (no checkpoint directory)")
+      )
       raise checkpoint_lib.Preempted(f"[{name}] {where}")
 
   diverged_step = np.asarray(fit_state.state["diverged_step"])[:entries]
   status = divergence.statuses(fit_state, seeds, diverged_step, steps, name, log)
   params = fit_state.state["params"] if total == entries else take_entries(fit_state.state["params"], entries)
-  return FitResult(params=params, history=fit_state.history,
-                   status=status, diverged_step=diverged_step, wall_time_s=time.perf_counter() - start,
-                   splits=data.splits, metric_names=tuple(task.metric_names),
-                   train_history=fit_state.train_history, train_names=task.train_names,
-                   diagnostics=fit_state.diagnostics, initial_diagnostics=initial_diagnostics)
+  return FitResult(
+    params=params,
+    history=fit_state.history,
+    status=status,
+    diverged_step=diverged_step,
+    wall_time_s=time.perf_counter() - start,
+    splits=data.splits,
+    metric_names=tuple(task.metric_names),
+    train_history=fit_state.train_history,
+    train_names=task.train_names,
+    diagnostics=fit_state.diagnostics,
+    initial_diagnostics=initial_diagnostics,
+  )

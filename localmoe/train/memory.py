@@ -24,5 +24,7 @@ def check_memory(nbytes: float, what: str, fix: str) -> None:
   """A ValueError with the estimate when `nbytes` cannot fit in this machine's memory."""
   total = physical_memory_bytes()
   if total is not None and nbytes > 0.8 * total:
-    raise ValueError(f"{what} needs about {nbytes / 2**30:,.1f} GiB, more than this machine can hold "
-                     f"({total / 2**30:,.1f} GiB of RAM): {fix}.")
+    raise ValueError(
+      f"{what} needs about {nbytes / 2**30:,.1f} GiB, more than this machine can hold "
+      f"({total / 2**30:,.1f} GiB of RAM): {fix}."
+    )

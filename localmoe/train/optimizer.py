@@ -27,13 +27,14 @@ from localmoe.train.settings import REST, GroupRule, Settings
 def lr_multiplier(settings: Settings, total_steps: int) -> Callable[[jax.Array], jax.Array]:
   """The schedule of `settings` as a multiplier of each entry's learning rate, step -> [0, 1]."""
   decay_steps = max(1, total_steps - settings.warmup_steps)
-  decay = {"constant": optax.constant_schedule(1.0),
-           "cosine": optax.cosine_decay_schedule(1.0, decay_steps),
-           "linear": optax.linear_schedule(1.0, 0.0, decay_steps)}[settings.schedule]
+  decay = {
+    "constant": optax.constant_schedule(1.0),
+    "cosine": optax.cosine_decay_schedule(1.0, decay_steps),
+    "linear": optax.linear_schedule(1.0, 0.0, decay_steps),
+  }[settings.schedule]
   if not settings.warmup_steps:
     return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, 1.0, settings.warmup_steps), decay],
-                              [settings.warmup_steps])
+  return optax.join_schedules([optax.linear_schedule(0.0, 1.0, settings.warmup_steps), decay], [settings.warmup_steps])
 
 
 def _adamw(b1: float, b2: float) -> optax.GradientTransformation:
@@ -51,7 +52,8 @@ def group_of(groups: tuple[GroupRule, ...], path: str) -> str:
 def group_labels(groups: tuple[GroupRule, ...]) -> Callable[[Any], Any]:
   """params -> a tree of group names with the params' structure (optax.partition's param_labels)."""
   return lambda params: jax.tree_util.tree_map_with_path(
-      lambda key_path, _: group_of(groups, params_lib.path_string(key_path)), params)
+    lambda key_path, _: group_of(groups, params_lib.path_string(key_path)), params
+  )
 
 
 def make_optimizer(settings: Settings | None = None, total_steps: int = 1) -> optax.GradientTransformation:
@@ -70,8 +72,7 @@ def make_optimizer(settings: Settings | None = None, total_steps: int = 1) -> op
     core = optax.partition(transforms, group_labels(groups))
   else:
     core = _adamw(b1, b2)
-  if settings is None or (not settings.grad_clip and settings.schedule == "constant"
-                          and not settings.warmup_steps):
+  if settings is None or (not settings.grad_clip and settings.schedule == "constant" and not settings.warmup_steps):
     return core
   clip = optax.clip_by_global_norm(settings.grad_clip) if settings.grad_clip else optax.identity()
   return optax.chain(clip, core, optax.scale_by_schedule(lr_multiplier(settings, total_steps)))
@@ -90,8 +91,11 @@ def hyperparams(opt_state) -> dict[str, dict]:
   core = _core_state(opt_state)
   if hasattr(core, "hyperparams"):
     return {"all": core.hyperparams}
-  return {name: masked.inner_state.hyperparams for name, masked in core.inner_states.items()
-          if hasattr(masked.inner_state, "hyperparams")}
+  return {
+    name: masked.inner_state.hyperparams
+    for name, masked in core.inner_states.items()
+    if hasattr(masked.inner_state, "hyperparams")
+  }
 
 
 def set_hyperparams(opt_state, settings: Settings, learning_rate, weight_decay) -> None:
@@ -102,8 +106,12 @@ def set_hyperparams(opt_state, settings: Settings, learning_rate, weight_decay) 
     rule = rules.get(name)
     lr = learning_rate if rule is None else learning_rate * jnp.float32(rule.lr_mult)
     wd = weight_decay if rule is None or rule.weight_decay is None else jnp.float32(rule.weight_decay)
-    hp.update(learning_rate=jnp.asarray(lr, jnp.float32), weight_decay=jnp.asarray(wd, jnp.float32),
-              b1=jnp.asarray(settings.b1, jnp.float32), b2=jnp.asarray(settings.b2, jnp.float32))
+    hp.update(
+      learning_rate=jnp.asarray(lr, jnp.float32),
+      weight_decay=jnp.asarray(wd, jnp.float32),
+      b1=jnp.asarray(settings.b1, jnp.float32),
+      b2=jnp.asarray(settings.b2, jnp.float32),
+    )
 
 
 def _examples(paths: list[str], count: int = 5) -> str:
@@ -120,8 +128,7 @@ def _examples(paths: list[str], count: int = 5) -> str:
   return ", ".join(repr(p) for p in picked)
 
 
-def group_sizes(settings: Settings, params, where: str = "", added: Mapping[str, str] | None = None
-                ) -> dict[str, int]:
+def group_sizes(settings: Settings, params, where: str = "", added: Mapping[str, str] | None = None) -> dict[str, int]:
   """{group name: parameter count} of one entry's params, rules in order then "rest" (only if non-empty).
 
   Resolving the rules against `params` (arrays or shapes) refuses, with a ValueError naming the rule and the
@@ -148,23 +155,30 @@ def group_sizes(settings: Settings, params, where: str = "", added: Mapping[str,
       else:
         fix = f"put {rule.name!r} first, narrow the pattern of {earlier.name!r}, or remove one of them"
         origin = f"{earlier.name!r} (pattern {earlier.pattern!r})"
-      raise ValueError(f"{field}: rule {rule.name!r} (pattern {rule.pattern!r}) matches only parameters that the "
-                       f"earlier rule {origin} already takes, e.g. {matched[0]!r}; the first matching rule wins: "
-                       f"{fix}.")
-    raise ValueError(f"{field}: rule {rule.name!r} (pattern {rule.pattern!r}) matches no trainable parameter "
-                     f"(a full match of the '/'-joined path; the paths here are e.g. "
-                     f"{_examples([path for path, _ in paths])}): fix the pattern or remove the rule.")
+      raise ValueError(
+        f"{field}: rule {rule.name!r} (pattern {rule.pattern!r}) matches only parameters that the "
+        f"earlier rule {origin} already takes, e.g. {matched[0]!r}; the first matching rule wins: "
+        f"{fix}."
+      )
+    raise ValueError(
+      f"{field}: rule {rule.name!r} (pattern {rule.pattern!r}) matches no trainable parameter "
+      f"(a full match of the '/'-joined path; the paths here are e.g. "
+      f"{_examples([path for path, _ in paths])}): fix the pattern or remove the rule."
+    )
   frozen = [rule.name for rule in settings.groups if rule.freeze and sizes[rule.name]]
   if frozen and not sizes[REST] and all(rule.freeze for rule in settings.groups if sizes[rule.name]):
-    raise ValueError(f"{field}: every trainable parameter is in a frozen group ({', '.join(map(repr, frozen))}), "
-                     "so nothing would train: set freeze=False on one of them, or narrow its pattern.")
+    raise ValueError(
+      f"{field}: every trainable parameter is in a frozen group ({', '.join(map(repr, frozen))}), "
+      "so nothing would train: set freeze=False on one of them, or narrow its pattern."
+    )
   if not sizes[REST]:
     sizes.pop(REST)
   return sizes
 
 
-def check_groups(settings: Settings, init: Callable[[jax.Array, Any], Any], frozen: Any = None,
-                 where: str = "") -> dict[str, int]:
+def check_groups(
+  settings: Settings, init: Callable[[jax.Array, Any], Any], frozen: Any = None, where: str = ""
+) -> dict[str, int]:
   """`group_sizes` of the params `init(key, frozen)` would make, from their shapes alone (`jax.eval_shape`:
   nothing is computed), so an experiment's `validate` can refuse bad rules for each of its methods before
   anything is written. `frozen` may hold arrays or `jax.ShapeDtypeStruct`s. {} without groups."""
@@ -177,5 +191,7 @@ def check_groups(settings: Settings, init: Callable[[jax.Array, Any], Any], froz
 def describe_groups(settings: Settings, sizes: dict[str, int]) -> str:
   """One line: every group's parameter count and overrides."""
   rules = {rule.name: rule for rule in settings.groups}
-  return "; ".join(f"{name} {count:,} ({rules[name].describe() if name in rules else 'base settings'})"
-                   for name, count in sizes.items())
+  return "; ".join(
+    f"{name} {count:,} ({rules[name].describe() if name in rules else 'base settings'})"
+    for name, count in sizes.items()
+  )

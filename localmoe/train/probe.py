@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 
-PROBE_TOLERANCE = 1e-5                            # L-BFGS stops when the gradient norm falls below this
+PROBE_TOLERANCE = 1e-5  # L-BFGS stops when the gradient norm falls below this
 
 
 def _lbfgs(objective, init, max_steps: int):
@@ -29,8 +29,12 @@ def _lbfgs(objective, init, max_steps: int):
     value, grad = value_and_grad(params, state=state)
     updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=objective)
     # The line search leaves the gradient at the new params in the state.
-    return (optax.apply_updates(params, updates), state,
-            optax.tree_utils.tree_norm(optax.tree_utils.tree_get(state, "grad")), count + 1)
+    return (
+      optax.apply_updates(params, updates),
+      state,
+      optax.tree_utils.tree_norm(optax.tree_utils.tree_get(state, "grad")),
+      count + 1,
+    )
 
   def keep_going(carry):
     _, _, grad_norm, count = carry
@@ -47,8 +51,9 @@ def fit_logistic(features, labels, l2, classes: int, max_steps: int):
 
   features [n, H], labels [n] in 0..classes-1, l2 []. Returns ({"kernel": [H, classes], "bias": [classes]},
   iterations, final gradient norm)."""
+
   def objective(p):
-    logits = features @ p["kernel"] + p["bias"]                                      # [n, classes]
+    logits = features @ p["kernel"] + p["bias"]  # [n, classes]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return ce + l2 * jnp.sum(p["kernel"] ** 2)
 
@@ -66,5 +71,10 @@ def select_l2(x_train, y_train, x_val, y_val, l2_grid: Sequence[float], classes:
     scores.append(float(jnp.mean(jnp.argmax(x_val @ p["kernel"] + p["bias"], -1) == y_val)))
   best = max(range(len(l2_grid)), key=lambda i: (scores[i], l2_grid[i]))
   params, steps, grad_norm = fit_logistic(x_train, y_train, jnp.float32(l2_grid[best]), classes, max_steps)
-  return params, {"l2": float(l2_grid[best]), "val_accuracy": scores, "iterations": int(steps),
-                  "grad_norm": float(grad_norm), "converged": bool(grad_norm < PROBE_TOLERANCE)}
+  return params, {
+    "l2": float(l2_grid[best]),
+    "val_accuracy": scores,
+    "iterations": int(steps),
+    "grad_norm": float(grad_norm),
+    "converged": bool(grad_norm < PROBE_TOLERANCE),
+  }

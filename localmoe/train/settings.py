@@ -32,11 +32,12 @@ SCHEDULES = ("constant", "cosine", "linear")
 @dataclasses.dataclass(frozen=True)
 class GroupRule:
   """One parameter group of `config.optim.groups` (see the module docstring)."""
+
   name: str
-  pattern: str                        # regex, full match over the "/"-joined parameter path
-  lr_mult: float = 1.0                # learning rate = entry learning rate x lr_mult
-  weight_decay: float | None = None   # None: the entry's weight decay
-  freeze: bool = False                # True: never updated (its parameters keep their initial values)
+  pattern: str  # regex, full match over the "/"-joined parameter path
+  lr_mult: float = 1.0  # learning rate = entry learning rate x lr_mult
+  weight_decay: float | None = None  # None: the entry's weight decay
+  freeze: bool = False  # True: never updated (its parameters keep their initial values)
 
   def matches(self, path: str) -> bool:
     return re.fullmatch(self.pattern, path) is not None
@@ -54,15 +55,15 @@ _RULE_KEYS = tuple(f.name for f in dataclasses.fields(GroupRule))
 # (the single-layer experiments: "A", "B", "router/kernel") and `localmoe.inject`'s (adapter/<layer path>/<param>,
 # extras/<module path>/<param>). Use one, or concatenate them.
 PRESETS: dict[str, tuple[dict, ...]] = {
-    # Polytropon / Multi-Head Routing (microsoft/mttl): routing logits at 100x the adapters' rate, no decay.
-    # (Their U(-1e-3, 1e-3) router start is an adapter setting: router_init="uniform".)
-    "poly_router": (dict(name="router", pattern=r"(?:.*/)?router/.*", lr_mult=100.0, weight_decay=0.0),),
-    # Task heads of a multi-task model (`trainable_extras`) trained at the adapters' rate but without weight decay.
-    "heads_no_decay": (dict(name="heads", pattern=r"extras/.*", weight_decay=0.0),),
-    # LP-FT (Kumar et al. 2022): heads that start from a converged linear probe, fine-tuned at a tenth of the rate.
-    "heads_slow": (dict(name="heads", pattern=r"extras/.*", lr_mult=0.1),),
-    # LoRA+ (Hayou et al. 2024): B at 16x the rate of A (their recommended ratio for LoRA).
-    "lora_plus": (dict(name="lora_b", pattern=r"(?:adapter/.*/)?B", lr_mult=16.0),),
+  # Polytropon / Multi-Head Routing (microsoft/mttl): routing logits at 100x the adapters' rate, no decay.
+  # (Their U(-1e-3, 1e-3) router start is an adapter setting: router_init="uniform".)
+  "poly_router": (dict(name="router", pattern=r"(?:.*/)?router/.*", lr_mult=100.0, weight_decay=0.0),),
+  # Task heads of a multi-task model (`trainable_extras`) trained at the adapters' rate but without weight decay.
+  "heads_no_decay": (dict(name="heads", pattern=r"extras/.*", weight_decay=0.0),),
+  # LP-FT (Kumar et al. 2022): heads that start from a converged linear probe, fine-tuned at a tenth of the rate.
+  "heads_slow": (dict(name="heads", pattern=r"extras/.*", lr_mult=0.1),),
+  # LoRA+ (Hayou et al. 2024): B at 16x the rate of A (their recommended ratio for LoRA).
+  "lora_plus": (dict(name="lora_b", pattern=r"(?:adapter/.*/)?B", lr_mult=16.0),),
 }
 
 
@@ -73,31 +74,38 @@ def parse_groups(groups: Any) -> tuple[GroupRule, ...]:
     return ()
   if isinstance(groups, str) and groups.strip()[:1] in "[({":
     try:
-      groups = ast.literal_eval(groups.strip())           # rules written on the command line
+      groups = ast.literal_eval(groups.strip())  # rules written on the command line
     except SyntaxError as error:
-      raise ValueError(f"config.optim.groups={groups!r} is not a Python literal list of rule dicts (syntax error: "
-                       f"{error.msg}); e.g. \"[{{'pattern': '.*/router/.*', 'lr_mult': 100.0}}]\".") from None
-    except ValueError:                                     # a call or a name, e.g. float('nan'): no value to print
-      raise ValueError(f"config.optim.groups={groups!r} is not a Python literal list of rule dicts: only numbers, "
-                       "strings, True/False/None, lists and dicts may appear (no calls or names such as "
-                       "float('nan')); e.g. \"[{'pattern': '.*/router/.*', 'lr_mult': 100.0}]\".") from None
+      raise ValueError(
+        f"config.optim.groups={groups!r} is not a Python literal list of rule dicts (syntax error: "
+        f"{error.msg}); e.g. \"[{{'pattern': '.*/router/.*', 'lr_mult': 100.0}}]\"."
+      ) from None
+    except ValueError:  # a call or a name, e.g. float('nan'): no value to print
+      raise ValueError(
+        f"config.optim.groups={groups!r} is not a Python literal list of rule dicts: only numbers, "
+        "strings, True/False/None, lists and dicts may appear (no calls or names such as "
+        "float('nan')); e.g. \"[{'pattern': '.*/router/.*', 'lr_mult': 100.0}]\"."
+      ) from None
   if isinstance(groups, str):
     names = [n for n in groups.replace("+", ",").split(",") if n.strip()]
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
-      raise ValueError(f"config.optim.groups={groups!r}: unknown preset(s) {unknown}; valid: {sorted(PRESETS)}, "
-                       "or a list of rule dicts.")
+      raise ValueError(
+        f"config.optim.groups={groups!r}: unknown preset(s) {unknown}; valid: {sorted(PRESETS)}, "
+        "or a list of rule dicts."
+      )
     groups = [rule for n in names for rule in PRESETS[n]]
-  if hasattr(groups, "to_dict") and hasattr(groups, "_fields"):          # a ConfigDict: keep its written order
+  if hasattr(groups, "to_dict") and hasattr(groups, "_fields"):  # a ConfigDict: keep its written order
     groups = {name: groups[name] for name in groups._fields}
   if isinstance(groups, Mapping):
     items = [(f"config.optim.groups.{name}", {"name": name, **_as_dict(rule)}) for name, rule in groups.items()]
   elif isinstance(groups, Sequence):
-    items = [(f"config.optim.groups[{i}]", {"name": f"group{i}", **_as_dict(rule)}) for i, rule in
-             enumerate(groups)]
+    items = [(f"config.optim.groups[{i}]", {"name": f"group{i}", **_as_dict(rule)}) for i, rule in enumerate(groups)]
   else:
-    raise ValueError(f"config.optim.groups={groups!r} must be a list of rule dicts, e.g. "
-                     "[dict(pattern=r'.*/router/.*', lr_mult=100.0)].")
+    raise ValueError(
+      f"config.optim.groups={groups!r} must be a list of rule dicts, e.g. "
+      "[dict(pattern=r'.*/router/.*', lr_mult=100.0)]."
+    )
   rules, seen = [], set()
   for where, rule in items:
     unknown = sorted(set(rule) - set(_RULE_KEYS))
@@ -110,25 +118,35 @@ def parse_groups(groups: Any) -> tuple[GroupRule, ...]:
     except re.error as error:
       raise ValueError(f"{where}.pattern={rule['pattern']!r} is not a valid regex ({error}).") from None
     lr_mult = rule.get("lr_mult", 1.0)
-    if isinstance(lr_mult, bool) or not isinstance(lr_mult, (int, float)) or not (lr_mult > 0 and
-                                                                                  math.isfinite(lr_mult)):
+    if (
+      isinstance(lr_mult, bool) or not isinstance(lr_mult, (int, float)) or not (lr_mult > 0 and math.isfinite(lr_mult))
+    ):
       raise ValueError(f"{where}.lr_mult={lr_mult!r} must be a finite number > 0 (use freeze=True for no update).")
     wd = rule.get("weight_decay")
-    if wd is not None and (isinstance(wd, bool) or not isinstance(wd, (int, float)) or not (wd >= 0 and
-                                                                                          math.isfinite(wd))):
+    if wd is not None and (
+      isinstance(wd, bool) or not isinstance(wd, (int, float)) or not (wd >= 0 and math.isfinite(wd))
+    ):
       raise ValueError(f"{where}.weight_decay={wd!r} must be a finite number >= 0, or None for the entry's.")
     if not isinstance(rule.get("freeze", False), bool):
       raise ValueError(f"{where}.freeze={rule['freeze']!r} must be True or False.")
     if rule["name"] in seen or rule["name"] == REST:
-      raise ValueError(f"{where}: the group name {rule['name']!r} is used twice (or is reserved): name each rule "
-                       "differently.")
+      raise ValueError(
+        f"{where}: the group name {rule['name']!r} is used twice (or is reserved): name each rule differently."
+      )
     seen.add(rule["name"])
-    rules.append(GroupRule(name=str(rule["name"]), pattern=rule["pattern"], lr_mult=float(lr_mult),
-                           weight_decay=None if wd is None else float(wd), freeze=rule.get("freeze", False)))
+    rules.append(
+      GroupRule(
+        name=str(rule["name"]),
+        pattern=rule["pattern"],
+        lr_mult=float(lr_mult),
+        weight_decay=None if wd is None else float(wd),
+        freeze=rule.get("freeze", False),
+      )
+    )
   return tuple(rules)
 
 
-REST = "rest"                          # the label of parameters no rule matches
+REST = "rest"  # the label of parameters no rule matches
 
 
 def check_group_overrides(groups: Any, overrides: Mapping[str, Any], where: str = "sweep entry") -> None:
@@ -139,11 +157,13 @@ def check_group_overrides(groups: Any, overrides: Mapping[str, Any], where: str 
     return
   for dotted in overrides:
     if isinstance(dotted, str) and dotted.startswith("optim.groups."):
-      raise ValueError(f"{where}: override {dotted!r} addresses one rule, but config.optim.groups={groups!r} is a "
-                       "string (preset names or a literal list), whose rules cannot be addressed: write the rules "
-                       "out in the config as a dict of named rules, e.g. config.optim.groups = {'router': "
-                       "dict(pattern=r'(?:.*/)?router/.*', lr_mult=100.0)}, or override the whole field "
-                       "('optim.groups': 'poly_router').")
+      raise ValueError(
+        f"{where}: override {dotted!r} addresses one rule, but config.optim.groups={groups!r} is a "
+        "string (preset names or a literal list), whose rules cannot be addressed: write the rules "
+        "out in the config as a dict of named rules, e.g. config.optim.groups = {'router': "
+        "dict(pattern=r'(?:.*/)?router/.*', lr_mult=100.0)}, or override the whole field "
+        "('optim.groups': 'poly_router')."
+      )
 
 
 def _as_dict(rule: Any) -> dict:
@@ -157,39 +177,46 @@ def _as_dict(rule: Any) -> dict:
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """Optimisation settings (the `config.optim` block of an experiment; `from_config` reads it)."""
+
   epochs: int
   batch_size: int
   learning_rate: float
-  weight_decay: float = 0.01          # PyTorch's AdamW default
+  weight_decay: float = 0.01  # PyTorch's AdamW default
   b1: float = 0.9
   b2: float = 0.999
-  eval_batch_size: int = 8192         # evaluation is chunked to bound memory
-  log_every: int = 0                  # print progress every n epochs (0: about 5 lines per run)
-  steps_per_epoch: int = 0            # 0: an epoch is one pass over the training set; n: an "epoch" is n
-                                      # steps of an endless stream of passes (evaluate every n steps)
-  eval_every: int = 1                 # epochs per compiled call; evaluate (log, checkpoint, stop) after each
-  schedule: str = "constant"          # learning-rate multiplier over training: constant, cosine or linear
-                                      # (to 0 at the last step), after `warmup_steps` of linear warmup
+  eval_batch_size: int = 8192  # evaluation is chunked to bound memory
+  log_every: int = 0  # print progress every n epochs (0: about 5 lines per run)
+  steps_per_epoch: int = 0  # 0: an epoch is one pass over the training set; n: an "epoch" is n
+  # steps of an endless stream of passes (evaluate every n steps)
+  eval_every: int = 1  # epochs per compiled call; evaluate (log, checkpoint, stop) after each
+  schedule: str = "constant"  # learning-rate multiplier over training: constant, cosine or linear
+  # (to 0 at the last step), after `warmup_steps` of linear warmup
   warmup_steps: int = 0
-  grad_clip: float = 0.0              # clip gradients to this global norm (0: no clipping)
-  eval_train_rows: int = 0            # evaluate the training split on its first n rows only (0: all rows);
-                                      # for long streams, where a full pass per evaluation costs more than
-                                      # training (put a fixed, representative subset first)
-  test_at_end: bool = False           # evaluate the test split at the last evaluation only (NaN before; curves
-                                      # from the train / val splits), where a test pass costs more than training
+  grad_clip: float = 0.0  # clip gradients to this global norm (0: no clipping)
+  eval_train_rows: int = 0  # evaluate the training split on its first n rows only (0: all rows);
+  # for long streams, where a full pass per evaluation costs more than
+  # training (put a fixed, representative subset first)
+  test_at_end: bool = False  # evaluate the test split at the last evaluation only (NaN before; curves
+  # from the train / val splits), where a test pass costs more than training
   groups: tuple[GroupRule, ...] = ()  # parameter groups, first match wins (config.optim.groups; see above)
 
   def check_batch(self, num_train: int) -> None:
     if self.batch_size > num_train:
-      raise ValueError(f"config.optim.batch_size={self.batch_size} is larger than the training set "
-                       f"({num_train} samples): use batch_size <= {num_train}.")
+      raise ValueError(
+        f"config.optim.batch_size={self.batch_size} is larger than the training set "
+        f"({num_train} samples): use batch_size <= {num_train}."
+      )
     if self.eval_train_rows > num_train:
-      raise ValueError(f"config.optim.eval_train_rows={self.eval_train_rows} is more than the training set "
-                       f"({num_train} rows): use eval_train_rows <= {num_train}, or 0 for all of them.")
+      raise ValueError(
+        f"config.optim.eval_train_rows={self.eval_train_rows} is more than the training set "
+        f"({num_train} rows): use eval_train_rows <= {num_train}, or 0 for all of them."
+      )
     if self.steps_per_epoch > self.steps_per_pass(num_train):
-      raise ValueError(f"config.optim.steps_per_epoch={self.steps_per_epoch} is more than one pass over the "
-                       f"training set ({self.steps_per_pass(num_train)} steps of {self.batch_size}): use "
-                       f"steps_per_epoch <= {self.steps_per_pass(num_train)}, or 0 for whole passes.")
+      raise ValueError(
+        f"config.optim.steps_per_epoch={self.steps_per_epoch} is more than one pass over the "
+        f"training set ({self.steps_per_pass(num_train)} steps of {self.batch_size}): use "
+        f"steps_per_epoch <= {self.steps_per_pass(num_train)}, or 0 for whole passes."
+      )
 
   def __post_init__(self):
     for field in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
@@ -206,17 +233,22 @@ class Settings:
     if self.log_every < 0:
       raise ValueError(f"config.optim.log_every={self.log_every!r} must be >= 0.")
     if not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 0:
-      raise ValueError(f"config.optim.steps_per_epoch={self.steps_per_epoch!r} must be an integer >= 0 "
-                       "(0: one pass over the training set per epoch).")
+      raise ValueError(
+        f"config.optim.steps_per_epoch={self.steps_per_epoch!r} must be an integer >= 0 "
+        "(0: one pass over the training set per epoch)."
+      )
     if self.epochs % self.eval_every:
-      raise ValueError(f"config.optim.epochs={self.epochs} is not a multiple of config.optim.eval_every="
-                       f"{self.eval_every}: make it one (the last epoch must be evaluated).")
+      raise ValueError(
+        f"config.optim.epochs={self.epochs} is not a multiple of config.optim.eval_every="
+        f"{self.eval_every}: make it one (the last epoch must be evaluated)."
+      )
     if self.schedule not in SCHEDULES:
       raise ValueError(f"config.optim.schedule={self.schedule!r} is not known; valid: {list(SCHEDULES)}.")
-    if not isinstance(self.eval_train_rows, int) or isinstance(self.eval_train_rows, bool) or \
-        self.eval_train_rows < 0:
-      raise ValueError(f"config.optim.eval_train_rows={self.eval_train_rows!r} must be an integer >= 0 "
-                       "(0: evaluate every training row).")
+    if not isinstance(self.eval_train_rows, int) or isinstance(self.eval_train_rows, bool) or self.eval_train_rows < 0:
+      raise ValueError(
+        f"config.optim.eval_train_rows={self.eval_train_rows!r} must be an integer >= 0 "
+        "(0: evaluate every training row)."
+      )
     if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
       raise ValueError(f"config.optim.warmup_steps={self.warmup_steps!r} must be an integer >= 0.")
     if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
@@ -249,5 +281,5 @@ class Settings:
     return cls(**renamed)
 
 
-_CONFIG_NAMES = {"learning_rate": "lr"}                       # Settings field -> config.optim key
+_CONFIG_NAMES = {"learning_rate": "lr"}  # Settings field -> config.optim key
 _SETTINGS_NAMES = {v: k for k, v in _CONFIG_NAMES.items()}

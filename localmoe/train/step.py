@@ -21,8 +21,9 @@ from localmoe.train.settings import Settings
 from localmoe.train.task import Batch, Task
 
 
-def loss_and_aux(task: Task, params, frozen, inputs: Batch, y: jax.Array, mask: jax.Array,
-                 rng: jax.Array | None = None, step=None):
+def loss_and_aux(
+  task: Task, params, frozen, inputs: Batch, y: jax.Array, mask: jax.Array, rng: jax.Array | None = None, step=None
+):
   """The training objective of one batch and its aux outputs.
 
   Returns (objective, aux_vector): objective = masked mean of the per-example task loss (squared error by
@@ -33,19 +34,31 @@ def loss_and_aux(task: Task, params, frozen, inputs: Batch, y: jax.Array, mask: 
   out = task.call(params, frozen, inputs, rng, step)
   pred, aux = out if task.aux_names else (out, {})
   if task.loss is None:
-    per_example = ((pred - y) ** 2).reshape(y.shape[0], -1).mean(-1)               # [batch]
+    per_example = ((pred - y) ** 2).reshape(y.shape[0], -1).mean(-1)  # [batch]
   else:
-    per_example = task.loss(pred, y)                                                # [batch]
+    per_example = task.loss(pred, y)  # [batch]
   objective = jnp.sum(per_example * mask) / jnp.sum(mask)
   if "aux_loss" in aux:
     objective = objective + aux["aux_loss"]
-  values = jnp.stack([jnp.asarray(aux[n], jnp.float32) for n in task.aux_names]) if task.aux_names else (
-      jnp.zeros((0,), jnp.float32))
+  values = (
+    jnp.stack([jnp.asarray(aux[n], jnp.float32) for n in task.aux_names])
+    if task.aux_names
+    else (jnp.zeros((0,), jnp.float32))
+  )
   return objective, values
 
 
-def train_step(task: Task, tx: optax.GradientTransformation, state, frozen, inputs: Batch, y: jax.Array,
-               mask: jax.Array, global_step: jax.Array, rng: jax.Array | None = None):
+def train_step(
+  task: Task,
+  tx: optax.GradientTransformation,
+  state,
+  frozen,
+  inputs: Batch,
+  y: jax.Array,
+  mask: jax.Array,
+  global_step: jax.Array,
+  rng: jax.Array | None = None,
+):
   """One optimiser step of one entry, with the divergence guard.
 
   state: {"params", "opt_state", "alive", "diverged_step"}. A non-finite objective freezes the entry: its
@@ -55,17 +68,18 @@ def train_step(task: Task, tx: optax.GradientTransformation, state, frozen, inpu
   Returns (state, [objective, *aux]) for this step.
   """
   (objective, aux), grads = jax.value_and_grad(
-      lambda p: loss_and_aux(task, p, frozen, inputs, y, mask, rng, global_step), has_aux=True)(state["params"])
+    lambda p: loss_and_aux(task, p, frozen, inputs, y, mask, rng, global_step), has_aux=True
+  )(state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   finite = jnp.isfinite(objective)
   proceed = finite & state["alive"]
   keep_new = lambda new, old: jnp.where(proceed, new, old)
   state = {
-      "params": jax.tree_util.tree_map(keep_new, params, state["params"]),
-      "opt_state": jax.tree_util.tree_map(keep_new, opt_state, state["opt_state"]),
-      "alive": proceed,
-      "diverged_step": jnp.where(state["alive"] & ~finite, global_step, state["diverged_step"]),
+    "params": jax.tree_util.tree_map(keep_new, params, state["params"]),
+    "opt_state": jax.tree_util.tree_map(keep_new, opt_state, state["opt_state"]),
+    "alive": proceed,
+    "diverged_step": jnp.where(state["alive"] & ~finite, global_step, state["diverged_step"]),
   }
   return state, jnp.concatenate([objective[None].astype(jnp.float32), aux])
 
@@ -84,14 +98,14 @@ def epoch_batches(seed_key: jax.Array, epoch, num_train: int, settings: Settings
 
   def one_pass(index):
     order = jax.random.permutation(jax.random.fold_in(seed_key, index), num_train)
-    return jnp.concatenate([order, order[:pad]]).reshape(per_pass, batch_size)      # [per_pass, batch]
+    return jnp.concatenate([order, order[:pad]]).reshape(per_pass, batch_size)  # [per_pass, batch]
 
   if not settings.steps_per_epoch:
     return one_pass(epoch), keep
   steps = settings.steps_per_epoch
-  position = epoch * steps + jnp.arange(steps)                                      # global step indices
+  position = epoch * steps + jnp.arange(steps)  # global step indices
   first = (epoch * steps) // per_pass
-  orders = jnp.stack([one_pass(first), one_pass(first + 1)])                         # an epoch spans <= 2 passes
+  orders = jnp.stack([one_pass(first), one_pass(first + 1)])  # an epoch spans <= 2 passes
   which, row = position // per_pass - first, position % per_pass
   return orders[which, row], keep[row]
 
@@ -101,8 +115,14 @@ def total_steps(settings: Settings, num_train: int) -> int:
   return settings.epochs * settings.steps(num_train)
 
 
-def build_epoch_fn(task: Task, settings: Settings, num_train: int, per_seed: bool,
-                    placement: sharding_lib.Placement | None = None, step_fn=train_step):
+def build_epoch_fn(
+  task: Task,
+  settings: Settings,
+  num_train: int,
+  per_seed: bool,
+  placement: sharding_lib.Placement | None = None,
+  step_fn=train_step,
+):
   """Returns jit(vmap(eval_every epochs, then evaluate)) and the steps per epoch.
 
   step_fn: the step (default `train_step`; a fork's own, same signature).
@@ -121,15 +141,16 @@ def build_epoch_fn(task: Task, settings: Settings, num_train: int, per_seed: boo
 
     def one_epoch(state, j):
       epoch = epoch0 + j
-      order, keep = epoch_batches(shuffle_key, epoch, num_train, settings)          # [steps, batch] each
+      order, keep = epoch_batches(shuffle_key, epoch, num_train, settings)  # [steps, batch] each
 
       def step(state, args):
         rows, mask, step_index = args
         inputs, y = split_inputs(constrain_batch(jax.tree_util.tree_map(lambda a: a[rows], train)))
         global_step = epoch * steps + step_index
-        if task.rngs:                                # the task's noise: a function of (seed, global step)
-          return step_fn(task, tx, state, frozen, inputs, y, mask, global_step,
-                         jax.random.fold_in(noise_key, global_step))
+        if task.rngs:  # the task's noise: a function of (seed, global step)
+          return step_fn(
+            task, tx, state, frozen, inputs, y, mask, global_step, jax.random.fold_in(noise_key, global_step)
+          )
         return step_fn(task, tx, state, frozen, inputs, y, mask, global_step)
 
       state, per_step = jax.lax.scan(step, state, (order, keep, jnp.arange(steps)))  # [steps, 1 + aux]
@@ -137,17 +158,16 @@ def build_epoch_fn(task: Task, settings: Settings, num_train: int, per_seed: boo
 
     state, (means, first) = jax.lax.scan(one_epoch, state, jnp.arange(settings.eval_every))
     if settings.eval_train_rows:
-      train = jax.tree_util.tree_map(lambda a: a[:settings.eval_train_rows], train)
-    taken = (epoch0 + settings.eval_every) * steps                                  # global steps taken
-    evaluate = lambda split: evaluation.evaluate(task, state["params"], frozen, split, settings.eval_batch_size,
-                                                 taken)
+      train = jax.tree_util.tree_map(lambda a: a[: settings.eval_train_rows], train)
+    taken = (epoch0 + settings.eval_every) * steps  # global steps taken
+    evaluate = lambda split: evaluation.evaluate(task, state["params"], frozen, split, settings.eval_batch_size, taken)
     evals = [evaluate(train)] + ([] if val is None else [evaluate(val)])
-    if settings.test_at_end:                     # the test split at the last evaluation only (NaN before)
+    if settings.test_at_end:  # the test split at the last evaluation only (NaN before)
       last = epoch0 + settings.eval_every >= settings.epochs
       evals.append(jax.lax.cond(last, lambda: evaluate(test), lambda: jnp.full_like(evals[0], jnp.nan)))
     else:
       evals.append(evaluate(test))
-    evals = jnp.stack(evals)                                                         # [splits, metrics]
+    evals = jnp.stack(evals)  # [splits, metrics]
     diagnostics = evaluation.diagnostics(task, state["params"], frozen, test, settings.eval_batch_size)
     return state, (evals, means, first[0], diagnostics)
 

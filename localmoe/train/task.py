@@ -49,6 +49,7 @@ class Task:
     step being taken in training, the steps taken so far in evaluation (e.g. for an annealed router
     temperature, `routing.temperature_at`).
   """
+
   init: Callable[[jax.Array, Any], Params]
   predict: Callable[[Params, Any, Batch], Any]
   loss: Callable[[jax.Array, jax.Array], jax.Array] | None = None
@@ -60,24 +61,35 @@ class Task:
   takes_step: bool = False
 
   def __post_init__(self):
-    if isinstance(self.rngs, str) or not all(isinstance(n, str) and n for n in self.rngs) or \
-        len(set(self.rngs)) != len(tuple(self.rngs)):
-      raise TypeError(f"Task.rngs={self.rngs!r} must be a tuple of distinct rng stream names, e.g. "
-                      "('gumbel', 'dropout'), or () for none.")
+    if (
+      isinstance(self.rngs, str)
+      or not all(isinstance(n, str) and n for n in self.rngs)
+      or len(set(self.rngs)) != len(tuple(self.rngs))
+    ):
+      raise TypeError(
+        f"Task.rngs={self.rngs!r} must be a tuple of distinct rng stream names, e.g. "
+        "('gumbel', 'dropout'), or () for none."
+      )
     object.__setattr__(self, "rngs", tuple(self.rngs))
     if not isinstance(self.takes_step, bool):
       raise TypeError(f"Task.takes_step={self.takes_step!r} must be True or False.")
     for wanted, needed in (("rngs", bool(self.rngs)), ("step", self.takes_step)):
       if needed and not _accepts_keyword(self.predict, wanted):
         field = f"Task.rngs={self.rngs!r}" if wanted == "rngs" else "Task.takes_step=True"
-        raise TypeError(f"{field} but Task.predict takes no '{wanted}' keyword: define predict(params, frozen, "
-                        f"inputs, {wanted}=None), or leave {field.split('=')[0]} at its default.")
+        raise TypeError(
+          f"{field} but Task.predict takes no '{wanted}' keyword: define predict(params, frozen, "
+          f"inputs, {wanted}=None), or leave {field.split('=')[0]} at its default."
+        )
     if self.per_example_metrics is None and tuple(self.metric_names) != METRICS:
-      raise ValueError(f"Task.metric_names={self.metric_names!r} needs Task.per_example_metrics (a function "
-                       f"(pred, y) -> [batch, {len(self.metric_names)}]); without it the metrics are {METRICS}.")
+      raise ValueError(
+        f"Task.metric_names={self.metric_names!r} needs Task.per_example_metrics (a function "
+        f"(pred, y) -> [batch, {len(self.metric_names)}]); without it the metrics are {METRICS}."
+      )
     if "loss" in self.aux_names:
-      raise ValueError("Task.aux_names may not contain 'loss': the trainer records the training loss itself "
-                       "as train_history[..., 0]; name the aux output differently.")
+      raise ValueError(
+        "Task.aux_names may not contain 'loss': the trainer records the training loss itself "
+        "as train_history[..., 0]; name the aux output differently."
+      )
 
   @property
   def train_names(self) -> tuple[str, ...]:
@@ -116,11 +128,12 @@ class Data:
   per_seed=True: every array of train, test and frozen has a leading entry axis (one replicate per seed,
   e.g. a new target matrix per seed); otherwise all entries share them.
   """
+
   train: Mapping[str, Any]
   test: Mapping[str, Any]
   frozen: Any = None
   per_seed: bool = False
-  val: Mapping[str, Any] | None = None   # optional validation split, evaluated every epoch like test
+  val: Mapping[str, Any] | None = None  # optional validation split, evaluated every epoch like test
 
   @property
   def splits(self) -> tuple[str, ...]:
