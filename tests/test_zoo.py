@@ -1,0 +1,272 @@
+"""Adapters on the projections of models researchers use, whatever the layer's class (`localmoe.projections`).
+
+tunix 0.1.7's own NNX Gemma 3, Llama 3 and Qwen 3 (read from the pinned wheel), replicas of gemma's linen
+Einsum / FeedForward (nn.share_scope) / Transformer (nn.jit) and of MaxText's DenseGeneral on lax.dot_general
+(`tests/zoo_models.py`): inject, forward differs from the base, a jitted gradient step reaches every adapter,
+merge equals the adapted model per task, save/load round trip; and what is refused by name.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from localmoe import adapter_io
+from localmoe import inject
+from localmoe import nnx_inject
+from localmoe import projections
+from localmoe.data import registry
+from tests import zoo_models as zm
+
+LORA = {"method": "lora", "rank": 2}
+MOE = {"method": "cellwise_moe", "k_y": 2, "k_x": 2, "rank": 2, "num_experts": 2, "router_input": "context",
+       "context_dim": 2}
+TOKENS = jnp.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])        # [B=2, T=5]
+TASKS = jnp.array([0, 1])                                       # [B] context labels
+
+
+def _perturb(tree, key):
+  """Every array + small noise (B starts at zero: a fresh adapter is the identity)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree_util.tree_unflatten(treedef, [a + 0.1 * jax.random.normal(k, a.shape, a.dtype)
+                                                for a, k in zip(leaves, keys)])
+
+
+def _context(spec, batch):
+  return TASKS[batch] if spec.get("router_input") == "context" else None
+
+
+# ------------------------------------------------------------------------------------------- NNX checks
+
+
+def _check_nnx(build, args, target, spec, expected, tmp_path):
+  """build() -> a fresh model (same weights each time); args(batch) -> its call's positional inputs."""
+  model = build()
+
+  @nnx.jit
+  def forward(model, inputs, context):
+    with nnx_inject.routing_context(model, context):
+      out = model(*inputs)
+    return out[0] if isinstance(out, tuple) else out
+
+  base = forward(model, args(slice(None)), None)
+  example = args(slice(0, 1))
+  nnx_inject.inject(model, spec, *example, target_modules=target, key=jax.random.PRNGKey(1))
+  assert [layer.path for layer in nnx_inject.layers(model)] == expected
+  state = nnx.state(model, nnx_inject.AdapterParam)
+  nnx.update(model, _perturb(state, jax.random.PRNGKey(2)))
+  context = _context(spec, slice(None))
+  adapted = forward(model, args(slice(None)), context)
+  assert float(jnp.abs(adapted - base).max()) > 1e-4
+
+  @nnx.jit
+  def grads(model, inputs, context):
+    def loss(model):
+      with nnx_inject.routing_context(model, context):
+        out = model(*inputs)
+      return jnp.mean((out[0] if isinstance(out, tuple) else out) ** 2)
+    return nnx.grad(loss, argnums=nnx.DiffState(0, nnx_inject.AdapterParam))(model)
+
+  g = nnx_inject.trainable(nnx.merge(*nnx.split(model)))                 # layer names of the adapters
+  grad_state = grads(model, args(slice(None)), context)
+  flat = {"/".join(str(k) for k in path): np.asarray(v.get_value() if hasattr(v, "get_value") else v)
+          for path, v in jax.tree_util.tree_flatten_with_path(
+              grad_state, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]}
+  for layer in g["adapter"]:
+    assert any(np.abs(v).sum() > 0 for k, v in flat.items() if f"'{layer}'" in k or layer in k), layer
+
+  for task in (0, 1):
+    batch = slice(task, task + 1)
+    merged = nnx_inject.merge(model, context=task if spec.get("router_input") == "context" else None)
+    np.testing.assert_allclose(forward(merged, args(batch), None), forward(model, args(batch), _context(spec, batch)),
+                               atol=1e-5)
+
+  nnx_inject.save_adapter(str(tmp_path / "adapter"), model)
+  loaded = nnx_inject.load_adapter(str(tmp_path / "adapter"), build(), *example)
+  np.testing.assert_array_equal(forward(loaded, args(slice(None)), context), adapted)
+
+
+@pytest.fixture(scope="module")
+def tunix():
+  try:
+    return zm.tunix_models()
+  except registry.RegistryError as error:
+    pytest.skip(f"google-tunix=={zm.TUNIX_VERSION} could not be downloaded (pip download): {error}")
+
+
+def _mask_args(batch, with_cache: bool = True):
+  tokens = TOKENS[batch]
+  b, t = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))                                  # [B, T]
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))                  # [B, T, T]
+  return (tokens, positions, None, mask)
+
+
+def _layer_paths(layer: int, names) -> list[str]:
+  return [f"layers/{layer}/{name}" for name in names]
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("spec", [LORA, MOE], ids=["lora", "cellwise_moe"])
+def test_tunix_gemma3(tunix, spec, tmp_path):
+  """tunix's Gemma 3: fused qkv_einsum split into q, k, v (STACKED), attn_vec_einsum, the nnx.Linear MLP."""
+  g3 = tunix["gemma3"]
+  config = g3.ModelConfig(num_layers=1, num_embed=11, embed_dim=8, hidden_dim=12, num_heads=2, head_dim=4,
+                          num_kv_heads=2, sliding_window_size=4, param_dtype=jnp.float32)
+  names = ["attn/qkv_einsum/q", "attn/qkv_einsum/k", "attn/qkv_einsum/v", "attn/attn_vec_einsum",
+           "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj"]
+  _check_nnx(lambda: g3.Gemma3(config, rngs=nnx.Rngs(0)), _mask_args,
+             r".*attn/(qkv_einsum/(q|k|v)|attn_vec_einsum)|.*mlp/(gate|up|down)_proj", spec,
+             _layer_paths(0, names), tmp_path)
+
+
+@pytest.mark.network
+def test_tunix_gemma3_kv_einsum_and_attribute_reads(tunix):
+  """num_kv_heads < num_heads: q_einsum and kv_einsum split into k, v; only v targeted; the model's reads of
+  its layers (`attn_vec_einsum.shape[1]`) pass through the wrapper."""
+  g3 = tunix["gemma3"]
+  config = g3.ModelConfig(num_layers=1, num_embed=11, embed_dim=8, hidden_dim=12, num_heads=2, head_dim=4,
+                          num_kv_heads=1, sliding_window_size=4, param_dtype=jnp.float32)
+  model = g3.Gemma3(config, rngs=nnx.Rngs(0))
+  nnx_inject.inject(model, LORA, *_mask_args(slice(0, 1)), target_modules=r".*(q_einsum|kv_einsum/v)",
+                    key=jax.random.PRNGKey(1))
+  assert [layer.path for layer in nnx_inject.layers(model)] == ["layers/0/attn/q_einsum",
+                                                                  "layers/0/attn/kv_einsum/v"]
+  attn = model.layers[0].attn
+  assert isinstance(attn.kv_einsum, nnx_inject.AdaptedLayer)
+  assert (attn.head_dim, attn.num_kv_heads, attn.kv_einsum.einsum_str) == (4, 1, "BSD,CKDH->CBSKH")
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("spec", [LORA, MOE], ids=["lora", "cellwise_moe"])
+def test_tunix_llama3(tunix, spec, tmp_path):
+  l3 = tunix["llama3"]
+  config = l3.ModelConfig(num_layers=1, vocab_size=11, embed_dim=8, hidden_dim=12, num_heads=2, head_dim=4,
+                          num_kv_heads=1, rope_theta=10_000, norm_eps=1e-6)
+  names = ["attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj",
+           "mlp/down_proj"]
+  _check_nnx(lambda: l3.Llama3(config, rngs=nnx.Rngs(0)), _mask_args,
+             r".*attn/(q|k|v|o)_proj|.*mlp/(gate|up|down)_proj", spec, _layer_paths(0, names), tmp_path)
+
+
+def _qwen3_config(q3, experts=None):
+  return q3.ModelConfig(num_layers=1, vocab_size=11, embed_dim=8, hidden_dim=12, num_heads=2, head_dim=4,
+                        num_kv_heads=1, rope_theta=10_000, norm_eps=1e-6, num_experts=experts,
+                        num_experts_per_tok=2 if experts else None)
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("spec", [LORA, MOE], ids=["lora", "cellwise_moe"])
+def test_tunix_qwen3_dense(tunix, spec, tmp_path):
+  """Qwen 3 (its Einsum casts the weight to `dtype` before jnp.einsum), the untied lm_head included."""
+  q3 = tunix["qwen3"]
+  config = _qwen3_config(q3)
+  names = ["layers/0/attn/q_proj", "layers/0/attn/k_proj", "layers/0/attn/v_proj", "layers/0/attn/o_proj",
+           "layers/0/mlp/gate_proj", "layers/0/mlp/up_proj", "layers/0/mlp/down_proj", "lm_head"]
+  _check_nnx(lambda: q3.Qwen3(config, rngs=nnx.Rngs(0)), _mask_args,
+             r".*attn/(q|k|v|o)_proj|.*mlp/(gate|up|down)_proj|lm_head", spec, names, tmp_path)
+
+
+@pytest.mark.network
+def test_tunix_qwen3_moe_experts_refused_by_name(tunix):
+  """Stacked experts [E, D, F] are refused naming them, never the router adapted silently in their place."""
+  q3 = tunix["qwen3"]
+  model = q3.Qwen3(_qwen3_config(q3, experts=4), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"layers/0/mlp/gate_proj' holds stacked MoE experts.*leave the experts out"):
+    nnx_inject.inject(model, LORA, *_mask_args(slice(0, 1)), target_modules=r".*mlp/.*",
+                      key=jax.random.PRNGKey(1))
+  assert not nnx_inject.layers(model)                                     # nothing changed
+  nnx_inject.inject(model, LORA, *_mask_args(slice(0, 1)), target_modules=r".*mlp/router",
+                    key=jax.random.PRNGKey(1))                           # the router by its own path
+  assert [layer.path for layer in nnx_inject.layers(model)] == ["layers/0/mlp/router"]
+
+
+# ------------------------------------------------------------------------------------------- MaxText replica
+
+
+@pytest.mark.parametrize("spec", [LORA, MOE], ids=["lora", "cellwise_moe"])
+def test_maxtext_dense_general(spec, tmp_path):
+  """MaxText's DenseGeneral (kernel cast, then lax.dot_general): q/k/v [D] -> [N, H], out [N, H] -> [D]."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))                           # [B, T, D]
+  _check_nnx(lambda: zm.MaxTextMlpAttention(rngs=nnx.Rngs(0)), lambda batch: (x[batch],),
+             r"query|key|value|out|wi|wo", spec, ["query", "key", "value", "out", "wi", "wo"], tmp_path)
+
+
+def test_op_not_intercepted_is_refused_by_name():
+  """A weight whose contraction is bound by name at import is never adapted silently."""
+  x = jnp.ones((2, 8))
+  with pytest.raises(ValueError, match=r"layer 'proj'.*no contraction of its weight was intercepted"):
+    nnx_inject.inject(zm.BoundNet(rngs=nnx.Rngs(0)), LORA, x, target_modules="proj", key=jax.random.PRNGKey(1))
+
+
+# ------------------------------------------------------------------------------------------- gemma replica (linen)
+
+
+def _gemma(num_kv_heads: int = 2):
+  model = zm.Transformer(num_kv_heads=num_kv_heads)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), TOKENS)["params"]
+  return model, params
+
+
+@pytest.mark.parametrize("spec", [LORA, MOE], ids=["lora", "cellwise_moe"])
+def test_gemma_linen(spec, tmp_path):
+  """gemma's linen Einsum (called as (eqn, x)), FeedForward's shared scope keyed by param name, fused
+  qkv_einsum split into q/k/v, the Transformer's nn.jit __call__: inject, apply, gradient, merge, files."""
+  model, params = _gemma()
+  target = r".*(qkv_einsum/(q|k|v)|attn_vec_einsum|mlp/gating_einsum|mlp/linear)"
+  adapted, trainable = inject.inject(model, params, spec, TOKENS[:1], target_modules=target,
+                                     key=jax.random.PRNGKey(1))
+  names = ["attn/qkv_einsum/q", "attn/qkv_einsum/k", "attn/qkv_einsum/v", "attn/attn_vec_einsum",
+           "mlp/gating_einsum/gate", "mlp/gating_einsum/up", "mlp/linear"]
+  assert list(adapted.paths) == [f"layer_{i}/{n}" for i in range(2) for n in names]
+  trainable = _perturb(trainable, jax.random.PRNGKey(2))
+  apply = jax.jit(lambda p, tr, t, c: adapted.apply(p, tr, t, context=c))
+  plain = jax.jit(lambda p, t: model.apply({"params": p}, t))
+  context = _context(spec, slice(None))
+  out = apply(params, trainable, TOKENS, context)
+  assert float(jnp.abs(out - plain(params, TOKENS)).max()) > 1e-4
+  grads = jax.jit(jax.grad(lambda tr: jnp.mean(adapted.apply(params, tr, TOKENS, context=context) ** 2)))(
+      trainable)
+  for path, leaves in grads["adapter"].items():
+    assert any(float(jnp.abs(v).sum()) > 0 for v in jax.tree_util.tree_leaves(leaves)), path
+  for task in (0, 1):
+    batch = slice(task, task + 1)
+    merged = adapted.merge(params, trainable, context=task if spec.get("router_input") == "context" else None)
+    np.testing.assert_allclose(plain(merged, TOKENS[batch]), apply(params, trainable, TOKENS[batch],
+                                                                   _context(spec, batch)), atol=1e-5)
+  adapter_io.save_adapter(str(tmp_path / "adapter"), adapted, trainable)
+  again, loaded = adapter_io.load_adapter(str(tmp_path / "adapter"), model, params, TOKENS[:1])
+  np.testing.assert_array_equal(jax.jit(lambda p, tr, t, c: again.apply(p, tr, t, context=c))(
+      params, loaded, TOKENS, context), out)
+
+
+def test_gemma_linen_kv_einsum_traces_and_whole_stack():
+  """kv_einsum's slices by name; a pattern on the whole stacked key adapts every slice; router traces of
+  generic layers come back in call order under their keys."""
+  model, params = _gemma(num_kv_heads=1)
+  adapted, trainable = inject.inject(model, params, MOE, TOKENS[:1], target_modules=r"layer_0/attn/(q_einsum|kv_einsum)",
+                                     key=jax.random.PRNGKey(1))
+  assert list(adapted.paths) == ["layer_0/attn/q_einsum", "layer_0/attn/kv_einsum/k", "layer_0/attn/kv_einsum/v"]
+  _, traces = adapted.apply(params, trainable, TOKENS, context=TASKS, capture_routing=True)
+  assert [t.path for t in traces] == list(adapted.paths)
+  assert inject.dense_paths(model, params, TOKENS[:1])[:3] == ["layer_0/attn/q_einsum", "layer_0/attn/kv_einsum/k",
+                                                                "layer_0/attn/kv_einsum/v"]
+
+
+def test_equations_normalised():
+  """dot / matmul / dot_general as "<x>,<kernel>-><out>"; the weight first is swapped; experts refused."""
+  x, w = jnp.ones((2, 5, 8)), jnp.ones((8, 3))
+  assert projections.equation("dot", (x, w), False) == "...c,cd->...d"
+  assert projections.equation("matmul", (w.T, jnp.ones((2, 8, 4))), True) == "...kn,mk->...mn"
+  assert projections.equation("einsum", ("NDH,BTD->BTNH", jnp.ones((2, 8, 4)), x), True) == "BTD,NDH->BTNH"
+  dims = (((1, 2), (0, 1)), ((), ()))
+  assert projections.equation("dot_general", (jnp.ones((5, 2, 4)), jnp.ones((2, 4, 8)), dims), False) == \
+      "...bc,bcd->...d"
+  with pytest.raises(projections.Refused, match="stacked experts") as info:
+    projections.equation("dot_general", (jnp.ones((4, 5, 8)), jnp.ones((4, 8, 3)), (((2,), (1,)), ((0,), (0,)))),
+                         False)
+  assert info.value.experts
