@@ -529,7 +529,7 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
   adapter = adapter_set(adapter)
   layers, slots, problems = _discover(model, params, example_args, target_modules, example_kwargs)
   if problems:
-    raise ValueError(problems[0] + (f" ({len(problems) - 1} more such layer(s))" if len(problems) > 1 else ""))
+    raise projections.refusal(problems)
   matches = path_matcher(target_modules)
   unreached = [p for p, leaf in params_lib.leaf_paths(params) if p.endswith("/kernel") and np.ndim(leaf) >= 2
                and matches(p[:-len("/kernel")]) and p[:-len("/kernel")] not in {l.path for l in layers}]

@@ -510,7 +510,7 @@ def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequ
                                     model, "localmoe.nnx_inject.linear_paths(model, *inputs)")
   layers, slots, problems, called = _discover(model, example_args, target_modules, example_kwargs)
   if problems:
-    raise ValueError(problems[0] + (f" ({len(problems) - 1} more such layer(s))" if len(problems) > 1 else ""))
+    raise projections.refusal(problems)
   extras = []
   if trainable_extras is not None:
     holders = _param_holders(model)

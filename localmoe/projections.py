@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import string
 import threading
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -411,6 +412,13 @@ def problem(module_path: str, param: str, shape, refused: Refused | None, slices
           "intercepted while its module ran (only jnp.einsum / jnp.dot / jnp.matmul / jax.lax.dot_general "
           "inside the module's __call__ are: not jax.lax.ragged_dot, a Pallas kernel, a dot_general imported "
           "by name, or another method), so its adapter would never run; leave it out of target_modules.")
+
+
+def refusal(problems: Sequence[str]) -> ValueError:
+  """One error for the matched weights that cannot be adapted: the first one's text, then every other's key."""
+  others = [re.match(r"layer '([^']*)'", text) for text in problems[1:]]
+  also = [m.group(1) for m in others if m]
+  return ValueError(problems[0] + (f" Also refused: {also}." if also else ""))
 
 
 def delta(slots: Sequence[Slot], layers: Sequence[adapt_core.LayerInfo], hit: Hit, x, w, y,
