@@ -226,8 +226,8 @@ class AdaptedLayer(nnx.Module):
 
   def _generic_call(self, args, kwargs):
     base = self.base
-    foreign = frozenset(id(v.get_value()) for p, m in nnx.iter_modules(base) if p
-                        for v in vars(m).values() if isinstance(v, nnx.Variable))
+    foreign = [v.get_value() for p, m in nnx.iter_modules(base) if p                # the submodules' arrays
+               for v in vars(m).values() if isinstance(v, nnx.Variable)]
     probe = _probe()
     if probe is not None:                     # discovery pass: record the projections, add nothing
       matches = adapt_core.path_matcher(self.injection.target_modules)

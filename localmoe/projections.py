@@ -17,7 +17,8 @@ often bring their own projection classes instead: tunix's `Einsum(nnx.Module)` (
     `localmoe.einsum_layers` as one d_in -> d_out map (LayerInfo kind "Einsum").
   * At run time the same interception returns op(x, W) + Delta(x), Delta computed by the adapter with the
     interception switched off; a child module's ops are attributed to the child (a frame per module call),
-    never to its parent.
+    never to its parent (NNX, whose child calls have no frame: a child's param is never taken for the
+    parent's weight, and a weight shaped like a child's param is recognised by identity only).
   * Layer key: the module path when the weight param is named "kernel" or "w", else module path + "/" +
     param name (gemma's shared-scope "mlp/gating_einsum", "mlp/linear"). `target_modules` matches the key.
   * Stacked projections (`STACKED`): a weight whose leading axis stacks projections (an axis of the kernel
@@ -185,14 +186,17 @@ class Frame:
   """
 
   def __init__(self, module_path: str = "", weights: Mapping[str, Any] | None = None,
-               handler: Callable | None = None, foreign: frozenset = frozenset(), owner: Any = None,
+               handler: Callable | None = None, foreign: Sequence[Any] = (), owner: Any = None,
                on_hit: Callable | None = None):
     self.module_path = module_path
     self.owner = owner                             # the module whose call this is
     self.on_hit = on_hit                           # on_hit(frame, hit): discovery's record, in call order
     self.weights = dict(weights or {})             # param name -> the array the module holds
     self.handler = handler
-    self.foreign = foreign                         # ids of other modules' arrays (never this module's weight)
+    # Other modules' arrays (NNX: the submodules' params, whose calls have no frame of their own): never this
+    # module's weight, and their shapes need the identity, since a cast copy of theirs could match by shape.
+    self.foreign = frozenset(id(a) for a in foreign)
+    self.foreign_shapes = frozenset(tuple(getattr(a, "shape", ())) for a in foreign)
     self.hits: dict[str, Hit] = {}                 # param name -> its first contraction in this call
     self.problems: dict[str, Refused] = {}         # param name -> why its contraction cannot be adapted
     self.slices: dict[str, tuple[int, ...]] = {}   # param name -> shape of a slice W[i] used on its own
@@ -204,6 +208,8 @@ class Frame:
         if operand is value:
           return name, first
     for name, value in self.weights.items():
+      if tuple(value.shape) in self.foreign_shapes:
+        continue
       for first, operand in ((False, b), (True, a)):
         if id(operand) not in self.foreign and tuple(getattr(operand, "shape", ())) == tuple(value.shape):
           return name, first

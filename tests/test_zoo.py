@@ -189,12 +189,33 @@ def test_tunix_qwen3_moe_experts_refused_by_name(tunix):
 # ------------------------------------------------------------------------------------------- MaxText replica
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", [LORA, MOE], ids=["lora", "cellwise_moe"])
 def test_maxtext_dense_general(spec, tmp_path):
   """MaxText's DenseGeneral (kernel cast, then lax.dot_general): q/k/v [D] -> [N, H], out [N, H] -> [D]."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))                           # [B, T, D]
   _check_nnx(lambda: zm.MaxTextMlpAttention(rngs=nnx.Rngs(0)), lambda batch: (x[batch],),
              r"query|key|value|out|wi|wo", spec, ["query", "key", "value", "out", "wi", "wo"], tmp_path)
+
+
+@pytest.mark.slow
+def test_child_ops_are_not_the_parents():
+  """A generic module's child layer (same kernel shape, another input) keeps its own contraction: the adapter
+  sits on the parent's weight, as the merge (which writes into that weight) confirms, in both hosts."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8))
+  model = zm.NnxMixedNet(rngs=nnx.Rngs(0))
+  nnx_inject.inject(model, LORA, x[:1], target_modules="proj", key=jax.random.PRNGKey(1))
+  assert [layer.path for layer in nnx_inject.layers(model)] == ["proj"]
+  nnx.update(model, _perturb(nnx.state(model, nnx_inject.AdapterParam), jax.random.PRNGKey(2)))
+  np.testing.assert_allclose(nnx_inject.merge(model)(x), model(x), atol=1e-5)
+  linen_model = zm.LinenMixedNet()
+  params = linen_model.init(jax.random.PRNGKey(0), x)["params"]
+  adapted, trainable = inject.inject(linen_model, params, LORA, x[:1], target_modules="proj",
+                                     key=jax.random.PRNGKey(1))
+  trainable = _perturb(trainable, jax.random.PRNGKey(2))
+  out = adapted.apply(params, trainable, x)
+  assert float(jnp.abs(out - linen_model.apply({"params": params}, x)).max()) > 1e-4
+  np.testing.assert_allclose(linen_model.apply({"params": adapted.merge(params, trainable)}, x), out, atol=1e-5)
 
 
 def test_op_not_intercepted_is_refused_by_name():
@@ -213,6 +234,7 @@ def _gemma(num_kv_heads: int = 2):
   return model, params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", [LORA, MOE], ids=["lora", "cellwise_moe"])
 def test_gemma_linen(spec, tmp_path):
   """gemma's linen Einsum (called as (eqn, x)), FeedForward's shared scope keyed by param name, fused
@@ -245,6 +267,7 @@ def test_gemma_linen(spec, tmp_path):
       params, loaded, TOKENS, context), out)
 
 
+@pytest.mark.slow
 def test_gemma_linen_kv_einsum_traces_and_whole_stack():
   """kv_einsum's slices by name; a pattern on the whole stacked key adapts every slice; router traces of
   generic layers come back in call order under their keys."""

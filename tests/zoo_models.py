@@ -258,3 +258,43 @@ class BoundNet(nnx.Module):
 
   def __call__(self, x):
     return self.proj(x)
+
+
+# ------------------------------------------------------------------------------------------- attribution
+
+
+class LinenMixed(nn.Module):
+  """A generic module with its own weight `w` [8, 8] and a child nn.Dense whose kernel has the same shape,
+  called first on another input: the child's contraction must not be taken for the parent's."""
+
+  @nn.compact
+  def __call__(self, x):                                                   # x: [B, 8]
+    side = nn.Dense(8, use_bias=False, name="side")(2.0 * x)
+    w = self.param("w", nn.initializers.normal(0.3), (8, 8))
+    return jnp.dot(x, w) + side
+
+
+class LinenMixedNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return LinenMixed(name="proj")(x)
+
+
+class NnxMixed(nnx.Module):
+  """The NNX sibling of LinenMixed (its child's call has no frame: its kernel is known by identity)."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.side = nnx.Linear(8, 8, use_bias=False, rngs=rngs)
+    self.w = nnx.Param(nnx.initializers.normal(0.3)(rngs.params(), (8, 8)))
+
+  def __call__(self, x):
+    side = self.side(2.0 * x)
+    return jnp.dot(x, self.w[...]) + side
+
+
+class NnxMixedNet(nnx.Module):
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.proj = NnxMixed(rngs=rngs)
+
+  def __call__(self, x):
+    return self.proj(x)
