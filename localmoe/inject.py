@@ -531,8 +531,9 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
   if problems:
     raise projections.refusal(problems)
   matches = path_matcher(target_modules)
+  reached = {l.path for l in layers} | {slot.module_path for slot in slots}
   unreached = [p for p, leaf in params_lib.leaf_paths(params) if p.endswith("/kernel") and np.ndim(leaf) >= 2
-               and matches(p[:-len("/kernel")]) and p[:-len("/kernel")] not in {l.path for l in layers}]
+               and matches(p[:-len("/kernel")]) and p[:-len("/kernel")] not in reached]
   if unreached:
     raise ValueError(f"layer(s) {[p[:-len('/kernel')] for p in unreached[:3]]} match target_modules="
                      f"{target_modules!r} (their params hold a kernel) but no traced call of the model reached "

@@ -8,6 +8,8 @@ merge equals the adapted model per task, save/load round trip; and what is refus
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,6 +225,25 @@ def test_op_not_intercepted_is_refused_by_name():
   x = jnp.ones((2, 8))
   with pytest.raises(ValueError, match=r"layer 'proj'.*no contraction of its weight was intercepted"):
     nnx_inject.inject(zm.BoundNet(rngs=nnx.Rngs(0)), LORA, x, target_modules="proj", key=jax.random.PRNGKey(1))
+
+
+@pytest.mark.slow
+def test_adapter_that_did_not_run_is_an_error_at_the_call():
+  """An adapted layer whose contraction a later call does not reach (here: switched to an op bound by name)
+  is an error at that call, naming it, in both hosts."""
+  x = jnp.ones((2, 8))
+  model = nnx_inject.inject(zm.SwitchNet(rngs=nnx.Rngs(0)), LORA, x, target_modules="proj", key=jax.random.PRNGKey(1))
+  model(x)
+  model.proj.base.mode = "bound"
+  with pytest.raises(ValueError, match=r"\['proj'\] are adapted but this call .*intercepted no contraction"):
+    model(x)
+  linen_model = zm.LinenSwitch()
+  params = linen_model.init(jax.random.PRNGKey(0), x)["params"]
+  adapted, trainable = inject.inject(linen_model, params, LORA, x, target_modules="proj", key=jax.random.PRNGKey(1))
+  adapted.apply(params, trainable, x)
+  switched = dataclasses.replace(adapted, model=zm.LinenSwitch(bound=True))
+  with pytest.raises(ValueError, match=r"\['proj'\] are adapted but this call intercepted no contraction"):
+    switched.apply(params, trainable, x)
 
 
 # ------------------------------------------------------------------------------------------- gemma replica (linen)

@@ -298,3 +298,44 @@ class NnxMixedNet(nnx.Module):
 
   def __call__(self, x):
     return self.proj(x)
+
+
+class Switch(nnx.Module):
+  """A projection whose op can be switched to one bound by name after inject (`mode = "bound"`)."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(nnx.initializers.normal()(rngs.params(), (8, 8)))
+    self.mode = "einsum"
+
+  def __call__(self, x):
+    if self.mode == "bound":
+      return _bound_dot_general(x, self.kernel[...], (((x.ndim - 1,), (0,)), ((), ())))
+    return jnp.einsum("bd,df->bf", x, self.kernel[...])
+
+
+class SwitchNet(nnx.Module):
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.proj = Switch(rngs=rngs)
+
+  def __call__(self, x):
+    return self.proj(x)
+
+
+class LinenSwitch(nn.Module):
+  """The linen sibling of Switch: `bound` chooses the op."""
+  bound: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    return LinenSwitchProj(self.bound, name="proj")(x)
+
+
+class LinenSwitchProj(nn.Module):
+  bound: bool
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.normal(), (8, 8))
+    if self.bound:
+      return _bound_dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return jnp.einsum("bd,df->bf", x, kernel)
