@@ -30,13 +30,21 @@ TOKENS = jnp.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])        # [B=2, T=5]
 TASKS = jnp.array([0, 1])                                       # [B] context labels
 
 
-@jax.jit
 def _perturb(tree, key):
-  """Every array + small noise (B starts at zero: a fresh adapter is the identity)."""
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree_util.tree_unflatten(treedef, [a + 0.1 * jax.random.normal(k, a.shape, a.dtype)
-                                                for a, k in zip(leaves, keys)])
+  """Every array + small noise (B starts at zero: a fresh adapter is the identity); numpy noise, no compile."""
+  rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2 ** 30)))
+  return jax.tree_util.tree_map(lambda a: a + jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype), tree)
+
+
+def _numpy_init(build):
+  """build, with its weights drawn by numpy from an abstract build (the model's own initialisers compile an
+  eager op per shape; nothing here compiles). The same weights on every call."""
+  def make():
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    rng = np.random.default_rng(0)
+    return nnx.merge(graphdef, jax.tree_util.tree_map(
+        lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), state))
+  return make
 
 
 def _context(spec, batch):
@@ -48,6 +56,7 @@ def _context(spec, batch):
 
 def _check_nnx(build, args, target, spec, expected, tmp_path):
   """build() -> a fresh model (same weights each time); args(batch) -> its call's positional inputs."""
+  build = _numpy_init(build)
   model = build()
 
   @nnx.jit
@@ -133,7 +142,7 @@ def test_tunix_gemma3_kv_einsum_and_attribute_reads(tunix):
   g3 = tunix["gemma3"]
   config = g3.ModelConfig(num_layers=1, num_embed=11, embed_dim=8, hidden_dim=12, num_heads=2, head_dim=4,
                           num_kv_heads=1, sliding_window_size=4, param_dtype=jnp.float32)
-  model = g3.Gemma3(config, rngs=nnx.Rngs(0))
+  model = _numpy_init(lambda: g3.Gemma3(config, rngs=nnx.Rngs(0)))()
   nnx_inject.inject(model, LORA, *_mask_args(slice(0, 1)), target_modules=r".*(q_einsum|kv_einsum/v)",
                     key=jax.random.PRNGKey(1))
   assert [layer.path for layer in nnx_inject.layers(model)] == ["layers/0/attn/q_einsum",
@@ -177,7 +186,7 @@ def test_tunix_qwen3_dense(tunix, spec, tmp_path):
 def test_tunix_qwen3_moe_experts_refused_by_name(tunix):
   """Stacked experts [E, D, F] are refused naming them, never the router adapted silently in their place."""
   q3 = tunix["qwen3"]
-  model = q3.Qwen3(_qwen3_config(q3, experts=4), rngs=nnx.Rngs(0))
+  model = _numpy_init(lambda: q3.Qwen3(_qwen3_config(q3, experts=4), rngs=nnx.Rngs(0)))()
   with pytest.raises(ValueError, match=r"layers/0/mlp/(gate|up|down)_proj' holds stacked MoE experts.*leave the "
                      r"experts out.*Also refused: \['layers/0/mlp/\w+_proj', 'layers/0/mlp/\w+_proj'\]"):
     nnx_inject.inject(model, LORA, *_mask_args(slice(0, 1)), target_modules=r".*mlp/.*",
@@ -250,9 +259,11 @@ def test_adapter_that_did_not_run_is_an_error_at_the_call():
 
 
 def _gemma(num_kv_heads: int = 2):
+  """The replica and random params (drawn with numpy from the init's shapes: nothing to compile)."""
   model = zm.Transformer(num_kv_heads=num_kv_heads)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), TOKENS)["params"]
-  return model, params
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), TOKENS)["params"]
+  rng = np.random.default_rng(0)
+  return model, jax.tree_util.tree_map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
 
 
 @pytest.mark.slow
