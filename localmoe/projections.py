@@ -8,8 +8,9 @@ often bring their own projection classes instead: tunix's `Einsum(nnx.Module)` (
 `jax.lax.dot_general` after a dtype cast. For those, the hosts intercept the weight's contraction itself:
 
   * A *generic* module is one whose class is not a Flax built-in and that directly owns one or more params
-    with ndim >= 2. While it is called, `jax.numpy.einsum`, `jax.numpy.dot`, `jax.numpy.matmul` and
-    `jax.lax.dot_general` are replaced (module attributes, restored on exit; `intercepting`), and the first
+    with ndim >= 2. While it is called, `jax.numpy.einsum`, `jax.numpy.dot`, `jax.numpy.matmul`,
+    `jax.lax.dot_general` and the arrays' `@` are replaced (module and class attributes, restored on exit;
+    `intercepting`), and the first
     contraction of each call one of whose operands is one of the module's weights (the same array object,
     else an array of exactly the weight's shape: a dtype cast) is that weight's projection. Its equation is
     normalised to "<x letters>,<kernel letters>-><out letters>" (dot, matmul and dot_general dimension
@@ -315,17 +316,41 @@ def _wrap(op: str, original: Callable) -> Callable:
   return intercepted
 
 
+def _operator(original: Callable, reflected: bool) -> Callable:
+  """The `@` operator of jax arrays and tracers (`x @ W`, `W @ x`), intercepted as jnp.matmul."""
+  def method(self, other):
+    frame = _current()
+    if frame is None or not hasattr(other, "shape"):
+      return original(self, other)
+    a, b = (other, self) if reflected else (self, other)
+    return frame.intercept("matmul", lambda *_: original(self, other), (a, b), {})
+  method.__wrapped__ = original
+  return method
+
+
+def _operator_classes() -> list:
+  from jax._src import core               # pylint: disable=g-import-not-at-top
+  from jax._src.array import ArrayImpl    # pylint: disable=g-import-not-at-top
+  return [core.Tracer, ArrayImpl]
+
+
 @contextlib.contextmanager
 def intercepting() -> Iterator[None]:
-  """Replaces jnp.einsum / jnp.dot / jnp.matmul / jax.lax.dot_general for the block (nested blocks share one
-  replacement; the originals are restored when the outermost block exits). Outside any module frame the
-  replacements call the originals unchanged."""
+  """Replaces jnp.einsum / jnp.dot / jnp.matmul / jax.lax.dot_general and the arrays' `@` for the block
+  (nested blocks share one replacement; the originals are restored when the outermost block exits). Outside
+  any module frame the replacements call the originals unchanged."""
   with _LOCK:
     if _PATCHED["depth"] == 0:
       for module, attr, op in _TARGETS:
         original = getattr(module, attr)
         _PATCHED["saved"][op] = (module, attr, original)
         setattr(module, attr, _wrap(op, original))
+      for cls in _operator_classes():
+        for attr, reflected in (("__matmul__", False), ("__rmatmul__", True)):
+          original = vars(cls).get(attr)
+          if original is not None:
+            _PATCHED["saved"][f"{cls.__name__}.{attr}"] = (cls, attr, original)
+            setattr(cls, attr, _operator(original, reflected))
     _PATCHED["depth"] += 1
   try:
     yield
@@ -412,10 +437,12 @@ def problem(module_path: str, param: str, shape, refused: Refused | None, slices
             f"and {how}, so one adapter per projection cannot stand for it; leave the experts out of "
             "target_modules (adapt the attention projections, the dense MLPs or the router by its own path), "
             "or build the experts as one layer each.")
+  if refused is not None and str(refused).startswith("layer "):            # einsum_layers' own refusal
+    return str(refused)
   if refused is not None:
     return f"layer {key!r} (weight {shape}): {refused}; leave it out of target_modules."
   return (f"layer {key!r} (weight {shape}) matches target_modules but no contraction of its weight was "
-          "intercepted while its module ran (only jnp.einsum / jnp.dot / jnp.matmul / jax.lax.dot_general "
+          "intercepted while its module ran (only jnp.einsum / jnp.dot / jnp.matmul / jax.lax.dot_general / @ "
           "inside the module's __call__ are: not jax.lax.ragged_dot, a Pallas kernel, a dot_general imported "
           "by name, or another method), so its adapter would never run; leave it out of target_modules.")
 

@@ -229,6 +229,20 @@ def test_child_ops_are_not_the_parents():
   np.testing.assert_allclose(linen_model.apply({"params": adapted.merge(params, trainable)}, x), out, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_matmul_operator():
+  """`x @ W` and `W @ x` (the weight first: operands swapped) are intercepted; merge writes each weight."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8))
+  model = zm.MatmulNet(rngs=nnx.Rngs(0))
+  base = model(x)
+  nnx_inject.inject(model, LORA, x[:1], target_modules=r"mlp/(up|down)", key=jax.random.PRNGKey(1))
+  assert [(l.path, l.equation) for l in nnx_inject.layers(model)] == [("mlp/up", "...b,bc->...c"),
+                                                                      ("mlp/down", "bc,ab->ac")]
+  nnx.update(model, _perturb(nnx.state(model, nnx_inject.AdapterParam), jax.random.PRNGKey(2)))
+  assert float(jnp.abs(model(x) - base).max()) > 1e-4
+  np.testing.assert_allclose(nnx_inject.merge(model)(x), model(x), atol=1e-5)
+
+
 def test_op_not_intercepted_is_refused_by_name():
   """A weight whose contraction is bound by name at import is never adapted silently."""
   x = jnp.ones((2, 8))

@@ -339,3 +339,24 @@ class LinenSwitchProj(nn.Module):
     if self.bound:
       return _bound_dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
     return jnp.einsum("bd,df->bf", x, kernel)
+
+
+class MatmulOperator(nnx.Module):
+  """A projection written with the `@` operator, its weight on the left (W [out, in] @ x^T, as torch-style
+  code does) for the second one."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.up = nnx.Param(nnx.initializers.normal(0.3)(rngs.params(), (8, 12)))
+    self.down = nnx.Param(nnx.initializers.normal(0.3)(rngs.params(), (8, 12)))   # [out, in]
+
+  def __call__(self, x):                                                   # x: [B, 8]
+    h = jnp.tanh(x @ self.up[...])                                         # [B, 12]
+    return (self.down[...] @ h.T).T                                        # [B, 8]
+
+
+class MatmulNet(nnx.Module):
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.mlp = MatmulOperator(rngs=rngs)
+
+  def __call__(self, x):
+    return self.mlp(x)
