@@ -52,6 +52,11 @@ Adapters come in two kinds, both handled by an `AdapterSet` (init over all match
   * model-wide adapters (`localmoe.queryable.QueryableLoRA`): shared parameters across layers and a state
     carried from layer to layer within one forward pass (Algorithm 1).
 
+Projection modules of the model's own class (gemma's linen `Einsum` called as `(eqn, x)`, its weights under
+`nn.share_scope`): a module that is not a Flax class and holds params with ndim >= 2 in its scope is adapted
+on its weights' contractions, intercepted while its `__call__` runs (`localmoe.projections`: keys, STACKED
+q/k/v slices, stacked MoE experts refused by name).
+
 Matched layers are ordered by their first call in a forward pass; that order is `adapted.layers`. Layers
 inside `nn.scan` or `nn.vmap` (stacked kernels) are refused with an error naming the layer; `nn.remat`
 layers are adapted like any other (one adapter per layer).

@@ -35,6 +35,12 @@ a model passed into `nnx.jit` / `nnx.grad` carries it across the transform (a ne
 and is never baked in as a constant). Enter the block where the model is called (inside the jitted function
 when the losses need the traces). A context-routed layer called outside such a block is one error naming it.
 
+Projection modules of the model's own class (tunix's `Einsum` with a param `w`, MaxText's `DenseGeneral` on
+`lax.dot_general`): a module that is not a Flax class and holds params with ndim >= 2 directly is wrapped by
+an `AdaptedLayer` too, which runs it inside the interception of its weights' contractions and passes the
+model's attribute reads (`.shape`, `.einsum_str`) through to it (`localmoe.projections`: keys, STACKED
+q/k/v slices, stacked MoE experts refused by name).
+
 Layers inside `nnx.vmap` / `nnx.scan` stacks (a kernel with a leading layer axis) are refused with an error
 naming the layer. The model-wide Queryable LoRA (a state carried from layer to layer) is linen-only.
 """
