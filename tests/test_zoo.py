@@ -109,7 +109,8 @@ def tunix():
     pytest.skip(f"google-tunix=={zm.TUNIX_VERSION} could not be downloaded (pip download): {error}")
 
 
-def _mask_args(batch, with_cache: bool = True):
+def _mask_args(batch):
+  """Gemma 3 / Llama 3 / Qwen 3 call inputs: tokens, positions, no cache, a causal mask."""
   tokens = TOKENS[batch]
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t), (b, t))                                  # [B, T]
@@ -340,3 +341,16 @@ def test_equations_normalised():
     projections.equation("dot_general", (jnp.ones((4, 5, 8)), jnp.ones((4, 8, 3)), (((2,), (1,)), ((0,), (0,)))),
                          False)
   assert info.value.experts
+
+
+def test_interception_restores_the_ops():
+  """The replaced ops are jax's own again after the block (nested blocks included), even after an error."""
+  ops = lambda: (jnp.einsum, jnp.dot, jnp.matmul, jax.lax.dot_general, jax.Array.__matmul__)  # noqa: E731
+  before = ops()
+  with pytest.raises(RuntimeError):
+    with projections.intercepting():
+      with projections.intercepting():
+        assert all(a is not b for a, b in zip(ops()[:4], before[:4]))
+      assert all(a is not b for a, b in zip(ops()[:4], before[:4]))
+      raise RuntimeError
+  assert all(a is b for a, b in zip(ops(), before))
