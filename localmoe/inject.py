@@ -535,6 +535,10 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
   layers, slots, problems = _discover(model, params, example_args, target_modules, example_kwargs)
   if problems:
     raise projections.refusal(problems)
+  for slot in slots:
+    projections.check_stored(slot, np.shape(_tree_get(params, _keys(slot.module_path) + [slot.param])),
+                             "inside a lifted transform (nn.scan or nn.vmap)",
+                             "unroll the stack (a Python loop over layers, or scan=False)")
   matches = path_matcher(target_modules)
   reached = {l.path for l in layers} | {slot.module_path for slot in slots}
   unreached = [p for p, leaf in params_lib.leaf_paths(params) if p.endswith("/kernel") and np.ndim(leaf) >= 2

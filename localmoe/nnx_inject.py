@@ -442,13 +442,21 @@ def _discover(model: nnx.Module, example_args: Sequence[Any], target_modules: st
   cannot be adapted, paths of the generic modules called)."""
   copy = nnx.clone(model)
   target = target_modules if isinstance(target_modules, str) else tuple(target_modules)
-  _wrap_all(copy, _candidates(copy, target_modules), _Injection(None, target, None))
+  wrappers = _wrap_all(copy, _candidates(copy, target_modules), _Injection(None, target, None))
   graphdef, state = nnx.split(copy)
   _STATE.probe, _STATE.slots, _STATE.problems, _STATE.called = {}, {}, [], set()
   try:
     with projections.intercepting():
       jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*example_args, **(example_kwargs or {})), state)
     return tuple(_STATE.probe.values()), dict(_STATE.slots), list(_STATE.problems), set(_STATE.called)
+  except (ValueError, TypeError) as error:
+    generic = [w.path for w in wrappers if w.generic]
+    if not generic or str(error).startswith("layer "):                # no generic layer, or localmoe's own words
+      raise
+    raise ValueError(f"the model's example call failed once its generic layer(s) {generic[:3]} were wrapped "
+                     f"({type(error).__name__}: {str(error)[:200]}): a layer of an nnx.vmap / nnx.scan stack (a "
+                     "weight with a leading layer axis) cannot take one adapter per layer; build the stack as an "
+                     "nnx.List of layers (a Python loop) or leave it out of target_modules.") from error
   finally:
     _STATE.probe = None
 
@@ -532,6 +540,10 @@ def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequ
                      "never reached them, so their input shapes are unknown: pass example inputs (and "
                      "example_kwargs) that reach them, or narrow target_modules.")
   modules = dict((_path_str(p), m) for p, m, _ in candidates)
+  for slot in slots.values():
+    projections.check_stored(slot, getattr(modules[slot.module_path], slot.param).get_value().shape,
+                             "part of a stacked layer (nnx.vmap / nnx.scan over layers)",
+                             "build the stack as an nnx.List of layers (a Python loop)")
   kernels = []
   for layer in layers:                                                          # [d_in, d_out] each
     slot = slots.get(layer.path)

@@ -85,6 +85,7 @@ class Slot:
   param: str                      # "w"
   index: int = -1                 # the slice along the leading axis; -1: the whole weight
   count: int = 0                  # slices of the stacked weight; 0: not split
+  shape: tuple[int, ...] = ()     # the weight's shape as its contraction saw it
 
 
 def candidate_keys(module_path: str, param: str) -> list[str]:
@@ -408,10 +409,10 @@ def layers_of(hit: Hit, module_path: str, matches: Callable[[str], bool]
     eq = slice_equation(hit.equation)
     for i, name in enumerate(names):
       if matches(key) or matches(f"{key}/{name}"):
-        out.append((Slot(f"{key}/{name}", module_path, hit.param, i, len(names)),
+        out.append((Slot(f"{key}/{name}", module_path, hit.param, i, len(names), hit.w_shape),
                     info(f"{key}/{name}", eq, x_ndim, hit.w_shape[1:])))
   elif matches(key):
-    out.append((Slot(key, module_path, hit.param), info(key, hit.equation, x_ndim, hit.w_shape)))
+    out.append((Slot(key, module_path, hit.param, shape=hit.w_shape), info(key, hit.equation, x_ndim, hit.w_shape)))
   return out
 
 
@@ -445,6 +446,12 @@ def problem(module_path: str, param: str, shape, refused: Refused | None, slices
           "intercepted while its module ran (only jnp.einsum / jnp.dot / jnp.matmul / jax.lax.dot_general / @ "
           "inside the module's __call__ are: not jax.lax.ragged_dot, a Pallas kernel, a dot_general imported "
           "by name, or another method), so its adapter would never run; leave it out of target_modules.")
+
+
+def check_stored(slot: Slot, stored, transform: str, fix: str) -> None:
+  """A weight stored with more axes than its contraction saw (a layer of a scan / vmap stack) is refused."""
+  if tuple(int(s) for s in stored) != tuple(slot.shape):
+    raise adapt_core.stacked_error(slot.key, stored, slot.shape, transform, fix)
 
 
 def refusal(problems: Sequence[str]) -> ValueError:

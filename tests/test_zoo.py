@@ -270,6 +270,20 @@ def test_adapter_that_did_not_run_is_an_error_at_the_call():
     switched.apply(params, trainable, x)
 
 
+@pytest.mark.slow
+def test_scanned_generic_layers_are_refused_by_name():
+  """Generic layers of an nnx.vmap / nnx.scan or nn.scan stack (a weight with a leading layer axis): refused,
+  naming the layer and the fix."""
+  x = jnp.ones((2, 8))
+  with pytest.raises(ValueError, match=r"\['layers'\].*nnx.vmap / nnx.scan stack.*nnx.List of layers"):
+    nnx_inject.inject(zm.ScannedStack(nnx.Rngs(0)), LORA, x, target_modules="layers", key=jax.random.PRNGKey(1))
+  model = zm.LinenScannedStack()
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  with pytest.raises(ValueError, match=r"layer 'layers' is inside a lifted transform \(nn.scan or nn.vmap\): its "
+                                       r"kernel is stored as \(3, 8, 8\) but each call sees \(8, 8\)"):
+    inject.inject(model, params, LORA, x, target_modules="layers", key=jax.random.PRNGKey(1))
+
+
 # ------------------------------------------------------------------------------------------- gemma replica (linen)
 
 

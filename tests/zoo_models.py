@@ -360,3 +360,44 @@ class MatmulNet(nnx.Module):
 
   def __call__(self, x):
     return self.mlp(x)
+
+
+class ScannedLayer(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.w = nnx.Param(nnx.initializers.normal()(rngs.params(), (8, 8)))
+
+  def __call__(self, x):
+    return jnp.einsum("bd,df->bf", x, self.w[...])
+
+
+class ScannedStack(nnx.Module):
+  """Three generic layers stacked by nnx.vmap (w [3, 8, 8]) and run by nnx.scan."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return ScannedLayer(rngs)
+    self.layers = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def step(x, layer):
+      return layer(x)
+    return step(x, self.layers)
+
+
+class LinenScannedLayer(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    w = self.param("w", nn.initializers.normal(), (8, 8))
+    return jnp.einsum("bd,df->bf", x, w), None
+
+
+class LinenScannedStack(nn.Module):
+  """Three generic layers under nn.scan (w stored [3, 8, 8])."""
+
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(LinenScannedLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    return scan(name="layers")(x, None)[0]
