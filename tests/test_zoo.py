@@ -154,6 +154,29 @@ def test_tunix_gemma3_kv_einsum_and_attribute_reads(tunix):
 
 
 @pytest.mark.network
+def test_tunix_gemma3_under_remat(tunix):
+  """tunix's RematConfig.BLOCK runs the attention and MLP blocks under nnx.remat: the adapters run there too
+  (output, gradient, merge)."""
+  g3 = tunix["gemma3"]
+  config = g3.ModelConfig(num_layers=1, num_embed=11, embed_dim=8, hidden_dim=12, num_heads=2, head_dim=4,
+                          num_kv_heads=2, sliding_window_size=4, param_dtype=jnp.float32,
+                          remat_config=g3.RematConfig.BLOCK)
+  model = _numpy_init(lambda: g3.Gemma3(config, rngs=nnx.Rngs(0)))()
+  args = _mask_args(slice(None))
+  forward = nnx.jit(lambda m: m(*args)[0])
+  base = forward(model)
+  nnx_inject.inject(model, LORA, *_mask_args(slice(0, 1)), target_modules=r".*(qkv_einsum/(q|v)|down_proj)",
+                    key=jax.random.PRNGKey(1))
+  nnx.update(model, _perturb(nnx.state(model, nnx_inject.AdapterParam), jax.random.PRNGKey(2)))
+  out = forward(model)
+  assert float(jnp.abs(out - base).max()) > 1e-4
+  grads = nnx.jit(lambda m: nnx.grad(lambda m: jnp.mean(m(*args)[0] ** 2),
+                                     argnums=nnx.DiffState(0, nnx_inject.AdapterParam))(m))(model)
+  assert all(float(jnp.abs(v).sum()) > 0 for v in jax.tree_util.tree_leaves(grads))
+  np.testing.assert_allclose(forward(nnx_inject.merge(model)), out, atol=1e-5)
+
+
+@pytest.mark.network
 @pytest.mark.parametrize("spec", [LORA, MOE], ids=["lora", "cellwise_moe"])
 def test_tunix_llama3(tunix, spec, tmp_path):
   l3 = tunix["llama3"]
