@@ -272,3 +272,10 @@ def load_adapter(directory: str, model, frozen_params, *example_args, example_kw
   check_tensors(weights_path, arrays, {n: leaf for n, (_, leaf) in zip(names, leaves_with_paths)},
                 config.get("trainable_extras"))
   return adapted, jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[n]) for n in names])
+
+
+def export_peft(directory: str, adapted: inject.AdaptedModel, trainable: Mapping[str, Any],
+                family: str = "bert") -> None:
+  """PEFT's adapter_model.safetensors + adapter_config.json for a LoRA/DoRA adapter (`localmoe.export`)."""
+  from localmoe import export                 # pylint: disable=g-import-not-at-top
+  export.export_peft(directory, adapted, trainable, family)

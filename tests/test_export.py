@@ -1,0 +1,105 @@
+"""Export for PyTorch (localmoe.export): PEFT LoRA/DoRA files and merged Hugging Face-layout weights, checked
+with numpy re-computations of PEFT's forward (no torch at test time)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from localmoe import export, inject
+from localmoe.models import bert
+
+TINY = dict(num_hidden_layers=2, hidden_size=16, num_attention_heads=4, intermediate_size=32, vocab_size=50,
+            max_position_embeddings=16, type_vocab_size=2, layer_norm_eps=1e-12)
+
+
+def _adapted(spec):
+  model = bert.from_hf_config(TINY)
+  ids = jax.random.randint(jax.random.PRNGKey(0), (2, 7), 0, 50)
+  mask = jnp.ones((2, 7), jnp.int32)
+  frozen = model.init(jax.random.PRNGKey(1), ids, mask)["params"]
+  adapted, trainable = inject.inject(model, frozen, spec, ids[:1], mask[:1], target_modules=bert.ADAPTER_TARGETS,
+                                     key=jax.random.PRNGKey(2))
+  leaves, treedef = jax.tree_util.tree_flatten(trainable)
+  keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+  trained = jax.tree_util.tree_unflatten(treedef, [a + 0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+  return model, frozen, ids, mask, adapted, trained
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_peft_files_keys_shapes_and_config(tmp_path, method):
+  _, _, _, _, adapted, trained = _adapted({"method": method, "rank": 2, "alpha": 4.0})
+  export.export_peft(str(tmp_path), adapted, trained, family="minilm")
+  tensors = load_file(str(tmp_path / export.PEFT_WEIGHTS))
+  config = json.loads((tmp_path / export.PEFT_CONFIG).read_text())
+  assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 4.0
+  assert config["use_dora"] == (method == "dora")
+  assert set(config["target_modules"]) == {"query", "key", "value", "dense"}
+  a = tensors["base_model.model.encoder.layer.1.attention.self.query.lora_A.weight"]
+  b = tensors["base_model.model.encoder.layer.1.intermediate.dense.lora_B.weight"]
+  assert a.shape == (2, 16) and b.shape == (32, 2)
+  assert len(tensors) == 2 * 6 * (3 if method == "dora" else 2)
+  if method == "dora":
+    assert tensors["base_model.model.encoder.layer.0.output.dense.lora_magnitude_vector"].shape == (16,)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_numpy_peft_forward_equals_the_merged_layer(tmp_path, method):
+  """PEFT's Linear forward from the exported tensors and the merged HF weight equals localmoe's merge."""
+  model, frozen, _, _, adapted, trained = _adapted({"method": method, "rank": 2, "alpha": 4.0})
+  export.export_peft(str(tmp_path), adapted, trained, family="bert")
+  tensors = load_file(str(tmp_path / export.PEFT_WEIGHTS))
+  base = export.bert_state_dict(frozen, model.num_heads)
+  merged = export.bert_state_dict(adapted.merge(frozen, trained), model.num_heads)
+  x = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
+  s = 4.0 / 2
+  for module in ("encoder.layer.0.attention.self.key", "encoder.layer.1.attention.output.dense"):
+    w0, bias = base[module + ".weight"], base[module + ".bias"]                    # [out, in]
+    x_in = x if w0.shape[1] == 16 else np.random.default_rng(1).normal(size=(5, w0.shape[1])).astype(np.float32)
+    a = tensors[f"base_model.model.{module}.lora_A.weight"]
+    b = tensors[f"base_model.model.{module}.lora_B.weight"]
+    if method == "lora":
+      y = x_in @ w0.T + bias + s * (x_in @ a.T) @ b.T
+    else:                                                                           # PEFT's DoRA (weight-norm over in)
+      m = tensors[f"base_model.model.{module}.lora_magnitude_vector"]
+      w = w0 + s * b @ a
+      y = x_in @ (m[:, None] * w / np.linalg.norm(w, axis=1, keepdims=True)).T + bias
+    want = x_in @ merged[module + ".weight"].T + merged[module + ".bias"]
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+
+
+def test_merged_export_round_trips_to_the_merged_params(tmp_path):
+  model, frozen, ids, mask, adapted, trained = _adapted({"method": "lora", "rank": 2})
+  merged = adapted.merge(frozen, trained)
+  export.export_merged_bert(str(tmp_path), merged, model.num_heads)
+  tensors = load_file(str(tmp_path / export.MERGED_WEIGHTS))
+  assert tensors["encoder.layer.0.attention.self.query.weight"].shape == (16, 16)
+  assert tensors["embeddings.word_embeddings.weight"].shape == (50, 16)
+  back = bert.params_from_checkpoint(tensors, model)
+  for x, y in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(merged)):
+    np.testing.assert_array_equal(x, np.asarray(y))
+  np.testing.assert_allclose(model.apply({"params": back}, ids, mask), adapted.apply(frozen, trained, ids, mask),
+                             atol=1e-5)
+
+
+def test_grid_adapter_is_refused_with_one_line_pointing_to_merge(tmp_path):
+  spec = {"method": "localized_lora", "k_y": 2, "k_x": 2, "rank": 1}
+  _, _, _, _, adapted, trained = _adapted(spec)
+  with pytest.raises(ValueError, match="merge") as error:
+    export.export_peft(str(tmp_path), adapted, trained)
+  assert "\n" not in str(error.value)
+
+
+def test_fixture_recorded_differences_are_small():
+  path = os.path.join(os.path.dirname(__file__), "fixtures", "peft_reference.json")
+  if not os.path.exists(path):
+    pytest.skip("tests/fixtures/peft_reference.json not produced yet (tools/make_peft_reference.py)")
+  with open(path, encoding="utf-8") as f:
+    fixture = json.load(f)
+  assert "versions" in fixture and "torch" in fixture["versions"]
+  for name, diff in fixture["max_abs_diff"].items():
+    assert diff < 1e-3, name
