@@ -7,7 +7,7 @@ The one name map per model family (`HF_NAMES`) turns a localmoe module path into
 name:
 
   bert / minilm   "encoder/layer_0/attention/self/query"  ->  "encoder.layer.0.attention.self.query"
-  gemma3          "layers/0/attn/q_proj"                  ->  "model.layers.0.self_attn.q_proj"  (not yet wired)
+  gemma3          "layers/0/attn/q_proj"                  ->  "model.layers.0.self_attn.q_proj"
 
 PEFT keys are `base_model.model.<hf module>.lora_A.weight` [r, in] = A^T and `...lora_B.weight` [out, r] = B;
 `lora_alpha` is localmoe's alpha (alpha=None is a scale of 1, written as lora_alpha = r). DoRA adds
@@ -46,36 +46,35 @@ def _gemma3_name(path: str) -> str:
 HF_NAMES: dict[str, Callable[[str], str]] = {"bert": _bert_name, "minilm": _bert_name, "gemma3": _gemma3_name}
 
 
-def peft_tensors(adapted: inject.AdaptedModel, trainable: Mapping[str, Any],
-                 family: str = "bert") -> tuple[dict[str, np.ndarray], dict]:
-  """({PEFT key: float32 array}, adapter_config dict) of a LoRA or DoRA adapted model."""
+
+def _peft(entries, family: str) -> tuple[dict[str, np.ndarray], dict]:
+  """PEFT tensors and config from [(module path, linen adapter definition, its params)]."""
+  from localmoe.adapters import dora as dora_lib, lora as lora_lib   # pylint: disable=g-import-not-at-top
   if family not in HF_NAMES:
     raise ValueError(f"export_peft: family={family!r} is not one of {sorted(HF_NAMES)}.")
-  if not isinstance(adapted.adapter, adapt_core.PerLayer) or callable(adapted.adapter.build):
-    raise ValueError("export_peft: only plain LoRA/DoRA adapters have a PEFT form; export merged weights instead.")
   name = HF_NAMES[family]
   tensors: dict[str, np.ndarray] = {}
   ranks, alphas, doras, modules = set(), set(), set(), []
-  for layer in adapted.layers:
-    spec = dict(adapted.adapter.spec_for(layer))
-    method = spec.get("method")
-    if method not in ("lora", "dora"):
-      raise ValueError(f"export_peft: layer {layer.path!r} has a {method!r} adapter, which PEFT cannot hold: merge "
-                       "it per context (adapted.merge(..., context=t)) and use export_merged_bert instead.")
-    params = trainable["adapter"][layer.path]
-    hf = name(layer.path)
+  for path, definition, params in entries:
+    if type(definition) not in (lora_lib.LoRA, dora_lib.DoRA):
+      raise ValueError(f"export_peft: layer {path!r} has a {type(definition).__name__} adapter, which PEFT cannot "
+                       "hold (only LoRA/DoRA): merge it per context (merge(..., context=t)) and export the merged "
+                       "weights (export_merged_bert / export_merged_gemma3) instead.")
+    hf = name(path)
     modules.append(hf)
     a = np.asarray(jax.device_get(params["A"]), np.float32)          # [d_in, r]
     b = np.asarray(jax.device_get(params["B"]), np.float32)          # [d_out, r]
     tensors[f"base_model.model.{hf}.lora_A.weight"] = np.ascontiguousarray(a.T)   # [r, in]
     tensors[f"base_model.model.{hf}.lora_B.weight"] = np.ascontiguousarray(b)     # [out, r]
-    if method == "dora":
+    dora = isinstance(definition, dora_lib.DoRA)
+    if dora:
       tensors[f"base_model.model.{hf}.lora_magnitude_vector"] = np.asarray(
         jax.device_get(params["magnitude"]), np.float32)              # [out]
-    rank = int(spec["rank"])
-    ranks.add(rank)
-    alphas.add(float(rank if spec.get("alpha") is None else spec["alpha"]))
-    doras.add(method == "dora")
+    ranks.add(int(definition.rank))
+    alphas.add(float(definition.rank if definition.alpha is None else definition.alpha))
+    doras.add(dora)
+  if not modules:
+    raise ValueError("export_peft: the model has no adapted layers.")
   if len(ranks) != 1 or len(alphas) != 1 or len(doras) != 1:
     raise ValueError(f"export_peft: the layers differ in rank {sorted(ranks)}, alpha {sorted(alphas)} or DoRA; "
                      "this export writes one rank/alpha for all target modules.")
@@ -88,9 +87,25 @@ def peft_tensors(adapted: inject.AdaptedModel, trainable: Mapping[str, Any],
   return tensors, config
 
 
-def export_peft(directory: str, adapted: inject.AdaptedModel, trainable: Mapping[str, Any],
-                family: str = "bert") -> None:
-  """Writes PEFT's adapter_model.safetensors and adapter_config.json for a LoRA/DoRA adapted model."""
+def peft_tensors(adapted, trainable: Mapping[str, Any] | None = None,
+                 family: str = "bert") -> tuple[dict[str, np.ndarray], dict]:
+  """({PEFT key: float32 array}, adapter_config dict) of a LoRA/DoRA model: a linen `AdaptedModel` with its
+  `trainable`, or an NNX model adapted by `localmoe.nnx_inject` (trainable=None)."""
+  if isinstance(adapted, inject.AdaptedModel):
+    if not isinstance(adapted.adapter, adapt_core.PerLayer):
+      raise ValueError("export_peft: only plain LoRA/DoRA adapters have a PEFT form; export merged weights instead.")
+    entries = [(layer.path, adapted.adapter.module(layer), trainable["adapter"][layer.path])
+               for layer in adapted.layers]
+  else:
+    from localmoe import nnx_inject               # pylint: disable=g-import-not-at-top
+    entries = [(info.path, adapter.definition, adapter.linen_params())
+               for _, info, adapter, _, _ in nnx_inject._entries(adapted)]   # pylint: disable=protected-access
+  return _peft(entries, family)
+
+
+def export_peft(directory: str, adapted, trainable: Mapping[str, Any] | None = None, family: str = "bert") -> None:
+  """Writes PEFT's adapter_model.safetensors and adapter_config.json for a LoRA/DoRA adapted model (linen
+  `AdaptedModel` + trainable, or an NNX model from `nnx_inject.inject`, e.g. Gemma 3 with family="gemma3")."""
   from safetensors.numpy import save_file     # pylint: disable=g-import-not-at-top
   tensors, config = peft_tensors(adapted, trainable, family)
   os.makedirs(directory, exist_ok=True)
@@ -128,4 +143,42 @@ def export_merged_bert(directory: str, merged_params: Mapping[str, Any], num_hea
   from safetensors.numpy import save_file     # pylint: disable=g-import-not-at-top
   os.makedirs(directory, exist_ok=True)
   save_file(bert_state_dict(merged_params, num_heads), os.path.join(directory, MERGED_WEIGHTS),
+            metadata={"format": "pt", "fits_config": config_note})
+
+
+_GEMMA3_NORMS = {"pre_attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+                 "pre_ffn_norm": "pre_feedforward_layernorm", "post_ffn_norm": "post_feedforward_layernorm",
+                 "final_norm": "norm"}
+
+
+def gemma3_state_dict(model) -> dict[str, np.ndarray]:
+  """Gemma3ForCausalLM tensor names and layouts of a (merged) `localmoe.models.gemma3.Gemma3`.
+
+  Linear kernels [in, out] become weights [out, in]; RMSNorm scales, stored by localmoe as 1 + w (the GGUF
+  convention), are written as HF's w; the embedding is `model.embed_tokens.weight` (tied to the LM head).
+  """
+  from flax import nnx                          # pylint: disable=g-import-not-at-top
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  out: dict[str, np.ndarray] = {}
+  for path, variable in flat:
+    keys = [str(k) for k in path]
+    value = np.asarray(jax.device_get(variable.get_value()), np.float32)
+    *modules, leaf = keys
+    if leaf == "kernel":
+      value, leaf = value.T, "weight"
+    elif leaf == "scale":
+      value, leaf = value - 1.0, "weight"
+      modules[-1] = _GEMMA3_NORMS.get(modules[-1], modules[-1])
+    elif leaf == "embedding":
+      modules, leaf = ["embed_tokens"], "weight"
+    out[_gemma3_name("/".join(modules)) + "." + leaf] = np.ascontiguousarray(value)
+  return out
+
+
+def export_merged_gemma3(directory: str, merged_model,
+                         config_note: str = "Gemma3ForCausalLM, google/gemma-3-270m config") -> None:
+  """Writes model.safetensors (Gemma3ForCausalLM names) of a model merged with `nnx_inject.merge(model, context=t)`."""
+  from safetensors.numpy import save_file     # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  save_file(gemma3_state_dict(merged_model), os.path.join(directory, MERGED_WEIGHTS),
             metadata={"format": "pt", "fits_config": config_note})

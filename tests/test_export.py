@@ -106,3 +106,35 @@ def test_fixture_recorded_differences_are_small():
     assert diff < 1e-4, name
   for method in ("lora", "dora"):                     # the adapters moved the output far more than the differences
     assert fixture["adapter_effect"][f"{method}_changes_output"] > 100 * fixture["max_abs_diff"][f"peft_{method}"]
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_gemma3_peft_and_merged_exports(tmp_path, method):
+  from flax import nnx
+  from localmoe import nnx_inject
+  from localmoe.models import gemma3
+  config = gemma3.Config(num_layers=2, width=32, ffn_width=48, num_heads=4, num_kv_heads=2, head_dim=8,
+                         vocab_size=64)
+  model = gemma3.Gemma3(config, rngs=nnx.Rngs(0))
+  nnx_inject.inject(model, {"method": method, "rank": 2, "alpha": 4.0}, jnp.zeros((1, 4), jnp.int32),
+                    target_modules=gemma3.TARGETS, key=jax.random.PRNGKey(1))
+  for _, _, adapter, _, _ in nnx_inject._entries(model):                       # move B off zero
+    adapter.params["B"].set_value(adapter.params["B"].get_value() + 0.1)
+  export.export_peft(str(tmp_path / "peft"), model, family="gemma3")
+  tensors = load_file(str(tmp_path / "peft" / export.PEFT_WEIGHTS))
+  config_json = json.loads((tmp_path / "peft" / export.PEFT_CONFIG).read_text())
+  assert set(config_json["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"}
+  a = tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"]
+  b = tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"]
+  assert a.shape == (2, 32) and b.shape == (16, 2)
+  merged = nnx_inject.merge(model)
+  export.export_merged_gemma3(str(tmp_path / "merged"), merged)
+  state = load_file(str(tmp_path / "merged" / export.MERGED_WEIGHTS))
+  assert state["model.embed_tokens.weight"].shape == (64, 32)
+  assert "model.layers.0.input_layernorm.weight" in state and "model.norm.weight" in state
+  w = state["model.layers.1.self_attn.k_proj.weight"]                           # [out, in]
+  np.testing.assert_allclose(w, np.asarray(merged.layers[1].attn.k_proj.kernel.get_value()).T)
+  if method == "lora":                                                          # merged = W0 + (alpha/r) B A
+    w0 = np.asarray(model.layers[1].attn.k_proj.base.kernel.get_value()).T
+    np.testing.assert_allclose(w, w0 + 2.0 * b @ a, rtol=1e-5, atol=1e-6)
