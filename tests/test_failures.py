@@ -9,7 +9,7 @@ import re
 import pytest
 
 import experiments
-from tests.test_launch import ROOT, launch
+from tests.test_launch import CONFIGS, QUICK_HERE, ROOT, check_quick_results, launch
 
 pytestmark = pytest.mark.slow  # every test here launches processes or trains end to end
 
@@ -41,6 +41,7 @@ def _cases():
 
 
 CASES = _cases()
+assert sorted(f"{c[0]}.py" for c in CASES) == sorted(set(CONFIGS) - set(QUICK_HERE))   # every config runs quick once
 
 
 @pytest.mark.slow
@@ -64,6 +65,7 @@ def test_a_failed_method_is_isolated_and_only_it_is_retrained(config, failing, o
   for name in others:                                             # finished methods load their final checkpoint
     assert re.search(rf"\[([\w.-]+/)?{name}\] resuming from the checkpoint at epoch (\d+)/\2", out), (name, out[-3000:])
   assert not re.search(rf"\[([\w.-]+/)?{failing}\] resuming", out), out[-3000:]    # the failed one retrains
+  check_quick_results(tmp_path, f"{config}.py")      # the quick run's schema (test_launch skips these configs)
 
 
 @pytest.mark.slow
