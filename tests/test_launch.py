@@ -74,9 +74,13 @@ def test_every_config_runs_quick(config, tmp_path):
   check_quick_results(tmp_path, config)
 
 
-def test_svd_quick_files_and_history(tmp_path):
-  proc = launch("--config=configs/svd_simulation.py:quick,methods=lora+cellwise_moe",
-                f"--workdir={tmp_path}", "--config.optim.lr=3e-3")
+def test_svd_quick_files_and_history_then_the_compilation_cache_is_reused(tmp_path, monkeypatch):
+  """One svd quick run checks its files; it also fills the compilation cache, which a second, identical run
+  then reuses (no new executable) with identical results."""
+  cache_dir = tmp_path / "cache"
+  monkeypatch.setenv("LOCALMOE_COMPILATION_CACHE", str(cache_dir))
+  args = ("--config=configs/svd_simulation.py:quick,methods=lora+cellwise_moe", "--config.optim.lr=3e-3")
+  proc = launch(*args, f"--workdir={tmp_path}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["config"]["optim"]["lr"] == 3e-3
@@ -92,6 +96,14 @@ def test_svd_quick_files_and_history(tmp_path):
   assert os.listdir(tmp_path / "tb")
   md = (tmp_path / "results.md").read_text()
   assert "ordering" in md and "38.29" in md
+  entries = sorted(os.listdir(cache_dir))
+  assert entries, "the first run stored no executable"
+  warm = launch(*args, f"--workdir={tmp_path / 'warm'}")
+  assert warm.returncode == 0, warm.stderr[-3000:]
+  assert sorted(os.listdir(cache_dir)) == entries                   # every program came from the cache
+  metrics = lambda run_dir: {n: m["test_mse"] for n, m in json.loads((run_dir / "results.json").read_text())[
+      "methods"].items()}
+  assert metrics(tmp_path / "warm") == metrics(tmp_path)
 
 
 def test_config_typo_fails_loudly(tmp_path):
@@ -106,22 +118,6 @@ def test_unknown_config_arg_lists_valid_ones(tmp_path):
   proc = launch("--config=configs/svd_simulation.py:quik", f"--workdir={tmp_path}")
   assert proc.returncode != 0
   assert "'quik' is not known" in proc.stderr and "quick" in proc.stderr
-
-
-def test_compilation_cache_is_filled_then_reused_with_identical_results(tmp_path, monkeypatch):
-  cache_dir = tmp_path / "cache"
-  monkeypatch.setenv("LOCALMOE_COMPILATION_CACHE", str(cache_dir))
-  config = "--config=configs/svd_simulation.py:quick,methods=lora+cellwise_moe,spectra=gaussian"   # 2 programs
-  cold = launch(config, f"--workdir={tmp_path / 'cold'}")
-  assert cold.returncode == 0, cold.stderr[-3000:]
-  entries = sorted(os.listdir(cache_dir))
-  assert entries, "the first run stored no executable"
-  warm = launch(config, f"--workdir={tmp_path / 'warm'}")
-  assert warm.returncode == 0, warm.stderr[-3000:]
-  assert sorted(os.listdir(cache_dir)) == entries                   # every program came from the cache
-  metrics = lambda run: {n: m["test_mse"] for n, m in json.loads((tmp_path / run / "results.json").read_text())[
-      "methods"].items()}
-  assert metrics("warm") == metrics("cold")
 
 
 def test_compilation_cache_off(monkeypatch, tmp_path):
