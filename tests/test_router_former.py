@@ -53,7 +53,10 @@ def test_default_router_controls_reproduce_the_former_code():
   now = computation(lm)
   assert sorted(now) == sorted(former)
   for key, want in former.items():
-    np.testing.assert_array_equal(now[key], want, err_msg=key)        # bit for bit
+    if "/init/" in key and not key.endswith(("output", "gates")):
+      np.testing.assert_array_equal(now[key], want, err_msg=key)      # initial params: bit for bit
+    else:                                                             # computed: float32 rounding differs by CPU
+      np.testing.assert_allclose(now[key], want, rtol=1e-5, atol=1e-6, err_msg=key)
   module = lm.make(dict(method="cellwise_moe", d_in=D_IN, d_out=D_OUT, k_y=K_Y, k_x=K_X, rank=RANK, num_experts=E,
                         router_input="context", context_dim=D_CTX))
   assert (module.router_init, module.router_hard, module.router_dropout) == ("normal", None, 0.0)
