@@ -59,7 +59,7 @@ from localmoe.data.text_corpus import Corpus, load_corpus, lower_features, poole
 from localmoe.data.text_corpus import subsets as _subsets
 from localmoe.models import bert, minilm
 from localmoe.models.heads import HIDDEN, NEG, MultiTaskClassifier, head_logits, probe_heads, random_heads  # noqa: F401
-from localmoe.multitask import metric_names, per_example_metrics, task_scores  # noqa: F401
+from localmoe.multitask import method_groups, metric_names, per_example_metrics, task_scores  # noqa: F401
 from localmoe.train.probe import PROBE_TOLERANCE, fit_logistic  # noqa: F401  (the probe's solver)
 
 from experiments.multitask_text_methods import (
@@ -70,7 +70,6 @@ from experiments.multitask_text_methods import (
   adapter_spec,  # noqa: F401
   build_task,
   check_method_groups,
-  method_groups,
   parity_rank,
   trainable_shapes,  # noqa: F401
 )

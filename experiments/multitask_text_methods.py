@@ -23,11 +23,9 @@ from localmoe.data.text_corpus import Corpus
 from localmoe.models import bert
 from localmoe.models.heads import BACKBONE_PREFIX, HIDDEN, MultiTaskClassifier, random_heads
 from localmoe.multitask import (
-  ANCHOR_RULE_NOTE,  # noqa: F401
   ANCHORED,
   ROUTED,
-  ROUTER_PATTERN,  # noqa: F401
-  method_groups,  # noqa: F401
+  method_groups,
   metric_names,
   per_example_metrics,
 )
