@@ -49,7 +49,7 @@ def jobs_and_data(method: str, epochs: int, samples: int):
 
 def fit(jobs, datas, placement=None, epoch_times=None):
   """One train.fit over `jobs`; appends the wall clock after every epoch to `epoch_times` if given."""
-  data = sweep._stack_data(datas)
+  data = sweep.stack_data(datas)
   hook = None if epoch_times is None else (lambda fs: epoch_times.append(time.perf_counter()))
   result = train.fit(
     jobs[0].task,

@@ -37,14 +37,14 @@ def atomic_write_text(path: str, text: str) -> None:
   atomic.write_text(path, text)
 
 
-def _clean(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
   """JSON-safe: numpy scalars to Python, NaN/inf to None."""
   if isinstance(value, dict):
-    return {str(k): _clean(v) for k, v in value.items()}
+    return {str(k): json_ready(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_clean(v) for v in value]
+    return [json_ready(v) for v in value]
   if isinstance(value, np.ndarray):
-    return _clean(value.tolist())
+    return json_ready(value.tolist())
   if isinstance(value, (np.floating, float)):
     value = float(value)
     return value if math.isfinite(value) else None
@@ -54,7 +54,7 @@ def _clean(value: Any) -> Any:
 
 
 def write_json(path: str, payload: Mapping[str, Any]) -> None:
-  atomic_write_text(path, json.dumps(_clean(payload), indent=2) + "\n")
+  atomic_write_text(path, json.dumps(json_ready(payload), indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- summaries

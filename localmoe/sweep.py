@@ -190,7 +190,7 @@ def expand(config, overrides_list: Sequence[Mapping[str, Any]], workdir: str) ->
 # ------------------------------------------------------------------------------------------- running
 
 
-def _stack_data(datas: Sequence[train.Data]) -> train.Data:
+def stack_data(datas: Sequence[train.Data]) -> train.Data:
   """Per-entry data (leading axis 1 each) stacked along the entry axis; shared data: the first one."""
   first = datas[0]
   if not first.per_seed:
@@ -210,7 +210,7 @@ def _row(entry: Entry, group: int, status: str, wall: float, metrics: Mapping[st
   row = {"index": entry.index, "name": entry.name, "group": group, "status": status, "wall_time_s": wall}
   row.update({k: v for k, v in metrics.items() if k not in row})
   row["overrides"] = {k: v for k, v in entry.overrides.items()}
-  return results._clean(row)
+  return results.json_ready(row)
 
 
 def _write_entry_row(entry: Entry, row: Mapping[str, Any]) -> None:
@@ -260,7 +260,7 @@ def _train_group(
   first = jobs[0]
 
   def fit_group():
-    data = _stack_data([job.get_data() for job in jobs])
+    data = stack_data([job.get_data() for job in jobs])
     return train.fit(
       first.task,
       data,
