@@ -43,16 +43,43 @@ class LayerInfo:
   out_shape: tuple[int, ...] = () # the features (Dense: (d_out,))
   axis: tuple[int, ...] = (-1,)   # the contracted axes of the layer's input (negative, kernel order)
   equation: str = ""              # Einsum layers: the equation, e.g. "btd,dnh->btnh" (`localmoe.einsum_layers`)
+  stack: tuple[int, ...] = ()     # a layer of a scan / vmap stack: the kernel's leading layer axes, e.g. (3,)
 
   def to_json(self) -> dict:
     out = {"path": self.path, "kind": self.kind, "in_shape": list(self.in_shape),
            "out_shape": list(self.out_shape), "d_in": self.d_in, "d_out": self.d_out}
+    if self.stack:
+      out["stack"] = list(self.stack)
     return dict(out, equation=self.equation) if self.equation else out
+
+  def unstacked(self) -> "LayerInfo":
+    """One layer of the stack (the geometry each call sees)."""
+    return dataclasses.replace(self, stack=()) if self.stack else self
 
 
 class Session(Protocol):
   def __call__(self, index: int, x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     """Delta for the `index`-th matched layer: x [..., d_in], kernel [d_in, d_out] -> [..., d_out]."""
+
+
+def over_stack(fn: Callable, stack: Sequence[int], *args):
+  """fn mapped over the leading `stack` axes of every argument (one jax.vmap per axis); fn itself for ()."""
+  for _ in stack:
+    fn = jax.vmap(fn)
+  return fn(*args)
+
+
+def stack_of(path: str, stored, seen, transform: str, fix: str) -> tuple[int, ...]:
+  """The leading layer axes of a kernel stored as `stored` whose calls see `seen` (() when unstacked).
+
+  A layer of an nn.scan / nn.vmap / nnx.scan / nnx.vmap stack stores its kernel as [*stack, *seen]; a kernel
+  whose stack axis does not lead (variable_axes={"params": 1}) is refused by name (`stacked_error`).
+  """
+  stored, seen = tuple(int(s) for s in stored), tuple(int(s) for s in seen)
+  lead = len(stored) - len(seen)
+  if lead < 0 or stored[lead:] != seen:
+    raise stacked_error(path, stored, seen, transform, fix)
+  return stored[:lead]
 
 
 class AdapterSet(Protocol):
@@ -84,13 +111,18 @@ class LayerSession:
     self.context, self.capture, self.rngs = context, capture, rngs
     self.offset = offset                               # the first layer's index among all adapted layers
 
-  def __call__(self, index, x, kernel):
+  def __call__(self, index, x, kernel, params=None, slice_index=None):
+    """Delta [..., d_out] of the index-th layer on x [..., d_in]. A layer of a stack: `params` is this
+    layer's slice of its stacked adapter params, `slice_index` its position in the stack (for the rngs)."""
     layer = self.layers[index]
     module = self.modules[layer.path]
-    variables = {"params": self.params[layer.path]}
+    variables = {"params": self.params[layer.path] if params is None else params}
     extra = {"kernel": kernel} if getattr(module, "uses_base_kernel", False) else {}
     if self.rngs:                                      # each layer its own draw: fold_in(key, call index)
-      extra["rngs"] = {name: jax.random.fold_in(key, self.offset + index) for name, key in self.rngs.items()}
+      keys = {name: jax.random.fold_in(key, self.offset + index) for name, key in self.rngs.items()}
+      if slice_index is not None:                      # and each layer of a stack its own
+        keys = {name: jax.random.fold_in(key, slice_index) for name, key in keys.items()}
+      extra["rngs"] = keys
     if routes_on_context(module):
       if self.context is None:
         raise ValueError(f"layer {layer.path!r} has a context-routed adapter ({type(module).__name__}, "
@@ -222,21 +254,33 @@ class PerLayer:
     return {layer.path: self.module(layer) for layer in layers}
 
   def init(self, key, layers, kernels):
+    """{layer path: params}; a layer of a stack gets params stacked [*stack, ...] (kernels [*stack, d_in,
+    d_out] or one [d_in, d_out] for all), layer j of the stack drawn from fold_in(fold_in(key, i), j)."""
     params = {}
     for i, (layer, kernel) in enumerate(zip(layers, kernels)):
       module = self.module(layer)
       x0 = jnp.zeros((1, layer.d_in), jnp.float32)
-      extra = {"kernel": kernel} if getattr(module, "uses_base_kernel", False) else {}
-      if routes_on_context(module):
-        extra["context"] = jnp.zeros((1,), jnp.int32)
-      params[layer.path] = module.init(jax.random.fold_in(key, i), x0, **extra)["params"]
+      context = {"context": jnp.zeros((1,), jnp.int32)} if routes_on_context(module) else {}
+      uses_kernel = getattr(module, "uses_base_kernel", False)
+
+      def one(layer_key, w, module=module, x0=x0, context=context, uses_kernel=uses_kernel):
+        return module.init(layer_key, x0, **context, **({"kernel": w} if uses_kernel else {}))["params"]
+      if not layer.stack:
+        params[layer.path] = one(jax.random.fold_in(key, i), kernel)
+        continue
+      count = int(np.prod(layer.stack))
+      keys = jax.vmap(lambda j, k=jax.random.fold_in(key, i): jax.random.fold_in(k, j))(jnp.arange(count))
+      keys = keys.reshape(tuple(layer.stack) + keys.shape[1:])
+      kernel = jnp.zeros((layer.d_in, layer.d_out), jnp.float32) if kernel is None else jnp.asarray(kernel)
+      kernel = jnp.broadcast_to(kernel, tuple(layer.stack) + kernel.shape[-2:])          # [*stack, d_in, d_out]
+      params[layer.path] = over_stack(one, layer.stack, keys, kernel)
     return params
 
   def session(self, params, layers, context=None, capture=None, rngs=None):
     return LayerSession(self.modules(layers), params, layers, context, capture, rngs)
 
   def num_params(self, layers):
-    return sum(self.module(layer).num_params() for layer in layers)
+    return sum(self.module(layer).num_params() * int(np.prod(layer.stack)) for layer in layers)
 
   def to_json(self) -> Any:
     if isinstance(self.build, Mapping):
@@ -364,10 +408,10 @@ def no_match_error(target_modules, kinds: str, model: Any, listing: str) -> Valu
 
 
 def stacked_error(path: str, stored, seen, transform: str, fix: str) -> ValueError:
-  """The error of a matched layer whose kernel carries a leading stack axis (scan / vmap over layers)."""
+  """The error of a matched layer of a stack whose layer axes do not lead its stored kernel."""
   return ValueError(f"layer {path!r} is {transform}: its kernel is stored as {tuple(stored)} but each call sees "
-                    f"{tuple(seen)}, so one adapter per layer cannot be attached; {fix} or leave it out of "
-                    "target_modules.")
+                    f"{tuple(seen)}, which is not [*layers, *{tuple(seen)}], so the adapters cannot be stacked on "
+                    f"the same leading axis; {fix} or leave it out of target_modules.")
 
 
 def select_extras(trainable_extras, module_paths: Sequence[str], layer_paths: Sequence[str]) -> tuple[str, ...]:
@@ -417,5 +461,10 @@ def delta_2d(module: nn.Module, params, layer: LayerInfo, kernel_2d_: jnp.ndarra
 def merged_kernel(module: nn.Module, params, layer: LayerInfo, kernel: jnp.ndarray, context=None,
                   host: str = "linen") -> jnp.ndarray:
   """kernel + Delta W in the kernel's own layout and dtype (one fixed routing; `delta_2d`)."""
+  if layer.stack:                                     # [*stack, ...]: each layer its own Delta W
+    one = layer.unstacked()
+    if routes_on_context(module) and context is not None:
+      context = merge_context(context, module, layer.path)
+    return over_stack(lambda p, w: merged_kernel(module, p, one, w, context, host), layer.stack, params, kernel)
   delta = delta_2d(module, params, layer, kernel_2d(kernel, layer), context, host)
   return kernel + kernel_nd(delta, layer, kernel.shape).astype(kernel.dtype)

@@ -108,6 +108,9 @@ def _run(model: nn.Module, variables, args, kwargs, **apply_kwargs):
 
 
 TRACES = "router_traces"        # the collection the linen host sows router traces into (remat/scan safe)
+STACKED_ADAPTERS = "localmoe_adapters"   # where apply places a stack's adapters in its layers' params scope
+_STACK_TRANSFORM = "inside a lifted transform (nn.scan or nn.vmap)"
+_STACK_FIX = "stack the params on their leading axis (variable_axes={'params': 0})"
 
 
 def _linear_call(context) -> bool:
@@ -234,12 +237,14 @@ class AdaptedModel:
     slots = {slot.key: slot for slot in self.slots}
     out = []
     for l in self.layers:
-      slot = slots.get(l.path)
+      slot, one = slots.get(l.path), l.unstacked()
       if slot is None:
-        out.append(adapt_core.kernel_2d(jnp.asarray(_tree_get(frozen_params, _keys(l.path) + ["kernel"])), l))
+        w = jnp.asarray(_tree_get(frozen_params, _keys(l.path) + ["kernel"]))
+        out.append(adapt_core.over_stack(lambda w: adapt_core.kernel_2d(w, one), l.stack, w))
         continue
       w = jnp.asarray(_tree_get(frozen_params, _keys(slot.module_path) + [slot.param]))
-      out.append(adapt_core.kernel_2d(w if slot.index < 0 else w[slot.index], l))              # [d_in, d_out]
+      out.append(adapt_core.over_stack(lambda w, slot=slot, one=one: adapt_core.kernel_2d(
+          w if slot.index < 0 else w[slot.index], one), l.stack, w))           # [*stack, d_in, d_out]
     return out
 
   def init_adapter(self, key: jax.Array, frozen_params) -> dict:
@@ -272,11 +277,17 @@ class AdaptedModel:
     """
     rngs = check_rngs(rngs)
     params = self._with_extras(jax.lax.stop_gradient(frozen_params), trainable.get("extras"))
+    params = self._with_stacked(params, trainable["adapter"])
     calling: list[tuple[nn.Module, str]] = []          # the matched layer being called, its traces' sow name
 
     def sow(trace: RouterTrace) -> None:
       marker = jnp.zeros(tuple(trace.input_lead) + (0,), jnp.float32)   # the input's leading axes, as a shape
       module, name = calling[-1]
+      if not module.is_mutable_collection(TRACES):     # inside an nn.scan / nn.vmap that does not carry it
+        raise ValueError(f"layer {trace.path!r} is inside an nn.scan / nn.vmap whose variable_axes lack "
+                         f"{TRACES!r}, so its router traces cannot leave the transform: add "
+                         f"variable_axes={{'params': 0, {TRACES!r}: 0}} (localmoe.inject.TRACES) to that transform, "
+                         "or apply without capture_routing.")
       module.sow(TRACES, name, (trace.logits, trace.gates, marker))
 
     if isinstance(self.adapter, PerLayer):
@@ -309,7 +320,7 @@ class AdaptedModel:
         def one(key, flat, kernel):                                   # Delta [..., d_out] of one slot
           calling.append((module, _trace_name(slots[key])))
           try:
-            return session(index[key], flat, kernel)
+            return session(index[key], flat, kernel, **self._stacked_entry(module, key, index[key]))
           finally:
             calling.pop()
         ran.update(slot.key for slot in chosen)
@@ -342,7 +353,7 @@ class AdaptedModel:
       calling.append((ctx.module, "trace"))
       try:
         with projections.quiet():
-          delta = session(index[path], x, kernel)                                     # [..., d_out]
+          delta = session(index[path], x, kernel, **self._stacked_entry(ctx.module, path, index[path]))  # [..., d_out]
       finally:
         calling.pop()
       delta = adapt_core.output_delta(delta, layer, _inputs(args, kwargs).ndim, y.shape)       # y's layout
@@ -360,8 +371,48 @@ class AdaptedModel:
                        "or an op localmoe.projections does not intercept): call the model as in inject.")
     return y if not capture_routing else (y, self._traces(state.get(TRACES, {})))
 
+  def _stacked_layers(self) -> list[tuple[int, LayerInfo, list[str]]]:
+    """(call index, layer, keys of the params scope that holds its weight) of every layer of a stack."""
+    slots = {slot.key: slot for slot in self.slots}
+    return [(i, l, _keys(slots[l.path].module_path if l.path in slots else l.path))
+            for i, l in enumerate(self.layers) if l.stack]
+
+  def _with_stacked(self, params, adapter_params):
+    """params with every stacked layer's adapters placed in its own params scope, stacked like its kernel:
+    <scope>/STACKED_ADAPTERS/<call index> = {"params": [*stack, ...], "slice": [*stack] layer numbers}; the
+    stack's transform (variable_axes={"params": 0}) slices them with the kernel."""
+    stacked = self._stacked_layers()
+    if not stacked:
+      return params
+    params = dict(params)
+    for i, layer, keys in stacked:
+      node = params
+      for key in keys:
+        node[key] = dict(node[key])
+        node = node[key]
+      holder = dict(node.get(STACKED_ADAPTERS, {}))
+      count = int(np.prod(layer.stack))
+      holder[str(i)] = {"params": adapter_params[layer.path],
+                        "slice": jnp.arange(count, dtype=jnp.int32).reshape(layer.stack)}      # [*stack]
+      node[STACKED_ADAPTERS] = holder
+    return params
+
+  def _stacked_entry(self, module: nn.Module, path: str, i: int) -> dict:
+    """{} for an unstacked layer; else this call's slice of a stacked layer's adapter params (the session's
+    params=, slice_index=), read from the module's params scope."""
+    if not self.layers[i].stack:
+      return {}
+    entry = module.get_variable("params", STACKED_ADAPTERS) or {}
+    entry = entry.get(str(i)) if isinstance(entry, Mapping) else None
+    if entry is None or np.ndim(entry["slice"]) != 0:
+      raise ValueError(f"layer {path!r} is a layer of a stack {self.layers[i].stack} but this call sees "
+                       f"{'no adapters' if entry is None else 'the whole stack of adapters'} in its params scope: "
+                       "call the model as in inject (the stack's transform with variable_axes={'params': 0}).")
+    return {"params": entry["params"], "slice_index": entry["slice"]}
+
   def _traces(self, sown) -> list[RouterTrace]:
-    """The sown traces as RouterTraces: layers in call order, a layer called twice gives two in a row."""
+    """The sown traces as RouterTraces: layers in call order, a layer called twice gives two in a row; a
+    layer of a stack gives one per layer of the stack, in stack order."""
     traces = []
     slots = {slot.key: slot for slot in self.slots}
     for layer in self.layers:
@@ -372,9 +423,17 @@ class AdaptedModel:
       if not node:
         continue
       module = self.adapter.module(layer)
+      n = len(layer.stack)
       for logits, gates, marker in node:
-        traces.append(RouterTrace(layer.path, logits, gates, tuple(module.router_grid),
-                                  getattr(module, "top_k", None), tuple(marker.shape[:-1])))
+        if not n:
+          traces.append(RouterTrace(layer.path, logits, gates, tuple(module.router_grid),
+                                    getattr(module, "top_k", None), tuple(marker.shape[:-1])))
+          continue
+        logits = logits.reshape((-1,) + logits.shape[n:])                      # [layers, *lead, R, E]
+        gates = gates.reshape((-1,) + gates.shape[n:])
+        for j in range(logits.shape[0]):
+          traces.append(RouterTrace(layer.path, logits[j], gates[j], tuple(module.router_grid),
+                                    getattr(module, "top_k", None), tuple(marker.shape[n:-1])))
     return traces
 
   def merge(self, frozen_params, trainable, context=None):
@@ -476,16 +535,21 @@ def _discover(model: nn.Module, params, example_args: Sequence[Any], target_modu
         stored = tuple(np.shape(_tree_get(params, [str(p) for p in context.module.path] + ["kernel"])))
       except (KeyError, TypeError):
         stored = seen
-      if stored != seen:
-        raise adapt_core.stacked_error(path, stored, seen, "inside a lifted transform (nn.scan or nn.vmap)",
-                                       "unroll the stack (a Python loop over layers, or scan=False)")
+      stack = adapt_core.stack_of(path, stored, seen, _STACK_TRANSFORM, _STACK_FIX)
       found[path] = LayerInfo(path=path, d_in=math.prod(in_shape), d_out=math.prod(out_shape), kind=kind,
-                              in_shape=in_shape, out_shape=out_shape, axis=axis, equation=equation)
+                              in_shape=in_shape, out_shape=out_shape, axis=axis, equation=equation, stack=stack)
     with projections.frame(projections.Frame(owner=context.module)):
       return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record), projections.intercepting():
     jax.eval_shape(lambda p, *a: _run(model, {"params": p}, a, example_kwargs or {}), params, *example_args)
+  for key, slot in slots.items():                      # a generic layer of a stack: its weight's leading axes
+    try:
+      stored = np.shape(_tree_get(params, _keys(slot.module_path) + [slot.param]))
+    except (KeyError, TypeError):
+      continue
+    found[key] = dataclasses.replace(found[key], stack=adapt_core.stack_of(key, stored, slot.shape,
+                                                                           _STACK_TRANSFORM, _STACK_FIX))
   problems, seen_keys = list(failures), set()
   for frame in frames:                                 # matched weights whose contraction no frame adapted
     for name, value in frame.weights.items():
@@ -535,10 +599,12 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
   layers, slots, problems = _discover(model, params, example_args, target_modules, example_kwargs)
   if problems:
     raise projections.refusal(problems)
-  for slot in slots:
-    projections.check_stored(slot, np.shape(_tree_get(params, _keys(slot.module_path) + [slot.param])),
-                             "inside a lifted transform (nn.scan or nn.vmap)",
-                             "unroll the stack (a Python loop over layers, or scan=False)")
+  stacked = [layer.path for layer in layers if layer.stack]
+  if stacked and not isinstance(adapter, PerLayer):
+    raise ValueError(f"layer(s) {stacked[:3]} are layers of a scan / vmap stack (kernel {layers[0].stack} + ...) "
+                     f"and {type(adapter).__name__} carries a state from layer to layer, which cannot be sliced "
+                     "with the stack: use a per-layer method (lora, dora, localized_lora, blockwise_moe, "
+                     "cellwise_moe, ...), or unroll the stack (a Python loop over layers).")
   matches = path_matcher(target_modules)
   reached = {l.path for l in layers} | {slot.module_path for slot in slots}
   unreached = [p for p, leaf in params_lib.leaf_paths(params) if p.endswith("/kernel") and np.ndim(leaf) >= 2

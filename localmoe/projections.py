@@ -330,9 +330,8 @@ def _operator(original: Callable, reflected: bool) -> Callable:
 
 
 def _operator_classes() -> list:
-  from jax._src import core               # pylint: disable=g-import-not-at-top
-  from jax._src.array import ArrayImpl    # pylint: disable=g-import-not-at-top
-  return [core.Tracer, ArrayImpl]
+  """The classes whose `@` is replaced: jax's tracers and its concrete array class (public names only)."""
+  return [jax.core.Tracer, type(jnp.zeros(()))]
 
 
 @contextlib.contextmanager
@@ -486,7 +485,18 @@ def delta(slots: Sequence[Slot], layers: Sequence[adapt_core.LayerInfo], hit: Hi
 
 def merged_weight(w, parts: Sequence[tuple[Slot, adapt_core.LayerInfo, Any, Any]], context=None,
                   host: str = "linen"):
-  """The weight + Delta W in its own layout and dtype; parts: (slot, layer, adapter module, adapter params)."""
+  """The weight + Delta W in its own layout and dtype; parts: (slot, layer, adapter module, adapter params).
+
+  Layers of a stack (weight [*stack, ...], adapter params [*stack, ...]): each layer of the stack merges its own.
+  """
+  stack = parts[0][1].stack if parts else ()
+  if stack:
+    if any(tuple(layer.stack) != tuple(stack) for _, layer, _, _ in parts):
+      raise ValueError(f"layer {parts[0][1].path!r}: the projections of one weight have different stacks.")
+    def one(w, *params):
+      return merged_weight(w, [(slot, layer.unstacked(), module, p)
+                               for (slot, layer, module, _), p in zip(parts, params)], context, host)
+    return adapt_core.over_stack(one, stack, w, *[p for _, _, _, p in parts])
   for slot, layer, module, params in parts:
     if slot.index < 0:
       w = adapt_core.merged_kernel(module, params, layer, w, context, host)
