@@ -14,7 +14,8 @@ A `Router` owns a grid of independent routers: `grid=()` is one global router (b
 
 Every call sows, into the `intermediates` collection, the router logits and gates flattened to
 [tokens, routers, E], so that auxiliary losses and diagnostics below can be computed by the trainer
-(`module.apply(..., mutable=["intermediates"])`, then `collect_router_outputs`). The paper lists the lack
+(`module.apply(..., mutable=["intermediates"])`, then `collect_router_outputs`); an adapted model's
+losses are `router_traces.router_losses` (one API for both hosts). The paper lists the lack
 of load balancing and routing diagnostics as a limitation; these fill that gap.
 
 Router controls (all off by default, so Eq. 5 / Eq. 7 hold unchanged):
@@ -597,14 +598,3 @@ def gate_diagnostics(
   pairs = present[:, None] & present[None, :] & ~jnp.eye(num_groups, dtype=bool)  # [G, G]
   out["task_separation"] = jnp.where(pairs.any(), (tv * pairs).sum() / jnp.maximum(pairs.sum(), 1), jnp.nan)
   return out
-
-
-def router_aux_losses(intermediates: Any, top_k: int = 1) -> dict[str, jnp.ndarray]:
-  """Sums, over every router grid in `intermediates`, the per-cell and global balance losses and z-loss."""
-  outputs = collect_router_outputs(intermediates)
-  zero = jnp.zeros(())
-  return {
-    "load_balance_per_cell": sum((load_balancing_loss(o.gates, top_k, True) for o in outputs), zero),
-    "load_balance_global": sum((load_balancing_loss(o.gates, top_k, False) for o in outputs), zero),
-    "router_z": sum((router_z_loss(o.logits) for o in outputs), zero),
-  }
