@@ -92,8 +92,8 @@ class RoutingRngs(nnx.Variable):
   """
 
 
-def _no_context() -> jnp.ndarray:
-  return jnp.zeros((0,), jnp.int32)
+def _no_context(stack: tuple[int, ...] = ()) -> jnp.ndarray:
+  return jnp.zeros(tuple(stack) + (0,), jnp.int32)
 
 
 def _values(tree):
@@ -181,15 +181,22 @@ class AdaptedLayer(nnx.Module):
   contractions, and attribute reads the model makes (`.shape`, `.einsum_str`, ...) pass through to `.base`.
   """
 
-  def __init__(self, base: nnx.Module, path: str, injection: _Injection, wanted: tuple[str, ...] = ()):
+  def __init__(self, base: nnx.Module, path: str, injection: _Injection, wanted: tuple[str, ...] = (),
+               stack: tuple[int, ...] | None = ()):
+    """stack: the leading layer axes of a layer of an nnx.vmap / nnx.scan stack (its kernel [*stack, ...]),
+    () for a plain layer, None for the discovery pass (no routing state: nothing to slice)."""
     self.base = base                          # the original nnx.Linear / LinearGeneral / Einsum (frozen)
     self.path = path                          # "/"-joined module path, e.g. "attn/query"
     self.injection = injection
     self.layer: adapt_core.LayerInfo | None = None      # geometry seen in the discovery pass
     self.index = -1                           # call order among the adapted layers
     self.adapter = nnx.data(None)             # an `Adapter`; None until discovered
-    self.context = RoutingContext(_no_context())
-    self.rngs = RoutingRngs({})
+    self.stack = tuple(stack or ())
+    if stack is not None:                     # routing state, stacked like the kernel for a stack's transform
+      self.context = RoutingContext(_no_context(self.stack))
+      self.rngs = RoutingRngs({})
+    if self.stack:                            # each layer's number in the stack, sliced with it
+      self.slice = RoutingContext(jnp.arange(math.prod(self.stack), dtype=jnp.int32).reshape(self.stack))
     self.generic = bool(wanted)               # a generic module: its matched weights' names are `wanted`
     if wanted:
       self.wanted = tuple(wanted)
@@ -219,8 +226,34 @@ class AdaptedLayer(nnx.Module):
     with projections.frame(projections.Frame(owner=self.base)):           # the layer's ops are its own
       return self._linear_call(*args, **kwargs)
 
+  def _unsliced(self) -> int:
+    """How many of the stack's axes the transform around this call left unsliced (0: one layer's call)."""
+    return int(self.slice.get_value().ndim) if self.stack else 0
+
+  def _slice_index(self):
+    """This call's layer number in its stack (for the rngs), or None (a plain layer, or an unsliced call)."""
+    return self.slice.get_value() if self.stack and self._unsliced() == 0 else None
+
+  def _rngs(self) -> dict | None:
+    lead = (0,) * self._unsliced()                   # state the transform broadcast: the same for every layer
+    return {name: key[lead] for name, key in self.rngs.get_value().items()} or None
+
+  def _capture(self, definitions) -> list | None:
+    """The list this call's router traces go to (None: not collected); a stack's routed layer refuses one."""
+    captures = _captures()
+    capture = captures[-1] if captures else None
+    routed = [d for d in definitions if adapt_core.routes_on_context(d) or adapt_core.routes_on_activation(d)]
+    if capture is not None and self.stack and routed:
+      raise ValueError(f"layer {self.path!r} is a layer of an nnx.vmap / nnx.scan stack {self.stack} with a routed "
+                       f"adapter ({type(routed[0]).__name__}): its router traces are values inside that transform "
+                       "and cannot be collected outside it; call the model inside `routing_context(model, c, "
+                       "capture=False)` (or nnx_inject.call(..., capture_routing=False)), or build the stack as an "
+                       "nnx.List of layers to collect them.")
+    return capture
+
   def _context(self, definitions) -> Any:
     context = self.context.get_value()
+    context = context[(0,) * self._unsliced()]
     context = None if context.shape == (0,) else context
     for definition in definitions:
       if adapt_core.routes_on_context(definition) and context is None:
@@ -262,11 +295,11 @@ class AdaptedLayer(nnx.Module):
       raise ValueError(f"layer {self.path!r} matches target_modules but was not called when the model was "
                        "injected (other input shapes or control flow?): re-run inject with inputs that reach it.")
     context = self._context(a.definition for a in self.adapters)
-    captures = _captures()
-    rngs = dict(self.rngs.get_value()) or None
+    capture = self._capture([a.definition for a in self.adapters])
+    rngs, slice_index = self._rngs(), self._slice_index()
     sessions = {
         info.path: adapt_core.LayerSession({info.path: adapter.definition}, {info.path: adapter.linen_params()},
-                                           [info], context, captures[-1] if captures else None, rngs=rngs,
+                                           [info], context, capture, rngs=rngs,
                                            offset=index)
         for index, info, adapter, _ in self.entries()}
     infos = {info.path: info for info in self.infos}
@@ -274,7 +307,7 @@ class AdaptedLayer(nnx.Module):
     def handler(hit, x, w, y):
       chosen = [slot for slot in self.slots if slot.param == hit.param]
       return projections.delta(chosen, [infos[s.key] for s in chosen], hit, x, w, y,
-                               lambda key, flat, kernel: sessions[key](0, flat, kernel))
+                               lambda key, flat, kernel: sessions[key](0, flat, kernel, slice_index=slice_index))
 
     weights = {slot.param: getattr(base, slot.param).get_value() for slot in self.slots}
     frame = projections.Frame(self.path, weights, handler, owner=base, foreign=foreign)
@@ -299,14 +332,14 @@ class AdaptedLayer(nnx.Module):
                        "injected (other input shapes or control flow?): re-run inject with inputs that reach it.")
     layer, definition = self.layer, self.adapter.definition
     context = self._context([definition])
-    captures = _captures()
+    capture = self._capture([definition])
     session = adapt_core.LayerSession(
         {layer.path: definition}, {layer.path: self.adapter.linen_params()}, [layer], context,
-        captures[-1] if captures else None, rngs=dict(self.rngs.get_value()) or None, offset=self.index)
+        capture, rngs=self._rngs(), offset=self.index)
     flat = adapt_core.flatten_input(x, layer)                                             # [..., d_in]
     kernel = adapt_core.kernel_2d(self.base.kernel.get_value(), layer)                    # [d_in, d_out]
     with projections.quiet():
-      delta = session(0, flat, kernel)                                                    # [..., d_out]
+      delta = session(0, flat, kernel, slice_index=self._slice_index())                   # [..., d_out]
     delta = adapt_core.output_delta(delta, layer, x.ndim, y.shape)                        # y's layout
     return y + delta.astype(y.dtype)
 
@@ -323,16 +356,19 @@ def _expected_kernel_shape(module) -> tuple[int, ...]:
   return tuple(int(s) for s in module.kernel_shape)
 
 
-def _check_unstacked(module, path: str) -> None:
-  """Refuses a layer of an nnx.vmap / nnx.scan stack and a LinearGeneral with batch axes, by name."""
-  stored, expected = tuple(module.kernel.shape), _expected_kernel_shape(module)
-  if stored != expected:
-    raise adapt_core.stacked_error(path, stored, expected, "part of a stacked layer (nnx.vmap / nnx.scan over "
-                                   "layers)", "build the stack as an nnx.List of layers (a Python loop)")
+_STACK_TRANSFORM = "part of a stacked layer (nnx.vmap / nnx.scan over layers)"
+_STACK_FIX = "stack the layers on the leading axis (nnx.vmap with out_axes=0)"
+
+
+def _kernel_stack(module, path: str) -> tuple[int, ...]:
+  """The leading layer axes of a layer of an nnx.vmap / nnx.scan stack (its kernel [*stack, ...]), () for a
+  plain layer; a stack axis that does not lead and a LinearGeneral with batch axes are refused by name."""
   if isinstance(module, nnx.LinearGeneral) and module.batch_axis:
     raise ValueError(f"layer {path!r} is an nnx.LinearGeneral with batch_axis={dict(module.batch_axis)}: its "
                      "kernel differs per batch index, so one adapter cannot stand for it; leave it out of "
                      "target_modules.")
+  return adapt_core.stack_of(path, module.kernel.shape, _expected_kernel_shape(module), _STACK_TRANSFORM,
+                             _STACK_FIX)
 
 
 def _geometry(module, path: str, x, args, kwargs) -> adapt_core.LayerInfo:
@@ -415,15 +451,18 @@ def _candidates(model: nnx.Module, target_modules) -> list[tuple[tuple, nnx.Modu
       raise ValueError(f"layer {_path_str(path if adapted else path[:-1])!r} is already adapted: inject a model "
                        "once (merge it first to adapt the merged model again).")
     if not wanted:
-      _check_unstacked(module, name)
+      _kernel_stack(module, name)
     found.append((path, module, wanted))
   return sorted(found, key=lambda item: -len(item[0]))
 
 
-def _wrap_all(model: nnx.Module, candidates, injection: _Injection) -> list[AdaptedLayer]:
+def _wrap_all(model: nnx.Module, candidates, injection: _Injection,
+              stacks: Mapping[str, tuple[int, ...]] | None = None) -> list[AdaptedLayer]:
+  """Wraps every candidate; stacks: {path: leading layer axes} of the stacked ones (None: discovery wrappers)."""
   wrappers = []
   for path, module, wanted in candidates:                # deepest first
-    wrapper = AdaptedLayer(module, _path_str(path), injection, wanted)
+    name = _path_str(path)
+    wrapper = AdaptedLayer(module, name, injection, wanted, None if stacks is None else stacks.get(name, ()))
     _replace(model, path, wrapper)
     wrappers.append(wrapper)
   return wrappers
@@ -448,17 +487,27 @@ def _discover(model: nnx.Module, example_args: Sequence[Any], target_modules: st
   try:
     with projections.intercepting():
       jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*example_args, **(example_kwargs or {})), state)
-    return tuple(_STATE.probe.values()), dict(_STATE.slots), list(_STATE.problems), set(_STATE.called)
+    infos, slots = dict(_STATE.probe), dict(_STATE.slots)
+    problems, called = list(_STATE.problems), set(_STATE.called)
   except (ValueError, TypeError) as error:
     generic = [w.path for w in wrappers if w.generic]
     if not generic or str(error).startswith("layer "):                # no generic layer, or localmoe's own words
       raise
     raise ValueError(f"the model's example call failed once its generic layer(s) {generic[:3]} were wrapped "
-                     f"({type(error).__name__}: {str(error)[:200]}): a layer of an nnx.vmap / nnx.scan stack (a "
-                     "weight with a leading layer axis) cannot take one adapter per layer; build the stack as an "
-                     "nnx.List of layers (a Python loop) or leave it out of target_modules.") from error
+                     f"({type(error).__name__}: {str(error)[:200]}): the wrapper must be called like the module it "
+                     "replaces; leave it out of target_modules.") from error
   finally:
     _STATE.probe = None
+  bases = {w.path: w.base for w in wrappers}
+  for path, info in infos.items():                    # a layer of a stack: its kernel's leading layer axes
+    slot = slots.get(path)
+    if slot is None:
+      stack = _kernel_stack(bases[path], path)
+    else:
+      stored = getattr(bases[slot.module_path], slot.param).get_value().shape
+      stack = adapt_core.stack_of(path, stored, slot.shape, _STACK_TRANSFORM, _STACK_FIX)
+    infos[path] = dataclasses.replace(info, stack=stack)
+  return tuple(infos.values()), slots, problems, called
 
 
 def linear_paths(model: nnx.Module, *example_args) -> list[str]:
@@ -540,18 +589,23 @@ def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequ
                      "never reached them, so their input shapes are unknown: pass example inputs (and "
                      "example_kwargs) that reach them, or narrow target_modules.")
   modules = dict((_path_str(p), m) for p, m, _ in candidates)
-  for slot in slots.values():
-    projections.check_stored(slot, getattr(modules[slot.module_path], slot.param).get_value().shape,
-                             "part of a stacked layer (nnx.vmap / nnx.scan over layers)",
-                             "build the stack as an nnx.List of layers (a Python loop)")
+  stacks: dict[str, tuple[int, ...]] = {}
+  for layer in layers:                                # a wrapper's stack: its layer's, or all its projections'
+    owner = slots[layer.path].module_path if layer.path in slots else layer.path
+    if stacks.setdefault(owner, layer.stack) != layer.stack:
+      raise ValueError(f"layer {layer.path!r} is stacked {layer.stack} but another weight of {owner!r} is stacked "
+                       f"{stacks[owner]}: one module's adapters must share one stack; leave one out of "
+                       "target_modules.")
   kernels = []
-  for layer in layers:                                                          # [d_in, d_out] each
-    slot = slots.get(layer.path)
+  for layer in layers:                                                # [*stack, d_in, d_out] each
+    slot, one = slots.get(layer.path), layer.unstacked()
     if slot is None:
-      kernels.append(adapt_core.kernel_2d(modules[layer.path].kernel.get_value(), layer))
+      w = modules[layer.path].kernel.get_value()
+      kernels.append(adapt_core.over_stack(lambda w: adapt_core.kernel_2d(w, one), layer.stack, w))
       continue
     w = getattr(modules[slot.module_path], slot.param).get_value()
-    kernels.append(adapt_core.kernel_2d(w if slot.index < 0 else w[slot.index], layer))
+    kernels.append(adapt_core.over_stack(lambda w, slot=slot, one=one: adapt_core.kernel_2d(
+        w if slot.index < 0 else w[slot.index], one), layer.stack, w))
   params = adapter.init(key, layers, kernels)
   try:
     rules = json.dumps(adapter.to_json())
@@ -559,7 +613,7 @@ def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequ
     rules = None                                # a callable build: usable, not savable
   target = target_modules if isinstance(target_modules, str) else tuple(target_modules)
   injection = _Injection(rules, target, trainable_extras)
-  for wrapper in _wrap_all(model, candidates, injection):
+  for wrapper in _wrap_all(model, candidates, injection, stacks):
     if wrapper.generic:
       mine = [(by_path[key][0], slot) for key, slot in slots.items() if slot.module_path == wrapper.path]
       mine.sort(key=lambda item: item[0])
@@ -582,7 +636,7 @@ def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequ
 
 
 @contextlib.contextmanager
-def routing_context(model: nnx.Module, context=None, rngs=None) -> Iterator[list]:
+def routing_context(model: nnx.Module, context=None, rngs=None, capture: bool = True) -> Iterator[list]:
   """Within the block, calls of `model` route on `context` (labels [batch], or one-hot/embedding [batch, D]).
 
   rngs: the adapters' training-time randomness for the calls in the block, {"gumbel": key, "dropout": key}
@@ -592,16 +646,19 @@ def routing_context(model: nnx.Module, context=None, rngs=None) -> Iterator[list
   (evaluation routes deterministically).
   Yields the list that collects every routed layer's `inject.RouterTrace` (logits and gates, call order),
   for `inject.router_losses` and `inject.routing_diagnostics`. context=None only collects traces.
+  capture=False: collect no traces (the list stays empty); needed for the routed layers of an nnx.vmap /
+  nnx.scan stack, whose traces cannot leave the stack's transform (collecting them is an error naming the layer).
   """
   rngs = adapt_core.check_rngs(rngs) or {}
   wrappers = [w for _, w in _adapted(model)]
   before = [(w.context.get_value(), w.rngs.get_value()) for w in wrappers]
   value = _no_context() if context is None else jnp.asarray(context)
-  for w in wrappers:
-    w.context.set_value(value)
-    w.rngs.set_value(dict(rngs))
+  for w in wrappers:                                  # a stack's wrapper: one copy per layer, sliced with it
+    w.context.set_value(jnp.broadcast_to(value, w.stack + value.shape) if w.stack else value)
+    w.rngs.set_value({name: jnp.broadcast_to(key, w.stack + key.shape) for name, key in rngs.items()}
+                     if w.stack else dict(rngs))
   traces: list = []
-  _captures().append(traces)
+  _captures().append(traces if capture else None)
   try:
     yield traces
   finally:
@@ -617,7 +674,7 @@ def call(model: nnx.Module, *args, context=None, capture_routing: bool = False, 
   capture_routing: also return the RouterTraces, [RouterTrace] in call order.
   rngs: {"gumbel": key, "dropout": key} for the adapters (`routing_context`).
   """
-  with routing_context(model, context, rngs) as traces:
+  with routing_context(model, context, rngs, capture=capture_routing) as traces:
     y = model(*args, **kwargs)
   return (y, traces) if capture_routing else y
 
@@ -629,7 +686,7 @@ def layers(model: nnx.Module) -> tuple[adapt_core.LayerInfo, ...]:
 
 def num_params(model: nnx.Module) -> int:
   """Trainable adapter parameters (without the trainable extras); equals linen's `adapted.num_params()`."""
-  return sum(adapter.num_params() for _, _, adapter, _, _ in _entries(model))
+  return sum(adapter.num_params() * math.prod(info.stack) for _, info, adapter, _, _ in _entries(model))
 
 
 def _extras(model: nnx.Module) -> dict[str, dict[str, Any]]:

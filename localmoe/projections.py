@@ -447,12 +447,6 @@ def problem(module_path: str, param: str, shape, refused: Refused | None, slices
           "by name, or another method), so its adapter would never run; leave it out of target_modules.")
 
 
-def check_stored(slot: Slot, stored, transform: str, fix: str) -> None:
-  """A weight stored with more axes than its contraction saw (a layer of a scan / vmap stack) is refused."""
-  if tuple(int(s) for s in stored) != tuple(slot.shape):
-    raise adapt_core.stacked_error(slot.key, stored, slot.shape, transform, fix)
-
-
 def refusal(problems: Sequence[str]) -> ValueError:
   """One error for the matched weights that cannot be adapted: the first one's text, then every other's key."""
   others = [re.match(r"layer '([^']*)'", text) for text in problems[1:]]
