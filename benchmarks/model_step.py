@@ -2,7 +2,7 @@
 
 The model is the multi-task classifier of `experiments/multitask_text.py` (MiniLM-L6, frozen, every
 attention and FFN projection adapted, one head per task), with the experiment's own adapter specs at
-parameter parity with LoRA of rank `config.model.rank`. One step is the trainer's `train.train_step`
+parameter parity with LoRA of rank `config.adapter.rank`. One step is the trainer's `train.train_step`
 (forward, backward, AdamW update, router aux losses where routed) of one seed, jit-compiled, on a
 fixed batch of random token ids with random task labels (speed does not depend on the text).
 Methods are timed round-robin, one call each per repeat, after a warm-up; the figure is the median.
@@ -162,8 +162,8 @@ def main(argv=None) -> dict:
   if hasattr(os, "getloadavg"):
     print(f"  load average (1, 5, 15 min): {tuple(round(v, 2) for v in os.getloadavg())}")
   print(
-    f"  MiniLM x{args.layers} layers{' (random weights)' if args.random_weights else ''}, batch {args.batch} x {args.tokens} tokens, rank {config.model.rank}, "
-    f"grid {config.model.grid}, E {config.model.num_experts}; median of {args.repeats} round-robin steps"
+    f"  MiniLM x{args.layers} layers{' (random weights)' if args.random_weights else ''}, batch {args.batch} x {args.tokens} tokens, rank {config.adapter.rank}, "
+    f"grid {config.adapter.grid}, E {config.adapter.num_experts}; median of {args.repeats} round-robin steps"
   )
   built = {}
   for method in args.methods:

@@ -33,7 +33,7 @@ The protocol, and why each choice:
   frozen and unadapted in every method, so their output is computed once per example and every step runs the
   upper blocks only; prompts of at most `data.max_length` tokens (the text is cut to fit); the 262,144-row output
   projection is replaced by the answer tokens' rows (30 for the four tasks).
-- Methods at parity with LoRA of rank `model.rank` on every adapted projection (q/k/v/o, gate/up/down):
+- Methods at parity with LoRA of rank `adapter.rank` on every adapted projection (q/k/v/o, gate/up/down):
   `localmoe.multitask` says how each splits the rank. The routed methods use the anchors' router settings
   (`_anchor`: router rate x100 through a parameter group, no router weight decay, U(-1e-3, 1e-3) start);
   `cellwise_moe_oracle` starts each task on its own expert; `cellwise_moe_activation` routes on activations (no
@@ -92,6 +92,10 @@ def get_config(arg=None):
       num_layers=18,  # the first n blocks of Gemma 3 270M (quick: 2)
       frozen_layers=12,  # lower blocks without adapters, computed once per example
       dtype="float32",  # compute dtype: float32 or bfloat16 (adapters keep float32 params)
+    )
+  )
+  config.adapter = ml_collections.ConfigDict(
+    dict(  # what every adapter method shares
       rank=8,  # the LoRA rank every method matches in parameters
       grid=2,  # K: a K x K grid for the localized methods
       num_experts=4,  # E per cell (routed methods)

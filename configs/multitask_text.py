@@ -34,7 +34,7 @@ Data (`localmoe.data.text`): 20 Newsgroups (topic, 20 classes), SMS Spam (2), TR
 Rotten Tomatoes (sentiment, 2), read offline from PyPI wheels. The training stream is the union of the
 training sets, reshuffled every pass, so each example's task is random; the task id is the context.
 
-Parity (`config.model`): every method spends the parameters of LoRA with rank `rank` on each adapted layer:
+Parity (`config.adapter`): every method spends the parameters of LoRA with rank `rank` on each adapted layer:
 Localized LoRA rank/grid per cell of a grid x grid grid; the LoRA-MoEs num_experts experts of rank
 rank/(grid*num_experts) per cell (+ routers); one LoRA per task of rank rank/tasks each.
 
@@ -83,11 +83,15 @@ def get_config(arg=None):
       num_layers=6,  # the first n layers of MiniLM-L6 (quick: 2)
       frozen_layers=0,  # lower layers without adapters, computed once per example
       dtype="float32",  # backbone compute dtype: float32 or bfloat16 (adapters keep float32 params)
+      heads="probe",  # task heads start from the linear probe ("probe", LP-FT) or N(0, 0.02^2)
+    )
+  )
+  config.adapter = ml_collections.ConfigDict(
+    dict(  # what every adapter method shares
       rank=8,  # the LoRA rank every method matches in parameters
       grid=2,  # K: a K x K grid for the localized methods
       num_experts=4,  # E per cell (routed methods)
       alpha=0.0,  # LoRA alpha; 0: alpha = r (scale 1)
-      heads="probe",  # task heads start from the linear probe ("probe", LP-FT) or N(0, 0.02^2)
     )
   )
   config.router = ml_collections.ConfigDict(

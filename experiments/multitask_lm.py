@@ -95,10 +95,11 @@ def validate(config) -> train.Settings:
     )
   if m.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'.")
+  a = config.adapter
   for field in ("rank", "grid", "num_experts"):
-    _int(m[field], f"config.model.{field}", 1, "e.g. 8, 2 and 4")
-  if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)) or not (m.alpha >= 0 and np.isfinite(m.alpha)):
-    raise ValueError(f"config.model.alpha={m.alpha!r} must be >= 0 (0: alpha = rank, a scale of 1).")
+    _int(a[field], f"config.adapter.{field}", 1, "e.g. 8, 2 and 4")
+  if isinstance(a.alpha, bool) or not isinstance(a.alpha, (int, float)) or not (a.alpha >= 0 and np.isfinite(a.alpha)):
+    raise ValueError(f"config.adapter.alpha={a.alpha!r} must be >= 0 (0: alpha = rank, a scale of 1).")
   for field in (
     "load_balance",
     "z_loss",
@@ -142,13 +143,13 @@ def validate(config) -> train.Settings:
   for name in names:
     if name in BASELINES:
       continue
-    spec = multitask.adapter_spec(name, m, config.router, len(tasks))
+    spec = multitask.adapter_spec(name, a, config.router, len(tasks))
     layers = [inject.LayerInfo(f"layers/0/p{i}", d_in, d_out) for i, (d_in, d_out) in enumerate(TARGET_SHAPES)]
     for layer in layers:
       try:
         adapters.make(spec, d_in=layer.d_in, d_out=layer.d_out)
       except ValueError as error:
-        raise ValueError(f"config.model (method {name}, a {layer.d_in} -> {layer.d_out} layer): {error}") from None
+        raise ValueError(f"config.adapter (method {name}, a {layer.d_in} -> {layer.d_out} layer): {error}") from None
     shapes = jax.eval_shape(
       lambda k, s=spec, ls=layers: {
         "adapter": inject.PerLayer(s).init(k, ls, [jnp.zeros((l.d_in, l.d_out)) for l in ls])
@@ -180,7 +181,7 @@ def probe_grid(config) -> list[float]:
 
 def build_task(name: str, config, upper, prompts, data_example):
   """(train.Task, nnx_functional.Functional, frozen dict, adapter parameter count) of one adapter method."""
-  spec = multitask.adapter_spec(name, config.model, config.router, len(prompts.tasks))
+  spec = multitask.adapter_spec(name, config.adapter, config.router, len(prompts.tasks))
   nnx_inject.inject(
     upper, spec, data_example["hidden"], data_example["mask"], target_modules=gemma3.TARGETS, key=jax.random.PRNGKey(0)
   )
@@ -407,7 +408,7 @@ def _pm(entry) -> str:
 
 
 def _markdown(config, prompts, summaries: dict, paired: dict, wall: float) -> str:
-  tasks, m, o = prompts.tasks, config.model, config.optim
+  tasks, m, a, o = prompts.tasks, config.model, config.adapter, config.optim
   lines = [
     f"# Multi-task instruction stream on Gemma 3 270M ({m.num_layers} blocks, frozen; adapters on blocks "
     f"{m.frozen_layers + 1}-{m.num_layers})",
@@ -415,8 +416,8 @@ def _markdown(config, prompts, summaries: dict, paired: dict, wall: float) -> st
     "Rows per task (train / held-out / test): "
     + ", ".join(f"{t} {c['train']} / {c['val']} / {c['test']}" for t, c in prompts.counts.items())
     + f". Prompts <= {config.data.max_length} tokens, {config.num_seeds} seeds, {o.epochs} x "
-    f"{o.steps_per_epoch} steps of {o.batch_size}, lr {o.lr}, rank {m.rank} parity (grid {m.grid}, "
-    f"{m.num_experts} experts); anchors' router lr x{config.router.anchor_lr_mult:g}.",
+    f"{o.steps_per_epoch} steps of {o.batch_size}, lr {o.lr}, rank {a.rank} parity (grid {a.grid}, "
+    f"{a.num_experts} experts); anchors' router lr x{config.router.anchor_lr_mult:g}.",
     "",
     "Test accuracy % (restricted choice among the task's answer words) per task, mean over tasks, mean "
     "macro-F1 % (mean ± std over seeds), exact match % of greedy generation (seed 0):",
@@ -440,7 +441,7 @@ def _markdown(config, prompts, summaries: dict, paired: dict, wall: float) -> st
     lines += [
       "",
       f"Routers on {config.eval.diagnostic_rows} test rows: mean gate entropy (nats; uniform = "
-      f"{np.log(m.num_experts):.3f}) and task separation (0: all tasks alike, 1: disjoint experts):",
+      f"{np.log(a.num_experts):.3f}) and task separation (0: all tasks alike, 1: disjoint experts):",
       "",
       "| Method | entropy init | entropy end | separation init | separation end |",
       "|---|---|---|---|---|",

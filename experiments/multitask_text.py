@@ -16,7 +16,7 @@ adapter, so their output is computed once per example (`bert.hidden_after`) and 
 layers only (`bert.Upper`), with adapters on query, key, value, attention output and both FFN projections
 of each (`bert.ADAPTER_TARGETS`); mean pooling over the real tokens; one linear head per task (trainable in
 every method, kept apart from the adapter count as `trainable_extras`). Methods, at parameter parity with
-LoRA of rank r on every adapted layer (`config.model`):
+LoRA of rank r on every adapted layer (`config.adapter`):
 
   linear_probe               logistic regression per task on the frozen features, converged (reference)
   heads_only                 no adapter: the heads trained by the trainer (from the probe under LP-FT)
@@ -97,7 +97,7 @@ def estimate_bytes(config, num_tasks: int, rows: int) -> int:
   activations = config.num_seeds * layers * per_layer * act_bytes
   eval_acts = config.num_seeds * config.optim.eval_batch_size * d.max_length * (4 * h + f) * act_bytes * 2
   cached = rows * d.max_length * h * act_bytes
-  adapter = config.num_seeds * 4 * 6 * layers * 6912 * max(m.rank, 8) * 4  # params + Adam moments + grads
+  adapter = config.num_seeds * 4 * 6 * layers * 6912 * max(config.adapter.rank, 8) * 4  # params + Adam moments + grads
   return int(minilm.param_bytes(m.num_layers) * 2 + activations * 2 + eval_acts + adapter + 2 * cached)
 
 
@@ -166,30 +166,31 @@ def validate(config) -> train.Settings:
     raise ValueError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'.")
   if m.heads not in ("probe", "random"):
     raise ValueError(f"config.model.heads={m.heads!r}: use 'probe' (heads start from the linear probe) or 'random'.")
+  a = config.adapter
   for field in ("rank", "grid", "num_experts"):
     _positive_int(
-      m[field],
-      f"config.model.{field}",
+      a[field],
+      f"config.adapter.{field}",
       {"rank": "e.g. 8", "grid": "K of a K x K grid, e.g. 2", "num_experts": "experts per cell, e.g. 4"}[field],
     )
-  if isinstance(m.alpha, bool) or not isinstance(m.alpha, (int, float)) or not (m.alpha >= 0 and np.isfinite(m.alpha)):
-    raise ValueError(f"config.model.alpha={m.alpha!r} must be >= 0 (0: alpha = rank, a scale of 1).")
+  if isinstance(a.alpha, bool) or not isinstance(a.alpha, (int, float)) or not (a.alpha >= 0 and np.isfinite(a.alpha)):
+    raise ValueError(f"config.adapter.alpha={a.alpha!r} must be >= 0 (0: alpha = rank, a scale of 1).")
   for name in names:
     if name in ("heads_only", "linear_probe"):
       continue
-    rank = parity_rank(name, m, len(tasks))
-    if rank < 1 or m.rank % (m.grid * m.num_experts) or m.rank % len(tasks) or m.rank % m.grid:
+    rank = parity_rank(name, a, len(tasks))
+    if rank < 1 or a.rank % (a.grid * a.num_experts) or a.rank % len(tasks) or a.rank % a.grid:
       raise ValueError(
-        f"config.model.rank={m.rank} does not split at parity for {name} (rank "
-        f"{rank} per expert/cell): use a rank divisible by grid={m.grid}, grid*num_experts="
-        f"{m.grid * m.num_experts} and the number of tasks ({len(tasks)})."
+        f"config.adapter.rank={a.rank} does not split at parity for {name} (rank "
+        f"{rank} per expert/cell): use a rank divisible by grid={a.grid}, grid*num_experts="
+        f"{a.grid * a.num_experts} and the number of tasks ({len(tasks)})."
       )
-    spec = adapter_spec(name, m, config.router, len(tasks))
+    spec = adapter_spec(name, a, config.router, len(tasks))
     for d_in, d_out in TARGET_SHAPES:
       try:
         adapters.make(spec, d_in=d_in, d_out=d_out)
       except ValueError as error:
-        raise ValueError(f"config.model (method {name}, a {d_in} -> {d_out} layer): {error}") from None
+        raise ValueError(f"config.adapter (method {name}, a {d_in} -> {d_out} layer): {error}") from None
   for field in ("load_balance", "z_loss", "anchor_weight_decay"):
     value = config.router[field]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:

@@ -47,19 +47,19 @@ METHODS = (
 LABELS = {"heads_only": "Frozen backbone, heads only", "linear_probe": "Linear probe (converged)", **multitask.LABELS}
 
 
-def adapter_spec(method: str, model_config, router_config, num_tasks: int) -> dict | None:
+def adapter_spec(method: str, adapter_config, router_config, num_tasks: int) -> dict | None:
   """The adapter spec of `method` at parity with LoRA of rank r (None: no adapter)."""
   if method in ("heads_only", "linear_probe"):
     return None
   if method not in METHODS:
     raise ValueError(f"config.method_names: {method!r} is not a method of this experiment; valid: {METHODS}.")
-  return multitask.adapter_spec(method, model_config, router_config, num_tasks)
+  return multitask.adapter_spec(method, adapter_config, router_config, num_tasks)
 
 
-def parity_rank(method: str, model_config, num_tasks: int) -> int:
+def parity_rank(method: str, adapter_config, num_tasks: int) -> int:
   """The rank per expert / cell / task of `method` (rounded down where the rank does not split)."""
-  k, e = model_config.grid, model_config.num_experts
-  return model_config.rank // {"lora": 1, "localized_lora": k, "per_task_lora": num_tasks}.get(method, k * e)
+  k, e = adapter_config.grid, adapter_config.num_experts
+  return adapter_config.rank // {"lora": 1, "localized_lora": k, "per_task_lora": num_tasks}.get(method, k * e)
 
 
 _SHAPES: dict[str, dict] = {}  # trainable_shapes' results by what they depend on
@@ -72,11 +72,8 @@ def trainable_shapes(method: str, config, num_tasks: int) -> dict | None:
   are given two classes each: the paths, which is what parameter groups match, do not depend on it."""
   if method == "linear_probe":
     return None
-  m = config.model
-  key = json.dumps(
-    [method, adapter_spec(method, m, config.router, num_tasks), m.num_layers, m.frozen_layers, num_tasks, m.heads],
-    sort_keys=True,
-  )
+  m, spec = config.model, adapter_spec(method, config.adapter, config.router, num_tasks)
+  key = json.dumps([method, spec, m.num_layers, m.frozen_layers, num_tasks, m.heads], sort_keys=True)
   if key not in _SHAPES:
     upper = bert.Upper(bert.Bert(num_layers=m.num_layers), m.frozen_layers)
     classes = (2,) * num_tasks
@@ -125,7 +122,7 @@ def build_task(method: str, config, upper: bert.Upper, frozen_example, corpus: C
   model = MultiTaskClassifier(upper, num_classes)
   example = {k: jnp.asarray(v[:1]) for k, v in corpus.train.items() if k != "y"}
   args = (example["hidden"], example["attention_mask"], example["task"])
-  spec = adapter_spec(method, config.model, config.router, len(tasks))
+  spec = adapter_spec(method, config.adapter, config.router, len(tasks))
   heads = sum(np.size(l) for l in jax.tree_util.tree_leaves(random_heads(jax.random.PRNGKey(0), num_classes)))
   weights = config.router
   routed = method in ROUTED

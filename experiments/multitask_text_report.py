@@ -227,7 +227,7 @@ def markdown(config, corpus: Corpus, summaries: dict, paired: dict, wall: float)
     lines += [
       "",
       f"Routers on the first {config.eval.diagnostic_rows} test rows (seed mean): mean gate entropy in "
-      f"nats (uniform over E = {np.log(config.model.num_experts):.3f}) and task separation (total variation "
+      f"nats (uniform over E = {np.log(config.adapter.num_experts):.3f}) and task separation (total variation "
       "between two tasks' mean gates, averaged over task pairs, cells and layers; 0: all tasks routed "
       "alike, 1: disjoint experts), at initialisation and after training:",
       "",

@@ -1,6 +1,6 @@
 """The multi-task classification protocol's shared pieces: methods at parameter parity, metrics per task.
 
-    spec = multitask.adapter_spec("cellwise_moe_anchor", config.model, config.router, num_tasks=4)
+    spec = multitask.adapter_spec("cellwise_moe_anchor", config.adapter, config.router, num_tasks=4)
     groups = multitask.method_groups("cellwise_moe_anchor", config)       # the anchors' router group first
     task = train.Task(..., metric_names=multitask.metric_names(tasks, classes),
                       per_example_metrics=multitask.per_example_metrics(classes))
@@ -64,19 +64,19 @@ LABELS = {
 }
 
 
-def adapter_spec(method: str, model_config, router_config, num_tasks: int) -> dict:
-  """The adapter spec of `method` at parity with LoRA of rank `model_config.rank`; a ValueError for a method
-  outside ADAPTER_METHODS or a rank that does not split."""
-  r, k, e = model_config.rank, model_config.grid, model_config.num_experts
+def adapter_spec(method: str, adapter_config, router_config, num_tasks: int) -> dict:
+  """The adapter spec of `method` at parity with LoRA of rank `adapter_config.rank` (`config.adapter`: rank,
+  grid, num_experts, alpha); a ValueError for a method outside ADAPTER_METHODS or a rank that does not split."""
+  r, k, e = adapter_config.rank, adapter_config.grid, adapter_config.num_experts
   if method not in ADAPTER_METHODS:
     raise ValueError(f"config.method_names: {method!r} is not an adapter method; valid: {ADAPTER_METHODS}.")
   divisor = {"lora": 1, "localized_lora": k, "per_task_lora": num_tasks}.get(method, k * e)
   if r % divisor:
     raise ValueError(
-      f"config.model.rank={r} does not split at parity for {method}: use a rank divisible by "
+      f"config.adapter.rank={r} does not split at parity for {method}: use a rank divisible by "
       f"{divisor} (grid={k}, num_experts={e}, {num_tasks} tasks)."
     )
-  common = {"alpha": float(model_config.alpha) if model_config.alpha else None}
+  common = {"alpha": float(adapter_config.alpha) if adapter_config.alpha else None}
   grid = {"k_y": k, "k_x": k}
   if method == "lora":
     return {"method": "lora", "rank": r, **common}

@@ -38,7 +38,7 @@ def _config(arg="quick", **overrides):
     ("method_names", "lora,cellwise_moe_bogus", "unknown ['cellwise_moe_bogus']"),
     ("model.frozen_layers", 2, "config.model.frozen_layers=2 must lie in 0..1"),
     ("model.num_layers", 19, "config.model.num_layers=19 must lie in 1..18"),
-    ("model.rank", 6, "config.model.rank=6 does not split at parity for cellwise_moe_anchor"),
+    ("adapter.rank", 6, "config.adapter.rank=6 does not split at parity for cellwise_moe_anchor"),
     ("eval.generate_rows", -1, "config.eval.generate_rows=-1 must be an integer >= 0"),
     ("eval.diagnostic_rows", 64, "config.eval.diagnostic_rows=64 must be <= config.optim.eval_batch_size=32"),
     ("data.val_per_task", 24, "config.data.val_per_task=24 must be below config.data.train_per_task=24"),
@@ -62,9 +62,16 @@ def test_the_shipped_variants_validate():
     mt.validate(config_module.get_config(arg))
 
 
+def test_config_model_is_the_backbone_and_config_adapter_holds_the_adapter_defaults():
+  for arg in ("quick", "cpu", "cpu_small", None):
+    config = config_module.get_config(arg)
+    assert set(config.adapter.keys()) == {"rank", "grid", "num_experts", "alpha"}
+    assert set(config.model.keys()) == {"num_layers", "frozen_layers", "dtype"}
+
+
 def test_methods_are_at_parameter_parity_with_lora():
   config = config_module.get_config()
-  count = lambda method: sum(adapters.make(multitask.adapter_spec(method, config.model, config.router, 4),
+  count = lambda method: sum(adapters.make(multitask.adapter_spec(method, config.adapter, config.router, 4),
                                            d_in=i, d_out=o).num_params() for i, o in SHAPES)
   lora = count("lora")
   assert lora == 8 * sum(i + o for i, o in SHAPES)

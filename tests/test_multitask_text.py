@@ -15,13 +15,13 @@ from localmoe import params as params_lib
 SHAPES = [(384, 384)] * 4 + [(384, 1536), (1536, 384)]
 
 
-def _count(method, model_config, tasks=4):
-  spec = mt.adapter_spec(method, model_config, config_module.get_config().router, tasks)
+def _count(method, adapter_config, tasks=4):
+  spec = mt.adapter_spec(method, adapter_config, config_module.get_config().router, tasks)
   return sum(adapters.make(spec, d_in=i, d_out=o).num_params() for i, o in SHAPES) * 6
 
 
 def test_methods_are_at_parameter_parity_with_lora():
-  m = config_module.get_config().model
+  m = config_module.get_config().adapter
   lora = _count("lora", m)
   assert lora == 6 * 8 * sum(i + o for i, o in SHAPES) == 331_776
   for method in ("localized_lora", "per_task_lora"):
@@ -31,6 +31,13 @@ def test_methods_are_at_parameter_parity_with_lora():
     assert 0 < _count(method, m) - lora < 0.02 * lora
   # Activation routers read a d_in / K field per cell: stated in the table, not hidden.
   assert _count("cellwise_moe_activation", m) > _count("cellwise_moe", m)
+
+
+def test_config_model_is_the_backbone_and_config_adapter_holds_the_adapter_defaults():
+  for arg in (None, "cpu", "quick"):
+    config = config_module.get_config(arg)
+    assert set(config.adapter.keys()) == {"rank", "grid", "num_experts", "alpha"}
+    assert set(config.model.keys()) == {"num_layers", "frozen_layers", "dtype", "heads"}
 
 
 def test_task_scores_match_a_hand_count():
@@ -66,12 +73,12 @@ def test_one_lora_per_task_is_the_selected_tasks_lora():
 
 @pytest.mark.parametrize("override, message", [
     (dict(method_names="lora,nope"), "unknown \\['nope'\\]"),
-    (dict(model=dict(rank=6)), "config.model.rank=6 does not split at parity"),
-    (dict(model=dict(num_experts=0)), "config.model.num_experts=0 must be a positive integer"),
-    (dict(model=dict(grid=0)), "config.model.grid=0 must be a positive integer"),
-    (dict(model=dict(grid=5, rank=20)), r"^config.model \(method localized_lora, a 384 -> 384 layer\): d_in=384 is "
-                                        r"not divisible by k_x=5: choose k_x among the divisors of 384"),
-    (dict(model=dict(alpha=-1.0)), "config.model.alpha=-1.0 must be >= 0"),
+    (dict(adapter=dict(rank=6)), "config.adapter.rank=6 does not split at parity"),
+    (dict(adapter=dict(num_experts=0)), "config.adapter.num_experts=0 must be a positive integer"),
+    (dict(adapter=dict(grid=0)), "config.adapter.grid=0 must be a positive integer"),
+    (dict(adapter=dict(grid=5, rank=20)), r"^config.adapter \(method localized_lora, a 384 -> 384 layer\): d_in=384 "
+                                          r"is not divisible by k_x=5: choose k_x among the divisors of 384"),
+    (dict(adapter=dict(alpha=-1.0)), "config.adapter.alpha=-1.0 must be >= 0"),
     (dict(model=dict(frozen_layers=6)), "config.model.frozen_layers=6 must lie in 0..5"),
     (dict(data=dict(seed=-1)), "config.data.seed=-1 must be an integer >= 0"),
     (dict(data=dict(tasks="topic,nosuch")), r"unknown task\(s\) \['nosuch'\]"),
@@ -133,9 +140,9 @@ def test_anchored_methods_get_the_router_group_and_others_do_not():
     rules = [dict(r) for r in mt.method_groups(method, config)]
     assert rules[0]["name"] == "router" and rules[0]["lr_mult"] == 100.0 and rules[0]["weight_decay"] == 0.0
   assert [r["name"] for r in mt.method_groups("cellwise_moe", config)] == ["heads"]          # LP-FT heads only
-  spec = mt.adapter_spec("cellwise_moe_oracle", config.model, config.router, 4)
+  spec = mt.adapter_spec("cellwise_moe_oracle", config.adapter, config.router, 4)
   assert spec["router_init"] == "task_aligned" and spec["router_init_margin"] == 2.0
-  assert mt.adapter_spec("cellwise_moe", config.model, config.router, 4).get("router_init") is None
+  assert mt.adapter_spec("cellwise_moe", config.adapter, config.router, 4).get("router_init") is None
 
 
 @pytest.mark.network                       # reads the text tasks (cached in the data directory after one fetch)
@@ -198,14 +205,14 @@ def test_the_probes_l2_is_chosen_on_the_held_out_rows_and_refitted_on_the_traini
 
 def test_anchors_routers_start_uniform_within_1e_3_and_the_oracle_task_aligned():
   config = config_module.get_config()
-  spec = mt.adapter_spec("cellwise_moe_anchor", config.model, config.router, 4)
+  spec = mt.adapter_spec("cellwise_moe_anchor", config.adapter, config.router, 4)
   module = adapters.make(spec, d_in=16, d_out=16)
   assert (module.router_init, module.router_init_scale) == ("uniform", 1e-3)
   init = routing.router_initializer(module.router_init, module.router_init_scale, module.router_init_margin)
   kernel = np.asarray(init(jax.random.PRNGKey(0), (2, 2, 4, 4)))                      # [K_y, K_x, F, E]
   assert np.abs(kernel).max() <= 1e-3 and kernel.min() < -5e-4 and kernel.max() > 5e-4     # U(-1e-3, 1e-3)
   # Task-aligned without a margin: the router's documented default lead of 4.0 on expert t mod E.
-  e = config.model.num_experts
+  e = config.adapter.num_experts
   aligned = adapters.make(dict(method="cellwise_moe", k_y=2, k_x=2, rank=1, num_experts=e, router_input="context",
                                context_dim=6, router_init="task_aligned"), d_in=8, d_out=8)
   assert aligned.router_init_margin == 4.0
@@ -214,5 +221,5 @@ def test_anchors_routers_start_uniform_within_1e_3_and_the_oracle_task_aligned()
   want = np.zeros((6, e))
   want[np.arange(6), np.arange(6) % e] = 4.0
   np.testing.assert_array_equal(kernel, np.broadcast_to(want, kernel.shape))
-  oracle = mt.adapter_spec("cellwise_moe_oracle", config.model, config.router, 4)
+  oracle = mt.adapter_spec("cellwise_moe_oracle", config.adapter, config.router, 4)
   assert (oracle["router_init"], oracle["router_init_margin"]) == ("task_aligned", config.router.oracle_margin)
