@@ -201,6 +201,9 @@ def check_layers(config: Mapping[str, Any], found: Mapping[str, Any], target) ->
     if (here["in_shape"], here["out_shape"]) != (layer["in_shape"], layer["out_shape"]):
       raise ValueError(f"layer {path!r}: the saved adapter was built for {layer['in_shape']} -> "
                        f"{layer['out_shape']} but this model's layer is {here['in_shape']} -> {here['out_shape']}.")
+    if here.get("stack", []) != layer.get("stack", []):
+      raise ValueError(f"layer {path!r}: the saved adapter was built for a stack of {layer.get('stack', [])} layers "
+                       f"([] for one layer) but this model's layer is stacked {here.get('stack', [])}.")
   extra = sorted(set(found) - set(saved))
   if extra:
     raise ValueError(f"this model has layer {extra[0]!r} matching target_modules={target!r} that the saved adapter "
