@@ -197,12 +197,22 @@ class _Remat(nn.Module):
 
 
 @pytest.mark.slow
-def test_scanned_layers_are_refused_by_name_and_remat_layers_adapted():
+def test_scanned_layers_get_one_adapter_per_layer_and_remat_layers_adapted():
   x = jnp.ones((2, D))
   scanned = _Scanned()
   params = scanned.init(jax.random.PRNGKey(0), x)["params"]
-  with pytest.raises(ValueError, match=r"layer 'blocks/dense' is inside a lifted transform"):
-    inject.inject(scanned, params, LORA, x, target_modules=r".*dense", key=jax.random.PRNGKey(0))
+  adapted, trainable = inject.inject(scanned, params, LORA, x, target_modules=r".*dense", key=jax.random.PRNGKey(0))
+  assert adapted.paths == ("blocks/dense",) and adapted.layers[0].stack == (3,)        # kernel [3, D, D]
+  trainable = _randomize(trainable)
+  lora = adapters.make(LORA, d_in=D, d_out=D)
+  h, dense, lora_params = x, params["blocks"]["dense"], trainable["adapter"]["blocks/dense"]
+  for l in range(3):                                                                    # unrolled by hand
+    h = nn.tanh(h @ dense["kernel"][l] + dense["bias"][l]
+                + lora.apply({"params": jax.tree_util.tree_map(lambda a, l=l: a[l], lora_params)}, h))
+  np.testing.assert_allclose(adapted.apply(params, trainable, x), h, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"layer\(s\) \['blocks/dense'\] are layers of a scan / vmap stack"):
+    inject.inject(scanned, params, {"method": "queryable_lora", "num_atoms": 2, "num_blocks": 1, "rank": 2}, x,
+                  target_modules=r".*dense", key=jax.random.PRNGKey(0))
   remat = _Remat()
   params = remat.init(jax.random.PRNGKey(0), x)["params"]
   adapted, trainable = inject.inject(remat, params, LORA, x, target_modules=r"b\d", key=jax.random.PRNGKey(0))

@@ -444,7 +444,7 @@ def test_adapter_files_round_trip_between_linen_and_nnx(tmp_path):
 # ------------------------------------------------------------------------------------------- stacks, modules, dtype
 
 
-def test_layers_of_nnx_vmap_and_scan_stacks_are_refused_by_name():
+def test_layers_of_nnx_vmap_and_scan_stacks_get_one_adapter_per_layer():
   class Stack(nnx.Module):
     def __init__(self, rngs):
       @nnx.split_rngs(splits=3)
@@ -461,12 +461,20 @@ def test_layers_of_nnx_vmap_and_scan_stacks_are_refused_by_name():
   model = Stack(nnx.Rngs(0))
   x = jnp.ones((2, D))
   assert model(x).shape == (2, D)
-  with pytest.raises(ValueError, match=r"layer 'blocks' is part of a stacked layer \(nnx.vmap / nnx.scan over "
-                                       r"layers\): its kernel is stored as \(3, 16, 16\)"):
-    nnx_inject.inject(model, LORA, x, target_modules="blocks", key=jax.random.PRNGKey(0))
-  assert type(model.blocks) is nnx.Linear                             # left as it was
+  kernels, biases = model.blocks.kernel.get_value(), model.blocks.bias.get_value()       # [3, D, D], [3, D]
+  nnx_inject.inject(model, LORA, x, target_modules="blocks", key=jax.random.PRNGKey(0))
+  assert [(l.path, l.stack) for l in nnx_inject.layers(model)] == [("blocks", (3,))]
+  params = _randomize(model.blocks.adapter.linen_params())
+  assert params["A"].shape[0] == 3                                                        # [3, ...] per layer
+  nnx.update(model.blocks.adapter, {"params": params})
+  lora = adapters.make(LORA, d_in=D, d_out=D)
+  h = x
+  for l in range(3):                                                                      # unrolled by hand
+    h = jnp.tanh(h @ kernels[l] + biases[l]
+                 + lora.apply({"params": jax.tree_util.tree_map(lambda a, l=l: a[l], params)}, h))
+  np.testing.assert_allclose(model(x), h, rtol=1e-5, atol=1e-5)
 
-  class Unrolled(nnx.Module):                                         # the supported form: a list of layers
+  class Unrolled(nnx.Module):                                         # the same layers as a list
     def __init__(self, rngs):
       self.blocks = nnx.List([nnx.Linear(D, D, kernel_init=_np_init(), rngs=rngs) for _ in range(3)])
 

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from localmoe import adapter_io
+from localmoe import adapters as adapters_lib
 from localmoe import inject
 from localmoe import nnx_inject
 from localmoe import projections
@@ -294,17 +295,28 @@ def test_adapter_that_did_not_run_is_an_error_at_the_call():
 
 
 @pytest.mark.slow
-def test_scanned_generic_layers_are_refused_by_name():
-  """Generic layers of an nnx.vmap / nnx.scan or nn.scan stack (a weight with a leading layer axis): refused,
-  naming the layer and the fix."""
-  x = jnp.ones((2, 8))
-  with pytest.raises(ValueError, match=r"\['layers'\].*nnx.vmap / nnx.scan stack.*nnx.List of layers"):
-    nnx_inject.inject(zm.ScannedStack(nnx.Rngs(0)), LORA, x, target_modules="layers", key=jax.random.PRNGKey(1))
-  model = zm.LinenScannedStack()
-  params = model.init(jax.random.PRNGKey(0), x)["params"]
-  with pytest.raises(ValueError, match=r"layer 'layers' is inside a lifted transform \(nn.scan or nn.vmap\): its "
-                                       r"kernel is stored as \(3, 8, 8\) but each call sees \(8, 8\)"):
-    inject.inject(model, params, LORA, x, target_modules="layers", key=jax.random.PRNGKey(1))
+def test_scanned_generic_layers_get_one_adapter_per_layer():
+  """Generic layers of an nnx.vmap / nnx.scan or nn.scan stack (a weight with a leading layer axis): one adapter
+  per layer, stacked [3, ...] on the same axis; the same adapter params give the same outputs on both hosts."""
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 8))
+  model = nnx_inject.inject(zm.ScannedStack(nnx.Rngs(0)), LORA, x, target_modules="layers",
+                            key=jax.random.PRNGKey(1))
+  assert [(l.path, l.stack) for l in nnx_inject.layers(model)] == [("layers", (3,))]
+  (adapter,) = model.layers.adapters
+  params = jax.tree_util.tree_map(lambda a: a + 0.1, adapter.linen_params())            # [3, ...] each
+  nnx.update(adapter, {"params": params})
+  linen_model = zm.LinenScannedStack()
+  frozen = linen_model.init(jax.random.PRNGKey(0), x)["params"]
+  adapted, trainable = inject.inject(linen_model, frozen, LORA, x, target_modules="layers", key=jax.random.PRNGKey(1))
+  assert adapted.layers == nnx_inject.layers(model)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a.shape, b.shape), trainable["adapter"]["layers"],
+                         params)
+  y = adapted.apply(frozen, {"adapter": {"layers": params}, "extras": {}}, x)
+  lora = adapters_lib.make(LORA, d_in=8, d_out=8)
+  h = x
+  for l in range(3):
+    h = h @ frozen["layers"]["w"][l] + lora.apply({"params": jax.tree_util.tree_map(lambda a, l=l: a[l], params)}, h)
+  np.testing.assert_allclose(y, h, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- gemma replica (linen)
