@@ -57,9 +57,15 @@ Projection modules of the model's own class (gemma's linen `Einsum` called as `(
 on its weights' contractions, intercepted while its `__call__` runs (`localmoe.projections`: keys, STACKED
 q/k/v slices, stacked MoE experts refused by name).
 
-Matched layers are ordered by their first call in a forward pass; that order is `adapted.layers`. Layers
-inside `nn.scan` or `nn.vmap` (stacked kernels) are refused with an error naming the layer; `nn.remat`
-layers are adapted like any other (one adapter per layer).
+Matched layers are ordered by their first call in a forward pass; that order is `adapted.layers`. `nn.remat`
+layers are adapted like any other (one adapter per layer). A layer of an `nn.scan` / `nn.vmap` stack (its
+kernel stored [L, ...], `LayerInfo.stack` = (L,)) gets one adapter per layer, its params stacked [L, ...]:
+`apply` places them in the layer's own params scope (`STACKED_ADAPTERS`), so the stack's transform, which
+slices `params` (variable_axes={"params": 0}), hands each layer its slice with its kernel. Router traces of
+such a layer leave the transform only when its variable_axes also scans `TRACES` ({"params": 0, TRACES: 0};
+one trace per layer), else capture_routing is an error naming the layer. `merge` gives the stacked kernel
+[L, ...] with each layer's Delta W. A kernel whose layer axis does not lead, and a model-wide adapter
+(QueryableLoRA) in a stack, are refused by name.
 """
 
 from __future__ import annotations
@@ -483,8 +489,8 @@ def find_layers(model: nn.Module, params, example_args: Sequence[Any],
   """The matched layers, in order of their first call (shape-only pass): nn.Dense / nn.DenseGeneral /
   nn.Einsum, and the projections of generic modules (`localmoe.projections`; keys as paths).
 
-  A matched layer inside nn.scan / nn.vmap (its kernel in `params` has more axes than the layer sees) is an
-  error naming the layer.
+  A matched layer inside nn.scan / nn.vmap (its kernel in `params` stored [*stack, ...], more axes than the
+  layer sees) has `LayerInfo.stack`; a stack axis that is not leading is an error naming the layer.
   """
   return _discover(model, params, example_args, target_modules, example_kwargs)[0]
 

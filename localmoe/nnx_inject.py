@@ -41,8 +41,14 @@ an `AdaptedLayer` too, which runs it inside the interception of its weights' con
 model's attribute reads (`.shape`, `.einsum_str`) through to it (`localmoe.projections`: keys, STACKED
 q/k/v slices, stacked MoE experts refused by name).
 
-Layers inside `nnx.vmap` / `nnx.scan` stacks (a kernel with a leading layer axis) are refused with an error
-naming the layer. The model-wide Queryable LoRA (a state carried from layer to layer) is linen-only.
+Stacks. A layer of an `nnx.vmap`-built stack run by `nnx.scan` / `nnx.vmap` (its kernel [L, ...],
+`LayerInfo.stack` = (L,)) gets one adapter per layer: the `AdaptedLayer`'s adapter params are stacked
+[L, ...] and its routing state (`RoutingContext`, `RoutingRngs`) is copied per layer, so the transform that
+slices the stacked module's state hands each layer its adapter with its kernel, and the context reaches
+every layer. Router traces cannot leave the transform: a routed layer of a stack is called inside
+`routing_context(model, c, capture=False)` (collecting is an error naming the layer). `merge` gives the
+stacked kernel [L, ...] with each layer's Delta W; a kernel whose layer axis does not lead is refused by name.
+The model-wide Queryable LoRA (a state carried from layer to layer) is linen-only.
 """
 
 from __future__ import annotations
