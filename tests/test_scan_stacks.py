@@ -28,6 +28,11 @@ MOE = {"method": "cellwise_moe", "k_y": 2, "k_x": 2, "rank": 1, "num_experts": 3
        "context_dim": TASKS}
 SPECS = [LORA, MOE]
 IDS = ["lora", "cellwise_moe"]
+OTHERS = {"dora": {"method": "dora", "rank": 2},                      # the other per-layer adapters
+          "melora": {"method": "melora", "num_blocks": 2, "rank": 1},
+          "localized_lora": {"method": "localized_lora", "k_y": 2, "k_x": 2, "rank": 1},
+          "blockwise_moe/context": dict(MOE, method="blockwise_moe"),
+          "cellwise_moe/activation": dict(MOE, router_input="activation", context_dim=None)}
 LABELS = jnp.array([0, 2])                                              # one task per example [B]
 X = jax.random.normal(jax.random.PRNGKey(1), (B, D))                    # [B, D]
 
@@ -57,7 +62,8 @@ def _by_hand(spec, kernels, biases, adapter_params, x, context, act=jnp.tanh):
   module = adapters.make(spec, d_in=kernels.shape[-2], d_out=kernels.shape[-1])
   h = x
   for l in range(kernels.shape[0]):
-    delta = module.apply({"params": _layer(adapter_params, l)}, h, context=context)       # [B, D]
+    extra = {"kernel": kernels[l]} if spec["method"] == "dora" else {}                   # DoRA reads W_l
+    delta = module.apply({"params": _layer(adapter_params, l)}, h, context=context, **extra)  # [B, D]
     h = act(h @ kernels[l] + (0.0 if biases is None else biases[l]) + delta)
   return h
 
@@ -320,6 +326,24 @@ def test_nnx_stack_router_traces_are_refused_by_name():
   assert traces == []
   want = _by_hand(MOE, kernels, biases, model.blocks.adapter.linen_params(), X, LABELS)
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(OTHERS))
+def test_nnx_stack_other_per_layer_adapters(name):
+  """DoRA (each layer's own W_l), MELoRA, Localized LoRA, a context-routed block-wise and an activation-routed
+  cell-wise MoE: forward as unrolled by hand; merge equals adapted (an activation router: refused by name)."""
+  spec = OTHERS[name]
+  model, kernels, biases = _nnx_model(spec)
+  context = _context(spec)
+  want = _by_hand(spec, kernels, biases, model.blocks.adapter.linen_params(), X, context)
+  np.testing.assert_allclose(nnx_inject.call(model, X, context=context), want, rtol=1e-5, atol=1e-5)
+  if spec.get("router_input") == "activation":
+    with pytest.raises(ValueError, match=r"layer 'blocks': CellWiseLoRAMoE routes on its input"):
+      nnx_inject.merge(model)
+    return
+  merge_at, same = _merge_context(spec)
+  np.testing.assert_allclose(nnx_inject.merge(model, context=merge_at)(X), nnx_inject.call(model, X, context=same),
+                             rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- generic layers
