@@ -10,7 +10,8 @@ Pieces from the library: prompts and answer tokens (`localmoe.data.instructions`
 text.load), the split model (lower blocks once, `Upper` with the answer rows: `localmoe.models.gemma3_features`),
 adapters (`localmoe.nnx_inject`, trained functionally through `localmoe.nnx_functional`), methods at parity and
 per-task metrics (`localmoe.multitask`), the probe (`train.probe`), the trainer, runner, results, paired
-differences (`localmoe.metrics`).
+differences (`localmoe.metrics`). The methods are `multitask_lm_methods.py`, the tables and figures
+`multitask_lm_report.py`.
 """
 
 from __future__ import annotations
@@ -32,11 +33,7 @@ from localmoe import (
   inject,
   metrics,
   multitask,
-  nnx_functional,
-  nnx_inject,
-  plots,
   results,
-  routing,
   runner,
   train,
 )
@@ -44,17 +41,8 @@ from localmoe.data import instructions
 from localmoe.models import gemma3, gemma3_features, gemma3_weights
 from localmoe.train import optimizer, probe
 
-BASELINES = ("zero_shot", "few_shot", "linear_probe")
-METHODS = BASELINES + multitask.ADAPTER_METHODS
-LABELS = {
-  "zero_shot": "Frozen model, zero-shot",
-  "few_shot": "Frozen model, few-shot",
-  "linear_probe": "Linear probe (converged)",
-  **multitask.LABELS,
-}
-WIDTH, HEADS_DIM, FFN = 640, 1024, 2048
-TARGET_SHAPES = ((WIDTH, HEADS_DIM), (WIDTH, 256), (HEADS_DIM, WIDTH), (WIDTH, FFN), (FFN, WIDTH))
-
+from experiments import multitask_lm_report
+from experiments.multitask_lm_methods import BASELINES, FFN, METHODS, TARGET_SHAPES, WIDTH, build_task, probe_grid
 
 def _int(value, field: str, low: int, fix: str) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -168,57 +156,6 @@ def validate(config) -> train.Settings:
   )
   return settings
 
-
-def probe_grid(config) -> list[float]:
-  try:
-    grid = [float(v) for v in configlib.split_names(config.probe.l2)]
-  except ValueError:
-    grid = []
-  if not grid or any(not (v > 0 and np.isfinite(v)) for v in grid):
-    raise ValueError(f"config.probe.l2={config.probe.l2!r} must be a comma-separated list of L2 weights > 0.")
-  return grid
-
-
-def build_task(name: str, config, upper, prompts, data_example):
-  """(train.Task, nnx_functional.Functional, frozen dict, adapter parameter count) of one adapter method."""
-  spec = multitask.adapter_spec(name, config.adapter, config.router, len(prompts.tasks))
-  nnx_inject.inject(
-    upper, spec, data_example["hidden"], data_example["mask"], target_modules=gemma3.TARGETS, key=jax.random.PRNGKey(0)
-  )
-  fn, frozen = nnx_functional.split(upper)
-  routed, w = name in multitask.ROUTED, config.router
-
-  def predict(p, frozen, inputs):
-    logits, traces = fn.apply(p, frozen, inputs["hidden"], inputs["mask"], context=inputs["task"], capture_routing=True)
-    logits = instructions.task_logits(logits, inputs["task"], prompts.class_index)
-    if not routed:
-      return logits
-    losses = inject.router_losses(traces, load_balance=w.load_balance, z_loss=w.z_loss, mask=inputs["mask"])
-    return logits, {k: losses[k] for k in ("aux_loss", "load_balance", "router_z")}
-
-  def diagnostics(p, frozen, inputs):
-    rows = {k: v[: config.eval.diagnostic_rows] for k, v in inputs.items()}
-    _, traces = fn.apply(p, frozen, rows["hidden"], rows["mask"], context=rows["task"], capture_routing=True)
-    diag = inject.routing_diagnostics(traces, groups=rows["task"], num_groups=len(prompts.tasks), mask=rows["mask"])
-    return {
-      "usage": diag["usage"],
-      "entropy_nats": jnp.mean(diag["entropy"]),
-      "task_separation": jnp.mean(routing.task_separation(diag["usage"])),
-    }
-
-  def loss(logits, y):
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), y[:, :1], axis=-1)[:, 0]
-
-  task = train.Task(
-    init=fn.init,
-    predict=predict,
-    loss=loss,
-    metric_names=multitask.metric_names(prompts.tasks, prompts.num_classes),
-    per_example_metrics=multitask.per_example_metrics(prompts.num_classes),
-    aux_names=("load_balance", "router_z") if routed else (),
-    diagnostics=diagnostics if routed else None,
-  )
-  return task, fn, frozen, nnx_inject.num_params(upper)
 
 
 def run(config, workdir: str) -> dict:
@@ -380,8 +317,8 @@ def run(config, workdir: str) -> dict:
     for mth in summaries
     if mth not in BASELINES
   }
-  markdown = _markdown(config, prompts, summaries, paired, time.perf_counter() - start)
-  _figures(workdir, fits, prompts, layer_names)
+  markdown = multitask_lm_report.markdown(config, prompts, summaries, paired, time.perf_counter() - start)
+  multitask_lm_report.figures(workdir, fits, prompts, layer_names)
   print(markdown, flush=True)
   results.write_run(
     workdir,
@@ -403,100 +340,3 @@ def run(config, workdir: str) -> dict:
   return {"methods": summaries, "paired_differences": paired}
 
 
-def _pm(entry) -> str:
-  return "n/a" if not entry or entry.get("mean") is None else f"{entry['mean'] * 100:.1f} ± {entry['std'] * 100:.1f}"
-
-
-def _markdown(config, prompts, summaries: dict, paired: dict, wall: float) -> str:
-  tasks, m, a, o = prompts.tasks, config.model, config.adapter, config.optim
-  lines = [
-    f"# Multi-task instruction stream on Gemma 3 270M ({m.num_layers} blocks, frozen; adapters on blocks "
-    f"{m.frozen_layers + 1}-{m.num_layers})",
-    "",
-    "Rows per task (train / held-out / test): "
-    + ", ".join(f"{t} {c['train']} / {c['val']} / {c['test']}" for t, c in prompts.counts.items())
-    + f". Prompts <= {config.data.max_length} tokens, {config.num_seeds} seeds, {o.epochs} x "
-    f"{o.steps_per_epoch} steps of {o.batch_size}, lr {o.lr}, rank {a.rank} parity (grid {a.grid}, "
-    f"{a.num_experts} experts); anchors' router lr x{config.router.anchor_lr_mult:g}.",
-    "",
-    "Test accuracy % (restricted choice among the task's answer words) per task, mean over tasks, mean "
-    "macro-F1 % (mean ± std over seeds), exact match % of greedy generation (seed 0):",
-    "",
-    "| Method | Adapter params | " + " | ".join(tasks) + " | mean acc | mean macro-F1 | exact match |",
-    "|---|---|" + "---|" * len(tasks) + "---|---|---|",
-  ]
-  for name, s in summaries.items():
-    if "accuracy/mean" not in s:
-      lines.append(f"| {LABELS[name]} | - | " + " | ".join("-" for _ in tasks) + f" | {s['status']} | | |")
-      continue
-    em = s.get("exact_match")
-    lines.append(
-      f"| {LABELS[name]}{'' if s['status'] == 'ok' else ' †'} | {s['adapter_params']:,} | "
-      + " | ".join(_pm(s[f"accuracy/{t}"]) for t in tasks)
-      + f" | {_pm(s['accuracy/mean'])} | "
-      f"{_pm(s['macro_f1/mean'])} | " + ("-" if not em else f"{100 * np.mean(list(em.values())):.0f}") + " |"
-    )
-  routed = [(n, s) for n, s in summaries.items() if "entropy_nats_init" in s]
-  if routed:
-    lines += [
-      "",
-      f"Routers on {config.eval.diagnostic_rows} test rows: mean gate entropy (nats; uniform = "
-      f"{np.log(a.num_experts):.3f}) and task separation (0: all tasks alike, 1: disjoint experts):",
-      "",
-      "| Method | entropy init | entropy end | separation init | separation end |",
-      "|---|---|---|---|---|",
-    ]
-    lines += [
-      f"| {LABELS[n]} | "
-      + " | ".join(
-        "n/a" if s.get(k) is None else f"{s[k]:.3f}"
-        for k in ("entropy_nats_init", "entropy_nats_end", "task_separation_init", "task_separation_end")
-      )
-      + " |"
-      for n, s in routed
-    ]
-  if paired:
-    refs = ("lora", "per_task_lora", "linear_probe", "zero_shot")
-    lines += [
-      "",
-      "Paired differences in mean test accuracy (points; same seed, same rows): mean ± std [min, max]:",
-      "",
-      "| Method | " + " | ".join(f"− {LABELS[r]}" for r in refs) + " |",
-      "|---|" + "---|" * len(refs),
-    ]
-    lines += [
-      f"| {LABELS[n]} | " + " | ".join(metrics.format_difference(row.get(f"vs_{r}"), 100) for r in refs) + " |"
-      for n, row in paired.items()
-    ]
-  if "few_shot" in summaries and "prefix_tokens" in summaries["few_shot"]:
-    lines += [
-      "",
-      f"Few-shot: {config.eval.few_shot_k} demonstration(s) per class, prefixes of up to "
-      f"{summaries['few_shot']['prefix_tokens']} tokens.",
-    ]
-  return "\n".join(lines + ["", f"Run time {wall:.0f} s."]) + "\n"
-
-
-def _figures(workdir: str, fits: dict, prompts, layer_names: dict) -> None:
-  if fits:
-    curves = {
-      n: multitask.task_scores(f.history[:, :, 1], prompts.tasks, prompts.num_classes)["accuracy/mean"]
-      for n, f in fits.items()
-    }
-    plots.curves_with_bands(
-      os.path.join(workdir, "accuracy.png"),
-      curves,
-      labels=LABELS,
-      ylabel="held-out accuracy (%)",
-      title="mean held-out accuracy over tasks",
-      xlabel="evaluation",
-    )
-  for name, fit in fits.items():
-    if "usage" in fit.diagnostics:
-      plots.routing_heatmaps(
-        os.path.join(workdir, f"routing_{name}.png"),
-        fit.diagnostics["usage"][0, -1],
-        prompts.tasks,
-        layer_names=layer_names.get(name, ()),
-        title=f"{LABELS[name]}: expert usage per layer, cell and task (seed 0, test rows)",
-      )
