@@ -241,8 +241,10 @@ class AdaptedLayer(nnx.Module):
     return self.slice.get_value() if self.stack and self._unsliced() == 0 else None
 
   def _rngs(self) -> dict | None:
-    lead = (0,) * self._unsliced()                   # state the transform broadcast: the same for every layer
-    return {name: key[lead] for name, key in self.rngs.get_value().items()} or None
+    rngs = dict(self.rngs.get_value())
+    if self._unsliced():                             # state the transform broadcast: the same for every layer
+      rngs = {name: key[(0,) * self._unsliced()] for name, key in rngs.items()}
+    return rngs or None
 
   def _capture(self, definitions) -> list | None:
     """The list this call's router traces go to (None: not collected); a stack's routed layer refuses one."""
@@ -259,7 +261,8 @@ class AdaptedLayer(nnx.Module):
 
   def _context(self, definitions) -> Any:
     context = self.context.get_value()
-    context = context[(0,) * self._unsliced()]
+    if self._unsliced():                             # state the transform broadcast: the same for every layer
+      context = context[(0,) * self._unsliced()]
     context = None if context.shape == (0,) else context
     for definition in definitions:
       if adapt_core.routes_on_context(definition) and context is None:

@@ -328,6 +328,25 @@ def test_nnx_stack_router_traces_are_refused_by_name():
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
+class _ParamsOnlyScan(_NNXStack):
+  """The scan slices the params only (nnx.StateAxes): the other state (routing state too) is broadcast."""
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.StateAxes({nnx.Param: 0, ...: None}), nnx.Carry), out_axes=nnx.Carry)
+    def body(layer, h):
+      return jnp.tanh(layer(h))
+    return body(self.blocks, x)
+
+
+def test_nnx_scan_slicing_only_the_params_still_routes_every_layer():
+  model = _ParamsOnlyScan(nnx.Rngs(0))
+  kernels, biases = model.blocks.kernel.get_value(), model.blocks.bias.get_value()
+  nnx_inject.inject(model, MOE, X, target_modules="blocks", key=jax.random.PRNGKey(0))
+  nnx.update(model.blocks.adapter, {"params": _randomize(model.blocks.adapter.linen_params())})
+  want = _by_hand(MOE, kernels, biases, model.blocks.adapter.linen_params(), X, LABELS)
+  np.testing.assert_allclose(nnx_inject.call(model, X, context=LABELS), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(OTHERS))
 def test_nnx_stack_other_per_layer_adapters(name):
   """DoRA (each layer's own W_l), MELoRA, Localized LoRA, a context-routed block-wise and an activation-routed
