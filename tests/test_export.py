@@ -3,6 +3,7 @@ with numpy re-computations of PEFT's forward (no torch at test time)."""
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -113,8 +114,8 @@ def test_gemma3_peft_and_merged_exports(tmp_path, method):
   from flax import nnx
   from localmoe import nnx_inject
   from localmoe.models import gemma3
-  config = gemma3.Config(num_layers=2, width=32, ffn_width=48, num_heads=4, num_kv_heads=2, head_dim=8,
-                         vocab_size=64)
+  config = gemma3.Config(num_layers=2, width=24, ffn_width=48, num_heads=4, num_kv_heads=2, head_dim=8,
+                         vocab_size=64)                                 # every size distinct (see _fixture_names)
   model = gemma3.Gemma3(config, rngs=nnx.Rngs(0))
   nnx_inject.inject(model, {"method": method, "rank": 2, "alpha": 4.0}, jnp.zeros((1, 4), jnp.int32),
                     target_modules=gemma3.TARGETS, key=jax.random.PRNGKey(1))
@@ -127,14 +128,58 @@ def test_gemma3_peft_and_merged_exports(tmp_path, method):
                                                 "down_proj"}
   a = tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"]
   b = tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"]
-  assert a.shape == (2, 32) and b.shape == (16, 2)
+  assert a.shape == (2, 24) and b.shape == (16, 2)
   merged = nnx_inject.merge(model)
   export.export_merged_gemma3(str(tmp_path / "merged"), merged)
   state = load_file(str(tmp_path / "merged" / export.MERGED_WEIGHTS))
-  assert state["model.embed_tokens.weight"].shape == (64, 32)
+  assert state["model.embed_tokens.weight"].shape == (64, 24)
   assert "model.layers.0.input_layernorm.weight" in state and "model.norm.weight" in state
   w = state["model.layers.1.self_attn.k_proj.weight"]                           # [out, in]
   np.testing.assert_allclose(w, np.asarray(merged.layers[1].attn.k_proj.kernel.get_value()).T)
   if method == "lora":                                                          # merged = W0 + (alpha/r) B A
     w0 = np.asarray(model.layers[1].attn.k_proj.base.kernel.get_value()).T
     np.testing.assert_allclose(w, w0 + 2.0 * b @ a, rtol=1e-5, atol=1e-6)
+  _fixture_names(f"peft_{method}", tensors)
+  _fixture_names("merged", state)
+
+
+GEMMA3_FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "peft_reference_gemma3.json")
+
+
+def _gemma3_fixture():
+  if not os.path.exists(GEMMA3_FIXTURE):
+    pytest.skip("tests/fixtures/peft_reference_gemma3.json not produced yet (tools/make_gemma3_peft_reference.py)")
+  with open(GEMMA3_FIXTURE, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _fixture_names(name, tensors):
+  """The Gemma 3 270M files checked in PyTorch (the fixture's names, block index as {i}, and shapes) are what the
+  tiny model of test_gemma3_peft_and_merged_exports exports today, its sizes mapped to 270M's."""
+  from localmoe.models import gemma3
+  if not os.path.exists(GEMMA3_FIXTURE):
+    return
+  full, fixture = gemma3.Config(), _gemma3_fixture()
+  sizes = {24: full.width, 48: full.ffn_width, 32: full.num_heads * full.head_dim, 8: full.head_dim,
+           16: full.num_kv_heads * full.head_dim, 64: full.vocab_size, 2: 4}   # tiny -> 270M (rank 2 -> 4)
+  got = {}
+  for key, value in tensors.items():                                    # every block: the same names and shapes
+    shape = [sizes[s] for s in value.shape]
+    assert got.setdefault(re.sub(r"\.layers\.\d+\.", ".layers.{i}.", key), shape) == shape, key
+  assert got == fixture["tensors"][name], name
+  per_block = sum("{i}" in k for k in got)
+  assert fixture["tensor_counts"][name] == per_block * fixture["num_layers"] + len(got) - per_block, name
+  assert fixture["num_layers"] == full.num_layers
+
+
+def test_gemma3_fixture_torch_differences_are_small():
+  """tests/fixtures/peft_reference_gemma3.json: Gemma 3 270M's base, PEFT LoRA/DoRA and merged exports, loaded by
+  transformers and PEFT, gave localmoe's logits to float32 rounding, far below what the adapters changed."""
+  fixture = _gemma3_fixture()
+  assert {"torch", "transformers", "peft", "jax", "flax"} <= set(fixture["versions"])
+  diffs, scale = fixture["max_abs_diff"], fixture["logit_scale"]
+  assert {"base", "peft_lora", "merged_lora", "peft_dora", "merged_dora"} <= set(diffs)
+  for name, diff in diffs.items():
+    assert diff < 2e-5 * scale, name                                    # float32 rounding over 18 blocks
+    if name != "base":                                                  # the adapters moved the logits far more
+      assert fixture["adapter_effect"][f"{name.split('_')[1]}_changes_logits"] > 1e4 * diff, name
