@@ -44,6 +44,7 @@ from localmoe.train import optimizer, probe
 from experiments import multitask_lm_report
 from experiments.multitask_lm_methods import BASELINES, FFN, METHODS, TARGET_SHAPES, WIDTH, build_task, probe_grid
 
+
 def _int(value, field: str, low: int, fix: str) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < low:
     raise ValueError(f"{field}={value!r} must be an integer >= {low}: {fix}.")
@@ -155,7 +156,6 @@ def validate(config) -> train.Settings:
     "lower data.train_per_task, data.max_length, optim.batch_size or num_seeds",
   )
   return settings
-
 
 
 def run(config, workdir: str) -> dict:
@@ -338,5 +338,3 @@ def run(config, workdir: str) -> dict:
     live=live,
   )
   return {"methods": summaries, "paired_differences": paired}
-
-

@@ -23,7 +23,6 @@ WIDTH, HEADS_DIM, FFN = 640, 1024, 2048
 TARGET_SHAPES = ((WIDTH, HEADS_DIM), (WIDTH, 256), (HEADS_DIM, WIDTH), (WIDTH, FFN), (FFN, WIDTH))
 
 
-
 def probe_grid(config) -> list[float]:
   try:
     grid = [float(v) for v in configlib.split_names(config.probe.l2)]
@@ -74,4 +73,3 @@ def build_task(name: str, config, upper, prompts, data_example):
     diagnostics=diagnostics if routed else None,
   )
   return task, fn, frozen, nnx_inject.num_params(upper)
-

@@ -30,12 +30,13 @@ import jax.numpy as jnp
 @dataclasses.dataclass(frozen=True)
 class EinsumMap:
   """One einsum layer's equation split into the three letter groups (ellipsis already expanded)."""
-  lhs: str                        # letters of x
-  rhs: str                        # letters of the kernel
-  out: str                        # letters of the output
-  rest: str                       # kept axes of x, in x's order (batch, tokens, ...)
-  contracted: str                 # summed axes, in kernel order: flattened to d_in
-  features: str                   # kernel axes kept in the output, in kernel order: flattened to d_out
+
+  lhs: str  # letters of x
+  rhs: str  # letters of the kernel
+  out: str  # letters of the output
+  rest: str  # kept axes of x, in x's order (batch, tokens, ...)
+  contracted: str  # summed axes, in kernel order: flattened to d_in
+  features: str  # kernel axes kept in the output, in kernel order: flattened to d_out
 
 
 def parse(equation: str, x_ndim: int, path: str) -> EinsumMap:
@@ -43,8 +44,10 @@ def parse(equation: str, x_ndim: int, path: str) -> EinsumMap:
   eq = equation.replace(" ", "")
 
   def refuse(why: str):
-    raise ValueError(f"layer {path!r} is an einsum layer with equation {equation!r}: {why}, so a grid adapter "
-                     "cannot see it as one d_in -> d_out map; leave it out of target_modules.")
+    raise ValueError(
+      f"layer {path!r} is an einsum layer with equation {equation!r}: {why}, so a grid adapter "
+      "cannot see it as one d_in -> d_out map; leave it out of target_modules."
+    )
 
   if eq.count(",") != 1 or eq.count("->") != 1:
     refuse("it needs exactly two operands (input, kernel) and an explicit '->'")
@@ -56,7 +59,7 @@ def parse(equation: str, x_ndim: int, path: str) -> EinsumMap:
     refuse("the ellipsis must appear in both the input and the output")
   if "..." in lhs:
     named = len(lhs) - 3
-    free = [c for c in string.ascii_letters if c not in eq][:max(x_ndim - named, 0)]
+    free = [c for c in string.ascii_letters if c not in eq][: max(x_ndim - named, 0)]
     lhs, out = lhs.replace("...", "".join(free)), out.replace("...", "".join(free))
   if len(lhs) != x_ndim:
     refuse(f"the input has {x_ndim} axes but the equation names {len(lhs)}")
@@ -72,8 +75,14 @@ def parse(equation: str, x_ndim: int, path: str) -> EinsumMap:
   contracted = "".join(c for c in rhs if c in lhs)
   if not contracted:
     refuse("it contracts no axis of the input")
-  return EinsumMap(lhs=lhs, rhs=rhs, out=out, rest="".join(c for c in lhs if c in out), contracted=contracted,
-                   features="".join(c for c in rhs if c in out))
+  return EinsumMap(
+    lhs=lhs,
+    rhs=rhs,
+    out=out,
+    rest="".join(c for c in lhs if c in out),
+    contracted=contracted,
+    features="".join(c for c in rhs if c in out),
+  )
 
 
 def widths(m: EinsumMap, kernel_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -85,14 +94,14 @@ def widths(m: EinsumMap, kernel_shape) -> tuple[tuple[int, ...], tuple[int, ...]
 def flatten_input(x: jnp.ndarray, m: EinsumMap) -> jnp.ndarray:
   """x [lhs axes] -> [*rest, d_in], the contracted axes moved last in kernel order and flattened."""
   x = jnp.einsum(f"{m.lhs}->{m.rest}{m.contracted}", x)
-  rest = x.shape[:len(m.rest)]
-  return x.reshape(*rest, math.prod(x.shape[len(m.rest):]))
+  rest = x.shape[: len(m.rest)]
+  return x.reshape(*rest, math.prod(x.shape[len(m.rest) :]))
 
 
 def kernel_2d(kernel: jnp.ndarray, m: EinsumMap) -> jnp.ndarray:
   """W [rhs axes] -> [d_in, d_out] (contracted axes, then features, each in kernel order)."""
   w = jnp.einsum(f"{m.rhs}->{m.contracted}{m.features}", kernel)
-  d_in = math.prod(w.shape[:len(m.contracted)])
+  d_in = math.prod(w.shape[: len(m.contracted)])
   return w.reshape(d_in, -1)
 
 

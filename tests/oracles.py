@@ -20,18 +20,18 @@ from localmoe.adapters import common
 def localized(module, params, x):
   """Eq. 4: h_i = (alpha / r) sum_j B_ij A_ij^T x_j. x: [..., d_in] -> [..., d_out]."""
   cd = x.dtype
-  xs = grid.split_fields(x, module.k_x)                                         # [..., K_x, d_in/K_x]
-  z = jnp.einsum("...jd,ijdr->...ijr", xs, params["A"].astype(cd))              # [..., K_y, K_x, r]
-  h = jnp.einsum("...ijr,ijor->...io", z, params["B"].astype(cd))               # [..., K_y, d_out/K_y]
+  xs = grid.split_fields(x, module.k_x)  # [..., K_x, d_in/K_x]
+  z = jnp.einsum("...jd,ijdr->...ijr", xs, params["A"].astype(cd))  # [..., K_y, K_x, r]
+  h = jnp.einsum("...ijr,ijor->...io", z, params["B"].astype(cd))  # [..., K_y, d_out/K_y]
   return (common.scaling(module.alpha, module.rank) * grid.merge_segments(h)).astype(cd)
 
 
 def melora(module, params, x):
   """Diagonal blocks: h_n = (alpha / r) B_n A_n^T x_n. x: [..., d_in] -> [..., d_out]."""
   cd = x.dtype
-  xs = grid.split_fields(x, module.num_blocks)                                  # [..., N, d_in/N]
-  z = jnp.einsum("...nd,ndr->...nr", xs, params["A"].astype(cd))                # [..., N, r]
-  h = jnp.einsum("...nr,nor->...no", z, params["B"].astype(cd))                 # [..., N, d_out/N]
+  xs = grid.split_fields(x, module.num_blocks)  # [..., N, d_in/N]
+  z = jnp.einsum("...nd,ndr->...nr", xs, params["A"].astype(cd))  # [..., N, r]
+  h = jnp.einsum("...nr,nor->...no", z, params["B"].astype(cd))  # [..., N, d_out/N]
   return (common.scaling(module.alpha, module.rank) * grid.merge_segments(h)).astype(cd)
 
 
@@ -43,8 +43,7 @@ def router_gates(module, params, u):
   if not module.router_grid:
     logits = jnp.einsum("...c,ce->...e", u, kernel, preferred_element_type=acc)
   elif module.router_per_field:
-    logits = jnp.einsum("...jd,ijde->...ije", grid.split_fields(u, module.k_x), kernel,
-                        preferred_element_type=acc)
+    logits = jnp.einsum("...jd,ijde->...ije", grid.split_fields(u, module.k_x), kernel, preferred_element_type=acc)
   else:
     logits = jnp.einsum("...c,ijce->...ije", u, kernel, preferred_element_type=acc)
   if module.router_bias:
@@ -64,14 +63,14 @@ def routed(module, params, x, context=None, gates=None):
     else:
       gates = router_gates(module, params, x)
   gates = jnp.asarray(gates).astype(cd)
-  if module.router_grid:                                                        # [..., K_y, K_x, E]
-    rank_gates = jnp.moveaxis(gates, -1, -3)[..., None]                         # [..., E, K_y, K_x, 1]
-  else:                                                                         # [..., E]
-    rank_gates = gates[..., :, None, None, None]                                # [..., E, 1, 1, 1]
-  xs = grid.split_fields(x, module.k_x)                                         # [..., K_x, d_in/K_x]
-  z = jnp.einsum("...jd,eijdr->...eijr", xs, params["A"].astype(cd))            # [..., E, K_y, K_x, r]
+  if module.router_grid:  # [..., K_y, K_x, E]
+    rank_gates = jnp.moveaxis(gates, -1, -3)[..., None]  # [..., E, K_y, K_x, 1]
+  else:  # [..., E]
+    rank_gates = gates[..., :, None, None, None]  # [..., E, 1, 1, 1]
+  xs = grid.split_fields(x, module.k_x)  # [..., K_x, d_in/K_x]
+  z = jnp.einsum("...jd,eijdr->...eijr", xs, params["A"].astype(cd))  # [..., E, K_y, K_x, r]
   z = z * rank_gates
-  h = jnp.einsum("...eijr,eijor->...io", z, params["B"].astype(cd))             # [..., K_y, d_out/K_y]
+  h = jnp.einsum("...eijr,eijor->...io", z, params["B"].astype(cd))  # [..., K_y, d_out/K_y]
   return (common.scaling(module.alpha, module.rank) * grid.merge_segments(h)).astype(cd)
 
 

@@ -15,7 +15,7 @@ from tests import oracles
 jax.config.update("jax_enable_x64", False)
 
 D_IN, D_OUT, K_Y, K_X, RANK, E, D_CTX = 12, 8, 2, 3, 2, 3, 4
-LEAD = (2, 3)   # leading batch axes
+LEAD = (2, 3)  # leading batch axes
 
 
 def randomize(variables, seed=0, scale=0.5):
@@ -85,10 +85,10 @@ def test_melora_is_block_diagonal(per_block_gemms, monkeypatch):
   want = np.zeros((*LEAD, D_OUT))
   for idx in np.ndindex(LEAD):
     for n in range(2):
-      xs = xn[idx][n * 6:(n + 1) * 6]
-      want[idx][n * 4:(n + 1) * 4] = B[n] @ A[n].T @ xs
+      xs = xn[idx][n * 6 : (n + 1) * 6]
+      want[idx][n * 4 : (n + 1) * 4] = B[n] @ A[n].T @ xs
   np.testing.assert_allclose(m.apply(v, x), want, rtol=1e-5, atol=1e-5)
-  grad_x = jax.grad(lambda x: jnp.sum(jnp.sin(m.apply(v, x))))(x)                  # [LEAD, D_IN]
+  grad_x = jax.grad(lambda x: jnp.sum(jnp.sin(m.apply(v, x))))(x)  # [LEAD, D_IN]
   want_grad = np.einsum("...o,od->...d", np.cos(want), np.asarray(lm.delta_weight(m, v), np.float64))
   np.testing.assert_allclose(grad_x, want_grad, rtol=1e-4, atol=1e-5)
   dense = np.asarray(lm.delta_weight(m, v))
@@ -106,13 +106,15 @@ def test_localized_matches_eq4():
   for idx in np.ndindex(LEAD):
     for i in range(K_Y):
       for j in range(K_X):
-        want[idx][i * dy:(i + 1) * dy] += B[i, j] @ A[i, j].T @ xn[idx][j * dx:(j + 1) * dx]
+        want[idx][i * dy : (i + 1) * dy] += B[i, j] @ A[i, j].T @ xn[idx][j * dx : (j + 1) * dx]
   np.testing.assert_allclose(m.apply(v, x), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("router_input,top_k,bias,temperature", list(itertools.product(
-    ["context", "activation"], [None, 1, 2, E], [False, True], [1.0, 0.5])))
+@pytest.mark.parametrize(
+  "router_input,top_k,bias,temperature",
+  list(itertools.product(["context", "activation"], [None, 1, 2, E], [False, True], [1.0, 0.5])),
+)
 def test_blockwise_matches_eq6(router_input, top_k, bias, temperature):
   m = build("blockwise_moe", router_input=router_input, top_k=top_k, router_bias=bias, temperature=temperature)
   x, ctx = inputs()
@@ -123,17 +125,19 @@ def test_blockwise_matches_eq6(router_input, top_k, bias, temperature):
   dy, dx = D_OUT // K_Y, D_IN // K_X
   want = np.zeros((*LEAD, D_OUT))
   for idx in np.ndindex(LEAD):
-    u = cn[idx] if router_input == "context" else xn[idx]                # Eq. 5 input
+    u = cn[idx] if router_input == "context" else xn[idx]  # Eq. 5 input
     logits = u @ Wg + (p["router"]["bias"] if bias else 0.0)
     g = ref_gates(logits / temperature, top_k)
     for i, j, e in itertools.product(range(K_Y), range(K_X), range(E)):
-      want[idx][i * dy:(i + 1) * dy] += g[e] * B[e, i, j] @ A[e, i, j].T @ xn[idx][j * dx:(j + 1) * dx]
+      want[idx][i * dy : (i + 1) * dy] += g[e] * B[e, i, j] @ A[e, i, j].T @ xn[idx][j * dx : (j + 1) * dx]
   np.testing.assert_allclose(m.apply(v, x, ctx), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("router_input,top_k,bias,temperature", list(itertools.product(
-    ["context", "activation"], [None, 1, 2, E], [False, True], [1.0, 0.5])))
+@pytest.mark.parametrize(
+  "router_input,top_k,bias,temperature",
+  list(itertools.product(["context", "activation"], [None, 1, 2, E], [False, True], [1.0, 0.5])),
+)
 def test_cellwise_matches_eq8(router_input, top_k, bias, temperature):
   m = build("cellwise_moe", router_input=router_input, top_k=top_k, router_bias=bias, temperature=temperature)
   x, ctx = inputs()
@@ -145,12 +149,12 @@ def test_cellwise_matches_eq8(router_input, top_k, bias, temperature):
   want = np.zeros((*LEAD, D_OUT))
   for idx in np.ndindex(LEAD):
     for i, j in itertools.product(range(K_Y), range(K_X)):
-      xj = xn[idx][j * dx:(j + 1) * dx]
-      u = cn[idx] if router_input == "context" else xj                   # Eq. 7 input: local slice x_j
+      xj = xn[idx][j * dx : (j + 1) * dx]
+      u = cn[idx] if router_input == "context" else xj  # Eq. 7 input: local slice x_j
       logits = u @ Wg[i, j] + (p["router"]["bias"][i, j] if bias else 0.0)
       g = ref_gates(logits / temperature, top_k)
       for e in range(E):
-        want[idx][i * dy:(i + 1) * dy] += g[e] * B[e, i, j] @ A[e, i, j].T @ xj
+        want[idx][i * dy : (i + 1) * dy] += g[e] * B[e, i, j] @ A[e, i, j].T @ xj
   np.testing.assert_allclose(m.apply(v, x, ctx), want, rtol=1e-4, atol=1e-5)
 
 
@@ -195,13 +199,18 @@ def test_containment_blockwise_gate_copied_into_every_cell():
   # Same experts; gates taken from the block-wise router and broadcast over the grid.
   gates, state = block.apply(v_block, x, ctx, method=block.route, mutable=["intermediates"])
   cell_gates = jnp.broadcast_to(gates[..., None, None, :], (*LEAD, K_Y, K_X, E))
-  v_cell = {"params": {"A": v_block["params"]["A"], "B": v_block["params"]["B"],
-                       "router": {"kernel": jnp.zeros((K_Y, K_X, D_CTX, E))}}}
-  np.testing.assert_allclose(cell.apply(v_cell, x, ctx, gates=cell_gates), block.apply(v_block, x, ctx),
-                             rtol=1e-5, atol=1e-6)
+  v_cell = {
+    "params": {
+      "A": v_block["params"]["A"],
+      "B": v_block["params"]["B"],
+      "router": {"kernel": jnp.zeros((K_Y, K_X, D_CTX, E))},
+    }
+  }
+  np.testing.assert_allclose(
+    cell.apply(v_cell, x, ctx, gates=cell_gates), block.apply(v_block, x, ctx), rtol=1e-5, atol=1e-6
+  )
   # And with real routers: every cell router a copy of the global one reproduces it (context routing).
-  v_cell["params"]["router"]["kernel"] = jnp.broadcast_to(v_block["params"]["router"]["kernel"],
-                                                          (K_Y, K_X, D_CTX, E))
+  v_cell["params"]["router"]["kernel"] = jnp.broadcast_to(v_block["params"]["router"]["kernel"], (K_Y, K_X, D_CTX, E))
   np.testing.assert_allclose(cell.apply(v_cell, x, ctx), block.apply(v_block, x, ctx), rtol=1e-5, atol=1e-6)
 
 
@@ -211,7 +220,7 @@ def test_containment_blockwise_gate_copied_into_every_cell():
 def _cellwise_activation():
   m = build("cellwise_moe", router_input="activation")
   x, _ = inputs()
-  x = x[0, 0]   # one example: [d_in]
+  x = x[0, 0]  # one example: [d_in]
   v = randomize(m.init(jax.random.PRNGKey(0), x))
   return m, v, x
 
@@ -224,8 +233,8 @@ def test_lemma1_routing_jacobian_is_block_diagonal():
     params = dict(v["params"], router={"kernel": kernel})
     return m.apply({"params": params}, x).reshape(K_Y, D_OUT // K_Y)
 
-  kernel = v["params"]["router"]["kernel"]                               # [K_y, K_x, d_in/K_x, E]
-  jac = jax.jacrev(out_blocks)(kernel, x)                                # [K_y', o, K_y, K_x, d, E]
+  kernel = v["params"]["router"]["kernel"]  # [K_y, K_x, d_in/K_x, E]
+  jac = jax.jacrev(out_blocks)(kernel, x)  # [K_y', o, K_y, K_x, d, E]
   for i_out, i, j in itertools.product(range(K_Y), range(K_Y), range(K_X)):
     block = np.asarray(jac[i_out, :, i, j])
     if i_out != i:
@@ -235,7 +244,7 @@ def test_lemma1_routing_jacobian_is_block_diagonal():
   # ... and d h_i / d W_g^(i,j) depends on x_j alone: perturbing any other field leaves it unchanged.
   dx = D_IN // K_X
   for j in range(K_X):
-    other = jnp.ones(D_IN).at[j * dx:(j + 1) * dx].set(0.0)
+    other = jnp.ones(D_IN).at[j * dx : (j + 1) * dx].set(0.0)
     jac2 = jax.jacrev(out_blocks)(kernel, x + 0.7 * other)
     for i in range(K_Y):
       np.testing.assert_allclose(jac2[i, :, i, j], jac[i, :, i, j], rtol=1e-5, atol=1e-6)
@@ -261,8 +270,8 @@ def test_corollary1_fault_stays_in_its_column():
   m, v, x = _cellwise_activation()
   dx = D_IN // K_X
   for j0 in range(K_X):
-    corrupted = x.at[j0 * dx:(j0 + 1) * dx].set(5.0)
-    g = m.apply(v, x, method=m.route)                                    # [K_y, K_x, E]
+    corrupted = x.at[j0 * dx : (j0 + 1) * dx].set(5.0)
+    g = m.apply(v, x, method=m.route)  # [K_y, K_x, E]
     g_bad = m.apply(v, corrupted, method=m.route)
     for j in range(K_X):
       changed = not np.allclose(g[:, j], g_bad[:, j])
@@ -277,26 +286,24 @@ def test_corollary1_fault_stays_in_its_column():
 # ------------------------------------------------------------------------- parameter counts (paper, Section 3)
 
 PAPER_COUNTS = [
-    # SVD simulation: d=64, K=4, D=3 contexts.
-    (dict(method="lora", d_in=64, d_out=64, rank=16), 2048),
-    (dict(method="melora", d_in=64, d_out=64, num_blocks=4, rank=16), 2048),
-    (dict(method="localized_lora", d_in=64, d_out=64, k_y=4, k_x=4, rank=4), 2048),
-    (dict(method="blockwise_moe", d_in=64, d_out=64, k_y=4, k_x=4, rank=2, num_experts=2, context_dim=3), 2054),
-    (dict(method="cellwise_moe", d_in=64, d_out=64, k_y=4, k_x=4, rank=2, num_experts=2, context_dim=3), 2144),
-    # California Housing: d=8, K=2, D=2 (the paper's ranks exceed the block size: over-complete).
-    (dict(method="lora", d_in=8, d_out=8, rank=16, allow_overcomplete_rank=True), 256),
-    (dict(method="melora", d_in=8, d_out=8, num_blocks=2, rank=16, allow_overcomplete_rank=True), 256),
-    (dict(method="localized_lora", d_in=8, d_out=8, k_y=2, k_x=2, rank=8, allow_overcomplete_rank=True), 256),
-    (dict(method="blockwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=4, num_experts=2, context_dim=2), 260),
-    (dict(method="cellwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=4, num_experts=2, context_dim=2), 272),
-    # MNIST sensor degradation: d=784, K=4, D=2.
-    (dict(method="lora", d_in=784, d_out=784, rank=16), 25088),
-    (dict(method="melora", d_in=784, d_out=784, num_blocks=4, rank=32), 50176),
-    (dict(method="localized_lora", d_in=784, d_out=784, k_y=4, k_x=4, rank=4), 25088),
-    (dict(method="blockwise_moe", d_in=784, d_out=784, k_y=4, k_x=4, rank=2, num_experts=2, context_dim=2),
-     25092),
-    (dict(method="cellwise_moe", d_in=784, d_out=784, k_y=4, k_x=4, rank=2, num_experts=2, context_dim=2),
-     25152),
+  # SVD simulation: d=64, K=4, D=3 contexts.
+  (dict(method="lora", d_in=64, d_out=64, rank=16), 2048),
+  (dict(method="melora", d_in=64, d_out=64, num_blocks=4, rank=16), 2048),
+  (dict(method="localized_lora", d_in=64, d_out=64, k_y=4, k_x=4, rank=4), 2048),
+  (dict(method="blockwise_moe", d_in=64, d_out=64, k_y=4, k_x=4, rank=2, num_experts=2, context_dim=3), 2054),
+  (dict(method="cellwise_moe", d_in=64, d_out=64, k_y=4, k_x=4, rank=2, num_experts=2, context_dim=3), 2144),
+  # California Housing: d=8, K=2, D=2 (the paper's ranks exceed the block size: over-complete).
+  (dict(method="lora", d_in=8, d_out=8, rank=16, allow_overcomplete_rank=True), 256),
+  (dict(method="melora", d_in=8, d_out=8, num_blocks=2, rank=16, allow_overcomplete_rank=True), 256),
+  (dict(method="localized_lora", d_in=8, d_out=8, k_y=2, k_x=2, rank=8, allow_overcomplete_rank=True), 256),
+  (dict(method="blockwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=4, num_experts=2, context_dim=2), 260),
+  (dict(method="cellwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=4, num_experts=2, context_dim=2), 272),
+  # MNIST sensor degradation: d=784, K=4, D=2.
+  (dict(method="lora", d_in=784, d_out=784, rank=16), 25088),
+  (dict(method="melora", d_in=784, d_out=784, num_blocks=4, rank=32), 50176),
+  (dict(method="localized_lora", d_in=784, d_out=784, k_y=4, k_x=4, rank=4), 25088),
+  (dict(method="blockwise_moe", d_in=784, d_out=784, k_y=4, k_x=4, rank=2, num_experts=2, context_dim=2), 25092),
+  (dict(method="cellwise_moe", d_in=784, d_out=784, k_y=4, k_x=4, rank=2, num_experts=2, context_dim=2), 25152),
 ]
 
 
@@ -320,7 +327,7 @@ def test_delta_weight_and_merge_agree_with_forward(method):
   x, ctx = inputs()
   v = randomize(m.init(jax.random.PRNGKey(0), x, ctx))
   c0 = ctx[0, 0]
-  dense = lm.delta_weight(m, v, context=c0)                              # [d_out, d_in]
+  dense = lm.delta_weight(m, v, context=c0)  # [d_out, d_in]
   assert dense.shape == (D_OUT, D_IN)
   same_ctx = jnp.broadcast_to(c0, ctx.shape)
   np.testing.assert_allclose(x @ dense.T, m.apply(v, x, same_ctx), rtol=1e-4, atol=1e-5)
@@ -364,8 +371,7 @@ def _max_intermediate_size(jaxpr) -> int:
 @pytest.mark.parametrize("method", ["blockwise_moe", "cellwise_moe"])
 def test_no_per_example_dense_update_in_forward_or_backward(method, grid_path):
   d, batch, k, e, r = 64, 32, 4, 4, 2
-  m = lm.make(dict(method=method, d_in=d, d_out=d, k_y=k, k_x=k, rank=r, num_experts=e,
-                   router_input="activation"))
+  m = lm.make(dict(method=method, d_in=d, d_out=d, k_y=k, k_x=k, rank=r, num_experts=e, router_input="activation"))
   x = jnp.ones((batch, d))
   v = m.init(jax.random.PRNGKey(0), x)
 
@@ -384,26 +390,46 @@ def test_no_per_example_dense_update_in_forward_or_backward(method, grid_path):
 # ------------------------------------------------------------------------- clear errors
 
 
-@pytest.mark.parametrize("spec,field", [
+@pytest.mark.parametrize(
+  "spec,field",
+  [
     (dict(method="localized_lora", d_in=30, d_out=8, k_y=2, k_x=4, rank=1), "d_in=30 is not divisible by k_x=4"),
     (dict(method="localized_lora", d_in=8, d_out=9, k_y=2, k_x=2, rank=1), "d_out=9 is not divisible by k_y=2"),
     (dict(method="melora", d_in=10, d_out=10, num_blocks=3, rank=1), "num_blocks=3"),
     (dict(method="localized_lora", d_in=8, d_out=8, k_y=2, k_x=2, rank=5), "rank=5 is larger"),
     (dict(method="lora", d_in=8, d_out=8, rank=9), "allow_overcomplete_rank"),
     (dict(method="lora", d_in=8, d_out=8, rank=0), "rank=0"),
-    (dict(method="cellwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=1, num_experts=2, context_dim=2, top_k=3),
-     "top_k=3 must lie in 1..num_experts=2"),
+    (
+      dict(method="cellwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=1, num_experts=2, context_dim=2, top_k=3),
+      "top_k=3 must lie in 1..num_experts=2",
+    ),
     (dict(method="blockwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=1, num_experts=2), "context_dim=None"),
-    (dict(method="blockwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=1, num_experts=2, context_dim=2,
-          router_input="tokens"), "router_input='tokens'"),
-    (dict(method="blockwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=1, num_experts=2, context_dim=2,
-          temperature=0.0), "temperature=0.0"),
-    (dict(method="cellwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=1, num_experts=0, context_dim=2),
-     "num_experts=0"),
+    (
+      dict(
+        method="blockwise_moe",
+        d_in=8,
+        d_out=8,
+        k_y=2,
+        k_x=2,
+        rank=1,
+        num_experts=2,
+        context_dim=2,
+        router_input="tokens",
+      ),
+      "router_input='tokens'",
+    ),
+    (
+      dict(
+        method="blockwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=1, num_experts=2, context_dim=2, temperature=0.0
+      ),
+      "temperature=0.0",
+    ),
+    (dict(method="cellwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=1, num_experts=0, context_dim=2), "num_experts=0"),
     (dict(method="loRA", d_in=8, d_out=8, rank=1), "method='loRA' is not a known adapter"),
     (dict(method="lora", d_in=8, d_out=8, rank=1, k_x=2), "unknown field"),
     (dict(method="lora", d_in=8, d_out=8, rank=1, a_init="kaiming"), "a_init='kaiming'"),
-])
+  ],
+)
 def test_bad_construction_names_the_field(spec, field):
   with pytest.raises(ValueError, match=field.replace("(", r"\(").replace(".", r"\.")):
     m = lm.make(spec)
@@ -422,14 +448,14 @@ def test_context_router_without_context_is_a_clear_error():
 # ------------------------------------------------------------------------- dtypes (param_dtype, dtype)
 
 DTYPE_CASES = [
-    ("lora", dict(rank=2)),
-    ("dora", dict(rank=2)),
-    ("melora", dict(num_blocks=2, rank=2)),
-    ("localized_lora", {}),
-    ("blockwise_moe", dict(router_input="context")),
-    ("blockwise_moe", dict(router_input="activation", top_k=2, router_bias=True)),
-    ("cellwise_moe", dict(router_input="context", temperature=0.5)),
-    ("cellwise_moe", dict(router_input="activation", router_bias=True)),
+  ("lora", dict(rank=2)),
+  ("dora", dict(rank=2)),
+  ("melora", dict(num_blocks=2, rank=2)),
+  ("localized_lora", {}),
+  ("blockwise_moe", dict(router_input="context")),
+  ("blockwise_moe", dict(router_input="activation", top_k=2, router_bias=True)),
+  ("cellwise_moe", dict(router_input="context", temperature=0.5)),
+  ("cellwise_moe", dict(router_input="activation", router_bias=True)),
 ]
 
 
@@ -448,11 +474,10 @@ def test_bfloat16_input_with_float32_params(method, kw, grid_path):
   kernel = jax.random.normal(jax.random.PRNGKey(7), (D_IN, D_OUT))
   init_kw = dict(kernel=kernel) if method == "dora" else {}
   x16 = x.astype(jnp.bfloat16)
-  v = m.init(jax.random.PRNGKey(0), x16, **init_kw) if method == "dora" else m.init(
-      jax.random.PRNGKey(0), x16, ctx)
+  v = m.init(jax.random.PRNGKey(0), x16, **init_kw) if method == "dora" else m.init(jax.random.PRNGKey(0), x16, ctx)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(v["params"]))
   params = randomize(v)["params"]
-  if method == "dora":                      # keep the magnitude near ||W0|| so the ratio m / n is O(1)
+  if method == "dora":  # keep the magnitude near ||W0|| so the ratio m / n is O(1)
     params["magnitude"] = jnp.linalg.norm(kernel, axis=0) * 1.1
   out16 = _apply_with_kernel(m, params, x16, ctx, kernel)
   out32 = _apply_with_kernel(m, params, x16.astype(jnp.float32), ctx, kernel)
@@ -461,8 +486,7 @@ def test_bfloat16_input_with_float32_params(method, kw, grid_path):
   assert scale > 0
   np.testing.assert_allclose(np.asarray(out16, np.float32), out32, atol=3e-2 * scale, rtol=0)
 
-  grads = jax.grad(lambda p: jnp.sum(_apply_with_kernel(m, p, x16, ctx, kernel).astype(jnp.float32) ** 2))(
-      params)
+  grads = jax.grad(lambda p: jnp.sum(_apply_with_kernel(m, p, x16, ctx, kernel).astype(jnp.float32) ** 2))(params)
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     assert g.dtype == jnp.float32, path
     assert float(jnp.max(jnp.abs(g))) > 0, path
@@ -477,11 +501,11 @@ def test_dtype_fields_from_strings(method):
   m = build(method, dtype="bfloat16", **kw)
   v = randomize(m.init(jax.random.PRNGKey(0), x, ctx))
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(v["params"]))
-  assert m.apply(v, x, ctx).dtype == jnp.bfloat16                        # float32 input, bf16 compute
+  assert m.apply(v, x, ctx).dtype == jnp.bfloat16  # float32 input, bf16 compute
   m16 = build(method, param_dtype="bfloat16", **kw)
   v16 = m16.init(jax.random.PRNGKey(0), x, ctx)
   assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree_util.tree_leaves(v16["params"]))
-  assert m16.apply(v16, x, ctx).dtype == jnp.float32                    # float32 input decides
+  assert m16.apply(v16, x, ctx).dtype == jnp.float32  # float32 input decides
   assert lm.delta_weight(m16, v16, context=ctx[0, 0]).dtype == jnp.bfloat16
 
 
@@ -513,14 +537,23 @@ def test_router_softmax_stays_float32_under_bfloat16(method):
 # ------------------------------------------------------------------------- fast form == einsum oracle (Eq. 4/6/8)
 
 ORACLE_CASES = (
-    [("localized_lora", {}), ("melora", dict(num_blocks=2, rank=2)),
-     ("localized_lora", dict(k_y=4, k_x=1)), ("localized_lora", dict(k_y=1, k_x=6, rank=1))]
-    + [(method, dict(router_input=ri, top_k=k, router_bias=bias, temperature=t))
-       for method in ("blockwise_moe", "cellwise_moe")
-       for ri, k, bias, t in itertools.product(["context", "activation"], [None, 1, 2], [False, True], [1.0, 0.5])]
-    + [("cellwise_moe", dict(router_input="activation", k_y=4, k_x=2)),
-       ("blockwise_moe", dict(router_input="activation", k_y=1, k_x=6, rank=1, top_k=2)),
-       ("cellwise_moe", dict(router_input="context", k_y=4, k_x=1, num_experts=1))])
+  [
+    ("localized_lora", {}),
+    ("melora", dict(num_blocks=2, rank=2)),
+    ("localized_lora", dict(k_y=4, k_x=1)),
+    ("localized_lora", dict(k_y=1, k_x=6, rank=1)),
+  ]
+  + [
+    (method, dict(router_input=ri, top_k=k, router_bias=bias, temperature=t))
+    for method in ("blockwise_moe", "cellwise_moe")
+    for ri, k, bias, t in itertools.product(["context", "activation"], [None, 1, 2], [False, True], [1.0, 0.5])
+  ]
+  + [
+    ("cellwise_moe", dict(router_input="activation", k_y=4, k_x=2)),
+    ("blockwise_moe", dict(router_input="activation", k_y=1, k_x=6, rank=1, top_k=2)),
+    ("cellwise_moe", dict(router_input="context", k_y=4, k_x=1, num_experts=1)),
+  ]
+)
 
 
 @pytest.fixture(params=["field_gemms", "einsum"])
@@ -545,7 +578,7 @@ def _oracle_case(method, kw, lead, dtype):
 
 
 def _loss(fn):
-  return lambda params, x: jnp.sum(jnp.sin(fn(params, x).astype(jnp.float32)))   # a nonuniform cotangent
+  return lambda params, x: jnp.sum(jnp.sin(fn(params, x).astype(jnp.float32)))  # a nonuniform cotangent
 
 
 def _plain(kw):
@@ -554,8 +587,11 @@ def _plain(kw):
 
 # The full option grid at LEAD; other batch shapes (none, one, three leading axes) at the plain options.
 @pytest.mark.slow
-@pytest.mark.parametrize("method,kw,lead", [(m, kw, LEAD) for m, kw in ORACLE_CASES] + [
-    (m, kw, lead) for m, kw in ORACLE_CASES if _plain(kw) for lead in [(5,), (), (2, 1, 3)]])
+@pytest.mark.parametrize(
+  "method,kw,lead",
+  [(m, kw, LEAD) for m, kw in ORACLE_CASES]
+  + [(m, kw, lead) for m, kw in ORACLE_CASES if _plain(kw) for lead in [(5,), (), (2, 1, 3)]],
+)
 def test_fast_form_equals_einsum_oracle(method, kw, lead, field_gemms):
   """Outputs and gradients w.r.t. params and x equal the einsum form of Eq. 4/6/8 to 1e-5 (float32)."""
   m, params, x, ctx = _oracle_case(method, kw, lead, jnp.float32)
@@ -571,9 +607,15 @@ def test_fast_form_equals_einsum_oracle(method, kw, lead, field_gemms):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,kw", ORACLE_CASES[:1] + [
+@pytest.mark.parametrize(
+  "method,kw",
+  ORACLE_CASES[:1]
+  + [
     (m, dict(router_input=ri, top_k=2, router_bias=True, temperature=0.5))
-    for m in ("blockwise_moe", "cellwise_moe") for ri in ("context", "activation")])
+    for m in ("blockwise_moe", "cellwise_moe")
+    for ri in ("context", "activation")
+  ],
+)
 def test_small_layer_einsum_form_equals_oracle(method, kw):
   """Below grid.FIELD_GEMMS_MIN_ELEMENTS the adapters keep the einsum form; it matches the oracle too."""
   m, params, x, ctx = _oracle_case(method, kw, LEAD, jnp.float32)
@@ -588,8 +630,11 @@ def test_small_layer_einsum_form_equals_oracle(method, kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,kw", [c for c in ORACLE_CASES if _plain(c[1])][:6]
-                         + [("cellwise_moe", dict(router_input="activation", top_k=2, router_bias=True))])
+@pytest.mark.parametrize(
+  "method,kw",
+  [c for c in ORACLE_CASES if _plain(c[1])][:6]
+  + [("cellwise_moe", dict(router_input="activation", top_k=2, router_bias=True))],
+)
 def test_fast_form_equals_oracle_in_bfloat16(method, kw, field_gemms):
   """bfloat16 inputs with float32 params: same dtype and values as the oracle, at bf16 tolerance."""
   m, params, x, ctx = _oracle_case(method, kw, LEAD, jnp.bfloat16)
@@ -613,18 +658,19 @@ def test_fixed_gates_and_broadcast_context_equal_oracle(method, grid_path):
   m, params, x, ctx = _oracle_case(method, dict(router_input="context"), LEAD, jnp.float32)
   shape = (*LEAD, E) if method == "blockwise_moe" else (*LEAD, K_Y, K_X, E)
   gates = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(4), shape))
-  np.testing.assert_allclose(m.apply({"params": params}, x, gates=gates),
-                             oracles.apply(m, params, x, gates=gates), rtol=1e-5, atol=1e-5)
-  one = ctx[0, 0]                                                        # [D]: one context for all tokens
-  np.testing.assert_allclose(m.apply({"params": params}, x, one), oracles.apply(m, params, x, one),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    m.apply({"params": params}, x, gates=gates), oracles.apply(m, params, x, gates=gates), rtol=1e-5, atol=1e-5
+  )
+  one = ctx[0, 0]  # [D]: one context for all tokens
+  np.testing.assert_allclose(
+    m.apply({"params": params}, x, one), oracles.apply(m, params, x, one), rtol=1e-5, atol=1e-5
+  )
 
 
 @pytest.mark.parametrize("method", ["blockwise_moe", "cellwise_moe"])
 def test_fused_router_sows_the_same_logits_and_gates_as_route(method, field_gemms):
   """The activation router fused into the per-field GEMMs sows exactly what `route` computes."""
-  m, params, x, _ = _oracle_case(method, dict(router_input="activation", router_bias=True, top_k=2), LEAD,
-                                 jnp.float32)
+  m, params, x, _ = _oracle_case(method, dict(router_input="activation", router_bias=True, top_k=2), LEAD, jnp.float32)
   _, fused = m.apply({"params": params}, x, mutable=["intermediates"])
   _, plain = m.apply({"params": params}, x, method=m.route, mutable=["intermediates"])
   (a,), (b,) = lm.collect_router_outputs(fused["intermediates"]), lm.collect_router_outputs(plain["intermediates"])
@@ -638,15 +684,14 @@ def test_fused_router_sows_the_same_logits_and_gates_as_route(method, field_gemm
 def test_per_task_lora_merges_per_task_and_refuses_a_missing_context():
   module = lm.make({"method": "per_task_lora", "rank": 2, "context_dim": 3}, d_in=D_IN, d_out=D_OUT)
   x, _ = inputs()
-  task = jnp.asarray([[0, 2, 1], [1, 1, 0]])                                        # LEAD = (2, 3)
+  task = jnp.asarray([[0, 2, 1], [1, 1, 0]])  # LEAD = (2, 3)
   variables = randomize(module.init(jax.random.PRNGKey(0), x, task))
   got = module.apply(variables, x, task)
-  for t in range(3):                                                                # each task's Delta W
+  for t in range(3):  # each task's Delta W
     w = module.apply(variables, jnp.asarray(t), method=module.delta_weight)
     np.testing.assert_allclose(w, variables["params"]["B"][t] @ variables["params"]["A"][t].T, rtol=1e-5)
     rows = np.asarray(task) == t
-    np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(x)[rows] @ np.asarray(w).T, rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(x)[rows] @ np.asarray(w).T, rtol=1e-4, atol=1e-5)
   one_hot = jax.nn.one_hot(task, 3)
   np.testing.assert_allclose(module.apply(variables, x, one_hot), got, rtol=1e-6)
   with pytest.raises(ValueError, match="selects a LoRA by the context"):
@@ -679,8 +724,9 @@ def test_default_router_controls_ignore_rngs_and_match_the_oracle(method, router
   assert (new.router_init, new.router_hard, new.router_dropout, new.rng_streams) == ("normal", None, 0.0, ())
   v = randomize(new.init(jax.random.PRNGKey(0), x, ctx))
   got = new.apply(v, x, ctx)
-  np.testing.assert_array_equal(got, new.apply(v, x, ctx, rngs={"gumbel": jax.random.PRNGKey(1),
-                                                                "dropout": jax.random.PRNGKey(2)}))
+  np.testing.assert_array_equal(
+    got, new.apply(v, x, ctx, rngs={"gumbel": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2)})
+  )
   np.testing.assert_allclose(got, oracles.apply(new, v["params"], x, ctx), rtol=1e-5, atol=1e-5)
 
 
@@ -695,12 +741,11 @@ def test_router_init_options(method, router_input):
     v = m.init(jax.random.PRNGKey(0), x, ctx)
     kernels[kind, scale] = k = np.asarray(v["params"]["router"]["kernel"])
     assert k.shape == (*routers, features, E)
-    if kind == "zeros":                                                  # uniform gates 1/E
+    if kind == "zeros":  # uniform gates 1/E
       _, gates = _sown_gates(m, randomize(v, scale=0.0), x, ctx)
       np.testing.assert_allclose(gates, 1.0 / E, rtol=1e-6)
   # The same normal draws, rescaled from 1/sqrt(F) to 0.02 (MixLoRA's std).
-  np.testing.assert_allclose(kernels["normal", 0.02], kernels["normal", None] * 0.02 * np.sqrt(features),
-                             rtol=1e-5)
+  np.testing.assert_allclose(kernels["normal", 0.02], kernels["normal", None] * 0.02 * np.sqrt(features), rtol=1e-5)
   uniform = kernels["uniform", None]
   assert np.abs(uniform).max() <= 1e-3 and uniform.min() < 0 < uniform.max()
 
@@ -709,10 +754,10 @@ def test_router_init_options(method, router_input):
 @pytest.mark.parametrize("method", ROUTED)
 def test_task_aligned_start_routes_context_t_to_expert_t_mod_e(method, grid_path):
   m = build(method, router_init="task_aligned", router_init_margin=3.0)
-  labels = jnp.arange(D_CTX)                                             # contexts 0..3, E = 3 experts
+  labels = jnp.arange(D_CTX)  # contexts 0..3, E = 3 experts
   x = jax.random.normal(jax.random.PRNGKey(1), (D_CTX, D_IN))
   v = m.init(jax.random.PRNGKey(0), x, labels)
-  _, gates = _sown_gates(m, v, x, labels)                                # [4, routers, E]
+  _, gates = _sown_gates(m, v, x, labels)  # [4, routers, E]
   routers = 1 if method == "blockwise_moe" else K_Y * K_X
   assert gates.shape == (D_CTX, routers, E)
   favoured = np.arange(D_CTX) % E
@@ -722,8 +767,9 @@ def test_task_aligned_start_routes_context_t_to_expert_t_mod_e(method, grid_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,router_input,hard", [
-    (m, ri, h) for m, ri in ROUTED_INPUTS for h in ["straight_through", "gumbel"]])
+@pytest.mark.parametrize(
+  "method,router_input,hard", [(m, ri, h) for m, ri in ROUTED_INPUTS for h in ["straight_through", "gumbel"]]
+)
 def test_hard_routing_has_one_nonzero_gate_and_trains_the_router(method, router_input, hard, grid_path):
   x, ctx = inputs()
   m = build(method, router_input=router_input, router_hard=hard)
@@ -736,8 +782,9 @@ def test_hard_routing_has_one_nonzero_gate_and_trains_the_router(method, router_
   def router_grad(module):
     loss = lambda p: jnp.sum(jnp.sin(module.apply({"params": p}, x, ctx, rngs=rngs)))
     return np.asarray(jax.grad(loss)(v["params"])["router"]["kernel"])
-  assert np.abs(router_grad(m)).max() > 1e-3                             # the router still trains
-  np.testing.assert_array_equal(router_grad(build(method, router_input=router_input, top_k=1)), 0.0)   # top-1 alone: no
+
+  assert np.abs(router_grad(m)).max() > 1e-3  # the router still trains
+  np.testing.assert_array_equal(router_grad(build(method, router_input=router_input, top_k=1)), 0.0)  # top-1 alone: no
 
 
 @pytest.mark.parametrize("method", ROUTED)
@@ -764,7 +811,7 @@ def test_expert_dropout_drops_and_renormalises_only_with_the_rng(method, router_
   assert (~kept).any() and kept.any(-1).all()
   np.testing.assert_allclose(gates, soft * kept / (soft * kept).sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(out, m.apply(v, x, gates=gates.reshape(_gate_shape(method))), rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(m.apply(v, x, ctx), base.apply(v, x, ctx))          # evaluation: off
+  np.testing.assert_array_equal(m.apply(v, x, ctx), base.apply(v, x, ctx))  # evaluation: off
 
 
 @pytest.mark.parametrize("method,router_input", ROUTED_INPUTS)
@@ -780,7 +827,9 @@ def test_call_time_temperature_overrides_the_field(method, router_input, grid_pa
 
 
 @pytest.mark.parametrize("method", ROUTED)
-@pytest.mark.parametrize("kw,match", [
+@pytest.mark.parametrize(
+  "kw,match",
+  [
     (dict(router_init="xavier"), "router_init='xavier' is not a known router initialiser"),
     (dict(router_init="task_aligned", router_input="activation"), "needs router_input='context'"),
     (dict(router_init="uniform", router_init_scale=0.0), "router_init_scale=0.0 must be"),
@@ -788,7 +837,8 @@ def test_call_time_temperature_overrides_the_field(method, router_input, grid_pa
     (dict(router_hard="sparsemax"), "router_hard='sparsemax' is not one of"),
     (dict(router_hard="gumbel", top_k=1), "top_k=1 with router_hard='gumbel'"),
     (dict(router_dropout=1.0), r"router_dropout=1.0 must be a probability in \[0, 1\)"),
-])
+  ],
+)
 def test_bad_router_controls_name_the_field(method, kw, match):
   with pytest.raises(ValueError, match=match):
     build(method, **kw)

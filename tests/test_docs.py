@@ -10,8 +10,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGES = sorted(["README.md", "experiments/README.md"]
-               + [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)])
+PAGES = sorted(
+  ["README.md", "experiments/README.md"]
+  + [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)]
+)
 # Blocks that show a driver's shape (names it leaves to the reader) rather than a program: run nowhere.
 TEMPLATES = {"experiments/README.md"}
 
@@ -23,7 +25,7 @@ def _python_blocks(page: str) -> list[str]:
 
 def _links(page: str) -> list[str]:
   text = open(os.path.join(ROOT, page), encoding="utf-8").read()
-  text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)                       # not inside code
+  text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)  # not inside code
   return [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
 
 
@@ -45,8 +47,14 @@ def test_python_blocks_run_as_written(page, tmp_path):
   code = "\n\n".join(_python_blocks(page))
   script = tmp_path / "page.py"
   script.write_text(code)
-  proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, PYTHONPATH=ROOT))
+  proc = subprocess.run(
+    [sys.executable, str(script)],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+  )
   assert proc.returncode == 0, f"{page}:\n{proc.stderr[-3000:]}"
   for claim in re.findall(r"equals the adapted model: (\w+)|merged == adapted: (\w+)", proc.stdout):
     assert "True" in claim, proc.stdout[-2000:]

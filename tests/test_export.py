@@ -14,8 +14,16 @@ from safetensors.numpy import load_file
 from localmoe import export, inject
 from localmoe.models import bert
 
-TINY = dict(num_hidden_layers=2, hidden_size=16, num_attention_heads=4, intermediate_size=32, vocab_size=50,
-            max_position_embeddings=16, type_vocab_size=2, layer_norm_eps=1e-12)
+TINY = dict(
+  num_hidden_layers=2,
+  hidden_size=16,
+  num_attention_heads=4,
+  intermediate_size=32,
+  vocab_size=50,
+  max_position_embeddings=16,
+  type_vocab_size=2,
+  layer_norm_eps=1e-12,
+)
 
 
 def _adapted(spec):
@@ -23,11 +31,14 @@ def _adapted(spec):
   ids = jax.random.randint(jax.random.PRNGKey(0), (2, 7), 0, 50)
   mask = jnp.ones((2, 7), jnp.int32)
   frozen = model.init(jax.random.PRNGKey(1), ids, mask)["params"]
-  adapted, trainable = inject.inject(model, frozen, spec, ids[:1], mask[:1], target_modules=bert.ADAPTER_TARGETS,
-                                     key=jax.random.PRNGKey(2))
+  adapted, trainable = inject.inject(
+    model, frozen, spec, ids[:1], mask[:1], target_modules=bert.ADAPTER_TARGETS, key=jax.random.PRNGKey(2)
+  )
   leaves, treedef = jax.tree_util.tree_flatten(trainable)
   keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
-  trained = jax.tree_util.tree_unflatten(treedef, [a + 0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+  trained = jax.tree_util.tree_unflatten(
+    treedef, [a + 0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)]
+  )
   return model, frozen, ids, mask, adapted, trained
 
 
@@ -59,13 +70,13 @@ def test_numpy_peft_forward_equals_the_merged_layer(tmp_path, method):
   x = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
   s = 4.0 / 2
   for module in ("encoder.layer.0.attention.self.key", "encoder.layer.1.attention.output.dense"):
-    w0, bias = base[module + ".weight"], base[module + ".bias"]                    # [out, in]
+    w0, bias = base[module + ".weight"], base[module + ".bias"]  # [out, in]
     x_in = x if w0.shape[1] == 16 else np.random.default_rng(1).normal(size=(5, w0.shape[1])).astype(np.float32)
     a = tensors[f"base_model.model.{module}.lora_A.weight"]
     b = tensors[f"base_model.model.{module}.lora_B.weight"]
     if method == "lora":
       y = x_in @ w0.T + bias + s * (x_in @ a.T) @ b.T
-    else:                                                                           # PEFT's DoRA (weight-norm over in)
+    else:  # PEFT's DoRA (weight-norm over in)
       m = tensors[f"base_model.model.{module}.lora_magnitude_vector"]
       w = w0 + s * b @ a
       y = x_in @ (m[:, None] * w / np.linalg.norm(w, axis=1, keepdims=True)).T + bias
@@ -83,8 +94,9 @@ def test_merged_export_round_trips_to_the_merged_params(tmp_path):
   back = bert.params_from_checkpoint(tensors, model)
   for x, y in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(merged)):
     np.testing.assert_array_equal(x, np.asarray(y))
-  np.testing.assert_allclose(model.apply({"params": back}, ids, mask), adapted.apply(frozen, trained, ids, mask),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    model.apply({"params": back}, ids, mask), adapted.apply(frozen, trained, ids, mask), atol=1e-5
+  )
 
 
 def test_grid_adapter_is_refused_with_one_line_pointing_to_merge(tmp_path):
@@ -105,7 +117,7 @@ def test_fixture_recorded_differences_are_small():
   assert {"torch", "transformers", "peft", "jax", "flax"} <= set(fixture["versions"])
   for name, diff in fixture["max_abs_diff"].items():
     assert diff < 1e-4, name
-  for method in ("lora", "dora"):                     # the adapters moved the output far more than the differences
+  for method in ("lora", "dora"):  # the adapters moved the output far more than the differences
     assert fixture["adapter_effect"][f"{method}_changes_output"] > 100 * fixture["max_abs_diff"][f"peft_{method}"]
 
 
@@ -114,18 +126,32 @@ def test_gemma3_peft_and_merged_exports(tmp_path, method):
   from flax import nnx
   from localmoe import nnx_inject
   from localmoe.models import gemma3
-  config = gemma3.Config(num_layers=2, width=24, ffn_width=48, num_heads=4, num_kv_heads=2, head_dim=8,
-                         vocab_size=64)                                 # every size distinct (see _fixture_names)
+
+  config = gemma3.Config(
+    num_layers=2, width=24, ffn_width=48, num_heads=4, num_kv_heads=2, head_dim=8, vocab_size=64
+  )  # every size distinct (see _fixture_names)
   model = gemma3.Gemma3(config, rngs=nnx.Rngs(0))
-  nnx_inject.inject(model, {"method": method, "rank": 2, "alpha": 4.0}, jnp.zeros((1, 4), jnp.int32),
-                    target_modules=gemma3.TARGETS, key=jax.random.PRNGKey(1))
-  for _, _, adapter, _, _ in nnx_inject._entries(model):                       # move B off zero
+  nnx_inject.inject(
+    model,
+    {"method": method, "rank": 2, "alpha": 4.0},
+    jnp.zeros((1, 4), jnp.int32),
+    target_modules=gemma3.TARGETS,
+    key=jax.random.PRNGKey(1),
+  )
+  for _, _, adapter, _, _ in nnx_inject._entries(model):  # move B off zero
     adapter.params["B"].set_value(adapter.params["B"].get_value() + 0.1)
   export.export_peft(str(tmp_path / "peft"), model, family="gemma3")
   tensors = load_file(str(tmp_path / "peft" / export.PEFT_WEIGHTS))
   config_json = json.loads((tmp_path / "peft" / export.PEFT_CONFIG).read_text())
-  assert set(config_json["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                "down_proj"}
+  assert set(config_json["target_modules"]) == {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+  }
   a = tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"]
   b = tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"]
   assert a.shape == (2, 24) and b.shape == (16, 2)
@@ -134,9 +160,9 @@ def test_gemma3_peft_and_merged_exports(tmp_path, method):
   state = load_file(str(tmp_path / "merged" / export.MERGED_WEIGHTS))
   assert state["model.embed_tokens.weight"].shape == (64, 24)
   assert "model.layers.0.input_layernorm.weight" in state and "model.norm.weight" in state
-  w = state["model.layers.1.self_attn.k_proj.weight"]                           # [out, in]
+  w = state["model.layers.1.self_attn.k_proj.weight"]  # [out, in]
   np.testing.assert_allclose(w, np.asarray(merged.layers[1].attn.k_proj.kernel.get_value()).T)
-  if method == "lora":                                                          # merged = W0 + (alpha/r) B A
+  if method == "lora":  # merged = W0 + (alpha/r) B A
     w0 = np.asarray(model.layers[1].attn.k_proj.base.kernel.get_value()).T
     np.testing.assert_allclose(w, w0 + 2.0 * b @ a, rtol=1e-5, atol=1e-6)
   _fixture_names(f"peft_{method}", tensors)
@@ -157,13 +183,21 @@ def _fixture_names(name, tensors):
   """The Gemma 3 270M files checked in PyTorch (the fixture's names, block index as {i}, and shapes) are what the
   tiny model of test_gemma3_peft_and_merged_exports exports today, its sizes mapped to 270M's."""
   from localmoe.models import gemma3
+
   if not os.path.exists(GEMMA3_FIXTURE):
     return
   full, fixture = gemma3.Config(), _gemma3_fixture()
-  sizes = {24: full.width, 48: full.ffn_width, 32: full.num_heads * full.head_dim, 8: full.head_dim,
-           16: full.num_kv_heads * full.head_dim, 64: full.vocab_size, 2: 4}   # tiny -> 270M (rank 2 -> 4)
+  sizes = {
+    24: full.width,
+    48: full.ffn_width,
+    32: full.num_heads * full.head_dim,
+    8: full.head_dim,
+    16: full.num_kv_heads * full.head_dim,
+    64: full.vocab_size,
+    2: 4,
+  }  # tiny -> 270M (rank 2 -> 4)
   got = {}
-  for key, value in tensors.items():                                    # every block: the same names and shapes
+  for key, value in tensors.items():  # every block: the same names and shapes
     shape = [sizes[s] for s in value.shape]
     assert got.setdefault(re.sub(r"\.layers\.\d+\.", ".layers.{i}.", key), shape) == shape, key
   assert got == fixture["tensors"][name], name
@@ -180,6 +214,6 @@ def test_gemma3_fixture_torch_differences_are_small():
   diffs, scale = fixture["max_abs_diff"], fixture["logit_scale"]
   assert {"base", "peft_lora", "merged_lora", "peft_dora", "merged_dora"} <= set(diffs)
   for name, diff in diffs.items():
-    assert diff < 2e-5 * scale, name                                    # float32 rounding over 18 blocks
-    if name != "base":                                                  # the adapters moved the logits far more
+    assert diff < 2e-5 * scale, name  # float32 rounding over 18 blocks
+    if name != "base":  # the adapters moved the logits far more
       assert fixture["adapter_effect"][f"{name.split('_')[1]}_changes_logits"] > 1e4 * diff, name

@@ -16,12 +16,12 @@ pytestmark = pytest.mark.slow  # every test here launches processes or trains en
 # The method to fail and the methods that train through train.fit and resume, where the default (fail the
 # first method of the quick variant, the rest must finish and resume) does not fit the experiment.
 OVERRIDES = {
-    "svd_simulation": ("lora", ["melora", "localized_lora", "blockwise_moe", "cellwise_moe"]),
-    "california_housing": ("cellwise_moe", ["melora", "localized_lora", "lora", "blockwise_moe"]),
-    "mnist_degradation": ("melora", ["localized_lora", "lora", "blockwise_moe", "cellwise_moe"]),
-    "mnist_adaptation": ("localized_lora", ["full_finetune"]),
-    "nonconvex_regression": ("queryable_lora", ["lora"]),
-    "multitask_text": ("lora", ["cellwise_moe_anchor"]),
+  "svd_simulation": ("lora", ["melora", "localized_lora", "blockwise_moe", "cellwise_moe"]),
+  "california_housing": ("cellwise_moe", ["melora", "localized_lora", "lora", "blockwise_moe"]),
+  "mnist_degradation": ("melora", ["localized_lora", "lora", "blockwise_moe", "cellwise_moe"]),
+  "mnist_adaptation": ("localized_lora", ["full_finetune"]),
+  "nonconvex_regression": ("queryable_lora", ["lora"]),
+  "multitask_text": ("lora", ["cellwise_moe_anchor"]),
 }
 
 
@@ -30,7 +30,7 @@ def _cases():
   cases = []
   for name in experiments.names():
     source = open(os.path.join(ROOT, "experiments", f"{name}.py"), encoding="utf-8").read()
-    if "run_methods" not in source:                     # trains nothing (e.g. a closed-form SVD table)
+    if "run_methods" not in source:  # trains nothing (e.g. a closed-form SVD table)
       continue
     if name in OVERRIDES:
       cases.append((name, *OVERRIDES[name]))
@@ -41,7 +41,7 @@ def _cases():
 
 
 CASES = _cases()
-assert sorted(f"{c[0]}.py" for c in CASES) == sorted(set(CONFIGS) - set(QUICK_HERE))   # every config runs quick once
+assert sorted(f"{c[0]}.py" for c in CASES) == sorted(set(CONFIGS) - set(QUICK_HERE))  # every config runs quick once
 
 
 @pytest.mark.slow
@@ -54,7 +54,7 @@ def test_a_failed_method_is_isolated_and_only_it_is_retrained(config, failing, o
   assert first.returncode == 1, out[-3000:]
   assert not (tmp_path / "results.json").exists()
   assert re.search(rf"\[{failing}\] FAILED: ForcedFailure", out), out[-3000:]
-  for name in others:                                             # the others trained to the end
+  for name in others:  # the others trained to the end
     assert re.search(rf"\[([\w.-]+/)?{name}\]", out), (name, out[-3000:])
   monkeypatch.delenv("LOCALMOE_FAIL_METHODS")
   second = launch(*args)
@@ -62,22 +62,27 @@ def test_a_failed_method_is_isolated_and_only_it_is_retrained(config, failing, o
   assert second.returncode == 0, out[-3000:]
   results = json.loads((tmp_path / "results.json").read_text())
   assert all(m["status"] == "ok" for m in results["methods"].values())
-  for name in others:                                             # finished methods load their final checkpoint
+  for name in others:  # finished methods load their final checkpoint
     assert re.search(rf"\[([\w.-]+/)?{name}\] resuming from the checkpoint at epoch (\d+)/\2", out), (name, out[-3000:])
-  assert not re.search(rf"\[([\w.-]+/)?{failing}\] resuming", out), out[-3000:]    # the failed one retrains
-  check_quick_results(tmp_path, f"{config}.py")      # the quick run's schema (test_launch skips these configs)
+  assert not re.search(rf"\[([\w.-]+/)?{failing}\] resuming", out), out[-3000:]  # the failed one retrains
+  check_quick_results(tmp_path, f"{config}.py")  # the quick run's schema (test_launch skips these configs)
 
 
 @pytest.mark.slow
-@pytest.mark.network                       # the text tasks and MiniLM (cached after one fetch)
+@pytest.mark.network  # the text tasks and MiniLM (cached after one fetch)
 def test_a_diverged_routed_multitask_run_finishes_with_its_files_and_a_clean_console(tmp_path):
   """The exact command of the bug report: a routed method that diverges ends with exit 0, results.json and
   results.md marking the seed, and nothing on the console but the project's own lines."""
-  proc = launch("--config=configs/multitask_text.py:quick,methods=cellwise_moe_anchor,seeds=1",
-                "--config.optim.lr=1e6", f"--workdir={tmp_path}")
+  proc = launch(
+    "--config=configs/multitask_text.py:quick,methods=cellwise_moe_anchor,seeds=1",
+    "--config.optim.lr=1e6",
+    f"--workdir={tmp_path}",
+  )
   out = proc.stdout + proc.stderr
-  assert proc.returncode == 0, out[-3000:]                          # a diverged seed is a result, not a failure
-  assert re.search(r"\[cellwise_moe_anchor\] test accuracy .*NOT ALL SEEDS OK: seed \d: diverged at epoch", out), out[-3000:]
+  assert proc.returncode == 0, out[-3000:]  # a diverged seed is a result, not a failure
+  assert re.search(r"\[cellwise_moe_anchor\] test accuracy .*NOT ALL SEEDS OK: seed \d: diverged at epoch", out), out[
+    -3000:
+  ]
   for noise in ("Traceback", "Mean of empty slice", "NaN or Inf", "RuntimeWarning"):
     assert noise not in out, out[-3000:]
   assert "(task id, anchors' router) † |" in (tmp_path / "results.md").read_text()

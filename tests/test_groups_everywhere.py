@@ -16,12 +16,12 @@ from tests.test_launch import launch
 # (experiment, its routed methods (poly_router applies), methods with a LoRA-style B (lora_plus applies),
 #  a method without a router)
 EXPERIMENTS = [
-    ("svd_simulation", "blockwise_moe,cellwise_moe", "lora,melora,localized_lora,blockwise_moe,cellwise_moe", "lora"),
-    ("california_housing", "blockwise_moe,cellwise_moe", "lora,melora,localized_lora,cellwise_moe", "melora"),
-    ("mnist_degradation", "blockwise_moe,cellwise_moe", "lora,melora,localized_lora,cellwise_moe", "localized_lora"),
-    ("mnist_adaptation", "blockwise_moe,cellwise_moe", "lora,melora,localized_lora,cellwise_moe", "full_finetune"),
-    ("nonconvex_regression", "blockwise_moe,cellwise_moe", "lora,localized_lora,cellwise_moe", "lora"),
-    ("multitask_text", "cellwise_moe,blockwise_moe", "lora,localized_lora,cellwise_moe,per_task_lora", "lora"),
+  ("svd_simulation", "blockwise_moe,cellwise_moe", "lora,melora,localized_lora,blockwise_moe,cellwise_moe", "lora"),
+  ("california_housing", "blockwise_moe,cellwise_moe", "lora,melora,localized_lora,cellwise_moe", "melora"),
+  ("mnist_degradation", "blockwise_moe,cellwise_moe", "lora,melora,localized_lora,cellwise_moe", "localized_lora"),
+  ("mnist_adaptation", "blockwise_moe,cellwise_moe", "lora,melora,localized_lora,cellwise_moe", "full_finetune"),
+  ("nonconvex_regression", "blockwise_moe,cellwise_moe", "lora,localized_lora,cellwise_moe", "lora"),
+  ("multitask_text", "cellwise_moe,blockwise_moe", "lora,localized_lora,cellwise_moe,per_task_lora", "lora"),
 ]
 IDS = [e[0] for e in EXPERIMENTS]
 
@@ -36,31 +36,73 @@ def config_of(experiment, methods, groups):
 # Bad `config.optim.groups` input, one row each of docs/bad_inputs.md (tools/bad_input_table.py prints what each
 # gives now): (case, experiment, method_names, groups, the start of the one-line error).
 BAD_GROUPS = [
-    ("a rule that freezes every parameter", "svd_simulation", "lora", "[{'name': 'all', 'pattern': '.*', "
-     "'freeze': True}]", "config.optim.groups (method lora): every trainable parameter is in a frozen group ('all')"),
-    ("a preset that matches nothing in one of the methods (`poly_router` with LoRA)", "svd_simulation",
-     "cellwise_moe,lora", "poly_router", "config.optim.groups (method lora): rule 'router' (pattern "
-     "'(?:.*/)?router/.*') matches no trainable parameter"),
-    ("a preset for heads in an experiment without heads", "mnist_degradation", "cellwise_moe", "heads_slow",
-     "config.optim.groups (method cellwise_moe): rule 'heads' (pattern 'extras/.*') matches no trainable parameter"),
-    ("a rule every match of which an earlier rule takes", "california_housing", "cellwise_moe",
-     "[{'name': 'all', 'pattern': '.*'}, {'name': 'router', 'pattern': 'router/.*'}]",
-     "config.optim.groups (method cellwise_moe): rule 'router' (pattern 'router/.*') matches only parameters that "
-     "the earlier rule 'all' (pattern '.*') already takes"),
-    ("`poly_router` with an `_anchor` method (which adds its own `router` rule)", "multitask_text",
-     "cellwise_moe_anchor", "poly_router", "config.optim.groups='poly_router' has a rule named 'router', as has "
-     "method cellwise_moe_anchor"),
-    ("a rule the `_anchor` method's own router rule shadows", "multitask_text", "blockwise_moe_anchor",
-     "[{'name': 'mine', 'pattern': '.*/router/kernel'}]", "config.optim.groups (method blockwise_moe_anchor): rule "
-     "'mine' (pattern '.*/router/kernel') matches only parameters that the earlier rule 'router' (pattern "
-     "'adapter/.*/router/.*', which method blockwise_moe_anchor adds before the config's rules"),
-    ("`lr_mult` NaN on the command line (`float('nan')` in the literal)", "svd_simulation", "lora",
-     "[{'pattern': '.*', 'lr_mult': float('nan')}]", "config.optim.groups=\"[{'pattern': '.*', 'lr_mult': "
-     "float('nan')}]\" is not a Python literal list of rule dicts: only numbers, strings"),
-    ("`lr_mult=nan` in a config file", "nonconvex_regression", "lora", [dict(pattern=".*", lr_mult=float("nan"))],
-     "config.optim.groups[0].lr_mult=nan must be a finite number > 0"),
-    ("an unknown preset", "mnist_adaptation", "lora", "poly_routers", "config.optim.groups='poly_routers': unknown "
-     "preset(s) ['poly_routers']"),
+  (
+    "a rule that freezes every parameter",
+    "svd_simulation",
+    "lora",
+    "[{'name': 'all', 'pattern': '.*', 'freeze': True}]",
+    "config.optim.groups (method lora): every trainable parameter is in a frozen group ('all')",
+  ),
+  (
+    "a preset that matches nothing in one of the methods (`poly_router` with LoRA)",
+    "svd_simulation",
+    "cellwise_moe,lora",
+    "poly_router",
+    "config.optim.groups (method lora): rule 'router' (pattern '(?:.*/)?router/.*') matches no trainable parameter",
+  ),
+  (
+    "a preset for heads in an experiment without heads",
+    "mnist_degradation",
+    "cellwise_moe",
+    "heads_slow",
+    "config.optim.groups (method cellwise_moe): rule 'heads' (pattern 'extras/.*') matches no trainable parameter",
+  ),
+  (
+    "a rule every match of which an earlier rule takes",
+    "california_housing",
+    "cellwise_moe",
+    "[{'name': 'all', 'pattern': '.*'}, {'name': 'router', 'pattern': 'router/.*'}]",
+    "config.optim.groups (method cellwise_moe): rule 'router' (pattern 'router/.*') matches only parameters that "
+    "the earlier rule 'all' (pattern '.*') already takes",
+  ),
+  (
+    "`poly_router` with an `_anchor` method (which adds its own `router` rule)",
+    "multitask_text",
+    "cellwise_moe_anchor",
+    "poly_router",
+    "config.optim.groups='poly_router' has a rule named 'router', as has method cellwise_moe_anchor",
+  ),
+  (
+    "a rule the `_anchor` method's own router rule shadows",
+    "multitask_text",
+    "blockwise_moe_anchor",
+    "[{'name': 'mine', 'pattern': '.*/router/kernel'}]",
+    "config.optim.groups (method blockwise_moe_anchor): rule "
+    "'mine' (pattern '.*/router/kernel') matches only parameters that the earlier rule 'router' (pattern "
+    "'adapter/.*/router/.*', which method blockwise_moe_anchor adds before the config's rules",
+  ),
+  (
+    "`lr_mult` NaN on the command line (`float('nan')` in the literal)",
+    "svd_simulation",
+    "lora",
+    "[{'pattern': '.*', 'lr_mult': float('nan')}]",
+    "config.optim.groups=\"[{'pattern': '.*', 'lr_mult': "
+    "float('nan')}]\" is not a Python literal list of rule dicts: only numbers, strings",
+  ),
+  (
+    "`lr_mult=nan` in a config file",
+    "nonconvex_regression",
+    "lora",
+    [dict(pattern=".*", lr_mult=float("nan"))],
+    "config.optim.groups[0].lr_mult=nan must be a finite number > 0",
+  ),
+  (
+    "an unknown preset",
+    "mnist_adaptation",
+    "lora",
+    "poly_routers",
+    "config.optim.groups='poly_routers': unknown preset(s) ['poly_routers']",
+  ),
 ]
 
 
@@ -84,18 +126,19 @@ def test_bad_groups_are_one_line_naming_the_field(case, experiment, methods, gro
 def test_every_config_that_trains_has_the_field_and_it_takes_strings_lists_and_dicts():
   for experiment, *_ in EXPERIMENTS:
     config = importlib.import_module(f"configs.{experiment}").get_config("quick")
-    config.optim.groups = [dict(pattern=".*")]                      # a locked config takes each form
+    config.optim.groups = [dict(pattern=".*")]  # a locked config takes each form
     config.optim.groups = dict(router=dict(pattern="(?:.*/)?router/.*", lr_mult=10.0))
     config.optim.groups = "poly_router"
-  assert "optim" not in importlib.import_module("configs.mnist_approximation").get_config("quick")   # no training
+  assert "optim" not in importlib.import_module("configs.mnist_approximation").get_config("quick")  # no training
   swept = sweep.apply_overrides(config, {"optim.groups": dict(router=dict(pattern="r", lr_mult=1.0))})
   swept = sweep.apply_overrides(swept, {"optim.groups.router.lr_mult": 100.0})
   assert train.parse_groups(swept.optim.groups)[0].lr_mult == 100.0
 
 
 # nonconvex_regression's validate traces its injected MLP per method (about 2 s): slow.
-SLOW_IF_INJECTED = [pytest.param(*e, marks=pytest.mark.slow) if e[0] == "nonconvex_regression" else e
-                    for e in EXPERIMENTS]
+SLOW_IF_INJECTED = [
+  pytest.param(*e, marks=pytest.mark.slow) if e[0] == "nonconvex_regression" else e for e in EXPERIMENTS
+]
 
 
 @pytest.mark.parametrize("experiment, routed, with_b, plain", SLOW_IF_INJECTED, ids=IDS)
@@ -103,32 +146,39 @@ def test_presets_match_every_experiments_paths(experiment, routed, with_b, plain
   del plain
   for methods, groups in ((with_b, "lora_plus"), (routed, "poly_router+lora_plus")):
     config, module = config_of(experiment, methods, groups)
-    module.validate(config)                                     # every rule matches in every method
+    module.validate(config)  # every rule matches in every method
 
 
 @pytest.mark.parametrize("experiment, routed, with_b, plain", SLOW_IF_INJECTED, ids=IDS)
 def test_a_rule_one_method_cannot_match_names_that_method(experiment, routed, with_b, plain):
   del with_b
   config, module = config_of(experiment, f"{routed},{plain}", "poly_router")
-  with pytest.raises(ValueError, match=rf"^config.optim.groups \(method {plain}\): rule 'router' \(pattern "
-                                       r"'\(\?:\.\*/\)\?router/\.\*'\) matches no trainable parameter \(.*e\.g\. '"):
+  with pytest.raises(
+    ValueError,
+    match=rf"^config.optim.groups \(method {plain}\): rule 'router' \(pattern "
+    r"'\(\?:\.\*/\)\?router/\.\*'\) matches no trainable parameter \(.*e\.g\. '",
+  ):
     module.validate(config)
 
 
 @pytest.mark.parametrize("experiment, routed, with_b, plain", SLOW_IF_INJECTED, ids=IDS)
 def test_freezing_every_parameter_is_refused(experiment, routed, with_b, plain):
   del routed, with_b
-  config, module = config_of(experiment, plain,
-                             "[{'name': 'all', 'pattern': '.*', 'freeze': True}]")
-  with pytest.raises(ValueError, match=r"\(method \w+\): every trainable parameter is in a frozen group \('all'\), so "
-                                       r"nothing would train: set freeze=False"):
+  config, module = config_of(experiment, plain, "[{'name': 'all', 'pattern': '.*', 'freeze': True}]")
+  with pytest.raises(
+    ValueError,
+    match=r"\(method \w+\): every trainable parameter is in a frozen group \('all'\), so "
+    r"nothing would train: set freeze=False",
+  ):
     module.validate(config)
 
 
 def test_freezing_every_parameter_is_refused_by_fit_too():
   from tests.test_train_groups import settings, tiny_data, tiny_task
-  groups = train.parse_groups([dict(name="adapter", pattern="adapter/.*", freeze=True),
-                               dict(name="head", pattern="extras/.*", freeze=True)])
+
+  groups = train.parse_groups(
+    [dict(name="adapter", pattern="adapter/.*", freeze=True), dict(name="head", pattern="extras/.*", freeze=True)]
+  )
   with pytest.raises(ValueError, match=r"every trainable parameter is in a frozen group \('adapter', 'head'\)"):
     train.fit(tiny_task(), tiny_data(), [0], settings(groups=groups), log=None)
   part = train.parse_groups([dict(name="adapter", pattern="adapter/.*", freeze=True)])
@@ -137,29 +187,39 @@ def test_freezing_every_parameter_is_refused_by_fit_too():
 
 
 def test_a_shadowed_rule_says_which_earlier_rule_takes_its_parameters():
-  config, module = config_of("svd_simulation", "cellwise_moe",
-                             "[{'name': 'all', 'pattern': '.*'}, {'name': 'router', 'pattern': 'router/.*'}]")
+  config, module = config_of(
+    "svd_simulation", "cellwise_moe", "[{'name': 'all', 'pattern': '.*'}, {'name': 'router', 'pattern': 'router/.*'}]"
+  )
   with pytest.raises(ValueError) as error:
     module.validate(config)
   message = str(error.value)
-  assert message.startswith("config.optim.groups (method cellwise_moe): rule 'router' (pattern 'router/.*') matches "
-                            "only parameters that the earlier rule 'all' (pattern '.*') already takes, e.g. "
-                            "'router/kernel'; the first matching rule wins: put 'router' first"), message
+  assert message.startswith(
+    "config.optim.groups (method cellwise_moe): rule 'router' (pattern 'router/.*') matches "
+    "only parameters that the earlier rule 'all' (pattern '.*') already takes, e.g. "
+    "'router/kernel'; the first matching rule wins: put 'router' first"
+  ), message
   assert "matches no trainable parameter" not in message
 
 
 def test_the_anchor_methods_own_router_rule_is_named_when_a_users_rule_clashes():
   from experiments import multitask_text as mt
+
   config, _ = config_of("multitask_text", "cellwise_moe_anchor", "poly_router")
-  with pytest.raises(ValueError, match=r"config.optim.groups='poly_router' has a rule named 'router', as has method "
-                                       r"cellwise_moe_anchor: the _anchor and _oracle methods add their own rule "
-                                       r"'router' \(pattern 'adapter/\.\*/router/\.\*'"):
+  with pytest.raises(
+    ValueError,
+    match=r"config.optim.groups='poly_router' has a rule named 'router', as has method "
+    r"cellwise_moe_anchor: the _anchor and _oracle methods add their own rule "
+    r"'router' \(pattern 'adapter/\.\*/router/\.\*'",
+  ):
     mt.validate(config)
   config.optim.groups = "[{'name': 'mine', 'pattern': '.*/router/kernel'}]"
-  with pytest.raises(ValueError, match=r"rule 'mine' .* matches only parameters that the earlier rule 'router' "
-                                       r"\(pattern 'adapter/\.\*/router/\.\*', which method cellwise_moe_anchor adds "
-                                       r"before the config's rules \(config.router.anchor_lr_mult, anchor_weight_decay"
-                                       r"\)\) already takes, .*: narrow the pattern of 'mine' or remove it\.$"):
+  with pytest.raises(
+    ValueError,
+    match=r"rule 'mine' .* matches only parameters that the earlier rule 'router' "
+    r"\(pattern 'adapter/\.\*/router/\.\*', which method cellwise_moe_anchor adds "
+    r"before the config's rules \(config.router.anchor_lr_mult, anchor_weight_decay"
+    r"\)\) already takes, .*: narrow the pattern of 'mine' or remove it\.$",
+  ):
     mt.validate(config)
 
 
@@ -170,19 +230,24 @@ def test_multitask_shapes_are_the_trained_trees():
   from experiments import multitask_text as mt
   from localmoe import params as params_lib
   from localmoe.models import bert
+
   config, _ = config_of("multitask_text", "cellwise_moe_anchor", "heads_slow")
   shapes = mt.trainable_shapes("cellwise_moe_anchor", config, 4)
-  m = config.model                                 # the same layers, narrow (the paths do not depend on widths)
+  m = config.model  # the same layers, narrow (the paths do not depend on widths)
   narrow = bert.Bert(num_layers=m.num_layers, hidden_size=16, num_heads=2, intermediate_size=32)
   upper = bert.Upper(narrow, m.frozen_layers)
-  rows = {"hidden": np.zeros((1, 8, 16), np.float32), "attention_mask": np.ones((1, 8), np.int32),
-          "task": np.zeros((1,), np.int32), "y": np.zeros((1, 3), np.int32)}
+  rows = {
+    "hidden": np.zeros((1, 8, 16), np.float32),
+    "attention_mask": np.ones((1, 8), np.int32),
+    "task": np.zeros((1,), np.int32),
+    "y": np.zeros((1, 3), np.int32),
+  }
   corpus = mt.Corpus(("a", "b", "c", "d"), (2, 3, 2, 4), rows, rows, rows, {})
   model = mt.MultiTaskClassifier(upper, corpus.num_classes)
   frozen = model.init(jax.random.PRNGKey(0), rows["hidden"], rows["attention_mask"], rows["task"])["params"]
   heads0 = {k: v for k, v in frozen.items() if k != "backbone"}
   task = mt.build_task("cellwise_moe_anchor", config, upper, frozen, corpus, heads0)[0]
-  real = jax.eval_shape(task.init, jax.random.PRNGKey(1), frozen)     # the task built on concrete weights
+  real = jax.eval_shape(task.init, jax.random.PRNGKey(1), frozen)  # the task built on concrete weights
   assert [p for p, _ in params_lib.leaf_paths(shapes)] == [p for p, _ in params_lib.leaf_paths(real)]
 
 
@@ -195,14 +260,17 @@ def test_a_nan_multiplier_on_the_command_line_prints_the_value_not_a_syntax_node
 
 
 def test_a_sweep_over_a_rule_of_a_preset_string_is_one_clear_line():
-  with pytest.raises(ValueError, match=r"^sweep entry 3: override 'optim.groups.router.lr_mult' addresses one rule, "
-                                       r"but config.optim.groups='poly_router' is a string .* write the rules out"):
+  with pytest.raises(
+    ValueError,
+    match=r"^sweep entry 3: override 'optim.groups.router.lr_mult' addresses one rule, "
+    r"but config.optim.groups='poly_router' is a string .* write the rules out",
+  ):
     settings_lib.check_group_overrides("poly_router", {"optim.groups.router.lr_mult": 10.0}, "sweep entry 3")
   settings_lib.check_group_overrides({"router": {"pattern": "x"}}, {"optim.groups.router.lr_mult": 10.0})
   settings_lib.check_group_overrides("poly_router", {"optim.lr": 1e-3, "optim.groups": "lora_plus"})
 
 
-SWEEP_CONFIG = '''
+SWEEP_CONFIG = """
 from configs import svd_simulation
 
 
@@ -215,7 +283,7 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
   return [{"optim.groups.router.lr_mult": 10.0}]
-'''
+"""
 
 
 @pytest.mark.slow
@@ -237,8 +305,11 @@ def test_launch_refuses_bad_groups_with_exit_2_before_writing(case, tmp_path):
 
 def test_the_bad_inputs_page_is_what_the_table_tool_prints_now(capsys, monkeypatch):
   import runpy
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   monkeypatch.setattr("sys.argv", ["bad_input_table.py", "config"])
   runpy.run_path(os.path.join(root, "tools", "bad_input_table.py"), run_name="__main__")
   with open(os.path.join(root, "docs", "bad_inputs.md"), encoding="utf-8") as f:
-    assert capsys.readouterr().out == f.read(), "regenerate: python tools/bad_input_table.py config > docs/bad_inputs.md"
+    assert capsys.readouterr().out == f.read(), (
+      "regenerate: python tools/bad_input_table.py config > docs/bad_inputs.md"
+    )

@@ -12,14 +12,23 @@ import pytest
 pytestmark = pytest.mark.slow  # every test here launches processes or trains end to end
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                 if not os.path.basename(p).startswith("_"))
+CONFIGS = sorted(
+  os.path.basename(p)
+  for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+  if not os.path.basename(p).startswith("_")
+)
 
 
 def launch(*args, timeout=600):
   env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "launch.py"), *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def _reads_fetched_data(config: str) -> bool:
@@ -38,19 +47,19 @@ def check_quick_results(workdir, config: str):
   assert results["methods"]
   for name, m in results["methods"].items():
     assert m["status"] == "ok", (name, m["status"])
-    assert isinstance(m["params"], int) and m["params"] >= 0     # 0: a frozen-model baseline (zero-shot)
-    if "error" in m:            # deterministic approximation experiments report an error, not seeds
+    assert isinstance(m["params"], int) and m["params"] >= 0  # 0: a frozen-model baseline (zero-shot)
+    if "error" in m:  # deterministic approximation experiments report an error, not seeds
       continue
-    if "test_accuracy" in m:   # classification experiments also report accuracy (a fraction)
+    if "test_accuracy" in m:  # classification experiments also report accuracy (a fraction)
       assert len(m["test_accuracy"]) == len(m["seeds"])
       assert 0.0 <= m["test_accuracy_mean"] <= 1.0
-    if "test_r2" not in m:     # classification only (multi-task text): no regression metrics
+    if "test_r2" not in m:  # classification only (multi-task text): no regression metrics
       assert "test_accuracy" in m, name
       continue
     assert len(m["seeds"]) == len(m["test_r2"]) == len(m["test_mse"]) >= 1
     for key in ("test_r2_mean", "test_r2_std", "test_mse_mean", "test_mse_std"):
       assert isinstance(m[key], float), (name, key)
-    assert -10 < m["test_r2_mean"] <= 1.0            # a fraction, not a percentage
+    assert -10 < m["test_r2_mean"] <= 1.0  # a fraction, not a percentage
     assert set(m["paper"]) >= {"params", "r2", "mse"} or not m["paper"]
   assert (workdir / "results.md").read_text().strip()
 
@@ -66,8 +75,9 @@ def _runs_methods(config: str) -> bool:
 QUICK_HERE = [c for c in CONFIGS if not _runs_methods(c)]
 
 
-@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.network) if _reads_fetched_data(c) else c
-                                    for c in QUICK_HERE])
+@pytest.mark.parametrize(
+  "config", [pytest.param(c, marks=pytest.mark.network) if _reads_fetched_data(c) else c for c in QUICK_HERE]
+)
 def test_every_config_runs_quick(config, tmp_path):
   proc = launch(f"--config=configs/{config}:quick", f"--workdir={tmp_path}")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -86,13 +96,13 @@ def test_svd_quick_files_and_history_then_the_compilation_cache_is_reused(tmp_pa
   assert results["config"]["optim"]["lr"] == 3e-3
   # Quiet by default: the project's own lines only, no absl/orbax INFO lines.
   assert not [line for line in (proc.stdout + proc.stderr).splitlines() if line[:1] in "IWE" and line[1:5].isdigit()]
-  assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 3e-3    # written at the start
+  assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 3e-3  # written at the start
   assert set(results["methods"]) == {"lora", "cellwise_moe"}
   assert results["methods"]["cellwise_moe"]["params"] == 2144
   assert results["methods"]["cellwise_moe"]["paper"] == {"params": 2144, "mse": 0.6531, "r2": 0.3829}
   header, *rows = (tmp_path / "history.csv").read_text().strip().splitlines()
   assert header == "method,seed,epoch,split,mse,r2"
-  assert len(rows) == 2 * 2 * 2 * 2 * 2        # spectra x methods x seeds x epochs x splits
+  assert len(rows) == 2 * 2 * 2 * 2 * 2  # spectra x methods x seeds x epochs x splits
   assert os.listdir(tmp_path / "tb")
   md = (tmp_path / "results.md").read_text()
   assert "ordering" in md and "38.29" in md
@@ -100,9 +110,10 @@ def test_svd_quick_files_and_history_then_the_compilation_cache_is_reused(tmp_pa
   assert entries, "the first run stored no executable"
   warm = launch(*args, f"--workdir={tmp_path / 'warm'}")
   assert warm.returncode == 0, warm.stderr[-3000:]
-  assert sorted(os.listdir(cache_dir)) == entries                   # every program came from the cache
-  metrics = lambda run_dir: {n: m["test_mse"] for n, m in json.loads((run_dir / "results.json").read_text())[
-      "methods"].items()}
+  assert sorted(os.listdir(cache_dir)) == entries  # every program came from the cache
+  metrics = lambda run_dir: {
+    n: m["test_mse"] for n, m in json.loads((run_dir / "results.json").read_text())["methods"].items()
+  }
   assert metrics(tmp_path / "warm") == metrics(tmp_path)
 
 
@@ -122,5 +133,6 @@ def test_unknown_config_arg_lists_valid_ones(tmp_path):
 
 def test_compilation_cache_off(monkeypatch, tmp_path):
   from localmoe import compile_cache
+
   monkeypatch.setenv("LOCALMOE_COMPILATION_CACHE", "off")
   assert compile_cache.enable() is None

@@ -67,10 +67,10 @@ def test_token_ids_match_reference(backbone, reference):
 
 @pytest.mark.network
 def test_embeddings_match_reference(backbone, reference):
-  vectors = minilm.embed(reference["sentences"], batch_size=4, backbone=backbone)   # [n, 384]
+  vectors = minilm.embed(reference["sentences"], batch_size=4, backbone=backbone)  # [n, 384]
   assert vectors.shape == (len(reference["sentences"]), 384) and vectors.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), 1.0, atol=1e-5)
-  assert cosines(vectors, reference["embeddings"]).min() >= 0.99999                  # the docs' claim
+  assert cosines(vectors, reference["embeddings"]).min() >= 0.99999  # the docs' claim
 
 
 @pytest.mark.network
@@ -96,8 +96,10 @@ def test_bfloat16_compute_keeps_float32_params(reference):
 def test_hugging_face_directory_route(tmp_path, backbone_2_layers):
   folder = cache.data_dir() / minilm.SUBDIR  # the cache, filled by the fixtures above, is such a directory
   model, params, _ = minilm.load(num_layers=2, path=folder)
-  np.testing.assert_array_equal(params["encoder"]["layer_1"]["output"]["dense"]["kernel"],
-                                backbone_2_layers[1]["encoder"]["layer_1"]["output"]["dense"]["kernel"])
+  np.testing.assert_array_equal(
+    params["encoder"]["layer_1"]["output"]["dense"]["kernel"],
+    backbone_2_layers[1]["encoder"]["layer_1"]["output"]["dense"]["kernel"],
+  )
   for name in minilm.FILE_SHA256:
     (tmp_path / name).write_bytes((folder / name).read_bytes())
   (tmp_path / "config.json").write_bytes((folder / "config.json").read_bytes() + b"\n")
@@ -121,7 +123,7 @@ def test_tokenize_padding_and_truncation(backbone):
   assert longest["input_ids"][2, -1] == 102 and longest["input_ids"][1, :2].tolist() == [101, 102]
   assert longest["attention_mask"].sum(1).tolist() == [5, 2, 16]
   short = minilm.tokenize(tokenizer, texts[:2], max_length=64)
-  assert short["input_ids"].shape == (2, 5)                     # padded to the longest of the call
+  assert short["input_ids"].shape == (2, 5)  # padded to the longest of the call
   padded = minilm.tokenize(tokenizer, texts[:2], max_length=64, padding="max_length")
   assert padded["input_ids"].shape == (2, 64) and unpadded(padded) == unpadded(short)
   with pytest.raises(TypeError, match="one string"):
@@ -185,20 +187,20 @@ def test_param_shapes_and_byte_estimate():
 def test_upper_layers_over_cached_lower_layers_are_the_full_encoder():
   """hidden_after(k) then Upper(k) with upper_params equals the full encoder, for every split point k, with a
   padded row (the attention mask reaches both halves). Random weights of a narrow 3-layer BERT."""
-  model = bert.Bert(num_layers=3, hidden_size=16, num_heads=2, intermediate_size=32, vocab_size=50,
-                    max_position=16)
+  model = bert.Bert(num_layers=3, hidden_size=16, num_heads=2, intermediate_size=32, vocab_size=50, max_position=16)
   r = np.random.default_rng(0)
   ids = jnp.asarray(r.integers(1, 50, (2, 6)), jnp.int32)
   mask = jnp.asarray([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], jnp.int32)
   params = model.init(jax.random.PRNGKey(0), ids, mask)["params"]
   params = jax.tree_util.tree_map(lambda a: a + 0.1 * jnp.asarray(r.standard_normal(a.shape), a.dtype), params)
-  full = np.asarray(jax.jit(model.apply)({"params": params}, ids, mask))                # [B, T, H]
+  full = np.asarray(jax.jit(model.apply)({"params": params}, ids, mask))  # [B, T, H]
 
   @jax.jit
-  def split(params, ids, mask):                    # (lower states after k layers, upper layers over them) per k
+  def split(params, ids, mask):  # (lower states after k layers, upper layers over them) per k
     lowers = [bert.hidden_after(model, params, ids, mask, k) for k in range(4)]
-    uppers = [bert.Upper(model, k).apply({"params": bert.upper_params(params, k, 3)}, lowers[k], mask)
-              for k in range(3)]
+    uppers = [
+      bert.Upper(model, k).apply({"params": bert.upper_params(params, k, 3)}, lowers[k], mask) for k in range(3)
+    ]
     return lowers, uppers
 
   lowers, uppers = split(params, ids, mask)
@@ -212,26 +214,36 @@ def test_upper_layers_over_cached_lower_layers_are_the_full_encoder():
 def _tiny_checkpoint(model: bert.Bert, rng) -> dict[str, np.ndarray]:
   """A random state dict with Hugging Face BertModel key names and torch layouts ([out, in])."""
   h, f = model.hidden_size, model.intermediate_size
-  tensors = {"embeddings.word_embeddings.weight": (model.vocab_size, h),
-             "embeddings.position_embeddings.weight": (model.max_position, h),
-             "embeddings.token_type_embeddings.weight": (model.type_vocab_size, h),
-             "embeddings.LayerNorm.weight": (h,), "embeddings.LayerNorm.bias": (h,),
-             "pooler.dense.weight": (h, h), "pooler.dense.bias": (h,)}
+  tensors = {
+    "embeddings.word_embeddings.weight": (model.vocab_size, h),
+    "embeddings.position_embeddings.weight": (model.max_position, h),
+    "embeddings.token_type_embeddings.weight": (model.type_vocab_size, h),
+    "embeddings.LayerNorm.weight": (h,),
+    "embeddings.LayerNorm.bias": (h,),
+    "pooler.dense.weight": (h, h),
+    "pooler.dense.bias": (h,),
+  }
   for i in range(model.num_layers + 1):  # one layer more than the model: the slice drops it
     p = f"encoder.layer.{i}."
-    for name in ("attention.self.query", "attention.self.key", "attention.self.value",
-                 "attention.output.dense"):
+    for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
       tensors |= {p + name + ".weight": (h, h), p + name + ".bias": (h,)}
-    tensors |= {p + "attention.output.LayerNorm.weight": (h,), p + "attention.output.LayerNorm.bias": (h,),
-                p + "intermediate.dense.weight": (f, h), p + "intermediate.dense.bias": (f,),
-                p + "output.dense.weight": (h, f), p + "output.dense.bias": (h,),
-                p + "output.LayerNorm.weight": (h,), p + "output.LayerNorm.bias": (h,)}
+    tensors |= {
+      p + "attention.output.LayerNorm.weight": (h,),
+      p + "attention.output.LayerNorm.bias": (h,),
+      p + "intermediate.dense.weight": (f, h),
+      p + "intermediate.dense.bias": (f,),
+      p + "output.dense.weight": (h, f),
+      p + "output.dense.bias": (h,),
+      p + "output.LayerNorm.weight": (h,),
+      p + "output.LayerNorm.bias": (h,),
+    }
   return {k: rng.standard_normal(s).astype(np.float32) for k, s in tensors.items()}
 
 
 def _numpy_bert(t, ids, mask, model):
   """A direct numpy transcription of BertModel's forward pass on the torch-layout tensors."""
   from math import erf, sqrt
+
   gelu = np.vectorize(lambda x: 0.5 * x * (1 + erf(x / sqrt(2))))
 
   def ln(x, p):
@@ -239,8 +251,12 @@ def _numpy_bert(t, ids, mask, model):
     return (x - mu) / np.sqrt(var + model.layer_norm_eps) * t[p + ".weight"] + t[p + ".bias"]
 
   lin = lambda x, p: x @ t[p + ".weight"].T + t[p + ".bias"]
-  h = ln(t["embeddings.word_embeddings.weight"][ids] + t["embeddings.position_embeddings.weight"][:ids.shape[1]]
-         + t["embeddings.token_type_embeddings.weight"][0], "embeddings.LayerNorm")
+  h = ln(
+    t["embeddings.word_embeddings.weight"][ids]
+    + t["embeddings.position_embeddings.weight"][: ids.shape[1]]
+    + t["embeddings.token_type_embeddings.weight"][0],
+    "embeddings.LayerNorm",
+  )
   heads, d = model.num_heads, model.hidden_size // model.num_heads
   for i in range(model.num_layers):
     p = f"encoder.layer.{i}."
@@ -257,13 +273,14 @@ def _numpy_bert(t, ids, mask, model):
 
 @pytest.mark.slow
 def test_key_map_and_forward_pass_match_a_direct_transcription():
-  model = bert.Bert(num_layers=2, hidden_size=8, num_heads=2, intermediate_size=16, vocab_size=11,
-                    max_position=6, type_vocab_size=2)
+  model = bert.Bert(
+    num_layers=2, hidden_size=8, num_heads=2, intermediate_size=16, vocab_size=11, max_position=6, type_vocab_size=2
+  )
   tensors = _tiny_checkpoint(model, np.random.default_rng(0))
   params = bert.params_from_checkpoint(tensors, model)
   ids = np.array([[1, 5, 7, 2, 0], [3, 9, 0, 0, 0]], np.int32)
   mask = (np.arange(5) < np.array([[4], [2]])).astype(np.int32)
-  hidden = jax.jit(model.apply)({"params": params}, ids, mask)          # [2, 5, 8]
+  hidden = jax.jit(model.apply)({"params": params}, ids, mask)  # [2, 5, 8]
   expected = _numpy_bert(tensors, ids, mask, model)
   np.testing.assert_allclose(np.asarray(hidden) * mask[..., None], expected * mask[..., None], atol=2e-5)
   pooled = bert.mean_pool(hidden, mask)
@@ -279,26 +296,43 @@ def test_bad_construction_names_the_field():
   with pytest.raises(ValueError, match="dtype"):
     bert.Bert(dtype=jnp.float16)
   with pytest.raises(ValueError, match="num_layers=7"):
-    bert.from_hf_config({"num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 12,
-                         "intermediate_size": 1536, "vocab_size": 30522, "max_position_embeddings": 512,
-                         "type_vocab_size": 2, "layer_norm_eps": 1e-12}, num_layers=7)
+    bert.from_hf_config(
+      {
+        "num_hidden_layers": 6,
+        "hidden_size": 384,
+        "num_attention_heads": 12,
+        "intermediate_size": 1536,
+        "vocab_size": 30522,
+        "max_position_embeddings": 512,
+        "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12,
+      },
+      num_layers=7,
+    )
   model, params = _abstract_params(1)
   with pytest.raises(ValueError, match="max_position=512"):
-    model.apply({"params": jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape), params)},
-                jnp.zeros((1, 513), jnp.int32), jnp.ones((1, 513), jnp.int32))
+    model.apply(
+      {"params": jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape), params)},
+      jnp.zeros((1, 513), jnp.int32),
+      jnp.ones((1, 513), jnp.int32),
+    )
 
 
-@pytest.mark.parametrize("field, value, message", [
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
     ("max_length", 0, "max_length=0 must be an integer in 2..512 ([CLS] and [SEP] count; 512 positions)."),
     ("max_length", 1, "max_length=1 must be an integer in 2..512 ([CLS] and [SEP] count; 512 positions)."),
     ("max_length", 2.5, "max_length=2.5 must be an integer in 2..512 ([CLS] and [SEP] count; 512 positions)."),
     ("batch_size", 2.5, "batch_size=2.5 must be a positive integer (rows per batch, e.g. 64)."),
     ("batch_size", 0, "batch_size=0 must be a positive integer (rows per batch, e.g. 64)."),
-])
+  ],
+)
 def test_embed_validates_its_arguments_like_tokenize_before_any_work(field, value, message):
-  class Untouchable:                                   # a backbone that fails if anything reaches it
+  class Untouchable:  # a backbone that fails if anything reaches it
     def __getattr__(self, name):
       raise AssertionError(f"the backbone was used ({name}) before the arguments were checked")
+
   untouchable = Untouchable()
   with pytest.raises(ValueError) as error:
     minilm.embed(["a sentence"], backbone=(untouchable, untouchable, untouchable), **{field: value})
@@ -320,13 +354,14 @@ def test_every_route_failing_says_where_to_put_the_files(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_model_step_benchmark_smoke(capsys):
   from benchmarks import model_step
+
   result = model_step.main(["--quick", "--random-weights", "--methods", "lora,cellwise_moe", "--repeats", "1"])
   rows = {r["method"]: r for r in result["rows"]}
-  ratio = rows["cellwise_moe"]["vs_lora"]                    # cell-wise's median step over LoRA's
+  ratio = rows["cellwise_moe"]["vs_lora"]  # cell-wise's median step over LoRA's
   assert np.isfinite(ratio) and ratio > 0
   np.testing.assert_allclose(ratio, rows["cellwise_moe"]["step_ms"] / rows["lora"]["step_ms"], rtol=1e-9)
-  assert rows["lora"]["params"] == 2 * 8 * (4 * (384 + 384) + 2 * (384 + 1536))     # 2 layers, rank 8
-  assert 0 < rows["cellwise_moe"]["params"] - rows["lora"]["params"] < 0.02 * rows["lora"]["params"]   # parity
+  assert rows["lora"]["params"] == 2 * 8 * (4 * (384 + 384) + 2 * (384 + 1536))  # 2 layers, rank 8
+  assert 0 < rows["cellwise_moe"]["params"] - rows["lora"]["params"] < 0.02 * rows["lora"]["params"]  # parity
   assert "target cellwise_moe / lora <= 1.15x" in capsys.readouterr().out
   with pytest.raises(SystemExit):
-    model_step.main(["--methods", "cellwise_moe"])                    # LoRA, the reference, is required
+    model_step.main(["--methods", "cellwise_moe"])  # LoRA, the reference, is required

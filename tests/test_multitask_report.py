@@ -33,17 +33,29 @@ def diverged_fit(evals=2):
   history[:, -1] = np.nan
   train_history = np.ones((len(SEEDS), evals, 3), np.float32)
   train_history[:, -1] = np.nan
-  diagnostics = {"entropy_nats": np.full((len(SEEDS), evals), 1.2, np.float32),
-                 "task_separation": np.full((len(SEEDS), evals), 0.1, np.float32),
-                 "usage": np.full((len(SEEDS), evals, 1, len(TASKS), 2, 4), 0.25, np.float32)}
+  diagnostics = {
+    "entropy_nats": np.full((len(SEEDS), evals), 1.2, np.float32),
+    "task_separation": np.full((len(SEEDS), evals), 0.1, np.float32),
+    "usage": np.full((len(SEEDS), evals, 1, len(TASKS), 2, 4), 0.25, np.float32),
+  }
   for value in diagnostics.values():
     value[:, -1] = np.nan
-  return train.FitResult(params={}, history=history, status=[f"diverged at epoch {evals}"] * len(SEEDS),
-                         diverged_step=np.ones(len(SEEDS), np.int32), wall_time_s=1.0, splits=("train", "val", "test"),
-                         metric_names=mt.metric_names(TASKS, CLASSES), train_history=train_history,
-                         train_names=("loss", "load_balance", "router_z"), diagnostics=diagnostics,
-                         initial_diagnostics={"entropy_nats": np.full(len(SEEDS), 1.386, np.float32),
-                                              "task_separation": np.zeros(len(SEEDS), np.float32)})
+  return train.FitResult(
+    params={},
+    history=history,
+    status=[f"diverged at epoch {evals}"] * len(SEEDS),
+    diverged_step=np.ones(len(SEEDS), np.int32),
+    wall_time_s=1.0,
+    splits=("train", "val", "test"),
+    metric_names=mt.metric_names(TASKS, CLASSES),
+    train_history=train_history,
+    train_names=("loss", "load_balance", "router_z"),
+    diagnostics=diagnostics,
+    initial_diagnostics={
+      "entropy_nats": np.full(len(SEEDS), 1.386, np.float32),
+      "task_separation": np.zeros(len(SEEDS), np.float32),
+    },
+  )
 
 
 def test_a_routed_method_whose_every_seed_diverged_is_marked_in_the_table_not_a_crash():
@@ -51,14 +63,15 @@ def test_a_routed_method_whose_every_seed_diverged_is_marked_in_the_table_not_a_
   summary = mt.summarise("cellwise_moe_anchor", diverged_fit(), SEEDS, corpus(), 100, 10)
   assert summary["routing_entropy_nats"] is None and summary["accuracy/mean"]["mean"] is None
   assert summary["routing_entropy_per_seed"]["final"] == [None, None]
-  json.dumps(summary, allow_nan=False)                        # results.json holds no NaN
+  json.dumps(summary, allow_nan=False)  # results.json holds no NaN
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    text = report.markdown(config, corpus(), {"cellwise_moe_anchor": summary}, mt.paired_differences(
-        {"cellwise_moe_anchor": summary}), 1.0)
+    text = report.markdown(
+      config, corpus(), {"cellwise_moe_anchor": summary}, mt.paired_differences({"cellwise_moe_anchor": summary}), 1.0
+    )
   label = mt.LABELS["cellwise_moe_anchor"]
   assert f"| {label} † | 100 | n/a | n/a |" in text
-  assert f"| {label} † | 1.386 | n/a | 0.000 | n/a |" in text               # router table: init, end
+  assert f"| {label} † | 1.386 | n/a | 0.000 | n/a |" in text  # router table: init, end
   assert f"† {label}: seed 0: diverged at epoch 2; seed 1: diverged at epoch 2" in text
 
 
@@ -69,15 +82,18 @@ def test_live_scalars_skip_values_no_seed_has(capsys):
   live.files.record = lambda method, rows, scalars, step: recorded.append((rows, scalars))
   hook = live.hook("cellwise_moe_anchor", SEEDS, ml_collections.ConfigDict(dict(epochs=2)), fit.train_names)
   with warnings.catch_warnings():
-    warnings.simplefilter("error")                             # numpy's "Mean of empty slice" would raise
+    warnings.simplefilter("error")  # numpy's "Mean of empty slice" would raise
     for epoch in (1, 2):
-      hook(train.FitState(state=None, epoch=epoch, history=fit.history, train_history=fit.train_history,
-                          diagnostics=fit.diagnostics))
+      hook(
+        train.FitState(
+          state=None, epoch=epoch, history=fit.history, train_history=fit.train_history, diagnostics=fit.diagnostics
+        )
+      )
   first, last = recorded[0][1], recorded[1][1]
   assert first["train_stream/loss"] == 1.0 and first["routing/entropy_nats"] == pytest.approx(1.2)
-  assert all(np.isfinite(v) for v in last.values())           # tensorboardX is never handed NaN
+  assert all(np.isfinite(v) for v in last.values())  # tensorboardX is never handed NaN
   assert "train_stream/loss" not in last and "routing/entropy_nats" not in last
-  assert all(np.isfinite(row[-1]) for row in recorded[1][0])   # history.csv rows: finite values only
+  assert all(np.isfinite(row[-1]) for row in recorded[1][0])  # history.csv rows: finite values only
   out = capsys.readouterr().out
   assert "eval  2/2  loss nan" in out and "router H nan sep nan" in out
 
@@ -87,22 +103,27 @@ def test_figures_stop_where_every_seed_stopped(tmp_path):
   fit.history[:, 1] = np.nan
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    report.figures(str(tmp_path), {"cellwise_moe_anchor": fit}, corpus(),
-                train.Settings(epochs=3, batch_size=1, learning_rate=1e-3, steps_per_epoch=1), {})
+    report.figures(
+      str(tmp_path),
+      {"cellwise_moe_anchor": fit},
+      corpus(),
+      train.Settings(epochs=3, batch_size=1, learning_rate=1e-3, steps_per_epoch=1),
+      {},
+    )
   assert (tmp_path / "accuracy.png").exists() and (tmp_path / "loss.png").exists()
   cut = report.finite_prefix({"m": fit.history[:, :, 1, 0], "none": np.full((2, 3), np.nan)})
   assert list(cut) == ["m"] and cut["m"].shape == (2, 1)
 
 
 @pytest.mark.slow
-@pytest.mark.network                       # the text tasks and MiniLM (cached after one fetch)
+@pytest.mark.network  # the text tasks and MiniLM (cached after one fetch)
 def test_a_diverged_anchor_run_finishes_with_its_report_and_a_rerun_too(tmp_path, caplog):
   config = config_module.get_config("quick,methods=cellwise_moe_anchor,seeds=1")
   config.optim.lr = 1e6
   with warnings.catch_warnings():
     warnings.simplefilter("error", RuntimeWarning)
     with caplog.at_level(logging.WARNING):
-      for _ in range(2):                                       # the re-run resumes from the final checkpoint
+      for _ in range(2):  # the re-run resumes from the final checkpoint
         out = mt.run(config, str(tmp_path))
   assert not [r for r in caplog.records if "NaN or Inf" in r.getMessage()]
   assert "diverged" in out["methods"]["cellwise_moe_anchor"]["status"]

@@ -18,8 +18,16 @@ pytestmark = pytest.mark.slow  # every test here launches processes or trains en
 def test_field_order_puts_demographics_then_property():
   names = ["MedInc", "HouseAge", "AveRooms", "AveBedrms", "Population", "AveOccup", "Latitude", "Longitude"]
   order = cal.field_order(names)
-  assert [names[i] for i in order] == ["MedInc", "HouseAge", "Population", "AveOccup",
-                                       "AveRooms", "AveBedrms", "Latitude", "Longitude"]
+  assert [names[i] for i in order] == [
+    "MedInc",
+    "HouseAge",
+    "Population",
+    "AveOccup",
+    "AveRooms",
+    "AveBedrms",
+    "Latitude",
+    "Longitude",
+  ]
 
 
 @pytest.mark.parametrize("scaling", cal.SCALINGS)
@@ -55,10 +63,10 @@ def test_quadrants_round_trip_and_known_pixels():
   assert x.shape == (3, 784)
   np.testing.assert_array_equal(deg.from_quadrants(x), images)
   img = np.zeros((1, 28, 28), np.float32)
-  img[0, 14, 0] = 1.0            # first pixel of quadrant 3 (bottom-left)
-  img[0, 0, 14] = 2.0            # first pixel of quadrant 2 (top-right)
-  img[0, 27, 27] = 3.0           # last pixel of quadrant 4 (bottom-right)
-  img[0, 1, 2] = 4.0             # quadrant 1, row 1, column 2
+  img[0, 14, 0] = 1.0  # first pixel of quadrant 3 (bottom-left)
+  img[0, 0, 14] = 2.0  # first pixel of quadrant 2 (top-right)
+  img[0, 27, 27] = 3.0  # last pixel of quadrant 4 (bottom-right)
+  img[0, 1, 2] = 4.0  # quadrant 1, row 1, column 2
   x = deg.to_quadrants(img)[0]
   assert x[2 * 196] == 1.0 and x[196] == 2.0 and x[783] == 3.0 and x[14 + 2] == 4.0
   assert np.count_nonzero(x) == 4
@@ -70,7 +78,7 @@ def test_degrade_zeroes_quadrant_4_of_context_1_only():
   out = deg.degrade(x, ctx)
   assert np.all(out[ctx == 0] == 1)
   assert np.all(out[ctx == 1, 588:] == 0) and np.all(out[ctx == 1, :588] == 1)
-  assert np.all(x == 1)          # the input is not modified in place
+  assert np.all(x == 1)  # the input is not modified in place
 
 
 def test_context_targets_topologies_and_never_read_x4():
@@ -79,22 +87,23 @@ def test_context_targets_topologies_and_never_read_x4():
   assert {tuple(c + 1) for c in np.argwhere(masks[1])} == {(1, 3), (3, 1), (2, 1), (4, 3)}
   assert not masks[1][:, 3].any() and not np.diag(masks[1]).any()
   rng = np.random.default_rng(0)
-  w = targets.block_targets(rng, masks, 784, 784, "gaussian", 1.0)            # [2, 784, 784]
-  assert np.all(w[1][:, 588:] == 0)                                            # context 1 never reads x4
+  w = targets.block_targets(rng, masks, 784, 784, "gaussian", 1.0)  # [2, 784, 784]
+  assert np.all(w[1][:, 588:] == 0)  # context 1 never reads x4
   assert np.any(w[0][:, 588:] != 0)
   x = rng.random((6, 784)).astype(np.float32)
   ctx = np.array([0, 1, 0, 1, 1, 0])
   y = deg.apply_targets(w, deg.degrade(x, ctx), ctx)
   x_changed = x.copy()
-  x_changed[:, 588:] = 5.0                                                     # a different x4
+  x_changed[:, 588:] = 5.0  # a different x4
   y_changed = deg.apply_targets(w, deg.degrade(x_changed, ctx), ctx)
-  np.testing.assert_allclose(y_changed[ctx == 1], y[ctx == 1], rtol=1e-5)      # unaffected by x4
+  np.testing.assert_allclose(y_changed[ctx == 1], y[ctx == 1], rtol=1e-5)  # unaffected by x4
   assert not np.allclose(y_changed[ctx == 0], y[ctx == 0])
   np.testing.assert_allclose(y[0], w[0] @ x[0], rtol=1e-4, atol=1e-5)
 
 
 def test_degraded_cells_reading_x4_are_rejected():
   from configs import mnist_degradation as config_module
+
   config = config_module.get_config("quick")
   config.data.degraded_cells = "1-4,3-1"
   with pytest.raises(ValueError, match="degraded_cells"):
@@ -112,24 +121,28 @@ def _direct(matrix, k, rank, diagonal_only):
     for j in range(k):
       if diagonal_only and i != j:
         continue
-      u, s, vt = np.linalg.svd(matrix[i * b:(i + 1) * b, j * b:(j + 1) * b])
-      out[i * b:(i + 1) * b, j * b:(j + 1) * b] = u[:, :rank] @ np.diag(s[:rank]) @ vt[:rank]
+      u, s, vt = np.linalg.svd(matrix[i * b : (i + 1) * b, j * b : (j + 1) * b])
+      out[i * b : (i + 1) * b, j * b : (j + 1) * b] = u[:, :rank] @ np.diag(s[:rank]) @ vt[:rank]
   return np.linalg.norm(matrix - out) / np.linalg.norm(matrix)
 
 
-@pytest.mark.parametrize("name,k,rank,diagonal_only", [("lora", 1, 2, False), ("melora", 2, 2, True),
-                                                       ("localized_lora", 2, 1, False)])
+@pytest.mark.parametrize(
+  "name,k,rank,diagonal_only", [("lora", 1, 2, False), ("melora", 2, 2, True), ("localized_lora", 2, 1, False)]
+)
 def test_approximation_errors_match_direct_svd(name, k, rank, diagonal_only):
   image = np.random.default_rng(3).random((8, 8))
-  spec = {"lora": ml_collections.ConfigDict(dict(rank=rank)),
-          "melora": ml_collections.ConfigDict(dict(num_blocks=k, rank=rank)),
-          "localized_lora": ml_collections.ConfigDict(dict(k=k, rank=rank))}[name]
+  spec = {
+    "lora": ml_collections.ConfigDict(dict(rank=rank)),
+    "melora": ml_collections.ConfigDict(dict(num_blocks=k, rank=rank)),
+    "localized_lora": ml_collections.ConfigDict(dict(k=k, rank=rank)),
+  }[name]
   error = approx.relative_error(image, approx.approximate(name, spec, image))
   assert error == pytest.approx(_direct(image, k, rank, diagonal_only), rel=1e-10)
 
 
 def test_approximation_budget_is_224_at_the_papers_settings():
   from configs import mnist_approximation as config_module
+
   config = config_module.get_config()
   for name in approx.METHODS:
     assert approx.method_params(name, config.methods[name], 28, 28) == 224

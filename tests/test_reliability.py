@@ -20,8 +20,14 @@ def launch_cmd(*args):
 
 
 def run_launch(*args, timeout=300, env=None):
-  return subprocess.run(launch_cmd(*args), cwd=ROOT, env=env or dict(os.environ, PYTHONPATH=ROOT),
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    launch_cmd(*args),
+    cwd=ROOT,
+    env=env or dict(os.environ, PYTHONPATH=ROOT),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 # Loaded by the child through a sitecustomize.py on its PYTHONPATH: right after the first checkpoint saved in a
@@ -65,40 +71,43 @@ def run_launch_with_sigterm(tmp_path, after: str, *args):
 # ------------------------------------------------------------------------- config validation (no compute)
 
 BAD_CONFIGS = [
-    # (override path, value, text the error must contain)
-    ("experiment", "svd", "config.experiment='svd' is not a known experiment"),
-    ("method_names", "lora,lorra", "config.method_names: ['lorra'] not among the configured methods"),
-    ("method_names", "", "config.method_names: empty"),
-    ("optim.lr", 0.0, "config.optim.lr=0.0 must be > 0"),
-    ("optim.lr", -1e-3, "config.optim.lr=-0.001 must be > 0"),
-    ("optim.epochs", 0, "config.optim.epochs=0 must be a positive integer"),
-    ("optim.batch_size", 0, "config.optim.batch_size=0 must be a positive integer"),
-    ("optim.batch_size", 100_000, "config.optim.batch_size=100000 is larger than the training set (8000"),
-    ("optim.weight_decay", -0.1, "config.optim.weight_decay=-0.1 must be >= 0"),
-    ("num_seeds", 0, "config.num_seeds=0 must be a positive integer"),
-    ("seed", -3, "config.seed=-3 must be >= 0"),
-    ("methods.localized_lora.k_x", 3, "config.methods.localized_lora: d_in=64 is not divisible by k_x=3"),
-    ("methods.localized_lora.rank", 17, "config.methods.localized_lora: rank=17 is larger than the 16x16 grid cell"),
-    ("methods.cellwise_moe.top_k", 3, "config.methods.cellwise_moe: top_k=3 must lie in 1..num_experts=2"),
-    ("methods.blockwise_moe.router_input", "ctx", "config.methods.blockwise_moe: router_input='ctx' is not one of"),
-    ("methods.blockwise_moe.num_experts", 0, "config.methods.blockwise_moe: num_experts=0 must be a positive integer"),
-    ("methods.lora.method", "loraa", "config.methods.lora: method='loraa' is not a known adapter"),
-    ("methods.lora.a_init", "xavier", "config.methods.lora: a_init='xavier' is not a known initialiser"),
-    ("data.spectra", "gaussian,power", "config.data.spectra: 'power' is not known"),
-    ("data.contexts", "block_diagonal,diagonal", "config.data.contexts: 'diagonal' is not a known topology"),
-    ("data.test_fraction", 1.5, "config.data.test_fraction=1.5 must lie in (0, 1)"),
-    ("checkpoint_every_epochs", -1, "config.checkpoint_every_epochs=-1 must be >= 0"),
-    ("adapter.alpha", 0.0, "config.adapter.alpha=0.0 must be > 0"),
-    ("optim.lr", float("inf"), "config.optim.lr=inf must be > 0 and finite"),
-    ("optim.eval_every", 0, "config.optim.eval_every=0 must be a positive integer"),
-    ("optim.lr_decay", 0.5, "config.optim has unknown key(s) ['lr_decay'] that the trainer would ignore; valid: ["),
-    ("data.spectrum_decay", 0.0, "config.data.spectrum_decay=0.0 must be > 0"),
-    ("data.k", 5, "config.data.k=5 must divide config.data.d=64"),
-    ("data.num_samples", 0, "config.data.num_samples=0 must be an integer >= 2"),
-    ("methods.cellwise_moe.context_dim", 5, "config.methods.cellwise_moe.context_dim=5 disagrees with the data "
-     "(context_dim=3)"),
-    ("sharding", "model", "config.sharding='model' is not known; valid: 'entries'"),
-    ("optim.epochs", 1_000_000_000, "of history needs about"),
+  # (override path, value, text the error must contain)
+  ("experiment", "svd", "config.experiment='svd' is not a known experiment"),
+  ("method_names", "lora,lorra", "config.method_names: ['lorra'] not among the configured methods"),
+  ("method_names", "", "config.method_names: empty"),
+  ("optim.lr", 0.0, "config.optim.lr=0.0 must be > 0"),
+  ("optim.lr", -1e-3, "config.optim.lr=-0.001 must be > 0"),
+  ("optim.epochs", 0, "config.optim.epochs=0 must be a positive integer"),
+  ("optim.batch_size", 0, "config.optim.batch_size=0 must be a positive integer"),
+  ("optim.batch_size", 100_000, "config.optim.batch_size=100000 is larger than the training set (8000"),
+  ("optim.weight_decay", -0.1, "config.optim.weight_decay=-0.1 must be >= 0"),
+  ("num_seeds", 0, "config.num_seeds=0 must be a positive integer"),
+  ("seed", -3, "config.seed=-3 must be >= 0"),
+  ("methods.localized_lora.k_x", 3, "config.methods.localized_lora: d_in=64 is not divisible by k_x=3"),
+  ("methods.localized_lora.rank", 17, "config.methods.localized_lora: rank=17 is larger than the 16x16 grid cell"),
+  ("methods.cellwise_moe.top_k", 3, "config.methods.cellwise_moe: top_k=3 must lie in 1..num_experts=2"),
+  ("methods.blockwise_moe.router_input", "ctx", "config.methods.blockwise_moe: router_input='ctx' is not one of"),
+  ("methods.blockwise_moe.num_experts", 0, "config.methods.blockwise_moe: num_experts=0 must be a positive integer"),
+  ("methods.lora.method", "loraa", "config.methods.lora: method='loraa' is not a known adapter"),
+  ("methods.lora.a_init", "xavier", "config.methods.lora: a_init='xavier' is not a known initialiser"),
+  ("data.spectra", "gaussian,power", "config.data.spectra: 'power' is not known"),
+  ("data.contexts", "block_diagonal,diagonal", "config.data.contexts: 'diagonal' is not a known topology"),
+  ("data.test_fraction", 1.5, "config.data.test_fraction=1.5 must lie in (0, 1)"),
+  ("checkpoint_every_epochs", -1, "config.checkpoint_every_epochs=-1 must be >= 0"),
+  ("adapter.alpha", 0.0, "config.adapter.alpha=0.0 must be > 0"),
+  ("optim.lr", float("inf"), "config.optim.lr=inf must be > 0 and finite"),
+  ("optim.eval_every", 0, "config.optim.eval_every=0 must be a positive integer"),
+  ("optim.lr_decay", 0.5, "config.optim has unknown key(s) ['lr_decay'] that the trainer would ignore; valid: ["),
+  ("data.spectrum_decay", 0.0, "config.data.spectrum_decay=0.0 must be > 0"),
+  ("data.k", 5, "config.data.k=5 must divide config.data.d=64"),
+  ("data.num_samples", 0, "config.data.num_samples=0 must be an integer >= 2"),
+  (
+    "methods.cellwise_moe.context_dim",
+    5,
+    "config.methods.cellwise_moe.context_dim=5 disagrees with the data (context_dim=3)",
+  ),
+  ("sharding", "model", "config.sharding='model' is not known; valid: 'entries'"),
+  ("optim.epochs", 1_000_000_000, "of history needs about"),
 ]
 
 
@@ -131,13 +140,16 @@ def test_bad_config_is_one_clear_error_before_compute(path, value, message):
 @pytest.mark.slow
 def test_config_file_and_arg_errors_are_one_line(tmp_path):
   from localmoe import configlib
+
   (tmp_path / "broken.py").write_text("def get_config(arg=None):\n  return (\n")
   (tmp_path / "empty.py").write_text("X = 1\n")
-  cases = [(str(tmp_path / "missing.py"), "missing.py: no such file"),
-           (str(tmp_path / "broken.py"), "broken.py: syntax error at line"),
-           (str(tmp_path / "empty.py"), "empty.py defines no get_config(arg=None)"),
-           ("configs/svd_simulation.py:quick=ture", "config arg quick='ture' is not a boolean: use quick=true"),
-           ("configs/svd_simulation.py:seeds=two", "config arg seeds='two' is not an integer")]
+  cases = [
+    (str(tmp_path / "missing.py"), "missing.py: no such file"),
+    (str(tmp_path / "broken.py"), "broken.py: syntax error at line"),
+    (str(tmp_path / "empty.py"), "empty.py defines no get_config(arg=None)"),
+    ("configs/svd_simulation.py:quick=ture", "config arg quick='ture' is not a boolean: use quick=true"),
+    ("configs/svd_simulation.py:seeds=two", "config arg seeds='two' is not an integer"),
+  ]
   for spec, message in cases:
     problem = configlib.check_config_file(["launch.py", f"--config={spec}"])
     assert problem and message in problem and "\n" not in problem, (spec, problem)
@@ -149,8 +161,11 @@ def test_config_file_and_arg_errors_are_one_line(tmp_path):
 
 def test_bad_workdirs_and_locks_are_one_line_errors(tmp_path):
   (tmp_path / "a_file").write_text("")
-  for path, message in [("", "--workdir is empty"), (str(tmp_path / "a_file"), "is a file, not a directory"),
-                        (str(tmp_path / "a_file" / "run"), "which is a file")]:
+  for path, message in [
+    ("", "--workdir is empty"),
+    (str(tmp_path / "a_file"), "is a file, not a directory"),
+    (str(tmp_path / "a_file" / "run"), "which is a file"),
+  ]:
     with pytest.raises(workdir.WorkdirError, match=message):
       with workdir.guard(path):
         pass
@@ -180,6 +195,7 @@ def test_context_router_called_without_context_is_clear():
   import jax
   import jax.numpy as jnp
   import localmoe as lm
+
   m = lm.make(dict(method="blockwise_moe", d_in=8, d_out=8, k_y=2, k_x=2, rank=1, num_experts=2, context_dim=2))
   with pytest.raises(ValueError, match="called without a context: pass context="):
     m.init(jax.random.PRNGKey(0), jnp.zeros((1, 8)))
@@ -188,8 +204,9 @@ def test_context_router_called_without_context_is_clear():
 @pytest.mark.slow
 def test_cli_error_writes_nothing(tmp_path):
   target = tmp_path / "run"
-  proc = run_launch("--config=configs/svd_simulation.py:quick", f"--workdir={target}",
-                    "--config.methods.localized_lora.rank=17")
+  proc = run_launch(
+    "--config=configs/svd_simulation.py:quick", f"--workdir={target}", "--config.methods.localized_lora.rank=17"
+  )
   assert proc.returncode == 2
   assert "config.methods.localized_lora: rank=17" in proc.stderr
   assert "Traceback" not in proc.stderr
@@ -215,6 +232,7 @@ def test_second_process_is_refused_and_stale_lock_cleared(tmp_path, capsys):
   sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
   try:
     import socket
+
     (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid}))
     with pytest.raises(workdir.WorkdirError, match=f"in use by process {sleeper.pid}"):
       with workdir.guard(str(tmp_path)):
@@ -240,8 +258,8 @@ def test_atomic_write_never_leaves_partial_files(tmp_path, monkeypatch):
   with pytest.raises(OSError):
     results.write_json(str(path), {"a": 2})
   monkeypatch.undo()
-  assert json.loads(path.read_text()) == {"a": 1}            # the old file is intact
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]   # no temp files left
+  assert json.loads(path.read_text()) == {"a": 1}  # the old file is intact
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temp files left
 
 
 # ------------------------------------------------------------------------- checkpoints and resume
@@ -250,6 +268,7 @@ def test_atomic_write_never_leaves_partial_files(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_checkpointer_round_trip_and_resume_in_process(tmp_path):
   from tests.test_train import make_task, small_problem
+
   data = small_problem([0, 1])
   settings = train.Settings(epochs=4, batch_size=32, learning_rate=3e-3)
   full = train.fit(make_task(), data, [0, 1], settings, log=None)
@@ -269,8 +288,9 @@ def test_checkpointer_round_trip_and_resume_in_process(tmp_path):
   np.testing.assert_array_equal(resumed.train_history, full.train_history)
   # The same directory under another config is refused, naming the field.
   with pytest.raises(workdir.ConfigMismatchError, match="run: 1 -> 2.*--overwrite"):
-    train.fit(make_task(), data, [0, 1], settings, checkpoints=checkpoint.Policy(str(tmp_path), 0, {"run": 2}),
-              log=None)
+    train.fit(
+      make_task(), data, [0, 1], settings, checkpoints=checkpoint.Policy(str(tmp_path), 0, {"run": 2}), log=None
+    )
   # Without a directory a stop request still ends the fit, saving nothing.
   checkpoint.request_stop("test")
   try:
@@ -282,9 +302,13 @@ def test_checkpointer_round_trip_and_resume_in_process(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_mid_run_then_resume_is_bit_identical(tmp_path):
-  args = ["--config=configs/svd_simulation.py:quick,methods=lora+cellwise_moe,spectra=gaussian",
-          "--config.data.num_samples=1000", "--config.optim.batch_size=8", "--config.optim.epochs=3",
-          "--config.checkpoint_every_epochs=1"]
+  args = [
+    "--config=configs/svd_simulation.py:quick,methods=lora+cellwise_moe,spectra=gaussian",
+    "--config.data.num_samples=1000",
+    "--config.optim.batch_size=8",
+    "--config.optim.epochs=3",
+    "--config.checkpoint_every_epochs=1",
+  ]
   reference = tmp_path / "reference"
   proc = run_launch(*args, f"--workdir={reference}")
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -312,7 +336,7 @@ def test_sigterm_mid_run_then_resume_is_bit_identical(tmp_path):
 def test_unfinished_workdir_under_another_config_is_refused_before_compute(tmp_path):
   config = svd_config.get_config("quick")
   run = tmp_path / "run"
-  with workdir.guard(str(run), config=config):                # a run that crashed after its first checkpoint
+  with workdir.guard(str(run), config=config):  # a run that crashed after its first checkpoint
     (run / "checkpoints" / "gaussian" / "lora").mkdir(parents=True)
   assert json.loads((run / "config.json").read_text())["optim"]["lr"] == 1e-3
   changed = svd_config.get_config("quick")
@@ -351,6 +375,7 @@ def test_cli_resume_under_another_config_exits_2_with_the_fields(tmp_path):
 def _stopped_fit(tmp_path, epochs=3, stop_at=2):
   """A fit with checkpoints every epoch, stopped after `stop_at` epochs (as a preemption would)."""
   from tests.test_train import make_task, small_problem
+
   data = small_problem([0])
   settings = train.Settings(epochs=epochs, batch_size=32, learning_rate=3e-3)
   policy = checkpoint.Policy(str(tmp_path / "ckpt"), every_epochs=1, config={"run": 1})
@@ -398,12 +423,19 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_step_then_retrains(tmp_pa
 @pytest.mark.slow
 def test_unusable_checkpoint_dir_and_failed_save_warn_and_keep_training(tmp_path, monkeypatch):
   from tests.test_train import make_task, small_problem
+
   data = small_problem([0])
   settings = train.Settings(epochs=2, batch_size=32, learning_rate=3e-3)
   (tmp_path / "a_file").write_text("")
   lines = []
-  fit = train.fit(make_task(), data, [0], settings, log=lines.append,
-                  checkpoints=checkpoint.Policy(str(tmp_path / "a_file" / "ckpt"), every_epochs=1))
+  fit = train.fit(
+    make_task(),
+    data,
+    [0],
+    settings,
+    log=lines.append,
+    checkpoints=checkpoint.Policy(str(tmp_path / "a_file" / "ckpt"), every_epochs=1),
+  )
   assert fit.status == ["ok"]
   assert any("WARNING: cannot use checkpoint directory" in line for line in lines)
 
@@ -411,10 +443,17 @@ def test_unusable_checkpoint_dir_and_failed_save_warn_and_keep_training(tmp_path
     raise OSError("No space left on device")
 
   import orbax.checkpoint as ocp
+
   monkeypatch.setattr(ocp.CheckpointManager, "save", broken_save)
   lines = []
-  fit = train.fit(make_task(), data, [0], settings, log=lines.append,
-                  checkpoints=checkpoint.Policy(str(tmp_path / "ckpt"), every_epochs=1))
+  fit = train.fit(
+    make_task(),
+    data,
+    [0],
+    settings,
+    log=lines.append,
+    checkpoints=checkpoint.Policy(str(tmp_path / "ckpt"), every_epochs=1),
+  )
   assert fit.status == ["ok"] and np.all(np.isfinite(fit.history))
   assert sum("saving the checkpoint at epoch" in line and "No space left" in line for line in lines) == 2
 
@@ -422,6 +461,7 @@ def test_unusable_checkpoint_dir_and_failed_save_warn_and_keep_training(tmp_path
 @pytest.mark.slow
 def test_failed_method_exits_nonzero_is_not_finished_and_keeps_the_others(tmp_path, monkeypatch, capsys):
   from experiments import svd_simulation
+
   config = svd_config.get_config("quick,methods=lora+cellwise_moe")
   config.data.num_samples, config.data.spectra = 400, "gaussian"
   real_fit = train.fit
@@ -465,8 +505,14 @@ def _interrupt_then_resume(tmp_path, args, after):
 
 @pytest.mark.slow
 def test_sigterm_stops_a_sweep_with_75_and_the_resume_is_bit_identical(tmp_path):
-  args = ["--config=configs/svd_simulation.py:quick", "--sweep", "--config.data.num_samples=600",
-          "--config.optim.batch_size=8", "--config.optim.epochs=3", "--config.checkpoint_every_epochs=1"]
+  args = [
+    "--config=configs/svd_simulation.py:quick",
+    "--sweep",
+    "--config.data.num_samples=600",
+    "--config.optim.batch_size=8",
+    "--config.optim.epochs=3",
+    "--config.checkpoint_every_epochs=1",
+  ]
   reference, resumed = _interrupt_then_resume(tmp_path, args, "group_")
   drop = lambda row: {k: v for k, v in row.items() if k != "wall_time_s"}
   want = json.loads((reference / "sweep.json").read_text())["entries"]
@@ -477,8 +523,13 @@ def test_sigterm_stops_a_sweep_with_75_and_the_resume_is_bit_identical(tmp_path)
 
 @pytest.mark.slow
 def test_sigterm_stops_the_nonconvex_run_with_75_and_the_resume_is_bit_identical(tmp_path):
-  args = ["--config=configs/nonconvex_regression.py:quick", "--config.optim.epochs=6",
-          "--config.optim.eval_every=2", "--config.checkpoint_every_epochs=2", "--config.data.plot_grid=0"]
+  args = [
+    "--config=configs/nonconvex_regression.py:quick",
+    "--config.optim.epochs=6",
+    "--config.optim.eval_every=2",
+    "--config.checkpoint_every_epochs=2",
+    "--config.data.plot_grid=0",
+  ]
   reference, resumed = _interrupt_then_resume(tmp_path, args, os.sep + "lora")
   want = json.loads((reference / "results.json").read_text())["variants"]
   got = json.loads((resumed / "results.json").read_text())["variants"]
@@ -490,6 +541,7 @@ def test_sigterm_stops_the_nonconvex_run_with_75_and_the_resume_is_bit_identical
 @pytest.mark.slow
 def test_history_and_tensorboard_stream_during_training_without_duplicates_after_resume(tmp_path):
   from tests.test_train import make_task, small_problem
+
   data = small_problem([0])
   settings = train.Settings(epochs=3, batch_size=32, learning_rate=3e-3)
   policy = checkpoint.Policy(str(tmp_path / "checkpoints"), every_epochs=1)
@@ -509,13 +561,20 @@ def test_history_and_tensorboard_stream_during_training_without_duplicates_after
   finally:
     checkpoint.clear_stop()
   live.close()
-  assert seen == [2, 4]                                     # rows (epochs x splits) on disk after each epoch
+  assert seen == [2, 4]  # rows (epochs x splits) on disk after each epoch
   assert len(os.listdir(tmp_path / "tb" / "lora")) == 1
   live = results.Live(str(tmp_path))
-  fit = train.fit(make_task("lora"), data, [0], settings, checkpoints=policy,
-                  on_epoch_end=live.hook("lora", [0], data.splits, train.METRICS), log=None)
+  fit = train.fit(
+    make_task("lora"),
+    data,
+    [0],
+    settings,
+    checkpoints=policy,
+    on_epoch_end=live.hook("lora", [0], data.splits, train.METRICS),
+    log=None,
+  )
   live.close()
   assert len((tmp_path / "history.csv").read_text().strip().splitlines()) == 1 + 3 * 2
-  assert len(os.listdir(tmp_path / "tb" / "lora")) == 1    # the resumed run rewrote its event file
+  assert len(os.listdir(tmp_path / "tb" / "lora")) == 1  # the resumed run rewrote its event file
   results.write_tensorboard(str(tmp_path / "tb"), "lora", [0], fit)
   assert len(os.listdir(tmp_path / "tb" / "lora")) == 1

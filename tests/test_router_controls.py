@@ -20,6 +20,7 @@ SETTINGS = train.Settings(epochs=2, batch_size=16, learning_rate=3e-2)
 
 def tiny_problem(seeds=(0,), n=64):
   """Per-seed data: y = W_c x for context c, W0 = 0."""
+
   def one(seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, D)).astype(np.float32)
@@ -27,15 +28,30 @@ def tiny_problem(seeds=(0,), n=64):
     w = rng.standard_normal((CTX, D, D)).astype(np.float32)
     y = np.einsum("nod,nd->no", w[c], x).astype(np.float32)
     return {"x": x, "context": np.eye(CTX, dtype=np.float32)[c], "y": y}
+
   rows = [one(s) for s in seeds]
   stack = lambda sl: {k: np.stack([r[k][sl] for r in rows]) for k in rows[0]}
-  return train.Data(train=stack(slice(0, 48)), test=stack(slice(48, None)),
-                    frozen={"w0": np.zeros((len(seeds), D, D), np.float32)}, per_seed=True)
+  return train.Data(
+    train=stack(slice(0, 48)),
+    test=stack(slice(48, None)),
+    frozen={"w0": np.zeros((len(seeds), D, D), np.float32)},
+    per_seed=True,
+  )
 
 
 def routed(**kw):
-  spec = dict(method="cellwise_moe", d_in=D, d_out=D, rank=1, k_y=2, k_x=2, num_experts=2, context_dim=CTX,
-              router_init="zeros", b_init="normal_0.01")
+  spec = dict(
+    method="cellwise_moe",
+    d_in=D,
+    d_out=D,
+    rank=1,
+    k_y=2,
+    k_x=2,
+    num_experts=2,
+    context_dim=CTX,
+    router_init="zeros",
+    b_init="normal_0.01",
+  )
   spec.update(kw)
   return lm.make(spec)
 
@@ -47,7 +63,7 @@ def test_gumbel_and_expert_dropout_change_training_and_evaluation_stays_determin
   noisy_task = single_layer.layer_task(routed(router_hard="gumbel_soft", router_dropout=0.5), D, CTX)
   assert noisy_task.rngs == ("gumbel", "dropout")
   noisy = train.fit(noisy_task, data, [0], SETTINGS, log=None)
-  assert not np.allclose(soft.history, noisy.history, rtol=1e-4)          # the noise acted in training
+  assert not np.allclose(soft.history, noisy.history, rtol=1e-4)  # the noise acted in training
   # The test MSE in the history is that of the deterministic forward (predict without rngs) of the final
   # params, while any two keys give two different training forwards.
   params = jax.tree_util.tree_map(lambda a: a[0], noisy.params)
@@ -65,10 +81,9 @@ def gate_probe_task(module):
   base = single_layer.layer_task(module, D, CTX)
 
   def predict(params, frozen, inputs, rngs=None):
-    out, state = module.apply({"params": params}, inputs["x"], inputs["context"], rngs=rngs,
-                              mutable=["intermediates"])
-    router, = routing.collect_router_outputs(state["intermediates"])
-    gates = router.gates                                                   # [N, R, E]
+    out, state = module.apply({"params": params}, inputs["x"], inputs["context"], rngs=rngs, mutable=["intermediates"])
+    (router,) = routing.collect_router_outputs(state["intermediates"])
+    gates = router.gates  # [N, R, E]
     one_hot = jnp.mean((gates.max(-1) == 1.0) & (jnp.sum(gates != 0, -1) == 1))
     resampled = jnp.mean(jnp.argmax(gates, -1) != jnp.argmax(router.logits, -1))
     return out, {"one_hot": one_hot, "resampled": resampled}
@@ -81,13 +96,13 @@ def test_hard_gumbel_gates_are_one_hot_samples_in_training_and_a_resume_draws_th
   data = tiny_problem()
   states = []
   keep = lambda fs: states.append(dataclasses.replace(fs, state=jax.tree_util.tree_map(np.array, fs.state)))
-  whole = train.fit(gate_probe_task(routed(router_hard="gumbel")), data, [0], SETTINGS, log=None,
-                    on_epoch_end=keep)
-  one_hot, resampled = whole.train_history[..., 1], whole.train_history[..., 2]   # [entries, epochs]
-  np.testing.assert_array_equal(one_hot, 1.0)                              # every forward gate one-hot
-  assert resampled.min() > 0.1                                             # sampled, not the argmax
-  resumed = train.fit(gate_probe_task(routed(router_hard="gumbel")), data, [0], SETTINGS, log=None,
-                      resume=states[0])                                    # epoch 2 again, from epoch 1
+  whole = train.fit(gate_probe_task(routed(router_hard="gumbel")), data, [0], SETTINGS, log=None, on_epoch_end=keep)
+  one_hot, resampled = whole.train_history[..., 1], whole.train_history[..., 2]  # [entries, epochs]
+  np.testing.assert_array_equal(one_hot, 1.0)  # every forward gate one-hot
+  assert resampled.min() > 0.1  # sampled, not the argmax
+  resumed = train.fit(
+    gate_probe_task(routed(router_hard="gumbel")), data, [0], SETTINGS, log=None, resume=states[0]
+  )  # epoch 2 again, from epoch 1
   np.testing.assert_array_equal(whole.history, resumed.history)
   np.testing.assert_array_equal(whole.train_history, resumed.train_history)
 
@@ -96,8 +111,9 @@ def test_plain_tasks_are_called_as_before():
   task = single_layer.layer_task(routed(), D, CTX)
   assert task.rngs == () and not task.takes_step
   assert single_layer.layer_task(routed(router_dropout=0.1), D, CTX).rngs == ("dropout",)
-  assert routing.rng_streams([routed(router_dropout=0.1), routed(router_hard="gumbel"), lm.make(
-      dict(method="lora", d_in=D, d_out=D, rank=1))]) == ("gumbel", "dropout")
+  assert routing.rng_streams(
+    [routed(router_dropout=0.1), routed(router_hard="gumbel"), lm.make(dict(method="lora", d_in=D, d_out=D, rank=1))]
+  ) == ("gumbel", "dropout")
   assert routing.rng_streams(routed(router_hard="straight_through")) == ()
   with pytest.raises(TypeError, match=r"Task.rngs='gumbel' must be a tuple"):
     train.Task(init=task.init, predict=task.predict, rngs="gumbel")
@@ -120,10 +136,12 @@ def test_temperature_schedule_comes_from_the_adapter_spec():
 
 
 def test_bad_temperature_schedules_name_the_field():
-  cases = [(dict(temperature_schedule=(10.0, 0.5)), "temperature_schedule=\\(10.0, 0.5\\)"),
-           (dict(temperature_schedule=(10.0, 0.0, 10)), "end=0.0 must be"),
-           (dict(temperature_schedule=(10.0, 0.5, 10, "cosine")), "kind='cosine' is not a temperature schedule"),
-           (dict(temperature_schedule=(10.0, 0.5, 10), temperature=2.0), "leave temperature at 1.0")]
+  cases = [
+    (dict(temperature_schedule=(10.0, 0.5)), "temperature_schedule=\\(10.0, 0.5\\)"),
+    (dict(temperature_schedule=(10.0, 0.0, 10)), "end=0.0 must be"),
+    (dict(temperature_schedule=(10.0, 0.5, 10, "cosine")), "kind='cosine' is not a temperature schedule"),
+    (dict(temperature_schedule=(10.0, 0.5, 10), temperature=2.0), "leave temperature at 1.0"),
+  ]
   for kw, match in cases:
     with pytest.raises(ValueError, match=match):
       routed(**kw)
@@ -134,12 +152,15 @@ def test_temperature_schedule_acts_in_training():
   data = tiny_problem()
   kw = dict(router_init="normal")
   fixed = train.fit(single_layer.layer_task(routed(**kw), D, CTX), data, [0], SETTINGS, log=None)
-  annealed = train.fit(single_layer.layer_task(routed(temperature_schedule=(10.0, 0.5, 6), **kw), D, CTX), data,
-                       [0], SETTINGS, log=None)
+  annealed = train.fit(
+    single_layer.layer_task(routed(temperature_schedule=(10.0, 0.5, 6), **kw), D, CTX), data, [0], SETTINGS, log=None
+  )
   assert not np.allclose(fixed.history, annealed.history, rtol=1e-4)
 
 
-@pytest.mark.parametrize("value,error,match", [
+@pytest.mark.parametrize(
+  "value,error,match",
+  [
     (0.0, ValueError, "temperature=0.0 must be finite and > 0"),
     (-1.0, ValueError, "temperature=-1.0 must be finite and > 0"),
     (float("inf"), ValueError, "temperature=inf must be finite and > 0"),
@@ -147,7 +168,8 @@ def test_temperature_schedule_acts_in_training():
     ("1", TypeError, "temperature='1' is not a number"),
     (True, TypeError, "temperature=True is not a number"),
     (np.ones(2, np.float32), TypeError, r"temperature is an array of shape \(2,\)"),
-])
+  ],
+)
 def test_bad_temperatures_are_refused_at_call_time_and_as_a_field(value, error, match, initialised):
   module, v, x, c = initialised
   with pytest.raises(error, match=match):
@@ -161,9 +183,11 @@ def initialised():
   """A routed adapter, its variables (numpy, no initialiser compiled) and inputs."""
   module = routed(router_init="normal")
   rng = np.random.default_rng(0)
-  params = {"A": rng.standard_normal((2, 2, 2, D // 2, 1)).astype(np.float32),
-            "B": rng.standard_normal((2, 2, 2, D // 2, 1)).astype(np.float32),
-            "router": {"kernel": rng.standard_normal((2, 2, CTX, 2)).astype(np.float32)}}
+  params = {
+    "A": rng.standard_normal((2, 2, 2, D // 2, 1)).astype(np.float32),
+    "B": rng.standard_normal((2, 2, 2, D // 2, 1)).astype(np.float32),
+    "router": {"kernel": rng.standard_normal((2, 2, CTX, 2)).astype(np.float32)},
+  }
   return module, {"params": params}, np.ones((3, D), np.float32), np.eye(CTX, dtype=np.float32)[[0, 1, 0]]
 
 
@@ -193,7 +217,9 @@ def test_temperature_at_takes_numpy_integer_steps():
 GATES = np.array([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8], [1.0, 0.0], [0.3, 0.7], [0.6, 0.4]], np.float32)
 
 
-@pytest.mark.parametrize("gates,groups,num_groups,match", [
+@pytest.mark.parametrize(
+  "gates,groups,num_groups,match",
+  [
     (GATES, [0, 1, 2, 5, 5, 5], 3, r"groups holds ids \[5\] outside 0..2 \(num_groups=3\)"),
     (GATES, [-1, 0, 1, 2, 0, 1], 3, r"groups holds ids \[-1\] outside 0..2"),
     (GATES, [0.0, 1.0, 2.0, 0.0, 1.0, 2.0], 3, "groups has dtype float32: pass integer group ids"),
@@ -203,7 +229,8 @@ GATES = np.array([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8], [1.0, 0.0], [0.3, 0.7], [0
     (np.log(GATES + 0.1), None, None, "gates has a negative entry"),
     (GATES * 2, None, None, "gates has a row summing to 2"),
     (np.where(GATES > 0.95, np.nan, GATES), None, None, "gates has non-finite entries"),
-])
+  ],
+)
 def test_gate_diagnostics_refuses_what_it_cannot_measure(gates, groups, num_groups, match):
   groups = None if groups is None else np.asarray(groups)
   with pytest.raises(ValueError, match=match):
@@ -215,8 +242,7 @@ def test_gate_diagnostics_traced_bad_input_is_nan_not_a_number():
   good = diagnose(jnp.asarray(GATES)[:, None], jnp.asarray([0, 1, 2, 0, 1, 2]))
   assert np.isfinite(good["entropy_nats"]) and good["entropy_nats"] >= 0 and np.isfinite(good["task_separation"])
   assert np.isnan(diagnose(jnp.asarray(GATES)[:, None], jnp.asarray([0, 1, 2, 5, 5, 5]))["task_separation"])
-  assert np.isnan(diagnose(jnp.log(jnp.asarray(GATES) + 0.1)[:, None], jnp.asarray([0, 1, 2, 0, 1, 2]))[
-      "entropy_nats"])
+  assert np.isnan(diagnose(jnp.log(jnp.asarray(GATES) + 0.1)[:, None], jnp.asarray([0, 1, 2, 0, 1, 2]))["entropy_nats"])
 
 
 class _Mlp(nn.Module):
@@ -230,15 +256,31 @@ def test_injected_adapters_draw_their_noise_from_apply_rngs():
   model = _Mlp()
   x = jnp.asarray(np.random.default_rng(0).standard_normal((6, D)), jnp.float32)
   params = model.init(jax.random.PRNGKey(0), x)["params"]
-  spec = dict(method="cellwise_moe", rank=1, k_y=2, k_x=2, num_experts=2, context_dim=CTX,
-              router_hard="gumbel_soft", router_dropout=0.5, b_init="normal_0.01")
+  spec = dict(
+    method="cellwise_moe",
+    rank=1,
+    k_y=2,
+    k_x=2,
+    num_experts=2,
+    context_dim=CTX,
+    router_hard="gumbel_soft",
+    router_dropout=0.5,
+    b_init="normal_0.01",
+  )
   adapted, trainable = inject.inject(model, params, spec, x[:1], target_modules="hidden", key=jax.random.PRNGKey(1))
   context = jnp.arange(6) % CTX
   plain = adapted.apply(params, trainable, x, context=context)
-  drawn = [adapted.apply(params, trainable, x, context=context, rngs={"gumbel": jax.random.PRNGKey(k),
-                                                                      "dropout": jax.random.PRNGKey(k + 10)})
-           for k in (1, 2)]
-  assert not np.allclose(drawn[0], drawn[1])                              # the noise reaches the adapters
+  drawn = [
+    adapted.apply(
+      params,
+      trainable,
+      x,
+      context=context,
+      rngs={"gumbel": jax.random.PRNGKey(k), "dropout": jax.random.PRNGKey(k + 10)},
+    )
+    for k in (1, 2)
+  ]
+  assert not np.allclose(drawn[0], drawn[1])  # the noise reaches the adapters
   np.testing.assert_array_equal(plain, adapted.apply(params, trainable, x, context=context))
 
   # Trained through train.fit: a Task over the injected model declares the adapters' rng streams.
@@ -246,12 +288,16 @@ def test_injected_adapters_draw_their_noise_from_apply_rngs():
   assert streams == ("gumbel", "dropout")
   rows = np.random.default_rng(1)
   xs = rows.standard_normal((64, D)).astype(np.float32)
-  data = train.Data(train={"x": xs[:48], "context": np.arange(48) % CTX, "y": np.tanh(xs[:48])},
-                    test={"x": xs[48:], "context": np.arange(16) % CTX, "y": np.tanh(xs[48:])}, frozen=params)
+  data = train.Data(
+    train={"x": xs[:48], "context": np.arange(48) % CTX, "y": np.tanh(xs[:48])},
+    test={"x": xs[48:], "context": np.arange(16) % CTX, "y": np.tanh(xs[48:])},
+    frozen=params,
+  )
 
   def task(rngs_declared):
     def predict(trained, frozen, inputs, rngs=None):
       return adapted.apply(frozen, trained, inputs["x"], context=inputs["context"], rngs=rngs)
+
     return train.Task(init=lambda key, frozen: trainable, predict=predict, rngs=rngs_declared)
 
   one_epoch = train.Settings(epochs=1, batch_size=16, learning_rate=3e-2)
@@ -272,11 +318,12 @@ def test_training_keys_are_a_function_of_the_seed_and_the_global_step():
 
   task = train.Task(init=base.init, predict=predict, aux_names=("gumbel", "dropout"), rngs=("gumbel", "dropout"))
   data = tiny_problem((0, 1))
-  fit = train.fit(task, data, [3, 4], SETTINGS, log=None)                   # 3 steps of 16 rows per epoch
+  fit = train.fit(task, data, [3, 4], SETTINGS, log=None)  # 3 steps of 16 rows per epoch
   for k, seed in enumerate((3, 4)):
     noise = jax.random.fold_in(jax.random.PRNGKey(seed), 2)
     for epoch in range(SETTINGS.epochs):
       for i, name in enumerate(("gumbel", "dropout")):
-        want = np.mean([jax.random.uniform(jax.random.fold_in(jax.random.fold_in(noise, epoch * 3 + s), i))
-                        for s in range(3)])
+        want = np.mean(
+          [jax.random.uniform(jax.random.fold_in(jax.random.fold_in(noise, epoch * 3 + s), i)) for s in range(3)]
+        )
         np.testing.assert_allclose(fit.train_history[k, epoch, 1 + i], want, rtol=1e-6)

@@ -19,8 +19,9 @@ import pytest
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "router_former.npz")
 D_IN, D_OUT, K_Y, K_X, RANK, E, D_CTX = 12, 8, 2, 3, 2, 3, 4
-CASES = [(method, router_input) for method in ("blockwise_moe", "cellwise_moe") for router_input in
-         ("context", "activation")]
+CASES = [
+  (method, router_input) for method in ("blockwise_moe", "cellwise_moe") for router_input in ("context", "activation")
+]
 
 
 def computation(lm) -> dict[str, np.ndarray]:
@@ -30,8 +31,17 @@ def computation(lm) -> dict[str, np.ndarray]:
   ctx = np.eye(D_CTX, dtype=np.float32)[r.integers(0, D_CTX, (2, 3))]
   out = {}
   for method, router_input in CASES:
-    spec = dict(method=method, d_in=D_IN, d_out=D_OUT, k_y=K_Y, k_x=K_X, rank=RANK, num_experts=E,
-                router_input=router_input, context_dim=D_CTX)
+    spec = dict(
+      method=method,
+      d_in=D_IN,
+      d_out=D_OUT,
+      k_y=K_Y,
+      k_x=K_X,
+      rank=RANK,
+      num_experts=E,
+      router_input=router_input,
+      context_dim=D_CTX,
+    )
     module = lm.make(spec)
     variables = module.init(jax.random.PRNGKey(0), x, ctx)
     drawn = jax.tree_util.tree_map(lambda a: 0.5 * r.standard_normal(a.shape).astype(np.float32), variables)
@@ -49,20 +59,33 @@ def computation(lm) -> dict[str, np.ndarray]:
 @pytest.mark.slow
 def test_default_router_controls_reproduce_the_former_code():
   import localmoe as lm
+
   former = dict(np.load(FIXTURE))
   now = computation(lm)
   assert sorted(now) == sorted(former)
   for key, want in former.items():
     if "/init/" in key and not key.endswith(("output", "gates")):
-      np.testing.assert_array_equal(now[key], want, err_msg=key)      # initial params: bit for bit
-    else:                                                             # computed: float32 rounding differs by CPU
+      np.testing.assert_array_equal(now[key], want, err_msg=key)  # initial params: bit for bit
+    else:  # computed: float32 rounding differs by CPU
       np.testing.assert_allclose(now[key], want, rtol=1e-5, atol=1e-6, err_msg=key)
-  module = lm.make(dict(method="cellwise_moe", d_in=D_IN, d_out=D_OUT, k_y=K_Y, k_x=K_X, rank=RANK, num_experts=E,
-                        router_input="context", context_dim=D_CTX))
+  module = lm.make(
+    dict(
+      method="cellwise_moe",
+      d_in=D_IN,
+      d_out=D_OUT,
+      k_y=K_Y,
+      k_x=K_X,
+      rank=RANK,
+      num_experts=E,
+      router_input="context",
+      context_dim=D_CTX,
+    )
+  )
   assert (module.router_init, module.router_hard, module.router_dropout) == ("normal", None, 0.0)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
   import localmoe as former_lm
+
   np.savez_compressed(FIXTURE, **computation(former_lm))
   print(f"wrote {FIXTURE} from {os.path.dirname(former_lm.__file__)}")

@@ -19,10 +19,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def python(code: str, devices: int = 8, timeout: int = 120, env=None):
-  full_env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                  **(env or {}))
-  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=full_env,
-                        capture_output=True, text=True, timeout=timeout)
+  full_env = dict(
+    os.environ, PYTHONPATH=ROOT, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {})
+  )
+  return subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(code)],
+    cwd=ROOT,
+    env=full_env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def test_owned_slices_cover_everything_once():
@@ -98,10 +105,15 @@ def _free_port() -> int:
 
 
 def _launch(workdir, env, devices):
-  cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config=configs/svd_simulation.py:quick",
-         "--sweep", f"--workdir={workdir}", "--config.data.num_samples=400"]
-  full_env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                  **env)
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "launch.py"),
+    "--config=configs/svd_simulation.py:quick",
+    "--sweep",
+    f"--workdir={workdir}",
+    "--config.data.num_samples=400",
+  ]
+  full_env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **env)
   return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -110,8 +122,14 @@ def test_two_processes_produce_the_same_sweep_summary(tmp_path):
   out_single, _ = single.communicate(timeout=120)
   assert single.returncode == 0, out_single[-3000:]
   port = _free_port()
-  procs = [_launch(tmp_path / "two", {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                                      "JAX_PROCESS_ID": str(i)}, devices=2) for i in range(2)]
+  procs = [
+    _launch(
+      tmp_path / "two",
+      {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)},
+      devices=2,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=180)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]

@@ -41,15 +41,23 @@ def test_run_variants_trains_each_variant_as_run_methods_does(tmp_path):
   assert all(c[1] == c[2] == ["cellwise_moe", "lora"] for c in calls)
   assert list(done.entries["uniform"]) == ["methods", "tag"] and done.entries["uniform"]["tag"] == "UNIFORM"
   assert sorted(done.histories) == [f"{f}/{m}" for f in families for m in ("cellwise_moe", "lora")]
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted(families)         # one directory per variant
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted(families)  # one directory per variant
 
   # The same numbers as one run_methods call on that variant's data with its own context width (4 vs 2).
   settings = train.Settings.from_config(config.optim)
   for family in families:
     contexts = len(routing_separation.FAMILIES[family])
     modules = single_layer.build_methods(config.methods, ["lora", "cellwise_moe"], 32, 32, contexts)
-    direct, _ = single_layer.run_methods(modules, routing_separation.make_data(config, seeds, family), seeds,
-                                         settings, 32, contexts, {}, checkpoints=checkpoint.policy(config, None))
+    direct, _ = single_layer.run_methods(
+      modules,
+      routing_separation.make_data(config, seeds, family),
+      seeds,
+      settings,
+      32,
+      contexts,
+      {},
+      checkpoints=checkpoint.policy(config, None),
+    )
     for name, summary in direct.items():
       np.testing.assert_array_equal(done.entries[family]["methods"][name]["test_r2"], summary["test_r2"])
       assert done.entries[family]["methods"][name]["params"] == summary["params"]
@@ -66,15 +74,14 @@ def test_validate_methods_checks_every_method_and_its_groups_on_the_task_it_trai
   settings = single_layer.validate_methods(config, 160, 0.0, 32, 32, 4)
   assert settings.epochs == 1
   with config.unlocked():
-    config.optim.groups = "poly_router"                       # LoRA has no router: its rule matches nothing
+    config.optim.groups = "poly_router"  # LoRA has no router: its rule matches nothing
   with pytest.raises(ValueError, match=r"config.optim.groups \(method lora\): rule 'router'"):
     single_layer.validate_methods(config, 160, 0.0, 32, 32, 4)
   with config.unlocked():
     config.method_names = "cellwise_moe"
   single_layer.validate_methods(config, 160, 0.0, 32, 32, 4)
   # make_task decides which params the rules see: a task without the router refuses the same rule.
-  no_router = lambda module, d_in, context_dim: train.Task(init=lambda key, frozen: {"A": np.zeros(2)},
-                                                           predict=None)
+  no_router = lambda module, d_in, context_dim: train.Task(init=lambda key, frozen: {"A": np.zeros(2)}, predict=None)
   with pytest.raises(ValueError, match=r"\(method cellwise_moe\): rule 'router'"):
     single_layer.validate_methods(config, 160, 0.0, 32, 32, 4, make_task=no_router)
   with config.unlocked():

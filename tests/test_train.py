@@ -21,12 +21,18 @@ def small_problem(seeds=(0, 1, 2), n=256, d=8):
     ctx = np.eye(2, dtype=np.float32)[r.integers(0, 2, n)]
     w = r.standard_normal((2, d, d)).astype(np.float32) / np.sqrt(d)
     y = np.einsum("nc,cod,nd->no", ctx, w, x).astype(np.float32)
-    per.append(({"x": x[:200], "context": ctx[:200], "y": y[:200]},
-                {"x": x[200:], "context": ctx[200:], "y": y[200:]}, 0.01 * r.standard_normal((d, d))))
+    per.append(
+      (
+        {"x": x[:200], "context": ctx[:200], "y": y[:200]},
+        {"x": x[200:], "context": ctx[200:], "y": y[200:]},
+        0.01 * r.standard_normal((d, d)),
+      )
+    )
   del rng
   stack = lambda k: {key: np.stack([p[k][key] for p in per]) for key in per[0][k]}
-  return train.Data(train=stack(0), test=stack(1),
-                    frozen={"w0": np.stack([p[2] for p in per]).astype(np.float32)}, per_seed=True)
+  return train.Data(
+    train=stack(0), test=stack(1), frozen={"w0": np.stack([p[2] for p in per]).astype(np.float32)}, per_seed=True
+  )
 
 
 def make_task(method="cellwise_moe", d=8):
@@ -45,9 +51,12 @@ def test_vmapped_seeds_equal_each_seed_alone():
   data = small_problem(seeds)
   together = train.fit(make_task(), data, seeds, SETTINGS, log=None)
   for k, seed in enumerate(seeds):
-    alone_data = train.Data(train={n: a[k:k + 1] for n, a in data.train.items()},
-                            test={n: a[k:k + 1] for n, a in data.test.items()},
-                            frozen={"w0": data.frozen["w0"][k:k + 1]}, per_seed=True)
+    alone_data = train.Data(
+      train={n: a[k : k + 1] for n, a in data.train.items()},
+      test={n: a[k : k + 1] for n, a in data.test.items()},
+      frozen={"w0": data.frozen["w0"][k : k + 1]},
+      per_seed=True,
+    )
     alone = train.fit(make_task(), alone_data, [seed], SETTINGS, log=None)
     np.testing.assert_allclose(alone.history[0], together.history[k], rtol=2e-5, atol=1e-6)
 
@@ -83,8 +92,14 @@ def test_non_finite_loss_stops_only_that_entry():
   data = small_problem([0, 1])
   # A huge learning rate on entry 1 only makes it diverge; entry 0 must train normally.
   lines = []
-  r = train.fit(make_task("lora"), data, [0, 1], train.Settings(epochs=4, batch_size=32, learning_rate=1e-3),
-                learning_rate=[1e-3, 1e30], log=lines.append)
+  r = train.fit(
+    make_task("lora"),
+    data,
+    [0, 1],
+    train.Settings(epochs=4, batch_size=32, learning_rate=1e-3),
+    learning_rate=[1e-3, 1e30],
+    log=lines.append,
+  )
   assert r.status[0] == "ok"
   assert r.status[1].startswith("diverged at epoch")
   assert np.all(np.isfinite(r.history[0]))
@@ -95,7 +110,7 @@ def test_r2_definition():
   y = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]], np.float32)
   pred = y + np.array([[0.1, -1.0], [0.0, 1.0], [-0.1, 0.0]], np.float32)
   sse = np.sum((pred - y) ** 2)
-  sst = np.sum((y - y.mean(0)) ** 2)                       # around each coordinate's mean
+  sst = np.sum((y - y.mean(0)) ** 2)  # around each coordinate's mean
   np.testing.assert_allclose(metrics.r2(jnp.asarray(pred), jnp.asarray(y)), 1 - sse / sst, rtol=1e-6)
   np.testing.assert_allclose(metrics.mse(jnp.asarray(pred), jnp.asarray(y)), sse / y.size, rtol=1e-6)
 
@@ -112,12 +127,15 @@ def test_chunked_evaluation_equals_whole_split():
   np.testing.assert_allclose(whole, chunked, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(epochs=0), "config.optim.epochs=0"),
     (dict(batch_size=-1), "config.optim.batch_size=-1"),
     (dict(learning_rate=0.0), "config.optim.lr=0.0"),
     (dict(weight_decay=-1.0), "config.optim.weight_decay=-1.0"),
-])
+  ],
+)
 def test_bad_settings(kwargs, match):
   base = dict(epochs=1, batch_size=8, learning_rate=1e-3)
   base.update(kwargs)
@@ -140,11 +158,15 @@ def _aux_task(weight):
 
   def predict(params, frozen, inputs):
     pred = base.predict(params, frozen, inputs)
-    norm = sum(jnp.sum(leaf ** 2) for leaf in jax.tree_util.tree_leaves(params))
+    norm = sum(jnp.sum(leaf**2) for leaf in jax.tree_util.tree_leaves(params))
     return pred, {"aux_loss": weight * norm, "norm": norm}
 
-  return train.Task(init=base.init, predict=predict, aux_names=("aux_loss", "norm"),
-                    diagnostics=lambda p, f, inputs: {"mean_abs_pred": jnp.abs(base.predict(p, f, inputs)).mean(0)})
+  return train.Task(
+    init=base.init,
+    predict=predict,
+    aux_names=("aux_loss", "norm"),
+    diagnostics=lambda p, f, inputs: {"mean_abs_pred": jnp.abs(base.predict(p, f, inputs)).mean(0)},
+  )
 
 
 @pytest.mark.slow
@@ -177,18 +199,21 @@ def test_training_loss_is_recorded_without_aux():
 
 @pytest.mark.slow
 def test_steps_per_epoch_streams_passes_and_resumes_identically():
-  data = small_problem([0])            # 200 training rows, batch 32: 7 steps per pass
+  data = small_problem([0])  # 200 training rows, batch 32: 7 steps per pass
   stream = dataclasses.replace(SETTINGS, epochs=6, steps_per_epoch=3)
   full = train.fit(make_task(), data, [0], stream, log=None)
   assert full.history.shape[1] == 6
   # Stopping after 4 "epochs" (12 steps, inside the second pass) and resuming replays the same batches.
   seen = []
+
   class Stop(Exception):
     pass
+
   def stop_at_four(fit_state):
     if fit_state.epoch == 4:
       seen.append(fit_state)
       raise Stop
+
   with pytest.raises(Stop):
     train.fit(make_task(), data, [0], stream, log=None, on_epoch_end=stop_at_four)
   resumed = train.fit(make_task(), data, [0], stream, log=None, resume=seen[0])
@@ -196,8 +221,7 @@ def test_steps_per_epoch_streams_passes_and_resumes_identically():
   np.testing.assert_array_equal(resumed.train_history, full.train_history)
   # An "epoch" of 7 steps is exactly one pass (the default epoch).
   one_pass = train.fit(make_task(), data, [0], dataclasses.replace(SETTINGS, epochs=1), log=None)
-  as_stream = train.fit(make_task(), data, [0], dataclasses.replace(SETTINGS, epochs=1, steps_per_epoch=7),
-                        log=None)
+  as_stream = train.fit(make_task(), data, [0], dataclasses.replace(SETTINGS, epochs=1, steps_per_epoch=7), log=None)
   np.testing.assert_allclose(as_stream.history, one_pass.history, rtol=1e-6)
 
 
@@ -214,10 +238,16 @@ def test_steps_per_epoch_longer_than_a_pass_is_refused():
 def test_finite_blow_up_is_flagged_as_diverged():
   data = small_problem([0, 1])
   lines = []
-  r = train.fit(make_task("lora"), data, [0, 1], train.Settings(epochs=4, batch_size=32, learning_rate=1e-3),
-                learning_rate=[3e-3, 30.0], log=lines.append)
+  r = train.fit(
+    make_task("lora"),
+    data,
+    [0, 1],
+    train.Settings(epochs=4, batch_size=32, learning_rate=1e-3),
+    learning_rate=[3e-3, 30.0],
+    log=lines.append,
+  )
   assert r.status[0] == "ok"
-  assert r.diverged_step[1] == -1                          # finite all along: not the non-finite guard
+  assert r.diverged_step[1] == -1  # finite all along: not the non-finite guard
   assert r.status[1].startswith("diverged at epoch 1 (training loss grew from"), r.status[1]
   assert any("seed 1: diverged at epoch 1" in line for line in lines)
 
@@ -236,8 +266,9 @@ def test_eval_every_runs_several_epochs_per_call_and_matches_every_epoch():
 
 @pytest.mark.slow
 def test_optimizer_from_config_schedule_and_clipping():
-  settings = train.Settings.from_config({"epochs": 2, "batch_size": 32, "lr": 3e-3, "schedule": "cosine",
-                                         "warmup_steps": 3, "grad_clip": 0.5})
+  settings = train.Settings.from_config(
+    {"epochs": 2, "batch_size": 32, "lr": 3e-3, "schedule": "cosine", "warmup_steps": 3, "grad_clip": 0.5}
+  )
   assert settings.learning_rate == 3e-3 and settings.schedule == "cosine"
   multiplier = optimizer.lr_multiplier(settings, 14)
   assert float(multiplier(0)) == 0.0 and float(multiplier(3)) == pytest.approx(1.0)
@@ -261,8 +292,8 @@ def test_eval_train_rows_evaluates_the_training_prefix_only():
   data = small_problem([0, 1])
   full = train.fit(make_task(), data, [0, 1], SETTINGS, log=None)
   part = train.fit(make_task(), data, [0, 1], dataclasses.replace(SETTINGS, eval_train_rows=50), log=None)
-  np.testing.assert_array_equal(part.history[:, :, -1], full.history[:, :, -1])        # test split unchanged
-  assert not np.allclose(part.history[:, :, 0], full.history[:, :, 0])                 # train metrics differ
+  np.testing.assert_array_equal(part.history[:, :, -1], full.history[:, :, -1])  # test split unchanged
+  assert not np.allclose(part.history[:, :, 0], full.history[:, :, 0])  # train metrics differ
   # The prefix's metrics are those of a fit whose training split is evaluated on those 50 rows alone.
   task, params = make_task(), jax.tree_util.tree_map(lambda a: a[0], part.params)
   prefix = {k: v[0, :50] for k, v in data.train.items()}

@@ -20,8 +20,7 @@ def tiny_problem(n=64, d=4):
   ctx = np.eye(2, dtype=np.float32)[rng.integers(0, 2, n)]
   y = (x @ rng.standard_normal((d, d)).astype(np.float32)).astype(np.float32)
   split = lambda rows: {"x": x[rows], "context": ctx[rows], "y": y[rows]}
-  return train.Data(train=split(slice(0, 48)), test=split(slice(48, None)),
-                    frozen={"w0": np.zeros((d, d), np.float32)})
+  return train.Data(train=split(slice(0, 48)), test=split(slice(48, None)), frozen={"w0": np.zeros((d, d), np.float32)})
 
 
 def lora_task(d=4):
@@ -38,7 +37,7 @@ def no_update_step(task, tx, state, frozen, inputs, y, mask, global_step):
 def test_a_forked_step_changes_its_fit_and_no_other():
   data = tiny_problem()
   forked = train.fit(lora_task(), data, [0], SETTINGS, log=None, step_fn=no_update_step)
-  after = train.fit(lora_task(), data, [0], SETTINGS, log=None)                # the default step, same process
+  after = train.fit(lora_task(), data, [0], SETTINGS, log=None)  # the default step, same process
   initial = lora_task().init(jax.random.fold_in(jax.random.PRNGKey(0), 0), None)
   # The fork trained nothing (the initial state is compiled at a low optimisation level: equal to an ulp).
   np.testing.assert_allclose(np.asarray(forked.params["B"])[0], initial["B"], rtol=1e-6, atol=1e-7)
@@ -74,6 +73,7 @@ def test_the_package_exports_what_a_driver_uses():
 
 def test_isolated_reports_a_failure_and_lets_run_enders_through():
   from localmoe import checkpoint, runner, workdir
+
   lines = []
   assert runner.isolated(lambda: 3, "[a]", lines.append) == (3, None) and not lines
 
@@ -83,8 +83,10 @@ def test_isolated_reports_a_failure_and_lets_run_enders_through():
   assert runner.isolated(broken, "[b]", lines.append) == (None, "failed: KeyError: 'w0'")
   assert lines[0].startswith("[b] FAILED: KeyError: 'w0'\nTraceback")
   for stop in (workdir.ConfigMismatchError("other config"), checkpoint.Preempted("stop")):
+
     def ends_the_run(stop=stop):
       raise stop
+
     with pytest.raises(type(stop)):
       runner.isolated(ends_the_run, "[c]", lines.append)
   assert len(lines) == 1
@@ -94,6 +96,7 @@ def test_scalar_writer_writes_finite_scalars_once_per_run(tmp_path, monkeypatch)
   import sys
   import types
   from localmoe import results
+
   calls = []
 
   class FakeSummaryWriter:
@@ -118,8 +121,8 @@ def test_scalar_writer_writes_finite_scalars_once_per_run(tmp_path, monkeypatch)
   writer.write_scalars(2, {"test/mse": np.float32(0.25)})
   writer.close()
   assert calls == [("open", str(stale)), ("test/mse", 0.5, 1), ("test/mse", 0.25, 2), ("close",)]
-  assert not (stale / "events.old").exists()                     # a rerun replaces the earlier stream
-  results.ScalarWriter(None).write_scalars(1, {"a": 1.0})        # no logdir: nothing
+  assert not (stale / "events.old").exists()  # a rerun replaces the earlier stream
+  results.ScalarWriter(None).write_scalars(1, {"a": 1.0})  # no logdir: nothing
   assert len(calls) == 4
 
 
@@ -134,5 +137,6 @@ def test_a_step_or_task_that_cannot_be_called_is_refused_before_compute():
     train.Task(init=task.init, predict=three, rngs=("gumbel",))
   with pytest.raises(TypeError, match=r"Task.takes_step=True but Task.predict takes no 'step' keyword"):
     train.Task(init=task.init, predict=three, takes_step=True)
-  train.Task(init=task.init, predict=lambda params, frozen, inputs, **kw: inputs["x"], rngs=("gumbel",),
-             takes_step=True)
+  train.Task(
+    init=task.init, predict=lambda params, frozen, inputs, **kw: inputs["x"], rngs=("gumbel",), takes_step=True
+  )

@@ -40,36 +40,45 @@ def _ids() -> tuple[np.ndarray, np.ndarray]:
 
 
 def export(work: Path) -> None:
-  import jax                                                    # pylint: disable=g-import-not-at-top
-  import flax                                                   # pylint: disable=g-import-not-at-top
-  from localmoe import export as export_lib, inject            # pylint: disable=g-import-not-at-top
-  from localmoe.data import cache                               # pylint: disable=g-import-not-at-top
-  from localmoe.models import bert, minilm                      # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  from localmoe import export as export_lib, inject  # pylint: disable=g-import-not-at-top
+  from localmoe.data import cache  # pylint: disable=g-import-not-at-top
+  from localmoe.models import bert, minilm  # pylint: disable=g-import-not-at-top
+
   model, frozen, _ = minilm.load(num_layers=NUM_LAYERS)
   ids, mask = _ids()
   out = {"ids": ids, "mask": mask, "base": np.asarray(model.apply({"params": frozen}, ids, mask))}
   for method in METHODS:
-    adapted, trainable = inject.inject(model, frozen, {"method": method, "rank": 4, "alpha": 8.0}, ids[:1], mask[:1],
-                                       target_modules=bert.ADAPTER_TARGETS, key=jax.random.PRNGKey(1))
+    adapted, trainable = inject.inject(
+      model,
+      frozen,
+      {"method": method, "rank": 4, "alpha": 8.0},
+      ids[:1],
+      mask[:1],
+      target_modules=bert.ADAPTER_TARGETS,
+      key=jax.random.PRNGKey(1),
+    )
     leaves, treedef = jax.tree_util.tree_flatten(trainable)
     keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
     trained = jax.tree_util.tree_unflatten(
-      treedef, [a + 0.02 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+      treedef, [a + 0.02 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)]
+    )
     export_lib.export_peft(str(work / f"peft_{method}"), adapted, trained, family="minilm")
     export_lib.export_merged_bert(str(work / f"merged_{method}"), adapted.merge(frozen, trained), model.num_heads)
     out[method] = np.asarray(adapted.apply(frozen, trained, ids, mask))
   np.savez(work / "localmoe_outputs.npz", **out)
-  meta = {"jax": jax.__version__, "flax": flax.__version__,
-          "minilm_dir": str(Path(cache.data_dir()) / minilm.SUBDIR)}
+  meta = {"jax": jax.__version__, "flax": flax.__version__, "minilm_dir": str(Path(cache.data_dir()) / minilm.SUBDIR)}
   (work / "meta.json").write_text(json.dumps(meta) + "\n")
 
 
 def compare(work: Path, out_path: Path) -> None:
-  import peft                                                   # pylint: disable=g-import-not-at-top
-  import safetensors                                            # pylint: disable=g-import-not-at-top
-  import torch                                                  # pylint: disable=g-import-not-at-top
-  import transformers                                           # pylint: disable=g-import-not-at-top
-  from safetensors.torch import load_file                       # pylint: disable=g-import-not-at-top
+  import peft  # pylint: disable=g-import-not-at-top
+  import safetensors  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+
   meta = json.loads((work / "meta.json").read_text())
   ref = np.load(work / "localmoe_outputs.npz")
   folder = Path(meta["minilm_dir"])
@@ -102,9 +111,15 @@ def compare(work: Path, out_path: Path) -> None:
     values[method] = [round(float(v), 6) for v in got[0, 0, :4]]
   fixture = {
     "model": f"all-MiniLM-L6-v2, first {NUM_LAYERS} layers, LoRA/DoRA rank 4 alpha 8 on bert.ADAPTER_TARGETS",
-    "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                 "safetensors": safetensors.__version__, "numpy": np.__version__,
-                 "jax": meta["jax"], "flax": meta["flax"]},
+    "versions": {
+      "torch": torch.__version__,
+      "transformers": transformers.__version__,
+      "peft": peft.__version__,
+      "safetensors": safetensors.__version__,
+      "numpy": np.__version__,
+      "jax": meta["jax"],
+      "flax": meta["flax"],
+    },
     "max_abs_diff": {k: v for k, v in diffs.items() if not k.endswith("_changes_output")},
     "adapter_effect": {k: v for k, v in diffs.items() if k.endswith("_changes_output")},
     "peft_hidden_values[0,0,:4]": values,
