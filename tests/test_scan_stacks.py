@@ -167,6 +167,7 @@ def test_linen_scan_adapter_files_round_trip(linen_scan, tmp_path):
                                 adapted.apply(params, trainable, X, context=context))
 
 
+@pytest.mark.slow
 def test_linen_scan_router_traces_and_losses_equal_the_unrolled_models():
   """With the traces' collection scanned too, a stack gives one trace per layer and the router losses of the
   unrolled model with the same (sliced) params; without it, capture_routing is refused by name."""
@@ -368,12 +369,15 @@ def test_nnx_stack_other_per_layer_adapters(name):
 # ------------------------------------------------------------------------------------------- generic layers
 
 
+XG = jax.random.normal(jax.random.PRNGKey(2), (B, 8))                                   # [B, 8]
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_generic_layers_of_stacks_get_one_adapter_each(spec):
-  """Projection modules of the model's own class (`localmoe.projections`) inside nnx.scan and nn.scan."""
+def test_generic_layers_of_nnx_stacks_get_one_adapter_each(spec):
+  """Projection modules of the model's own class (`localmoe.projections`) inside nnx.scan."""
   context = _context(spec)
   merge_at, same = _merge_context(spec)
-  x = jax.random.normal(jax.random.PRNGKey(2), (B, 8))                                    # [B, 8]
+  x = XG
   model = zm.ScannedStack(nnx.Rngs(0))
   w = model.layers.w.get_value()                                                          # [L, 8, 8]
   nnx_inject.inject(model, spec, x, target_modules="layers", key=jax.random.PRNGKey(1))
@@ -385,12 +389,19 @@ def test_generic_layers_of_stacks_get_one_adapter_each(spec):
   np.testing.assert_allclose(nnx_inject.merge(model, context=merge_at)(x), nnx_inject.call(model, x, context=same),
                              rtol=1e-5, atol=1e-6)
 
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_generic_layers_of_linen_stacks_get_one_adapter_each(spec):
+  """Projection modules of the model's own class (`localmoe.projections`) inside nn.scan."""
+  context = _context(spec)
+  merge_at, same = _merge_context(spec)
+  x = XG
   linen_model = zm.LinenScannedStack()
   params = linen_model.init(jax.random.PRNGKey(0), x)["params"]
   adapted, trainable = inject.inject(linen_model, params, spec, x, target_modules="layers", key=jax.random.PRNGKey(1))
   assert adapted.layers[0].stack == (L,)
-  trainable = {"adapter": {"layers": adapter.linen_params()}, "extras": {}}
-  want = _by_hand(spec, params["layers"]["w"], None, adapter.linen_params(), x, context, act=lambda h: h)
+  trainable = _randomize(trainable, scale=0.1)
+  want = _by_hand(spec, params["layers"]["w"], None, trainable["adapter"]["layers"], x, context, act=lambda h: h)
   np.testing.assert_allclose(adapted.apply(params, trainable, x, context=context), want, rtol=1e-5, atol=1e-6)
   merged = adapted.merge(params, trainable, context=merge_at)
   np.testing.assert_allclose(linen_model.apply({"params": merged}, x), adapted.apply(params, trainable, x, context=same),
