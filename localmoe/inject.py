@@ -605,10 +605,10 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
   layers, slots, problems = _discover(model, params, example_args, target_modules, example_kwargs)
   if problems:
     raise projections.refusal(problems)
-  stacked = [layer.path for layer in layers if layer.stack]
+  stacked = [layer for layer in layers if layer.stack]
   if stacked and not isinstance(adapter, PerLayer):
-    raise ValueError(f"layer(s) {stacked[:3]} are layers of a scan / vmap stack (kernel {layers[0].stack} + ...) "
-                     f"and {type(adapter).__name__} carries a state from layer to layer, which cannot be sliced "
+    raise ValueError(f"layer(s) {[l.path for l in stacked[:3]]} are layers of a scan / vmap stack (kernel "
+                     f"[{', '.join(map(str, stacked[0].stack))}, ...]) and {type(adapter).__name__} carries a state from layer to layer, which cannot be sliced "
                      "with the stack: use a per-layer method (lora, dora, localized_lora, blockwise_moe, "
                      "cellwise_moe, ...), or unroll the stack (a Python loop over layers).")
   matches = path_matcher(target_modules)
