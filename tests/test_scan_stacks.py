@@ -24,17 +24,26 @@ from tests import zoo_models as zm
 
 D, L, B, TASKS = 4, 3, 2, 3
 LORA = {"method": "lora", "rank": 2}
-MOE = {"method": "cellwise_moe", "k_y": 2, "k_x": 2, "rank": 1, "num_experts": 3, "router_input": "context",
-       "context_dim": TASKS}
+MOE = {
+  "method": "cellwise_moe",
+  "k_y": 2,
+  "k_x": 2,
+  "rank": 1,
+  "num_experts": 3,
+  "router_input": "context",
+  "context_dim": TASKS,
+}
 SPECS = [LORA, MOE]
 IDS = ["lora", "cellwise_moe"]
-OTHERS = {"dora": {"method": "dora", "rank": 2},                      # the other per-layer adapters
-          "melora": {"method": "melora", "num_blocks": 2, "rank": 1},
-          "localized_lora": {"method": "localized_lora", "k_y": 2, "k_x": 2, "rank": 1},
-          "blockwise_moe/context": dict(MOE, method="blockwise_moe"),
-          "cellwise_moe/activation": dict(MOE, router_input="activation", context_dim=None)}
-LABELS = jnp.array([0, 2])                                              # one task per example [B]
-X = jax.random.normal(jax.random.PRNGKey(1), (B, D))                    # [B, D]
+OTHERS = {
+  "dora": {"method": "dora", "rank": 2},  # the other per-layer adapters
+  "melora": {"method": "melora", "num_blocks": 2, "rank": 1},
+  "localized_lora": {"method": "localized_lora", "k_y": 2, "k_x": 2, "rank": 1},
+  "blockwise_moe/context": dict(MOE, method="blockwise_moe"),
+  "cellwise_moe/activation": dict(MOE, router_input="activation", context_dim=None),
+}
+LABELS = jnp.array([0, 2])  # one task per example [B]
+X = jax.random.normal(jax.random.PRNGKey(1), (B, D))  # [B, D]
 
 
 def _randomize(tree, seed=5, scale=0.3):
@@ -62,7 +71,7 @@ def _by_hand(spec, kernels, biases, adapter_params, x, context, act=jnp.tanh):
   module = adapters.make(spec, d_in=kernels.shape[-2], d_out=kernels.shape[-1])
   h = x
   for l in range(kernels.shape[0]):
-    extra = {"kernel": kernels[l]} if spec["method"] == "dora" else {}                   # DoRA reads W_l
+    extra = {"kernel": kernels[l]} if spec["method"] == "dora" else {}  # DoRA reads W_l
     delta = module.apply({"params": _layer(adapter_params, l)}, h, context=context, **extra)  # [B, D]
     h = act(h @ kernels[l] + (0.0 if biases is None else biases[l]) + delta)
   return h
@@ -84,6 +93,7 @@ class _Block(nn.Module):
 
 class _Scanned(nn.Module):
   """L blocks under nn.scan: the Dense kernel stored [L, D, D]."""
+
   axes: tuple = (("params", 0),)
 
   @nn.compact
@@ -107,8 +117,9 @@ class _Vmapped(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    stack = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None,
-                    out_axes=0, axis_size=L)
+    stack = nn.vmap(
+      nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0, axis_size=L
+    )
     return stack(D, name="members")(x)
 
 
@@ -121,8 +132,9 @@ def _scanned(axes=(("params", 0),)):
 def linen_scan(request):
   """(spec, model, params, adapted, trainable with random adapters) of the nn.scan stack (injected once)."""
   model, params = _scanned()
-  adapted, trainable = inject.inject(model, params, request.param, X, target_modules=r".*dense",
-                                     key=jax.random.PRNGKey(0))
+  adapted, trainable = inject.inject(
+    model, params, request.param, X, target_modules=r".*dense", key=jax.random.PRNGKey(0)
+  )
   return request.param, model, params, adapted, _randomize(trainable)
 
 
@@ -137,14 +149,14 @@ def test_linen_scan_layers_get_one_adapter_each(linen_scan):
   y = adapted.apply(params, trainable, X, context=context)
   want = _by_hand(spec, dense["kernel"], dense["bias"], trainable["adapter"]["blocks/dense"], X, context)
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
-  assert float(jnp.abs(y - model.apply({"params": params}, X)).max()) > 1e-3          # the adapters act
+  assert float(jnp.abs(y - model.apply({"params": params}, X)).max()) > 1e-3  # the adapters act
 
 
 def test_linen_scan_gradients_reach_every_layer(linen_scan):
   spec, _, params, adapted, trainable = linen_scan
   context = _context(spec)
   grads = jax.jit(jax.grad(lambda t: jnp.sum(adapted.apply(params, t, X, context=context) ** 2)))(trainable)
-  assert (_per_layer_norms(grads["adapter"]) > 0).all()                                # every layer's slice
+  assert (_per_layer_norms(grads["adapter"]) > 0).all()  # every layer's slice
 
 
 def test_linen_scan_merge_equals_adapted(linen_scan):
@@ -152,8 +164,9 @@ def test_linen_scan_merge_equals_adapted(linen_scan):
   merge_at, same = _merge_context(spec)
   merged = adapted.merge(params, trainable, context=merge_at)
   assert merged["blocks"]["dense"]["kernel"].shape == (L, D, D)
-  np.testing.assert_allclose(model.apply({"params": merged}, X), adapted.apply(params, trainable, X, context=same),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    model.apply({"params": merged}, X), adapted.apply(params, trainable, X, context=same), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_linen_scan_adapter_files_round_trip(linen_scan, tmp_path):
@@ -163,8 +176,9 @@ def test_linen_scan_adapter_files_round_trip(linen_scan, tmp_path):
   assert again.layers == adapted.layers
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, trainable)
   context = _context(spec)
-  np.testing.assert_array_equal(again.apply(params, loaded, X, context=context),
-                                adapted.apply(params, trainable, X, context=context))
+  np.testing.assert_array_equal(
+    again.apply(params, loaded, X, context=context), adapted.apply(params, trainable, X, context=context)
+  )
 
 
 @pytest.mark.slow
@@ -194,8 +208,11 @@ def test_linen_scan_router_traces_and_losses_equal_the_unrolled_models():
 def test_linen_scan_without_the_traces_collection_refuses_capture_by_name():
   model, params = _scanned()
   adapted, trainable = inject.inject(model, params, MOE, X, target_modules=r".*dense", key=jax.random.PRNGKey(0))
-  with pytest.raises(ValueError, match=r"layer 'blocks/dense' is inside an nn.scan / nn.vmap whose variable_axes "
-                                       r"lack 'router_traces'"):
+  with pytest.raises(
+    ValueError,
+    match=r"layer 'blocks/dense' is inside an nn.scan / nn.vmap whose variable_axes "
+    r"lack 'router_traces'",
+  ):
     adapted.apply(params, trainable, X, context=LABELS, capture_routing=True)
 
 
@@ -207,31 +224,53 @@ def test_linen_vmap_members_get_one_adapter_each(spec):
   assert adapted.layers[0].stack == (L,)
   trainable = _randomize(trainable)
   context = _context(spec)
-  y = adapted.apply(params, trainable, X, context=context)                               # [L, B, D]
+  y = adapted.apply(params, trainable, X, context=context)  # [L, B, D]
   member = params["members"]
   for l in range(L):
-    want = _by_hand(spec, member["kernel"][l:l + 1], member["bias"][l:l + 1],
-                    jax.tree_util.tree_map(lambda a, l=l: a[l:l + 1], trainable["adapter"]["members"]), X, context,
-                    act=lambda h: h)
+    want = _by_hand(
+      spec,
+      member["kernel"][l : l + 1],
+      member["bias"][l : l + 1],
+      jax.tree_util.tree_map(lambda a, l=l: a[l : l + 1], trainable["adapter"]["members"]),
+      X,
+      context,
+      act=lambda h: h,
+    )
     np.testing.assert_allclose(y[l], want, rtol=1e-5, atol=1e-5)
   merge_at, same = _merge_context(spec)
-  np.testing.assert_allclose(model.apply({"params": adapted.merge(params, trainable, context=merge_at)}, X),
-                             adapted.apply(params, trainable, X, context=same), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    model.apply({"params": adapted.merge(params, trainable, context=merge_at)}, X),
+    adapted.apply(params, trainable, X, context=same),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_linen_stack_refusals_name_the_layer():
   """What stays refused: a model-wide adapter (a state from layer to layer) in a stack, and a stack whose
   layer axis is not the kernel's leading one."""
   model, params = _scanned()
-  with pytest.raises(ValueError, match=r"\['blocks/dense'\] are layers of a scan / vmap stack .*QueryableLoRA "
-                                       r"carries a state from layer to layer"):
-    inject.inject(model, params, {"method": "queryable_lora", "num_atoms": 2, "num_blocks": 1, "rank": 2}, X,
-                  target_modules=r".*dense", key=jax.random.PRNGKey(0))
+  with pytest.raises(
+    ValueError,
+    match=r"\['blocks/dense'\] are layers of a scan / vmap stack .*QueryableLoRA "
+    r"carries a state from layer to layer",
+  ):
+    inject.inject(
+      model,
+      params,
+      {"method": "queryable_lora", "num_atoms": 2, "num_blocks": 1, "rank": 2},
+      X,
+      target_modules=r".*dense",
+      key=jax.random.PRNGKey(0),
+    )
   model, params = _scanned((("params", 1),))
   assert params["blocks"]["dense"]["kernel"].shape == (D, L, D)
-  with pytest.raises(ValueError, match=r"layer 'blocks/dense' is inside a lifted transform \(nn.scan or nn.vmap\): "
-                                       r"its kernel is stored as \(4, 3, 4\) but each call sees \(4, 4\), which is "
-                                       r"not \[\*layers"):
+  with pytest.raises(
+    ValueError,
+    match=r"layer 'blocks/dense' is inside a lifted transform \(nn.scan or nn.vmap\): "
+    r"its kernel is stored as \(4, 3, 4\) but each call sees \(4, 4\), which is "
+    r"not \[\*layers",
+  ):
     inject.inject(model, params, LORA, X, target_modules=r".*dense", key=jax.random.PRNGKey(0))
 
 
@@ -246,12 +285,14 @@ class _NNXStack(nnx.Module):
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make(rngs):
       return nnx.Linear(D, D, rngs=rngs)
+
     self.blocks = make(rngs)
 
   def __call__(self, x):
     @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
     def body(layer, h):
       return jnp.tanh(layer(h))
+
     return body(self.blocks, x)
 
   def members(self, x):
@@ -283,10 +324,17 @@ def test_nnx_vmap_scan_layers_get_one_adapter_each(nnx_stack):
   y = nnx_inject.call(model, X, context=context)
   np.testing.assert_allclose(y, _by_hand(spec, kernels, biases, params, X, context), rtol=1e-5, atol=1e-5)
   with nnx_inject.routing_context(model, context, capture=False):
-    ensemble = model.members(X)                                                          # nnx.vmap: [L, B, D]
+    ensemble = model.members(X)  # nnx.vmap: [L, B, D]
   for l in range(L):
-    want = _by_hand(spec, kernels[l:l + 1], biases[l:l + 1],
-                    jax.tree_util.tree_map(lambda a, l=l: a[l:l + 1], params), X, context, act=lambda h: h)
+    want = _by_hand(
+      spec,
+      kernels[l : l + 1],
+      biases[l : l + 1],
+      jax.tree_util.tree_map(lambda a, l=l: a[l : l + 1], params),
+      X,
+      context,
+      act=lambda h: h,
+    )
     np.testing.assert_allclose(ensemble[l], want, rtol=1e-5, atol=1e-5)
 
 
@@ -297,8 +345,10 @@ def test_nnx_stack_gradients_reach_every_layer(nnx_stack):
   def grads(model, context):
     def loss(model):
       return jnp.sum(nnx_inject.call(model, X, context=context) ** 2)
+
     return nnx.grad(loss, argnums=nnx.DiffState(0, nnx_inject.AdapterParam))(model)
-  assert (_per_layer_norms(nnx.to_pure_dict(grads(model, _context(spec)))) > 0).all()   # every layer's slice
+
+  assert (_per_layer_norms(nnx.to_pure_dict(grads(model, _context(spec)))) > 0).all()  # every layer's slice
 
 
 def test_nnx_stack_merge_and_adapter_files(nnx_stack, tmp_path):
@@ -319,8 +369,11 @@ def test_nnx_stack_router_traces_are_refused_by_name():
   """A routed layer of an nnx stack: its traces cannot leave nnx.scan, so collecting them is refused by name;
   routing_context(..., capture=False) routes on the context without collecting."""
   model, kernels, biases = _nnx_model(MOE)
-  with pytest.raises(ValueError, match=r"layer 'blocks' is a layer of an nnx.vmap / nnx.scan stack \(3,\) with a "
-                                       r"routed adapter .*capture=False"):
+  with pytest.raises(
+    ValueError,
+    match=r"layer 'blocks' is a layer of an nnx.vmap / nnx.scan stack \(3,\) with a "
+    r"routed adapter .*capture=False",
+  ):
     nnx_inject.call(model, X, context=LABELS, capture_routing=True)
   with nnx_inject.routing_context(model, LABELS, capture=False) as traces:
     y = model(X)
@@ -336,6 +389,7 @@ class _ParamsOnlyScan(_NNXStack):
     @nnx.scan(in_axes=(nnx.StateAxes({nnx.Param: 0, ...: None}), nnx.Carry), out_axes=nnx.Carry)
     def body(layer, h):
       return jnp.tanh(layer(h))
+
     return body(self.blocks, x)
 
 
@@ -362,14 +416,15 @@ def test_nnx_stack_other_per_layer_adapters(name):
       nnx_inject.merge(model)
     return
   merge_at, same = _merge_context(spec)
-  np.testing.assert_allclose(nnx_inject.merge(model, context=merge_at)(X), nnx_inject.call(model, X, context=same),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    nnx_inject.merge(model, context=merge_at)(X), nnx_inject.call(model, X, context=same), rtol=1e-5, atol=1e-5
+  )
 
 
 # ------------------------------------------------------------------------------------------- generic layers
 
 
-XG = jax.random.normal(jax.random.PRNGKey(2), (B, 8))                                   # [B, 8]
+XG = jax.random.normal(jax.random.PRNGKey(2), (B, 8))  # [B, 8]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
@@ -379,15 +434,16 @@ def test_generic_layers_of_nnx_stacks_get_one_adapter_each(spec):
   merge_at, same = _merge_context(spec)
   x = XG
   model = zm.ScannedStack(nnx.Rngs(0))
-  w = model.layers.w.get_value()                                                          # [L, 8, 8]
+  w = model.layers.w.get_value()  # [L, 8, 8]
   nnx_inject.inject(model, spec, x, target_modules="layers", key=jax.random.PRNGKey(1))
   assert nnx_inject.layers(model)[0].stack == (L,)
   (adapter,) = model.layers.adapters
   nnx.update(adapter, {"params": _randomize(adapter.linen_params(), scale=0.1)})
   want = _by_hand(spec, w, None, adapter.linen_params(), x, context, act=lambda h: h)
   np.testing.assert_allclose(nnx_inject.call(model, x, context=context), want, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(nnx_inject.merge(model, context=merge_at)(x), nnx_inject.call(model, x, context=same),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    nnx_inject.merge(model, context=merge_at)(x), nnx_inject.call(model, x, context=same), rtol=1e-5, atol=1e-6
+  )
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
@@ -404,5 +460,6 @@ def test_generic_layers_of_linen_stacks_get_one_adapter_each(spec):
   want = _by_hand(spec, params["layers"]["w"], None, trainable["adapter"]["layers"], x, context, act=lambda h: h)
   np.testing.assert_allclose(adapted.apply(params, trainable, x, context=context), want, rtol=1e-5, atol=1e-6)
   merged = adapted.merge(params, trainable, context=merge_at)
-  np.testing.assert_allclose(linen_model.apply({"params": merged}, x), adapted.apply(params, trainable, x, context=same),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    linen_model.apply({"params": merged}, x), adapted.apply(params, trainable, x, context=same), rtol=1e-5, atol=1e-6
+  )
