@@ -463,3 +463,104 @@ def test_generic_layers_of_linen_stacks_get_one_adapter_each(spec):
   np.testing.assert_allclose(
     linen_model.apply({"params": merged}, x), adapted.apply(params, trainable, x, context=same), rtol=1e-5, atol=1e-6
   )
+
+
+# ------------------------------------------------------------------------------------------- blocks of several layers
+
+
+class _MLPBlock(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.up = nnx.Linear(D, 2 * D, rngs=rngs)
+    self.down = nnx.Linear(2 * D, D, rngs=rngs)
+
+  def __call__(self, h):
+    return h + self.down(jax.nn.gelu(self.up(h)))
+
+
+class _NNXBlocks(nnx.Module):
+  """A transformer-like stack: L blocks of two layers each, built by nnx.vmap and run by nnx.scan."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=L)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return _MLPBlock(rngs)
+
+    self.blocks = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def body(block, h):
+      return block(h)
+
+    return body(self.blocks, x)
+
+
+class _LinenMLPBlock(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    return h + nn.Dense(D, name="down")(jax.nn.gelu(nn.Dense(2 * D, name="up")(h))), None
+
+
+class _LinenBlocks(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(_LinenMLPBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=L)
+    return stack(name="blocks")(x, None)[0]
+
+
+RULES = [(r".*up", MOE), (r".*down", LORA)]  # a context router on up, LoRA on down
+
+
+def _blocks_by_hand(weights, adapter_params, x, context):
+  """weights: {"up"/"down": (kernel [L, d_in, d_out], bias [L, d_out])}; adapter_params: stacked, by name."""
+  modules = {"up": adapters.make(MOE, d_in=D, d_out=2 * D), "down": adapters.make(LORA, d_in=2 * D, d_out=D)}
+
+  def linear(name, l, v):
+    kernel, bias = weights[name]
+    delta = modules[name].apply({"params": _layer(adapter_params[name], l)}, v, context=context)
+    return v @ kernel[l] + bias[l] + delta
+
+  h = x
+  for l in range(L):
+    h = h + linear("down", l, jax.nn.gelu(linear("up", l, h)))
+  return h
+
+
+def test_nnx_scanned_blocks_of_several_layers():
+  model = _NNXBlocks(nnx.Rngs(0))
+  weights = {
+    n: (getattr(model.blocks, n).kernel.get_value(), getattr(model.blocks, n).bias.get_value()) for n in ("up", "down")
+  }
+  nnx_inject.inject(model, RULES, X, target_modules=r"blocks/(up|down)", key=jax.random.PRNGKey(0))
+  assert [(l.path, l.stack) for l in nnx_inject.layers(model)] == [("blocks/up", (L,)), ("blocks/down", (L,))]
+  for name in ("up", "down"):
+    adapter = getattr(model.blocks, name).adapter
+    nnx.update(adapter, {"params": _randomize(adapter.linen_params())})
+  params = {n: getattr(model.blocks, n).adapter.linen_params() for n in ("up", "down")}
+  y = nnx_inject.call(model, X, context=LABELS)
+  np.testing.assert_allclose(y, _blocks_by_hand(weights, params, X, LABELS), rtol=1e-5, atol=1e-5)
+  merged = nnx_inject.merge(model, context=1)
+  np.testing.assert_allclose(merged(X), nnx_inject.call(model, X, context=jnp.full((B,), 1)), rtol=1e-5, atol=1e-5)
+
+
+def test_linen_scanned_blocks_of_several_layers():
+  model = _LinenBlocks()
+  params = model.init(jax.random.PRNGKey(0), X)["params"]
+  adapted, trainable = inject.inject(
+    model, params, RULES, X, target_modules=r"blocks/(up|down)", key=jax.random.PRNGKey(0)
+  )
+  assert [(l.path, l.stack) for l in adapted.layers] == [("blocks/up", (L,)), ("blocks/down", (L,))]
+  trainable = _randomize(trainable)
+  blocks = params["blocks"]
+  weights = {n: (blocks[n]["kernel"], blocks[n]["bias"]) for n in ("up", "down")}
+  by_name = {n: trainable["adapter"][f"blocks/{n}"] for n in ("up", "down")}
+  y = adapted.apply(params, trainable, X, context=LABELS)
+  np.testing.assert_allclose(y, _blocks_by_hand(weights, by_name, X, LABELS), rtol=1e-5, atol=1e-5)
+  merged = adapted.merge(params, trainable, context=1)
+  np.testing.assert_allclose(
+    model.apply({"params": merged}, X),
+    adapted.apply(params, trainable, X, context=jnp.full((B,), 1)),
+    rtol=1e-5,
+    atol=1e-5,
+  )
