@@ -35,19 +35,26 @@ from localmoe.router_traces import RouterTrace
 @dataclasses.dataclass(frozen=True)
 class LayerInfo:
   """One matched linear layer."""
-  path: str                       # module path, "/"-joined, e.g. "hidden_3" or "encoder/layer_0/attention/self/query"
-  d_in: int                       # flattened input width, prod(in_shape)
-  d_out: int                      # flattened output width, prod(out_shape)
-  kind: str = "Dense"             # "Dense", "DenseGeneral" or "Einsum" (NNX: "Linear", "LinearGeneral")
+
+  path: str  # module path, "/"-joined, e.g. "hidden_3" or "encoder/layer_0/attention/self/query"
+  d_in: int  # flattened input width, prod(in_shape)
+  d_out: int  # flattened output width, prod(out_shape)
+  kind: str = "Dense"  # "Dense", "DenseGeneral" or "Einsum" (NNX: "Linear", "LinearGeneral")
   in_shape: tuple[int, ...] = ()  # the contracted input axes' sizes, in kernel order (Dense: (d_in,))
-  out_shape: tuple[int, ...] = () # the features (Dense: (d_out,))
-  axis: tuple[int, ...] = (-1,)   # the contracted axes of the layer's input (negative, kernel order)
-  equation: str = ""              # Einsum layers: the equation, e.g. "btd,dnh->btnh" (`localmoe.einsum_layers`)
-  stack: tuple[int, ...] = ()     # a layer of a scan / vmap stack: the kernel's leading layer axes, e.g. (3,)
+  out_shape: tuple[int, ...] = ()  # the features (Dense: (d_out,))
+  axis: tuple[int, ...] = (-1,)  # the contracted axes of the layer's input (negative, kernel order)
+  equation: str = ""  # Einsum layers: the equation, e.g. "btd,dnh->btnh" (`localmoe.einsum_layers`)
+  stack: tuple[int, ...] = ()  # a layer of a scan / vmap stack: the kernel's leading layer axes, e.g. (3,)
 
   def to_json(self) -> dict:
-    out = {"path": self.path, "kind": self.kind, "in_shape": list(self.in_shape),
-           "out_shape": list(self.out_shape), "d_in": self.d_in, "d_out": self.d_out}
+    out = {
+      "path": self.path,
+      "kind": self.kind,
+      "in_shape": list(self.in_shape),
+      "out_shape": list(self.out_shape),
+      "d_in": self.d_in,
+      "d_out": self.d_out,
+    }
     if self.stack:
       out["stack"] = list(self.stack)
     return dict(out, equation=self.equation) if self.equation else out
@@ -109,7 +116,7 @@ class LayerSession:
     sink that keeps it as transform-safe state: linen's `sow`, an NNX variable)."""
     self.modules, self.params, self.layers = modules, params, layers
     self.context, self.capture, self.rngs = context, capture, rngs
-    self.offset = offset                               # the first layer's index among all adapted layers
+    self.offset = offset  # the first layer's index among all adapted layers
 
   def __call__(self, index, x, kernel, params=None, slice_index=None):
     """Delta [..., d_out] of the index-th layer on x [..., d_in]. A layer of a stack: `params` is this
@@ -118,28 +125,31 @@ class LayerSession:
     module = self.modules[layer.path]
     variables = {"params": self.params[layer.path] if params is None else params}
     extra = {"kernel": kernel} if getattr(module, "uses_base_kernel", False) else {}
-    if self.rngs:                                      # each layer its own draw: fold_in(key, call index)
+    if self.rngs:  # each layer its own draw: fold_in(key, call index)
       keys = {name: jax.random.fold_in(key, self.offset + index) for name, key in self.rngs.items()}
-      if slice_index is not None:                      # and each layer of a stack its own
+      if slice_index is not None:  # and each layer of a stack its own
         keys = {name: jax.random.fold_in(key, slice_index) for name, key in keys.items()}
       extra["rngs"] = keys
     if routes_on_context(module):
       if self.context is None:
-        raise ValueError(f"layer {layer.path!r} has a context-routed adapter ({type(module).__name__}, "
-                         "router_input='context') but apply was called without a context: pass "
-                         "context=<labels [batch] or one-hot/embedding [batch, context_dim]>.")
+        raise ValueError(
+          f"layer {layer.path!r} has a context-routed adapter ({type(module).__name__}, "
+          "router_input='context') but apply was called without a context: pass "
+          "context=<labels [batch] or one-hot/embedding [batch, context_dim]>."
+        )
       check_float_context(self.context, layer.path)
       rngs = {"rngs": extra.pop("rngs")} if "rngs" in extra else {}
-      gates, state = module.apply(variables, None, self.context, method="route", mutable=["intermediates"],
-                                  **rngs)
+      gates, state = module.apply(variables, None, self.context, method="route", mutable=["intermediates"], **rngs)
       lead = x.shape[:-1]
-      batch = gates.ndim - (1 if module.router_grid == () else 3)                    # axes of the context
+      batch = gates.ndim - (1 if module.router_grid == () else 3)  # axes of the context
       self._record(layer, module, state, gates.shape[:batch], lead)
       if tuple(gates.shape[:batch]) != tuple(lead[:batch]):
-        raise ValueError(f"layer {layer.path!r}: the context has batch shape {tuple(gates.shape[:batch])} but "
-                         f"the layer's input has leading axes {tuple(lead)}: pass one context per example.")
+        raise ValueError(
+          f"layer {layer.path!r}: the context has batch shape {tuple(gates.shape[:batch])} but "
+          f"the layer's input has leading axes {tuple(lead)}: pass one context per example."
+        )
       gates = gates.reshape(gates.shape[:batch] + (1,) * (len(lead) - batch) + gates.shape[batch:])
-      gates = jnp.broadcast_to(gates, lead + gates.shape[len(lead):])
+      gates = jnp.broadcast_to(gates, lead + gates.shape[len(lead) :])
       return module.apply(variables, x, gates=gates, **extra)
     if routes_on_activation(module):
       out, state = module.apply(variables, x, mutable=["intermediates"], **extra)
@@ -154,8 +164,14 @@ class LayerSession:
     input_lead = tuple(lead if input_lead is None else input_lead)
     for found in routing.collect_router_outputs(state.get("intermediates", {})):
       shape = tuple(lead) + found.gates.shape[-2:]
-      trace = RouterTrace(layer.path, found.logits.reshape(shape), found.gates.reshape(shape),
-                          tuple(module.router_grid), getattr(module, "top_k", None), input_lead)
+      trace = RouterTrace(
+        layer.path,
+        found.logits.reshape(shape),
+        found.gates.reshape(shape),
+        tuple(module.router_grid),
+        getattr(module, "top_k", None),
+        input_lead,
+      )
       if callable(self.capture):
         self.capture(trace)
       else:
@@ -170,14 +186,17 @@ def check_rngs(rngs) -> dict | None:
     raise TypeError(f"rngs={rngs!r} must be a dict of PRNG keys, e.g. rngs={{'gumbel': key, 'dropout': key}}.")
   unknown = sorted(set(rngs) - set(routing.RNG_STREAMS))
   if unknown:
-    raise ValueError(f"rngs has stream(s) {unknown}: adapters draw from {list(routing.RNG_STREAMS)} only; "
-                     "drop the others.")
+    raise ValueError(
+      f"rngs has stream(s) {unknown}: adapters draw from {list(routing.RNG_STREAMS)} only; drop the others."
+    )
   for name, key in rngs.items():
     shape, dtype = np.shape(key), getattr(key, "dtype", None)
     typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
     if not (typed and shape == ()) and not (shape == (2,) and dtype is not None and dtype == jnp.uint32):
-      raise TypeError(f"rngs[{name!r}] is not a PRNG key (shape {shape}, dtype {dtype}): pass "
-                      "jax.random.PRNGKey(seed) or jax.random.key(seed).")
+      raise TypeError(
+        f"rngs[{name!r}] is not a PRNG key (shape {shape}, dtype {dtype}): pass "
+        "jax.random.PRNGKey(seed) or jax.random.key(seed)."
+      )
   return dict(rngs)
 
 
@@ -188,8 +207,10 @@ def check_key(key) -> None:
     return
   if dtype is not None and dtype == jnp.uint32 and np.shape(key) == (2,):
     return
-  raise TypeError(f"key={key!r} is not a PRNG key: pass key=jax.random.PRNGKey(seed) (or jax.random.key(seed)) "
-                  "for the adapters' initialisation.")
+  raise TypeError(
+    f"key={key!r} is not a PRNG key: pass key=jax.random.PRNGKey(seed) (or jax.random.key(seed)) "
+    "for the adapters' initialisation."
+  )
 
 
 def merge_context(context, module, path: str) -> jnp.ndarray:
@@ -202,9 +223,11 @@ def merge_context(context, module, path: str) -> jnp.ndarray:
   if not integer and c.ndim == 1 and jnp.issubdtype(c.dtype, jnp.floating) and (dim is None or c.shape[0] == dim):
     return jnp.asarray(c)
   shown = repr(context) if np.ndim(context) == 0 or np.size(context) <= 4 else f"<{c.dtype} array {tuple(c.shape)}>"
-  raise ValueError(f"merge: context={' '.join(shown.split())} (layer {path!r}) is not one context: a merged model stands for "
-                   f"ONE context, an integer label (context=1) or one float vector [context_dim={dim}]; merge once "
-                   "per context for several.")
+  raise ValueError(
+    f"merge: context={' '.join(shown.split())} (layer {path!r}) is not one context: a merged model stands for "
+    f"ONE context, an integer label (context=1) or one float vector [context_dim={dim}]; merge once "
+    "per context for several."
+  )
 
 
 def check_float_context(context, path: str) -> None:
@@ -216,10 +239,12 @@ def check_float_context(context, path: str) -> None:
   shape = np.shape(context)
   dtype = context.dtype if hasattr(context, "dtype") else np.asarray(context).dtype
   if len(shape) < 2 and not jnp.issubdtype(dtype, jnp.integer):
-    raise ValueError(f"context has shape {tuple(shape)} and dtype {jnp.dtype(dtype).name} (layer {path!r}): "
-                     "apply takes one context per example, integer labels [batch] (float labels: "
-                     "context.astype(jnp.int32)) or a one-hot/embedding [batch, context_dim] (one vector for "
-                     "all examples: jnp.broadcast_to(c, (batch, context_dim))).")
+    raise ValueError(
+      f"context has shape {tuple(shape)} and dtype {jnp.dtype(dtype).name} (layer {path!r}): "
+      "apply takes one context per example, integer labels [batch] (float labels: "
+      "context.astype(jnp.int32)) or a one-hot/embedding [batch, context_dim] (one vector for "
+      "all examples: jnp.broadcast_to(c, (batch, context_dim)))."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +256,7 @@ class PerLayer:
     chooses its spec; e.g. context routers on attention and activation routers on the FFN), or a callable
     LayerInfo -> nn.Module.
   """
+
   build: Mapping[str, Any] | Sequence[tuple[str, Mapping[str, Any]]] | Callable[[LayerInfo], nn.Module]
 
   def spec_for(self, layer: LayerInfo) -> Mapping[str, Any]:
@@ -239,8 +265,10 @@ class PerLayer:
     for pattern, spec in self.build:
       if re.fullmatch(pattern, layer.path):
         return spec
-    raise ValueError(f"layer {layer.path!r} matches target_modules but none of the adapter rules' patterns "
-                     f"{[p for p, _ in self.build]}: add a rule for it or narrow target_modules.")
+    raise ValueError(
+      f"layer {layer.path!r} matches target_modules but none of the adapter rules' patterns "
+      f"{[p for p, _ in self.build]}: add a rule for it or narrow target_modules."
+    )
 
   def module(self, layer: LayerInfo) -> nn.Module:
     if callable(self.build) and not isinstance(self.build, Mapping):
@@ -265,6 +293,7 @@ class PerLayer:
 
       def one(layer_key, w, module=module, x0=x0, context=context, uses_kernel=uses_kernel):
         return module.init(layer_key, x0, **context, **({"kernel": w} if uses_kernel else {}))["params"]
+
       if not layer.stack:
         params[layer.path] = one(jax.random.fold_in(key, i), kernel)
         continue
@@ -272,7 +301,7 @@ class PerLayer:
       keys = jax.vmap(lambda j, k=jax.random.fold_in(key, i): jax.random.fold_in(k, j))(jnp.arange(count))
       keys = keys.reshape(tuple(layer.stack) + keys.shape[1:])
       kernel = jnp.zeros((layer.d_in, layer.d_out), jnp.float32) if kernel is None else jnp.asarray(kernel)
-      kernel = jnp.broadcast_to(kernel, tuple(layer.stack) + kernel.shape[-2:])          # [*stack, d_in, d_out]
+      kernel = jnp.broadcast_to(kernel, tuple(layer.stack) + kernel.shape[-2:])  # [*stack, d_in, d_out]
       params[layer.path] = over_stack(one, layer.stack, keys, kernel)
     return params
 
@@ -286,8 +315,10 @@ class PerLayer:
     if isinstance(self.build, Mapping):
       return jsonable(dict(self.build), "adapter spec")
     if callable(self.build):
-      raise ValueError("an adapter built by a callable cannot be saved: build it from a spec dict (or (pattern, "
-                       "spec) rules) so adapter_config.json can describe it.")
+      raise ValueError(
+        "an adapter built by a callable cannot be saved: build it from a spec dict (or (pattern, "
+        "spec) rules) so adapter_config.json can describe it."
+      )
     return [[pattern, jsonable(dict(spec), f"adapter spec for {pattern!r}")] for pattern, spec in self.build]
 
 
@@ -301,8 +332,10 @@ def jsonable(spec: dict, what: str) -> dict:
     elif hasattr(value, "dtype") or value in (jnp.float32, jnp.bfloat16, jnp.float16):
       out[key] = jnp.dtype(value).name
     else:
-      raise ValueError(f"{what}: field {key}={value!r} cannot be written to adapter_config.json; use a name "
-                       "(e.g. a_init='lora') instead of a callable.")
+      raise ValueError(
+        f"{what}: field {key}={value!r} cannot be written to adapter_config.json; use a name "
+        "(e.g. a_init='lora') instead of a callable."
+      )
   return out
 
 
@@ -326,13 +359,13 @@ def flatten_input(x: jnp.ndarray, layer: LayerInfo) -> jnp.ndarray:
     return einsum_layers.flatten_input(x, einsum_layers.parse(layer.equation, x.ndim, layer.path))
   rest = [a for a in range(-x.ndim, 0) if a not in layer.axis]
   x = jnp.transpose(x, [a % x.ndim for a in (*rest, *layer.axis)])
-  return x.reshape(*x.shape[:len(rest)], layer.d_in)
+  return x.reshape(*x.shape[: len(rest)], layer.d_in)
 
 
 def kernel_2d(kernel: jnp.ndarray, layer: LayerInfo) -> jnp.ndarray:
-  if layer.kind == "Einsum":                                                          # kernel axes in any order
+  if layer.kind == "Einsum":  # kernel axes in any order
     return einsum_layers.kernel_2d(kernel, einsum_map(layer))
-  return kernel.reshape(layer.d_in, layer.d_out)                                      # [d_in, d_out]
+  return kernel.reshape(layer.d_in, layer.d_out)  # [d_in, d_out]
 
 
 def kernel_nd(w2: jnp.ndarray, layer: LayerInfo, kernel_shape) -> jnp.ndarray:
@@ -345,8 +378,9 @@ def kernel_nd(w2: jnp.ndarray, layer: LayerInfo, kernel_shape) -> jnp.ndarray:
 def output_delta(delta: jnp.ndarray, layer: LayerInfo, x_ndim: int, y_shape) -> jnp.ndarray:
   """Delta [..., d_out] in the layer's output layout y_shape (einsum outputs may interleave the axes)."""
   if layer.kind == "Einsum":
-    return einsum_layers.unflatten_output(delta, einsum_layers.parse(layer.equation, x_ndim, layer.path),
-                                          layer.out_shape)
+    return einsum_layers.unflatten_output(
+      delta, einsum_layers.parse(layer.equation, x_ndim, layer.path), layer.out_shape
+    )
   return delta.reshape(y_shape)
 
 
@@ -364,22 +398,27 @@ def adapter_set(adapter) -> AdapterSet:
     rules = [(pattern, dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)) for pattern, spec in adapter]
     for pattern, spec in rules:
       if spec.get("method") not in adapters_lib.ADAPTERS:
-        raise ValueError(f"adapter rule {pattern!r}: method={spec.get('method')!r} is not a per-layer adapter; "
-                         f"valid: {sorted(adapters_lib.ADAPTERS)}.")
+        raise ValueError(
+          f"adapter rule {pattern!r}: method={spec.get('method')!r} is not a per-layer adapter; "
+          f"valid: {sorted(adapters_lib.ADAPTERS)}."
+        )
     return PerLayer(tuple(rules))
   if not (isinstance(adapter, Mapping) or hasattr(adapter, "to_dict")):
     return adapter
   spec = dict(adapter.to_dict() if hasattr(adapter, "to_dict") else adapter)
   if spec.get("method") == "queryable_lora":
-    from localmoe.queryable import QueryableLoRA        # pylint: disable=g-import-not-at-top
+    from localmoe.queryable import QueryableLoRA  # pylint: disable=g-import-not-at-top
+
     fields = {f.name for f in dataclasses.fields(QueryableLoRA)}
     unknown = sorted(set(spec) - fields - {"method"})
     if unknown:
       raise ValueError(f"queryable_lora: unknown field(s) {unknown}; QueryableLoRA takes {sorted(fields)}.")
     return QueryableLoRA(**{k: v for k, v in spec.items() if k != "method"})
   if spec.get("method") not in adapters_lib.ADAPTERS:
-    raise ValueError(f"method={spec.get('method')!r} is not a known adapter; valid: "
-                     f"{sorted(adapters_lib.ADAPTERS) + ['queryable_lora']}.")
+    raise ValueError(
+      f"method={spec.get('method')!r} is not a known adapter; valid: "
+      f"{sorted(adapters_lib.ADAPTERS) + ['queryable_lora']}."
+    )
   return PerLayer(spec)
 
 
@@ -389,13 +428,15 @@ def extras_matcher(trainable_extras) -> Callable[[str], bool]:
   if isinstance(trainable_extras, str):
     return path_matcher(trainable_extras)
   if not isinstance(trainable_extras, (list, tuple)) or not all(isinstance(n, str) for n in trainable_extras):
-    raise ValueError(f"trainable_extras={trainable_extras!r} must be a regex string (e.g. 'head') or a list of "
-                     "module names (e.g. ['head']), like target_modules.")
+    raise ValueError(
+      f"trainable_extras={trainable_extras!r} must be a regex string (e.g. 'head') or a list of "
+      "module names (e.g. ['head']), like target_modules."
+    )
   if not trainable_extras:
-    raise ValueError("trainable_extras=[] selects nothing: pass None for no trainable extras, or module names "
-                     "(e.g. ['head']).")
+    raise ValueError(
+      "trainable_extras=[] selects nothing: pass None for no trainable extras, or module names (e.g. ['head'])."
+    )
   return path_matcher(list(trainable_extras))
-
 
 
 # ------------------------------------------------------------------------------------------- shared refusals
@@ -403,15 +444,19 @@ def extras_matcher(trainable_extras) -> Callable[[str], bool]:
 
 def no_match_error(target_modules, kinds: str, model: Any, listing: str) -> ValueError:
   """The error of a target_modules that matches no adaptable layer (kinds: the host's layer classes)."""
-  return ValueError(f"target_modules={target_modules!r} matched no {kinds} layer of {type(model).__name__}: "
-                    f"check the module paths (e.g. print them with {listing}).")
+  return ValueError(
+    f"target_modules={target_modules!r} matched no {kinds} layer of {type(model).__name__}: "
+    f"check the module paths (e.g. print them with {listing})."
+  )
 
 
 def stacked_error(path: str, stored, seen, transform: str, fix: str) -> ValueError:
   """The error of a matched layer of a stack whose layer axes do not lead its stored kernel."""
-  return ValueError(f"layer {path!r} is {transform}: its kernel is stored as {tuple(stored)} but each call sees "
-                    f"{tuple(seen)}, which is not [*layers, *{tuple(seen)}], so the adapters cannot be stacked on "
-                    f"the same leading axis; {fix} or leave it out of target_modules.")
+  return ValueError(
+    f"layer {path!r} is {transform}: its kernel is stored as {tuple(stored)} but each call sees "
+    f"{tuple(seen)}, which is not [*layers, *{tuple(seen)}], so the adapters cannot be stacked on "
+    f"the same leading axis; {fix} or leave it out of target_modules."
+  )
 
 
 def select_extras(trainable_extras, module_paths: Sequence[str], layer_paths: Sequence[str]) -> tuple[str, ...]:
@@ -421,47 +466,56 @@ def select_extras(trainable_extras, module_paths: Sequence[str], layer_paths: Se
   extra_paths = tuple(p for p in module_paths if selected(p))
   shown = trainable_extras if isinstance(trainable_extras, str) else tuple(trainable_extras)
   if not extra_paths:
-    raise ValueError(f"trainable_extras={shown!r} matched no module of the params; module paths "
-                     f"are e.g. {list(module_paths)[-5:]}.")
+    raise ValueError(
+      f"trainable_extras={shown!r} matched no module of the params; module paths are e.g. {list(module_paths)[-5:]}."
+    )
   clash = [p for p in extra_paths if p in set(layer_paths)]
   if clash:
-    raise ValueError(f"trainable_extras selects {clash}, which target_modules also adapts: a layer is either "
-                     "adapted or trained in full, not both.")
+    raise ValueError(
+      f"trainable_extras selects {clash}, which target_modules also adapts: a layer is either "
+      "adapted or trained in full, not both."
+    )
   return extra_paths
 
 
 _MERGE_WORDS = {"linen": ("merge(..., context=", "apply"), "nnx": ("merge(model, context=", "call")}
 
 
-def delta_2d(module: nn.Module, params, layer: LayerInfo, kernel_2d_: jnp.ndarray, context=None,
-             host: str = "linen") -> jnp.ndarray:
+def delta_2d(
+  module: nn.Module, params, layer: LayerInfo, kernel_2d_: jnp.ndarray, context=None, host: str = "linen"
+) -> jnp.ndarray:
   """Delta W^T [d_in, d_out] of one layer's adapter at one fixed routing (Eq. 9): the adapter's own
   `delta_weight` where it has one, else (DoRA: Delta depends on W0) its output on the identity.
   host ("linen" or "nnx") only words the errors as that host's calls."""
   call, use = _MERGE_WORDS[host]
   if routes_on_activation(module):
-    raise ValueError(f"layer {layer.path!r}: {type(module).__name__} routes on its input "
-                     "(router_input='activation'), so Delta W changes with every x and cannot be merged; "
-                     f"use router_input='context' to merge per context, or {use} the adapted model.")
+    raise ValueError(
+      f"layer {layer.path!r}: {type(module).__name__} routes on its input "
+      "(router_input='activation'), so Delta W changes with every x and cannot be merged; "
+      f"use router_input='context' to merge per context, or {use} the adapted model."
+    )
   if routes_on_context(module):
     if context is None:
-      raise ValueError(f"layer {layer.path!r} is context-routed: {call}<one label or a [D] "
-                       "vector>) builds the merged model of that one context.")
+      raise ValueError(
+        f"layer {layer.path!r} is context-routed: {call}<one label or a [D] "
+        "vector>) builds the merged model of that one context."
+      )
     context = merge_context(context, module, layer.path)
   variables = {"params": params}
   if hasattr(type(module), "delta_weight"):
     return adapters_lib.delta_weight(module, variables, context=context).T
-  eye = jnp.eye(layer.d_in, dtype=jnp.float32)                                    # Delta is linear in x here
+  eye = jnp.eye(layer.d_in, dtype=jnp.float32)  # Delta is linear in x here
   extra = {"kernel": kernel_2d_} if getattr(module, "uses_base_kernel", False) else {}
   if context is not None:
     extra["context"] = jnp.broadcast_to(context, (layer.d_in,) + jnp.shape(context))
   return module.apply(variables, eye, **extra)
 
 
-def merged_kernel(module: nn.Module, params, layer: LayerInfo, kernel: jnp.ndarray, context=None,
-                  host: str = "linen") -> jnp.ndarray:
+def merged_kernel(
+  module: nn.Module, params, layer: LayerInfo, kernel: jnp.ndarray, context=None, host: str = "linen"
+) -> jnp.ndarray:
   """kernel + Delta W in the kernel's own layout and dtype (one fixed routing; `delta_2d`)."""
-  if layer.stack:                                     # [*stack, ...]: each layer its own Delta W
+  if layer.stack:  # [*stack, ...]: each layer its own Delta W
     one = layer.unstacked()
     if routes_on_context(module) and context is not None:
       context = merge_context(context, module, layer.path)

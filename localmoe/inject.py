@@ -83,9 +83,21 @@ from localmoe import adapt_core
 from localmoe import einsum_layers
 from localmoe import params as params_lib
 from localmoe import projections
+
 # The host-independent names, re-exported: `inject.LayerInfo`, `inject.PerLayer`, `inject.router_losses`, ...
-from localmoe.adapt_core import (AdapterSet, LayerInfo, PerLayer, Session, adapter_set, check_key, check_rngs,  # noqa: F401
-                                 merge_context, path_matcher, routes_on_activation, routes_on_context)
+from localmoe.adapt_core import (  # noqa: F401
+  AdapterSet,
+  LayerInfo,
+  PerLayer,
+  Session,
+  adapter_set,
+  check_key,
+  check_rngs,
+  merge_context,
+  path_matcher,
+  routes_on_activation,
+  routes_on_context,
+)
 from localmoe.router_traces import RouterTrace, router_losses, routing_diagnostics  # noqa: F401
 
 LINEAR_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
@@ -113,8 +125,8 @@ def _run(model: nn.Module, variables, args, kwargs, **apply_kwargs):
   return model.apply(variables, *args, **kwargs, **apply_kwargs)
 
 
-TRACES = "router_traces"        # the collection the linen host sows router traces into (remat/scan safe)
-STACKED_ADAPTERS = "localmoe_adapters"   # where apply places a stack's adapters in its layers' params scope
+TRACES = "router_traces"  # the collection the linen host sows router traces into (remat/scan safe)
+STACKED_ADAPTERS = "localmoe_adapters"  # where apply places a stack's adapters in its layers' params scope
 _STACK_TRANSFORM = "inside a lifted transform (nn.scan or nn.vmap)"
 _STACK_FIX = "stack the params on their leading axis (variable_axes={'params': 0})"
 
@@ -152,7 +164,7 @@ def _trace_name(slot: projections.Slot | None) -> str:
   """The sow name of a layer's router traces in its module's scope ("trace"; a generic key's suffix after)."""
   if slot is None or slot.key == slot.module_path:
     return "trace"
-  suffix = slot.key[len(slot.module_path):].lstrip("/") if slot.module_path else slot.key
+  suffix = slot.key[len(slot.module_path) :].lstrip("/") if slot.module_path else slot.key
   return "trace:" + suffix.replace("/", ":")
 
 
@@ -164,20 +176,23 @@ def _einsum_equation(module: nn.Module, args, kwargs) -> str:
   return (given or module.einsum_str).replace(" ", "")
 
 
-def _layer_geometry(module: nn.Module, x, equation: str = ""
-                    ) -> tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+def _layer_geometry(
+  module: nn.Module, x, equation: str = ""
+) -> tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
   """(kind, in_shape, out_shape, axis) of a Dense/DenseGeneral/Einsum call on input x."""
   path = _path(module)
-  if isinstance(module, nn.Einsum):                  # contracted and feature axes of the kernel
+  if isinstance(module, nn.Einsum):  # contracted and feature axes of the kernel
     in_shape, out_shape = einsum_layers.widths(einsum_layers.parse(equation, x.ndim, path), module.shape)
     return "Einsum", in_shape, out_shape, ()
   if isinstance(module, nn.Dense):
     return "Dense", (int(x.shape[-1]),), (int(module.features),), (-1,)
   if getattr(module, "batch_dims", ()):
-    raise ValueError(f"layer {path!r} is an nn.DenseGeneral with batch_dims={module.batch_dims}: its kernel "
-                     "differs per batch index, so one adapter cannot stand for it; leave it out of target_modules.")
+    raise ValueError(
+      f"layer {path!r} is an nn.DenseGeneral with batch_dims={module.batch_dims}: its kernel "
+      "differs per batch index, so one adapter cannot stand for it; leave it out of target_modules."
+    )
   axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
-  axis = tuple(int(a) - x.ndim if int(a) >= 0 else int(a) for a in axis)           # negative, kernel order
+  axis = tuple(int(a) - x.ndim if int(a) >= 0 else int(a) for a in axis)  # negative, kernel order
   features = module.features if isinstance(module.features, Sequence) else (module.features,)
   return "DenseGeneral", tuple(int(x.shape[a]) for a in axis), tuple(int(f) for f in features), axis
 
@@ -199,15 +214,16 @@ def _tree_get(tree, path: Sequence[str]):
 @dataclasses.dataclass(frozen=True)
 class AdaptedModel:
   """A frozen Flax model with adapters attached to its matched linear layers (built by `inject`)."""
-  model: nn.Module                                    # the backbone, unchanged
-  adapter: Any                                        # an AdapterSet (PerLayer, QueryableLoRA, ...)
-  layers: tuple[LayerInfo, ...]                       # matched layers in call order
-  example_args: tuple[Any, ...]                       # shapes used to discover the layers
+
+  model: nn.Module  # the backbone, unchanged
+  adapter: Any  # an AdapterSet (PerLayer, QueryableLoRA, ...)
+  layers: tuple[LayerInfo, ...]  # matched layers in call order
+  example_args: tuple[Any, ...]  # shapes used to discover the layers
   target_modules: str | tuple[str, ...]
-  trainable_extras: str | tuple[str, ...] | None = None   # regex (or names) of frozen-param modules to train
-  extra_paths: tuple[str, ...] = ()                   # module paths selected by trainable_extras
-  extra_leaves: tuple[tuple[str, tuple[int, ...], str], ...] = ()   # (path, shape, dtype) of each extra param
-  slots: tuple[projections.Slot, ...] = ()            # the layers of generic modules (`localmoe.projections`)
+  trainable_extras: str | tuple[str, ...] | None = None  # regex (or names) of frozen-param modules to train
+  extra_paths: tuple[str, ...] = ()  # module paths selected by trainable_extras
+  extra_leaves: tuple[tuple[str, tuple[int, ...], str], ...] = ()  # (path, shape, dtype) of each extra param
+  slots: tuple[projections.Slot, ...] = ()  # the layers of generic modules (`localmoe.projections`)
 
   @property
   def paths(self) -> tuple[str, ...]:
@@ -249,18 +265,24 @@ class AdaptedModel:
         out.append(adapt_core.over_stack(lambda w: adapt_core.kernel_2d(w, one), l.stack, w))
         continue
       w = jnp.asarray(_tree_get(frozen_params, _keys(slot.module_path) + [slot.param]))
-      out.append(adapt_core.over_stack(lambda w, slot=slot, one=one: adapt_core.kernel_2d(
-          w if slot.index < 0 else w[slot.index], one), l.stack, w))           # [*stack, d_in, d_out]
+      out.append(
+        adapt_core.over_stack(
+          lambda w, slot=slot, one=one: adapt_core.kernel_2d(w if slot.index < 0 else w[slot.index], one), l.stack, w
+        )
+      )  # [*stack, d_in, d_out]
     return out
 
   def init_adapter(self, key: jax.Array, frozen_params) -> dict:
     """Fresh trainable params {"adapter": ..., "extras": ...} (for a new seed)."""
-    return {"adapter": self.adapter.init(key, self.layers, self.base_kernels(frozen_params)),
-            "extras": self.extras_of(frozen_params)}
+    return {
+      "adapter": self.adapter.init(key, self.layers, self.base_kernels(frozen_params)),
+      "extras": self.extras_of(frozen_params),
+    }
 
   def _with_extras(self, frozen_params, extras):
     if not extras:
       return frozen_params
+
     def overlay(base, new):
       if not isinstance(new, Mapping):
         return new
@@ -268,10 +290,10 @@ class AdaptedModel:
       for key, value in new.items():
         merged[key] = overlay(base[key], value)
       return merged
+
     return overlay(frozen_params, extras)
 
-  def apply(self, frozen_params, trainable, *args, context=None, capture_routing: bool = False, rngs=None,
-            **kwargs):
+  def apply(self, frozen_params, trainable, *args, context=None, capture_routing: bool = False, rngs=None, **kwargs):
     """The adapted forward pass: the backbone with Delta added to every matched layer's output.
 
     context: per-example context for the context-routed adapters (labels [batch] or [batch, D]).
@@ -284,24 +306,28 @@ class AdaptedModel:
     rngs = check_rngs(rngs)
     params = self._with_extras(jax.lax.stop_gradient(frozen_params), trainable.get("extras"))
     params = self._with_stacked(params, trainable["adapter"])
-    calling: list[tuple[nn.Module, str]] = []          # the matched layer being called, its traces' sow name
+    calling: list[tuple[nn.Module, str]] = []  # the matched layer being called, its traces' sow name
 
     def sow(trace: RouterTrace) -> None:
-      marker = jnp.zeros(tuple(trace.input_lead) + (0,), jnp.float32)   # the input's leading axes, as a shape
+      marker = jnp.zeros(tuple(trace.input_lead) + (0,), jnp.float32)  # the input's leading axes, as a shape
       module, name = calling[-1]
-      if not module.is_mutable_collection(TRACES):     # inside an nn.scan / nn.vmap that does not carry it
-        raise ValueError(f"layer {trace.path!r} is inside an nn.scan / nn.vmap whose variable_axes lack "
-                         f"{TRACES!r}, so its router traces cannot leave the transform: add "
-                         f"variable_axes={{'params': 0, {TRACES!r}: 0}} (localmoe.inject.TRACES) to that transform, "
-                         "or apply without capture_routing.")
+      if not module.is_mutable_collection(TRACES):  # inside an nn.scan / nn.vmap that does not carry it
+        raise ValueError(
+          f"layer {trace.path!r} is inside an nn.scan / nn.vmap whose variable_axes lack "
+          f"{TRACES!r}, so its router traces cannot leave the transform: add "
+          f"variable_axes={{'params': 0, {TRACES!r}: 0}} (localmoe.inject.TRACES) to that transform, "
+          "or apply without capture_routing."
+        )
       module.sow(TRACES, name, (trace.logits, trace.gates, marker))
 
     if isinstance(self.adapter, PerLayer):
-      session = self.adapter.session(trainable["adapter"], self.layers, context=context,
-                                     capture=sow if capture_routing else None, rngs=rngs)
+      session = self.adapter.session(
+        trainable["adapter"], self.layers, context=context, capture=sow if capture_routing else None, rngs=rngs
+      )
     elif rngs:
-      raise ValueError(f"rngs={sorted(rngs)}: {type(self.adapter).__name__} draws no randomness; call apply "
-                       "without rngs.")
+      raise ValueError(
+        f"rngs={sorted(rngs)}: {type(self.adapter).__name__} draws no randomness; call apply without rngs."
+      )
     else:
       session = self.adapter.session(trainable["adapter"], self.layers, context=context)
     index = {p: i for i, p in enumerate(self.paths)}
@@ -323,12 +349,13 @@ class AdaptedModel:
         if not chosen:
           return y
 
-        def one(key, flat, kernel):                                   # Delta [..., d_out] of one slot
+        def one(key, flat, kernel):  # Delta [..., d_out] of one slot
           calling.append((module, _trace_name(slots[key])))
           try:
             return session(index[key], flat, kernel, **self._stacked_entry(module, key, index[key]))
           finally:
             calling.pop()
+
         ran.update(slot.key for slot in chosen)
         return projections.delta(chosen, [self.layers[index[s.key]] for s in chosen], hit, x, w, y, one)
 
@@ -337,7 +364,7 @@ class AdaptedModel:
         return next_fun(*args, **kwargs)
 
     def add_delta(next_fun, args, kwargs, ctx):
-      if projections.is_quiet():                       # the adapters' own math
+      if projections.is_quiet():  # the adapters' own math
         return next_fun(*args, **kwargs)
       top = projections.top()
       if not _linear_call(ctx):
@@ -350,19 +377,21 @@ class AdaptedModel:
       if not matches(path):
         return y
       if path not in index:
-        raise ValueError(f"layer {path!r} matches target_modules but was not seen when the model was "
-                         "injected (different input shapes or control flow?): re-run inject with inputs "
-                         "that reach it.")
+        raise ValueError(
+          f"layer {path!r} matches target_modules but was not seen when the model was "
+          "injected (different input shapes or control flow?): re-run inject with inputs "
+          "that reach it."
+        )
       layer = self.layers[index[path]]
-      x = adapt_core.flatten_input(_inputs(args, kwargs), layer)                               # [..., d_in]
-      kernel = adapt_core.kernel_2d(ctx.module.get_variable("params", "kernel"), layer)        # [d_in, d_out]
+      x = adapt_core.flatten_input(_inputs(args, kwargs), layer)  # [..., d_in]
+      kernel = adapt_core.kernel_2d(ctx.module.get_variable("params", "kernel"), layer)  # [d_in, d_out]
       calling.append((ctx.module, "trace"))
       try:
         with projections.quiet():
           delta = session(index[path], x, kernel, **self._stacked_entry(ctx.module, path, index[path]))  # [..., d_out]
       finally:
         calling.pop()
-      delta = adapt_core.output_delta(delta, layer, _inputs(args, kwargs).ndim, y.shape)       # y's layout
+      delta = adapt_core.output_delta(delta, layer, _inputs(args, kwargs).ndim, y.shape)  # y's layout
       return y + delta.astype(y.dtype)
 
     with nn.intercept_methods(add_delta), projections.intercepting():
@@ -372,16 +401,21 @@ class AdaptedModel:
         y, state = _run(self.model, {"params": params}, args, kwargs, mutable=[TRACES])
     missed = sorted(generic_keys - ran)
     if missed:
-      raise ValueError(f"layer(s) {missed[:3]} are adapted but this call intercepted no contraction of their "
-                       "weight, so their adapters did not run (a method other than __call__, another code path, "
-                       "or an op localmoe.projections does not intercept): call the model as in inject.")
+      raise ValueError(
+        f"layer(s) {missed[:3]} are adapted but this call intercepted no contraction of their "
+        "weight, so their adapters did not run (a method other than __call__, another code path, "
+        "or an op localmoe.projections does not intercept): call the model as in inject."
+      )
     return y if not capture_routing else (y, self._traces(state.get(TRACES, {})))
 
   def _stacked_layers(self) -> list[tuple[int, LayerInfo, list[str]]]:
     """(call index, layer, keys of the params scope that holds its weight) of every layer of a stack."""
     slots = {slot.key: slot for slot in self.slots}
-    return [(i, l, _keys(slots[l.path].module_path if l.path in slots else l.path))
-            for i, l in enumerate(self.layers) if l.stack]
+    return [
+      (i, l, _keys(slots[l.path].module_path if l.path in slots else l.path))
+      for i, l in enumerate(self.layers)
+      if l.stack
+    ]
 
   def _with_stacked(self, params, adapter_params):
     """params with every stacked layer's adapters placed in its own params scope, stacked like its kernel:
@@ -398,8 +432,10 @@ class AdaptedModel:
         node = node[key]
       holder = dict(node.get(STACKED_ADAPTERS, {}))
       count = int(np.prod(layer.stack))
-      holder[str(i)] = {"params": adapter_params[layer.path],
-                        "slice": jnp.arange(count, dtype=jnp.int32).reshape(layer.stack)}      # [*stack]
+      holder[str(i)] = {
+        "params": adapter_params[layer.path],
+        "slice": jnp.arange(count, dtype=jnp.int32).reshape(layer.stack),
+      }  # [*stack]
       node[STACKED_ADAPTERS] = holder
     return params
 
@@ -411,9 +447,11 @@ class AdaptedModel:
     entry = module.get_variable("params", STACKED_ADAPTERS) or {}
     entry = entry.get(str(i)) if isinstance(entry, Mapping) else None
     if entry is None or np.ndim(entry["slice"]) != 0:
-      raise ValueError(f"layer {path!r} is a layer of a stack {self.layers[i].stack} but this call sees "
-                       f"{'no adapters' if entry is None else 'the whole stack of adapters'} in its params scope: "
-                       "call the model as in inject (the stack's transform with variable_axes={'params': 0}).")
+      raise ValueError(
+        f"layer {path!r} is a layer of a stack {self.layers[i].stack} but this call sees "
+        f"{'no adapters' if entry is None else 'the whole stack of adapters'} in its params scope: "
+        "call the model as in inject (the stack's transform with variable_axes={'params': 0})."
+      )
     return {"params": entry["params"], "slice_index": entry["slice"]}
 
   def _traces(self, sown) -> list[RouterTrace]:
@@ -432,14 +470,30 @@ class AdaptedModel:
       n = len(layer.stack)
       for logits, gates, marker in node:
         if not n:
-          traces.append(RouterTrace(layer.path, logits, gates, tuple(module.router_grid),
-                                    getattr(module, "top_k", None), tuple(marker.shape[:-1])))
+          traces.append(
+            RouterTrace(
+              layer.path,
+              logits,
+              gates,
+              tuple(module.router_grid),
+              getattr(module, "top_k", None),
+              tuple(marker.shape[:-1]),
+            )
+          )
           continue
-        logits = logits.reshape((-1,) + logits.shape[n:])                      # [layers, *lead, R, E]
+        logits = logits.reshape((-1,) + logits.shape[n:])  # [layers, *lead, R, E]
         gates = gates.reshape((-1,) + gates.shape[n:])
         for j in range(logits.shape[0]):
-          traces.append(RouterTrace(layer.path, logits[j], gates[j], tuple(module.router_grid),
-                                    getattr(module, "top_k", None), tuple(marker.shape[n:-1])))
+          traces.append(
+            RouterTrace(
+              layer.path,
+              logits[j],
+              gates[j],
+              tuple(module.router_grid),
+              getattr(module, "top_k", None),
+              tuple(marker.shape[n:-1]),
+            )
+          )
     return traces
 
   def merge(self, frozen_params, trainable, context=None):
@@ -450,17 +504,20 @@ class AdaptedModel:
     with every input): the error names the layer.
     """
     if not isinstance(self.adapter, PerLayer):
-      raise ValueError(f"{type(self.adapter).__name__} routes on activations across layers: its update depends "
-                       "on every input, so it has no fixed Delta W to merge; apply the adapted model instead.")
+      raise ValueError(
+        f"{type(self.adapter).__name__} routes on activations across layers: its update depends "
+        "on every input, so it has no fixed Delta W to merge; apply the adapted model instead."
+      )
     params = jax.tree_util.tree_map(jnp.asarray, self._with_extras(frozen_params, trainable.get("extras")))
-    params = jax.tree_util.tree_map(lambda a: a, params)                              # a copy we may edit
+    params = jax.tree_util.tree_map(lambda a: a, params)  # a copy we may edit
     slots = {slot.key: slot for slot in self.slots}
     groups: dict[tuple[str, str], list] = {}
     for layer in self.layers:
       slot = slots.get(layer.path)
       if slot is not None:
         groups.setdefault((slot.module_path, slot.param), []).append(
-            (slot, layer, self.adapter.module(layer), trainable["adapter"][layer.path]))
+          (slot, layer, self.adapter.module(layer), trainable["adapter"][layer.path])
+        )
     for (module_path, param), parts in groups.items():
       keys = _keys(module_path)
       node = dict(_tree_get(params, keys)) if keys else params
@@ -473,19 +530,26 @@ class AdaptedModel:
         continue
       keys = _keys(layer.path)
       if not keys:
-        raise ValueError("merge needs the adapted layer to be a submodule of the model (its params under a "
-                         "name), not the root module itself.")
+        raise ValueError(
+          "merge needs the adapted layer to be a submodule of the model (its params under a "
+          "name), not the root module itself."
+        )
       node = dict(_tree_get(params, keys))
-      node["kernel"] = adapt_core.merged_kernel(self.adapter.module(layer), trainable["adapter"][layer.path], layer,
-                                                node["kernel"], context)
+      node["kernel"] = adapt_core.merged_kernel(
+        self.adapter.module(layer), trainable["adapter"][layer.path], layer, node["kernel"], context
+      )
       parent = _tree_get(params, keys[:-1]) if len(keys) > 1 else params
       parent[keys[-1]] = node
     return params
 
 
-def find_layers(model: nn.Module, params, example_args: Sequence[Any],
-                target_modules: str | Sequence[str], example_kwargs: Mapping[str, Any] | None = None
-                ) -> tuple[LayerInfo, ...]:
+def find_layers(
+  model: nn.Module,
+  params,
+  example_args: Sequence[Any],
+  target_modules: str | Sequence[str],
+  example_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[LayerInfo, ...]:
   """The matched layers, in order of their first call (shape-only pass): nn.Dense / nn.DenseGeneral /
   nn.Einsum, and the projections of generic modules (`localmoe.projections`; keys as paths).
 
@@ -495,9 +559,13 @@ def find_layers(model: nn.Module, params, example_args: Sequence[Any],
   return _discover(model, params, example_args, target_modules, example_kwargs)[0]
 
 
-def _discover(model: nn.Module, params, example_args: Sequence[Any], target_modules: str | Sequence[str],
-              example_kwargs: Mapping[str, Any] | None = None
-              ) -> tuple[tuple[LayerInfo, ...], tuple[projections.Slot, ...], list[str]]:
+def _discover(
+  model: nn.Module,
+  params,
+  example_args: Sequence[Any],
+  target_modules: str | Sequence[str],
+  example_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[tuple[LayerInfo, ...], tuple[projections.Slot, ...], list[str]]:
   """(layers in call order, the generic layers' slots, one error text per matched generic weight that cannot
   be adapted: stacked experts, a refused equation, no intercepted contraction)."""
   matches = path_matcher(target_modules)
@@ -542,33 +610,44 @@ def _discover(model: nn.Module, params, example_args: Sequence[Any], target_modu
       except (KeyError, TypeError):
         stored = seen
       stack = adapt_core.stack_of(path, stored, seen, _STACK_TRANSFORM, _STACK_FIX)
-      found[path] = LayerInfo(path=path, d_in=math.prod(in_shape), d_out=math.prod(out_shape), kind=kind,
-                              in_shape=in_shape, out_shape=out_shape, axis=axis, equation=equation, stack=stack)
+      found[path] = LayerInfo(
+        path=path,
+        d_in=math.prod(in_shape),
+        d_out=math.prod(out_shape),
+        kind=kind,
+        in_shape=in_shape,
+        out_shape=out_shape,
+        axis=axis,
+        equation=equation,
+        stack=stack,
+      )
     with projections.frame(projections.Frame(owner=context.module)):
       return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record), projections.intercepting():
     jax.eval_shape(lambda p, *a: _run(model, {"params": p}, a, example_kwargs or {}), params, *example_args)
-  for key, slot in slots.items():                      # a generic layer of a stack: its weight's leading axes
+  for key, slot in slots.items():  # a generic layer of a stack: its weight's leading axes
     try:
       stored = np.shape(_tree_get(params, _keys(slot.module_path) + [slot.param]))
     except (KeyError, TypeError):
       continue
-    found[key] = dataclasses.replace(found[key], stack=adapt_core.stack_of(key, stored, slot.shape,
-                                                                           _STACK_TRANSFORM, _STACK_FIX))
+    found[key] = dataclasses.replace(
+      found[key], stack=adapt_core.stack_of(key, stored, slot.shape, _STACK_TRANSFORM, _STACK_FIX)
+    )
   problems, seen_keys = list(failures), set()
-  for frame in frames:                                 # matched weights whose contraction no frame adapted
+  for frame in frames:  # matched weights whose contraction no frame adapted
     for name, value in frame.weights.items():
       if (frame.module_path, name) in hit_keys or (frame.module_path, name) in seen_keys:
         continue
       seen_keys.add((frame.module_path, name))
-      problems.append(projections.problem(frame.module_path, name, value.shape, frame.problems.get(name),
-                                          name in frame.slices))
+      problems.append(
+        projections.problem(frame.module_path, name, value.shape, frame.problems.get(name), name in frame.slices)
+      )
   return tuple(found.values()), tuple(slots.values()), problems
 
 
 def _module_paths(params) -> list[str]:
-  """"/"-joined module paths that hold leaves directly (e.g. "head" for head/kernel, head/bias)."""
+  """ "/"-joined module paths that hold leaves directly (e.g. "head" for head/kernel, head/bias)."""
   paths = []
   for leaf_path, _ in params_lib.leaf_paths(params):
     module = leaf_path.rpartition("/")[0]
@@ -577,9 +656,16 @@ def _module_paths(params) -> list[str]:
   return paths
 
 
-def inject(model: nn.Module, params, adapter, *example_args, target_modules: str | Sequence[str],
-           key: jax.Array, trainable_extras: str | Sequence[str] | None = None,
-           example_kwargs: Mapping[str, Any] | None = None) -> tuple[AdaptedModel, dict]:
+def inject(
+  model: nn.Module,
+  params,
+  adapter,
+  *example_args,
+  target_modules: str | Sequence[str],
+  key: jax.Array,
+  trainable_extras: str | Sequence[str] | None = None,
+  example_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[AdaptedModel, dict]:
   """Freezes `params` and attaches `adapter` to every nn.Dense / nn.DenseGeneral matching `target_modules`.
 
   Args:
@@ -607,41 +693,66 @@ def inject(model: nn.Module, params, adapter, *example_args, target_modules: str
     raise projections.refusal(problems)
   stacked = [layer for layer in layers if layer.stack]
   if stacked and not isinstance(adapter, PerLayer):
-    raise ValueError(f"layer(s) {[l.path for l in stacked[:3]]} are layers of a scan / vmap stack (kernel "
-                     f"[{', '.join(map(str, stacked[0].stack))}, ...]) and {type(adapter).__name__} carries a state from layer to layer, which cannot be sliced "
-                     "with the stack: use a per-layer method (lora, dora, localized_lora, blockwise_moe, "
-                     "cellwise_moe, ...), or unroll the stack (a Python loop over layers).")
+    raise ValueError(
+      f"layer(s) {[l.path for l in stacked[:3]]} are layers of a scan / vmap stack (kernel "
+      f"[{', '.join(map(str, stacked[0].stack))}, ...]) and {type(adapter).__name__} carries a state from layer to layer, which cannot be sliced "
+      "with the stack: use a per-layer method (lora, dora, localized_lora, blockwise_moe, "
+      "cellwise_moe, ...), or unroll the stack (a Python loop over layers)."
+    )
   matches = path_matcher(target_modules)
   reached = {l.path for l in layers} | {slot.module_path for slot in slots}
-  unreached = [p for p, leaf in params_lib.leaf_paths(params) if p.endswith("/kernel") and np.ndim(leaf) >= 2
-               and matches(p[:-len("/kernel")]) and p[:-len("/kernel")] not in reached]
+  unreached = [
+    p
+    for p, leaf in params_lib.leaf_paths(params)
+    if p.endswith("/kernel")
+    and np.ndim(leaf) >= 2
+    and matches(p[: -len("/kernel")])
+    and p[: -len("/kernel")] not in reached
+  ]
   if unreached:
-    raise ValueError(f"layer(s) {[p[:-len('/kernel')] for p in unreached[:3]]} match target_modules="
-                     f"{target_modules!r} (their params hold a kernel) but no traced call of the model reached "
-                     "them: pass example inputs (and example_kwargs) that reach them, remove an nn.jit on a "
-                     "submodule's method (its cached trace skips the adapters; jit the adapted step instead), "
-                     "or narrow target_modules.")
+    raise ValueError(
+      f"layer(s) {[p[: -len('/kernel')] for p in unreached[:3]]} match target_modules="
+      f"{target_modules!r} (their params hold a kernel) but no traced call of the model reached "
+      "them: pass example inputs (and example_kwargs) that reach them, remove an nn.jit on a "
+      "submodule's method (its cached trace skips the adapters; jit the adapted step instead), "
+      "or narrow target_modules."
+    )
   if not layers:
-    raise adapt_core.no_match_error(target_modules, "nn.Dense / nn.DenseGeneral / nn.Einsum / projection", model,
-                                    "localmoe.inject.dense_paths(model, params, *inputs)")
+    raise adapt_core.no_match_error(
+      target_modules,
+      "nn.Dense / nn.DenseGeneral / nn.Einsum / projection",
+      model,
+      "localmoe.inject.dense_paths(model, params, *inputs)",
+    )
   again = {layer.path for layer in find_layers(model, params, example_args, target_modules, example_kwargs)}
   skipped = [layer.path for layer in layers if layer.path not in again]
   if skipped:
-    raise ValueError(f"layer(s) {skipped[:3]} matched target_modules in the first traced call but a second "
-                     "call did not reach them: a transform caches their trace without the adapters (an nn.jit "
-                     "on a submodule's method), so their adapters would never run; remove that nn.jit (jit the "
-                     "adapted step instead) or leave them out of target_modules.")
+    raise ValueError(
+      f"layer(s) {skipped[:3]} matched target_modules in the first traced call but a second "
+      "call did not reach them: a transform caches their trace without the adapters (an nn.jit "
+      "on a submodule's method), so their adapters would never run; remove that nn.jit (jit the "
+      "adapted step instead) or leave them out of target_modules."
+    )
   extra_paths: tuple[str, ...] = ()
   if trainable_extras is not None:
     extra_paths = adapt_core.select_extras(trainable_extras, _module_paths(params), [l.path for l in layers])
     trainable_extras = trainable_extras if isinstance(trainable_extras, str) else tuple(trainable_extras)
   target = target_modules if isinstance(target_modules, str) else tuple(target_modules)
-  adapted = AdaptedModel(model=model, adapter=adapter, layers=layers, example_args=tuple(example_args),
-                         target_modules=target, trainable_extras=trainable_extras, extra_paths=extra_paths,
-                         slots=slots)
+  adapted = AdaptedModel(
+    model=model,
+    adapter=adapter,
+    layers=layers,
+    example_args=tuple(example_args),
+    target_modules=target,
+    trainable_extras=trainable_extras,
+    extra_paths=extra_paths,
+    slots=slots,
+  )
   trainable = adapted.init_adapter(key, params)
-  leaves = tuple((f"extras/{path}", tuple(np.shape(leaf)), jnp.dtype(leaf.dtype).name)
-                 for path, leaf in params_lib.leaf_paths(trainable["extras"]))
+  leaves = tuple(
+    (f"extras/{path}", tuple(np.shape(leaf)), jnp.dtype(leaf.dtype).name)
+    for path, leaf in params_lib.leaf_paths(trainable["extras"])
+  )
   return dataclasses.replace(adapted, extra_leaves=leaves), trainable
 
 
@@ -649,4 +760,3 @@ def dense_paths(model: nn.Module, params, *example_args) -> list[str]:
   """Every nn.Dense / nn.DenseGeneral / nn.Einsum path and generic projection key of `model` (`localmoe.
   projections`), in call order (to write a target_modules pattern)."""
   return [layer.path for layer in find_layers(model, params, example_args, ".*")]
-

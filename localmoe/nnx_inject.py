@@ -75,7 +75,6 @@ from localmoe import projections
 NNX_LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
 
-
 class AdapterParam(nnx.LoRAParam):
   """A localmoe adapter parameter (A, B, routers, DoRA's magnitude): `wrt=AdapterParam` trains them."""
 
@@ -119,8 +118,16 @@ class Adapter(nnx.Module):
   DoRA also needs the frozen kernel W0 [d_in, d_out] (`kernel=`), at construction and at every call.
   """
 
-  def __init__(self, adapter: Mapping[str, Any] | nn.Module, d_in: int | None = None, d_out: int | None = None,
-               *, rngs: nnx.Rngs | None = None, kernel: jnp.ndarray | None = None, params: Any = None):
+  def __init__(
+    self,
+    adapter: Mapping[str, Any] | nn.Module,
+    d_in: int | None = None,
+    d_out: int | None = None,
+    *,
+    rngs: nnx.Rngs | None = None,
+    kernel: jnp.ndarray | None = None,
+    params: Any = None,
+  ):
     if isinstance(adapter, nn.Module):
       definition = adapter
     else:
@@ -131,7 +138,7 @@ class Adapter(nnx.Module):
         raise ValueError("Adapter needs rngs=nnx.Rngs(<seed>) to initialise its parameters (or params=).")
       info = adapt_core.LayerInfo("adapter", definition.d_in, definition.d_out)
       params = adapt_core.PerLayer(lambda layer: definition).init(rngs.params(), [info], [kernel])["adapter"]
-    self.definition = definition                 # the linen module: static and hashable
+    self.definition = definition  # the linen module: static and hashable
     self.params = nnx.data(jax.tree_util.tree_map(AdapterParam, params))
 
   def linen_params(self) -> dict:
@@ -148,7 +155,7 @@ class Adapter(nnx.Module):
     if hasattr(type(self.definition), "delta_weight"):
       return adapters_lib.delta_weight(self.definition, {"params": self.linen_params()}, context, gates)
     info = adapt_core.LayerInfo("adapter", self.definition.d_in, self.definition.d_out)
-    return adapt_core.delta_2d(self.definition, self.linen_params(), info, kernel, context).T   # DoRA
+    return adapt_core.delta_2d(self.definition, self.linen_params(), info, kernel, context).T  # DoRA
 
   def num_params(self) -> int:
     return int(self.definition.num_params())
@@ -160,13 +167,14 @@ class Adapter(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class _Injection:
   """What `inject` was asked (static, hashable): for adapter files and error messages."""
-  rules: str | None                           # PerLayer.to_json() as JSON; None for a callable build
+
+  rules: str | None  # PerLayer.to_json() as JSON; None for a callable build
   target_modules: str | tuple[str, ...]
   trainable_extras: str | tuple[str, ...] | None
 
 
-_STATE = threading.local()                    # .probe: {path: LayerInfo} or None; .captures: [traces lists]
-                                              # .slots: {key: Slot}, .problems: [str], .called: {paths} (probe)
+_STATE = threading.local()  # .probe: {path: LayerInfo} or None; .captures: [traces lists]
+# .slots: {key: Slot}, .problems: [str], .called: {paths} (probe)
 
 
 def _probe() -> dict | None:
@@ -187,26 +195,32 @@ class AdaptedLayer(nnx.Module):
   contractions, and attribute reads the model makes (`.shape`, `.einsum_str`, ...) pass through to `.base`.
   """
 
-  def __init__(self, base: nnx.Module, path: str, injection: _Injection, wanted: tuple[str, ...] = (),
-               stack: tuple[int, ...] | None = ()):
+  def __init__(
+    self,
+    base: nnx.Module,
+    path: str,
+    injection: _Injection,
+    wanted: tuple[str, ...] = (),
+    stack: tuple[int, ...] | None = (),
+  ):
     """stack: the leading layer axes of a layer of an nnx.vmap / nnx.scan stack (its kernel [*stack, ...]),
     () for a plain layer, None for the discovery pass (no routing state: nothing to slice)."""
-    self.base = base                          # the original nnx.Linear / LinearGeneral / Einsum (frozen)
-    self.path = path                          # "/"-joined module path, e.g. "attn/query"
+    self.base = base  # the original nnx.Linear / LinearGeneral / Einsum (frozen)
+    self.path = path  # "/"-joined module path, e.g. "attn/query"
     self.injection = injection
-    self.layer: adapt_core.LayerInfo | None = None      # geometry seen in the discovery pass
-    self.index = -1                           # call order among the adapted layers
-    self.adapter = nnx.data(None)             # an `Adapter`; None until discovered
+    self.layer: adapt_core.LayerInfo | None = None  # geometry seen in the discovery pass
+    self.index = -1  # call order among the adapted layers
+    self.adapter = nnx.data(None)  # an `Adapter`; None until discovered
     self.stack = tuple(stack or ())
-    if stack is not None:                     # routing state, stacked like the kernel for a stack's transform
+    if stack is not None:  # routing state, stacked like the kernel for a stack's transform
       self.context = RoutingContext(_no_context(self.stack))
       self.rngs = RoutingRngs({})
-    if self.stack:                            # each layer's number in the stack, sliced with it
+    if self.stack:  # each layer's number in the stack, sliced with it
       self.slice = RoutingContext(jnp.arange(math.prod(self.stack), dtype=jnp.int32).reshape(self.stack))
-    self.generic = bool(wanted)               # a generic module: its matched weights' names are `wanted`
+    self.generic = bool(wanted)  # a generic module: its matched weights' names are `wanted`
     if wanted:
       self.wanted = tuple(wanted)
-      self.slots: tuple[projections.Slot, ...] = ()      # one per adapted projection, in call order
+      self.slots: tuple[projections.Slot, ...] = ()  # one per adapted projection, in call order
       self.infos: tuple[adapt_core.LayerInfo, ...] = ()
       self.indices: tuple[int, ...] = ()
       self.adapters = nnx.List([])
@@ -229,7 +243,7 @@ class AdaptedLayer(nnx.Module):
   def __call__(self, *args, **kwargs):
     if self.generic:
       return self._generic_call(args, kwargs)
-    with projections.frame(projections.Frame(owner=self.base)):           # the layer's ops are its own
+    with projections.frame(projections.Frame(owner=self.base)):  # the layer's ops are its own
       return self._linear_call(*args, **kwargs)
 
   def _unsliced(self) -> int:
@@ -242,7 +256,7 @@ class AdaptedLayer(nnx.Module):
 
   def _rngs(self) -> dict | None:
     rngs = dict(self.rngs.get_value())
-    if self._unsliced():                             # state the transform broadcast: the same for every layer
+    if self._unsliced():  # state the transform broadcast: the same for every layer
       rngs = {name: key[(0,) * self._unsliced()] for name, key in rngs.items()}
     return rngs or None
 
@@ -252,32 +266,41 @@ class AdaptedLayer(nnx.Module):
     capture = captures[-1] if captures else None
     routed = [d for d in definitions if adapt_core.routes_on_context(d) or adapt_core.routes_on_activation(d)]
     if capture is not None and self.stack and routed:
-      raise ValueError(f"layer {self.path!r} is a layer of an nnx.vmap / nnx.scan stack {self.stack} with a routed "
-                       f"adapter ({type(routed[0]).__name__}): its router traces are values inside that transform "
-                       "and cannot be collected outside it; call the model inside `routing_context(model, c, "
-                       "capture=False)` (or nnx_inject.call(..., capture_routing=False)), or build the stack as an "
-                       "nnx.List of layers to collect them.")
+      raise ValueError(
+        f"layer {self.path!r} is a layer of an nnx.vmap / nnx.scan stack {self.stack} with a routed "
+        f"adapter ({type(routed[0]).__name__}): its router traces are values inside that transform "
+        "and cannot be collected outside it; call the model inside `routing_context(model, c, "
+        "capture=False)` (or nnx_inject.call(..., capture_routing=False)), or build the stack as an "
+        "nnx.List of layers to collect them."
+      )
     return capture
 
   def _context(self, definitions) -> Any:
     context = self.context.get_value()
-    if self._unsliced():                             # state the transform broadcast: the same for every layer
+    if self._unsliced():  # state the transform broadcast: the same for every layer
       context = context[(0,) * self._unsliced()]
     context = None if context.shape == (0,) else context
     for definition in definitions:
       if adapt_core.routes_on_context(definition) and context is None:
-        raise ValueError(f"layer {self.path!r} has a context-routed adapter ({type(definition).__name__}, "
-                         "router_input='context') but the model was called without a context: call it inside "
-                         "`with localmoe.nnx_inject.routing_context(model, <labels [batch] or one-hot/embedding "
-                         "[batch, context_dim]>):` (or nnx_inject.call(model, ..., context=...)).")
+        raise ValueError(
+          f"layer {self.path!r} has a context-routed adapter ({type(definition).__name__}, "
+          "router_input='context') but the model was called without a context: call it inside "
+          "`with localmoe.nnx_inject.routing_context(model, <labels [batch] or one-hot/embedding "
+          "[batch, context_dim]>):` (or nnx_inject.call(model, ..., context=...))."
+        )
     return context
 
   def _generic_call(self, args, kwargs):
     base = self.base
-    foreign = [v.get_value() for p, m in nnx.iter_modules(base) if p                # the submodules' arrays
-               for v in vars(m).values() if isinstance(v, nnx.Variable)]
+    foreign = [
+      v.get_value()
+      for p, m in nnx.iter_modules(base)
+      if p  # the submodules' arrays
+      for v in vars(m).values()
+      if isinstance(v, nnx.Variable)
+    ]
     probe = _probe()
-    if probe is not None:                     # discovery pass: record the projections, add nothing
+    if probe is not None:  # discovery pass: record the projections, add nothing
       matches = adapt_core.path_matcher(self.injection.target_modules)
       weights = {name: getattr(base, name).get_value() for name in self.wanted}
 
@@ -297,26 +320,43 @@ class AdaptedLayer(nnx.Module):
       _STATE.called.add(self.path)
       for name, value in weights.items():
         if name not in frame.hits:
-          _STATE.problems.append(projections.problem(self.path, name, value.shape, frame.problems.get(name),
-                                                     name in frame.slices))
+          _STATE.problems.append(
+            projections.problem(self.path, name, value.shape, frame.problems.get(name), name in frame.slices)
+          )
       return y
     if not self.slots:
-      raise ValueError(f"layer {self.path!r} matches target_modules but was not called when the model was "
-                       "injected (other input shapes or control flow?): re-run inject with inputs that reach it.")
+      raise ValueError(
+        f"layer {self.path!r} matches target_modules but was not called when the model was "
+        "injected (other input shapes or control flow?): re-run inject with inputs that reach it."
+      )
     context = self._context(a.definition for a in self.adapters)
     capture = self._capture([a.definition for a in self.adapters])
     rngs, slice_index = self._rngs(), self._slice_index()
     sessions = {
-        info.path: adapt_core.LayerSession({info.path: adapter.definition}, {info.path: adapter.linen_params()},
-                                           [info], context, capture, rngs=rngs,
-                                           offset=index)
-        for index, info, adapter, _ in self.entries()}
+      info.path: adapt_core.LayerSession(
+        {info.path: adapter.definition},
+        {info.path: adapter.linen_params()},
+        [info],
+        context,
+        capture,
+        rngs=rngs,
+        offset=index,
+      )
+      for index, info, adapter, _ in self.entries()
+    }
     infos = {info.path: info for info in self.infos}
 
     def handler(hit, x, w, y):
       chosen = [slot for slot in self.slots if slot.param == hit.param]
-      return projections.delta(chosen, [infos[s.key] for s in chosen], hit, x, w, y,
-                               lambda key, flat, kernel: sessions[key](0, flat, kernel, slice_index=slice_index))
+      return projections.delta(
+        chosen,
+        [infos[s.key] for s in chosen],
+        hit,
+        x,
+        w,
+        y,
+        lambda key, flat, kernel: sessions[key](0, flat, kernel, slice_index=slice_index),
+      )
 
     weights = {slot.param: getattr(base, slot.param).get_value() for slot in self.slots}
     frame = projections.Frame(self.path, weights, handler, owner=base, foreign=foreign)
@@ -324,32 +364,42 @@ class AdaptedLayer(nnx.Module):
       y = base(*args, **kwargs)
     missed = [slot.key for slot in self.slots if slot.param not in frame.hits]
     if missed:
-      raise ValueError(f"layer(s) {missed[:3]} are adapted but this call of {self.path!r} intercepted no "
-                       "contraction of their weight, so their adapters did not run (another code path, or an op "
-                       "localmoe.projections does not intercept): call the model as in inject.")
+      raise ValueError(
+        f"layer(s) {missed[:3]} are adapted but this call of {self.path!r} intercepted no "
+        "contraction of their weight, so their adapters did not run (another code path, or an op "
+        "localmoe.projections does not intercept): call the model as in inject."
+      )
     return y
 
   def _linear_call(self, x, *args, **kwargs):
     y = self.base(x, *args, **kwargs)
     probe = _probe()
-    if probe is not None:                     # discovery pass: record the geometry, add nothing
+    if probe is not None:  # discovery pass: record the geometry, add nothing
       if self.path not in probe:
         probe[self.path] = _geometry(self.base, self.path, x, args, kwargs)
       return y
     if self.adapter is None or self.layer is None:
-      raise ValueError(f"layer {self.path!r} matches target_modules but was not called when the model was "
-                       "injected (other input shapes or control flow?): re-run inject with inputs that reach it.")
+      raise ValueError(
+        f"layer {self.path!r} matches target_modules but was not called when the model was "
+        "injected (other input shapes or control flow?): re-run inject with inputs that reach it."
+      )
     layer, definition = self.layer, self.adapter.definition
     context = self._context([definition])
     capture = self._capture([definition])
     session = adapt_core.LayerSession(
-        {layer.path: definition}, {layer.path: self.adapter.linen_params()}, [layer], context,
-        capture, rngs=self._rngs(), offset=self.index)
-    flat = adapt_core.flatten_input(x, layer)                                             # [..., d_in]
-    kernel = adapt_core.kernel_2d(self.base.kernel.get_value(), layer)                    # [d_in, d_out]
+      {layer.path: definition},
+      {layer.path: self.adapter.linen_params()},
+      [layer],
+      context,
+      capture,
+      rngs=self._rngs(),
+      offset=self.index,
+    )
+    flat = adapt_core.flatten_input(x, layer)  # [..., d_in]
+    kernel = adapt_core.kernel_2d(self.base.kernel.get_value(), layer)  # [d_in, d_out]
     with projections.quiet():
-      delta = session(0, flat, kernel, slice_index=self._slice_index())                   # [..., d_out]
-    delta = adapt_core.output_delta(delta, layer, x.ndim, y.shape)                        # y's layout
+      delta = session(0, flat, kernel, slice_index=self._slice_index())  # [..., d_out]
+    delta = adapt_core.output_delta(delta, layer, x.ndim, y.shape)  # y's layout
     return y + delta.astype(y.dtype)
 
 
@@ -373,20 +423,20 @@ def _kernel_stack(module, path: str) -> tuple[int, ...]:
   """The leading layer axes of a layer of an nnx.vmap / nnx.scan stack (its kernel [*stack, ...]), () for a
   plain layer; a stack axis that does not lead and a LinearGeneral with batch axes are refused by name."""
   if isinstance(module, nnx.LinearGeneral) and module.batch_axis:
-    raise ValueError(f"layer {path!r} is an nnx.LinearGeneral with batch_axis={dict(module.batch_axis)}: its "
-                     "kernel differs per batch index, so one adapter cannot stand for it; leave it out of "
-                     "target_modules.")
-  return adapt_core.stack_of(path, module.kernel.shape, _expected_kernel_shape(module), _STACK_TRANSFORM,
-                             _STACK_FIX)
+    raise ValueError(
+      f"layer {path!r} is an nnx.LinearGeneral with batch_axis={dict(module.batch_axis)}: its "
+      "kernel differs per batch index, so one adapter cannot stand for it; leave it out of "
+      "target_modules."
+    )
+  return adapt_core.stack_of(path, module.kernel.shape, _expected_kernel_shape(module), _STACK_TRANSFORM, _STACK_FIX)
 
 
 def _geometry(module, path: str, x, args, kwargs) -> adapt_core.LayerInfo:
   """The LayerInfo of one call of an NNX linear layer on input x."""
   if isinstance(module, nnx.Linear):
-    in_shape, out_shape, axis, kind, equation = (int(x.shape[-1]),), (int(module.out_features),), (-1,), \
-        "Linear", ""
+    in_shape, out_shape, axis, kind, equation = (int(x.shape[-1]),), (int(module.out_features),), (-1,), "Linear", ""
   elif isinstance(module, nnx.LinearGeneral):
-    axis = tuple(int(a) - x.ndim if int(a) >= 0 else int(a) for a in module.axis)   # negative, kernel order
+    axis = tuple(int(a) - x.ndim if int(a) >= 0 else int(a) for a in module.axis)  # negative, kernel order
     in_shape, out_shape = tuple(int(x.shape[a]) for a in axis), tuple(int(f) for f in module.out_features)
     kind, equation = "LinearGeneral", ""
   else:
@@ -394,8 +444,16 @@ def _geometry(module, path: str, x, args, kwargs) -> adapt_core.LayerInfo:
     equation = (given or module.einsum_str).replace(" ", "")
     in_shape, out_shape = einsum_layers.widths(einsum_layers.parse(equation, x.ndim, path), module.kernel_shape)
     axis, kind = (), "Einsum"
-  return adapt_core.LayerInfo(path=path, d_in=math.prod(in_shape), d_out=math.prod(out_shape), kind=kind,
-                              in_shape=in_shape, out_shape=out_shape, axis=axis, equation=equation)
+  return adapt_core.LayerInfo(
+    path=path,
+    d_in=math.prod(in_shape),
+    d_out=math.prod(out_shape),
+    kind=kind,
+    in_shape=in_shape,
+    out_shape=out_shape,
+    axis=axis,
+    equation=equation,
+  )
 
 
 def _adapted(model: nnx.Module) -> list[tuple[tuple, AdaptedLayer]]:
@@ -412,8 +470,11 @@ def _entries(model: nnx.Module) -> list[tuple[int, adapt_core.LayerInfo, Adapter
 
 def _own_weights(module: nnx.Module) -> dict[str, Any]:
   """The frozen nnx.Params (ndim >= 2) a module holds directly, by attribute name."""
-  return {k: v.get_value() for k, v in vars(module).items()
-          if isinstance(v, nnx.Param) and not isinstance(v, AdapterParam) and getattr(v.get_value(), "ndim", 0) >= 2}
+  return {
+    k: v.get_value()
+    for k, v in vars(module).items()
+    if isinstance(v, nnx.Param) and not isinstance(v, AdapterParam) and getattr(v.get_value(), "ndim", 0) >= 2
+  }
 
 
 def _generic_wanted(module: nnx.Module, path: str, matches) -> tuple[str, ...]:
@@ -427,8 +488,10 @@ def _generic_wanted(module: nnx.Module, path: str, matches) -> tuple[str, ...]:
 
 def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
   if not path:
-    raise ValueError("the root module itself matches target_modules: adapt a model that holds the layer as "
-                     "a submodule (e.g. a wrapper with the layer as an attribute).")
+    raise ValueError(
+      "the root module itself matches target_modules: adapt a model that holds the layer as "
+      "a submodule (e.g. a wrapper with the layer as an attribute)."
+    )
   parent = model
   for key in path[:-1]:
     parent = parent[key] if isinstance(key, int) or not hasattr(parent, str(key)) else getattr(parent, key)
@@ -456,20 +519,23 @@ def _candidates(model: nnx.Module, target_modules) -> list[tuple[tuple, nnx.Modu
       hit = (isinstance(module, NNX_LINEAR_TYPES) and matches(name)) or bool(wanted)
     if not hit:
       continue
-    if adapted or any(path[:len(p)] == p for p in inside):
-      raise ValueError(f"layer {_path_str(path if adapted else path[:-1])!r} is already adapted: inject a model "
-                       "once (merge it first to adapt the merged model again).")
+    if adapted or any(path[: len(p)] == p for p in inside):
+      raise ValueError(
+        f"layer {_path_str(path if adapted else path[:-1])!r} is already adapted: inject a model "
+        "once (merge it first to adapt the merged model again)."
+      )
     if not wanted:
       _kernel_stack(module, name)
     found.append((path, module, wanted))
   return sorted(found, key=lambda item: -len(item[0]))
 
 
-def _wrap_all(model: nnx.Module, candidates, injection: _Injection,
-              stacks: Mapping[str, tuple[int, ...]] | None = None) -> list[AdaptedLayer]:
+def _wrap_all(
+  model: nnx.Module, candidates, injection: _Injection, stacks: Mapping[str, tuple[int, ...]] | None = None
+) -> list[AdaptedLayer]:
   """Wraps every candidate; stacks: {path: leading layer axes} of the stacked ones (None: discovery wrappers)."""
   wrappers = []
-  for path, module, wanted in candidates:                # deepest first
+  for path, module, wanted in candidates:  # deepest first
     name = _path_str(path)
     wrapper = AdaptedLayer(module, name, injection, wanted, None if stacks is None else stacks.get(name, ()))
     _replace(model, path, wrapper)
@@ -477,15 +543,23 @@ def _wrap_all(model: nnx.Module, candidates, injection: _Injection,
   return wrappers
 
 
-def find_layers(model: nnx.Module, example_args: Sequence[Any], target_modules: str | Sequence[str],
-                example_kwargs: Mapping[str, Any] | None = None) -> tuple[adapt_core.LayerInfo, ...]:
+def find_layers(
+  model: nnx.Module,
+  example_args: Sequence[Any],
+  target_modules: str | Sequence[str],
+  example_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[adapt_core.LayerInfo, ...]:
   """The matched layers, in order of their first call (a shape-only pass on a copy of the model):
   nnx.Linear / LinearGeneral / Einsum, and the projections of generic modules (`localmoe.projections`)."""
   return _discover(model, example_args, target_modules, example_kwargs)[0]
 
 
-def _discover(model: nnx.Module, example_args: Sequence[Any], target_modules: str | Sequence[str],
-              example_kwargs: Mapping[str, Any] | None = None):
+def _discover(
+  model: nnx.Module,
+  example_args: Sequence[Any],
+  target_modules: str | Sequence[str],
+  example_kwargs: Mapping[str, Any] | None = None,
+):
   """(layers in call order, {key: Slot} of the generic ones, error texts of matched generic weights that
   cannot be adapted, paths of the generic modules called)."""
   copy = nnx.clone(model)
@@ -500,15 +574,17 @@ def _discover(model: nnx.Module, example_args: Sequence[Any], target_modules: st
     problems, called = list(_STATE.problems), set(_STATE.called)
   except (ValueError, TypeError) as error:
     generic = [w.path for w in wrappers if w.generic]
-    if not generic or str(error).startswith("layer "):                # no generic layer, or localmoe's own words
+    if not generic or str(error).startswith("layer "):  # no generic layer, or localmoe's own words
       raise
-    raise ValueError(f"the model's example call failed once its generic layer(s) {generic[:3]} were wrapped "
-                     f"({type(error).__name__}: {str(error)[:200]}): the wrapper must be called like the module it "
-                     "replaces; leave it out of target_modules.") from error
+    raise ValueError(
+      f"the model's example call failed once its generic layer(s) {generic[:3]} were wrapped "
+      f"({type(error).__name__}: {str(error)[:200]}): the wrapper must be called like the module it "
+      "replaces; leave it out of target_modules."
+    ) from error
   finally:
     _STATE.probe = None
   bases = {w.path: w.base for w in wrappers}
-  for path, info in infos.items():                    # a layer of a stack: its kernel's leading layer axes
+  for path, info in infos.items():  # a layer of a stack: its kernel's leading layer axes
     slot = slots.get(path)
     if slot is None:
       stack = _kernel_stack(bases[path], path)
@@ -542,9 +618,15 @@ def _retype(module: nnx.Module, name: str, cls) -> None:
   setattr(module, name, cls.from_metadata(var.get_value(), var.get_metadata()))
 
 
-def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequence[str], key: jax.Array,
-           trainable_extras: str | Sequence[str] | None = None,
-           example_kwargs: Mapping[str, Any] | None = None) -> nnx.Module:
+def inject(
+  model: nnx.Module,
+  adapter,
+  *example_args,
+  target_modules: str | Sequence[str],
+  key: jax.Array,
+  trainable_extras: str | Sequence[str] | None = None,
+  example_kwargs: Mapping[str, Any] | None = None,
+) -> nnx.Module:
   """Attaches `adapter` to every nnx.Linear / LinearGeneral / Einsum matching `target_modules`, in place.
 
   Args:
@@ -565,61 +647,78 @@ def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequ
   """
   adapter = adapt_core.adapter_set(adapter)
   if not isinstance(adapter, adapt_core.PerLayer):
-    raise ValueError(f"{type(adapter).__name__} carries a state from layer to layer within one forward pass, "
-                     "which nnx_inject does not thread through an NNX model: use a per-layer method (lora, dora, "
-                     "melora, localized_lora, blockwise_moe, cellwise_moe, per_task_lora), or localmoe.inject on "
-                     "a linen model.")
+    raise ValueError(
+      f"{type(adapter).__name__} carries a state from layer to layer within one forward pass, "
+      "which nnx_inject does not thread through an NNX model: use a per-layer method (lora, dora, "
+      "melora, localized_lora, blockwise_moe, cellwise_moe, per_task_lora), or localmoe.inject on "
+      "a linen model."
+    )
   adapt_core.check_key(key)
   candidates = _candidates(model, target_modules)
   earlier = [w.path for _, w in _adapted(model)]
   if earlier:
-    raise ValueError(f"{type(model).__name__} already holds adapters on {earlier[:3]} (an earlier inject): a "
-                     "second inject into other layers is not supported; inject every layer in one call "
-                     "(one target_modules regex, per-layer specs as (pattern, spec) rules), or merge first "
-                     "(nnx_inject.merge(model)) and inject the merged model.")
+    raise ValueError(
+      f"{type(model).__name__} already holds adapters on {earlier[:3]} (an earlier inject): a "
+      "second inject into other layers is not supported; inject every layer in one call "
+      "(one target_modules regex, per-layer specs as (pattern, spec) rules), or merge first "
+      "(nnx_inject.merge(model)) and inject the merged model."
+    )
   if not candidates:
-    raise adapt_core.no_match_error(target_modules, "nnx.Linear / nnx.LinearGeneral / nnx.Einsum / projection",
-                                    model, "localmoe.nnx_inject.linear_paths(model, *inputs)")
+    raise adapt_core.no_match_error(
+      target_modules,
+      "nnx.Linear / nnx.LinearGeneral / nnx.Einsum / projection",
+      model,
+      "localmoe.nnx_inject.linear_paths(model, *inputs)",
+    )
   layers, slots, problems, called = _discover(model, example_args, target_modules, example_kwargs)
   if problems:
     raise projections.refusal(problems)
   extras = []
   if trainable_extras is not None:
     holders = _param_holders(model)
-    selected = adapt_core.select_extras(trainable_extras, [p for p, _, _ in holders],
-                                        [_path_str(path) for path, _, _ in candidates])
+    selected = adapt_core.select_extras(
+      trainable_extras, [p for p, _, _ in holders], [_path_str(path) for path, _, _ in candidates]
+    )
     extras = [(p, m, names) for p, m, names in holders if p in selected]
     trainable_extras = trainable_extras if isinstance(trainable_extras, str) else tuple(trainable_extras)
   by_path = {layer.path: (i, layer) for i, layer in enumerate(layers)}
-  unreached = [_path_str(path) for path, _, wanted in candidates
-               if _path_str(path) not in (called if wanted else by_path)]
+  unreached = [
+    _path_str(path) for path, _, wanted in candidates if _path_str(path) not in (called if wanted else by_path)
+  ]
   if unreached:
-    raise ValueError(f"layer(s) {unreached[:3]} match target_modules={target_modules!r} but the example call "
-                     "never reached them, so their input shapes are unknown: pass example inputs (and "
-                     "example_kwargs) that reach them, or narrow target_modules.")
+    raise ValueError(
+      f"layer(s) {unreached[:3]} match target_modules={target_modules!r} but the example call "
+      "never reached them, so their input shapes are unknown: pass example inputs (and "
+      "example_kwargs) that reach them, or narrow target_modules."
+    )
   modules = dict((_path_str(p), m) for p, m, _ in candidates)
   stacks: dict[str, tuple[int, ...]] = {}
-  for layer in layers:                                # a wrapper's stack: its layer's, or all its projections'
+  for layer in layers:  # a wrapper's stack: its layer's, or all its projections'
     owner = slots[layer.path].module_path if layer.path in slots else layer.path
     if stacks.setdefault(owner, layer.stack) != layer.stack:
-      raise ValueError(f"layer {layer.path!r} is stacked {layer.stack} but another weight of {owner!r} is stacked "
-                       f"{stacks[owner]}: one module's adapters must share one stack; leave one out of "
-                       "target_modules.")
+      raise ValueError(
+        f"layer {layer.path!r} is stacked {layer.stack} but another weight of {owner!r} is stacked "
+        f"{stacks[owner]}: one module's adapters must share one stack; leave one out of "
+        "target_modules."
+      )
   kernels = []
-  for layer in layers:                                                # [*stack, d_in, d_out] each
+  for layer in layers:  # [*stack, d_in, d_out] each
     slot, one = slots.get(layer.path), layer.unstacked()
     if slot is None:
       w = modules[layer.path].kernel.get_value()
       kernels.append(adapt_core.over_stack(lambda w: adapt_core.kernel_2d(w, one), layer.stack, w))
       continue
     w = getattr(modules[slot.module_path], slot.param).get_value()
-    kernels.append(adapt_core.over_stack(lambda w, slot=slot, one=one: adapt_core.kernel_2d(
-        w if slot.index < 0 else w[slot.index], one), layer.stack, w))
+    kernels.append(
+      adapt_core.over_stack(
+        lambda w, slot=slot, one=one: adapt_core.kernel_2d(w if slot.index < 0 else w[slot.index], one), layer.stack, w
+      )
+    )
   params = adapter.init(key, layers, kernels)
   try:
     rules = json.dumps(adapter.to_json())
   except ValueError:
-    rules = None                                # a callable build: usable, not savable
+    rules = None  # a callable build: usable, not savable
   target = target_modules if isinstance(target_modules, str) else tuple(target_modules)
   injection = _Injection(rules, target, trainable_extras)
   for wrapper in _wrap_all(model, candidates, injection, stacks):
@@ -630,8 +729,7 @@ def inject(model: nnx.Module, adapter, *example_args, target_modules: str | Sequ
       wrapper.indices = tuple(i for i, _ in mine)
       wrapper.infos = tuple(by_path[slot.key][1] for slot in wrapper.slots)
       wrapper.index = min(wrapper.indices, default=-1)
-      wrapper.adapters = nnx.List([Adapter(adapter.module(info), params=params[info.path])
-                                   for info in wrapper.infos])
+      wrapper.adapters = nnx.List([Adapter(adapter.module(info), params=params[info.path]) for info in wrapper.infos])
     elif wrapper.path in by_path:
       wrapper.index, wrapper.layer = by_path[wrapper.path]
       wrapper.adapter = Adapter(adapter.module(wrapper.layer), params=params[wrapper.path])
@@ -662,10 +760,11 @@ def routing_context(model: nnx.Module, context=None, rngs=None, capture: bool = 
   wrappers = [w for _, w in _adapted(model)]
   before = [(w.context.get_value(), w.rngs.get_value()) for w in wrappers]
   value = _no_context() if context is None else jnp.asarray(context)
-  for w in wrappers:                                  # a stack's wrapper: one copy per layer, sliced with it
+  for w in wrappers:  # a stack's wrapper: one copy per layer, sliced with it
     w.context.set_value(jnp.broadcast_to(value, w.stack + value.shape) if w.stack else value)
-    w.rngs.set_value({name: jnp.broadcast_to(key, w.stack + key.shape) for name, key in rngs.items()}
-                     if w.stack else dict(rngs))
+    w.rngs.set_value(
+      {name: jnp.broadcast_to(key, w.stack + key.shape) for name, key in rngs.items()} if w.stack else dict(rngs)
+    )
   traces: list = []
   _captures().append(traces if capture else None)
   try:
@@ -732,7 +831,7 @@ def merge(model: nnx.Module, context=None) -> nnx.Module:
   layer. `model` itself is left unchanged.
   """
   merged = nnx.clone(model)
-  for path, wrapper in sorted(_adapted(merged), key=lambda item: -len(item[0])):     # nested ones first
+  for path, wrapper in sorted(_adapted(merged), key=lambda item: -len(item[0])):  # nested ones first
     if wrapper.generic:
       groups: dict[str, list] = {}
       for _, info, adapter, slot in wrapper.entries():
@@ -742,8 +841,11 @@ def merge(model: nnx.Module, context=None) -> nnx.Module:
         weight.set_value(projections.merged_weight(weight.get_value(), parts, context, "nnx"))
     elif wrapper.adapter is not None:
       kernel = wrapper.base.kernel
-      kernel.set_value(adapt_core.merged_kernel(wrapper.adapter.definition, wrapper.adapter.linen_params(),
-                                                wrapper.layer, kernel.get_value(), context, "nnx"))
+      kernel.set_value(
+        adapt_core.merged_kernel(
+          wrapper.adapter.definition, wrapper.adapter.linen_params(), wrapper.layer, kernel.get_value(), context, "nnx"
+        )
+      )
     _replace(merged, path, wrapper.base)
   for path, module in list(nnx.iter_modules(merged)):
     for name in [k for k, v in vars(module).items() if isinstance(v, ExtraParam)]:
@@ -761,27 +863,38 @@ def described(model: nnx.Module) -> inject_lib.AdaptedModel:
     raise ValueError(f"{type(model).__name__} has no adapted layer: run localmoe.nnx_inject.inject first.")
   injection = wrappers[0].injection
   if injection.rules is None:
-    raise ValueError("an adapter built by a callable cannot be saved: build it from a spec dict (or (pattern, "
-                     "spec) rules) so adapter_config.json can describe it.")
+    raise ValueError(
+      "an adapter built by a callable cannot be saved: build it from a spec dict (or (pattern, "
+      "spec) rules) so adapter_config.json can describe it."
+    )
   rules = json.loads(injection.rules)
   adapter = adapt_core.adapter_set([tuple(r) for r in rules] if isinstance(rules, list) else rules)
   extras = trainable(model)["extras"]
-  leaves = tuple((f"extras/{path}", tuple(leaf.shape), jnp.dtype(leaf.dtype).name)
-                 for path, leaf in params_lib.leaf_paths(extras))
-  return inject_lib.AdaptedModel(model=None, adapter=adapter, layers=layers(model), example_args=(),
-                                 target_modules=injection.target_modules,
-                                 trainable_extras=injection.trainable_extras, extra_paths=tuple(_extras(model)),
-                                 extra_leaves=leaves)                  # shapes/dtypes save_adapter checks
+  leaves = tuple(
+    (f"extras/{path}", tuple(leaf.shape), jnp.dtype(leaf.dtype).name) for path, leaf in params_lib.leaf_paths(extras)
+  )
+  return inject_lib.AdaptedModel(
+    model=None,
+    adapter=adapter,
+    layers=layers(model),
+    example_args=(),
+    target_modules=injection.target_modules,
+    trainable_extras=injection.trainable_extras,
+    extra_paths=tuple(_extras(model)),
+    extra_leaves=leaves,
+  )  # shapes/dtypes save_adapter checks
 
 
 def save_adapter(directory: str, model: nnx.Module) -> None:
   """Writes the adapter of an adapted NNX model in `localmoe.adapter_io`'s format (loadable by linen, too)."""
-  from localmoe import adapter_io             # pylint: disable=g-import-not-at-top
+  from localmoe import adapter_io  # pylint: disable=g-import-not-at-top
+
   adapter_io.save_adapter(directory, described(model), trainable(model))
 
 
-def load_adapter(directory: str, model: nnx.Module, *example_args,
-                 example_kwargs: Mapping[str, Any] | None = None) -> nnx.Module:
+def load_adapter(
+  directory: str, model: nnx.Module, *example_args, example_kwargs: Mapping[str, Any] | None = None
+) -> nnx.Module:
   """Injects the saved adapter (from a linen or an NNX model) into `model`, in place, with the saved arrays.
 
   As strict as `adapter_io.load_adapter`, and every check runs before the model is changed: the model's
@@ -789,17 +902,32 @@ def load_adapter(directory: str, model: nnx.Module, *example_args,
   the adapter's tensors and trainable extras, each of the shape and dtype the model needs (a float16 or
   int32 tensor for float32 params is refused, not cast); otherwise a ValueError names the layer or tensor.
   """
-  from localmoe import adapter_io             # pylint: disable=g-import-not-at-top
+  from localmoe import adapter_io  # pylint: disable=g-import-not-at-top
+
   config = adapter_io.read_config(directory)
   adapter, target = adapter_io.spec_and_target(config)
   found = {layer.path: layer for layer in find_layers(model, example_args, target, example_kwargs)}
   adapter_io.check_layers(config, found, target)
   weights_path, arrays = adapter_io.read_tensors(directory)
-  trial = inject(nnx.clone(model), adapter, *example_args, target_modules=target, key=jax.random.PRNGKey(0),
-                 trainable_extras=config.get("trainable_extras"), example_kwargs=example_kwargs)
+  trial = inject(
+    nnx.clone(model),
+    adapter,
+    *example_args,
+    target_modules=target,
+    key=jax.random.PRNGKey(0),
+    trainable_extras=config.get("trainable_extras"),
+    example_kwargs=example_kwargs,
+  )
   adapter_io.check_tensors(weights_path, arrays, dict(_trainable_variables(trial)), config.get("trainable_extras"))
-  inject(model, adapter, *example_args, target_modules=target, key=jax.random.PRNGKey(0),
-         trainable_extras=config.get("trainable_extras"), example_kwargs=example_kwargs)
+  inject(
+    model,
+    adapter,
+    *example_args,
+    target_modules=target,
+    key=jax.random.PRNGKey(0),
+    trainable_extras=config.get("trainable_extras"),
+    example_kwargs=example_kwargs,
+  )
   for name, var in _trainable_variables(model):
     var.set_value(jnp.asarray(arrays[name]))
   return model
@@ -809,7 +937,8 @@ def _trainable_variables(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable]
   """("adapter/<layer>/<param path>" or "extras/<module>/<name>", variable) for every trainable array."""
   for _, info, adapter, _, _ in _entries(model):
     for key_path, var in jax.tree_util.tree_flatten_with_path(
-        adapter.params, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]:
+      adapter.params, is_leaf=lambda v: isinstance(v, nnx.Variable)
+    )[0]:
       yield "/".join(["adapter", info.path] + [str(k.key) for k in key_path]), var
   for path, names in _extras(model).items():
     for name, var in names.items():

@@ -50,12 +50,12 @@ from localmoe import einsum_layers
 
 # A weight whose leading axis stacks projections, by module or param name: slice names, in axis order.
 STACKED: dict[str, tuple[str, ...]] = {
-    "qkv_einsum": ("q", "k", "v"),          # gemma / tunix: 'BTD,SNDH->SBTNH', w [3, N, D, H]
-    "kv_einsum": ("k", "v"),                # gemma / tunix: 'BSD,CKDH->CBSKH', w [2, K, D, H]
-    "gating_einsum": ("gate", "up"),        # gemma FeedForward: '...F,NHF->...NH', w [2, H, F]
+  "qkv_einsum": ("q", "k", "v"),  # gemma / tunix: 'BTD,SNDH->SBTNH', w [3, N, D, H]
+  "kv_einsum": ("k", "v"),  # gemma / tunix: 'BSD,CKDH->CBSKH', w [2, K, D, H]
+  "gating_einsum": ("gate", "up"),  # gemma FeedForward: '...F,NHF->...NH', w [2, H, F]
 }
 
-_PLAIN_NAMES = ("kernel", "w")              # a weight of this name is keyed by its module's path alone
+_PLAIN_NAMES = ("kernel", "w")  # a weight of this name is keyed by its module's path alone
 
 
 def is_builtin(module: Any) -> bool:
@@ -80,12 +80,13 @@ def stack_names(module_path: str, param: str) -> tuple[str, ...]:
 @dataclasses.dataclass(frozen=True)
 class Slot:
   """One adapted projection of a generic module: a weight, or one slice of a stacked weight."""
-  key: str                        # the layer key, e.g. "layers/0/attn/qkv_einsum/q"
-  module_path: str                # "layers/0/attn/qkv_einsum"
-  param: str                      # "w"
-  index: int = -1                 # the slice along the leading axis; -1: the whole weight
-  count: int = 0                  # slices of the stacked weight; 0: not split
-  shape: tuple[int, ...] = ()     # the weight's shape as its contraction saw it
+
+  key: str  # the layer key, e.g. "layers/0/attn/qkv_einsum/q"
+  module_path: str  # "layers/0/attn/qkv_einsum"
+  param: str  # "w"
+  index: int = -1  # the slice along the leading axis; -1: the whole weight
+  count: int = 0  # slices of the stacked weight; 0: not split
+  shape: tuple[int, ...] = ()  # the weight's shape as its contraction saw it
 
 
 def candidate_keys(module_path: str, param: str) -> list[str]:
@@ -96,8 +97,11 @@ def candidate_keys(module_path: str, param: str) -> list[str]:
 
 def wanted(module_path: str, params: Mapping[str, Any], matches: Callable[[str], bool]) -> dict[str, Any]:
   """The weights (ndim >= 2) of a generic module that `matches` selects through any of their keys."""
-  return {name: value for name, value in params.items()
-          if getattr(value, "ndim", 0) >= 2 and any(matches(k) for k in candidate_keys(module_path, name))}
+  return {
+    name: value
+    for name, value in params.items()
+    if getattr(value, "ndim", 0) >= 2 and any(matches(k) for k in candidate_keys(module_path, name))
+  }
 
 
 # ------------------------------------------------------------------------------------------- equations
@@ -112,10 +116,10 @@ class Refused(ValueError):
 
 
 def _compact(lhs: str, rhs: str, out: str) -> str:
-  """"<lhs>,<rhs>-><out>", x's leading kept axes written as "..." when they lead the output too."""
+  """ "<lhs>,<rhs>-><out>", x's leading kept axes written as "..." when they lead the output too."""
   rest = "".join(c for c in lhs if c in out and c not in rhs)
   if rest and lhs.startswith(rest) and out.startswith(rest):
-    return f"...{lhs[len(rest):]},{rhs}->...{out[len(rest):]}"
+    return f"...{lhs[len(rest) :]},{rhs}->...{out[len(rest) :]}"
   return f"{lhs},{rhs}->{out}"
 
 
@@ -126,8 +130,9 @@ def _from_dimension_numbers(x_ndim: int, w_ndim: int, w_first: bool, contracting
   w_batch = lb if w_first else rb
   if lb or rb:
     if 0 in tuple(w_batch):
-      raise Refused("the op batches over the weight's leading axis (stacked experts: a weight per expert)",
-                    experts=True)
+      raise Refused(
+        "the op batches over the weight's leading axis (stacked experts: a weight per expert)", experts=True
+      )
     raise Refused(f"the op has batch dimensions {tuple(lb)}, {tuple(rb)} (a kernel per batch index)")
   letters = iter(string.ascii_letters)
   a = [next(letters) for _ in range(a_ndim)]
@@ -161,9 +166,10 @@ def equation(op: str, args: Sequence[Any], w_first: bool) -> str:
     return _from_dimension_numbers(x.ndim, w.ndim, w_first, contracting, batch)
   if op == "matmul":
     if w.ndim > 2:
-      raise Refused(f"matmul broadcasts the weight's leading axes {tuple(w.shape[:-2])} (a kernel per batch "
-                    "index)", experts=True)
-    if w_first and x.ndim > 2:                       # W [m, k] @ x [..., k, n] -> [..., m, n]
+      raise Refused(
+        f"matmul broadcasts the weight's leading axes {tuple(w.shape[:-2])} (a kernel per batch index)", experts=True
+      )
+    if w_first and x.ndim > 2:  # W [m, k] @ x [..., k, n] -> [..., m, n]
       return "...kn,mk->...mn"
   contracting, batch = _dot_numbers(a.ndim, b.ndim)
   return _from_dimension_numbers(x.ndim, w.ndim, w_first, contracting, batch)
@@ -175,6 +181,7 @@ def equation(op: str, args: Sequence[Any], w_first: bool) -> str:
 @dataclasses.dataclass(frozen=True)
 class Hit:
   """The first contraction of one weight in one call: its normalised equation and operands' shapes."""
+
   param: str
   equation: str
   x_shape: tuple[int, ...]
@@ -187,21 +194,27 @@ class Frame:
   handler(hit, x, w, y) -> y with the adapters' delta (run mode); None records the hits only (discovery).
   """
 
-  def __init__(self, module_path: str = "", weights: Mapping[str, Any] | None = None,
-               handler: Callable | None = None, foreign: Sequence[Any] = (), owner: Any = None,
-               on_hit: Callable | None = None):
+  def __init__(
+    self,
+    module_path: str = "",
+    weights: Mapping[str, Any] | None = None,
+    handler: Callable | None = None,
+    foreign: Sequence[Any] = (),
+    owner: Any = None,
+    on_hit: Callable | None = None,
+  ):
     self.module_path = module_path
-    self.owner = owner                             # the module whose call this is
-    self.on_hit = on_hit                           # on_hit(frame, hit): discovery's record, in call order
-    self.weights = dict(weights or {})             # param name -> the array the module holds
+    self.owner = owner  # the module whose call this is
+    self.on_hit = on_hit  # on_hit(frame, hit): discovery's record, in call order
+    self.weights = dict(weights or {})  # param name -> the array the module holds
     self.handler = handler
     # Other modules' arrays (NNX: the submodules' params, whose calls have no frame of their own): never this
     # module's weight, and their shapes need the identity, since a cast copy of theirs could match by shape.
     self.foreign = frozenset(id(a) for a in foreign)
     self.foreign_shapes = frozenset(tuple(getattr(a, "shape", ())) for a in foreign)
-    self.hits: dict[str, Hit] = {}                 # param name -> its first contraction in this call
-    self.problems: dict[str, Refused] = {}         # param name -> why its contraction cannot be adapted
-    self.slices: dict[str, tuple[int, ...]] = {}   # param name -> shape of a slice W[i] used on its own
+    self.hits: dict[str, Hit] = {}  # param name -> its first contraction in this call
+    self.problems: dict[str, Refused] = {}  # param name -> why its contraction cannot be adapted
+    self.slices: dict[str, tuple[int, ...]] = {}  # param name -> shape of a slice W[i] used on its own
 
   def _which(self, a, b) -> tuple[str, bool] | None:
     """(param, weight is the first operand) of an op on a and b, or None."""
@@ -215,7 +228,7 @@ class Frame:
       for first, operand in ((False, b), (True, a)):
         if id(operand) not in self.foreign and tuple(getattr(operand, "shape", ())) == tuple(value.shape):
           return name, first
-    for name, value in self.weights.items():       # a slice of a stacked weight: evidence of experts
+    for name, value in self.weights.items():  # a slice of a stacked weight: evidence of experts
       for operand in (b, a):
         if value.ndim >= 3 and tuple(getattr(operand, "shape", ())) == tuple(value.shape[1:]):
           self.slices.setdefault(name, tuple(value.shape[1:]))
@@ -251,11 +264,15 @@ class Frame:
     return _quiet(self.handler, (hit, x, w, y), {})
 
 
-_TLS = threading.local()                # .frames: [Frame]; .off: nesting depth of suppressed code
+_TLS = threading.local()  # .frames: [Frame]; .off: nesting depth of suppressed code
 _LOCK = threading.Lock()
 _PATCHED = {"depth": 0, "saved": {}}
-_TARGETS = ((jnp, "einsum", "einsum"), (jnp, "dot", "dot"), (jnp, "matmul", "matmul"),
-            (jax.lax, "dot_general", "dot_general"))
+_TARGETS = (
+  (jnp, "einsum", "einsum"),
+  (jnp, "dot", "dot"),
+  (jnp, "matmul", "matmul"),
+  (jax.lax, "dot_general", "dot_general"),
+)
 
 
 def _frames() -> list:
@@ -307,10 +324,14 @@ def quiet() -> Iterator[None]:
 def _wrap(op: str, original: Callable) -> Callable:
   def intercepted(*args, **kwargs):
     frame = _current()
-    if frame is None or len(args) < (3 if op == "einsum" else 2) or (op == "einsum" and (
-        not isinstance(args[0], str) or len(args) != 3)):
+    if (
+      frame is None
+      or len(args) < (3 if op == "einsum" else 2)
+      or (op == "einsum" and (not isinstance(args[0], str) or len(args) != 3))
+    ):
       return original(*args, **kwargs)
     return frame.intercept(op, original, args, kwargs)
+
   intercepted.__wrapped__ = original
   intercepted.__name__ = getattr(original, "__name__", op)
   intercepted.__doc__ = getattr(original, "__doc__", None)
@@ -319,12 +340,14 @@ def _wrap(op: str, original: Callable) -> Callable:
 
 def _operator(original: Callable, reflected: bool) -> Callable:
   """The `@` operator of jax arrays and tracers (`x @ W`, `W @ x`), intercepted as jnp.matmul."""
+
   def method(self, other):
     frame = _current()
     if frame is None or not hasattr(other, "shape"):
       return original(self, other)
     a, b = (other, self) if reflected else (self, other)
     return frame.intercept("matmul", lambda *_: original(self, other), (a, b), {})
+
   method.__wrapped__ = original
   return method
 
@@ -389,8 +412,7 @@ def slice_equation(eq: str) -> str:
   return f"{lhs},{rhs[1:]}->{out.replace(rhs[0], '')}"
 
 
-def layers_of(hit: Hit, module_path: str, matches: Callable[[str], bool]
-              ) -> list[tuple[Slot, adapt_core.LayerInfo]]:
+def layers_of(hit: Hit, module_path: str, matches: Callable[[str], bool]) -> list[tuple[Slot, adapt_core.LayerInfo]]:
   """The adapted projections of one weight's contraction: one, or one per STACKED slice."""
   key = layer_key(module_path, hit.param)
   names = stack_names(module_path, hit.param)
@@ -399,17 +421,23 @@ def layers_of(hit: Hit, module_path: str, matches: Callable[[str], bool]
   split = stacked_axis(m, len(names), hit.w_shape)
   slice_wanted = [n for n in names if matches(f"{key}/{n}")]
   if slice_wanted and not split:
-    raise ValueError(f"layer {key!r}: target_modules selects its slice(s) {slice_wanted} (localmoe.projections."
-                     f"STACKED) but the weight {hit.w_shape} with equation {hit.equation!r} has no leading "
-                     f"stack axis of {len(names)} (in the kernel and the output, not in x); target {key!r} "
-                     "as one layer.")
+    raise ValueError(
+      f"layer {key!r}: target_modules selects its slice(s) {slice_wanted} (localmoe.projections."
+      f"STACKED) but the weight {hit.w_shape} with equation {hit.equation!r} has no leading "
+      f"stack axis of {len(names)} (in the kernel and the output, not in x); target {key!r} "
+      "as one layer."
+    )
   out = []
   if split and (slice_wanted or matches(key)):
     eq = slice_equation(hit.equation)
     for i, name in enumerate(names):
       if matches(key) or matches(f"{key}/{name}"):
-        out.append((Slot(f"{key}/{name}", module_path, hit.param, i, len(names), hit.w_shape),
-                    info(f"{key}/{name}", eq, x_ndim, hit.w_shape[1:])))
+        out.append(
+          (
+            Slot(f"{key}/{name}", module_path, hit.param, i, len(names), hit.w_shape),
+            info(f"{key}/{name}", eq, x_ndim, hit.w_shape[1:]),
+          )
+        )
   elif matches(key):
     out.append((Slot(key, module_path, hit.param, shape=hit.w_shape), info(key, hit.equation, x_ndim, hit.w_shape)))
   return out
@@ -422,8 +450,9 @@ def info(key: str, eq: str, x_ndim: int, w_shape) -> adapt_core.LayerInfo:
     size_in *= s
   for s in out_shape:
     size_out *= s
-  return adapt_core.LayerInfo(path=key, d_in=size_in, d_out=size_out, kind="Einsum", in_shape=in_shape,
-                              out_shape=out_shape, axis=(), equation=eq)
+  return adapt_core.LayerInfo(
+    path=key, d_in=size_in, d_out=size_out, kind="Einsum", in_shape=in_shape, out_shape=out_shape, axis=(), equation=eq
+  )
 
 
 def problem(module_path: str, param: str, shape, refused: Refused | None, slices: bool) -> str:
@@ -431,20 +460,25 @@ def problem(module_path: str, param: str, shape, refused: Refused | None, slices
   key = layer_key(module_path, param)
   shape = tuple(int(s) for s in shape)
   if slices or (refused is not None and refused.experts):
-    how = ("the model uses its slices W[i] one by one (a loop over experts)" if slices and refused is None
-           else str(refused))
-    return (f"layer {key!r} holds stacked MoE experts: its weight {shape} has a leading expert axis of {shape[0]} "
-            f"and {how}, so one adapter per projection cannot stand for it; leave the experts out of "
-            "target_modules (adapt the attention projections, the dense MLPs or the router by its own path), "
-            "or build the experts as one layer each.")
-  if refused is not None and str(refused).startswith("layer "):            # einsum_layers' own refusal
+    how = (
+      "the model uses its slices W[i] one by one (a loop over experts)" if slices and refused is None else str(refused)
+    )
+    return (
+      f"layer {key!r} holds stacked MoE experts: its weight {shape} has a leading expert axis of {shape[0]} "
+      f"and {how}, so one adapter per projection cannot stand for it; leave the experts out of "
+      "target_modules (adapt the attention projections, the dense MLPs or the router by its own path), "
+      "or build the experts as one layer each."
+    )
+  if refused is not None and str(refused).startswith("layer "):  # einsum_layers' own refusal
     return str(refused)
   if refused is not None:
     return f"layer {key!r} (weight {shape}): {refused}; leave it out of target_modules."
-  return (f"layer {key!r} (weight {shape}) matches target_modules but no contraction of its weight was "
-          "intercepted while its module ran (only jnp.einsum / jnp.dot / jnp.matmul / jax.lax.dot_general / @ "
-          "inside the module's __call__ are: not jax.lax.ragged_dot, a Pallas kernel, a dot_general imported "
-          "by name, or another method), so its adapter would never run; leave it out of target_modules.")
+  return (
+    f"layer {key!r} (weight {shape}) matches target_modules but no contraction of its weight was "
+    "intercepted while its module ran (only jnp.einsum / jnp.dot / jnp.matmul / jax.lax.dot_general / @ "
+    "inside the module's __call__ are: not jax.lax.ragged_dot, a Pallas kernel, a dot_general imported "
+    "by name, or another method), so its adapter would never run; leave it out of target_modules."
+  )
 
 
 def refusal(problems: Sequence[str]) -> ValueError:
@@ -454,31 +488,38 @@ def refusal(problems: Sequence[str]) -> ValueError:
   return ValueError(problems[0] + (f" Also refused: {also}." if also else ""))
 
 
-def delta(slots: Sequence[Slot], layers: Sequence[adapt_core.LayerInfo], hit: Hit, x, w, y,
-          session: Callable[[str, Any, Any], Any]) -> Any:
+def delta(
+  slots: Sequence[Slot],
+  layers: Sequence[adapt_core.LayerInfo],
+  hit: Hit,
+  x,
+  w,
+  y,
+  session: Callable[[str, Any, Any], Any],
+) -> Any:
   """y + Delta(x) for one intercepted contraction; session(key, x [..., d_in], kernel [d_in, d_out]) is the
   adapter's Delta [..., d_out]. Stacked slots' deltas are assembled along the output's stack axis."""
   if len(slots) == 1 and slots[0].index < 0:
     layer = layers[0]
-    flat = adapt_core.flatten_input(x, layer)                                            # [..., d_in]
-    out = session(layer.path, flat, adapt_core.kernel_2d(w, layer))                      # [..., d_out]
+    flat = adapt_core.flatten_input(x, layer)  # [..., d_in]
+    out = session(layer.path, flat, adapt_core.kernel_2d(w, layer))  # [..., d_out]
     return y + adapt_core.output_delta(out, layer, x.ndim, y.shape).astype(y.dtype)
   m = einsum_layers.parse(hit.equation, x.ndim, slots[0].key)
-  axis = m.out.index(m.rhs[0])                                                           # stack axis of y
+  axis = m.out.index(m.rhs[0])  # stack axis of y
   parts = {}
   for slot, layer in zip(slots, layers):
-    flat = adapt_core.flatten_input(x, layer)                                            # [..., d_in]
-    out = session(layer.path, flat, adapt_core.kernel_2d(w[slot.index], layer))         # [..., d_out]
+    flat = adapt_core.flatten_input(x, layer)  # [..., d_in]
+    out = session(layer.path, flat, adapt_core.kernel_2d(w[slot.index], layer))  # [..., d_out]
     parts[slot.index] = adapt_core.output_delta(out, layer, x.ndim, None)
   count = slots[0].count
-  shape = y.shape[:axis] + y.shape[axis + 1:]
-  stacked = jnp.stack([parts[i] if i in parts else jnp.zeros(shape, parts[next(iter(parts))].dtype)
-                       for i in range(count)], axis=axis)
+  shape = y.shape[:axis] + y.shape[axis + 1 :]
+  stacked = jnp.stack(
+    [parts[i] if i in parts else jnp.zeros(shape, parts[next(iter(parts))].dtype) for i in range(count)], axis=axis
+  )
   return y + stacked.astype(y.dtype)
 
 
-def merged_weight(w, parts: Sequence[tuple[Slot, adapt_core.LayerInfo, Any, Any]], context=None,
-                  host: str = "linen"):
+def merged_weight(w, parts: Sequence[tuple[Slot, adapt_core.LayerInfo, Any, Any]], context=None, host: str = "linen"):
   """The weight + Delta W in its own layout and dtype; parts: (slot, layer, adapter module, adapter params).
 
   Layers of a stack (weight [*stack, ...], adapter params [*stack, ...]): each layer of the stack merges its own.
@@ -487,9 +528,12 @@ def merged_weight(w, parts: Sequence[tuple[Slot, adapt_core.LayerInfo, Any, Any]
   if stack:
     if any(tuple(layer.stack) != tuple(stack) for _, layer, _, _ in parts):
       raise ValueError(f"layer {parts[0][1].path!r}: the projections of one weight have different stacks.")
+
     def one(w, *params):
-      return merged_weight(w, [(slot, layer.unstacked(), module, p)
-                               for (slot, layer, module, _), p in zip(parts, params)], context, host)
+      return merged_weight(
+        w, [(slot, layer.unstacked(), module, p) for (slot, layer, module, _), p in zip(parts, params)], context, host
+      )
+
     return adapt_core.over_stack(one, stack, w, *[p for _, _, _, p in parts])
   for slot, layer, module, params in parts:
     if slot.index < 0:

@@ -27,9 +27,10 @@ def net():
   model = _Net()
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 6))
   frozen = model.init(jax.random.PRNGKey(1), x)["params"]
-  adapted, trainable = inject.inject(model, frozen, LORA, x[:1], target_modules=["hidden"],
-                                     key=jax.random.PRNGKey(2), trainable_extras="head")
-  trained = jax.tree_util.tree_map(lambda a: a + 0.5, trainable)       # moved away from the frozen values
+  adapted, trainable = inject.inject(
+    model, frozen, LORA, x[:1], target_modules=["hidden"], key=jax.random.PRNGKey(2), trainable_extras="head"
+  )
+  trained = jax.tree_util.tree_map(lambda a: a + 0.5, trainable)  # moved away from the frozen values
   return model, frozen, x, adapted, trained
 
 
@@ -52,14 +53,15 @@ def _one_line(error):
 @pytest.mark.parametrize("extras", ["head", ["head"]], ids=["regex", "list"])
 def test_trainable_extras_are_saved_and_loaded_without_being_named_again(tmp_path, net, extras):
   model, frozen, x, _, _ = net
-  adapted, trainable = inject.inject(model, frozen, LORA, x[:1], target_modules=["hidden"],
-                                     key=jax.random.PRNGKey(2), trainable_extras=extras)
+  adapted, trainable = inject.inject(
+    model, frozen, LORA, x[:1], target_modules=["hidden"], key=jax.random.PRNGKey(2), trainable_extras=extras
+  )
   trained = jax.tree_util.tree_map(lambda a: a + 0.5, trainable)
   adapter_io.save_adapter(str(tmp_path / "a"), adapted, trained)
-  again, loaded = adapter_io.load_adapter(str(tmp_path / "a"), model, frozen, x[:1])   # no trainable_extras here
+  again, loaded = adapter_io.load_adapter(str(tmp_path / "a"), model, frozen, x[:1])  # no trainable_extras here
   assert again.extra_paths == ("head",)
   for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(trained)):
-    np.testing.assert_array_equal(a, b)                           # the trained head, not the frozen one
+    np.testing.assert_array_equal(a, b)  # the trained head, not the frozen one
   np.testing.assert_array_equal(again.apply(frozen, loaded, x), adapted.apply(frozen, trained, x))
 
 
@@ -88,12 +90,16 @@ def test_trainable_without_its_extras_is_refused_before_writing(tmp_path, net):
 
 def test_extras_of_the_wrong_shape_are_refused_before_writing(tmp_path, net):
   _, _, _, adapted, trained = net
-  bad = {"adapter": trained["adapter"],
-         "extras": {"head": {"bias": jnp.zeros(4), "kernel": trained["extras"]["head"]["kernel"]}}}
+  bad = {
+    "adapter": trained["adapter"],
+    "extras": {"head": {"bias": jnp.zeros(4), "kernel": trained["extras"]["head"]["kernel"]}},
+  }
   with pytest.raises(ValueError) as error:
     adapter_io.save_adapter(str(tmp_path / "a"), adapted, bad)
-  assert _one_line(error).startswith("save_adapter: 'extras/head/bias' is float32[4] but the model's param is "
-                                     "float32[3]: pass the trainable extras of this model")
+  assert _one_line(error).startswith(
+    "save_adapter: 'extras/head/bias' is float32[4] but the model's param is "
+    "float32[3]: pass the trainable extras of this model"
+  )
   assert not os.path.exists(tmp_path / "a")
 
 
@@ -103,9 +109,11 @@ def test_saving_onto_or_under_a_file_names_the_file(tmp_path, net):
   file.write_text("x")
   with pytest.raises(ValueError) as error:
     adapter_io.save_adapter(str(file), adapted, trained)
-  assert _one_line(error) == (f"save_adapter: {file} is a file, not a directory: pass a new directory path "
-                              "(save_adapter writes adapter.safetensors and adapter_config.json into it), or "
-                              "remove the file.")
+  assert _one_line(error) == (
+    f"save_adapter: {file} is a file, not a directory: pass a new directory path "
+    "(save_adapter writes adapter.safetensors and adapter_config.json into it), or "
+    "remove the file."
+  )
   with pytest.raises(ValueError) as error:
     adapter_io.save_adapter(str(file / "adapter"), adapted, trained)
   assert _one_line(error).startswith(f"save_adapter: {file} is a file, so nothing can be written under it")
@@ -131,15 +139,17 @@ def test_a_failed_save_keeps_the_old_pair_whole(tmp_path, net, monkeypatch, fail
   model, frozen, x, adapted, trained = net
   directory = _saved(tmp_path, net)
   before = {name: (tmp_path / "adapter" / name).read_bytes() for name in os.listdir(directory)}
-  if fail_at == "config":                         # the weights are written, then the config write fails
+  if fail_at == "config":  # the weights are written, then the config write fails
     monkeypatch.setattr(adapter_io.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
-  else:                                           # the old pair moved out, then the new one cannot move in
+  else:  # the old pair moved out, then the new one cannot move in
     real_rename, calls = os.rename, []
+
     def rename(src, dst):
       calls.append(src)
       if len(calls) == 2:
         raise OSError("crash between the renames")
       real_rename(src, dst)
+
     monkeypatch.setattr(adapter_io.os, "rename", rename)
   with pytest.raises(OSError):
     adapter_io.save_adapter(directory, adapted, jax.tree_util.tree_map(lambda a: a * 3, trained))
@@ -158,7 +168,7 @@ def test_truncated_weights_are_one_line_naming_the_file(tmp_path, net):
   directory = _saved(tmp_path, net)
   path = os.path.join(directory, adapter_io.WEIGHTS_FILE)
   data = open(path, "rb").read()
-  open(path, "wb").write(data[:len(data) // 2])
+  open(path, "wb").write(data[: len(data) // 2])
   with pytest.raises(ValueError) as error:
     adapter_io.load_adapter(directory, model, frozen, x[:1])
   line = _one_line(error)
@@ -166,11 +176,17 @@ def test_truncated_weights_are_one_line_naming_the_file(tmp_path, net):
   assert line.endswith("): it is truncated or corrupt; re-save the adapter.")
 
 
-@pytest.mark.parametrize("config, message", [
-    ([1, 2], "holds a JSON list, not an adapter config object: point load_adapter at a directory written by "
-             "save_adapter, or re-save the adapter."),
+@pytest.mark.parametrize(
+  "config, message",
+  [
+    (
+      [1, 2],
+      "holds a JSON list, not an adapter config object: point load_adapter at a directory written by "
+      "save_adapter, or re-save the adapter.",
+    ),
     ("no layers", "lacks 'layers': it was not written by save_adapter (or was edited); re-save the adapter."),
-])
+  ],
+)
 def test_config_that_is_not_an_adapter_config_is_one_line(tmp_path, net, config, message):
   model, frozen, x, _, _ = net
   directory = _saved(tmp_path, net)
@@ -194,9 +210,11 @@ def test_a_tensor_of_another_dtype_is_refused(tmp_path, net, dtype):
   save_file(arrays, path, metadata={"format": adapter_io.FORMAT})
   with pytest.raises(ValueError) as error:
     adapter_io.load_adapter(directory, model, frozen, x[:1])
-  assert _one_line(error) == (f"{path}: tensor 'adapter/hidden/A' is {np.dtype(dtype).name} but this model needs "
-                              "float32: re-save the adapter from params of that dtype (the spec's param_dtype), "
-                              "or cast the file's tensors.")
+  assert _one_line(error) == (
+    f"{path}: tensor 'adapter/hidden/A' is {np.dtype(dtype).name} but this model needs "
+    "float32: re-save the adapter from params of that dtype (the spec's param_dtype), "
+    "or cast the file's tensors."
+  )
 
 
 def test_an_unknown_tensor_is_refused(tmp_path, net):
@@ -208,6 +226,8 @@ def test_an_unknown_tensor_is_refused(tmp_path, net):
   save_file(arrays, path, metadata={"format": adapter_io.FORMAT})
   with pytest.raises(ValueError) as error:
     adapter_io.load_adapter(directory, model, frozen, x[:1])
-  assert _one_line(error) == (f"{path} holds tensor 'extras/other/kernel' (1 such) that the adapter of "
-                              "adapter_config.json does not have (trainable_extras='head'): the file and the "
-                              "config disagree; re-save the adapter.")
+  assert _one_line(error) == (
+    f"{path} holds tensor 'extras/other/kernel' (1 such) that the adapter of "
+    "adapter_config.json does not have (trainable_extras='head'): the file and the "
+    "config disagree; re-save the adapter."
+  )

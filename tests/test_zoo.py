@@ -25,26 +25,36 @@ from localmoe.data import registry
 from tests import zoo_models as zm
 
 LORA = {"method": "lora", "rank": 2}
-MOE = {"method": "cellwise_moe", "k_y": 2, "k_x": 2, "rank": 2, "num_experts": 2, "router_input": "context",
-       "context_dim": 2}
-TOKENS = jnp.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])        # [B=2, T=5]
-TASKS = jnp.array([0, 1])                                       # [B] context labels
+MOE = {
+  "method": "cellwise_moe",
+  "k_y": 2,
+  "k_x": 2,
+  "rank": 2,
+  "num_experts": 2,
+  "router_input": "context",
+  "context_dim": 2,
+}
+TOKENS = jnp.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])  # [B=2, T=5]
+TASKS = jnp.array([0, 1])  # [B] context labels
 
 
 def _perturb(tree, key):
   """Every array + small noise (B starts at zero: a fresh adapter is the identity); numpy noise, no compile."""
-  rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2 ** 30)))
+  rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**30)))
   return jax.tree_util.tree_map(lambda a: a + jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype), tree)
 
 
 def _numpy_init(build):
   """build, with its weights drawn by numpy from an abstract build (the model's own initialisers compile an
   eager op per shape; nothing here compiles). The same weights on every call."""
+
   def make():
     graphdef, state = nnx.split(nnx.eval_shape(build))
     rng = np.random.default_rng(0)
-    return nnx.merge(graphdef, jax.tree_util.tree_map(
-        lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), state))
+    return nnx.merge(
+      graphdef, jax.tree_util.tree_map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), state)
+    )
+
   return make
 
 
@@ -82,11 +92,12 @@ def _check_nnx(build, args, target, spec, expected, tmp_path):
       with nnx_inject.routing_context(model, context):
         out = model(*inputs)
       return jnp.mean((out[0] if isinstance(out, tuple) else out) ** 2)
+
     return nnx.grad(loss, argnums=nnx.DiffState(0, nnx_inject.AdapterParam))(model)
 
-  holder = nnx.clone(model)                                               # the gradients, laid out as params
+  holder = nnx.clone(model)  # the gradients, laid out as params
   nnx.update(holder, grads(model, args(slice(None)), context))
-  by_layer = nnx_inject.trainable(holder)["adapter"]                      # {layer path: grads}
+  by_layer = nnx_inject.trainable(holder)["adapter"]  # {layer path: grads}
   assert list(by_layer) == expected
   for layer, leaves in by_layer.items():
     assert any(float(jnp.abs(v).sum()) > 0 for v in jax.tree_util.tree_leaves(leaves)), layer
@@ -94,8 +105,9 @@ def _check_nnx(build, args, target, spec, expected, tmp_path):
   for task in (0, 1):
     batch = slice(task, task + 1)
     merged = nnx_inject.merge(model, context=task if spec.get("router_input") == "context" else None)
-    np.testing.assert_allclose(forward(merged, args(batch), None), forward(model, args(batch), _context(spec, batch)),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      forward(merged, args(batch), None), forward(model, args(batch), _context(spec, batch)), atol=1e-5
+    )
 
   nnx_inject.save_adapter(str(tmp_path / "adapter"), model)
   loaded = nnx_inject.load_adapter(str(tmp_path / "adapter"), build(), *example)
@@ -114,8 +126,8 @@ def _mask_args(batch):
   """Gemma 3 / Llama 3 / Qwen 3 call inputs: tokens, positions, no cache, a causal mask."""
   tokens = TOKENS[batch]
   b, t = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(t), (b, t))                                  # [B, T]
-  mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))                  # [B, T, T]
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))  # [B, T]
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))  # [B, T, T]
   return (tokens, positions, None, mask)
 
 
@@ -128,13 +140,34 @@ def _layer_paths(layer: int, names) -> list[str]:
 def test_tunix_gemma3(tunix, spec, tmp_path):
   """tunix's Gemma 3: fused qkv_einsum split into q, k, v (STACKED), attn_vec_einsum, the nnx.Linear MLP."""
   g3 = tunix["gemma3"]
-  config = g3.ModelConfig(num_layers=1, num_embed=11, embed_dim=8, hidden_dim=12, num_heads=2, head_dim=4,
-                          num_kv_heads=2, sliding_window_size=4, param_dtype=jnp.float32)
-  names = ["attn/qkv_einsum/q", "attn/qkv_einsum/k", "attn/qkv_einsum/v", "attn/attn_vec_einsum",
-           "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj"]
-  _check_nnx(lambda: g3.Gemma3(config, rngs=nnx.Rngs(0)), _mask_args,
-             r".*attn/(qkv_einsum/(q|k|v)|attn_vec_einsum)|.*mlp/(gate|up|down)_proj", spec,
-             _layer_paths(0, names), tmp_path)
+  config = g3.ModelConfig(
+    num_layers=1,
+    num_embed=11,
+    embed_dim=8,
+    hidden_dim=12,
+    num_heads=2,
+    head_dim=4,
+    num_kv_heads=2,
+    sliding_window_size=4,
+    param_dtype=jnp.float32,
+  )
+  names = [
+    "attn/qkv_einsum/q",
+    "attn/qkv_einsum/k",
+    "attn/qkv_einsum/v",
+    "attn/attn_vec_einsum",
+    "mlp/gate_proj",
+    "mlp/up_proj",
+    "mlp/down_proj",
+  ]
+  _check_nnx(
+    lambda: g3.Gemma3(config, rngs=nnx.Rngs(0)),
+    _mask_args,
+    r".*attn/(qkv_einsum/(q|k|v)|attn_vec_einsum)|.*mlp/(gate|up|down)_proj",
+    spec,
+    _layer_paths(0, names),
+    tmp_path,
+  )
 
 
 @pytest.mark.network
@@ -142,13 +175,22 @@ def test_tunix_gemma3_kv_einsum_and_attribute_reads(tunix):
   """num_kv_heads < num_heads: q_einsum and kv_einsum split into k, v; only v targeted; the model's reads of
   its layers (`attn_vec_einsum.shape[1]`) pass through the wrapper."""
   g3 = tunix["gemma3"]
-  config = g3.ModelConfig(num_layers=1, num_embed=11, embed_dim=8, hidden_dim=12, num_heads=2, head_dim=4,
-                          num_kv_heads=1, sliding_window_size=4, param_dtype=jnp.float32)
+  config = g3.ModelConfig(
+    num_layers=1,
+    num_embed=11,
+    embed_dim=8,
+    hidden_dim=12,
+    num_heads=2,
+    head_dim=4,
+    num_kv_heads=1,
+    sliding_window_size=4,
+    param_dtype=jnp.float32,
+  )
   model = _numpy_init(lambda: g3.Gemma3(config, rngs=nnx.Rngs(0)))()
-  nnx_inject.inject(model, LORA, *_mask_args(slice(0, 1)), target_modules=r".*(q_einsum|kv_einsum/v)",
-                    key=jax.random.PRNGKey(1))
-  assert [layer.path for layer in nnx_inject.layers(model)] == ["layers/0/attn/q_einsum",
-                                                                  "layers/0/attn/kv_einsum/v"]
+  nnx_inject.inject(
+    model, LORA, *_mask_args(slice(0, 1)), target_modules=r".*(q_einsum|kv_einsum/v)", key=jax.random.PRNGKey(1)
+  )
+  assert [layer.path for layer in nnx_inject.layers(model)] == ["layers/0/attn/q_einsum", "layers/0/attn/kv_einsum/v"]
   attn = model.layers[0].attn
   assert isinstance(attn.kv_einsum, nnx_inject.AdaptedLayer)
   assert (attn.head_dim, attn.num_kv_heads, attn.kv_einsum.einsum_str) == (4, 1, "BSD,CKDH->CBSKH")
@@ -159,20 +201,31 @@ def test_tunix_gemma3_under_remat(tunix):
   """tunix's RematConfig.BLOCK runs the attention and MLP blocks under nnx.remat: the adapters run there too
   (output, gradient, merge)."""
   g3 = tunix["gemma3"]
-  config = g3.ModelConfig(num_layers=1, num_embed=11, embed_dim=8, hidden_dim=12, num_heads=2, head_dim=4,
-                          num_kv_heads=2, sliding_window_size=4, param_dtype=jnp.float32,
-                          remat_config=g3.RematConfig.BLOCK)
+  config = g3.ModelConfig(
+    num_layers=1,
+    num_embed=11,
+    embed_dim=8,
+    hidden_dim=12,
+    num_heads=2,
+    head_dim=4,
+    num_kv_heads=2,
+    sliding_window_size=4,
+    param_dtype=jnp.float32,
+    remat_config=g3.RematConfig.BLOCK,
+  )
   model = _numpy_init(lambda: g3.Gemma3(config, rngs=nnx.Rngs(0)))()
   args = _mask_args(slice(None))
   forward = nnx.jit(lambda m: m(*args)[0])
   base = forward(model)
-  nnx_inject.inject(model, LORA, *_mask_args(slice(0, 1)), target_modules=r".*(qkv_einsum/(q|v)|down_proj)",
-                    key=jax.random.PRNGKey(1))
+  nnx_inject.inject(
+    model, LORA, *_mask_args(slice(0, 1)), target_modules=r".*(qkv_einsum/(q|v)|down_proj)", key=jax.random.PRNGKey(1)
+  )
   nnx.update(model, _perturb(nnx.state(model, nnx_inject.AdapterParam), jax.random.PRNGKey(2)))
   out = forward(model)
   assert float(jnp.abs(out - base).max()) > 1e-4
-  grads = nnx.jit(lambda m: nnx.grad(lambda m: jnp.mean(m(*args)[0] ** 2),
-                                     argnums=nnx.DiffState(0, nnx_inject.AdapterParam))(m))(model)
+  grads = nnx.jit(
+    lambda m: nnx.grad(lambda m: jnp.mean(m(*args)[0] ** 2), argnums=nnx.DiffState(0, nnx_inject.AdapterParam))(m)
+  )(model)
   assert all(float(jnp.abs(v).sum()) > 0 for v in jax.tree_util.tree_leaves(grads))
   np.testing.assert_allclose(forward(nnx_inject.merge(model)), out, atol=1e-5)
 
@@ -181,18 +234,42 @@ def test_tunix_gemma3_under_remat(tunix):
 @pytest.mark.parametrize("spec", [LORA, MOE], ids=["lora", "cellwise_moe"])
 def test_tunix_llama3(tunix, spec, tmp_path):
   l3 = tunix["llama3"]
-  config = l3.ModelConfig(num_layers=1, vocab_size=11, embed_dim=8, hidden_dim=12, num_heads=2, head_dim=4,
-                          num_kv_heads=1, rope_theta=10_000, norm_eps=1e-6)
-  names = ["attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj",
-           "mlp/down_proj"]
-  _check_nnx(lambda: l3.Llama3(config, rngs=nnx.Rngs(0)), _mask_args,
-             r".*attn/(q|k|v|o)_proj|.*mlp/(gate|up|down)_proj", spec, _layer_paths(0, names), tmp_path)
+  config = l3.ModelConfig(
+    num_layers=1,
+    vocab_size=11,
+    embed_dim=8,
+    hidden_dim=12,
+    num_heads=2,
+    head_dim=4,
+    num_kv_heads=1,
+    rope_theta=10_000,
+    norm_eps=1e-6,
+  )
+  names = ["attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj"]
+  _check_nnx(
+    lambda: l3.Llama3(config, rngs=nnx.Rngs(0)),
+    _mask_args,
+    r".*attn/(q|k|v|o)_proj|.*mlp/(gate|up|down)_proj",
+    spec,
+    _layer_paths(0, names),
+    tmp_path,
+  )
 
 
 def _qwen3_config(q3, experts=None):
-  return q3.ModelConfig(num_layers=1, vocab_size=12, embed_dim=8, hidden_dim=12, num_heads=2, head_dim=4,
-                        num_kv_heads=1, rope_theta=10_000, norm_eps=1e-6, num_experts=experts,
-                        num_experts_per_tok=2 if experts else None)
+  return q3.ModelConfig(
+    num_layers=1,
+    vocab_size=12,
+    embed_dim=8,
+    hidden_dim=12,
+    num_heads=2,
+    head_dim=4,
+    num_kv_heads=1,
+    rope_theta=10_000,
+    norm_eps=1e-6,
+    num_experts=experts,
+    num_experts_per_tok=2 if experts else None,
+  )
 
 
 @pytest.mark.network
@@ -201,10 +278,24 @@ def test_tunix_qwen3_dense(tunix, spec, tmp_path):
   """Qwen 3 (its Einsum casts the weight to `dtype` before jnp.einsum), the untied lm_head included."""
   q3 = tunix["qwen3"]
   config = _qwen3_config(q3)
-  names = ["layers/0/attn/q_proj", "layers/0/attn/k_proj", "layers/0/attn/v_proj", "layers/0/attn/o_proj",
-           "layers/0/mlp/gate_proj", "layers/0/mlp/up_proj", "layers/0/mlp/down_proj", "lm_head"]
-  _check_nnx(lambda: q3.Qwen3(config, rngs=nnx.Rngs(0)), _mask_args,
-             r".*attn/(q|k|v|o)_proj|.*mlp/(gate|up|down)_proj|lm_head", spec, names, tmp_path)
+  names = [
+    "layers/0/attn/q_proj",
+    "layers/0/attn/k_proj",
+    "layers/0/attn/v_proj",
+    "layers/0/attn/o_proj",
+    "layers/0/mlp/gate_proj",
+    "layers/0/mlp/up_proj",
+    "layers/0/mlp/down_proj",
+    "lm_head",
+  ]
+  _check_nnx(
+    lambda: q3.Qwen3(config, rngs=nnx.Rngs(0)),
+    _mask_args,
+    r".*attn/(q|k|v|o)_proj|.*mlp/(gate|up|down)_proj|lm_head",
+    spec,
+    names,
+    tmp_path,
+  )
 
 
 @pytest.mark.network
@@ -212,13 +303,16 @@ def test_tunix_qwen3_moe_experts_refused_by_name(tunix):
   """Stacked experts [E, D, F] are refused naming them, never the router adapted silently in their place."""
   q3 = tunix["qwen3"]
   model = _numpy_init(lambda: q3.Qwen3(_qwen3_config(q3, experts=4), rngs=nnx.Rngs(0)))()
-  with pytest.raises(ValueError, match=r"layers/0/mlp/(gate|up|down)_proj' holds stacked MoE experts.*leave the "
-                     r"experts out.*Also refused: \['layers/0/mlp/\w+_proj', 'layers/0/mlp/\w+_proj'\]"):
-    nnx_inject.inject(model, LORA, *_mask_args(slice(0, 1)), target_modules=r".*mlp/.*",
-                      key=jax.random.PRNGKey(1))
-  assert not nnx_inject.layers(model)                                     # nothing changed
-  nnx_inject.inject(model, LORA, *_mask_args(slice(0, 1)), target_modules=r".*mlp/router",
-                    key=jax.random.PRNGKey(1))                           # the router by its own path
+  with pytest.raises(
+    ValueError,
+    match=r"layers/0/mlp/(gate|up|down)_proj' holds stacked MoE experts.*leave the "
+    r"experts out.*Also refused: \['layers/0/mlp/\w+_proj', 'layers/0/mlp/\w+_proj'\]",
+  ):
+    nnx_inject.inject(model, LORA, *_mask_args(slice(0, 1)), target_modules=r".*mlp/.*", key=jax.random.PRNGKey(1))
+  assert not nnx_inject.layers(model)  # nothing changed
+  nnx_inject.inject(
+    model, LORA, *_mask_args(slice(0, 1)), target_modules=r".*mlp/router", key=jax.random.PRNGKey(1)
+  )  # the router by its own path
   assert [layer.path for layer in nnx_inject.layers(model)] == ["layers/0/mlp/router"]
 
 
@@ -229,9 +323,15 @@ def test_tunix_qwen3_moe_experts_refused_by_name(tunix):
 @pytest.mark.parametrize("spec", [LORA, MOE], ids=["lora", "cellwise_moe"])
 def test_maxtext_dense_general(spec, tmp_path):
   """MaxText's DenseGeneral (kernel cast, then lax.dot_general): q/k/v [D] -> [N, H], out [N, H] -> [D]."""
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))                           # [B, T, D]
-  _check_nnx(lambda: zm.MaxTextMlpAttention(rngs=nnx.Rngs(0)), lambda batch: (x[batch],),
-             r"query|key|value|out|wi|wo", spec, ["query", "key", "value", "out", "wi", "wo"], tmp_path)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))  # [B, T, D]
+  _check_nnx(
+    lambda: zm.MaxTextMlpAttention(rngs=nnx.Rngs(0)),
+    lambda batch: (x[batch],),
+    r"query|key|value|out|wi|wo",
+    spec,
+    ["query", "key", "value", "out", "wi", "wo"],
+    tmp_path,
+  )
 
 
 @pytest.mark.slow
@@ -246,8 +346,7 @@ def test_child_ops_are_not_the_parents():
   np.testing.assert_allclose(nnx_inject.merge(model)(x), model(x), atol=1e-5)
   linen_model = zm.LinenMixedNet()
   params = linen_model.init(jax.random.PRNGKey(0), x)["params"]
-  adapted, trainable = inject.inject(linen_model, params, LORA, x[:1], target_modules="proj",
-                                     key=jax.random.PRNGKey(1))
+  adapted, trainable = inject.inject(linen_model, params, LORA, x[:1], target_modules="proj", key=jax.random.PRNGKey(1))
   trainable = _perturb(trainable, jax.random.PRNGKey(2))
   out = adapted.apply(params, trainable, x)
   assert float(jnp.abs(out - linen_model.apply({"params": params}, x)).max()) > 1e-4
@@ -261,8 +360,10 @@ def test_matmul_operator():
   model = zm.MatmulNet(rngs=nnx.Rngs(0))
   base = model(x)
   nnx_inject.inject(model, LORA, x[:1], target_modules=r"mlp/(up|down)", key=jax.random.PRNGKey(1))
-  assert [(l.path, l.equation) for l in nnx_inject.layers(model)] == [("mlp/up", "...b,bc->...c"),
-                                                                      ("mlp/down", "bc,ab->ac")]
+  assert [(l.path, l.equation) for l in nnx_inject.layers(model)] == [
+    ("mlp/up", "...b,bc->...c"),
+    ("mlp/down", "bc,ab->ac"),
+  ]
   nnx.update(model, _perturb(nnx.state(model, nnx_inject.AdapterParam), jax.random.PRNGKey(2)))
   assert float(jnp.abs(model(x) - base).max()) > 1e-4
   np.testing.assert_allclose(nnx_inject.merge(model)(x), model(x), atol=1e-5)
@@ -299,18 +400,18 @@ def test_scanned_generic_layers_get_one_adapter_per_layer():
   """Generic layers of an nnx.vmap / nnx.scan or nn.scan stack (a weight with a leading layer axis): one adapter
   per layer, stacked [3, ...] on the same axis; the same adapter params give the same outputs on both hosts."""
   x = jax.random.normal(jax.random.PRNGKey(2), (2, 8))
-  model = nnx_inject.inject(zm.ScannedStack(nnx.Rngs(0)), LORA, x, target_modules="layers",
-                            key=jax.random.PRNGKey(1))
+  model = nnx_inject.inject(zm.ScannedStack(nnx.Rngs(0)), LORA, x, target_modules="layers", key=jax.random.PRNGKey(1))
   assert [(l.path, l.stack) for l in nnx_inject.layers(model)] == [("layers", (3,))]
   (adapter,) = model.layers.adapters
-  params = jax.tree_util.tree_map(lambda a: a + 0.1, adapter.linen_params())            # [3, ...] each
+  params = jax.tree_util.tree_map(lambda a: a + 0.1, adapter.linen_params())  # [3, ...] each
   nnx.update(adapter, {"params": params})
   linen_model = zm.LinenScannedStack()
   frozen = linen_model.init(jax.random.PRNGKey(0), x)["params"]
   adapted, trainable = inject.inject(linen_model, frozen, LORA, x, target_modules="layers", key=jax.random.PRNGKey(1))
   assert adapted.layers == nnx_inject.layers(model)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a.shape, b.shape), trainable["adapter"]["layers"],
-                         params)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_array_equal(a.shape, b.shape), trainable["adapter"]["layers"], params
+  )
   y = adapted.apply(frozen, {"adapter": {"layers": params}, "extras": {}}, x)
   lora = adapters_lib.make(LORA, d_in=8, d_out=8)
   h = x
@@ -337,10 +438,16 @@ def test_gemma_linen(spec, tmp_path):
   qkv_einsum split into q/k/v, the Transformer's nn.jit __call__: inject, apply, gradient, merge, files."""
   model, params = _gemma()
   target = r".*(qkv_einsum/(q|k|v)|attn_vec_einsum|mlp/gating_einsum|mlp/linear)"
-  adapted, trainable = inject.inject(model, params, spec, TOKENS[:1], target_modules=target,
-                                     key=jax.random.PRNGKey(1))
-  names = ["attn/qkv_einsum/q", "attn/qkv_einsum/k", "attn/qkv_einsum/v", "attn/attn_vec_einsum",
-           "mlp/gating_einsum/gate", "mlp/gating_einsum/up", "mlp/linear"]
+  adapted, trainable = inject.inject(model, params, spec, TOKENS[:1], target_modules=target, key=jax.random.PRNGKey(1))
+  names = [
+    "attn/qkv_einsum/q",
+    "attn/qkv_einsum/k",
+    "attn/qkv_einsum/v",
+    "attn/attn_vec_einsum",
+    "mlp/gating_einsum/gate",
+    "mlp/gating_einsum/up",
+    "mlp/linear",
+  ]
   assert list(adapted.paths) == [f"layer_{i}/{n}" for i in range(2) for n in names]
   trainable = _perturb(trainable, jax.random.PRNGKey(2))
   apply = jax.jit(lambda p, tr, t, c: adapted.apply(p, tr, t, context=c))
@@ -348,19 +455,20 @@ def test_gemma_linen(spec, tmp_path):
   context = _context(spec, slice(None))
   out = apply(params, trainable, TOKENS, context)
   assert float(jnp.abs(out - plain(params, TOKENS)).max()) > 1e-4
-  grads = jax.jit(jax.grad(lambda tr: jnp.mean(adapted.apply(params, tr, TOKENS, context=context) ** 2)))(
-      trainable)
+  grads = jax.jit(jax.grad(lambda tr: jnp.mean(adapted.apply(params, tr, TOKENS, context=context) ** 2)))(trainable)
   for path, leaves in grads["adapter"].items():
     assert any(float(jnp.abs(v).sum()) > 0 for v in jax.tree_util.tree_leaves(leaves)), path
   for task in (0, 1):
     batch = slice(task, task + 1)
     merged = adapted.merge(params, trainable, context=task if spec.get("router_input") == "context" else None)
-    np.testing.assert_allclose(plain(merged, TOKENS[batch]), apply(params, trainable, TOKENS[batch],
-                                                                   _context(spec, batch)), atol=1e-5)
+    np.testing.assert_allclose(
+      plain(merged, TOKENS[batch]), apply(params, trainable, TOKENS[batch], _context(spec, batch)), atol=1e-5
+    )
   adapter_io.save_adapter(str(tmp_path / "adapter"), adapted, trainable)
   again, loaded = adapter_io.load_adapter(str(tmp_path / "adapter"), model, params, TOKENS[:1])
-  np.testing.assert_array_equal(jax.jit(lambda p, tr, t, c: again.apply(p, tr, t, context=c))(
-      params, loaded, TOKENS, context), out)
+  np.testing.assert_array_equal(
+    jax.jit(lambda p, tr, t, c: again.apply(p, tr, t, context=c))(params, loaded, TOKENS, context), out
+  )
 
 
 @pytest.mark.slow
@@ -368,13 +476,17 @@ def test_gemma_linen_kv_einsum_traces_and_whole_stack():
   """kv_einsum's slices by name; a pattern on the whole stacked key adapts every slice; router traces of
   generic layers come back in call order under their keys."""
   model, params = _gemma(num_kv_heads=1)
-  adapted, trainable = inject.inject(model, params, MOE, TOKENS[:1], target_modules=r"layer_0/attn/(q_einsum|kv_einsum)",
-                                     key=jax.random.PRNGKey(1))
+  adapted, trainable = inject.inject(
+    model, params, MOE, TOKENS[:1], target_modules=r"layer_0/attn/(q_einsum|kv_einsum)", key=jax.random.PRNGKey(1)
+  )
   assert list(adapted.paths) == ["layer_0/attn/q_einsum", "layer_0/attn/kv_einsum/k", "layer_0/attn/kv_einsum/v"]
   _, traces = adapted.apply(params, trainable, TOKENS, context=TASKS, capture_routing=True)
   assert [t.path for t in traces] == list(adapted.paths)
-  assert inject.dense_paths(model, params, TOKENS[:1])[:3] == ["layer_0/attn/q_einsum", "layer_0/attn/kv_einsum/k",
-                                                                "layer_0/attn/kv_einsum/v"]
+  assert inject.dense_paths(model, params, TOKENS[:1])[:3] == [
+    "layer_0/attn/q_einsum",
+    "layer_0/attn/kv_einsum/k",
+    "layer_0/attn/kv_einsum/v",
+  ]
 
 
 def test_equations_normalised():
@@ -384,11 +496,11 @@ def test_equations_normalised():
   assert projections.equation("matmul", (w.T, jnp.ones((2, 8, 4))), True) == "...kn,mk->...mn"
   assert projections.equation("einsum", ("NDH,BTD->BTNH", jnp.ones((2, 8, 4)), x), True) == "BTD,NDH->BTNH"
   dims = (((1, 2), (0, 1)), ((), ()))
-  assert projections.equation("dot_general", (jnp.ones((5, 2, 4)), jnp.ones((2, 4, 8)), dims), False) == \
-      "...bc,bcd->...d"
+  assert (
+    projections.equation("dot_general", (jnp.ones((5, 2, 4)), jnp.ones((2, 4, 8)), dims), False) == "...bc,bcd->...d"
+  )
   with pytest.raises(projections.Refused, match="stacked experts") as info:
-    projections.equation("dot_general", (jnp.ones((4, 5, 8)), jnp.ones((4, 8, 3)), (((2,), (1,)), ((0,), (0,)))),
-                         False)
+    projections.equation("dot_general", (jnp.ones((4, 5, 8)), jnp.ones((4, 8, 3)), (((2,), (1,)), ((0,), (0,)))), False)
   assert info.value.experts
 
 

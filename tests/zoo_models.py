@@ -29,16 +29,16 @@ from localmoe.data import registry
 TUNIX_VERSION = "0.1.7"
 TUNIX_WHEEL_SHA256 = "857b893b8ba71a61cce8cb9de2301218d311f72044de94aa2b826275968033b4"
 TUNIX_FILES = {
-    "tunix/models/gemma3/model.py": "aa5d15b9858d24502ca048dfabd01302468341f3127b4469a9a5f22f4fbd076f",
-    "tunix/models/gemma3/merge_embeddings.py": "db79ec6b76d0170b92a256e2fa81d55c99a1074ec23e16ba688944406cd358e0",
-    "tunix/models/gemma3/utils.py": "12cee5f10564a47a8a17902cc628f3599ac80d938d02e60e33083fe78307e1c9",
-    "tunix/models/gemma3/vision.py": "1c221cc8db6971ccb4c0584d1bcc04447c6da52cad12ee8648861dd6a5b930c8",
-    "tunix/models/llama3/model.py": "166d72dd198a9e8011d331a1776766f6685f616e4937ed14dc050c5ca92842c8",
-    "tunix/models/qwen3/model.py": "a1a603a1b1683acb5a25e004165da3af63558fb26069aa24a845467784182f4f",
-    "tunix/generate/mappings.py": "389a889d16ce9569f06a3f173fd5cad9f1a63d85f3f28c0ada3fdd0ed7924fd8",
-    "tunix/utils/compat.py": "f2d4af060bcfee674abf34bae4d424de2ac472921061f41da773055f36e987f3",
-    "tunix/utils/env_utils.py": "7444feba5ff40e204c516febd96b054dc5d7d08a93b2077068c41ad34cc9fc12",
-    "tunix/utils/sharding_utils.py": "997a7f409633abc7c155ac2c7d48fc69c25f61ce9f411c569672feec085fbe03",
+  "tunix/models/gemma3/model.py": "aa5d15b9858d24502ca048dfabd01302468341f3127b4469a9a5f22f4fbd076f",
+  "tunix/models/gemma3/merge_embeddings.py": "db79ec6b76d0170b92a256e2fa81d55c99a1074ec23e16ba688944406cd358e0",
+  "tunix/models/gemma3/utils.py": "12cee5f10564a47a8a17902cc628f3599ac80d938d02e60e33083fe78307e1c9",
+  "tunix/models/gemma3/vision.py": "1c221cc8db6971ccb4c0584d1bcc04447c6da52cad12ee8648861dd6a5b930c8",
+  "tunix/models/llama3/model.py": "166d72dd198a9e8011d331a1776766f6685f616e4937ed14dc050c5ca92842c8",
+  "tunix/models/qwen3/model.py": "a1a603a1b1683acb5a25e004165da3af63558fb26069aa24a845467784182f4f",
+  "tunix/generate/mappings.py": "389a889d16ce9569f06a3f173fd5cad9f1a63d85f3f28c0ada3fdd0ed7924fd8",
+  "tunix/utils/compat.py": "f2d4af060bcfee674abf34bae4d424de2ac472921061f41da773055f36e987f3",
+  "tunix/utils/env_utils.py": "7444feba5ff40e204c516febd96b054dc5d7d08a93b2077068c41ad34cc9fc12",
+  "tunix/utils/sharding_utils.py": "997a7f409633abc7c155ac2c7d48fc69c25f61ce9f411c569672feec085fbe03",
 }
 
 
@@ -58,7 +58,7 @@ def tunix_models() -> dict[str, types.ModuleType]:
     cache.store_in_cache(files, root)
   if "tunix" not in sys.modules:
     stub = types.ModuleType("tunix")
-    stub.__path__ = [str(root / "tunix")]               # tunix/__init__.py is never read
+    stub.__path__ = [str(root / "tunix")]  # tunix/__init__.py is never read
     sys.modules["tunix"] = stub
   return {name: importlib.import_module(f"tunix.models.{name}.model") for name in ("gemma3", "llama3", "qwen3")}
 
@@ -70,6 +70,7 @@ def tunix_models() -> dict[str, types.ModuleType]:
 
 class Einsum(nn.Module):
   """gemma's `_layers.Einsum`: called as `module(eqn, x)`, its weight named by `weight_name`."""
+
   shape: tuple[int, ...]
   weight_name: str = "w"
 
@@ -81,22 +82,23 @@ class Einsum(nn.Module):
 
 class Embedder(nn.Module):
   """gemma's Embedder: a [vocab, d] table, looked up by `encode` and tied to the logits by `decode`."""
+
   vocab_size: int
   embed_dim: int
 
   def setup(self):
-    self.input_embedding = self.param("input_embedding", nn.initializers.normal(), (self.vocab_size,
-                                                                                    self.embed_dim))
+    self.input_embedding = self.param("input_embedding", nn.initializers.normal(), (self.vocab_size, self.embed_dim))
 
   def encode(self, tokens: jax.Array) -> jax.Array:
-    return self.input_embedding[(tokens,)] * jnp.sqrt(self.embed_dim)       # [B, T, D]
+    return self.input_embedding[(tokens,)] * jnp.sqrt(self.embed_dim)  # [B, T, D]
 
   def decode(self, x: jax.Array) -> jax.Array:
-    return jnp.dot(x, self.input_embedding.T)                               # [B, T, vocab]
+    return jnp.dot(x, self.input_embedding.T)  # [B, T, vocab]
 
 
 class Attention(nn.Module):
   """gemma's Attention: fused `qkv_einsum` (num_heads == num_kv_heads) or `q_einsum` + `kv_einsum`."""
+
   num_heads: int
   num_kv_heads: int
   features: int
@@ -114,35 +116,36 @@ class Attention(nn.Module):
       self.q_einsum = Einsum(shape=(self.num_heads, self.features, self.head_dim))
       self.kv_einsum = Einsum(shape=(2, self.num_kv_heads, self.features, self.head_dim))
 
-  def __call__(self, x: jax.Array) -> jax.Array:                           # x: [B, T, D]
+  def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, T, D]
     if self.use_qkv_einsum:
-      q, k, v = self.qkv_einsum("BTD,SNDH->SBTNH", x)                     # each [B, T, N, H]
+      q, k, v = self.qkv_einsum("BTD,SNDH->SBTNH", x)  # each [B, T, N, H]
     else:
       q = self.q_einsum("BTD,NDH->BTNH", x)
       k, v = self.kv_einsum("BSD,CKDH->CBSKH", x)
       reps = self.num_heads // self.num_kv_heads
       k, v = jnp.repeat(k, reps, axis=2), jnp.repeat(v, reps, axis=2)
-    logits = jnp.einsum("BTNH,BSNH->BTNS", q * self.head_dim ** -0.5, k)
+    logits = jnp.einsum("BTNH,BSNH->BTNS", q * self.head_dim**-0.5, k)
     t = x.shape[1]
     logits = jnp.where(jnp.tril(jnp.ones((t, t), bool))[None, :, None, :], logits, -1e9)
     encoded = jnp.einsum("BTNS,BSNH->BTNH", jax.nn.softmax(logits, axis=-1), v)
-    return self.attn_vec_einsum("BTNH,NHD->BTD", encoded)                 # [B, T, D]
+    return self.attn_vec_einsum("BTNH,NHD->BTD", encoded)  # [B, T, D]
 
 
 class FeedForward(nn.Module):
   """gemma's FeedForward: both Einsums share this module's scope (`nn.share_scope`)."""
+
   features: int
   hidden_dim: int
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:                           # x: [B, T, F]
+  def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, T, F]
     gating = Einsum(shape=(2, self.hidden_dim, self.features), weight_name="gating_einsum")
     nn.share_scope(self, gating)
-    gate = gating("...F,NHF->...NH", x)                                    # [B, T, 2, H]
-    activations = nn.gelu(gate[..., 0, :]) * gate[..., 1, :]               # [B, T, H]
+    gate = gating("...F,NHF->...NH", x)  # [B, T, 2, H]
+    activations = nn.gelu(gate[..., 0, :]) * gate[..., 1, :]  # [B, T, H]
     linear = Einsum(shape=(self.hidden_dim, self.features), weight_name="linear")
     nn.share_scope(self, linear)
-    return linear("...H,HF->...F", activations)                            # [B, T, F]
+    return linear("...H,HF->...F", activations)  # [B, T, F]
 
 
 class Block(nn.Module):
@@ -163,6 +166,7 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
   """gemma's Transformer: embedder, blocks `layer_<i>`, tied logits; `__call__` under `nn.jit`."""
+
   vocab_size: int = 11
   embed_dim: int = 8
   num_heads: int = 2
@@ -173,11 +177,13 @@ class Transformer(nn.Module):
 
   def setup(self):
     self.embedder = Embedder(self.vocab_size, self.embed_dim)
-    self.blocks = [Block(self.num_heads, self.num_kv_heads, self.embed_dim, self.head_dim, self.hidden_dim,
-                         name=f"layer_{i}") for i in range(self.num_layers)]
+    self.blocks = [
+      Block(self.num_heads, self.num_kv_heads, self.embed_dim, self.head_dim, self.hidden_dim, name=f"layer_{i}")
+      for i in range(self.num_layers)
+    ]
 
   @nn.jit
-  def __call__(self, tokens: jax.Array) -> jax.Array:                      # tokens: [B, T] -> logits [B, T, V]
+  def __call__(self, tokens: jax.Array) -> jax.Array:  # tokens: [B, T] -> logits [B, T, V]
     x = self.embedder.encode(tokens)
     for block in self.blocks:
       x = block(x)
@@ -195,8 +201,17 @@ def _canonical(x) -> tuple[int, ...]:
 class DenseGeneral(nnx.Module):
   """MaxText's DenseGeneral: kernel [*in, *out], inputs and kernel cast to `dtype`, then lax.dot_general."""
 
-  def __init__(self, in_features_shape, out_features_shape, axis=-1, weight_dtype=jnp.float32,
-               dtype=jnp.float32, use_bias: bool = False, *, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features_shape,
+    out_features_shape,
+    axis=-1,
+    weight_dtype=jnp.float32,
+    dtype=jnp.float32,
+    use_bias: bool = False,
+    *,
+    rngs: nnx.Rngs,
+  ):
     self.in_features_shape = _canonical(in_features_shape)
     self.out_features_shape = _canonical(out_features_shape)
     self.axis = _canonical(axis)
@@ -228,8 +243,8 @@ class MaxTextMlpAttention(nnx.Module):
     self.wi = DenseGeneral(d, hidden, use_bias=True, rngs=rngs)
     self.wo = DenseGeneral(hidden, d, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:                           # x: [B, T, D]
-    q, k, v = self.query(x), self.key(x), self.value(x)                     # [B, T, N, H]
+  def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, T, D]
+    q, k, v = self.query(x), self.key(x), self.value(x)  # [B, T, N, H]
     logits = jnp.einsum("btnh,bsnh->bnts", q, k) / 2.0
     h = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, -1), v)
     x = x + self.out(h)
@@ -239,7 +254,7 @@ class MaxTextMlpAttention(nnx.Module):
 # ------------------------------------------------------------------------------------------- refusals
 
 
-_bound_dot_general = jax.lax.dot_general          # a module that imported dot_general by name
+_bound_dot_general = jax.lax.dot_general  # a module that imported dot_general by name
 
 
 class BoundDotGeneral(nnx.Module):
@@ -268,7 +283,7 @@ class LinenMixed(nn.Module):
   called first on another input: the child's contraction must not be taken for the parent's."""
 
   @nn.compact
-  def __call__(self, x):                                                   # x: [B, 8]
+  def __call__(self, x):  # x: [B, 8]
     side = nn.Dense(8, use_bias=False, name="side")(2.0 * x)
     w = self.param("w", nn.initializers.normal(0.3), (8, 8))
     return jnp.dot(x, w) + side
@@ -323,6 +338,7 @@ class SwitchNet(nnx.Module):
 
 class LinenSwitch(nn.Module):
   """The linen sibling of Switch: `bound` chooses the op."""
+
   bound: bool = False
 
   @nn.compact
@@ -347,11 +363,11 @@ class MatmulOperator(nnx.Module):
 
   def __init__(self, *, rngs: nnx.Rngs):
     self.up = nnx.Param(nnx.initializers.normal(0.3)(rngs.params(), (8, 12)))
-    self.down = nnx.Param(nnx.initializers.normal(0.3)(rngs.params(), (8, 12)))   # [out, in]
+    self.down = nnx.Param(nnx.initializers.normal(0.3)(rngs.params(), (8, 12)))  # [out, in]
 
-  def __call__(self, x):                                                   # x: [B, 8]
-    h = jnp.tanh(x @ self.up[...])                                         # [B, 12]
-    return (self.down[...] @ h.T).T                                        # [B, 8]
+  def __call__(self, x):  # x: [B, 8]
+    h = jnp.tanh(x @ self.up[...])  # [B, 12]
+    return (self.down[...] @ h.T).T  # [B, 8]
 
 
 class MatmulNet(nnx.Module):
@@ -378,12 +394,14 @@ class ScannedStack(nnx.Module):
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make(rngs):
       return ScannedLayer(rngs)
+
     self.layers = make(rngs)
 
   def __call__(self, x):
     @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
     def step(x, layer):
       return layer(x)
+
     return step(x, self.layers)
 
 
