@@ -119,7 +119,7 @@ def peft_tensors(
     from localmoe import nnx_inject  # pylint: disable=g-import-not-at-top
 
     entries = [
-      (info.path, adapter.definition, adapter.linen_params()) for _, info, adapter, _, _ in nnx_inject._entries(adapted)
+      (info.path, adapter.definition, adapter.linen_params()) for _, info, adapter, _, _ in nnx_inject.entries(adapted)
     ]  # pylint: disable=protected-access
   return _peft(entries, family)
 

@@ -26,7 +26,8 @@ prod(features); q/k/v map [..., d] -> [..., heads, head_dim] (d_out = heads * he
 Einsum (`nn.Einsum`, Gemma-style projections): the same flattened view, d_in = prod(contracted axes) and
 d_out = prod(kernel axes kept in the output), both in kernel order (`localmoe.einsum_layers`); equations that
 have no such view (a kernel per batch index, a diagonal, ...) are refused naming the layer and the equation.
-The NNX sibling of this module is `localmoe.nnx_inject`; what both hosts share (geometry, adapter sets,
+Which calls are adapted, their geometry and the discovery pass are `localmoe.linen_layers`. The NNX sibling
+of this module is `localmoe.nnx_inject`; what both hosts share (geometry, adapter sets,
 refusals, merge) is `localmoe.adapt_core`, and the router losses and diagnostics are
 `localmoe.router_traces` (re-exported here as `inject.router_losses`, `inject.routing_diagnostics`).
 
@@ -71,7 +72,6 @@ one trace per layer), else capture_routing is an error naming the layer. `merge`
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -80,7 +80,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from localmoe import adapt_core
-from localmoe import einsum_layers
+from localmoe import linen_layers
 from localmoe import params as params_lib
 from localmoe import projections
 
@@ -98,115 +98,8 @@ from localmoe.adapt_core import (  # noqa: F401
   routes_on_activation,
   routes_on_context,
 )
+from localmoe.linen_layers import LINEAR_TYPES, STACKED_ADAPTERS, TRACES  # noqa: F401
 from localmoe.router_traces import RouterTrace, router_losses, routing_diagnostics  # noqa: F401
-
-LINEAR_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
-
-
-def _unjitted(fn):
-  """The method under a linen `nn.jit` method decorator (`@nn.jit def __call__`), or None.
-
-  nn.jit caches its trace by the module, not by the method interceptors around the call, so a cached trace
-  would skip the adapters (a silent no-op): the hosts call the method underneath instead (the caller's own
-  jax.jit still compiles the whole step). Recognised by flax's cached-transform wrapper, which keeps the
-  wrapped method as `__wrapped__`.
-  """
-  code = getattr(fn, "__code__", None)
-  if code is not None and code.co_name == "wrapped_fn" and "trafo_fn" in code.co_freevars:
-    return getattr(fn, "__wrapped__", None)
-  return None
-
-
-def _run(model: nn.Module, variables, args, kwargs, **apply_kwargs):
-  """model.apply(variables, *args, **kwargs), through the method under an `nn.jit` decorator on __call__."""
-  method = _unjitted(type(model).__call__)
-  if method is not None:
-    apply_kwargs["method"] = method
-  return model.apply(variables, *args, **kwargs, **apply_kwargs)
-
-
-TRACES = "router_traces"  # the collection the linen host sows router traces into (remat/scan safe)
-STACKED_ADAPTERS = "localmoe_adapters"  # where apply places a stack's adapters in its layers' params scope
-_STACK_TRANSFORM = "inside a lifted transform (nn.scan or nn.vmap)"
-_STACK_FIX = "stack the params on their leading axis (variable_axes={'params': 0})"
-
-
-def _linear_call(context) -> bool:
-  return context.method_name == "__call__" and isinstance(context.module, LINEAR_TYPES)
-
-
-def _path(module: nn.Module) -> str:
-  return "/".join(str(p) for p in module.path)
-
-
-def _inputs(args, kwargs):
-  return args[0] if args else kwargs["inputs"]
-
-
-def _own_weights(module: nn.Module) -> dict:
-  """The params (ndim >= 2) a module holds directly in its scope (gemma's nn.share_scope: its parent's)."""
-  try:
-    params = module.variables.get("params", {})
-  except (AttributeError, ValueError, TypeError):
-    return {}
-  return {k: v for k, v in params.items() if not isinstance(v, Mapping) and getattr(v, "ndim", 0) >= 2}
-
-
-def _generic_weights(context, matches) -> dict:
-  """The matched weights of a generic module's __call__ (`localmoe.projections`), else {}."""
-  module = context.module
-  if context.method_name != "__call__" or isinstance(module, LINEAR_TYPES) or projections.is_builtin(module):
-    return {}
-  return projections.wanted(_path(module), _own_weights(module), matches)
-
-
-def _trace_name(slot: projections.Slot | None) -> str:
-  """The sow name of a layer's router traces in its module's scope ("trace"; a generic key's suffix after)."""
-  if slot is None or slot.key == slot.module_path:
-    return "trace"
-  suffix = slot.key[len(slot.module_path) :].lstrip("/") if slot.module_path else slot.key
-  return "trace:" + suffix.replace("/", ":")
-
-
-def _einsum_equation(module: nn.Module, args, kwargs) -> str:
-  """The equation of an nn.Einsum call (the call's `einsum_str`, else the module's); "" for other layers."""
-  if not isinstance(module, nn.Einsum):
-    return ""
-  given = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-  return (given or module.einsum_str).replace(" ", "")
-
-
-def _layer_geometry(
-  module: nn.Module, x, equation: str = ""
-) -> tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-  """(kind, in_shape, out_shape, axis) of a Dense/DenseGeneral/Einsum call on input x."""
-  path = _path(module)
-  if isinstance(module, nn.Einsum):  # contracted and feature axes of the kernel
-    in_shape, out_shape = einsum_layers.widths(einsum_layers.parse(equation, x.ndim, path), module.shape)
-    return "Einsum", in_shape, out_shape, ()
-  if isinstance(module, nn.Dense):
-    return "Dense", (int(x.shape[-1]),), (int(module.features),), (-1,)
-  if getattr(module, "batch_dims", ()):
-    raise ValueError(
-      f"layer {path!r} is an nn.DenseGeneral with batch_dims={module.batch_dims}: its kernel "
-      "differs per batch index, so one adapter cannot stand for it; leave it out of target_modules."
-    )
-  axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
-  axis = tuple(int(a) - x.ndim if int(a) >= 0 else int(a) for a in axis)  # negative, kernel order
-  features = module.features if isinstance(module.features, Sequence) else (module.features,)
-  return "DenseGeneral", tuple(int(x.shape[a]) for a in axis), tuple(int(f) for f in features), axis
-
-
-def _keys(path: str) -> list[str]:
-  """Module path "a/b" -> ["a", "b"]; the root module's path "" -> []."""
-  return path.split("/") if path else []
-
-
-def _tree_get(tree, path: Sequence[str]):
-  for key in path:
-    tree = tree[key]
-  return tree
-
 
 # ------------------------------------------------------------------------------------------- the model
 
@@ -251,7 +144,7 @@ class AdaptedModel:
       node = out
       for key in keys[:-1]:
         node = node.setdefault(key, {})
-      node[keys[-1]] = jax.tree_util.tree_map(jnp.asarray, _tree_get(frozen_params, keys))
+      node[keys[-1]] = jax.tree_util.tree_map(jnp.asarray, linen_layers.tree_get(frozen_params, keys))
     return out
 
   def base_kernels(self, frozen_params) -> list[jnp.ndarray]:
@@ -261,10 +154,10 @@ class AdaptedModel:
     for l in self.layers:
       slot, one = slots.get(l.path), l.unstacked()
       if slot is None:
-        w = jnp.asarray(_tree_get(frozen_params, _keys(l.path) + ["kernel"]))
+        w = jnp.asarray(linen_layers.tree_get(frozen_params, linen_layers.path_keys(l.path) + ["kernel"]))
         out.append(adapt_core.over_stack(lambda w: adapt_core.kernel_2d(w, one), l.stack, w))
         continue
-      w = jnp.asarray(_tree_get(frozen_params, _keys(slot.module_path) + [slot.param]))
+      w = jnp.asarray(linen_layers.tree_get(frozen_params, linen_layers.path_keys(slot.module_path) + [slot.param]))
       out.append(
         adapt_core.over_stack(
           lambda w, slot=slot, one=one: adapt_core.kernel_2d(w if slot.index < 0 else w[slot.index], one), l.stack, w
@@ -311,14 +204,14 @@ class AdaptedModel:
     def sow(trace: RouterTrace) -> None:
       marker = jnp.zeros(tuple(trace.input_lead) + (0,), jnp.float32)  # the input's leading axes, as a shape
       module, name = calling[-1]
-      if not module.is_mutable_collection(TRACES):  # inside an nn.scan / nn.vmap that does not carry it
+      if not module.is_mutable_collection(linen_layers.TRACES):  # inside an nn.scan / nn.vmap that does not carry it
         raise ValueError(
           f"layer {trace.path!r} is inside an nn.scan / nn.vmap whose variable_axes lack "
-          f"{TRACES!r}, so its router traces cannot leave the transform: add "
-          f"variable_axes={{'params': 0, {TRACES!r}: 0}} (localmoe.inject.TRACES) to that transform, "
+          f"{linen_layers.TRACES!r}, so its router traces cannot leave the transform: add "
+          f"variable_axes={{'params': 0, {linen_layers.TRACES!r}: 0}} (localmoe.inject.TRACES) to that transform, "
           "or apply without capture_routing."
         )
-      module.sow(TRACES, name, (trace.logits, trace.gates, marker))
+      module.sow(linen_layers.TRACES, name, (trace.logits, trace.gates, marker))
 
     if isinstance(self.adapter, PerLayer):
       session = self.adapter.session(
@@ -337,8 +230,8 @@ class AdaptedModel:
     ran: set[str] = set()
 
     def generic_call(next_fun, args, kwargs, ctx):
-      module, path = ctx.module, _path(ctx.module)
-      weights = _generic_weights(ctx, generic_keys.__contains__)
+      module, path = ctx.module, linen_layers.module_path(ctx.module)
+      weights = linen_layers.generic_weights(ctx, generic_keys.__contains__)
       by_param: dict[str, list] = {}
       for slot in self.slots:
         if slot.module_path == path and slot.param in weights:
@@ -350,7 +243,7 @@ class AdaptedModel:
           return y
 
         def one(key, flat, kernel):  # Delta [..., d_out] of one slot
-          calling.append((module, _trace_name(slots[key])))
+          calling.append((module, linen_layers.trace_name(slots[key])))
           try:
             return session(index[key], flat, kernel, **self._stacked_entry(module, key, index[key]))
           finally:
@@ -367,13 +260,13 @@ class AdaptedModel:
       if projections.is_quiet():  # the adapters' own math
         return next_fun(*args, **kwargs)
       top = projections.top()
-      if not _linear_call(ctx):
+      if not linen_layers.is_linear_call(ctx):
         if top is not None and top.owner is ctx.module:  # a method of the module being called
           return next_fun(*args, **kwargs)
         return generic_call(next_fun, args, kwargs, ctx)
       with projections.frame(projections.Frame(owner=ctx.module)):
         y = next_fun(*args, **kwargs)
-      path = _path(ctx.module)
+      path = linen_layers.module_path(ctx.module)
       if not matches(path):
         return y
       if path not in index:
@@ -383,7 +276,7 @@ class AdaptedModel:
           "that reach it."
         )
       layer = self.layers[index[path]]
-      x = adapt_core.flatten_input(_inputs(args, kwargs), layer)  # [..., d_in]
+      x = adapt_core.flatten_input(linen_layers.call_input(args, kwargs), layer)  # [..., d_in]
       kernel = adapt_core.kernel_2d(ctx.module.get_variable("params", "kernel"), layer)  # [d_in, d_out]
       calling.append((ctx.module, "trace"))
       try:
@@ -391,14 +284,14 @@ class AdaptedModel:
           delta = session(index[path], x, kernel, **self._stacked_entry(ctx.module, path, index[path]))  # [..., d_out]
       finally:
         calling.pop()
-      delta = adapt_core.output_delta(delta, layer, _inputs(args, kwargs).ndim, y.shape)  # y's layout
+      delta = adapt_core.output_delta(delta, layer, linen_layers.call_input(args, kwargs).ndim, y.shape)  # y's layout
       return y + delta.astype(y.dtype)
 
     with nn.intercept_methods(add_delta), projections.intercepting():
       if not capture_routing:
-        y = _run(self.model, {"params": params}, args, kwargs)
+        y = linen_layers.run_model(self.model, {"params": params}, args, kwargs)
       else:
-        y, state = _run(self.model, {"params": params}, args, kwargs, mutable=[TRACES])
+        y, state = linen_layers.run_model(self.model, {"params": params}, args, kwargs, mutable=[linen_layers.TRACES])
     missed = sorted(generic_keys - ran)
     if missed:
       raise ValueError(
@@ -406,13 +299,13 @@ class AdaptedModel:
         "weight, so their adapters did not run (a method other than __call__, another code path, "
         "or an op localmoe.projections does not intercept): call the model as in inject."
       )
-    return y if not capture_routing else (y, self._traces(state.get(TRACES, {})))
+    return y if not capture_routing else (y, self._traces(state.get(linen_layers.TRACES, {})))
 
   def _stacked_layers(self) -> list[tuple[int, LayerInfo, list[str]]]:
     """(call index, layer, keys of the params scope that holds its weight) of every layer of a stack."""
     slots = {slot.key: slot for slot in self.slots}
     return [
-      (i, l, _keys(slots[l.path].module_path if l.path in slots else l.path))
+      (i, l, linen_layers.path_keys(slots[l.path].module_path if l.path in slots else l.path))
       for i, l in enumerate(self.layers)
       if l.stack
     ]
@@ -430,13 +323,13 @@ class AdaptedModel:
       for key in keys:
         node[key] = dict(node[key])
         node = node[key]
-      holder = dict(node.get(STACKED_ADAPTERS, {}))
+      holder = dict(node.get(linen_layers.STACKED_ADAPTERS, {}))
       count = int(np.prod(layer.stack))
       holder[str(i)] = {
         "params": adapter_params[layer.path],
         "slice": jnp.arange(count, dtype=jnp.int32).reshape(layer.stack),
       }  # [*stack]
-      node[STACKED_ADAPTERS] = holder
+      node[linen_layers.STACKED_ADAPTERS] = holder
     return params
 
   def _stacked_entry(self, module: nn.Module, path: str, i: int) -> dict:
@@ -444,7 +337,7 @@ class AdaptedModel:
     params=, slice_index=), read from the module's params scope."""
     if not self.layers[i].stack:
       return {}
-    entry = module.get_variable("params", STACKED_ADAPTERS) or {}
+    entry = module.get_variable("params", linen_layers.STACKED_ADAPTERS) or {}
     entry = entry.get(str(i)) if isinstance(entry, Mapping) else None
     if entry is None or np.ndim(entry["slice"]) != 0:
       raise ValueError(
@@ -462,7 +355,7 @@ class AdaptedModel:
     for layer in self.layers:
       node = sown
       slot = slots.get(layer.path)
-      for key in _keys(slot.module_path if slot else layer.path) + [_trace_name(slot)]:
+      for key in linen_layers.path_keys(slot.module_path if slot else layer.path) + [linen_layers.trace_name(slot)]:
         node = node.get(key, {}) if isinstance(node, Mapping) else {}
       if not node:
         continue
@@ -519,26 +412,26 @@ class AdaptedModel:
           (slot, layer, self.adapter.module(layer), trainable["adapter"][layer.path])
         )
     for (module_path, param), parts in groups.items():
-      keys = _keys(module_path)
-      node = dict(_tree_get(params, keys)) if keys else params
+      keys = linen_layers.path_keys(module_path)
+      node = dict(linen_layers.tree_get(params, keys)) if keys else params
       node[param] = projections.merged_weight(jnp.asarray(node[param]), parts, context)
       if keys:
-        parent = _tree_get(params, keys[:-1]) if len(keys) > 1 else params
+        parent = linen_layers.tree_get(params, keys[:-1]) if len(keys) > 1 else params
         parent[keys[-1]] = node
     for layer in self.layers:
       if layer.path in slots:
         continue
-      keys = _keys(layer.path)
+      keys = linen_layers.path_keys(layer.path)
       if not keys:
         raise ValueError(
           "merge needs the adapted layer to be a submodule of the model (its params under a "
           "name), not the root module itself."
         )
-      node = dict(_tree_get(params, keys))
+      node = dict(linen_layers.tree_get(params, keys))
       node["kernel"] = adapt_core.merged_kernel(
         self.adapter.module(layer), trainable["adapter"][layer.path], layer, node["kernel"], context
       )
-      parent = _tree_get(params, keys[:-1]) if len(keys) > 1 else params
+      parent = linen_layers.tree_get(params, keys[:-1]) if len(keys) > 1 else params
       parent[keys[-1]] = node
     return params
 
@@ -556,104 +449,7 @@ def find_layers(
   A matched layer inside nn.scan / nn.vmap (its kernel in `params` stored [*stack, ...], more axes than the
   layer sees) has `LayerInfo.stack`; a stack axis that is not leading is an error naming the layer.
   """
-  return _discover(model, params, example_args, target_modules, example_kwargs)[0]
-
-
-def _discover(
-  model: nn.Module,
-  params,
-  example_args: Sequence[Any],
-  target_modules: str | Sequence[str],
-  example_kwargs: Mapping[str, Any] | None = None,
-) -> tuple[tuple[LayerInfo, ...], tuple[projections.Slot, ...], list[str]]:
-  """(layers in call order, the generic layers' slots, one error text per matched generic weight that cannot
-  be adapted: stacked experts, a refused equation, no intercepted contraction)."""
-  matches = path_matcher(target_modules)
-  found: dict[str, LayerInfo] = {}
-  slots: dict[str, projections.Slot] = {}
-  hit_keys: set[tuple[str, str]] = set()
-  frames: list[projections.Frame] = []
-  failures: list[str] = []
-
-  def on_hit(frame, hit):
-    hit_keys.add((frame.module_path, hit.param))
-    try:
-      pairs = projections.layers_of(hit, frame.module_path, matches)
-    except ValueError as error:
-      failures.append(str(error))
-      return
-    for slot, info in pairs:
-      if slot.key not in found:
-        found[slot.key], slots[slot.key] = info, slot
-
-  def record(next_fun, args, kwargs, context):
-    if projections.is_quiet():
-      return next_fun(*args, **kwargs)
-    if not _linear_call(context):
-      top = projections.top()
-      if top is not None and top.owner is context.module:
-        return next_fun(*args, **kwargs)
-      weights = _generic_weights(context, matches)
-      frame = projections.Frame(_path(context.module), weights, owner=context.module, on_hit=on_hit)
-      if weights:
-        frames.append(frame)
-      with projections.frame(frame):
-        return next_fun(*args, **kwargs)
-    path = _path(context.module)
-    if matches(path) and path not in found:
-      x = _inputs(args, kwargs)
-      equation = _einsum_equation(context.module, args, kwargs)
-      kind, in_shape, out_shape, axis = _layer_geometry(context.module, x, equation)
-      seen = tuple(context.module.get_variable("params", "kernel").shape)
-      try:
-        stored = tuple(np.shape(_tree_get(params, [str(p) for p in context.module.path] + ["kernel"])))
-      except (KeyError, TypeError):
-        stored = seen
-      stack = adapt_core.stack_of(path, stored, seen, _STACK_TRANSFORM, _STACK_FIX)
-      found[path] = LayerInfo(
-        path=path,
-        d_in=math.prod(in_shape),
-        d_out=math.prod(out_shape),
-        kind=kind,
-        in_shape=in_shape,
-        out_shape=out_shape,
-        axis=axis,
-        equation=equation,
-        stack=stack,
-      )
-    with projections.frame(projections.Frame(owner=context.module)):
-      return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(record), projections.intercepting():
-    jax.eval_shape(lambda p, *a: _run(model, {"params": p}, a, example_kwargs or {}), params, *example_args)
-  for key, slot in slots.items():  # a generic layer of a stack: its weight's leading axes
-    try:
-      stored = np.shape(_tree_get(params, _keys(slot.module_path) + [slot.param]))
-    except (KeyError, TypeError):
-      continue
-    found[key] = dataclasses.replace(
-      found[key], stack=adapt_core.stack_of(key, stored, slot.shape, _STACK_TRANSFORM, _STACK_FIX)
-    )
-  problems, seen_keys = list(failures), set()
-  for frame in frames:  # matched weights whose contraction no frame adapted
-    for name, value in frame.weights.items():
-      if (frame.module_path, name) in hit_keys or (frame.module_path, name) in seen_keys:
-        continue
-      seen_keys.add((frame.module_path, name))
-      problems.append(
-        projections.problem(frame.module_path, name, value.shape, frame.problems.get(name), name in frame.slices)
-      )
-  return tuple(found.values()), tuple(slots.values()), problems
-
-
-def _module_paths(params) -> list[str]:
-  """ "/"-joined module paths that hold leaves directly (e.g. "head" for head/kernel, head/bias)."""
-  paths = []
-  for leaf_path, _ in params_lib.leaf_paths(params):
-    module = leaf_path.rpartition("/")[0]
-    if module not in paths:
-      paths.append(module)
-  return paths
+  return linen_layers.discover(model, params, example_args, target_modules, example_kwargs)[0]
 
 
 def inject(
@@ -688,7 +484,7 @@ def inject(
   """
   check_key(key)
   adapter = adapter_set(adapter)
-  layers, slots, problems = _discover(model, params, example_args, target_modules, example_kwargs)
+  layers, slots, problems = linen_layers.discover(model, params, example_args, target_modules, example_kwargs)
   if problems:
     raise projections.refusal(problems)
   stacked = [layer for layer in layers if layer.stack]
@@ -735,7 +531,9 @@ def inject(
     )
   extra_paths: tuple[str, ...] = ()
   if trainable_extras is not None:
-    extra_paths = adapt_core.select_extras(trainable_extras, _module_paths(params), [l.path for l in layers])
+    extra_paths = adapt_core.select_extras(
+      trainable_extras, linen_layers.module_paths(params), [l.path for l in layers]
+    )
     trainable_extras = trainable_extras if isinstance(trainable_extras, str) else tuple(trainable_extras)
   target = target_modules if isinstance(target_modules, str) else tuple(target_modules)
   adapted = AdaptedModel(

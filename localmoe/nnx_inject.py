@@ -3,7 +3,8 @@
 The NNX sibling of `localmoe.inject` (same target_modules, adapter specs, context, router losses, merge and
 adapter files). The model's code is not edited: every matched layer is replaced, in place, by an
 `AdaptedLayer` that holds the original layer (`.base`, as `nnx.LoRA` holds `base_module`) and an NNX
-`Adapter`, and adds the adapter's update to the layer's output,
+`Adapter` (both in `localmoe.nnx_layer`, with the routing-state variables), and adds the adapter's update to
+the layer's output,
 
   y = layer(x) + Delta(x)        (LoRA Eq. 1, Localized LoRA Eq. 4, LoRA-MoE Eq. 6/8, DoRA, MELoRA, ...)
 
@@ -57,403 +58,28 @@ import contextlib
 import dataclasses
 import json
 import math
-import threading
 from typing import Any, Iterator, Mapping, Sequence
 
-import flax.linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
 from localmoe import adapt_core
-from localmoe import adapters as adapters_lib
-from localmoe import einsum_layers
 from localmoe import inject as inject_lib
 from localmoe import params as params_lib
+from localmoe import nnx_layer
 from localmoe import projections
 
-NNX_LINEAR_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
-
-
-class AdapterParam(nnx.LoRAParam):
-  """A localmoe adapter parameter (A, B, routers, DoRA's magnitude): `wrt=AdapterParam` trains them."""
-
-
-class ExtraParam(AdapterParam):
-  """A frozen-model parameter kept trainable by `trainable_extras` (a task head); trained with the adapters."""
-
-
-class RoutingContext(nnx.Variable):
-  """The per-example routing context of the current forward pass (labels [batch] or [batch, D]).
-
-  Shape (0,) means "no context": set by `routing_context`, never trained.
-  """
-
-
-class RoutingRngs(nnx.Variable):
-  """The adapters' training-time rng keys of the current forward pass, {stream: key} ({}: deterministic).
-
-  Set by `routing_context(model, c, rngs={"gumbel": key, "dropout": key})`, never trained.
-  """
-
-
-def _no_context(stack: tuple[int, ...] = ()) -> jnp.ndarray:
-  return jnp.zeros(tuple(stack) + (0,), jnp.int32)
-
-
-def _values(tree):
-  """A tree of nnx Variables -> the same tree of arrays."""
-  return jax.tree_util.tree_map(lambda v: v.get_value(), tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
-
-
-# ------------------------------------------------------------------------------------------- NNX adapters
-
-
-class Adapter(nnx.Module):
-  """A localmoe adapter as an NNX module: the linen definition (`definition`, static) and its params.
-
-  Adapter(spec or linen adapter, d_in=, d_out=, rngs=nnx.Rngs(0)) holds the same parameters as the linen
-  module's `init` (as `AdapterParam`s, nested as in linen: A, B, router/kernel, ...) and computes the same
-  Delta(x) [..., d_out] from x [..., d_in] (Eq. 1, 4, 6, 8), with the same parameter count (`num_params`).
-  DoRA also needs the frozen kernel W0 [d_in, d_out] (`kernel=`), at construction and at every call.
-  """
-
-  def __init__(
-    self,
-    adapter: Mapping[str, Any] | nn.Module,
-    d_in: int | None = None,
-    d_out: int | None = None,
-    *,
-    rngs: nnx.Rngs | None = None,
-    kernel: jnp.ndarray | None = None,
-    params: Any = None,
-  ):
-    if isinstance(adapter, nn.Module):
-      definition = adapter
-    else:
-      sizes = {k: v for k, v in (("d_in", d_in), ("d_out", d_out)) if v is not None}
-      definition = adapters_lib.make(adapter, **sizes)
-    if params is None:
-      if rngs is None:
-        raise ValueError("Adapter needs rngs=nnx.Rngs(<seed>) to initialise its parameters (or params=).")
-      info = adapt_core.LayerInfo("adapter", definition.d_in, definition.d_out)
-      params = adapt_core.PerLayer(lambda layer: definition).init(rngs.params(), [info], [kernel])["adapter"]
-    self.definition = definition  # the linen module: static and hashable
-    self.params = nnx.data(jax.tree_util.tree_map(AdapterParam, params))
-
-  def linen_params(self) -> dict:
-    """The params as the linen module's `params` collection (arrays)."""
-    return _values(self.params)
-
-  def __call__(self, x: jnp.ndarray, context=None, gates=None, kernel: jnp.ndarray | None = None) -> jnp.ndarray:
-    """x [..., d_in] -> Delta(x) [..., d_out]; context [..., D] or labels [...] for context routers."""
-    extra = {"kernel": kernel} if getattr(self.definition, "uses_base_kernel", False) else {}
-    return self.definition.apply({"params": self.linen_params()}, x, context=context, gates=gates, **extra)
-
-  def delta_weight(self, context=None, gates=None, kernel: jnp.ndarray | None = None) -> jnp.ndarray:
-    """Dense Delta W [d_out, d_in] for one fixed routing (a single context or fixed gates; Eq. 9)."""
-    if hasattr(type(self.definition), "delta_weight"):
-      return adapters_lib.delta_weight(self.definition, {"params": self.linen_params()}, context, gates)
-    info = adapt_core.LayerInfo("adapter", self.definition.d_in, self.definition.d_out)
-    return adapt_core.delta_2d(self.definition, self.linen_params(), info, kernel, context).T  # DoRA
-
-  def num_params(self) -> int:
-    return int(self.definition.num_params())
-
-
-# ------------------------------------------------------------------------------------------- adapted layers
-
-
-@dataclasses.dataclass(frozen=True)
-class _Injection:
-  """What `inject` was asked (static, hashable): for adapter files and error messages."""
-
-  rules: str | None  # PerLayer.to_json() as JSON; None for a callable build
-  target_modules: str | tuple[str, ...]
-  trainable_extras: str | tuple[str, ...] | None
-
-
-_STATE = threading.local()  # .probe: {path: LayerInfo} or None; .captures: [traces lists]
-# .slots: {key: Slot}, .problems: [str], .called: {paths} (probe)
-
-
-def _probe() -> dict | None:
-  return getattr(_STATE, "probe", None)
-
-
-def _captures() -> list:
-  if not hasattr(_STATE, "captures"):
-    _STATE.captures = []
-  return _STATE.captures
-
-
-class AdaptedLayer(nnx.Module):
-  """A matched layer with its adapter: y = base(x) + Delta(x) (Eq. 9), Delta from the flattened x [..., d_in].
-
-  A generic module (`localmoe.projections`: not a Flax class, own params with ndim >= 2) is wrapped the same
-  way with one adapter per projection (`slots`): its call runs inside the interception of its weights'
-  contractions, and attribute reads the model makes (`.shape`, `.einsum_str`, ...) pass through to `.base`.
-  """
-
-  def __init__(
-    self,
-    base: nnx.Module,
-    path: str,
-    injection: _Injection,
-    wanted: tuple[str, ...] = (),
-    stack: tuple[int, ...] | None = (),
-  ):
-    """stack: the leading layer axes of a layer of an nnx.vmap / nnx.scan stack (its kernel [*stack, ...]),
-    () for a plain layer, None for the discovery pass (no routing state: nothing to slice)."""
-    self.base = base  # the original nnx.Linear / LinearGeneral / Einsum (frozen)
-    self.path = path  # "/"-joined module path, e.g. "attn/query"
-    self.injection = injection
-    self.layer: adapt_core.LayerInfo | None = None  # geometry seen in the discovery pass
-    self.index = -1  # call order among the adapted layers
-    self.adapter = nnx.data(None)  # an `Adapter`; None until discovered
-    self.stack = tuple(stack or ())
-    if stack is not None:  # routing state, stacked like the kernel for a stack's transform
-      self.context = RoutingContext(_no_context(self.stack))
-      self.rngs = RoutingRngs({})
-    if self.stack:  # each layer's number in the stack, sliced with it
-      self.slice = RoutingContext(jnp.arange(math.prod(self.stack), dtype=jnp.int32).reshape(self.stack))
-    self.generic = bool(wanted)  # a generic module: its matched weights' names are `wanted`
-    if wanted:
-      self.wanted = tuple(wanted)
-      self.slots: tuple[projections.Slot, ...] = ()  # one per adapted projection, in call order
-      self.infos: tuple[adapt_core.LayerInfo, ...] = ()
-      self.indices: tuple[int, ...] = ()
-      self.adapters = nnx.List([])
-
-  def __getattr__(self, name: str):
-    """Reads the host model makes of its own layer (`attn_vec_einsum.shape[1]`) pass through to `.base`."""
-    base = vars(self).get("base")
-    if name.startswith("_") or base is None:
-      raise AttributeError(name)
-    return getattr(base, name)
-
-  def entries(self) -> list[tuple[int, adapt_core.LayerInfo, Adapter, projections.Slot | None]]:
-    """(call index, geometry, adapter, generic slot or None) of every adapted projection of this layer."""
-    if self.generic:
-      return list(zip(self.indices, self.infos, self.adapters, self.slots))
-    if self.adapter is None or self.layer is None:
-      return []
-    return [(self.index, self.layer, self.adapter, None)]
-
-  def __call__(self, *args, **kwargs):
-    if self.generic:
-      return self._generic_call(args, kwargs)
-    with projections.frame(projections.Frame(owner=self.base)):  # the layer's ops are its own
-      return self._linear_call(*args, **kwargs)
-
-  def _unsliced(self) -> int:
-    """How many of the stack's axes the transform around this call left unsliced (0: one layer's call)."""
-    return int(self.slice.get_value().ndim) if self.stack else 0
-
-  def _slice_index(self):
-    """This call's layer number in its stack (for the rngs), or None (a plain layer, or an unsliced call)."""
-    return self.slice.get_value() if self.stack and self._unsliced() == 0 else None
-
-  def _rngs(self) -> dict | None:
-    rngs = dict(self.rngs.get_value())
-    if self._unsliced():  # state the transform broadcast: the same for every layer
-      rngs = {name: key[(0,) * self._unsliced()] for name, key in rngs.items()}
-    return rngs or None
-
-  def _capture(self, definitions) -> list | None:
-    """The list this call's router traces go to (None: not collected); a stack's routed layer refuses one."""
-    captures = _captures()
-    capture = captures[-1] if captures else None
-    routed = [d for d in definitions if adapt_core.routes_on_context(d) or adapt_core.routes_on_activation(d)]
-    if capture is not None and self.stack and routed:
-      raise ValueError(
-        f"layer {self.path!r} is a layer of an nnx.vmap / nnx.scan stack {self.stack} with a routed "
-        f"adapter ({type(routed[0]).__name__}): its router traces are values inside that transform "
-        "and cannot be collected outside it; call the model inside `routing_context(model, c, "
-        "capture=False)` (or nnx_inject.call(..., capture_routing=False)), or build the stack as an "
-        "nnx.List of layers to collect them."
-      )
-    return capture
-
-  def _context(self, definitions) -> Any:
-    context = self.context.get_value()
-    if self._unsliced():  # state the transform broadcast: the same for every layer
-      context = context[(0,) * self._unsliced()]
-    context = None if context.shape == (0,) else context
-    for definition in definitions:
-      if adapt_core.routes_on_context(definition) and context is None:
-        raise ValueError(
-          f"layer {self.path!r} has a context-routed adapter ({type(definition).__name__}, "
-          "router_input='context') but the model was called without a context: call it inside "
-          "`with localmoe.nnx_inject.routing_context(model, <labels [batch] or one-hot/embedding "
-          "[batch, context_dim]>):` (or nnx_inject.call(model, ..., context=...))."
-        )
-    return context
-
-  def _generic_call(self, args, kwargs):
-    base = self.base
-    foreign = [
-      v.get_value()
-      for p, m in nnx.iter_modules(base)
-      if p  # the submodules' arrays
-      for v in vars(m).values()
-      if isinstance(v, nnx.Variable)
-    ]
-    probe = _probe()
-    if probe is not None:  # discovery pass: record the projections, add nothing
-      matches = adapt_core.path_matcher(self.injection.target_modules)
-      weights = {name: getattr(base, name).get_value() for name in self.wanted}
-
-      def on_hit(frame, hit):
-        try:
-          pairs = projections.layers_of(hit, self.path, matches)
-        except ValueError as error:
-          _STATE.problems.append(str(error))
-          return
-        for slot, info in pairs:
-          if slot.key not in probe:
-            probe[slot.key], _STATE.slots[slot.key] = info, slot
-
-      frame = projections.Frame(self.path, weights, owner=base, foreign=foreign, on_hit=on_hit)
-      with projections.frame(frame):
-        y = base(*args, **kwargs)
-      _STATE.called.add(self.path)
-      for name, value in weights.items():
-        if name not in frame.hits:
-          _STATE.problems.append(
-            projections.problem(self.path, name, value.shape, frame.problems.get(name), name in frame.slices)
-          )
-      return y
-    if not self.slots:
-      raise ValueError(
-        f"layer {self.path!r} matches target_modules but was not called when the model was "
-        "injected (other input shapes or control flow?): re-run inject with inputs that reach it."
-      )
-    context = self._context(a.definition for a in self.adapters)
-    capture = self._capture([a.definition for a in self.adapters])
-    rngs, slice_index = self._rngs(), self._slice_index()
-    sessions = {
-      info.path: adapt_core.LayerSession(
-        {info.path: adapter.definition},
-        {info.path: adapter.linen_params()},
-        [info],
-        context,
-        capture,
-        rngs=rngs,
-        offset=index,
-      )
-      for index, info, adapter, _ in self.entries()
-    }
-    infos = {info.path: info for info in self.infos}
-
-    def handler(hit, x, w, y):
-      chosen = [slot for slot in self.slots if slot.param == hit.param]
-      return projections.delta(
-        chosen,
-        [infos[s.key] for s in chosen],
-        hit,
-        x,
-        w,
-        y,
-        lambda key, flat, kernel: sessions[key](0, flat, kernel, slice_index=slice_index),
-      )
-
-    weights = {slot.param: getattr(base, slot.param).get_value() for slot in self.slots}
-    frame = projections.Frame(self.path, weights, handler, owner=base, foreign=foreign)
-    with projections.intercepting(), projections.frame(frame):
-      y = base(*args, **kwargs)
-    missed = [slot.key for slot in self.slots if slot.param not in frame.hits]
-    if missed:
-      raise ValueError(
-        f"layer(s) {missed[:3]} are adapted but this call of {self.path!r} intercepted no "
-        "contraction of their weight, so their adapters did not run (another code path, or an op "
-        "localmoe.projections does not intercept): call the model as in inject."
-      )
-    return y
-
-  def _linear_call(self, x, *args, **kwargs):
-    y = self.base(x, *args, **kwargs)
-    probe = _probe()
-    if probe is not None:  # discovery pass: record the geometry, add nothing
-      if self.path not in probe:
-        probe[self.path] = _geometry(self.base, self.path, x, args, kwargs)
-      return y
-    if self.adapter is None or self.layer is None:
-      raise ValueError(
-        f"layer {self.path!r} matches target_modules but was not called when the model was "
-        "injected (other input shapes or control flow?): re-run inject with inputs that reach it."
-      )
-    layer, definition = self.layer, self.adapter.definition
-    context = self._context([definition])
-    capture = self._capture([definition])
-    session = adapt_core.LayerSession(
-      {layer.path: definition},
-      {layer.path: self.adapter.linen_params()},
-      [layer],
-      context,
-      capture,
-      rngs=self._rngs(),
-      offset=self.index,
-    )
-    flat = adapt_core.flatten_input(x, layer)  # [..., d_in]
-    kernel = adapt_core.kernel_2d(self.base.kernel.get_value(), layer)  # [d_in, d_out]
-    with projections.quiet():
-      delta = session(0, flat, kernel, slice_index=self._slice_index())  # [..., d_out]
-    delta = adapt_core.output_delta(delta, layer, x.ndim, y.shape)  # y's layout
-    return y + delta.astype(y.dtype)
-
-
-def _path_str(path: Sequence[Any]) -> str:
-  return "/".join(str(p) for p in path)
-
-
-def _expected_kernel_shape(module) -> tuple[int, ...]:
-  if isinstance(module, nnx.Linear):
-    return (int(module.in_features), int(module.out_features))
-  if isinstance(module, nnx.LinearGeneral):
-    return (*module.batch_axis.values(), *module.in_features, *module.out_features)
-  return tuple(int(s) for s in module.kernel_shape)
-
-
-_STACK_TRANSFORM = "part of a stacked layer (nnx.vmap / nnx.scan over layers)"
-_STACK_FIX = "stack the layers on the leading axis (nnx.vmap with out_axes=0)"
-
-
-def _kernel_stack(module, path: str) -> tuple[int, ...]:
-  """The leading layer axes of a layer of an nnx.vmap / nnx.scan stack (its kernel [*stack, ...]), () for a
-  plain layer; a stack axis that does not lead and a LinearGeneral with batch axes are refused by name."""
-  if isinstance(module, nnx.LinearGeneral) and module.batch_axis:
-    raise ValueError(
-      f"layer {path!r} is an nnx.LinearGeneral with batch_axis={dict(module.batch_axis)}: its "
-      "kernel differs per batch index, so one adapter cannot stand for it; leave it out of "
-      "target_modules."
-    )
-  return adapt_core.stack_of(path, module.kernel.shape, _expected_kernel_shape(module), _STACK_TRANSFORM, _STACK_FIX)
-
-
-def _geometry(module, path: str, x, args, kwargs) -> adapt_core.LayerInfo:
-  """The LayerInfo of one call of an NNX linear layer on input x."""
-  if isinstance(module, nnx.Linear):
-    in_shape, out_shape, axis, kind, equation = (int(x.shape[-1]),), (int(module.out_features),), (-1,), "Linear", ""
-  elif isinstance(module, nnx.LinearGeneral):
-    axis = tuple(int(a) - x.ndim if int(a) >= 0 else int(a) for a in module.axis)  # negative, kernel order
-    in_shape, out_shape = tuple(int(x.shape[a]) for a in axis), tuple(int(f) for f in module.out_features)
-    kind, equation = "LinearGeneral", ""
-  else:
-    given = args[0] if args else kwargs.get("einsum_str")
-    equation = (given or module.einsum_str).replace(" ", "")
-    in_shape, out_shape = einsum_layers.widths(einsum_layers.parse(equation, x.ndim, path), module.kernel_shape)
-    axis, kind = (), "Einsum"
-  return adapt_core.LayerInfo(
-    path=path,
-    d_in=math.prod(in_shape),
-    d_out=math.prod(out_shape),
-    kind=kind,
-    in_shape=in_shape,
-    out_shape=out_shape,
-    axis=axis,
-    equation=equation,
-  )
+# The layer-level names, re-exported: `nnx_inject.AdapterParam`, `nnx_inject.AdaptedLayer`, ...
+from localmoe.nnx_layer import (  # noqa: F401
+  NNX_LINEAR_TYPES,
+  AdaptedLayer,
+  Adapter,
+  AdapterParam,
+  ExtraParam,
+  RoutingContext,
+  RoutingRngs,
+)
 
 
 def _adapted(model: nnx.Module) -> list[tuple[tuple, AdaptedLayer]]:
@@ -462,7 +88,7 @@ def _adapted(model: nnx.Module) -> list[tuple[tuple, AdaptedLayer]]:
   return sorted(found, key=lambda item: (item[1].index < 0, item[1].index))
 
 
-def _entries(model: nnx.Module) -> list[tuple[int, adapt_core.LayerInfo, Adapter, Any, AdaptedLayer]]:
+def entries(model: nnx.Module) -> list[tuple[int, adapt_core.LayerInfo, Adapter, Any, AdaptedLayer]]:
   """(call index, geometry, adapter, generic slot or None, wrapper) of every adapted projection, call order."""
   out = [(*entry, wrapper) for _, wrapper in _adapted(model) for entry in wrapper.entries()]
   return sorted(out, key=lambda item: item[0])
@@ -511,7 +137,7 @@ def _candidates(model: nnx.Module, target_modules) -> list[tuple[tuple, nnx.Modu
   found = []
   for path, module in modules:
     adapted = isinstance(module, AdaptedLayer)
-    name = _path_str(path)
+    name = nnx_layer.path_str(path)
     wanted = () if adapted or isinstance(module, NNX_LINEAR_TYPES) else _generic_wanted(module, name, matches)
     if adapted:
       hit = matches(name) or (module.generic and _generic_wanted(module.base, name, matches))
@@ -521,22 +147,22 @@ def _candidates(model: nnx.Module, target_modules) -> list[tuple[tuple, nnx.Modu
       continue
     if adapted or any(path[: len(p)] == p for p in inside):
       raise ValueError(
-        f"layer {_path_str(path if adapted else path[:-1])!r} is already adapted: inject a model "
+        f"layer {nnx_layer.path_str(path if adapted else path[:-1])!r} is already adapted: inject a model "
         "once (merge it first to adapt the merged model again)."
       )
     if not wanted:
-      _kernel_stack(module, name)
+      nnx_layer.kernel_stack(module, name)
     found.append((path, module, wanted))
   return sorted(found, key=lambda item: -len(item[0]))
 
 
 def _wrap_all(
-  model: nnx.Module, candidates, injection: _Injection, stacks: Mapping[str, tuple[int, ...]] | None = None
+  model: nnx.Module, candidates, injection: nnx_layer.Injection, stacks: Mapping[str, tuple[int, ...]] | None = None
 ) -> list[AdaptedLayer]:
   """Wraps every candidate; stacks: {path: leading layer axes} of the stacked ones (None: discovery wrappers)."""
   wrappers = []
   for path, module, wanted in candidates:  # deepest first
-    name = _path_str(path)
+    name = nnx_layer.path_str(path)
     wrapper = AdaptedLayer(module, name, injection, wanted, None if stacks is None else stacks.get(name, ()))
     _replace(model, path, wrapper)
     wrappers.append(wrapper)
@@ -564,14 +190,14 @@ def _discover(
   cannot be adapted, paths of the generic modules called)."""
   copy = nnx.clone(model)
   target = target_modules if isinstance(target_modules, str) else tuple(target_modules)
-  wrappers = _wrap_all(copy, _candidates(copy, target_modules), _Injection(None, target, None))
+  wrappers = _wrap_all(copy, _candidates(copy, target_modules), nnx_layer.Injection(None, target, None))
   graphdef, state = nnx.split(copy)
-  _STATE.probe, _STATE.slots, _STATE.problems, _STATE.called = {}, {}, [], set()
+  nnx_layer.STATE.probe, nnx_layer.STATE.slots, nnx_layer.STATE.problems, nnx_layer.STATE.called = {}, {}, [], set()
   try:
     with projections.intercepting():
       jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*example_args, **(example_kwargs or {})), state)
-    infos, slots = dict(_STATE.probe), dict(_STATE.slots)
-    problems, called = list(_STATE.problems), set(_STATE.called)
+    infos, slots = dict(nnx_layer.STATE.probe), dict(nnx_layer.STATE.slots)
+    problems, called = list(nnx_layer.STATE.problems), set(nnx_layer.STATE.called)
   except (ValueError, TypeError) as error:
     generic = [w.path for w in wrappers if w.generic]
     if not generic or str(error).startswith("layer "):  # no generic layer, or localmoe's own words
@@ -582,15 +208,15 @@ def _discover(
       "replaces; leave it out of target_modules."
     ) from error
   finally:
-    _STATE.probe = None
+    nnx_layer.STATE.probe = None
   bases = {w.path: w.base for w in wrappers}
   for path, info in infos.items():  # a layer of a stack: its kernel's leading layer axes
     slot = slots.get(path)
     if slot is None:
-      stack = _kernel_stack(bases[path], path)
+      stack = nnx_layer.kernel_stack(bases[path], path)
     else:
       stored = getattr(bases[slot.module_path], slot.param).get_value().shape
-      stack = adapt_core.stack_of(path, stored, slot.shape, _STACK_TRANSFORM, _STACK_FIX)
+      stack = adapt_core.stack_of(path, stored, slot.shape, nnx_layer.STACK_TRANSFORM, nnx_layer.STACK_FIX)
     infos[path] = dataclasses.replace(info, stack=stack)
   return tuple(infos.values()), slots, problems, called
 
@@ -609,7 +235,7 @@ def _param_holders(model: nnx.Module) -> list[tuple[str, nnx.Module, list[str]]]
       continue
     names = [k for k, v in vars(module).items() if isinstance(v, nnx.Param) and not isinstance(v, AdapterParam)]
     if names:
-      out.append((_path_str(path), module, names))
+      out.append((nnx_layer.path_str(path), module, names))
   return out
 
 
@@ -677,13 +303,15 @@ def inject(
   if trainable_extras is not None:
     holders = _param_holders(model)
     selected = adapt_core.select_extras(
-      trainable_extras, [p for p, _, _ in holders], [_path_str(path) for path, _, _ in candidates]
+      trainable_extras, [p for p, _, _ in holders], [nnx_layer.path_str(path) for path, _, _ in candidates]
     )
     extras = [(p, m, names) for p, m, names in holders if p in selected]
     trainable_extras = trainable_extras if isinstance(trainable_extras, str) else tuple(trainable_extras)
   by_path = {layer.path: (i, layer) for i, layer in enumerate(layers)}
   unreached = [
-    _path_str(path) for path, _, wanted in candidates if _path_str(path) not in (called if wanted else by_path)
+    nnx_layer.path_str(path)
+    for path, _, wanted in candidates
+    if nnx_layer.path_str(path) not in (called if wanted else by_path)
   ]
   if unreached:
     raise ValueError(
@@ -691,7 +319,7 @@ def inject(
       "never reached them, so their input shapes are unknown: pass example inputs (and "
       "example_kwargs) that reach them, or narrow target_modules."
     )
-  modules = dict((_path_str(p), m) for p, m, _ in candidates)
+  modules = dict((nnx_layer.path_str(p), m) for p, m, _ in candidates)
   stacks: dict[str, tuple[int, ...]] = {}
   for layer in layers:  # a wrapper's stack: its layer's, or all its projections'
     owner = slots[layer.path].module_path if layer.path in slots else layer.path
@@ -720,7 +348,7 @@ def inject(
   except ValueError:
     rules = None  # a callable build: usable, not savable
   target = target_modules if isinstance(target_modules, str) else tuple(target_modules)
-  injection = _Injection(rules, target, trainable_extras)
+  injection = nnx_layer.Injection(rules, target, trainable_extras)
   for wrapper in _wrap_all(model, candidates, injection, stacks):
     if wrapper.generic:
       mine = [(by_path[key][0], slot) for key, slot in slots.items() if slot.module_path == wrapper.path]
@@ -759,18 +387,18 @@ def routing_context(model: nnx.Module, context=None, rngs=None, capture: bool = 
   rngs = adapt_core.check_rngs(rngs) or {}
   wrappers = [w for _, w in _adapted(model)]
   before = [(w.context.get_value(), w.rngs.get_value()) for w in wrappers]
-  value = _no_context() if context is None else jnp.asarray(context)
+  value = nnx_layer.no_context() if context is None else jnp.asarray(context)
   for w in wrappers:  # a stack's wrapper: one copy per layer, sliced with it
     w.context.set_value(jnp.broadcast_to(value, w.stack + value.shape) if w.stack else value)
     w.rngs.set_value(
       {name: jnp.broadcast_to(key, w.stack + key.shape) for name, key in rngs.items()} if w.stack else dict(rngs)
     )
   traces: list = []
-  _captures().append(traces if capture else None)
+  nnx_layer.trace_sinks().append(traces if capture else None)
   try:
     yield traces
   finally:
-    _captures().pop()
+    nnx_layer.trace_sinks().pop()
     for w, (old, old_rngs) in zip(wrappers, before):
       w.context.set_value(old)
       w.rngs.set_value(old_rngs)
@@ -789,12 +417,12 @@ def call(model: nnx.Module, *args, context=None, capture_routing: bool = False, 
 
 def layers(model: nnx.Module) -> tuple[adapt_core.LayerInfo, ...]:
   """The adapted layers' geometry, in call order."""
-  return tuple(info for _, info, _, _, _ in _entries(model))
+  return tuple(info for _, info, _, _, _ in entries(model))
 
 
 def num_params(model: nnx.Module) -> int:
   """Trainable adapter parameters (without the trainable extras); equals linen's `adapted.num_params()`."""
-  return sum(adapter.num_params() * math.prod(info.stack) for _, info, adapter, _, _ in _entries(model))
+  return sum(adapter.num_params() * math.prod(info.stack) for _, info, adapter, _, _ in entries(model))
 
 
 def _extras(model: nnx.Module) -> dict[str, dict[str, Any]]:
@@ -803,7 +431,7 @@ def _extras(model: nnx.Module) -> dict[str, dict[str, Any]]:
   for path, module in nnx.iter_modules(model):
     names = {k: v for k, v in vars(module).items() if isinstance(v, ExtraParam)}
     if names:
-      out[_path_str(path)] = names
+      out[nnx_layer.path_str(path)] = names
   return out
 
 
@@ -813,7 +441,7 @@ def num_extra_params(model: nnx.Module) -> int:
 
 def trainable(model: nnx.Module) -> dict:
   """The trainable arrays in linen's layout, {"adapter": {layer path: params}, "extras": {nested params}}."""
-  adapter = {info.path: a.linen_params() for _, info, a, _, _ in _entries(model)}
+  adapter = {info.path: a.linen_params() for _, info, a, _, _ in entries(model)}
   extras: dict = {}
   for path, names in _extras(model).items():
     node = extras
@@ -935,7 +563,7 @@ def load_adapter(
 
 def _trainable_variables(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable]]:
   """("adapter/<layer>/<param path>" or "extras/<module>/<name>", variable) for every trainable array."""
-  for _, info, adapter, _, _ in _entries(model):
+  for _, info, adapter, _, _ in entries(model):
     for key_path, var in jax.tree_util.tree_flatten_with_path(
       adapter.params, is_leaf=lambda v: isinstance(v, nnx.Variable)
     )[0]:

@@ -138,7 +138,7 @@ def test_gemma3_peft_and_merged_exports(tmp_path, method):
     target_modules=gemma3.TARGETS,
     key=jax.random.PRNGKey(1),
   )
-  for _, _, adapter, _, _ in nnx_inject._entries(model):  # move B off zero
+  for _, _, adapter, _, _ in nnx_inject.entries(model):  # move B off zero
     adapter.params["B"].set_value(adapter.params["B"].get_value() + 0.1)
   export.export_peft(str(tmp_path / "peft"), model, family="gemma3")
   tensors = load_file(str(tmp_path / "peft" / export.PEFT_WEIGHTS))

@@ -74,7 +74,7 @@ def export(work: Path) -> None:
     )
     params = [
       p
-      for _, _, adapter, _, _ in nnx_inject._entries(adapted)  # pylint: disable=protected-access
+      for _, _, adapter, _, _ in nnx_inject.entries(adapted)
       for p in jax.tree_util.tree_leaves(adapter.params, is_leaf=lambda x: isinstance(x, nnx.Variable))
     ]
     for p, k in zip(params, jax.random.split(jax.random.PRNGKey(2), len(params))):
