@@ -42,7 +42,7 @@ from localmoe.models import gemma3, gemma3_features, gemma3_weights
 from localmoe.train import optimizer, probe
 
 from experiments import multitask_lm_report
-from experiments.multitask_lm_methods import BASELINES, FFN, METHODS, TARGET_SHAPES, WIDTH, build_task, probe_grid
+from experiments.multitask_lm_methods import BASELINES, FFN, METHODS, TARGET_SHAPES, WIDTH, build_task
 
 
 def _int(value, field: str, low: int, fix: str) -> None:
@@ -108,7 +108,7 @@ def validate(config) -> train.Settings:
       or not (value > 0 if low == "> 0" else value >= 0)
     ):
       raise ValueError(f"config.router.{field}={value!r} must be a finite number {low}.")
-  grid = probe_grid(config)
+  grid = multitask.probe_grid(config)
   del grid
   _int(config.probe.max_steps, "config.probe.max_steps", 1, "L-BFGS iterations at most, e.g. 2000")
   _int(config.num_seeds, "config.num_seeds", 1, "e.g. 3")
@@ -253,7 +253,7 @@ def run(config, workdir: str) -> dict:
             data["val"]["y"][rows["val"], 0],
           )
         ),
-        probe_grid(config),
+        multitask.probe_grid(config),
         classes,
         config.probe.max_steps,
       )

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from localmoe import configlib, inject, multitask, nnx_functional, nnx_inject, routing, train
+from localmoe import inject, multitask, nnx_functional, nnx_inject, routing, train
 from localmoe.data import instructions
 from localmoe.models import gemma3
 
@@ -21,16 +20,6 @@ LABELS = {
 }
 WIDTH, HEADS_DIM, FFN = 640, 1024, 2048
 TARGET_SHAPES = ((WIDTH, HEADS_DIM), (WIDTH, 256), (HEADS_DIM, WIDTH), (WIDTH, FFN), (FFN, WIDTH))
-
-
-def probe_grid(config) -> list[float]:
-  try:
-    grid = [float(v) for v in configlib.split_names(config.probe.l2)]
-  except ValueError:
-    grid = []
-  if not grid or any(not (v > 0 and np.isfinite(v)) for v in grid):
-    raise ValueError(f"config.probe.l2={config.probe.l2!r} must be a comma-separated list of L2 weights > 0.")
-  return grid
 
 
 def build_task(name: str, config, upper, prompts, data_example):

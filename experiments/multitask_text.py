@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from localmoe import adapters, checkpoint, configlib, results, runner, train
+from localmoe import adapters, checkpoint, configlib, multitask, results, runner, train
 from localmoe.data import text
 from localmoe.data.text_corpus import Corpus, load_corpus, lower_features, pooled_features  # noqa: F401
 from localmoe.data.text_corpus import subsets as _subsets
@@ -113,18 +113,6 @@ def _positive_int(value, field: str, fix: str) -> None:
 def _non_negative_int(value, field: str, fix: str) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < 0:
     raise ValueError(f"{field}={value!r} must be an integer >= 0: {fix}.")
-
-
-def probe_grid(config) -> list[float]:
-  try:
-    grid = [float(v) for v in configlib.split_names(config.probe.l2)]
-  except ValueError:
-    grid = []
-  if not grid or any(not (v > 0 and np.isfinite(v)) for v in grid):
-    raise ValueError(
-      f"config.probe.l2={config.probe.l2!r} must be a comma-separated list of L2 weights > 0, e.g. '1e-4,1e-3,1e-2'."
-    )
-  return grid
 
 
 def validate(config) -> train.Settings:
@@ -199,7 +187,7 @@ def validate(config) -> train.Settings:
     value = config.router[field]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and np.isfinite(value)):
       raise ValueError(f"config.router.{field}={value!r} must be a finite number > 0.")
-  probe_grid(config)
+  multitask.probe_grid(config)
   _positive_int(config.probe.max_steps, "config.probe.max_steps", "L-BFGS iterations at most, e.g. 2000")
   _positive_int(config.num_seeds, "config.num_seeds", "e.g. 3")
   _non_negative_int(config.seed, "config.seed", "e.g. 0")
@@ -256,7 +244,7 @@ def run(config, workdir: str) -> dict:
     flush=True,
   )
 
-  heads0, probe_info = probe_heads(pooled, corpus, probe_grid(config), config.probe.max_steps)
+  heads0, probe_info = probe_heads(pooled, corpus, multitask.probe_grid(config), config.probe.max_steps)
   probe_logits = head_logits(heads0, pooled["test"], corpus.test["task"], corpus.num_classes)
   head_count = sum(np.size(l) for l in jax.tree_util.tree_leaves(heads0))
   frozen = {"backbone": upper_params, **heads0}

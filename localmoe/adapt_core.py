@@ -18,6 +18,7 @@ Router traces, losses and diagnostics are `localmoe.router_traces`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -58,6 +59,22 @@ class LayerInfo:
     if self.stack:
       out["stack"] = list(self.stack)
     return dict(out, equation=self.equation) if self.equation else out
+
+  @classmethod
+  def of_shapes(cls, path: str, kind: str, in_shape, out_shape, axis=(-1,), equation: str = "", stack=()):
+    """The LayerInfo of a layer whose call contracts `in_shape` into `out_shape` (d_in, d_out their products)."""
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    return cls(
+      path=path,
+      d_in=math.prod(in_shape),
+      d_out=math.prod(out_shape),
+      kind=kind,
+      in_shape=in_shape,
+      out_shape=out_shape,
+      axis=tuple(axis),
+      equation=equation,
+      stack=tuple(stack),
+    )
 
   def unstacked(self) -> "LayerInfo":
     """One layer of the stack (the geometry each call sees)."""

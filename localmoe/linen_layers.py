@@ -9,7 +9,6 @@ pass over `jax.eval_shape` that lists the matched layers in call order.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -181,17 +180,7 @@ def discover(
       except (KeyError, TypeError):
         stored = seen
       stack = adapt_core.stack_of(path, stored, seen, STACK_TRANSFORM, STACK_FIX)
-      found[path] = LayerInfo(
-        path=path,
-        d_in=math.prod(in_shape),
-        d_out=math.prod(out_shape),
-        kind=kind,
-        in_shape=in_shape,
-        out_shape=out_shape,
-        axis=axis,
-        equation=equation,
-        stack=stack,
-      )
+      found[path] = LayerInfo.of_shapes(path, kind, in_shape, out_shape, axis, equation, stack)
     with projections.frame(projections.Frame(owner=context.module)):
       return next_fun(*args, **kwargs)
 

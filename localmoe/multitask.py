@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from localmoe import train
+from localmoe import configlib, train
 
 ADAPTER_METHODS = (
   "lora",
@@ -62,6 +62,19 @@ LABELS = {
   "cellwise_moe_activation": "Cell-wise LoRA-MoE (activations, no id)",
   "per_task_lora": "One LoRA per task (hard routing)",
 }
+
+
+def probe_grid(config) -> list[float]:
+  """The linear probe's L2 weights, `config.probe.l2` ("1e-4,1e-3,1e-2"), each > 0 and finite."""
+  try:
+    grid = [float(v) for v in configlib.split_names(config.probe.l2)]
+  except ValueError:
+    grid = []
+  if not grid or any(not (v > 0 and np.isfinite(v)) for v in grid):
+    raise ValueError(
+      f"config.probe.l2={config.probe.l2!r} must be a comma-separated list of L2 weights > 0, e.g. '1e-4,1e-3,1e-2'."
+    )
+  return grid
 
 
 def adapter_spec(method: str, adapter_config, router_config, num_tasks: int) -> dict:

@@ -396,13 +396,4 @@ def geometry(module, path: str, x, args, kwargs) -> adapt_core.LayerInfo:
     equation = (given or module.einsum_str).replace(" ", "")
     in_shape, out_shape = einsum_layers.widths(einsum_layers.parse(equation, x.ndim, path), module.kernel_shape)
     axis, kind = (), "Einsum"
-  return adapt_core.LayerInfo(
-    path=path,
-    d_in=math.prod(in_shape),
-    d_out=math.prod(out_shape),
-    kind=kind,
-    in_shape=in_shape,
-    out_shape=out_shape,
-    axis=axis,
-    equation=equation,
-  )
+  return adapt_core.LayerInfo.of_shapes(path, kind, in_shape, out_shape, axis, equation)
