@@ -50,6 +50,9 @@ every layer. Router traces cannot leave the transform: a routed layer of a stack
 `routing_context(model, c, capture=False)` (collecting is an error naming the layer). `merge` gives the
 stacked kernel [L, ...] with each layer's Delta W; a kernel whose layer axis does not lead is refused by name.
 The model-wide Queryable LoRA (a state carried from layer to layer) is linen-only.
+
+Router traces: each adapted layer keeps its call's logits and gates as model state (`RouterTraceState`), so that
+traces made inside `nnx.remat` leave the transform; `routing_context` yields them in call order and resets them.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ from localmoe.nnx_layer import (  # noqa: F401
   Adapter,
   AdapterParam,
   ExtraParam,
+  RouterTraceState,
   RoutingContext,
   RoutingRngs,
 )
@@ -379,7 +383,8 @@ def routing_context(model: nnx.Module, context=None, rngs=None, capture: bool = 
   adapted layer draws from fold_in(key, its call index), so linen and NNX draw the same noise. The keys are
   model state (`RoutingRngs`), so a jitted step takes a new key per step without retracing. None: no noise
   (evaluation routes deterministically).
-  Yields the list that collects every routed layer's `inject.RouterTrace` (logits and gates, call order),
+  Yields the sequence (read like a list) of every routed layer's `inject.RouterTrace` (logits and gates, call
+  order; kept as each layer's `RouterTraceState` while the block runs, so traces made inside nnx.remat leave it),
   for `inject.router_losses` and `inject.routing_diagnostics`. context=None only collects traces.
   capture=False: collect no traces (the list stays empty); needed for the routed layers of an nnx.vmap /
   nnx.scan stack, whose traces cannot leave the stack's transform (collecting them is an error naming the layer).
@@ -393,15 +398,17 @@ def routing_context(model: nnx.Module, context=None, rngs=None, capture: bool = 
     w.rngs.set_value(
       {name: jnp.broadcast_to(key, w.stack + key.shape) for name, key in rngs.items()} if w.stack else dict(rngs)
     )
-  traces: list = []
+  traces = nnx_layer.TraceSink({w.path: w for w in wrappers})
   nnx_layer.trace_sinks().append(traces if capture else None)
   try:
     yield traces
   finally:
     nnx_layer.trace_sinks().pop()
+    traces.settle()  # read from the layers' state before it is reset
     for w, (old, old_rngs) in zip(wrappers, before):
       w.context.set_value(old)
       w.rngs.set_value(old_rngs)
+      w.traces.set_value(())
 
 
 def call(model: nnx.Module, *args, context=None, capture_routing: bool = False, rngs=None, **kwargs):

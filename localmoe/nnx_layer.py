@@ -9,11 +9,14 @@ linen adapter definition, the layer's call (built-in linear layers and generic p
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import functools
 import math
 import threading
 from typing import Any, Mapping, Sequence
 
+import flax.errors
 import flax.linen as nn
 from flax import nnx
 import jax
@@ -47,6 +50,65 @@ class RoutingRngs(nnx.Variable):
 
   Set by `routing_context(model, c, rngs={"gumbel": key, "dropout": key})`, never trained.
   """
+
+
+class RouterTraceState(nnx.Variable):
+  """The router logits and gates of the current forward pass, ((logits, gates), ...) per call of the layer.
+
+  Kept as model state, not in a Python list, so that traces made inside nnx.remat (or another lifted transform)
+  leave it as that transform's state output; `routing_context` reads them after the call and resets them.
+  """
+
+
+class TraceSink(collections.abc.Sequence):
+  """The RouterTraces `routing_context` yields, in call order, read from each layer's `RouterTraceState`.
+
+  Reads like a list. A trace is written to its layer's state (so that it leaves nnx.remat); where that state
+  cannot be written (a raw `jax.lax` loop body around the call, whose trace level is not the model's), the
+  trace is kept here as it is, as a Python list would.
+  """
+
+  def __init__(self, layers: Mapping[str, "AdaptedLayer"]):
+    self._layers = dict(layers)
+    self._entries: list[tuple[str, int, Any]] = []  # (layer path, index in its state or -1, the trace)
+
+  def record(self, layer: "AdaptedLayer", trace) -> None:
+    stored = layer.traces.get_value()
+    try:
+      layer.traces.set_value(stored + ((trace.logits, trace.gates),))
+    except flax.errors.TraceContextError:  # kept as it is: valid at this trace level only
+      self._entries.append((layer.path, -1, trace))
+      return
+    self._entries.append((layer.path, len(stored), dataclasses.replace(trace, logits=None, gates=None)))
+
+  def _resolved(self, entry):
+    path, index, trace = entry
+    if index < 0 or trace.logits is not None:
+      return trace
+    logits, gates = self._layers[path].traces.get_value()[index]
+    return dataclasses.replace(trace, logits=logits, gates=gates)
+
+  def settle(self) -> None:
+    """Reads every trace from the layers' state now, before it is reset (a call that raised midway may have
+    left the state of some calls unwritten: those are dropped)."""
+    stored = {path: len(layer.traces.get_value()) for path, layer in self._layers.items()}
+    self._entries = [(p, i, self._resolved((p, i, t))) for p, i, t in self._entries if i < 0 or i < stored.get(p, 0)]
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self._resolved(e) for e in self._entries[index]]
+    return self._resolved(self._entries[index])
+
+  def __eq__(self, other) -> bool:  # compares as the list of its traces
+    return list(self) == list(other) if isinstance(other, (list, tuple, TraceSink)) else NotImplemented
+
+  __hash__ = None
+
+  def __repr__(self) -> str:
+    return repr(list(self))
 
 
 def no_context(stack: tuple[int, ...] = ()) -> jnp.ndarray:
@@ -125,7 +187,7 @@ class Injection:
   trainable_extras: str | tuple[str, ...] | None
 
 
-STATE = threading.local()  # .probe: {path: LayerInfo} or None; .captures: [traces lists]
+STATE = threading.local()  # .probe: {path: LayerInfo} or None; .captures: [TraceSink or None]
 # .slots: {key: Slot}, .problems: [str], .called: {paths} (probe)
 
 
@@ -167,6 +229,7 @@ class AdaptedLayer(nnx.Module):
     if stack is not None:  # routing state, stacked like the kernel for a stack's transform
       self.context = RoutingContext(no_context(self.stack))
       self.rngs = RoutingRngs({})
+      self.traces = RouterTraceState(())
     if self.stack:  # each layer's number in the stack, sliced with it
       self.slice = RoutingContext(jnp.arange(math.prod(self.stack), dtype=jnp.int32).reshape(self.stack))
     self.generic = bool(wanted)  # a generic module: its matched weights' names are `wanted`
@@ -212,8 +275,8 @@ class AdaptedLayer(nnx.Module):
       rngs = {name: key[(0,) * self._unsliced()] for name, key in rngs.items()}
     return rngs or None
 
-  def _capture(self, definitions) -> list | None:
-    """The list this call's router traces go to (None: not collected); a stack's routed layer refuses one."""
+  def _capture(self, definitions):
+    """Where this call's router traces go (None: not collected); a stack's routed layer refuses them."""
     captures = trace_sinks()
     capture = captures[-1] if captures else None
     routed = [d for d in definitions if adapt_core.routes_on_context(d) or adapt_core.routes_on_activation(d)]
@@ -225,7 +288,7 @@ class AdaptedLayer(nnx.Module):
         "capture=False)` (or nnx_inject.call(..., capture_routing=False)), or build the stack as an "
         "nnx.List of layers to collect them."
       )
-    return capture
+    return None if capture is None else functools.partial(capture.record, self)
 
   def _context(self, definitions) -> Any:
     context = self.context.get_value()

@@ -515,3 +515,76 @@ def test_interception_restores_the_ops():
       assert all(a is not b for a, b in zip(ops()[:4], before[:4]))
       raise RuntimeError
   assert all(a is b for a, b in zip(ops(), before))
+
+
+class _RematBlock(nnx.Module):
+  """An nnx.Linear and a generic MaxText-style DenseGeneral (w [8, 8], lax.dot_general)."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.lin = nnx.Linear(8, 8, rngs=rngs)
+    self.proj = zm.DenseGeneral(8, 8, rngs=rngs)
+
+  def __call__(self, x):  # x: [B, T, 8]
+    return x + self.proj(jnp.tanh(self.lin(x)))
+
+
+class _RematNet(nnx.Module):
+  def __init__(self, remat: bool, rngs: nnx.Rngs):
+    self.blocks = nnx.List([_RematBlock(rngs) for _ in range(2)])
+    self.remat = remat
+
+  def __call__(self, x):
+    for block in self.blocks:
+      x = nnx.remat(lambda b, h: b(h))(block, x) if self.remat else block(x)
+    return x
+
+
+def test_nnx_router_traces_under_remat_give_the_losses_of_the_same_model_without_remat():
+  """Router traces made inside nnx.remat leave it as model state: losses, traces and adapter gradients equal
+  those of the same model without remat (a context-routed MoE on a built-in and on a generic layer)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8))  # [B, T, D]
+  results = {}
+  for remat in (False, True):
+    model = nnx_inject.inject(
+      _RematNet(remat, nnx.Rngs(0)), MOE, x[:1], target_modules=r".*(lin|proj)", key=jax.random.PRNGKey(1)
+    )
+    nnx.update(model, _perturb(nnx.state(model, nnx_inject.AdapterParam), jax.random.PRNGKey(2)))
+
+    def loss(m):
+      with nnx_inject.routing_context(m, TASKS) as traces:
+        y = m(x)
+      aux = inject.router_losses(traces, load_balance=0.1, z_loss=0.01)
+      return jnp.mean(y**2) + aux["aux_loss"], (aux["load_balance"], [t.gates for t in traces])
+
+    grad_fn = nnx.value_and_grad(loss, has_aux=True, argnums=nnx.DiffState(0, nnx_inject.AdapterParam))
+    (value, (balance, gates)), grads = nnx.jit(grad_fn)(model)
+    results[remat] = value, balance, gates, jax.tree_util.tree_leaves(nnx.state(grads))
+    assert not jax.tree_util.tree_leaves(nnx.state(model, nnx_inject.RouterTraceState))  # reset after the block
+  (v0, b0, g0, d0), (v1, b1, g1, d1) = results[False], results[True]
+  assert len(g1) == 4 and float(b1) > 0
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  np.testing.assert_allclose(b1, b0, rtol=1e-6)
+  for a, b in zip(g1 + d1, g0 + d0):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_nnx_router_traces_inside_a_raw_lax_loop_are_kept_as_they_are():
+  """Inside a raw jax.lax loop body the layers' trace state belongs to another trace level: the call still runs
+  (as Gemma's decode loop does) and each trace is kept as it is, the model's state untouched."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8))  # [B, T, D]
+  model = nnx_inject.inject(
+    _RematNet(False, nnx.Rngs(0)), MOE, x[:1], target_modules=r".*lin", key=jax.random.PRNGKey(1)
+  )
+  nnx.update(model, _perturb(nnx.state(model, nnx_inject.AdapterParam), jax.random.PRNGKey(2)))
+
+  @nnx.jit
+  def looped(m, h):
+    with nnx_inject.routing_context(m, TASKS) as traces:
+      out = jax.lax.fori_loop(0, 2, lambda _, carry: m(carry), h)
+    return out, len(traces)
+
+  out, n_traces = looped(model, x)
+  expected = nnx_inject.call(model, nnx_inject.call(model, x, context=TASKS), context=TASKS)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+  assert n_traces == 2  # one per adapted layer call of the traced body
+  assert not jax.tree_util.tree_leaves(nnx.state(model, nnx_inject.RouterTraceState))

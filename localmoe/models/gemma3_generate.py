@@ -216,7 +216,7 @@ def _decode(graphdef, state, tokens, mask, context, key, temperature, top_p, *, 
     return run()
   from localmoe import nnx_inject  # pylint: disable=import-outside-toplevel
 
-  with nnx_inject.routing_context(model, context):
+  with nnx_inject.routing_context(model, context, capture=False):  # generation needs no router traces
     return run()
 
 
