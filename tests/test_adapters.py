@@ -1,5 +1,6 @@
 """Adapters against the paper's formulas (Eq. 1, 4, 6, 8), built by hand with explicit loops."""
 
+import functools
 import itertools
 
 import jax
@@ -19,11 +20,13 @@ LEAD = (2, 3)  # leading batch axes
 
 
 def randomize(variables, seed=0, scale=0.5):
-  """Replaces every parameter by N(0, scale^2), so B != 0 and routers are non-trivial."""
-  params = variables["params"]
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  leaves = [scale * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)]
+  """Replaces every parameter by N(0, scale^2) float32, so B != 0 and routers are non-trivial.
+
+  Drawn with numpy (no program to compile per shape); `variables` may hold only shapes (`jax.eval_shape`).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(variables["params"])
+  rng = np.random.default_rng(seed)
+  leaves = [jnp.asarray(scale * rng.standard_normal(leaf.shape), jnp.float32) for leaf in leaves]
   return {"params": jax.tree_util.tree_unflatten(treedef, leaves)}
 
 
@@ -474,19 +477,21 @@ def test_bfloat16_input_with_float32_params(method, kw, grid_path):
   kernel = jax.random.normal(jax.random.PRNGKey(7), (D_IN, D_OUT))
   init_kw = dict(kernel=kernel) if method == "dora" else {}
   x16 = x.astype(jnp.bfloat16)
-  v = m.init(jax.random.PRNGKey(0), x16, **init_kw) if method == "dora" else m.init(jax.random.PRNGKey(0), x16, ctx)
+  init_args = (x16,) if method == "dora" else (x16, ctx)
+  v = jax.eval_shape(functools.partial(m.init, **init_kw), jax.random.PRNGKey(0), *init_args)  # shapes, dtypes
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(v["params"]))
   params = randomize(v)["params"]
   if method == "dora":  # keep the magnitude near ||W0|| so the ratio m / n is O(1)
     params["magnitude"] = jnp.linalg.norm(kernel, axis=0) * 1.1
-  out16 = _apply_with_kernel(m, params, x16, ctx, kernel)
-  out32 = _apply_with_kernel(m, params, x16.astype(jnp.float32), ctx, kernel)
+  apply = jax.jit(lambda p, h: _apply_with_kernel(m, p, h, ctx, kernel))
+  out16 = apply(params, x16)
+  out32 = apply(params, x16.astype(jnp.float32))
   assert out16.dtype == jnp.bfloat16 and out32.dtype == jnp.float32
   scale = float(jnp.max(jnp.abs(out32)))
   assert scale > 0
   np.testing.assert_allclose(np.asarray(out16, np.float32), out32, atol=3e-2 * scale, rtol=0)
 
-  grads = jax.grad(lambda p: jnp.sum(_apply_with_kernel(m, p, x16, ctx, kernel).astype(jnp.float32) ** 2))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(apply(p, x16).astype(jnp.float32) ** 2)))(params)
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     assert g.dtype == jnp.float32, path
     assert float(jnp.max(jnp.abs(g))) > 0, path
@@ -573,12 +578,19 @@ def _oracle_case(method, kw, lead, dtype):
   kx, kc = jax.random.split(jax.random.PRNGKey(11))
   x = jax.random.normal(kx, (*lead, D_IN)).astype(dtype)
   ctx = jax.nn.one_hot(jax.random.randint(kc, lead, 0, D_CTX), D_CTX)
-  params = randomize(m.init(jax.random.PRNGKey(0), x, ctx))["params"]
+  params = randomize(jax.eval_shape(m.init, jax.random.PRNGKey(0), x, ctx))["params"]
   return m, params, x, ctx
 
 
-def _loss(fn):
-  return lambda params, x: jnp.sum(jnp.sin(fn(params, x).astype(jnp.float32)))  # a nonuniform cotangent
+def _output_and_grads(fn, params, x):
+  """fn(params, x) and the gradients of sum(sin(fn)) w.r.t. (params, x), from one compiled program."""
+
+  def loss_and_output(p, h):
+    y = fn(p, h)
+    return jnp.sum(jnp.sin(y.astype(jnp.float32))), y  # a nonuniform cotangent
+
+  (_, y), grads = jax.jit(jax.value_and_grad(loss_and_output, argnums=(0, 1), has_aux=True))(params, x)
+  return y, grads
 
 
 def _plain(kw):
@@ -597,11 +609,10 @@ def test_fast_form_equals_einsum_oracle(method, kw, lead, field_gemms):
   m, params, x, ctx = _oracle_case(method, kw, lead, jnp.float32)
   fast = lambda p, x: m.apply({"params": p}, x, ctx)
   slow = lambda p, x: oracles.apply(m, p, x, ctx)
-  got, want = fast(params, x), slow(params, x)
+  got, g_fast = _output_and_grads(fast, params, x)
+  want, g_slow = _output_and_grads(slow, params, x)
   assert got.shape == want.shape == (*lead, D_OUT)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  g_fast = jax.grad(_loss(fast), argnums=(0, 1))(params, x)
-  g_slow = jax.grad(_loss(slow), argnums=(0, 1))(params, x)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_fast), jax.tree_util.tree_leaves(g_slow)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=str(path))
 
@@ -622,9 +633,9 @@ def test_small_layer_einsum_form_equals_oracle(method, kw):
   assert not grid.use_field_gemms(x.shape)
   fast = lambda p, x: m.apply({"params": p}, x, ctx)
   slow = lambda p, x: oracles.apply(m, p, x, ctx)
-  np.testing.assert_allclose(fast(params, x), slow(params, x), rtol=1e-5, atol=1e-5)
-  g_fast = jax.grad(_loss(fast), argnums=(0, 1))(params, x)
-  g_slow = jax.grad(_loss(slow), argnums=(0, 1))(params, x)
+  got, g_fast = _output_and_grads(fast, params, x)
+  want, g_slow = _output_and_grads(slow, params, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(g_fast), jax.tree_util.tree_leaves(g_slow)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -640,12 +651,11 @@ def test_fast_form_equals_oracle_in_bfloat16(method, kw, field_gemms):
   m, params, x, ctx = _oracle_case(method, kw, LEAD, jnp.bfloat16)
   fast = lambda p, x: m.apply({"params": p}, x, ctx)
   slow = lambda p, x: oracles.apply(m, p, x, ctx)
-  got, want = fast(params, x), slow(params, x)
+  got, (g_fast, _) = _output_and_grads(fast, params, x)
+  want, (g_slow, _) = _output_and_grads(slow, params, x)
   assert got.dtype == want.dtype == jnp.bfloat16
   scale = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2 * scale)
-  g_fast = jax.grad(_loss(fast))(params, x)
-  g_slow = jax.grad(_loss(slow))(params, x)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_fast), jax.tree_util.tree_leaves(g_slow)):
     assert a.dtype == jnp.float32, path
     tol = 3e-2 * float(jnp.max(jnp.abs(b))) + 1e-6
