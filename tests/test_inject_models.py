@@ -29,9 +29,14 @@ LORA = {"method": "lora", "rank": 2, "alpha": 4.0}
 
 
 def _randomize(tree, seed=0, scale=0.3):
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree_util.tree_unflatten(treedef, [scale * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+  """Every leaf replaced by scale * N(0, 1) float32 draws (numpy: no op-by-op dispatch per leaf shape)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(lambda l: jnp.asarray(scale * rng.standard_normal(l.shape), jnp.float32), tree)
+
+
+def _init(model, *args):
+  """model.init(PRNGKey(1), *args)["params"] as one jitted program (not op by op)."""
+  return jax.jit(model.init)(jax.random.PRNGKey(1), *args)["params"]
 
 
 def _delta(spec, d_in, d_out, params, x, context=None):
@@ -77,7 +82,7 @@ def test_attention_projections_equal_a_hand_written_model(spec):
   x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
   labels = jnp.arange(B) % TASKS
   model = _Attn()
-  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  params = _init(model, x)
   adapted, trainable = inject.inject(
     model, params, spec, x[:1], target_modules=r"attn/(query|key|value|out)", key=jax.random.PRNGKey(2)
   )
@@ -150,7 +155,8 @@ def tiny_bert():
   model = bert.Bert(**TINY)
   ids = jax.random.randint(jax.random.PRNGKey(0), (B, T), 0, TINY["vocab_size"])
   mask = jnp.ones((B, T), jnp.int32).at[0, 3:].set(0)
-  params = _randomize(model.init(jax.random.PRNGKey(1), ids, mask)["params"], seed=5, scale=0.5)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(1), ids, mask)["params"]  # values drawn below
+  params = _randomize(shapes, seed=5, scale=0.5)
   return model, params, ids, mask
 
 
@@ -275,7 +281,7 @@ def test_trainable_extras_stay_trainable_and_are_counted_apart():
   x = jax.random.normal(jax.random.PRNGKey(0), (B, D))
   task = jnp.arange(B) % TASKS
   model = _WithHeads()
-  params = model.init(jax.random.PRNGKey(1), x, task)["params"]
+  params = _init(model, x, task)
   adapted, trainable = inject.inject(
     model, params, LORA, x, task, target_modules="body", key=jax.random.PRNGKey(2), trainable_extras=r"head_\d"
   )
@@ -326,7 +332,7 @@ def test_merged_model_equals_the_adapted_model(tiny_bert, spec):
   routed = spec.get("router_input") == "context"
   plain, adapted_apply = jax.jit(model.apply), jax.jit(adapted.apply)
   for task in [0, 2] if routed else [None]:
-    merged = adapted.merge(params, trainable, context=task)
+    merged = jax.jit(lambda p, t, task=task: adapted.merge(p, t, context=task))(params, trainable)
     labels = None if task is None else jnp.full((B,), task)
     np.testing.assert_allclose(
       plain({"params": merged}, ids, mask),
@@ -494,7 +500,7 @@ def test_saved_adapter_reloads_to_identical_outputs_and_refuses_another_model(ti
   )
   # A model whose matched layers differ: refused before anything is applied, naming the layer and shapes.
   wider = bert.Bert(**dict(TINY, intermediate_size=48))
-  wider_params = wider.init(jax.random.PRNGKey(1), ids, mask)["params"]
+  wider_params = _init(wider, ids, mask)
   with pytest.raises(
     ValueError,
     match=r"layer 'encoder/layer_0/intermediate/dense': the saved adapter was built "
@@ -502,7 +508,7 @@ def test_saved_adapter_reloads_to_identical_outputs_and_refuses_another_model(ti
   ):
     adapter_io.load_adapter(str(tmp_path / "ad"), wider, wider_params, ids[:1], mask[:1])
   deeper = bert.Bert(**dict(TINY, num_layers=3, max_position=T))
-  deeper_params = deeper.init(jax.random.PRNGKey(1), ids, mask)["params"]
+  deeper_params = _init(deeper, ids, mask)
   with pytest.raises(ValueError, match=r"layer_2.*that the saved adapter does not have"):
     adapter_io.load_adapter(str(tmp_path / "ad"), deeper, deeper_params, ids[:1], mask[:1])
   # One entry only: params with a leading seed axis are refused.
@@ -521,7 +527,7 @@ def attn_ctx():
   """An attention block with every projection context-routed, x [B, T, D], trainable randomised."""
   model = _Attn()
   x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
-  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  params = _init(model, x)
   adapted, trainable = inject.inject(
     model, params, CELLWISE_CTX, x[:1], target_modules=r"attn/.*", key=jax.random.PRNGKey(2)
   )
@@ -543,7 +549,7 @@ def _message(error):
 def test_task_ids_outside_context_dim_are_an_error(spec, bad):
   model = _Attn()
   x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
-  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  params = _init(model, x)
   adapted, trainable = inject.inject(model, params, spec, x[:1], target_modules=r"attn/.*", key=jax.random.PRNGKey(2))
   labels = (jnp.arange(B) % TASKS).at[1].set(bad)
   want = (
@@ -572,7 +578,7 @@ def test_task_ids_outside_context_dim_are_an_error(spec, bad):
 def test_traced_task_ids_outside_context_dim_give_nan_not_uniform_routing(spec):
   model = _Attn()
   x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
-  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  params = _init(model, x)
   adapted, trainable = inject.inject(model, params, spec, x[:1], target_modules=r"attn/.*", key=jax.random.PRNGKey(2))
   trainable = _randomize(trainable, seed=3)
   labels = jnp.arange(B) % TASKS
@@ -664,7 +670,7 @@ def test_trainable_extras_as_a_list_of_names_like_target_modules():
   x = jax.random.normal(jax.random.PRNGKey(0), (B, D))
   task = jnp.arange(B) % TASKS
   model = _WithHeads()
-  params = model.init(jax.random.PRNGKey(1), x, task)["params"]
+  params = _init(model, x, task)
   build = lambda extras: inject.inject(
     model, params, LORA, x, task, target_modules="body", key=jax.random.PRNGKey(2), trainable_extras=extras
   )
