@@ -47,10 +47,22 @@ X = jax.random.normal(jax.random.PRNGKey(1), (B, D))  # [B, D]
 
 
 def _randomize(tree, seed=5, scale=0.3):
-  """Every leaf + noise, so that LoRA's zero B (and the routers) give a nonzero, layer-dependent Delta."""
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return treedef.unflatten([a + scale * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)])
+  """Every leaf + noise, so that LoRA's zero B (and the routers) give a nonzero, layer-dependent Delta
+  (numpy draws: no op-by-op dispatch per leaf shape)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+    lambda a: jnp.asarray(np.asarray(a) + scale * rng.standard_normal(a.shape), a.dtype), tree
+  )
+
+
+def _call(model, x, context):
+  """_call(model, x, context) as one jitted program."""
+  return nnx.jit(lambda m, x, c: nnx_inject.call(m, x, context=c))(model, x, context)
+
+
+def _run(model, x):
+  """model(x) of an NNX model as one jitted program."""
+  return nnx.jit(lambda m, x: m(x))(model, x)
 
 
 def _context(spec):
@@ -67,7 +79,13 @@ def _layer(tree, l: int):
 
 
 def _by_hand(spec, kernels, biases, adapter_params, x, context, act=jnp.tanh):
-  """The stack unrolled: h = act(h W_l + b_l + Delta_l(h)) for l = 0..L-1, Delta_l from slice l of the params."""
+  """The stack unrolled: h = act(h W_l + b_l + Delta_l(h)) for l = 0..L-1, Delta_l from slice l of the params
+  (one jitted program)."""
+  unrolled = lambda *args: _by_hand_eager(spec, *args, act=act)
+  return jax.jit(unrolled)(kernels, biases, adapter_params, x, context)
+
+
+def _by_hand_eager(spec, kernels, biases, adapter_params, x, context, act):
   module = adapters.make(spec, d_in=kernels.shape[-2], d_out=kernels.shape[-1])
   h = x
   for l in range(kernels.shape[0]):
@@ -125,7 +143,7 @@ class _Vmapped(nn.Module):
 
 def _scanned(axes=(("params", 0),)):
   model = _Scanned(axes)
-  return model, model.init(jax.random.PRNGKey(0), X)["params"]
+  return model, jax.jit(model.init)(jax.random.PRNGKey(0), X)["params"]
 
 
 @pytest.fixture(scope="module", params=SPECS, ids=IDS)
@@ -146,7 +164,7 @@ def test_linen_scan_layers_get_one_adapter_each(linen_scan):
   assert all(leaf.shape[0] == L for leaf in jax.tree_util.tree_leaves(trainable["adapter"]))
   context = _context(spec)
   dense = params["blocks"]["dense"]
-  y = adapted.apply(params, trainable, X, context=context)
+  y = jax.jit(adapted.apply)(params, trainable, X, context=context)
   want = _by_hand(spec, dense["kernel"], dense["bias"], trainable["adapter"]["blocks/dense"], X, context)
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(y - model.apply({"params": params}, X)).max()) > 1e-3  # the adapters act
@@ -165,7 +183,7 @@ def test_linen_scan_merge_equals_adapted(linen_scan):
   merged = adapted.merge(params, trainable, context=merge_at)
   assert merged["blocks"]["dense"]["kernel"].shape == (L, D, D)
   np.testing.assert_allclose(
-    model.apply({"params": merged}, X), adapted.apply(params, trainable, X, context=same), rtol=1e-5, atol=1e-5
+    model.apply({"params": merged}, X), jax.jit(adapted.apply)(params, trainable, X, context=same), rtol=1e-5, atol=1e-5
   )
 
 
@@ -177,7 +195,7 @@ def test_linen_scan_adapter_files_round_trip(linen_scan, tmp_path):
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, trainable)
   context = _context(spec)
   np.testing.assert_array_equal(
-    again.apply(params, loaded, X, context=context), adapted.apply(params, trainable, X, context=context)
+    again.apply(params, loaded, X, context=context), jax.jit(adapted.apply)(params, trainable, X, context=context)
   )
 
 
@@ -219,12 +237,12 @@ def test_linen_scan_without_the_traces_collection_refuses_capture_by_name():
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_linen_vmap_members_get_one_adapter_each(spec):
   model = _Vmapped()
-  params = model.init(jax.random.PRNGKey(0), X)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), X)["params"]
   adapted, trainable = inject.inject(model, params, spec, X, target_modules="members", key=jax.random.PRNGKey(0))
   assert adapted.layers[0].stack == (L,)
   trainable = _randomize(trainable)
   context = _context(spec)
-  y = adapted.apply(params, trainable, X, context=context)  # [L, B, D]
+  y = jax.jit(adapted.apply)(params, trainable, X, context=context)  # [L, B, D]
   member = params["members"]
   for l in range(L):
     want = _by_hand(
@@ -240,7 +258,7 @@ def test_linen_vmap_members_get_one_adapter_each(spec):
   merge_at, same = _merge_context(spec)
   np.testing.assert_allclose(
     model.apply({"params": adapted.merge(params, trainable, context=merge_at)}, X),
-    adapted.apply(params, trainable, X, context=same),
+    jax.jit(adapted.apply)(params, trainable, X, context=same),
     rtol=1e-5,
     atol=1e-5,
   )
@@ -321,7 +339,7 @@ def test_nnx_vmap_scan_layers_get_one_adapter_each(nnx_stack):
   assert nnx_inject.num_params(model) == L * adapters.make(spec, d_in=D, d_out=D).num_params()
   context = _context(spec)
   params = model.blocks.adapter.linen_params()
-  y = nnx_inject.call(model, X, context=context)
+  y = _call(model, X, context)
   np.testing.assert_allclose(y, _by_hand(spec, kernels, biases, params, X, context), rtol=1e-5, atol=1e-5)
   with nnx_inject.routing_context(model, context, capture=False):
     ensemble = model.members(X)  # nnx.vmap: [L, B, D]
@@ -344,7 +362,7 @@ def test_nnx_stack_gradients_reach_every_layer(nnx_stack):
   @nnx.jit
   def grads(model, context):
     def loss(model):
-      return jnp.sum(nnx_inject.call(model, X, context=context) ** 2)
+      return jnp.sum(_call(model, X, context) ** 2)
 
     return nnx.grad(loss, argnums=nnx.DiffState(0, nnx_inject.AdapterParam))(model)
 
@@ -356,13 +374,13 @@ def test_nnx_stack_merge_and_adapter_files(nnx_stack, tmp_path):
   merge_at, same = _merge_context(spec)
   merged = nnx_inject.merge(model, context=merge_at)
   assert type(merged.blocks) is nnx.Linear and merged.blocks.kernel.shape == (L, D, D)
-  np.testing.assert_allclose(merged(X), nnx_inject.call(model, X, context=same), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_run(merged, X), _call(model, X, same), rtol=1e-5, atol=1e-5)
 
   nnx_inject.save_adapter(str(tmp_path / "a"), model)
   fresh = _NNXStack(nnx.Rngs(0))
   nnx_inject.load_adapter(str(tmp_path / "a"), fresh, X)
   context = _context(spec)
-  np.testing.assert_array_equal(nnx_inject.call(fresh, X, context=context), nnx_inject.call(model, X, context=context))
+  np.testing.assert_array_equal(_call(fresh, X, context), _call(model, X, context))
 
 
 def test_nnx_stack_router_traces_are_refused_by_name():
@@ -399,7 +417,7 @@ def test_nnx_scan_slicing_only_the_params_still_routes_every_layer():
   nnx_inject.inject(model, MOE, X, target_modules="blocks", key=jax.random.PRNGKey(0))
   nnx.update(model.blocks.adapter, {"params": _randomize(model.blocks.adapter.linen_params())})
   want = _by_hand(MOE, kernels, biases, model.blocks.adapter.linen_params(), X, LABELS)
-  np.testing.assert_allclose(nnx_inject.call(model, X, context=LABELS), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_call(model, X, LABELS), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(OTHERS))
@@ -410,14 +428,14 @@ def test_nnx_stack_other_per_layer_adapters(name):
   model, kernels, biases = _nnx_model(spec)
   context = _context(spec)
   want = _by_hand(spec, kernels, biases, model.blocks.adapter.linen_params(), X, context)
-  np.testing.assert_allclose(nnx_inject.call(model, X, context=context), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_call(model, X, context), want, rtol=1e-5, atol=1e-5)
   if spec.get("router_input") == "activation":
     with pytest.raises(ValueError, match=r"layer 'blocks': CellWiseLoRAMoE routes on its input"):
       nnx_inject.merge(model)
     return
   merge_at, same = _merge_context(spec)
   np.testing.assert_allclose(
-    nnx_inject.merge(model, context=merge_at)(X), nnx_inject.call(model, X, context=same), rtol=1e-5, atol=1e-5
+    _run(nnx_inject.merge(model, context=merge_at), X), _call(model, X, same), rtol=1e-5, atol=1e-5
   )
 
 
@@ -440,9 +458,9 @@ def test_generic_layers_of_nnx_stacks_get_one_adapter_each(spec):
   (adapter,) = model.layers.adapters
   nnx.update(adapter, {"params": _randomize(adapter.linen_params(), scale=0.1)})
   want = _by_hand(spec, w, None, adapter.linen_params(), x, context, act=lambda h: h)
-  np.testing.assert_allclose(nnx_inject.call(model, x, context=context), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_call(model, x, context), want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(
-    nnx_inject.merge(model, context=merge_at)(x), nnx_inject.call(model, x, context=same), rtol=1e-5, atol=1e-6
+    _run(nnx_inject.merge(model, context=merge_at), x), _call(model, x, same), rtol=1e-5, atol=1e-6
   )
 
 
@@ -453,15 +471,18 @@ def test_generic_layers_of_linen_stacks_get_one_adapter_each(spec):
   merge_at, same = _merge_context(spec)
   x = XG
   linen_model = zm.LinenScannedStack()
-  params = linen_model.init(jax.random.PRNGKey(0), x)["params"]
+  params = jax.jit(linen_model.init)(jax.random.PRNGKey(0), x)["params"]
   adapted, trainable = inject.inject(linen_model, params, spec, x, target_modules="layers", key=jax.random.PRNGKey(1))
   assert adapted.layers[0].stack == (L,)
   trainable = _randomize(trainable, scale=0.1)
   want = _by_hand(spec, params["layers"]["w"], None, trainable["adapter"]["layers"], x, context, act=lambda h: h)
-  np.testing.assert_allclose(adapted.apply(params, trainable, x, context=context), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(adapted.apply)(params, trainable, x, context=context), want, rtol=1e-5, atol=1e-6)
   merged = adapted.merge(params, trainable, context=merge_at)
   np.testing.assert_allclose(
-    linen_model.apply({"params": merged}, x), adapted.apply(params, trainable, x, context=same), rtol=1e-5, atol=1e-6
+    linen_model.apply({"params": merged}, x),
+    jax.jit(adapted.apply)(params, trainable, x, context=same),
+    rtol=1e-5,
+    atol=1e-6,
   )
 
 
@@ -538,15 +559,15 @@ def test_nnx_scanned_blocks_of_several_layers():
     adapter = getattr(model.blocks, name).adapter
     nnx.update(adapter, {"params": _randomize(adapter.linen_params())})
   params = {n: getattr(model.blocks, n).adapter.linen_params() for n in ("up", "down")}
-  y = nnx_inject.call(model, X, context=LABELS)
-  np.testing.assert_allclose(y, _blocks_by_hand(weights, params, X, LABELS), rtol=1e-5, atol=1e-5)
+  y = _call(model, X, LABELS)
+  np.testing.assert_allclose(y, jax.jit(_blocks_by_hand)(weights, params, X, LABELS), rtol=1e-5, atol=1e-5)
   merged = nnx_inject.merge(model, context=1)
-  np.testing.assert_allclose(merged(X), nnx_inject.call(model, X, context=jnp.full((B,), 1)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_run(merged, X), _call(model, X, jnp.full((B,), 1)), rtol=1e-5, atol=1e-5)
 
 
 def test_linen_scanned_blocks_of_several_layers():
   model = _LinenBlocks()
-  params = model.init(jax.random.PRNGKey(0), X)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), X)["params"]
   adapted, trainable = inject.inject(
     model, params, RULES, X, target_modules=r"blocks/(up|down)", key=jax.random.PRNGKey(0)
   )
@@ -555,12 +576,12 @@ def test_linen_scanned_blocks_of_several_layers():
   blocks = params["blocks"]
   weights = {n: (blocks[n]["kernel"], blocks[n]["bias"]) for n in ("up", "down")}
   by_name = {n: trainable["adapter"][f"blocks/{n}"] for n in ("up", "down")}
-  y = adapted.apply(params, trainable, X, context=LABELS)
-  np.testing.assert_allclose(y, _blocks_by_hand(weights, by_name, X, LABELS), rtol=1e-5, atol=1e-5)
+  y = jax.jit(adapted.apply)(params, trainable, X, context=LABELS)
+  np.testing.assert_allclose(y, jax.jit(_blocks_by_hand)(weights, by_name, X, LABELS), rtol=1e-5, atol=1e-5)
   merged = adapted.merge(params, trainable, context=1)
   np.testing.assert_allclose(
     model.apply({"params": merged}, X),
-    adapted.apply(params, trainable, X, context=jnp.full((B,), 1)),
+    jax.jit(adapted.apply)(params, trainable, X, context=jnp.full((B,), 1)),
     rtol=1e-5,
     atol=1e-5,
   )
