@@ -500,7 +500,7 @@ def test_saved_adapter_reloads_to_identical_outputs_and_refuses_another_model(ti
   )
   # A model whose matched layers differ: refused before anything is applied, naming the layer and shapes.
   wider = bert.Bert(**dict(TINY, intermediate_size=48))
-  wider_params = _init(wider, ids, mask)
+  wider_params = _randomize(jax.eval_shape(wider.init, jax.random.PRNGKey(1), ids, mask)["params"])
   with pytest.raises(
     ValueError,
     match=r"layer 'encoder/layer_0/intermediate/dense': the saved adapter was built "
@@ -508,7 +508,7 @@ def test_saved_adapter_reloads_to_identical_outputs_and_refuses_another_model(ti
   ):
     adapter_io.load_adapter(str(tmp_path / "ad"), wider, wider_params, ids[:1], mask[:1])
   deeper = bert.Bert(**dict(TINY, num_layers=3, max_position=T))
-  deeper_params = _init(deeper, ids, mask)
+  deeper_params = _randomize(jax.eval_shape(deeper.init, jax.random.PRNGKey(1), ids, mask)["params"])
   with pytest.raises(ValueError, match=r"layer_2.*that the saved adapter does not have"):
     adapter_io.load_adapter(str(tmp_path / "ad"), deeper, deeper_params, ids[:1], mask[:1])
   # One entry only: params with a leading seed axis are refused.
