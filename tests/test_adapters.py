@@ -11,6 +11,7 @@ import pytest
 
 import localmoe as lm
 from localmoe import grid
+from tests import draws
 from tests import oracles
 
 jax.config.update("jax_enable_x64", False)
@@ -24,10 +25,7 @@ def randomize(variables, seed=0, scale=0.5):
 
   Drawn with numpy (no program to compile per shape); `variables` may hold only shapes (`jax.eval_shape`).
   """
-  leaves, treedef = jax.tree_util.tree_flatten(variables["params"])
-  rng = np.random.default_rng(seed)
-  leaves = [jnp.asarray(scale * rng.standard_normal(leaf.shape), jnp.float32) for leaf in leaves]
-  return {"params": jax.tree_util.tree_unflatten(treedef, leaves)}
+  return {"params": draws.normal_like(variables["params"], seed, scale, jnp.float32)}
 
 
 def inputs(seed=1):

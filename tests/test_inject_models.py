@@ -11,6 +11,7 @@ import pytest
 
 from localmoe import adapters, inject, train
 from localmoe.models import bert
+from tests import draws
 
 D, HEADS, T, B, TASKS = 16, 2, 5, 6, 3
 
@@ -30,8 +31,7 @@ LORA = {"method": "lora", "rank": 2, "alpha": 4.0}
 
 def _randomize(tree, seed=0, scale=0.3):
   """Every leaf replaced by scale * N(0, 1) float32 draws (numpy: no op-by-op dispatch per leaf shape)."""
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(lambda l: jnp.asarray(scale * rng.standard_normal(l.shape), jnp.float32), tree)
+  return draws.normal_like(tree, seed, scale, jnp.float32)
 
 
 def _init(model, *args):

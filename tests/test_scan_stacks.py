@@ -20,6 +20,7 @@ from localmoe import adapter_io
 from localmoe import adapters
 from localmoe import inject
 from localmoe import nnx_inject
+from tests import draws
 from tests import zoo_models as zm
 
 D, L, B, TASKS = 4, 3, 2, 3
@@ -49,14 +50,11 @@ X = jax.random.normal(jax.random.PRNGKey(1), (B, D))  # [B, D]
 def _randomize(tree, seed=5, scale=0.3):
   """Every leaf + noise, so that LoRA's zero B (and the routers) give a nonzero, layer-dependent Delta
   (numpy draws: no op-by-op dispatch per leaf shape)."""
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(
-    lambda a: jnp.asarray(np.asarray(a) + scale * rng.standard_normal(a.shape), a.dtype), tree
-  )
+  return jax.tree_util.tree_map(lambda a, noise: a + noise, tree, draws.normal_like(tree, seed, scale))
 
 
 def _call(model, x, context):
-  """_call(model, x, context) as one jitted program."""
+  """nnx_inject.call(model, x, context=context) as one jitted program."""
   return nnx.jit(lambda m, x, c: nnx_inject.call(m, x, context=c))(model, x, context)
 
 
@@ -362,7 +360,7 @@ def test_nnx_stack_gradients_reach_every_layer(nnx_stack):
   @nnx.jit
   def grads(model, context):
     def loss(model):
-      return jnp.sum(_call(model, X, context) ** 2)
+      return jnp.sum(nnx_inject.call(model, X, context=context) ** 2)  # already inside nnx.jit
 
     return nnx.grad(loss, argnums=nnx.DiffState(0, nnx_inject.AdapterParam))(model)
 
