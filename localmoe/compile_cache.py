@@ -6,12 +6,16 @@ disables it), else `<data dir>/jax_compilation_cache` (see `localmoe.data.cache.
 keyed by JAX on the program, the compile options, the backend and the jax/jaxlib versions, so a stale entry
 is never used; the directory can be deleted at any time. Every program is stored, however quickly it
 compiled (a threshold on compile time would make what is stored depend on how busy the machine is), and the
-directory is kept under MAX_BYTES (least recently used entries go first).
+directory is kept under MAX_BYTES (least recently used entries go first). Processes that share the
+directory (a sweep's hosts, runs launched side by side) can race on its bookkeeping files; JAX then warns that
+it could not read or write an entry and compiles instead, which costs time, not correctness, so those warnings
+stay off the console.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import jax
@@ -42,4 +46,5 @@ def enable() -> str | None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+  warnings.filterwarnings("ignore", message=r"Error (reading|writing) persistent compilation cache entry")
   return str(path)

@@ -5,9 +5,66 @@ A test is slow where it is defined: `@pytest.mark.slow` on the test, or `pytestm
 module whose every test launches processes or trains end to end. A test that compiles or trains for 1.5 s or
 more on 2 CPU cores (`python -m pytest -m "not slow" --durations=0`) is marked slow. A `network` test (it may
 fetch a wheel) is slow as well, by the rule below.
+
+XLA optimisation. The tests compile hundreds of small programs and run each a few times, so compile time
+dominates the suite: the test processes, and through `JAX_DISABLE_MOST_OPTIMIZATIONS` the processes they
+launch (the experiments' quick runs, the docs pages as scripts), run with `jax_disable_most_optimizations`
+(XLA's HLO passes and LLVM at their lowest). What the tests check (equalities within their tolerances,
+bit-identical resumes, learned behaviour) does not depend on it; a test that compares bits with a fixture made
+by optimised code is marked `xla_optimized` and runs with XLA's defaults. `LOCALMOE_TEST_XLA_OPTIMIZE=1` runs
+every test with XLA's defaults, as users run the code.
+
+Compilation cache. The processes the tests launch share one persistent compilation cache
+(`LOCALMOE_COMPILATION_CACHE`, see `localmoe.compile_cache`), a directory made empty for the run (by the
+pytest-xdist controller, inherited by its workers) and removed at its end: a quick run launched twice (a
+failure, then its resume) compiles once, no run reads programs compiled by an earlier run, and nothing is
+written into the user's data directory.
 """
 
+import os
+import shutil
+import tempfile
+
+import jax
 import pytest
+
+FAST_COMPILE = os.environ.get("LOCALMOE_TEST_XLA_OPTIMIZE", "").strip().lower() not in ("1", "true", "yes")
+jax.config.update("jax_disable_most_optimizations", FAST_COMPILE)
+if FAST_COMPILE:
+  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # the processes the tests launch
+_CACHE_DIR_ENV = "LOCALMOE_TEST_COMPILATION_CACHE_DIR"  # made by the controller, inherited by the workers
+_CREATED = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+  path = os.environ.get(_CACHE_DIR_ENV)
+  if path is None:  # the controller, or a run without workers: an empty directory for this run
+    path = os.environ[_CACHE_DIR_ENV] = tempfile.mkdtemp(prefix="localmoe-test-xla-")
+    config.stash[_CREATED] = path
+  os.environ["LOCALMOE_COMPILATION_CACHE"] = path  # read by the launched processes (`compile_cache.enable`)
+
+
+def pytest_unconfigure(config):
+  path = config.stash.get(_CREATED, None)
+  if path is not None:  # only the process that made it removes it, after its workers have ended
+    shutil.rmtree(path, ignore_errors=True)
+    os.environ.pop(_CACHE_DIR_ENV, None)
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimized(request):
+  """A test marked `xla_optimized` runs with XLA's default optimisation (caches cleared on both sides: the
+  flag is not part of JAX's compile-cache key)."""
+  if not FAST_COMPILE or request.node.get_closest_marker("xla_optimized") is None:
+    yield
+    return
+  jax.clear_caches()
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.clear_caches()
+    jax.config.update("jax_disable_most_optimizations", True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -398,7 +398,9 @@ def test_anchors_router_rate_moves_the_routers_and_the_default_does_not():
   # The diagnostics at initialisation equal a direct computation on the seed's initial params.
   params0 = task.init(jax.random.fold_in(jax.random.PRNGKey(0), 0), None)
   direct = task.diagnostics(params0, None, {k: jnp.asarray(v) for k, v in data.test.items() if k != "y"})
-  np.testing.assert_allclose(default.initial_diagnostics["entropy_nats"][0], direct["entropy_nats"], rtol=1e-6)
+  np.testing.assert_allclose(
+    default.initial_diagnostics["entropy_nats"][0], direct["entropy_nats"], rtol=1e-5
+  )  # two compiled programs: float32 rounding may differ
   np.testing.assert_allclose(anchored.initial_diagnostics["entropy_nats"], default.initial_diagnostics["entropy_nats"])
   start = float(default.initial_diagnostics["entropy_nats"][0])
   assert abs(start - np.log(4)) < 1e-3  # U(-1e-3, 1e-3): uniform gates
