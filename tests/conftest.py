@@ -32,23 +32,20 @@ FAST_COMPILE = os.environ.get("LOCALMOE_TEST_XLA_OPTIMIZE", "").strip().lower() 
 jax.config.update("jax_disable_most_optimizations", FAST_COMPILE)
 if FAST_COMPILE:
   os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # the processes the tests launch
-_CACHE_DIR_ENV = "LOCALMOE_TEST_COMPILATION_CACHE_DIR"  # made by the controller, inherited by the workers
-_CREATED = pytest.StashKey[str]()
+_CREATED = pytest.StashKey[str]()  # the run's cache directory, in the process that made it
 
 
 def pytest_configure(config):
-  path = os.environ.get(_CACHE_DIR_ENV)
-  if path is None:  # the controller, or a run without workers: an empty directory for this run
-    path = os.environ[_CACHE_DIR_ENV] = tempfile.mkdtemp(prefix="localmoe-test-xla-")
-    config.stash[_CREATED] = path
+  if hasattr(config, "workerinput"):  # an xdist worker: the controller's directory is in its environment
+    return
+  path = config.stash[_CREATED] = tempfile.mkdtemp(prefix="localmoe-test-xla-")
   os.environ["LOCALMOE_COMPILATION_CACHE"] = path  # read by the launched processes (`compile_cache.enable`)
 
 
 def pytest_unconfigure(config):
   path = config.stash.get(_CREATED, None)
-  if path is not None:  # only the process that made it removes it, after its workers have ended
+  if path is not None:  # the controller removes it once its workers have ended
     shutil.rmtree(path, ignore_errors=True)
-    os.environ.pop(_CACHE_DIR_ENV, None)
 
 
 @pytest.fixture(autouse=True)
