@@ -6,6 +6,7 @@ stop where every seed stopped; results.json holds no NaN."""
 
 import json
 import logging
+import re
 import warnings
 
 import ml_collections
@@ -117,7 +118,10 @@ def test_figures_stop_where_every_seed_stopped(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.network  # the text tasks and MiniLM (cached after one fetch)
-def test_a_diverged_anchor_run_finishes_with_its_report_and_a_rerun_too(tmp_path, caplog):
+def test_a_diverged_anchor_run_finishes_with_its_report_and_a_rerun_too(tmp_path, caplog, capfd):
+  """The bug report's run (a routed method at lr 1e6): the run and its re-run end normally, results.json and
+  results.md mark the seed, and the console holds the project's own lines only (no numpy or JAX warning: a
+  RuntimeWarning raises here, and JAX's "NaN or Inf" log line is looked for)."""
   config = config_module.get_config("quick,methods=cellwise_moe_anchor,seeds=1")
   config.optim.lr = 1e6
   with warnings.catch_warnings():
@@ -126,6 +130,13 @@ def test_a_diverged_anchor_run_finishes_with_its_report_and_a_rerun_too(tmp_path
       for _ in range(2):  # the re-run resumes from the final checkpoint
         out = mt.run(config, str(tmp_path))
   assert not [r for r in caplog.records if "NaN or Inf" in r.getMessage()]
+  console = "".join(capfd.readouterr())
+  assert re.search(r"\[cellwise_moe_anchor\] test accuracy .*NOT ALL SEEDS OK: seed \d: diverged at epoch", console), (
+    console[-3000:]
+  )
+  assert "resuming from the checkpoint" in console, console[-3000:]
+  for noise in ("Traceback", "Mean of empty slice", "NaN or Inf", "RuntimeWarning"):
+    assert noise not in console, console[-3000:]
   assert "diverged" in out["methods"]["cellwise_moe_anchor"]["status"]
   saved = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
   assert "diverged" in saved["methods"]["cellwise_moe_anchor"]["status"]
