@@ -3,6 +3,7 @@ one, adapters trained as pure functions equal the injected model, prompts, parit
 
 import json
 import os
+import re
 
 from flax import nnx
 import jax
@@ -12,7 +13,7 @@ import pytest
 
 from configs import multitask_lm as config_module
 from experiments import multitask_lm as mt
-from localmoe import adapters, multitask, nnx_functional, nnx_inject
+from localmoe import adapters, multitask, nnx_functional, nnx_inject, results, runner
 from localmoe.data import instructions
 from localmoe.models import gemma3, gemma3_features
 
@@ -197,7 +198,11 @@ def test_functional_adapters_equal_the_injected_model_and_swap_into_the_whole_on
 
 
 @pytest.mark.network  # Gemma 3's weights and the text tasks (cached after one fetch)
-def test_quick_config_end_to_end(tmp_path):
+def test_quick_config_end_to_end_with_a_failed_method_retrained_alone(tmp_path, monkeypatch, capsys):
+  """:quick with every kind of method, run twice in this process: first with lora forced to fail (the run
+  raises RunFailed and writes no results.json; the others finish), then again: lora trains, the trained
+  method resumes from its final checkpoint. This is the experiment's case of tests/test_failures.py (run here
+  once instead of launched twice, as its quick run is the costliest)."""
   from localmoe.models import gemma3_tokenizer
 
   tokenizer = gemma3_tokenizer.Tokenizer.from_vocab()
@@ -207,9 +212,18 @@ def test_quick_config_end_to_end(tmp_path):
       == instructions.TEMPLATE_TOKENS[task]
     )
   workdir = str(tmp_path / "run")
-  out = mt.run(
-    config_module.get_config("quick,methods=zero_shot+few_shot+linear_probe+lora+cellwise_moe_anchor"), workdir
-  )
+  config = config_module.get_config("quick,methods=zero_shot+few_shot+linear_probe+lora+cellwise_moe_anchor")
+  monkeypatch.setenv(runner.FAIL_ENV, "lora")
+  with pytest.raises(results.RunFailed):
+    mt.run(config, workdir)
+  first = capsys.readouterr().out
+  assert "[lora] FAILED: ForcedFailure" in first and not os.path.exists(os.path.join(workdir, "results.json"))
+  assert "[cellwise_moe_anchor] test accuracy" in first, first[-3000:]  # the other methods trained to the end
+  monkeypatch.delenv(runner.FAIL_ENV)
+  out = mt.run(config, workdir)
+  second = capsys.readouterr().out
+  assert re.search(r"\[cellwise_moe_anchor\] resuming from the checkpoint at epoch (\d+)/\1", second), second[-3000:]
+  assert "[lora] resuming" not in second, second[-3000:]  # the failed method trains from its start
   saved = json.load(open(os.path.join(workdir, "results.json")))
   methods = saved["methods"]
   assert list(methods) == ["zero_shot", "few_shot", "linear_probe", "lora", "cellwise_moe_anchor"]
