@@ -524,7 +524,7 @@ def test_sigterm_stops_a_sweep_with_75_and_the_resume_is_bit_identical(tmp_path)
 @pytest.mark.slow
 def test_sigterm_stops_the_nonconvex_run_with_75_and_the_resume_is_bit_identical(tmp_path):
   args = [
-    "--config=configs/nonconvex_regression.py:quick",
+    "--config=configs/nonconvex_regression.py:quick,methods=lora",  # pretraining, then one method stopped
     "--config.optim.epochs=6",
     "--config.optim.eval_every=2",
     "--config.checkpoint_every_epochs=2",
