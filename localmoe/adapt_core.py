@@ -18,6 +18,7 @@ Router traces, losses and diagnostics are `localmoe.router_traces`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -264,6 +265,25 @@ def check_float_context(context, path: str) -> None:
     )
 
 
+def _init_params(module: nn.Module, d_in: int, uses_kernel: bool, key, kernel):
+  """The params of one layer's adapter (`PerLayer.init`): module.init on a zero input [1, d_in] (a task id 0
+  for a context router; the base kernel [d_in, d_out] for an adapter that reads it, e.g. DoRA)."""
+  x0 = jnp.zeros((1, d_in), jnp.float32)
+  context = {"context": jnp.zeros((1,), jnp.int32)} if routes_on_context(module) else {}
+  return module.init(key, x0, **context, **({"kernel": kernel} if uses_kernel else {}))["params"]
+
+
+_init_params_compiled = jax.jit(_init_params, static_argnums=(0, 1, 2))  # one program per equal adapter
+
+
+def _init_fn(module: nn.Module, d_in: int, uses_kernel: bool) -> Callable:
+  try:
+    hash(module)
+  except TypeError:  # a module built by a callable need not be hashable: init it op by op
+    return functools.partial(_init_params, module, d_in, uses_kernel)
+  return functools.partial(_init_params_compiled, module, d_in, uses_kernel)
+
+
 @dataclasses.dataclass(frozen=True)
 class PerLayer:
   """An independent adapter per matched layer.
@@ -300,17 +320,17 @@ class PerLayer:
 
   def init(self, key, layers, kernels):
     """{layer path: params}; a layer of a stack gets params stacked [*stack, ...] (kernels [*stack, d_in,
-    d_out] or one [d_in, d_out] for all), layer j of the stack drawn from fold_in(fold_in(key, i), j)."""
+    d_out] or one [d_in, d_out] for all), layer j of the stack drawn from fold_in(fold_in(key, i), j).
+
+    Each layer's init is one compiled program, shared by the layers whose adapters are equal (a model's
+    layers of one shape compile it once)."""
     params = {}
     for i, (layer, kernel) in enumerate(zip(layers, kernels)):
       module = self.module(layer)
-      x0 = jnp.zeros((1, layer.d_in), jnp.float32)
-      context = {"context": jnp.zeros((1,), jnp.int32)} if routes_on_context(module) else {}
       uses_kernel = getattr(module, "uses_base_kernel", False)
-
-      def one(layer_key, w, module=module, x0=x0, context=context, uses_kernel=uses_kernel):
-        return module.init(layer_key, x0, **context, **({"kernel": w} if uses_kernel else {}))["params"]
-
+      one = _init_fn(module, layer.d_in, uses_kernel)
+      if not uses_kernel:
+        kernel = None  # not an input of the program (one compile for every kernel dtype and layout)
       if not layer.stack:
         params[layer.path] = one(jax.random.fold_in(key, i), kernel)
         continue
