@@ -41,8 +41,20 @@ def test_the_readme_stays_a_front_door():
   assert lines <= 200, f"README.md has {lines} lines; results, readings and details belong in docs/"
 
 
+def _pages_to_run() -> list[str]:
+  """The pages with python blocks, less those whose every block an earlier page also holds (the same example
+  on two pages, e.g. README and its page under docs/, runs once, in the earlier page's process)."""
+  run, seen = [], set()
+  for page in PAGES:
+    blocks = _python_blocks(page)
+    if blocks and page not in TEMPLATES and not set(blocks) <= seen:
+      run.append(page)
+    seen.update(blocks)
+  return run
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("page", [p for p in PAGES if _python_blocks(p) and p not in TEMPLATES])
+@pytest.mark.parametrize("page", _pages_to_run())
 def test_python_blocks_run_as_written(page, tmp_path):
   code = "\n\n".join(_python_blocks(page))
   script = tmp_path / "page.py"
