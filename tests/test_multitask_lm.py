@@ -199,10 +199,11 @@ def test_functional_adapters_equal_the_injected_model_and_swap_into_the_whole_on
 
 @pytest.mark.network  # Gemma 3's weights and the text tasks (cached after one fetch)
 def test_quick_config_end_to_end_with_a_failed_method_retrained_alone(tmp_path, monkeypatch, capsys):
-  """:quick with every kind of method, run twice in this process: first with lora forced to fail (the run
-  raises RunFailed and writes no results.json; the others finish), then again: lora trains, the trained
-  method resumes from its final checkpoint. This is the experiment's case of tests/test_failures.py (run here
-  once instead of launched twice, as its quick run is the costliest)."""
+  """:quick with every kind of method, run twice in this process: first with every method but the routed one
+  forced to fail (the run raises RunFailed and writes no results.json; the routed method trains to the end),
+  then again: the failed ones run, the trained one resumes from its final checkpoint. This is the
+  experiment's case of tests/test_failures.py (run here instead of launched twice, as its quick run is the
+  costliest; the baselines fail first so that they are computed once)."""
   from localmoe.models import gemma3_tokenizer
 
   tokenizer = gemma3_tokenizer.Tokenizer.from_vocab()
@@ -213,12 +214,14 @@ def test_quick_config_end_to_end_with_a_failed_method_retrained_alone(tmp_path, 
     )
   workdir = str(tmp_path / "run")
   config = config_module.get_config("quick,methods=zero_shot+few_shot+linear_probe+lora+cellwise_moe_anchor")
-  monkeypatch.setenv(runner.FAIL_ENV, "lora")
+  failing = ["zero_shot", "few_shot", "linear_probe", "lora"]
+  monkeypatch.setenv(runner.FAIL_ENV, ",".join(failing))
   with pytest.raises(results.RunFailed):
     mt.run(config, workdir)
   first = capsys.readouterr().out
-  assert "[lora] FAILED: ForcedFailure" in first and not os.path.exists(os.path.join(workdir, "results.json"))
-  assert "[cellwise_moe_anchor] test accuracy" in first, first[-3000:]  # the other methods trained to the end
+  assert all(f"[{name}] FAILED: ForcedFailure" in first for name in failing), first[-3000:]
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  assert "[cellwise_moe_anchor] test accuracy" in first, first[-3000:]  # the other method trained to the end
   monkeypatch.delenv(runner.FAIL_ENV)
   out = mt.run(config, workdir)
   second = capsys.readouterr().out
