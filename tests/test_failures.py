@@ -39,7 +39,7 @@ def _cases():
     if name in IN_PROCESS:
       continue
     source = open(os.path.join(ROOT, "experiments", f"{name}.py"), encoding="utf-8").read()
-    if "run_methods" not in source:  # trains nothing (e.g. a closed-form SVD table)
+    if not re.search(r"\brun_(methods|variants)\(", source):  # trains nothing through the runner
       continue
     if name in OVERRIDES:
       cases.append((name, *OVERRIDES[name]))
@@ -69,7 +69,7 @@ def test_a_failed_method_is_isolated_and_only_it_is_retrained(config, failing, o
   out = first.stdout + first.stderr
   assert first.returncode == 1, out[-3000:]
   assert not (tmp_path / "results.json").exists()
-  assert re.search(rf"\[{failing}\] FAILED: ForcedFailure", out), out[-3000:]
+  assert re.search(rf"\[([\w.-]+/)?{failing}\] FAILED: ForcedFailure", out), out[-3000:]
   for name in others:  # the others trained to the end
     assert re.search(rf"\[([\w.-]+/)?{name}\]", out), (name, out[-3000:])
   monkeypatch.delenv("LOCALMOE_FAIL_METHODS")
