@@ -87,10 +87,11 @@ def bar_chart(
       f"{seeds.mean():.1f}", (k, seeds.mean()), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
     )
     if paper and paper.get(name) is not None:
+      first = not ax.get_legend_handles_labels()[1]  # one "paper" entry, on the first method that has one
       ax.plot(
-        [k + 0.3, k + 0.5], [paper[name] * scale] * 2, color="black", linewidth=2, label="paper" if k == 0 else None
+        [k + 0.3, k + 0.5], [paper[name] * scale] * 2, color="black", linewidth=2, label="paper" if first else None
       )
-  if paper:
+  if ax.get_legend_handles_labels()[1]:
     ax.legend(fontsize=8)
   ax.set_xticks(positions, [labels.get(n, n) for n in names], rotation=20, ha="right", fontsize=8)
   ax.set_ylabel(ylabel)

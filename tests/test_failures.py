@@ -1,5 +1,11 @@
-"""Every experiment on the same rails (`localmoe.runner`): a method that fails is isolated, the run exits 1
-without results.json, and re-running the same command retrains only the failed method."""
+"""Every experiment on the same rails (`localmoe.runner`): a method that fails is isolated, the run raises
+RunFailed without results.json (launch.py's exit 1: tests/test_reliability.py), and running it again retrains
+only the failed method.
+
+Each experiment's quick variant runs here in this process, as launch.py runs it (validate, then the driver):
+a launched process would add its interpreter, imports and data loading, twice per experiment, to what the
+test checks. What only a process shows (exit codes, signals, the console) is checked by launching in
+tests/test_launch.py and tests/test_reliability.py."""
 
 import importlib
 import json
@@ -9,9 +15,11 @@ import re
 import pytest
 
 import experiments
-from tests.test_launch import CONFIGS, QUICK_HERE, ROOT, check_quick_results, launch
+from localmoe import results as results_lib
+from localmoe import runner
+from tests.test_launch import CONFIGS, QUICK_HERE, ROOT, check_quick_results
 
-pytestmark = pytest.mark.slow  # every test here launches processes or trains end to end
+pytestmark = pytest.mark.slow  # every test here trains end to end
 
 # The method to fail and the methods that train through train.fit and resume, where the default (fail the
 # first method of the quick variant, the rest must finish and resume) does not fit the experiment.
@@ -60,22 +68,33 @@ def test_in_process_cases_name_tests_that_exist():
     assert f"def {test}(" in open(os.path.join(ROOT, path), encoding="utf-8").read(), (name, node)
 
 
+def _run_quick(config: str, workdir, capsys):
+  """The experiment's quick variant, run as launch.py runs it: (its console output, the RunFailed it raised or
+  None)."""
+  cfg = importlib.import_module(f"configs.{config}").get_config("quick")
+  experiments.validate(cfg)
+  error = None
+  try:
+    experiments.get(config)(cfg, str(workdir))
+  except results_lib.RunFailed as failed:  # launch.py: exit 1
+    error = failed
+  captured = capsys.readouterr()
+  return captured.out + captured.err, error
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config, failing, others", CASES, ids=[c[0] for c in CASES])
-def test_a_failed_method_is_isolated_and_only_it_is_retrained(config, failing, others, tmp_path, monkeypatch):
-  args = (f"--config=configs/{config}.py:quick", f"--workdir={tmp_path}")
-  monkeypatch.setenv("LOCALMOE_FAIL_METHODS", failing)
-  first = launch(*args)
-  out = first.stdout + first.stderr
-  assert first.returncode == 1, out[-3000:]
+def test_a_failed_method_is_isolated_and_only_it_is_retrained(config, failing, others, tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv(runner.FAIL_ENV, failing)
+  out, error = _run_quick(config, tmp_path, capsys)
+  assert isinstance(error, results_lib.RunFailed), out[-3000:]
   assert not (tmp_path / "results.json").exists()
   assert re.search(rf"\[([\w.-]+/)?{failing}\] FAILED: ForcedFailure", out), out[-3000:]
   for name in others:  # the others trained to the end
     assert re.search(rf"\[([\w.-]+/)?{name}\]", out), (name, out[-3000:])
-  monkeypatch.delenv("LOCALMOE_FAIL_METHODS")
-  second = launch(*args)
-  out = second.stdout + second.stderr
-  assert second.returncode == 0, out[-3000:]
+  monkeypatch.delenv(runner.FAIL_ENV)
+  out, error = _run_quick(config, tmp_path, capsys)
+  assert error is None, out[-3000:]
   results = json.loads((tmp_path / "results.json").read_text())
   assert all(m["status"] == "ok" for m in results["methods"].values())
   for name in others:  # finished methods load their final checkpoint
