@@ -337,8 +337,9 @@ class PerLayer:
       count = int(np.prod(layer.stack))
       keys = jax.vmap(lambda j, k=jax.random.fold_in(key, i): jax.random.fold_in(k, j))(jnp.arange(count))
       keys = keys.reshape(tuple(layer.stack) + keys.shape[1:])
-      kernel = jnp.zeros((layer.d_in, layer.d_out), jnp.float32) if kernel is None else jnp.asarray(kernel)
-      kernel = jnp.broadcast_to(kernel, tuple(layer.stack) + kernel.shape[-2:])  # [*stack, d_in, d_out]
+      if uses_kernel:
+        kernel = jnp.zeros((layer.d_in, layer.d_out), jnp.float32) if kernel is None else jnp.asarray(kernel)
+        kernel = jnp.broadcast_to(kernel, tuple(layer.stack) + kernel.shape[-2:])  # [*stack, d_in, d_out]
       params[layer.path] = over_stack(one, layer.stack, keys, kernel)
     return params
 

@@ -77,6 +77,7 @@ def bar_chart(
   labels = labels or {}
   fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4.5))
   positions = np.arange(len(names))
+  drew_paper = False
   for k, name in enumerate(names):
     seeds = np.asarray([v for v in values.get(name, []) if v is not None], float) * scale
     if seeds.size == 0:
@@ -87,11 +88,11 @@ def bar_chart(
       f"{seeds.mean():.1f}", (k, seeds.mean()), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
     )
     if paper and paper.get(name) is not None:
-      first = not ax.get_legend_handles_labels()[1]  # one "paper" entry, on the first method that has one
-      ax.plot(
-        [k + 0.3, k + 0.5], [paper[name] * scale] * 2, color="black", linewidth=2, label="paper" if first else None
+      ax.plot(  # one "paper" legend entry, on the first method that has a paper value
+        [k + 0.3, k + 0.5], [paper[name] * scale] * 2, color="black", linewidth=2, label=None if drew_paper else "paper"
       )
-  if ax.get_legend_handles_labels()[1]:
+      drew_paper = True
+  if drew_paper:
     ax.legend(fontsize=8)
   ax.set_xticks(positions, [labels.get(n, n) for n in names], rotation=20, ha="right", fontsize=8)
   ax.set_ylabel(ylabel)

@@ -17,7 +17,7 @@ import pytest
 import experiments
 from localmoe import results as results_lib
 from localmoe import runner
-from tests.test_launch import CONFIGS, QUICK_HERE, ROOT, check_quick_results
+from tests.test_launch import CONFIGS, QUICK_HERE, ROOT, check_quick_results, runs_methods
 
 pytestmark = pytest.mark.slow  # every test here trains end to end
 
@@ -33,8 +33,8 @@ OVERRIDES = {
 }
 
 
-# Experiments whose forced failure and re-run are checked in-process by the named test instead (their quick
-# run is the costliest; launched twice it would cost twice its compilation).
+# Experiments whose forced failure and re-run the named test checks instead: it already runs the quick
+# variant twice, a forced failure then its resume, and a case here would repeat the costliest quick run.
 IN_PROCESS = {
   "multitask_lm": "tests/test_multitask_lm.py::test_quick_config_end_to_end_with_a_failed_method_retrained_alone"
 }
@@ -46,8 +46,7 @@ def _cases():
   for name in experiments.names():
     if name in IN_PROCESS:
       continue
-    source = open(os.path.join(ROOT, "experiments", f"{name}.py"), encoding="utf-8").read()
-    if not re.search(r"\brun_(methods|variants)\(", source):  # trains nothing through the runner
+    if not runs_methods(f"{name}.py"):  # trains nothing through the runner (e.g. a closed-form table)
       continue
     if name in OVERRIDES:
       cases.append((name, *OVERRIDES[name]))

@@ -64,7 +64,7 @@ def check_quick_results(workdir, config: str):
   assert (workdir / "results.md").read_text().strip()
 
 
-def _runs_methods(config: str) -> bool:
+def runs_methods(config: str) -> bool:
   """Whether the config's experiment trains methods through the runner (`run_methods`, or `run_variants` for
   the single-layer experiments): tests/test_failures.py then runs its
   whole quick variant (a failed method, then the rerun to the end) and checks these results there, so a
@@ -73,7 +73,7 @@ def _runs_methods(config: str) -> bool:
     return re.search(r"\brun_(methods|variants)\(", f.read()) is not None
 
 
-QUICK_HERE = [c for c in CONFIGS if not _runs_methods(c)]
+QUICK_HERE = [c for c in CONFIGS if not runs_methods(c)]
 
 
 @pytest.mark.parametrize(

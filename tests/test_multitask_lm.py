@@ -202,7 +202,7 @@ def test_quick_config_end_to_end_with_a_failed_method_retrained_alone(tmp_path, 
   """:quick with every kind of method, run twice in this process: first with every method but the routed one
   forced to fail (the run raises RunFailed and writes no results.json; the routed method trains to the end),
   then again: the failed ones run, the trained one resumes from its final checkpoint. This is the
-  experiment's case of tests/test_failures.py (run here instead of launched twice, as its quick run is the
+  experiment's case of tests/test_failures.py (checked here, not repeated there, as its quick run is the
   costliest; the baselines fail first so that they are computed once)."""
   from localmoe.models import gemma3_tokenizer
 
