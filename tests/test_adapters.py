@@ -176,8 +176,8 @@ def test_lora_equals_localized_with_one_cell():
   loc = build("localized_lora", k_y=1, k_x=1)
   v = randomize(lora.init(jax.random.PRNGKey(0), x))
   v_loc = {"params": {"A": v["params"]["A"][None, None], "B": v["params"]["B"][None, None]}}
-  np.testing.assert_allclose(loc.apply(v_loc, x), lora.apply(v, x), rtol=1e-6)
-  np.testing.assert_allclose(lm.delta_weight(loc, v_loc), lm.delta_weight(lora, v), rtol=1e-6)
+  np.testing.assert_allclose(loc.apply(v_loc, x), lora.apply(v, x), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(lm.delta_weight(loc, v_loc), lm.delta_weight(lora, v), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -333,7 +333,7 @@ def test_delta_weight_and_merge_agree_with_forward(method):
   same_ctx = jnp.broadcast_to(c0, ctx.shape)
   np.testing.assert_allclose(x @ dense.T, m.apply(v, x, same_ctx), rtol=1e-4, atol=1e-5)
   w0 = jax.random.normal(jax.random.PRNGKey(5), (D_OUT, D_IN))
-  np.testing.assert_allclose(lm.merge(w0, m, v, context=c0), w0 + dense, rtol=1e-6)
+  np.testing.assert_allclose(lm.merge(w0, m, v, context=c0), w0 + dense, rtol=1e-6, atol=1e-6)
 
 
 def test_delta_weight_with_fixed_gates_for_activation_routing():
