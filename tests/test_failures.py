@@ -29,14 +29,14 @@ OVERRIDES = {
   "mnist_degradation": ("melora", ["localized_lora", "lora", "blockwise_moe", "cellwise_moe"]),
   "mnist_adaptation": ("localized_lora", ["full_finetune"]),
   "nonconvex_regression": ("queryable_lora", ["lora"]),
-  "multitask_text": ("lora", ["cellwise_moe_anchor"]),
 }
 
 
-# Experiments whose forced failure and re-run the named test checks instead: it already runs the quick
-# variant twice, a forced failure then its resume, and a case here would repeat the costliest quick run.
+# Experiments whose forced failure and re-run the named test checks instead: it runs the quick variant
+# twice (a forced failure, then its resume) with checks of its own, and a case here would repeat it.
 IN_PROCESS = {
-  "multitask_lm": "tests/test_multitask_lm.py::test_quick_config_end_to_end_with_a_failed_method_retrained_alone"
+  "multitask_lm": "tests/test_multitask_lm.py::test_quick_config_end_to_end_with_a_failed_method_retrained_alone",
+  "multitask_text": "tests/test_multitask_report.py::test_a_failed_method_retrains_alone_and_a_diverged_one_is_reported",
 }
 
 

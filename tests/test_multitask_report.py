@@ -16,7 +16,8 @@ import pytest
 from configs import multitask_text as config_module
 from experiments import multitask_text as mt
 from experiments import multitask_text_report as report
-from localmoe import train
+from localmoe import results, runner, train
+from tests.test_launch import check_quick_results
 
 TASKS, CLASSES = ("a", "b"), (2, 3)
 SEEDS = [0, 1]
@@ -118,26 +119,40 @@ def test_figures_stop_where_every_seed_stopped(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.network  # the text tasks and MiniLM (cached after one fetch)
-def test_a_diverged_anchor_run_finishes_with_its_report_and_a_rerun_too(tmp_path, caplog, capfd):
-  """The bug report's run (a routed method at lr 1e6): the run and its re-run end normally, results.json and
-  results.md mark the seed, and the console holds the project's own lines only (no numpy or JAX warning: a
-  RuntimeWarning raises here, and JAX's "NaN or Inf" log line is looked for)."""
-  config = config_module.get_config("quick,methods=cellwise_moe_anchor,seeds=1")
+def test_a_failed_method_retrains_alone_and_a_diverged_one_is_reported(tmp_path, monkeypatch, caplog, capfd):
+  """:quick at the bug report's learning rate (1e6: the trained methods diverge), run twice in this process,
+  first with lora forced to fail. The first run raises RunFailed and writes no results.json; the routed
+  method trains to its end and its seed is marked diverged. The re-run retrains lora alone (the routed method
+  resumes from its final checkpoint) and ends normally: results.json and results.md mark the seeds, and the
+  console holds the project's own lines only (no numpy or JAX warning: a RuntimeWarning raises here, and JAX's
+  "NaN or Inf" log line is looked for). This is the experiment's case of tests/test_failures.py."""
+  config = config_module.get_config("quick,seeds=1")
+  assert config.method_names == "linear_probe,lora,cellwise_moe_anchor"
   config.optim.lr = 1e6
   with warnings.catch_warnings():
     warnings.simplefilter("error", RuntimeWarning)
     with caplog.at_level(logging.WARNING):
-      for _ in range(2):  # the re-run resumes from the final checkpoint
-        out = mt.run(config, str(tmp_path))
+      monkeypatch.setenv(runner.FAIL_ENV, "lora")
+      with pytest.raises(results.RunFailed):
+        mt.run(config, str(tmp_path))
+      first = "".join(capfd.readouterr())
+      assert not (tmp_path / "results.json").exists()
+      monkeypatch.delenv(runner.FAIL_ENV)
+      out = mt.run(config, str(tmp_path))
+      second = "".join(capfd.readouterr())
+  assert "[lora] FAILED: ForcedFailure" in first, first[-3000:]
+  diverged = r"\[cellwise_moe_anchor\] test accuracy .*NOT ALL SEEDS OK: seed \d: diverged at epoch"
+  assert re.search(diverged, first), first[-3000:]  # the other methods ran to their end
+  assert "[linear_probe] test accuracy" in first, first[-3000:]
+  assert re.search(r"\[cellwise_moe_anchor\] resuming from the checkpoint at epoch (\d+)/\1", second), second[-3000:]
+  assert "[lora] resuming" not in second and "[lora] test accuracy" in second, second[-3000:]  # retrained
   assert not [r for r in caplog.records if "NaN or Inf" in r.getMessage()]
-  console = "".join(capfd.readouterr())
-  assert re.search(r"\[cellwise_moe_anchor\] test accuracy .*NOT ALL SEEDS OK: seed \d: diverged at epoch", console), (
-    console[-3000:]
-  )
-  assert "resuming from the checkpoint" in console, console[-3000:]
+  assert first.count("Traceback") == 1, first[-3000:]  # the forced failure's, and no other
   for noise in ("Traceback", "Mean of empty slice", "NaN or Inf", "RuntimeWarning"):
-    assert noise not in console, console[-3000:]
-  assert "diverged" in out["methods"]["cellwise_moe_anchor"]["status"]
+    assert noise not in second and (noise == "Traceback" or noise not in first), (first + second)[-3000:]
   saved = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
-  assert "diverged" in saved["methods"]["cellwise_moe_anchor"]["status"]
+  assert saved["methods"]["linear_probe"]["status"] == "ok"
+  for name in ("cellwise_moe_anchor", "lora"):
+    assert "diverged" in out["methods"][name]["status"] and "diverged" in saved["methods"][name]["status"], name
   assert "(task id, anchors' router) † |" in (tmp_path / "results.md").read_text()
+  check_quick_results(tmp_path, "multitask_text.py", status=lambda s: s == "ok" or "diverged" in s)

@@ -13,6 +13,7 @@ label, task, counted. `config.data` fields: tasks, train_per_task, test_per_task
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -113,7 +114,7 @@ def load_corpus(data_config, tokenizer, loaded: dict | None = None) -> Corpus:
 def lower_features(backbone: bert.Bert, params, split: dict, layers: int, chunk: int = 256) -> dict:
   """The split with input_ids replaced by the hidden states after the lower `layers` (computed once):
   {"hidden" [N, T, H] (the backbone's compute dtype), "attention_mask", "task", "y"}."""
-  fn = jax.jit(lambda ids, mask: bert.hidden_after(backbone, params, ids, mask, layers))
+  fn = functools.partial(_hidden_after, backbone, layers, params)
   ids, mask = split["input_ids"], split["attention_mask"]
   hidden = in_chunks(fn, (ids, mask), chunk)
   return {"hidden": hidden, "attention_mask": mask, "task": split["task"], "y": split["y"]}
@@ -131,5 +132,17 @@ def in_chunks(fn, arrays, chunk: int) -> np.ndarray:
 
 def pooled_features(upper: bert.Upper, params, split: dict, chunk: int = 256) -> np.ndarray:
   """Mean-pooled output of the frozen upper layers (no adapter): [N, H] float32, the probe's features."""
-  fn = jax.jit(lambda h, m: bert.mean_pool(upper.apply({"params": params}, h, m), m).astype(jnp.float32))
+  fn = functools.partial(_pooled, upper, params)
   return in_chunks(fn, (split["hidden"], split["attention_mask"]), chunk)
+
+
+# One program per backbone and shape, shared by the splits and by later runs in the process; the params are
+# arguments, not constants folded into the program.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _hidden_after(backbone: bert.Bert, layers: int, params, ids, mask):
+  return bert.hidden_after(backbone, params, ids, mask, layers)  # [B, T, H]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pooled(upper: bert.Upper, params, hidden, mask):
+  return bert.mean_pool(upper.apply({"params": params}, hidden, mask), mask).astype(jnp.float32)  # [B, H]
