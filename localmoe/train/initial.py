@@ -31,16 +31,8 @@ def entry_state(params, opt_state) -> dict:
   }
 
 
-def init_state(
-  task: Task,
-  data: Data,
-  seeds: Sequence[int],
-  learning_rate,
-  weight_decay,
-  settings: Settings,
-  placement: sharding_lib.Placement | None = None,
-) -> Any:
-  """Vmapped initial train state for every entry (placed by `placement`, e.g. entry axis over devices)."""
+def _init_program(task: Task, data: Data, seeds: Sequence[int], learning_rate, weight_decay, settings: Settings):
+  """(the vmapped initialisation of every entry, its arguments)."""
   entries = len(seeds)
   lr = jnp.broadcast_to(jnp.asarray(learning_rate, jnp.float32), (entries,))
   wd = jnp.broadcast_to(jnp.asarray(weight_decay, jnp.float32), (entries,))
@@ -53,9 +45,22 @@ def init_state(
     return entry_state(params, opt_state)
 
   frozen_axis = 0 if data.per_seed else None
+  return jax.vmap(one_entry, in_axes=(0, 0, 0, frozen_axis)), (seed_keys(seeds), lr, wd, data.frozen)
+
+
+def init_state(
+  task: Task,
+  data: Data,
+  seeds: Sequence[int],
+  learning_rate,
+  weight_decay,
+  settings: Settings,
+  placement: sharding_lib.Placement | None = None,
+) -> Any:
+  """Vmapped initial train state for every entry (placed by `placement`, e.g. entry axis over devices)."""
+  fn, args = _init_program(task, data, seeds, learning_rate, weight_decay, settings)
   out = {} if placement is None else {"out_shardings": placement.entry_sharding()}
-  args = (seed_keys(seeds), lr, wd, data.frozen)
-  lowered = jax.jit(jax.vmap(one_entry, in_axes=(0, 0, 0, frozen_axis)), **out).lower(*args)
+  lowered = jax.jit(fn, **out).lower(*args)
   return lowered.compile(compiler_options=_run_once_compiler_options())(*args)
 
 
@@ -99,13 +104,19 @@ def empty_diagnostics(task: Task, data: Data, entries: int, settings: Settings) 
   return {name: np.full((entries, settings.epochs, *leaf.shape), np.nan, np.float32) for name, leaf in shapes.items()}
 
 
-def initial_fit_state(
+def fit_state_template(
   task: Task, data: Data, seeds: Sequence[int], settings: Settings, learning_rate=None, weight_decay=None
 ) -> FitState:
-  """The FitState of epoch 0 on the default device (also the template a checkpoint is restored into)."""
+  """The shapes of the FitState of epoch 0, on the default device, computing nothing: what a checkpoint is
+  restored into (a resume compiles no initialisation)."""
   lr, wd = entry_hyperparams(settings, len(seeds), learning_rate, weight_decay)
+  fn, args = _init_program(task, data, seeds, lr, wd, settings)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  state = jax.tree_util.tree_map(
+    lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), jax.eval_shape(fn, *args)
+  )
   return FitState(
-    init_state(task, data, seeds, lr, wd, settings),
+    state,
     0,
     empty_history(task, data, len(seeds), settings),
     empty_train_history(task, len(seeds), settings),

@@ -185,7 +185,7 @@ def fit(
   if resume is None and ckpt is not None:
     unplaced = data
     resume = ckpt.restore(
-      lambda: initial.initial_fit_state(task, unplaced, seeds, settings, learning_rate, weight_decay)
+      lambda: initial.fit_state_template(task, unplaced, seeds, settings, learning_rate, weight_decay)
     )
     if resume is not None and log:
       log(f"  [{name}] resuming from the checkpoint at epoch {resume.epoch}/{settings.epochs}")
