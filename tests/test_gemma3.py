@@ -586,17 +586,19 @@ def _reference_logprobs(model, prompts, chunk=128):
     for r, i in enumerate(group):
       rows[i] = hidden[r, : len(prompts[i])]
   stacked = np.concatenate([rows[i] for i in range(len(prompts))])  # [sum T, W]
+  ends = np.cumsum([len(p) for p in prompts])  # one past each prompt's last row
+  targets = np.concatenate([np.append(p[1:], 0) for p in prompts])  # [sum T]: the next token (0 after the end)
   padded = np.zeros((-(-len(stacked) // chunk) * chunk, stacked.shape[1]), stacked.dtype)
   padded[: len(stacked)] = stacked
-  logp = np.concatenate(
-    [np.asarray(logp_fn(model, jnp.asarray(padded[s : s + chunk])), np.float64) for s in range(0, len(padded), chunk)]
-  )  # [sum T, V]
-  out, start = [], 0
-  for p in prompts:
-    block = logp[start : start + len(p)]
-    out.append((block[np.arange(len(p) - 1), p[1:]], block[-1]))
-    start += len(p)
-  return out
+  picked, last = np.zeros(len(stacked)), {}
+  for s in range(0, len(stacked), chunk):  # [chunk, V] at a time: only the picked values and last rows are kept
+    logp = np.asarray(logp_fn(model, jnp.asarray(padded[s : s + chunk])))[: len(stacked) - s]
+    picked[s : s + len(logp)] = np.take_along_axis(logp, targets[s : s + len(logp), None], axis=1)[:, 0]
+    for i, end in enumerate(ends):
+      if s < end <= s + len(logp):
+        last[i] = logp[end - 1 - s].astype(np.float64)
+  starts = ends - np.asarray([len(p) for p in prompts])
+  return [(picked[a : b - 1], last[i]) for i, (a, b) in enumerate(zip(starts, ends))]
 
 
 def _check_against(reference, model, key, tolerance, max_tokens=None):
