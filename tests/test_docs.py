@@ -44,7 +44,7 @@ def test_the_readme_stays_a_front_door():
 
 def _pages_to_run() -> list[str]:
   """The pages with python blocks, less those whose every block an earlier page also holds (the same example
-  on two pages, e.g. README and its page under docs/, runs once, in the earlier page's process)."""
+  on two pages, e.g. README and its page under docs/, runs once, with the earlier page)."""
   run, seen = [], set()
   for page in PAGES:
     blocks = _python_blocks(page)
