@@ -21,6 +21,7 @@ of demonstrations, the prefix run once per task into a KV cache (`gemma3.Cache`)
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Iterator
 
@@ -71,13 +72,15 @@ def lower_hidden(model: gemma3.Gemma3, tokens, mask, layers: int, chunk: int = 3
   """Hidden states after blocks 0..layers-1: numpy [N, T, W] in the model's compute dtype (weights passed
   to the compiled function as arguments, never as constants)."""
   graphdef, state = nnx.split(model)
+  fn = functools.partial(_lower_hidden, graphdef, layers, state)
+  return chunked(fn, (np.asarray(tokens), np.asarray(mask)), chunk)
 
-  @jax.jit
-  def fn(state, tokens, mask):
-    m = nnx.merge(graphdef, state)
-    return run_blocks(list(m.layers)[:layers], 0, m.config, embed(m, tokens), mask)
 
-  return chunked(lambda t, k: fn(state, t, k), (np.asarray(tokens), np.asarray(mask)), chunk)
+# One program per model structure and shape, shared by the splits and by later runs in the process.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _lower_hidden(graphdef, layers: int, state, tokens, mask):
+  m = nnx.merge(graphdef, state)
+  return run_blocks(list(m.layers)[:layers], 0, m.config, embed(m, tokens), mask)  # [B, T, W]
 
 
 class Upper(nnx.Module):
